@@ -1,0 +1,244 @@
+"""YAML configuration (DESIGN §6): one file per integration, validated all at once.
+
+Loading goes: ``yaml.safe_load`` → ``${VAR}`` / ``${VAR:-default}`` expanded inside string values
+(never in keys, and never re-parsed as YAML, so a variable cannot inject structure; ``$$`` is a
+literal ``$``) → CLI overrides → a pydantic model that rejects unknown keys. Every problem is
+reported in one :class:`ConfigError`, one line per problem, each starting with its key path
+(``mqtt.subscriptions[0].qos: …``). Secret values never appear in these messages: pydantic is
+told not to echo inputs, and every ``SecretStr`` found is registered with the log redactor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from core.logs import register_secret
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "HealthConfig",
+    "Section",
+    "load_config",
+    "peek_gateway",
+    "read_secret_files",
+]
+
+M = TypeVar("M", bound="GatewayConfig")
+
+#: what channels accepts as a channel name (channels.layers.BaseChannelLayer.channel_name_regex)
+CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``errors`` holds one line per problem."""
+
+    def __init__(self, source: str, errors: Sequence[str]) -> None:
+        self.source = source
+        self.errors = list(errors)
+        super().__init__("\n".join(f"{source}: {e}" for e in self.errors))
+
+
+class Section(BaseModel):
+    """Base for every YAML section: frozen, unknown keys rejected, inputs never echoed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class HealthConfig(Section):
+    """``health:`` — the optional /healthz, /readyz and /metrics server."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(ge=0, le=65535, description="TCP port; 0 picks a free one.")
+
+
+def _channel_name(value: str | None) -> str | None:
+    if value is not None and (not CHANNEL_NAME.match(value) or len(value) >= 100):
+        raise ValueError("must be letters, digits, '-', '_' or '.', under 100 characters")
+    return value
+
+
+class GatewayConfig(Section):
+    """The keys every integration file has; each gateway adds its ``<proto>:`` section."""
+
+    gateway: str = Field(description="Which gateway this file configures (email, mqtt, …).")
+    name: str = Field(description="Integration name; the default inbound channel.")
+    layer: str | None = Field(
+        None, description="Layer path (DESIGN §3); --layer and GATEWAYS_LAYER override it."
+    )
+    channel: str | None = Field(None, description="Inbound channel; default: the name.")
+    command_channel: str | None = Field(None, description="Command channel; default NAME.send.")
+    routes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per event type inbound channel, e.g. {mqtt.connect: ops}.",
+    )
+    health: HealthConfig | None = Field(None, description="Health and metrics server.")
+    shutdown_grace: float = Field(
+        10.0, gt=0, description="Seconds to drain in-flight work on SIGTERM before cancelling."
+    )
+
+    _check_names = field_validator("name", "channel", "command_channel")(_channel_name)
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: dict[str, str]) -> dict[str, str]:
+        for target in value.values():
+            _channel_name(target)
+        return value
+
+    @property
+    def inbound_channel(self) -> str:
+        """Where inbound events go unless ``routes`` says otherwise."""
+        return self.channel or self.name
+
+    @property
+    def commands_channel(self) -> str:
+        """Where consumers send commands for this integration."""
+        return self.command_channel or f"{self.name}.send"
+
+    def route(self, event_type: str) -> str:
+        """The channel an inbound event of ``event_type`` goes to."""
+        return self.routes.get(event_type, self.inbound_channel)
+
+    def consumer_channels(self) -> list[str]:
+        """Every channel a worker must listen on to see this integration's events."""
+        return sorted({self.inbound_channel, *self.routes.values()})
+
+
+def read_secret_files(data: Any, *names: str) -> Any:
+    """For a ``mode="before"`` validator: fill ``NAME`` from the file named by ``NAME_file``.
+
+    Trailing newlines are stripped. Setting both is an error; so is an unreadable file (the
+    message names the path, never the content).
+    """
+    if not isinstance(data, Mapping):
+        return data
+    data = dict(data)
+    for name in names:
+        path = data.pop(f"{name}_file", None)
+        if path is None:
+            continue
+        if data.get(name) is not None:
+            raise ValueError(f"set either {name} or {name}_file, not both")
+        try:
+            data[name] = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+    return data
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _expand(
+    node: Any, path: tuple[int | str, ...], env: Mapping[str, str], errors: list[str]
+) -> Any:
+    if isinstance(node, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            value = env.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    errors.append(f"{_key_path(path)}: environment variable {name} is not set")
+                    return ""
+                return default
+            return value
+
+        return _VAR.sub(substitute, node)
+    if isinstance(node, dict):
+        return {k: _expand(v, (*path, str(k)), env, errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, (*path, i), env, errors) for i, v in enumerate(node)]
+    return node
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(source, [f"{where}invalid YAML: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): must be a mapping of keys to values"])
+    return data
+
+
+def peek_gateway(path: str | os.PathLike[str]) -> str:
+    """The ``gateway:`` key of a file, to pick the gateway class before full validation."""
+    data = _read_yaml(Path(path))
+    kind = data.get("gateway")
+    if not isinstance(kind, str):
+        raise ConfigError(str(path), ["gateway: required (email, mqtt, …)"])
+    return kind
+
+
+def _register_secrets(node: Any) -> None:
+    if isinstance(node, SecretStr):
+        register_secret(node.get_secret_value())
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            _register_secrets(getattr(node, name))
+    elif isinstance(node, dict):
+        for value in node.values():
+            _register_secrets(value)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            _register_secrets(value)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    model: type[M],
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> M:
+    """Load, expand and validate one integration file; raise :class:`ConfigError`.
+
+    ``overrides`` are top-level keys set by the command line (``{"layer": "memory://"}``);
+    ``None`` values are ignored so an absent flag keeps the YAML value.
+    """
+    source = str(path)
+    data = _read_yaml(Path(path))
+    errors: list[str] = []
+    data = _expand(data, (), os.environ if env is None else env, errors)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    try:
+        config = model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors(include_input=False, include_url=False):
+            message = error["msg"].removeprefix("Value error, ")
+            errors.append(f"{_key_path(error['loc'])}: {message}")
+    if errors:
+        raise ConfigError(source, errors)
+    _register_secrets(config)
+    return config

@@ -1,0 +1,165 @@
+"""Resolve a layer path (DESIGN §3) into a channel layer instance.
+
+| value                          | layer                                                  |
+|--------------------------------|--------------------------------------------------------|
+| ``redis://host:6379/0``        | ``channels_redis.core.RedisChannelLayer`` on that host |
+| ``rediss://…``                 | the same over TLS                                      |
+| ``memory://``                  | ``channels.layers.InMemoryChannelLayer`` (one process) |
+| ``django`` / ``django:ALIAS``  | ``channels.layers.get_channel_layer(ALIAS)``           |
+| ``package.module:attr``        | a layer instance or a zero-argument factory            |
+
+Redis and memory URLs take ``capacity``, ``expiry`` (and, for Redis, ``prefix``) as query
+parameters: ``redis://localhost:6379/0?capacity=1000&expiry=120``.
+
+redis-py 8 gives every connection a 5 s socket timeout, so an idle ``receive()`` raises
+``TimeoutError`` and kills a receive loop; the host dict therefore sets ``socket_timeout=None``
+(tests/core/test_layers.py idles a receive past 5 s on a real Redis).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = ["LayerPathError", "describe_layer", "is_memory_layer", "resolve_layer"]
+
+#: seconds to wait for a TCP connection to Redis before a send counts as "layer unreachable"
+REDIS_CONNECT_TIMEOUT = 3.0
+
+
+class LayerPathError(ValueError):
+    """The layer path is malformed or names nothing usable. The message is one line."""
+
+
+def _int_param(path: str, name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise LayerPathError(f"invalid layer path {path!r}: {name} must be an integer") from None
+    if value <= 0:
+        raise LayerPathError(f"invalid layer path {path!r}: {name} must be positive")
+    return value
+
+
+def _redis_layer(path: str) -> Any:
+    parts = urlsplit(path)
+    if not parts.hostname:
+        raise LayerPathError(f"invalid layer path {path!r}: no host")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise LayerPathError(f"invalid layer path {path!r}: bad port") from None
+    options: dict[str, Any] = {}
+    kept: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query):
+        if key in ("capacity", "expiry"):
+            options[key] = _int_param(path, key, value)
+        elif key == "prefix":
+            options[key] = value
+        else:
+            kept.append((key, value))  # redis-py URL options (ssl_cert_reqs, …)
+    address = urlunsplit(parts._replace(query=urlencode(kept)))
+    from channels_redis.core import RedisChannelLayer
+
+    host = {
+        "address": address,
+        "socket_timeout": None,
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+        "retry_on_timeout": False,
+    }
+    return RedisChannelLayer(hosts=[host], **options)
+
+
+def _memory_layer(path: str) -> Any:
+    parts = urlsplit(path)
+    if parts.netloc or parts.path not in ("", "/"):
+        raise LayerPathError(f"invalid layer path {path!r}: memory:// takes no host or path")
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(parts.query):
+        if key not in ("capacity", "expiry"):
+            raise LayerPathError(f"invalid layer path {path!r}: unknown option {key!r}")
+        options[key] = _int_param(path, key, value)
+    from channels.layers import InMemoryChannelLayer
+
+    return InMemoryChannelLayer(**options)
+
+
+def _django_layer(path: str) -> Any:
+    alias = path.partition(":")[2] or None
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        raise LayerPathError(f"invalid layer path {path!r}: DJANGO_SETTINGS_MODULE is not set")
+    import django
+    from django.conf import settings
+
+    try:
+        if not settings.configured or not getattr(django.apps.apps, "ready", False):
+            django.setup()
+        from channels.layers import DEFAULT_CHANNEL_LAYER, get_channel_layer
+
+        layer = get_channel_layer(alias or DEFAULT_CHANNEL_LAYER)
+    except Exception as exc:
+        raise LayerPathError(f"invalid layer path {path!r}: {exc}") from None
+    if layer is None:
+        raise LayerPathError(
+            f"invalid layer path {path!r}: CHANNEL_LAYERS has no {alias or 'default'!r} entry"
+        )
+    return layer
+
+
+def _import_layer(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise LayerPathError(f"invalid layer path {path!r}: expected package.module:attr")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise LayerPathError(f"invalid layer path {path!r}: {exc}") from None
+    if callable(target) and not hasattr(target, "send"):
+        target = target()
+    if not all(hasattr(target, name) for name in ("send", "receive", "new_channel")):
+        raise LayerPathError(f"invalid layer path {path!r}: {attr} is not a channel layer")
+    return target
+
+
+def resolve_layer(path: str) -> Any:
+    """Return the channel layer a layer path names, without connecting to anything.
+
+    Raises :class:`LayerPathError` with a one-line message naming ``path`` when it is invalid.
+    """
+    path = path.strip()
+    scheme = path.partition("://")[0].lower() if "://" in path else ""
+    if scheme in ("redis", "rediss"):
+        return _redis_layer(path)
+    if scheme == "memory":
+        return _memory_layer(path)
+    if scheme:
+        raise LayerPathError(f"invalid layer path {path!r}: unknown scheme {scheme!r}")
+    if path == "django" or path.startswith("django:"):
+        return _django_layer(path)
+    if ":" in path:
+        return _import_layer(path)
+    raise LayerPathError(
+        f"invalid layer path {path!r}: expected redis://…, memory://, django[:ALIAS] "
+        "or package.module:attr"
+    )
+
+
+def is_memory_layer(layer: Any) -> bool:
+    """True for a layer that only works inside one process."""
+    from channels.layers import InMemoryChannelLayer
+
+    return isinstance(layer, InMemoryChannelLayer)
+
+
+def describe_layer(path: str) -> str:
+    """The layer path with any password replaced, for logs."""
+    parts = urlsplit(path)
+    if parts.password is None:
+        return path
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))

@@ -1,0 +1,442 @@
+"""The gateway service base: lifecycle, command loop, layer hand-off with backpressure.
+
+A gateway subclass fills in four hooks and one method per command::
+
+    class MqttGateway(Gateway[MqttGatewayConfig]):
+        protocol = "mqtt"
+        config_model = MqttGatewayConfig
+
+        async def open(self) -> None: ...      # connect; raise to fail start-up
+        async def drain(self) -> None: ...     # stop taking inbound work, finish in-flight work
+        async def close(self) -> None: ...     # close the transport
+        def readiness(self) -> list[str]: ...  # reasons it is not ready ([] = ready)
+
+        async def handle_publish(self, command: Command) -> dict[str, Any] | None: ...
+
+Lifecycle (uvicorn's shape): :meth:`Gateway.run` calls ``open()``, serves the command and
+reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binaries), then
+stops taking commands, lets ``drain()`` and in-flight commands finish within
+``shutdown_grace`` seconds, cancels what is left and calls ``close()``.
+
+Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while
+the layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when
+the deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld
+MQTT ack, HTTP 503). Transports with no pushback put events in an :class:`EventBuffer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+from channels.exceptions import ChannelFull
+
+from core.config import GatewayConfig
+from core.envelope import Command, CommandError, new_event, parse_command, result_message
+from core.metrics import GatewayMetrics
+
+__all__ = [
+    "LAYER_ERRORS",
+    "Backoff",
+    "EventBuffer",
+    "Gateway",
+    "StartupError",
+]
+
+C = TypeVar("C", bound=GatewayConfig)
+
+
+def _layer_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ChannelFull, OSError, TimeoutError, ConnectionError]
+    try:
+        from redis import exceptions as redis_errors
+    except ImportError:  # pragma: no cover - channels_redis depends on redis
+        pass
+    else:
+        errors += [
+            redis_errors.ConnectionError,
+            redis_errors.TimeoutError,
+            redis_errors.BusyLoadingError,
+        ]
+    return tuple(errors)
+
+
+#: exceptions that mean "the layer cannot take this now" rather than "this message is wrong"
+LAYER_ERRORS = _layer_errors()
+
+
+class StartupError(Exception):
+    """The gateway could not start (port taken, transport refused us): exit code 3."""
+
+
+class Backoff:
+    """Capped exponential backoff with jitter; :meth:`reset` after a success.
+
+    Each delay is drawn from ``[cap/2, cap]`` where ``cap`` doubles from ``initial`` up to
+    ``maximum``, so replicas restarted together do not reconnect in lockstep.
+    """
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.attempts = 0
+
+    def next(self) -> float:
+        cap = min(self.maximum, self.initial * self.factor**self.attempts)
+        self.attempts += 1
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Gateway(Generic[C]):
+    """Base of every ``<Proto>Gateway``; see the module docstring for the hooks."""
+
+    protocol: ClassVar[str]
+    config_model: ClassVar[type[GatewayConfig]]
+    #: how many commands may run at once; 1 keeps them in arrival order
+    command_concurrency: ClassVar[int] = 1
+
+    def __init__(self, config: C, layer: Any) -> None:
+        self.config = config
+        self.layer = layer
+        self.name = config.name
+        self.log = logging.getLogger(f"gateway.{self.protocol}")
+        self.metrics = GatewayMetrics(config.name)
+        #: this process's own channel, for commands that must leave through its connection
+        self.reply_channel: str | None = None
+        self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._layer_ok = True
+        self._commands: set[asyncio.Task[None]] = set()
+        self._command_slots = asyncio.Semaphore(self.command_concurrency)
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the transport. Raise :class:`StartupError` (or ``OSError``) to fail start-up."""
+
+    async def drain(self) -> None:
+        """Stop taking inbound work and finish what is in flight. Bounded by the grace period."""
+
+    async def close(self) -> None:
+        """Close the transport. Called once, after drain, even if drain timed out."""
+
+    def readiness(self) -> list[str]:
+        """Reasons the transport is not ready; empty when connected, authenticated, subscribed."""
+        return []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the gateway to drain and exit. Idempotent; safe from a signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ready_reasons(self) -> list[str]:
+        """Everything that keeps /readyz from answering 200."""
+        reasons = [f"{self.name}: {r}" for r in self.readiness()]
+        if not self.started.is_set():
+            reasons.append(f"{self.name}: starting")
+        if not self._layer_ok:
+            reasons.append(f"{self.name}: layer unreachable")
+        return reasons
+
+    async def run(self) -> None:
+        """Open the transport, serve commands until :meth:`stop`, then drain and close."""
+        self.reply_channel = await self.layer.new_channel(f"{self.config.commands_channel}.")
+        try:
+            await self.open()
+        except StartupError:
+            raise
+        except OSError as exc:
+            raise StartupError(describe_error(exc)) from exc
+        loops = [
+            asyncio.create_task(self._command_loop(self.config.commands_channel)),
+            asyncio.create_task(self._command_loop(self.reply_channel)),
+        ]
+        self.started.set()
+        self.log.info(
+            "%s ready: events → %s, commands ← %s",
+            self.name,
+            self.config.inbound_channel,
+            self.config.commands_channel,
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        grace = self.config.shutdown_grace
+
+        async def finish() -> None:
+            await self.drain()
+            if self._commands:
+                await asyncio.wait(set(self._commands))
+
+        try:
+            await asyncio.wait_for(finish(), grace)
+        except TimeoutError:
+            self.log.warning(
+                "%s: in-flight work not done after %.1f s; cancelling %d command(s)",
+                self.name,
+                grace,
+                len(self._commands),
+            )
+        for task in list(self._commands):
+            task.cancel()
+        await asyncio.gather(*self._commands, return_exceptions=True)
+        await self.close()
+        self.log.info("%s stopped", self.name)
+
+    # -- inbound: gateway → layer -------------------------------------------------------------
+
+    def event(self, type_: str, *, id: str | None = None, **keys: Any) -> dict[str, Any]:
+        """An inbound event with this integration's envelope.
+
+        ``reply_channel`` defaults to the command channel; pass ``reply_channel=self.reply_channel``
+        when the answer must leave through this process's connection.
+        """
+        reply = keys.pop("reply_channel", None) or self.config.commands_channel
+        return new_event(
+            f"{self.protocol}.{type_}", gateway=self.name, reply_channel=reply, id=id, **keys
+        )
+
+    async def publish(self, message: dict[str, Any], *, timeout: float | None = None) -> bool:
+        """Hand ``message`` to the layer on its route, retrying while the layer is full or down.
+
+        Returns ``True`` once the layer accepted it, ``False`` when ``timeout`` seconds passed
+        first (``None``: keep trying until :meth:`stop`, then give up). The first refusal of an
+        episode is logged at WARNING, the recovery at INFO.
+        """
+        loop = asyncio.get_running_loop()
+        channel = self.config.route(message["type"])
+        deadline = None if timeout is None else loop.time() + timeout
+        backoff = Backoff(0.05, 2.0)
+        failures = 0
+        while True:
+            started = loop.time()
+            attempt_limit = 10.0 if deadline is None else max(0.001, deadline - started)
+            try:
+                await asyncio.wait_for(self.layer.send(channel, message), min(10.0, attempt_limit))
+            except LAYER_ERRORS as exc:
+                if not isinstance(exc, ChannelFull):
+                    self._layer_ok = False
+                failures += 1
+                self.metrics.retry("layer_send")
+                if failures == 1:
+                    self.metrics.backpressure_waits.inc()
+                    self.log.warning(
+                        "%s: layer did not take %s for %r (%s); retrying",
+                        self.name,
+                        message["type"],
+                        channel,
+                        describe_error(exc),
+                    )
+                delay = backoff.next()
+                now = loop.time()
+                if (deadline is not None and now + delay > deadline) or self.stopping:
+                    self.metrics.pushback.inc()
+                    return False
+                await asyncio.sleep(delay)
+                continue
+            self.metrics.layer_latency.observe(loop.time() - started)
+            self.metrics.event(message["type"])
+            self._layer_ok = True
+            if failures:
+                self.log.info(
+                    "%s: layer accepted %s after %d retries", self.name, message["type"], failures
+                )
+            return True
+
+    # -- commands: layer → gateway ------------------------------------------------------------
+
+    async def _command_loop(self, channel: str) -> None:
+        backoff = Backoff(0.2, 10.0)
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except LAYER_ERRORS as exc:
+                self._layer_ok = False
+                delay = backoff.next()
+                self.metrics.retry("layer_receive")
+                self.log.warning(
+                    "%s: receive on %r failed (%s); retrying in %.1f s",
+                    self.name,
+                    channel,
+                    describe_error(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            self._layer_ok = True
+            await self._command_slots.acquire()
+            task = asyncio.create_task(self._run_command(message))
+            self._commands.add(task)
+            task.add_done_callback(self._command_done)
+
+    def _command_done(self, task: asyncio.Task[None]) -> None:
+        self._commands.discard(task)
+        self._command_slots.release()
+
+    async def dispatch(self, message: Any) -> dict[str, Any] | None:
+        """Validate and carry out one command; return its result message (``None`` if unasked).
+
+        Never raises: a bad command is logged at WARNING and answered ``ok: false``.
+        """
+        try:
+            command = parse_command(message, self.protocol)
+        except CommandError as exc:
+            self.metrics.command(str(_get(message, "type")), "invalid")
+            self.log.warning("%s: invalid command: %s", self.name, exc)
+            return _error_result(self.protocol, message, str(exc))
+        handler: Callable[[Command], Awaitable[dict[str, Any] | None]] | None = getattr(
+            self, f"handle_{command.action}", None
+        )
+        if handler is None:
+            self.metrics.command(command.type, "invalid")
+            self.log.warning("%s: unknown command %r", self.name, command.type)
+            return self._result(command, ok=False, error=f"unknown command type {command.type!r}")
+        try:
+            extra = await handler(command) or {}
+        except CommandError as exc:
+            self.metrics.command(command.type, "failed")
+            self.log.warning("%s: %s (id=%s) failed: %s", self.name, command.type, command.id, exc)
+            return self._result(command, ok=False, error=str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.metrics.command(command.type, "failed")
+            self.metrics.error("command")
+            self.log.exception("%s: %s (id=%s) crashed", self.name, command.type, command.id)
+            return self._result(command, ok=False, error=f"internal error: {describe_error(exc)}")
+        self.metrics.command(command.type, "ok")
+        return self._result(command, ok=True, **extra)
+
+    def _result(self, command: Command, **keys: Any) -> dict[str, Any] | None:
+        if command.result_channel is None:
+            return None
+        return result_message(self.protocol, command.id, **keys)
+
+    async def _run_command(self, message: Any) -> None:
+        result = await self.dispatch(message)
+        if result is None:
+            return
+        target = message["result_channel"]
+        try:
+            await self.layer.send(target, result)
+        except Exception as exc:
+            self.metrics.error("result")
+            self.log.warning(
+                "%s: could not send result to %r: %s", self.name, target, describe_error(exc)
+            )
+
+
+def _get(message: Any, key: str) -> Any:
+    return message.get(key) if isinstance(message, dict) else None
+
+
+def _error_result(protocol: str, message: Any, error: str) -> dict[str, Any] | None:
+    channel = _get(message, "result_channel")
+    if not isinstance(channel, str) or not channel:
+        return None
+    id_ = _get(message, "id")
+    return result_message(protocol, None if id_ is None else str(id_), ok=False, error=error)
+
+
+class EventBuffer:
+    """A bounded FIFO between a transport with no pushback (IRC, Slack, MQTT QoS 0) and the layer.
+
+    :meth:`put` never blocks; one task hands events to :meth:`Gateway.publish` in order, retrying
+    while the layer is down. When ``capacity`` events are waiting, new ones are dropped, counted
+    in ``gateway_dropped{reason="buffer_full"}`` and reported in one WARNING a second with the
+    number dropped.
+    """
+
+    def __init__(self, gateway: Gateway[Any], capacity: int) -> None:
+        self.gateway = gateway
+        self.capacity = capacity
+        self._queue: deque[dict[str, Any]] = deque()
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._unreported = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    def put(self, message: dict[str, Any]) -> bool:
+        """Queue ``message``; ``False`` (and counted) when the buffer is full."""
+        if len(self._queue) >= self.capacity:
+            self.gateway.metrics.dropped("buffer_full")
+            if self._unreported == 0:
+                asyncio.get_running_loop().call_later(1.0, self._report_drops)
+            self._unreported += 1
+            return False
+        self._queue.append(message)
+        self._idle.clear()
+        self._ready.set()
+        return True
+
+    def _report_drops(self) -> None:
+        count, self._unreported = self._unreported, 0
+        self.gateway.log.warning(
+            "%s: dropped %d event(s): buffer full (%d waiting for the layer)",
+            self.gateway.name,
+            count,
+            self.capacity,
+        )
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            while self._queue:
+                if not await self.gateway.publish(self._queue[0]):
+                    return  # stopping: flush() accounts for what is left
+                self._queue.popleft()
+            self._ready.clear()
+            self._idle.set()
+
+    async def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the buffer to empty; stop; return how many were dropped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        left = len(self._queue)
+        if left:
+            self.gateway.metrics.dropped("shutdown", left)
+            self.gateway.log.warning(
+                "%s: dropped %d buffered event(s) at shutdown", self.gateway.name, left
+            )
+            self._queue.clear()
+        return left
