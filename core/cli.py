@@ -26,7 +26,16 @@ from core.layers import LayerPathError, describe_layer, is_memory_layer, resolve
 from core.logs import setup_logging
 from core.service import Gateway, StartupError, describe_error
 
-__all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "EXIT_START", "gateway_main", "run_main"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_CRASH",
+    "EXIT_OK",
+    "EXIT_START",
+    "gateway_main",
+    "install_layer",
+    "run_main",
+    "serve",
+]
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_START = 0, 1, 2, 3
 
@@ -97,7 +106,7 @@ def _django_application() -> Any | None:
     return _import(f"{module}:{attr}", "ASGI_APPLICATION")
 
 
-def _install_layer(layer: Any) -> None:
+def install_layer(layer: Any) -> None:
     """Make Django consumers in this process use ``layer`` (needed for ``memory://``)."""
     try:
         from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
@@ -288,7 +297,7 @@ def run_main(registry: Mapping[str, str], argv: Sequence[str] | None = None) -> 
         return EXIT_OK
     channels: list[str] = list(args.channel)
     if application is not None:
-        _install_layer(layer)
+        install_layer(layer)
         for gw in gateways:
             channels += gw.config.consumer_channels()
     return _execute(serve(gateways, application=application, worker_channels=sorted(set(channels))))

@@ -23,7 +23,13 @@ import os
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["LayerPathError", "describe_layer", "is_memory_layer", "resolve_layer"]
+__all__ = [
+    "LayerPathError",
+    "channel_layer_settings",
+    "describe_layer",
+    "is_memory_layer",
+    "resolve_layer",
+]
 
 #: seconds to wait for a TCP connection to Redis before a send counts as "layer unreachable"
 REDIS_CONNECT_TIMEOUT = 3.0
@@ -63,13 +69,46 @@ def _redis_layer(path: str) -> Any:
     address = urlunsplit(parts._replace(query=urlencode(kept)))
     from channels_redis.core import RedisChannelLayer
 
-    host = {
+    return RedisChannelLayer(hosts=[_redis_host(address)], **options)
+
+
+def _redis_host(address: str) -> dict[str, Any]:
+    return {
         "address": address,
+        # redis-py 8 defaults to a 5 s read timeout, which kills an idle receive()
         "socket_timeout": None,
         "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
         "retry_on_timeout": False,
     }
-    return RedisChannelLayer(hosts=[host], **options)
+
+
+def channel_layer_settings(path: str) -> dict[str, Any]:
+    """A ``CHANNEL_LAYERS["default"]`` entry for Django settings from a layer path.
+
+    Use it so ``runworker`` gets the same Redis options as the gateways (above all
+    ``socket_timeout=None``)::
+
+        CHANNEL_LAYERS = {"default": channel_layer_settings(os.environ["GATEWAYS_LAYER"])}
+    """
+    layer = resolve_layer(path)
+    if is_memory_layer(layer):
+        return {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": layer.capacity, "expiry": layer.expiry},
+        }
+    from channels_redis.core import RedisChannelLayer
+
+    if not isinstance(layer, RedisChannelLayer):
+        raise LayerPathError(f"invalid layer path {path!r}: only redis:// and memory:// fit here")
+    return {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [_redis_host(h["address"]) for h in layer.hosts],
+            "capacity": layer.capacity,
+            "expiry": layer.expiry,
+            "prefix": layer.prefix,
+        },
+    }
 
 
 def _memory_layer(path: str) -> Any:

@@ -1,0 +1,27 @@
+"""ASGI entry point: consumers are routed by channel name, as `runworker` expects.
+
+python manage.py runworker support-mail sensors
+"""
+
+import os
+
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "example.settings")
+django_asgi_app = get_asgi_application()
+
+from mail.consumers import MailConsumer  # noqa: E402 - needs the app registry
+from sensors.consumers import SensorConsumer  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "channel": ChannelNameRouter(
+            {
+                "support-mail": MailConsumer.as_asgi(),
+                "sensors": SensorConsumer.as_asgi(),
+            }
+        ),
+    }
+)

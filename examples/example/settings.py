@@ -1,0 +1,51 @@
+"""Settings of the example project.
+
+Environment:
+- ``EXAMPLE_LAYER``: layer path shared with the gateways (default ``memory://``, which only works
+  when everything runs in one process: ``gateways run … --app example.asgi:application``).
+- ``EXAMPLE_DB``: SQLite file (default ``examples/example.sqlite3``).
+"""
+
+import os
+from pathlib import Path
+
+from core.layers import channel_layer_settings
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("EXAMPLE_SECRET_KEY", "example-only-not-secret")
+DEBUG = False
+ALLOWED_HOSTS: list[str] = []
+USE_TZ = True
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "channels",
+    "gateways",  # manage.py rungateway
+    "mail",
+    "sensors",
+]
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("EXAMPLE_DB", str(BASE_DIR / "example.sqlite3")),
+        # runworker and the test reader share the file
+        "OPTIONS": {"timeout": 30},
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+ASGI_APPLICATION = "example.asgi.application"
+CHANNEL_LAYERS = {"default": channel_layer_settings(os.environ.get("EXAMPLE_LAYER", "memory://"))}
+
+# the address replies come from; the relay in email.yaml decides where they go
+SUPPORT_ADDRESS = os.environ.get("EXAMPLE_SUPPORT_ADDRESS", "support@example.com")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("GATEWAYS_LOG_LEVEL", "INFO")},
+}

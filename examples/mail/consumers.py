@@ -1,0 +1,52 @@
+"""Stores every mail that reaches ``support-mail`` and answers it.
+
+The reply goes back through the gateway (``email.send`` on ``reply_channel``) with the threading
+headers set, and the gateway reports the outcome as ``email.result`` on this same channel.
+"""
+
+from typing import Any
+
+from channels.consumer import AsyncConsumer
+from django.conf import settings
+
+from mail.models import Mail
+
+
+class MailConsumer(AsyncConsumer):
+    async def email_receive(self, message: dict[str, Any]) -> None:
+        mail, created = await Mail.objects.aget_or_create(
+            event_id=message["id"],
+            defaults={
+                "message_id": message["message_id"] or "",
+                "mail_from": message["mail_from"] or "",
+                "subject": message["subject"] or "",
+                "text": message["text"] or "",
+                "attachment_count": len(message["attachments"]),
+            },
+        )
+        if not created:
+            return  # the same mail delivered twice (the sender retried after a 451): answered once
+        reply_to = message["reply_to"] or [message["from"] or message["mail_from"]]
+        subject = message["subject"] or ""
+        await self.channel_layer.send(
+            message["reply_channel"],
+            {
+                "type": "email.send",
+                "id": str(mail.pk),
+                "result_channel": self.scope["channel"],
+                "from": settings.SUPPORT_ADDRESS,
+                "to": reply_to,
+                "subject": subject if subject.lower().startswith("re:") else f"Re: {subject}",
+                "text": f"Thanks, we got your mail and filed it as #{mail.pk}.\n",
+                "in_reply_to": message["message_id"],
+                "references": message["references"],
+            },
+        )
+
+    async def email_result(self, message: dict[str, Any]) -> None:
+        if message["ok"]:
+            await Mail.objects.filter(pk=message["id"]).aupdate(
+                reply_message_id=message["message_id"]
+            )
+        else:
+            await Mail.objects.filter(pk=message["id"]).aupdate(reply_error=message["error"])

@@ -1,0 +1,171 @@
+"""The only module that touches SMTP sockets: the aiosmtpd server and the aiosmtplib relay.
+
+The server runs on the gateway's own event loop (``loop.create_server`` with aiosmtpd's ``SMTP``
+protocol), not in aiosmtpd's ``Controller`` thread, so hooks can await the layer directly.
+Policy lives in the handler the gateway passes in (``handle_RCPT``, ``handle_DATA``, …).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiosmtplib
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from gateways.email.config import AuthConfig, EmailConfig, RelayConfig
+
+__all__ = ["RelayError", "SmtpRelay", "SmtpServer"]
+
+log = logging.getLogger("gateway.email")
+
+
+def _authenticator(auth: AuthConfig) -> Callable[..., AuthResult]:
+    users = {name: secret.get_secret_value().encode() for name, secret in auth.users.items()}
+
+    def authenticate(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if isinstance(auth_data, LoginPassword):
+            user = auth_data.login.decode("utf-8", "replace")
+            expected = users.get(user)
+            # compare even for unknown users so timing does not reveal which users exist
+            ok = hmac.compare_digest(expected or b"\0" * 16, auth_data.password)
+            if expected is not None and ok:
+                return AuthResult(success=True, auth_data=user)
+            log.warning("AUTH %s failed for %r from %s", mechanism, user, session.peer[0])
+        # handled=False makes aiosmtpd send 535; the default would send nothing and hang the client
+        return AuthResult(success=False, handled=False)
+
+    return authenticate
+
+
+class _Protocol(SMTP):
+    """aiosmtpd's protocol, registering itself with the server so shutdown can reach it."""
+
+    def __init__(self, owner: SmtpServer, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._owner = owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._owner.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._owner.sessions.discard(self)
+        super().connection_lost(error)
+
+
+class SmtpServer:
+    """An SMTP listener with STARTTLS, AUTH (only after TLS), SIZE and idle timeouts."""
+
+    def __init__(self, config: EmailConfig, handler: Any) -> None:
+        self.config = config
+        self.handler = handler
+        self.sessions: set[_Protocol] = set()
+        self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
+        if config.tls is not None:
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self.config.port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    def _protocol(self) -> _Protocol:
+        cfg = self.config
+        return _Protocol(
+            self,
+            self.handler,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=cfg.hostname,
+            tls_context=self._tls,
+            require_starttls=cfg.tls is not None and cfg.tls.required,
+            timeout=cfg.session_timeout,
+            auth_required=cfg.auth is not None and cfg.auth.required,
+            auth_require_tls=True,
+            authenticator=_authenticator(cfg.auth) if cfg.auth is not None else None,
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, self.config.host, self.config.port)
+        log.info("SMTP server listening on %s:%d", self.config.host, self.port)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        """Close idle sessions and the listener. Sessions in DATA were drained before."""
+        self.stop_accepting()
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+class RelayError(Exception):
+    """Sending failed. ``temporary`` is True for 4xx replies and connection failures."""
+
+    def __init__(self, message: str, *, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class SmtpRelay:
+    """Hands finished messages to the configured relay with aiosmtplib, one connection each."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self._tls: ssl.SSLContext | None = None
+        if config.tls != "none":
+            self._tls = ssl.create_default_context(
+                cafile=str(config.ca_file) if config.ca_file else None
+            )
+            if not config.validate_certs:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+
+    async def send(self, message: Any, sender: str, recipients: list[str]) -> list[str]:
+        """Send once; return the recipients the relay refused. Raise :class:`RelayError`."""
+        cfg = self.config
+        try:
+            refused, _ = await aiosmtplib.send(
+                message,
+                sender=sender,
+                recipients=recipients,
+                hostname=cfg.host,
+                port=cfg.port,
+                username=cfg.username,
+                password=cfg.password.get_secret_value() if cfg.password else None,
+                use_tls=cfg.tls == "implicit",
+                start_tls=cfg.tls == "starttls",
+                tls_context=self._tls,
+                validate_certs=cfg.validate_certs,
+                timeout=cfg.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            temporary = all(400 <= c < 500 for c in codes)
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            raise RelayError(f"all recipients refused: {detail}", temporary=temporary) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise RelayError(f"{exc.code} {exc.message}", temporary=400 <= exc.code < 500) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise RelayError(f"{type(exc).__name__}: {exc}", temporary=True) from None
+        return [f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in refused.items()]

@@ -1,0 +1,237 @@
+"""``EmailGateway``: SMTP in → ``email.receive``; ``email.send`` → the relay.
+
+SMTP answers follow the layer, not our hopes: ``250`` only once the layer accepted the mail,
+``451`` when it is full or unreachable (the sender's MTA retries later), ``550`` for recipients
+outside ``email.accept``, ``552`` for mail over the size limit. A fault of ours is never a 5xx:
+an unexpected exception in a hook is logged with its traceback and answered ``451``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgpack
+
+from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
+from core.service import Backoff, Gateway, StartupError
+from gateways.email.config import EmailGatewayConfig
+from gateways.email.connection import RelayError, SmtpRelay, SmtpServer
+from gateways.email.translate import (
+    InvalidMail,
+    accepts_recipient,
+    build_mail,
+    has_bare_lf,
+    parse_mail,
+)
+
+__all__ = ["EmailGateway"]
+
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class EmailGateway(Gateway[EmailGatewayConfig]):
+    """One SMTP listener and one relay per integration."""
+
+    protocol = "email"
+    config_model = EmailGatewayConfig
+    #: relay round trips are slow and independent: send several at once
+    command_concurrency: ClassVar[int] = 8
+
+    def __init__(self, config: EmailGatewayConfig, layer: Any) -> None:
+        super().__init__(config, layer)
+        self.email = config.email
+        self.server = SmtpServer(self.email, self)
+        self.relay = SmtpRelay(self.email.relay) if self.email.relay is not None else None
+        self._in_data = 0
+        self._data_idle = asyncio.Event()
+        self._data_idle.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            await self.server.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {self.email.host}:{self.email.port}: {exc.strerror}"
+            ) from exc
+        self.metrics.connected.set(1)
+
+    async def drain(self) -> None:
+        self.server.stop_accepting()
+        await self._data_idle.wait()
+
+    async def close(self) -> None:
+        await self.server.close()
+        self.metrics.connected.set(0)
+
+    def readiness(self) -> list[str]:
+        return [] if self.server.listening else ["SMTP server not listening"]
+
+    # -- SMTP hooks (aiosmtpd calls these) -----------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if self.stopping:
+            return "421 4.3.2 Service shutting down, try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if not accepts_recipient(address, self.email.accept):
+            self.metrics.error("relay_denied")
+            self.log.warning(
+                "%s: refused recipient %r from %s (not in email.accept)",
+                self.name,
+                address,
+                session.peer[0],
+            )
+            return "550 5.7.1 Relaying denied: recipient not accepted here"
+        if len(envelope.rcpt_tos) >= self.email.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self._in_data += 1
+        self._data_idle.clear()
+        try:
+            return await self._receive(session, envelope)
+        finally:
+            self._in_data -= 1
+            if self._in_data == 0:
+                self._data_idle.set()
+
+    async def handle_exception(self, error: Exception) -> str:
+        self.metrics.error("smtp_session")
+        self.log.error("%s: SMTP session error: %r", self.name, error, exc_info=error)
+        return "451 4.3.0 Local error, try again later"
+
+    async def _receive(self, session: Any, envelope: Any) -> str:
+        raw: bytes = envelope.original_content or b""
+        peer = session.peer[0] if session.peer else None
+        if has_bare_lf(raw) and self.email.bare_lf == "reject":
+            self.metrics.error("bare_lf")
+            self.log.warning("%s: refused mail from %s: bare LF line ending", self.name, peer)
+            return "550 5.5.2 Bare LF line endings are not accepted (RFC 5321 2.3.8)"
+        keys = parse_mail(raw)
+        if keys["defects"]:
+            self.log.info(
+                "%s: mail from %s has MIME defects: %s",
+                self.name,
+                peer,
+                ", ".join(keys["defects"][:5]),
+            )
+        keys["attachments"] = await self._store_large(keys["attachments"])
+        if self.email.include_raw:
+            keys["raw"] = raw
+        event = self.event(
+            "receive",
+            id=keys["message_id"] or None,
+            mail_from=envelope.mail_from,
+            rcpt_to=list(envelope.rcpt_tos),
+            peer=peer,
+            auth_user=session.auth_data if isinstance(session.auth_data, str) else None,
+            tls=session.ssl is not None,
+            **keys,
+        )
+        size = len(msgpack.packb(event, use_bin_type=True))
+        if size > MAX_MESSAGE_BYTES:
+            self.metrics.error("too_large_for_layer")
+            self.log.warning(
+                "%s: refused mail from %s: %d bytes as a message (limit %d); "
+                "set email.attachment_store to keep large attachments out of the layer",
+                self.name,
+                peer,
+                size,
+                MAX_MESSAGE_BYTES,
+            )
+            return "552 5.3.4 Message too big for this system"
+        if not await self.publish(event, timeout=self.email.accept_timeout):
+            self.log.warning(
+                "%s: answered 451 to %s for %s: layer did not accept it within %.0f s",
+                self.name,
+                peer,
+                keys["message_id"],
+                self.email.accept_timeout,
+            )
+            return "451 4.3.0 Temporarily unable to accept the message, try again later"
+        self.log.info(
+            "%s: accepted %s from %s for %s (%d bytes)",
+            self.name,
+            keys["message_id"],
+            envelope.mail_from,
+            ",".join(envelope.rcpt_tos),
+            len(raw),
+        )
+        return "250 2.0.0 OK: queued"
+
+    async def _store_large(self, attachments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        store = self.email.attachment_store
+        if store is None:
+            return attachments
+        out = []
+        for item in attachments:
+            if item["size"] <= self.email.max_inline_attachment:
+                out.append(item)
+                continue
+            name = _UNSAFE_FILENAME.sub("_", item["filename"] or "attachment")[:80]
+            path = Path(store) / f"{uuid.uuid4().hex}-{name}"
+            await asyncio.to_thread(_write_file, path, item["content"])
+            out.append({**item, "content": None, "path": str(path)})
+        return out
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def handle_send(self, command: Command) -> dict[str, Any]:
+        if self.relay is None:
+            raise CommandError("no relay configured (email.relay)")
+        relay_config = self.relay.config
+        try:
+            mail = build_mail(
+                command.body,
+                default_from=relay_config.from_address,
+                message_id_domain=self.email.hostname or socket.getfqdn(),
+            )
+        except InvalidMail as exc:
+            raise CommandError(str(exc)) from None
+        message_id = str(mail.message["Message-ID"])
+        backoff = Backoff(1.0, relay_config.retry_max_delay)
+        attempt = 0
+        while True:
+            try:
+                refused = await self.relay.send(mail.message, mail.sender, mail.recipients)
+            except RelayError as exc:
+                if not exc.temporary or attempt >= relay_config.retries or self.stopping:
+                    raise CommandError(f"relay refused {message_id}: {exc}") from None
+                attempt += 1
+                delay = backoff.next()
+                self.metrics.retry("relay")
+                self.log.warning(
+                    "%s: relay failed for %s (%s); retry %d/%d in %.1f s",
+                    self.name,
+                    message_id,
+                    exc,
+                    attempt,
+                    relay_config.retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self.log.info("%s: sent %s to %s", self.name, message_id, ",".join(mail.recipients))
+            return {"message_id": message_id, "refused": refused}
+
+
+def _write_file(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)

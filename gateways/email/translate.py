@@ -1,0 +1,391 @@
+"""Pure translation between mail and layer messages: no I/O, no asyncio.
+
+Inbound, :func:`parse_mail` turns the bytes of one SMTP DATA into the keys of ``email.receive``
+with the stdlib ``email`` package and its modern policy: RFC 2047 headers decoded, the preferred
+text and html bodies picked the way mail clients do (``get_body``), every other part an
+attachment. Broken mail never raises: what cannot be decoded is decoded with replacement
+characters and named in ``defects``, so nothing a sender wrote is dropped for being malformed.
+
+Outbound, :func:`build_mail` turns the keys of ``email.send`` into an ``EmailMessage``. Every
+header value is checked for CR and LF first: the policy would fold them, but a value that
+carries a line break is an injection attempt or a bug, and either way the caller should know.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.policy
+import email.utils
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from typing import Any
+
+__all__ = [
+    "InvalidMail",
+    "OutgoingMail",
+    "accepts_recipient",
+    "build_mail",
+    "has_bare_lf",
+    "parse_mail",
+]
+
+# SMTPUTF8 allows UTF-8 headers; raise_on_defect=False is the default and what we want
+_POLICY = email.policy.default
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+# headers build_mail sets itself; a command cannot override them through `headers`
+_MANAGED = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "in-reply-to",
+        "references",
+        "message-id",
+        "date",
+        "content-type",
+        "content-transfer-encoding",
+        "mime-version",
+    }
+)
+
+
+class InvalidMail(ValueError):
+    """An ``email.send`` command cannot become a safe message. The text says which key."""
+
+
+# -- inbound ------------------------------------------------------------------------------------
+
+
+def has_bare_lf(data: bytes) -> bool:
+    """True if a line ends in LF without CR (the SMTP smuggling vector, CVE-2023-51764 family)."""
+    return b"\n" in data.replace(b"\r\n", b"")
+
+
+def accepts_recipient(address: str, accept: Sequence[str]) -> bool:
+    """Whether ``address`` is one of ``accept`` (lower-case domains or full addresses)."""
+    address = address.strip().lower()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return False
+    return address in accept or domain in accept
+
+
+def _text(value: Any) -> str:
+    return str(value) if value is not None else ""
+
+
+def _header(msg: Message, name: str, defects: list[str]) -> str | None:
+    try:
+        value = msg.get(name)
+    except Exception as exc:  # the header registry raises on some malformed values
+        defects.append(f"{name}: {exc}")
+        raw = msg.get_all(name, failobj=[None])
+        return None if raw[0] is None else str(raw[0])
+    return None if value is None else str(value)
+
+
+def _addresses(msg: Message, name: str, defects: list[str]) -> list[str]:
+    try:
+        values = msg.get_all(name) or []
+        out: list[str] = []
+        for value in values:
+            groups = getattr(value, "addresses", None)
+            if groups is None:
+                out.append(str(value))
+            else:
+                out.extend(str(a) for a in groups)
+        return out
+    except Exception as exc:
+        defects.append(f"{name}: {exc}")
+        return []
+
+
+def _ids(value: str | None) -> list[str]:
+    return re.findall(r"<[^<>\s]+>", value or "")
+
+
+def _date(msg: Message, defects: list[str]) -> str | None:
+    raw = msg.get("Date")
+    if raw is None:
+        return None
+    dt = getattr(raw, "datetime", None)
+    if dt is None:
+        try:
+            dt = email.utils.parsedate_to_datetime(str(raw))
+        except (TypeError, ValueError):
+            defects.append(f"Date: cannot parse {str(raw)[:60]!r}")
+            return None
+    return str(dt.isoformat())
+
+
+def _content(part: Message, defects: list[str]) -> str | bytes:
+    try:
+        return part.get_content()  # type: ignore[attr-defined, no-any-return]
+    except (LookupError, ValueError, AssertionError, KeyError) as exc:
+        # unknown charset, broken base64/quoted-printable: keep the bytes decoded leniently
+        defects.append(f"{part.get_content_type()} part: {exc}")
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            payload = _text(part.get_payload()).encode("utf-8", "surrogateescape")
+        if part.get_content_maintype() == "text":
+            charset = part.get_content_charset()
+            return payload.decode(charset if charset and _known(charset) else "utf-8", "replace")
+        return payload
+
+
+def _known(charset: str) -> bool:
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        return False
+    return True
+
+
+def _leaves(part: Message) -> list[Message]:
+    """Every part that is not a container; an attached message counts as one part."""
+    if part.get_content_maintype() == "message" or not part.is_multipart():
+        return [part]
+    children = part.get_payload()
+    if not isinstance(children, list):
+        return [part]
+    return [leaf for child in children if isinstance(child, Message) for leaf in _leaves(child)]
+
+
+def _attachment(part: Message, defects: list[str]) -> dict[str, Any]:
+    defects.extend(type(d).__name__ for d in part.defects)
+    content: str | bytes
+    if part.get_content_maintype() == "message":
+        inner = part.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            content = inner[0].as_bytes(policy=_POLICY)
+        else:
+            content = _text(inner).encode("utf-8", "surrogateescape")
+    else:
+        content = _content(part, defects)
+    data = content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content
+    return {
+        "filename": part.get_filename(),
+        "content_type": part.get_content_type(),
+        "size": len(data),
+        "content": data,
+    }
+
+
+def parse_mail(raw: bytes) -> dict[str, Any]:
+    """The message keys of ``email.receive`` parsed from ``raw``; never raises on bad mail."""
+    msg = email.message_from_bytes(raw, policy=_POLICY)
+    defects: list[str] = [type(d).__name__ for d in msg.defects]
+    headers: list[list[str]] = []
+    for name, value in msg.raw_items():
+        try:
+            headers.append([name, str(msg.policy.header_fetch_parse(name, value))])
+        except Exception as exc:
+            defects.append(f"{name}: {exc}")
+            headers.append([name, _text(value)])
+    text = html = None
+    body_parts: set[int] = set()
+    for subtype in ("plain", "html"):
+        try:
+            part = msg.get_body(preferencelist=(subtype,))
+        except Exception as exc:
+            defects.append(f"body: {exc}")
+            part = None
+        if part is None:
+            continue
+        body_parts.add(id(part))
+        content = _content(part, defects)
+        value = content if isinstance(content, str) else content.decode("utf-8", "replace")
+        if subtype == "plain":
+            text = value
+        else:
+            html = value
+    attachments = [
+        _attachment(part, defects) for part in _leaves(msg) if id(part) not in body_parts
+    ]
+    message_id = _header(msg, "Message-ID", defects)
+    return {
+        "message_id": message_id.strip() if message_id else None,
+        "subject": _header(msg, "Subject", defects),
+        "from": next(iter(_addresses(msg, "From", defects)), None),
+        "to": _addresses(msg, "To", defects),
+        "cc": _addresses(msg, "Cc", defects),
+        "reply_to": _addresses(msg, "Reply-To", defects),
+        "date": _date(msg, defects),
+        "in_reply_to": next(iter(_ids(_header(msg, "In-Reply-To", defects))), None),
+        "references": _ids(_header(msg, "References", defects)),
+        "headers": headers,
+        "text": text,
+        "html": html,
+        "attachments": attachments,
+        "defects": sorted(set(defects)),
+    }
+
+
+# -- outbound -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    """What the relay needs: the message, the envelope sender and every recipient (bcc too)."""
+
+    message: EmailMessage
+    sender: str
+    recipients: list[str]
+
+
+def _clean(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidMail(f"{key}: must be a string, got {type(value).__name__}")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise InvalidMail(f"{key}: must not contain CR, LF or NUL")
+    return value
+
+
+def _address_list(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise InvalidMail(f"{key}: must be a string or a list of strings")
+    out = []
+    for i, item in enumerate(items):
+        text = _clean(f"{key}[{i}]", item)
+        found = email.utils.getaddresses([text])
+        name, addr = found[0] if len(found) == 1 else ("", "")
+        local, at, domain = addr.rpartition("@")
+        if not at or not local or not domain or any(c in addr for c in ' ,;<>"'):
+            raise InvalidMail(f"{key}[{i}]: {text!r} is not an email address")
+        out.append(email.utils.formataddr((name, addr)) if name else addr)
+    return out
+
+
+def _bare(address: str) -> str:
+    return email.utils.parseaddr(address)[1]
+
+
+def _message_ids(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise InvalidMail(f"{key}: must be a string or a list of strings")
+    out = []
+    for i, item in enumerate(items):
+        text = _clean(f"{key}[{i}]", item).strip()
+        if not text:
+            continue
+        if not text.startswith("<"):
+            text = f"<{text}>"
+        if not re.fullmatch(r"<[^<>\s]+>", text):
+            raise InvalidMail(f"{key}[{i}]: {text!r} is not a Message-ID")
+        out.append(text)
+    return out
+
+
+def _custom_headers(value: Any) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    if not isinstance(pairs, list):
+        raise InvalidMail("headers: must be a mapping or a list of [name, value] pairs")
+    out = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise InvalidMail(f"headers[{i}]: must be a [name, value] pair")
+        name = _clean(f"headers[{i}] name", pair[0])
+        if not _HEADER_NAME.match(name):
+            raise InvalidMail(f"headers[{i}]: {name!r} is not a valid header name")
+        if name.lower() in _MANAGED:
+            raise InvalidMail(f"headers[{i}]: {name} is set from its own key, not headers")
+        out.append((name, _clean(f"headers.{name}", pair[1])))
+    return out
+
+
+def build_mail(
+    command: Mapping[str, Any], *, default_from: str | None, message_id_domain: str
+) -> OutgoingMail:
+    """The message ``email.send`` describes; raise :class:`InvalidMail` naming the bad key."""
+    known = {
+        "to",
+        "cc",
+        "bcc",
+        "from",
+        "reply_to",
+        "subject",
+        "text",
+        "html",
+        "attachments",
+        "headers",
+        "in_reply_to",
+        "references",
+    }
+    unknown = sorted(set(command) - known)
+    if unknown:
+        raise InvalidMail(f"unknown keys {unknown}")
+    to = _address_list("to", command.get("to"))
+    cc = _address_list("cc", command.get("cc"))
+    bcc = _address_list("bcc", command.get("bcc"))
+    if not (to or cc or bcc):
+        raise InvalidMail("to: at least one recipient is needed in to, cc or bcc")
+    senders = _address_list("from", command.get("from") or default_from)
+    if len(senders) != 1:
+        raise InvalidMail("from: needed (or set email.relay.from_address)")
+    msg = EmailMessage(policy=_POLICY)
+    msg["From"] = senders[0]
+    if to:
+        msg["To"] = ", ".join(to)
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    reply_to = _address_list("reply_to", command.get("reply_to"))
+    if reply_to:
+        msg["Reply-To"] = ", ".join(reply_to)
+    msg["Subject"] = _clean("subject", command.get("subject", ""))
+    msg["Date"] = email.utils.formatdate(localtime=False)
+    msg["Message-ID"] = email.utils.make_msgid(domain=message_id_domain)
+    in_reply_to = _message_ids("in_reply_to", command.get("in_reply_to"))
+    if len(in_reply_to) > 1:
+        raise InvalidMail("in_reply_to: one Message-ID")
+    references = _message_ids("references", command.get("references"))
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to[0]
+        if in_reply_to[0] not in references:
+            references.append(in_reply_to[0])
+    if references:
+        msg["References"] = " ".join(references)
+    for name, value in _custom_headers(command.get("headers")):
+        msg[name] = value
+    text, html = command.get("text"), command.get("html")
+    for key, body in (("text", text), ("html", html)):
+        if body is not None and not isinstance(body, str):
+            raise InvalidMail(f"{key}: must be a string")
+    if html is not None and text is None:
+        msg.set_content(html, subtype="html")
+    else:
+        msg.set_content(text or "")
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+    attachments = command.get("attachments") or []
+    if not isinstance(attachments, list):
+        raise InvalidMail("attachments: must be a list")
+    for i, item in enumerate(attachments):
+        if not isinstance(item, Mapping):
+            raise InvalidMail(f"attachments[{i}]: must be a mapping")
+        filename = _clean(f"attachments[{i}].filename", item.get("filename", "attachment"))
+        ctype = _clean(
+            f"attachments[{i}].content_type", item.get("content_type", "application/octet-stream")
+        )
+        maintype, slash, subtype = ctype.partition("/")
+        if not slash or not maintype or not subtype:
+            raise InvalidMail(f"attachments[{i}].content_type: {ctype!r} is not type/subtype")
+        content = item.get("content")
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        if not isinstance(content, bytes):
+            raise InvalidMail(f"attachments[{i}].content: must be bytes or a string")
+        msg.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename)
+    recipients = [_bare(a) for a in (*to, *cc, *bcc)]
+    return OutgoingMail(msg, _bare(senders[0]), list(dict.fromkeys(recipients)))

@@ -1,0 +1,148 @@
+"""Shared fixtures: real servers on free loopback ports (see core/testing.py).
+
+A missing binary skips the test with the reason, except when the environment variable ``CI`` is
+set: there it fails, so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn, Protocol, TypeVar
+
+import pytest
+
+from core.testing import (
+    Certs,
+    MosquittoServer,
+    NgircdServer,
+    RedisServer,
+    ServiceMissing,
+    make_certs,
+    require_binary,
+)
+
+MQTT_USER = ("alice", "s3cret")
+"""The credentials of ``mosquitto_password_server``."""
+
+
+class _Startable(Protocol):
+    binary: str
+
+    def start(self) -> object: ...
+
+    def stop(self) -> object: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the current test with ``reason``; fail it instead when ``CI`` is set."""
+    if os.environ.get("CI"):
+        pytest.fail(f"required service missing in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def service(binary: str) -> str:
+    """Return the path of ``binary``; skip (locally) or fail (``CI`` set) if it is missing."""
+    try:
+        return require_binary(binary)
+    except ServiceMissing as exc:
+        missing(str(exc))
+
+
+def start_or_skip(server: S) -> S:
+    """Start ``server``; a missing binary or feature skips (or fails in CI) the test."""
+    service(server.binary)
+    try:
+        server.start()
+    except ServiceMissing as exc:
+        missing(str(exc))
+    return server
+
+
+@pytest.fixture
+def start_service() -> Iterator[Callable[[S], S]]:
+    """Factory: ``start_service(RedisServer(extra_args=[...]))`` starts it, stops it after."""
+    started: list[_Startable] = []
+
+    def start(server: S) -> S:
+        started.append(server)
+        return start_or_skip(server)
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+def _run(server: S) -> Iterator[S]:
+    start_or_skip(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh ``redis-server`` (no persistence)."""
+    yield from _run(RedisServer())
+
+
+@pytest.fixture
+def durable_redis_server() -> Iterator[RedisServer]:
+    """A ``redis-server`` with an fsync-always AOF: data survives ``kill()`` + ``restart()``."""
+    yield from _run(RedisServer(durable=True))
+
+
+@pytest.fixture
+def mosquitto_server() -> Iterator[MosquittoServer]:
+    """An anonymous mosquitto broker on ``.port``."""
+    yield from _run(MosquittoServer())
+
+
+@pytest.fixture
+def mosquitto_tls_server() -> Iterator[MosquittoServer]:
+    """A broker with a plain ``.port`` and a TLS ``.tls_port``; CA in ``.certs.ca_crt``."""
+    yield from _run(MosquittoServer(tls=True))
+
+
+@pytest.fixture
+def mosquitto_password_server() -> Iterator[MosquittoServer]:
+    """A broker that only accepts ``MQTT_USER`` (``.password``), no anonymous clients."""
+    yield from _run(MosquittoServer(password=MQTT_USER))
+
+
+@pytest.fixture
+def mosquitto_persistent_server() -> Iterator[MosquittoServer]:
+    """A broker persisting to ``.db_path``: use ``restart()`` or ``save_and_kill()``."""
+    yield from _run(MosquittoServer(persistent=True))
+
+
+@pytest.fixture
+def mosquitto_websockets_server() -> Iterator[MosquittoServer]:
+    """A broker with a plain ``.port`` and an MQTT-over-WebSocket ``.ws_port``."""
+    yield from _run(MosquittoServer(websockets=True))
+
+
+@pytest.fixture
+def ngircd_server() -> Iterator[NgircdServer]:
+    """ngircd on ``.port`` with flood control off."""
+    yield from _run(NgircdServer())
+
+
+@pytest.fixture
+def ngircd_tls_server() -> Iterator[NgircdServer]:
+    """ngircd with a plain ``.port`` and a TLS ``.tls_port``; CA in ``.certs.ca_crt``."""
+    yield from _run(NgircdServer(tls=True))
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    """A throwaway CA with server (localhost, 127.0.0.1) and client certificates."""
+    try:
+        return make_certs(tmp_path / "certs")
+    except ServiceMissing as exc:
+        missing(str(exc))
