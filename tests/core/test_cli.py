@@ -1,0 +1,186 @@
+"""The binaries (DESIGN §7): exit codes, one-line errors, SIGTERM drain, `gateways run`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.testing import RedisServer, Server, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def email_yaml(tmp_path: Path, body: str = "", *, port: int = 0, layer: str = "") -> Path:
+    path = tmp_path / "mail.yaml"
+    layer_line = f"layer: {layer}\n" if layer else ""
+    path.write_text(
+        f"gateway: email\nname: mailbox\n{layer_line}email:\n  port: {port}\n"
+        f"  accept: [example.com]\n{body}"
+    )
+    return path
+
+
+def test_version() -> None:
+    result = run("gateway-email", "--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("gateway-email 0.")
+
+
+@pytest.mark.parametrize(
+    ("layer", "fragment"),
+    [
+        ("bogus", "invalid layer path 'bogus'"),
+        ("kafka://x", "unknown scheme 'kafka'"),
+        ("redis://:secretpw@", "no host"),
+        ("nope.nothing:layer", "No module named 'nope'"),
+    ],
+)
+def test_bad_layer_is_exit_2_one_line(tmp_path: Path, layer: str, fragment: str) -> None:
+    result = run("gateway-email", "--config", str(email_yaml(tmp_path)), "--layer", layer)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "invalid layer path" in line]
+    assert len(lines) == 1 and fragment in lines[0]
+
+
+def test_no_layer_anywhere(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAYS_LAYER"}
+    result = subprocess.run(
+        ["gateway-email", "--config", str(email_yaml(tmp_path))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no layer: pass --layer" in result.stderr
+
+
+def test_memory_layer_needs_in_process_consumers(tmp_path: Path) -> None:
+    result = run("gateway-email", "--config", str(email_yaml(tmp_path)), "--layer", "memory://")
+    assert result.returncode == 2
+    assert "only works when the consumers run in the same process" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        (
+            "gateway: email\nname: m\nemail: {accept: [x.org], prt: 25}\n",
+            "email.prt: Extra inputs are not permitted",
+        ),
+        (
+            "gateway: email\nname: m\nemail: {accept: [x.org], port: many}\n",
+            "email.port: Input should be a valid integer",
+        ),
+        (
+            "gateway: email\nname: m\nemail: {accept: [x.org], port: \"${NO_SUCH_VAR}\"}\n",
+            "email.port: environment variable NO_SUCH_VAR is not set",
+        ),
+        ("gateway: email\nname: m\nemail: {accept: [x.org]\n", "invalid YAML"),
+        ("gateway: email\nname: m\nemail: {port: 25}\n", "email.accept: Field required"),
+        ("gateway: mqtt\nname: m\nemail: {accept: [x.org]}\n", "gateway: Input should be 'email'"),
+    ],
+)
+def test_config_errors_exit_2_with_key_path(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    for extra in ([], ["--check-config"]):
+        result = run("gateway-email", "--config", str(path), "--layer", "memory://", *extra)
+        assert result.returncode == 2
+        assert expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    path = email_yaml(tmp_path, layer="redis://127.0.0.1:1/0")
+    result = run("gateway-email", "--config", str(path), "--check-config")
+    assert result.returncode == 0 and result.stdout.strip() == f"{path}: ok"
+    result = run("gateways", "run", str(EXAMPLES / "email.yaml"), "--check-config")
+    assert result.returncode == 0, result.stderr
+
+
+def test_port_taken_is_exit_3(tmp_path: Path, redis_server: RedisServer) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(
+            "gateway-email",
+            "--config",
+            str(email_yaml(tmp_path, port=port)),
+            "--layer",
+            redis_server.url,
+        )
+    assert result.returncode == 3, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_sigterm_drains_and_exits_0(tmp_path: Path, redis_server: RedisServer) -> None:
+    port = free_port()
+    gateway = Server(
+        [
+            "gateway-email",
+            "--config",
+            str(email_yaml(tmp_path, port=port)),
+            "--layer",
+            redis_server.url,
+        ],
+        "ready: events",
+        cwd=ROOT,
+    )
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        assert client.recv(100).startswith(b"220 ")
+    assert gateway.stop(signal.SIGTERM) == 0
+    assert any("stopped" in line for line in gateway.output)
+
+
+def test_gateways_run_with_app_on_memory_layer(tmp_path: Path) -> None:
+    """The embedded default: gateway and consumers in one process, no Redis."""
+    result = run(sys.executable, str(EXAMPLES / "demo.py"), env={"GATEWAYS_LOG_LEVEL": "INFO"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "← reply left through the relay to alice@example.org" in result.stdout
+    assert "In-Reply-To: <first-mail@example.org>" in result.stdout
+    assert "signal received: draining" in result.stderr
+
+
+def test_gateways_run_rejects_unknown_gateway(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("gateway: carrier-pigeon\nname: x\n")
+    result = run("gateways", "run", str(path), "--layer", "memory://")
+    assert result.returncode == 2
+    assert "unknown gateway 'carrier-pigeon'" in result.stderr
+
+
+def test_secrets_never_logged(tmp_path: Path) -> None:
+    secret = tmp_path / "users"
+    secret.write_text("alice:very-secret-pw\n")
+    certs = tmp_path / "missing.pem"
+    path = email_yaml(
+        tmp_path,
+        f"  auth: {{users_file: {secret}}}\n  relay: {{host: h, username: u, "
+        f"password: other-secret-pw, tls: none}}\n"
+        f"  tls: {{cert_file: {certs}, key_file: {certs}}}\n",
+    )
+    result = run("gateway-email", "--config", str(path), "--layer", "memory://")
+    assert result.returncode == 2
+    assert "email.relay: username needs tls" in result.stderr
+    assert "email.tls.cert_file: Path does not point to a file" in result.stderr
+    assert "secret-pw" not in result.stderr + result.stdout

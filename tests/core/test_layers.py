@@ -1,0 +1,136 @@
+"""Layer paths (DESIGN §3), including the redis-py 8 idle-receive trap on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from channels.layers import InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
+
+from core.layers import (
+    LayerPathError,
+    channel_layer_settings,
+    describe_layer,
+    is_memory_layer,
+    resolve_layer,
+)
+from core.testing import RedisServer
+
+# for the import-path form
+FACTORY_CALLS: list[int] = []
+INSTANCE = InMemoryChannelLayer()
+
+
+def factory() -> InMemoryChannelLayer:
+    FACTORY_CALLS.append(1)
+    return InMemoryChannelLayer(capacity=7)
+
+
+NOT_A_LAYER = object()
+
+
+class CustomLayer:
+    async def send(self, channel: str, message: dict[str, object]) -> None: ...
+    async def receive(self, channel: str) -> dict[str, object]:
+        return {}
+
+    async def new_channel(self, prefix: str = "x") -> str:
+        return prefix
+
+
+CUSTOM = CustomLayer()
+
+
+def test_memory() -> None:
+    layer = resolve_layer("memory://")
+    assert isinstance(layer, InMemoryChannelLayer)
+    assert is_memory_layer(layer)
+    assert resolve_layer("memory://?capacity=5&expiry=9").capacity == 5
+
+
+def test_redis_options_and_timeout_trap() -> None:
+    layer = resolve_layer("redis://127.0.0.1:6390/2?capacity=1000&expiry=30&prefix=gw")
+    assert isinstance(layer, RedisChannelLayer)
+    assert (layer.capacity, layer.expiry, layer.prefix) == (1000, 30, "gw")
+    host = layer.hosts[0]
+    assert host["address"] == "redis://127.0.0.1:6390/2"
+    assert host["socket_timeout"] is None
+    assert not is_memory_layer(layer)
+
+
+def test_import_path_instance_and_factory() -> None:
+    assert resolve_layer("tests.core.test_layers:INSTANCE") is INSTANCE
+    layer = resolve_layer("tests.core.test_layers:factory")
+    assert layer.capacity == 7 and FACTORY_CALLS
+
+
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("", "expected redis://"),
+        ("nonsense", "expected redis://"),
+        ("amqp://localhost", "unknown scheme 'amqp'"),
+        ("redis://", "no host"),
+        ("redis://localhost:notaport/0", "bad port"),
+        ("redis://localhost/0?capacity=lots", "capacity must be an integer"),
+        ("memory://somehost", "takes no host"),
+        ("memory://?bogus=1", "unknown option 'bogus'"),
+        ("no.such.module:layer", "No module named"),
+        ("tests.core.test_layers:missing", "has no attribute"),
+        ("tests.core.test_layers:NOT_A_LAYER", "is not a channel layer"),
+    ],
+)
+def test_bad_paths_are_one_line_errors(path: str, fragment: str) -> None:
+    with pytest.raises(LayerPathError) as info:
+        resolve_layer(path)
+    message = str(info.value)
+    assert fragment in message
+    assert repr(path.strip()) in message
+    assert "\n" not in message
+
+
+def test_django_needs_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    with pytest.raises(LayerPathError, match="DJANGO_SETTINGS_MODULE is not set"):
+        resolve_layer("django")
+
+
+def test_describe_hides_password() -> None:
+    assert describe_layer("redis://:hunter22@h:6379/0") == "redis://:***@h:6379/0"
+    assert describe_layer("rediss://u:pw12@h/0") == "rediss://u:***@h/0"
+    assert describe_layer("memory://") == "memory://"
+
+
+def test_channel_layer_settings_for_django() -> None:
+    entry = channel_layer_settings("redis://127.0.0.1:6390/1?capacity=50")
+    assert entry["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert entry["CONFIG"]["hosts"][0]["socket_timeout"] is None
+    assert entry["CONFIG"]["capacity"] == 50
+    assert channel_layer_settings("memory://")["BACKEND"].endswith("InMemoryChannelLayer")
+    with pytest.raises(LayerPathError):
+        channel_layer_settings("tests.core.test_layers:CUSTOM")
+
+
+async def test_idle_receive_outlives_redis_py_socket_timeout(redis_server: RedisServer) -> None:
+    """redis-py 8 would raise TimeoutError after 5 s of an idle receive(); ours keeps waiting."""
+    layer = resolve_layer(redis_server.url)
+    receiving = asyncio.create_task(layer.receive("idle"))
+    await asyncio.sleep(6.5)
+    assert not receiving.done(), receiving.exception() if receiving.done() else None
+    sender = resolve_layer(redis_server.url)
+    await sender.send("idle", {"type": "late.message", "n": 1})
+    message = await asyncio.wait_for(receiving, 10)
+    assert message == {"type": "late.message", "n": 1}
+    await layer.close_pools()
+    await sender.close_pools()
+
+
+async def test_django_alias(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.core.django_settings")
+    layer = resolve_layer("django")
+    assert is_memory_layer(layer)
+    assert resolve_layer("django:other").capacity == 3
+    with pytest.raises(LayerPathError, match="'missing'"):
+        resolve_layer("django:missing")
