@@ -144,10 +144,10 @@ async def serve(
         for gw in gateways:
             tasks[asyncio.create_task(gw.run(), name=gw.name)] = gw.name
         if application is not None:
-            from channels.worker import Worker
+            from core.worker import ConsumerWorker
 
-            worker = Worker(application, list(worker_channels), gateways[0].layer)
-            tasks[asyncio.create_task(worker.handle(), name="worker")] = "worker"
+            worker = ConsumerWorker(application, list(worker_channels), gateways[0].layer)
+            tasks[asyncio.create_task(worker.arun(), name="worker")] = "worker"
             log.info("running consumers on %s", ", ".join(worker_channels))
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)

@@ -28,8 +28,6 @@ __all__ = [
 #: channels_redis and msgpack cope with more, but a message this large stalls every consumer
 MAX_MESSAGE_BYTES = 1024 * 1024
 
-_RESERVED = frozenset({"type", "gateway", "id", "time", "reply_channel"})
-
 
 class CommandError(ValueError):
     """A command is malformed, unknown or cannot be carried out. The text goes to the caller."""
@@ -45,9 +43,6 @@ def new_event(
     **keys: Any,
 ) -> dict[str, Any]:
     """Build an inbound event with the envelope keys first and the event's own keys after."""
-    clash = _RESERVED.intersection(keys)
-    if clash:
-        raise ValueError(f"event keys {sorted(clash)} are reserved for the envelope")
     return {
         "type": type_,
         "gateway": gateway,

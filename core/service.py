@@ -46,9 +46,15 @@ __all__ = [
     "EventBuffer",
     "Gateway",
     "StartupError",
+    "send_command",
 ]
 
 C = TypeVar("C", bound=GatewayConfig)
+
+#: results waiting for room on their channel before new ones are dropped (and counted)
+MAX_PENDING_RESULTS = 1000
+#: how long one result may wait for room on its channel
+RESULT_TIMEOUT = 30.0
 
 
 def _layer_errors() -> tuple[type[BaseException], ...]:
@@ -121,6 +127,7 @@ class Gateway(Generic[C]):
         self._stop = asyncio.Event()
         self._layer_ok = True
         self._commands: set[asyncio.Task[None]] = set()
+        self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
 
     # -- hooks --------------------------------------------------------------------------------
@@ -192,19 +199,24 @@ class Gateway(Generic[C]):
             await self.drain()
             if self._commands:
                 await asyncio.wait(set(self._commands))
+            if self._results:
+                await asyncio.wait(set(self._results))
 
         try:
             await asyncio.wait_for(finish(), grace)
         except TimeoutError:
             self.log.warning(
-                "%s: in-flight work not done after %.1f s; cancelling %d command(s)",
+                "%s: in-flight work not done after %.1f s; cancelling %d command(s) "
+                "and %d result(s)",
                 self.name,
                 grace,
                 len(self._commands),
+                len(self._results),
             )
-        for task in list(self._commands):
+        leftovers = [*self._commands, *self._results]
+        for task in leftovers:
             task.cancel()
-        await asyncio.gather(*self._commands, return_exceptions=True)
+        await asyncio.gather(*leftovers, return_exceptions=True)
         await self.close()
         self.log.info("%s stopped", self.name)
 
@@ -221,15 +233,19 @@ class Gateway(Generic[C]):
             f"{self.protocol}.{type_}", gateway=self.name, reply_channel=reply, id=id, **keys
         )
 
-    async def publish(self, message: dict[str, Any], *, timeout: float | None = None) -> bool:
+    async def publish(
+        self, message: dict[str, Any], *, timeout: float | None = None, channel: str | None = None
+    ) -> bool:
         """Hand ``message`` to the layer on its route, retrying while the layer is full or down.
 
-        Returns ``True`` once the layer accepted it, ``False`` when ``timeout`` seconds passed
-        first (``None``: keep trying until :meth:`stop`, then give up). The first refusal of an
-        episode is logged at WARNING, the recovery at INFO.
+        The route is ``channel`` when given (a per-event target, e.g. an MQTT subscription's
+        own channel), else ``config.route(message["type"])``. Returns ``True`` once the layer
+        accepted it, ``False`` when ``timeout`` seconds passed first (``None``: keep trying until
+        :meth:`stop`, then give up). The first refusal of an episode is logged at WARNING, the
+        recovery at INFO.
         """
         loop = asyncio.get_running_loop()
-        channel = self.config.route(message["type"])
+        channel = channel or self.config.route(message["type"])
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
@@ -344,14 +360,55 @@ class Gateway(Generic[C]):
         result = await self.dispatch(message)
         if result is None:
             return
-        target = message["result_channel"]
-        try:
-            await self.layer.send(target, result)
-        except Exception as exc:
-            self.metrics.error("result")
+        # Sent from its own task so a caller whose channel is full cannot hold a command slot:
+        # a consumer waiting for room on the command channel while the gateway waits for room
+        # on the consumer's channel would otherwise stall both.
+        if len(self._results) >= MAX_PENDING_RESULTS:
+            self.metrics.dropped("result_backlog")
             self.log.warning(
-                "%s: could not send result to %r: %s", self.name, target, describe_error(exc)
+                "%s: dropped the result of %s: %d results already wait for their channels",
+                self.name,
+                result["id"],
+                len(self._results),
             )
+            return
+        task = asyncio.create_task(self._send_result(message["result_channel"], result))
+        self._results.add(task)
+        task.add_done_callback(self._results.discard)
+
+    async def _send_result(self, target: str, result: dict[str, Any]) -> None:
+        try:
+            await send_command(self.layer, target, result, timeout=RESULT_TIMEOUT)
+        except Exception as exc:
+            self.metrics.dropped("result_undeliverable")
+            self.log.warning(
+                "%s: could not send the result of %s to %r: %s",
+                self.name,
+                result["id"],
+                target,
+                describe_error(exc),
+            )
+
+
+async def send_command(
+    layer: Any, channel: str, message: dict[str, Any], *, timeout: float = 30.0
+) -> None:
+    """``layer.send(channel, message)``, retried while the channel is full or the layer down.
+
+    Raises the last error (``ChannelFull``, a connection error) once ``timeout`` seconds passed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    backoff = Backoff(0.05, 2.0)
+    while True:
+        try:
+            await layer.send(channel, message)
+            return
+        except LAYER_ERRORS:
+            delay = backoff.next()
+            if loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
 
 
 def _get(message: Any, key: str) -> Any:
@@ -378,7 +435,7 @@ class EventBuffer:
     def __init__(self, gateway: Gateway[Any], capacity: int) -> None:
         self.gateway = gateway
         self.capacity = capacity
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[tuple[dict[str, Any], str | None]] = deque()
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -392,15 +449,15 @@ class EventBuffer:
         if self._task is None:
             self._task = asyncio.create_task(self._run())
 
-    def put(self, message: dict[str, Any]) -> bool:
-        """Queue ``message``; ``False`` (and counted) when the buffer is full."""
+    def put(self, message: dict[str, Any], *, channel: str | None = None) -> bool:
+        """Queue ``message`` (for ``channel``, default its route); ``False`` (counted) when full."""
         if len(self._queue) >= self.capacity:
             self.gateway.metrics.dropped("buffer_full")
             if self._unreported == 0:
                 asyncio.get_running_loop().call_later(1.0, self._report_drops)
             self._unreported += 1
             return False
-        self._queue.append(message)
+        self._queue.append((message, channel))
         self._idle.clear()
         self._ready.set()
         return True
@@ -418,7 +475,8 @@ class EventBuffer:
         while True:
             await self._ready.wait()
             while self._queue:
-                if not await self.gateway.publish(self._queue[0]):
+                message, channel = self._queue[0]
+                if not await self.gateway.publish(message, channel=channel):
                     return  # stopping: flush() accounts for what is left
                 self._queue.popleft()
             self._ready.clear()

@@ -20,8 +20,10 @@ USE_TZ = True
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
+    # before "channels": its runworker (bounded prefetch, survives Redis restarts, drains on
+    # SIGTERM) replaces channels' own; it also adds manage.py rungateway
+    "gateways",
     "channels",
-    "gateways",  # manage.py rungateway
     "mail",
     "sensors",
 ]

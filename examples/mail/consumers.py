@@ -4,12 +4,16 @@ The reply goes back through the gateway (``email.send`` on ``reply_channel``) wi
 headers set, and the gateway reports the outcome as ``email.result`` on this same channel.
 """
 
+import logging
 from typing import Any
 
 from channels.consumer import AsyncConsumer
 from django.conf import settings
 
+from core.consumers import send_command
 from mail.models import Mail
+
+log = logging.getLogger(__name__)
 
 
 class MailConsumer(AsyncConsumer):
@@ -28,20 +32,23 @@ class MailConsumer(AsyncConsumer):
             return  # the same mail delivered twice (the sender retried after a 451): answered once
         reply_to = message["reply_to"] or [message["from"] or message["mail_from"]]
         subject = message["subject"] or ""
-        await self.channel_layer.send(
-            message["reply_channel"],
-            {
-                "type": "email.send",
-                "id": str(mail.pk),
-                "result_channel": self.scope["channel"],
-                "from": settings.SUPPORT_ADDRESS,
-                "to": reply_to,
-                "subject": subject if subject.lower().startswith("re:") else f"Re: {subject}",
-                "text": f"Thanks, we got your mail and filed it as #{mail.pk}.\n",
-                "in_reply_to": message["message_id"],
-                "references": message["references"],
-            },
-        )
+        reply = {
+            "type": "email.send",
+            "id": str(mail.pk),
+            "result_channel": self.scope["channel"],
+            "from": settings.SUPPORT_ADDRESS,
+            "to": reply_to,
+            "subject": subject if subject.lower().startswith("re:") else f"Re: {subject}",
+            "text": f"Thanks, we got your mail and filed it as #{mail.pk}.\n",
+            "in_reply_to": message["message_id"],
+            "references": message["references"],
+        }
+        # never let an exception escape a consumer: runworker would drop what it has queued
+        try:
+            await send_command(self.channel_layer, message["reply_channel"], reply, timeout=60)
+        except Exception as exc:
+            log.warning("could not queue the reply to %s: %r", mail.message_id, exc)
+            await Mail.objects.filter(pk=mail.pk).aupdate(reply_error=f"not queued: {exc!r}")
 
     async def email_result(self, message: dict[str, Any]) -> None:
         if message["ok"]:

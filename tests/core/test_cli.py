@@ -91,7 +91,7 @@ def test_memory_layer_needs_in_process_consumers(tmp_path: Path) -> None:
             "email.port: Input should be a valid integer",
         ),
         (
-            "gateway: email\nname: m\nemail: {accept: [x.org], port: \"${NO_SUCH_VAR}\"}\n",
+            'gateway: email\nname: m\nemail: {accept: [x.org], port: "${NO_SUCH_VAR}"}\n',
             "email.port: environment variable NO_SUCH_VAR is not set",
         ),
         ("gateway: email\nname: m\nemail: {accept: [x.org]\n", "invalid YAML"),

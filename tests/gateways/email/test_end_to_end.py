@@ -1,0 +1,102 @@
+"""End to end: swaks and smtplib → gateway-email → Redis → manage.py runworker → email.send →
+relay sink, with every process real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import smtplib
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as default_policy
+
+from core.testing import DjangoWorker, Server
+from tests.conftest import service
+from tests.gateways.email.conftest import EXAMPLES, ROOT, Example
+
+
+async def wait_for_rows(example: Example, count: int, timeout: float = 30) -> list[tuple[str, ...]]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        rows = await asyncio.to_thread(example.rows)
+        done = [r for r in rows if r[2] or r[3]]
+        if len(done) >= count or asyncio.get_running_loop().time() > deadline:
+            return rows
+        await asyncio.sleep(0.2)
+
+
+async def test_mail_in_reply_out(example: Example) -> None:
+    swaks = service("swaks")
+    gateway = Server(
+        ["gateway-email", "--config", str(EXAMPLES / "email.yaml")],
+        "ready: events",
+        cwd=ROOT,
+        env={**os.environ, **example.env},
+    )
+    worker = DjangoWorker(EXAMPLES, ["support-mail"], example.env).start()
+    try:
+        # 1. swaks, the way an MTA would deliver it
+        proc = await asyncio.create_subprocess_exec(
+            swaks,
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(example.smtp_port),
+            "--from",
+            "carol@example.org",
+            "--to",
+            "support@example.com",
+            "--header",
+            "Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=",
+            "--header",
+            "Message-Id: <swaks-1@example.org>",
+            "--header",
+            "References: <older@example.org>",
+            "--body",
+            "hello from swaks",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        assert b"250 2.0.0 OK: queued" in out
+
+        # 2. smtplib, with a display name and Reply-To
+        mail = EmailMessage()
+        mail["From"] = "Dave <dave@example.org>"
+        mail["Reply-To"] = "dave.replies@example.org"
+        mail["To"] = "support@example.com"
+        mail["Subject"] = "Printer"
+        mail["Message-ID"] = "<smtplib-1@example.org>"
+        mail.set_content("it is on fire")
+        mail.add_attachment(b"a,b\n1,2\n", maintype="text", subtype="csv", filename="log.csv")
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", example.smtp_port, timeout=30) as client:
+                client.send_message(mail)
+
+        await asyncio.to_thread(send)
+
+        replies = {}
+        for _ in range(2):
+            envelope = await asyncio.wait_for(example.sink.received.get(), 30)
+            reply = BytesParser(policy=default_policy).parsebytes(envelope.original_content)
+            replies[reply["In-Reply-To"]] = (envelope, reply)
+        envelope, reply = replies["<swaks-1@example.org>"]
+        assert envelope.rcpt_tos == ["carol@example.org"]
+        assert envelope.mail_from == "support@example.com"
+        assert reply["Subject"] == "Re: Grüße"
+        assert reply["References"] == "<older@example.org> <swaks-1@example.org>"
+        envelope, reply = replies["<smtplib-1@example.org>"]
+        assert envelope.rcpt_tos == ["dave.replies@example.org"]
+        assert reply["Subject"] == "Re: Printer"
+        assert reply["References"] == "<smtplib-1@example.org>"
+
+        # the consumer recorded the email.result the gateway sent back
+        rows = await wait_for_rows(example, 2)
+        assert sorted(r[1] for r in rows) == ["<smtplib-1@example.org>", "<swaks-1@example.org>"]
+        assert all(r[2].startswith("<") and not r[3] for r in rows), rows
+    finally:
+        # stop from a thread: the sink on this event loop must keep answering while it drains
+        await asyncio.to_thread(worker.stop)
+        assert await asyncio.to_thread(gateway.stop) == 0, gateway.tail()
