@@ -126,6 +126,7 @@ class Gateway(Generic[C]):
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
         self._layer_ok = True
+        self._refusals = 0  # layer refusals in the current backpressure episode
         self._commands: set[asyncio.Task[None]] = set()
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
@@ -242,7 +243,7 @@ class Gateway(Generic[C]):
         own channel), else ``config.route(message["type"])``. Returns ``True`` once the layer
         accepted it, ``False`` when ``timeout`` seconds passed first (``None``: keep trying until
         :meth:`stop`, then give up). The first refusal of an episode is logged at WARNING, the
-        recovery at INFO.
+        recovery at INFO, once per episode for the whole gateway.
         """
         loop = asyncio.get_running_loop()
         channel = channel or self.config.route(message["type"])
@@ -261,13 +262,16 @@ class Gateway(Generic[C]):
                 self.metrics.retry("layer_send")
                 if failures == 1:
                     self.metrics.backpressure_waits.inc()
+                if self._refusals == 0:
                     self.log.warning(
-                        "%s: layer did not take %s for %r (%s); retrying",
+                        "%s: layer refuses %s for %r (%s); retrying with backoff, "
+                        "the transport is pushed back meanwhile",
                         self.name,
                         message["type"],
                         channel,
                         describe_error(exc),
                     )
+                self._refusals += 1
                 delay = backoff.next()
                 now = loop.time()
                 if (deadline is not None and now + delay > deadline) or self.stopping:
@@ -278,10 +282,11 @@ class Gateway(Generic[C]):
             self.metrics.layer_latency.observe(loop.time() - started)
             self.metrics.event(message["type"])
             self._layer_ok = True
-            if failures:
+            if self._refusals:
                 self.log.info(
-                    "%s: layer accepted %s after %d retries", self.name, message["type"], failures
+                    "%s: layer accepts events again after %d refusals", self.name, self._refusals
                 )
+                self._refusals = 0
             return True
 
     # -- commands: layer → gateway ------------------------------------------------------------

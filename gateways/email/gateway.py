@@ -158,7 +158,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             )
             return "552 5.3.4 Message too big for this system"
         if not await self.publish(event, timeout=self.email.accept_timeout):
-            self.log.warning(
+            self.log.info(
                 "%s: answered 451 to %s for %s: layer did not accept it within %.0f s",
                 self.name,
                 peer,

@@ -137,7 +137,7 @@ async def test_publish_gives_up_when_layer_stays_full(caplog: pytest.LogCaptureF
     assert await gateway.publish(gateway.event("a"), timeout=1)
     with caplog.at_level(logging.WARNING, "gateway.echo"):
         assert not await gateway.publish(gateway.event("b"), timeout=0.3)
-    assert "layer did not take echo.b" in caplog.text
+    assert "layer refuses echo.b" in caplog.text
     assert metric("gateway_pushback_total", "full-layer") == 1
     assert metric("gateway_backpressure_waits_total", "full-layer") == 1
     # a full layer is not an unreachable one

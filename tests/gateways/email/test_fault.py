@@ -38,6 +38,7 @@ async def test_redis_killed_mid_stream(tmp_path: Path, durable_redis_server: Red
     outcomes: dict[str, list[int]] = {}
     accepted = 0
     worker_restarts = 0
+    quarter_in = asyncio.Event()
 
     async def client(numbers: list[int]) -> None:
         nonlocal accepted
@@ -62,11 +63,12 @@ async def test_redis_killed_mid_stream(tmp_path: Path, durable_redis_server: Red
                     continue
                 codes.append(250)
                 accepted += 1
+                if accepted == MAILS // 4:
+                    quarter_in.set()
                 break
 
     async def chaos() -> None:
-        while accepted < MAILS // 4:
-            await asyncio.sleep(0.05)
+        await quarter_in.wait()
         await asyncio.to_thread(redis.kill)
         await asyncio.sleep(2)
         await asyncio.to_thread(redis.restart)
@@ -94,7 +96,9 @@ async def test_redis_killed_mid_stream(tmp_path: Path, durable_redis_server: Red
             if asyncio.get_running_loop().time() > deadline:
                 missing = sorted(set(outcomes) - {r[0] for r in rows})
                 detail = {m: outcomes[m] for m in missing}
-                raise AssertionError(f"{len(missing)} lost: {detail}\n{worker.tail()}\n{gateway.tail()}")
+                raise AssertionError(
+                    f"{len(missing)} lost: {detail}\n{worker.tail()}\n{gateway.tail()}"
+                )
             await asyncio.sleep(0.5)
     except BaseException:
         print("--- gateway ---\n" + gateway.tail() + "\n--- worker ---\n" + worker.tail())
