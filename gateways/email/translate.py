@@ -13,7 +13,6 @@ carries a line break is an injection attempt or a bug, and either way the caller
 
 from __future__ import annotations
 
-import codecs
 import email.policy
 import email.utils
 import re
@@ -33,7 +32,12 @@ __all__ = [
 
 # SMTPUTF8 allows UTF-8 headers; raise_on_defect=False is the default and what we want
 _POLICY = email.policy.default
+_AS_RECEIVED = _POLICY.clone(refold_source="none")  # write parsed headers back unchanged
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+# NUL and every line boundary of str.splitlines(): the policy refuses all of them in a header
+# value with a bare ValueError (U+0085, U+2028, VT, FF, …), so catch them as InvalidMail first
+_LINE_BREAK_OR_NUL = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029\x00]")
 # headers build_mail sets itself; a command cannot override them through `headers`
 _MANAGED = frozenset(
     {
@@ -83,8 +87,9 @@ def _header(msg: Message, name: str, defects: list[str]) -> str | None:
         value = msg.get(name)
     except Exception as exc:  # the header registry raises on some malformed values
         defects.append(f"{name}: {exc}")
-        raw = msg.get_all(name, failobj=[None])
-        return None if raw[0] is None else str(raw[0])
+        # the source text: get_all() parses again and raised again ("Message-ID: <")
+        wanted = name.lower()
+        return next((_text(v) for k, v in msg.raw_items() if k.lower() == wanted), None)
     return None if value is None else str(value)
 
 
@@ -109,7 +114,11 @@ def _ids(value: str | None) -> list[str]:
 
 
 def _date(msg: Message, defects: list[str]) -> str | None:
-    raw = msg.get("Date")
+    try:
+        raw = msg.get("Date")
+    except Exception as exc:  # OverflowError from the header registry for a 20-digit year
+        defects.append(f"Date: {exc}")
+        return None
     if raw is None:
         return None
     dt = getattr(raw, "datetime", None)
@@ -124,7 +133,8 @@ def _date(msg: Message, defects: list[str]) -> str | None:
 
 def _content(part: Message, defects: list[str]) -> str | bytes:
     try:
-        return part.get_content()  # type: ignore[attr-defined, no-any-return]
+        # strict (bodies are text/* parts), so undecodable bytes are named in defects
+        return part.get_content(errors="strict")  # type: ignore[attr-defined, no-any-return]
     except (LookupError, ValueError, AssertionError, KeyError) as exc:
         # unknown charset, broken base64/quoted-printable: keep the bytes decoded leniently
         defects.append(f"{part.get_content_type()} part: {exc}")
@@ -132,17 +142,20 @@ def _content(part: Message, defects: list[str]) -> str | bytes:
         if not isinstance(payload, bytes):
             payload = _text(part.get_payload()).encode("utf-8", "surrogateescape")
         if part.get_content_maintype() == "text":
-            charset = part.get_content_charset()
-            return payload.decode(charset if charset and _known(charset) else "utf-8", "replace")
+            return _decode(payload, part.get_content_charset())
         return payload
 
 
-def _known(charset: str) -> bool:
-    try:
-        codecs.lookup(charset)
-    except LookupError:
-        return False
-    return True
+def _decode(payload: bytes, charset: str | None) -> str:
+    """``payload`` in ``charset`` when that is a text codec that can replace errors, else UTF-8."""
+    if charset:
+        try:
+            return payload.decode(charset, "replace")
+        except (LookupError, ValueError):
+            # unknown, or a codec that is no charset: charset=base64/rot13/zlib raised
+            # LookupError and charset=idna UnicodeError out of parse_mail
+            pass
+    return payload.decode("utf-8", "replace")
 
 
 def _leaves(part: Message) -> list[Message]:
@@ -156,16 +169,22 @@ def _leaves(part: Message) -> list[Message]:
 
 
 def _attachment(part: Message, defects: list[str]) -> dict[str, Any]:
-    defects.extend(type(d).__name__ for d in part.defects)
     content: str | bytes
     if part.get_content_maintype() == "message":
         inner = part.get_payload()
         if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            content = inner[0].as_bytes(policy=_POLICY)
+            # as received: refolding long headers broke on 8-bit bytes (UnicodeEncodeError)
+            content = inner[0].as_bytes(policy=_AS_RECEIVED)
         else:
             content = _text(inner).encode("utf-8", "surrogateescape")
     else:
-        content = _content(part, defects)
+        # the bytes as sent, only the transfer encoding undone: get_content() decoded text/*
+        # attachments by their charset and they came back re-encoded as UTF-8, with U+FFFD for
+        # every byte the charset did not cover
+        payload = part.get_payload(decode=True)
+        content = payload if isinstance(payload, bytes) else b""
+    # after decoding: get_payload(decode=True) records broken base64 on the part
+    defects.extend(type(d).__name__ for d in part.defects)
     data = content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content
     return {
         "filename": part.get_filename(),
@@ -199,6 +218,7 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
         body_parts.add(id(part))
         content = _content(part, defects)
         value = content if isinstance(content, str) else content.decode("utf-8", "replace")
+        value = value.replace("\r\n", "\n")  # SMTP carries CRLF; people and code expect \n
         if subtype == "plain":
             text = value
         else:
@@ -207,7 +227,7 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
         _attachment(part, defects) for part in _leaves(msg) if id(part) not in body_parts
     ]
     message_id = _header(msg, "Message-ID", defects)
-    return {
+    keys: dict[str, Any] = {
         "message_id": message_id.strip() if message_id else None,
         "subject": _header(msg, "Subject", defects),
         "from": next(iter(_addresses(msg, "From", defects)), None),
@@ -221,8 +241,32 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
         "text": text,
         "html": html,
         "attachments": attachments,
-        "defects": sorted(set(defects)),
     }
+    keys = _utf8(keys, defects)
+    keys["defects"] = _utf8(sorted(set(defects)), [])
+    return keys
+
+
+def _utf8(value: Any, defects: list[str]) -> Any:
+    """``value`` with the surrogate escapes of raw 8-bit header bytes decoded as UTF-8.
+
+    The parser keeps such bytes as lone surrogates (in addresses, for one), which no codec can
+    encode: msgpack refused the whole event. Bytes that are not UTF-8 become U+FFFD.
+    """
+    if isinstance(value, str):
+        if not _SURROGATE.search(value):
+            return value
+        defects.append("UndecodableBytesDefect")
+        try:
+            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            raw = value.encode("utf-8", "replace")
+        return raw.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_utf8(item, defects) for item in value]
+    if isinstance(value, dict):
+        return {key: _utf8(item, defects) for key, item in value.items()}
+    return value
 
 
 # -- outbound -----------------------------------------------------------------------------------
@@ -240,8 +284,8 @@ class OutgoingMail:
 def _clean(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidMail(f"{key}: must be a string, got {type(value).__name__}")
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise InvalidMail(f"{key}: must not contain CR, LF or NUL")
+    if _LINE_BREAK_OR_NUL.search(value):
+        raise InvalidMail(f"{key}: must not contain CR, LF (or another line break) or NUL")
     return value
 
 
@@ -259,7 +303,11 @@ def _address_list(key: str, value: Any) -> list[str]:
         local, at, domain = addr.rpartition("@")
         if not at or not local or not domain or any(c in addr for c in ' ,;<>"'):
             raise InvalidMail(f"{key}[{i}]: {text!r} is not an email address")
-        out.append(email.utils.formataddr((name, addr)) if name else addr)
+        try:
+            out.append(email.utils.formataddr((name, addr)) if name else addr)
+        except UnicodeEncodeError:  # formataddr() refuses a non-ASCII address with a name
+            message = f"{key}[{i}]: {text!r}: a display name needs an ASCII address"
+            raise InvalidMail(message) from None
     return out
 
 
@@ -356,8 +404,11 @@ def build_mail(
             references.append(in_reply_to[0])
     if references:
         msg["References"] = " ".join(references)
-    for name, value in _custom_headers(command.get("headers")):
-        msg[name] = value
+    for i, (name, value) in enumerate(_custom_headers(command.get("headers"))):
+        try:
+            msg[name] = value
+        except Exception as exc:  # the header registry: a second Sender, an unparsable address
+            raise InvalidMail(f"headers[{i}]: {name}: {str(exc) or type(exc).__name__}") from None
     text, html = command.get("text"), command.get("html")
     for key, body in (("text", text), ("html", html)):
         if body is not None and not isinstance(body, str):
