@@ -1,0 +1,751 @@
+"""The only module that talks to paho-mqtt: one broker connection, driven by the asyncio loop.
+
+paho runs without a thread of its own. Its socket callbacks put the socket into the event loop:
+readable → ``loop_read()``; writable while paho has output queued → ``loop_write()``; and a
+``loop.call_later`` timer → ``loop_misc()`` (keep-alive pings and the ping timeout). The one
+blocking step, opening the socket (DNS, TCP, TLS handshake, WebSocket upgrade), runs in a worker
+thread through ``reconnect()``. Nothing else touches the client while it runs, and the socket
+callbacks it fires from that thread are handed to the loop thread.
+
+Connection attempts are retried forever with :class:`core.service.Backoff` (capped, jittered,
+reset once a connection stayed up for a while). The first attempt decides whether the gateway
+starts at all only when the broker or TLS said no (bad credentials, an untrusted certificate):
+that does not fix itself. A broker that is merely down is retried in the background while
+``/readyz`` says why.
+
+Received QoS 1/2 messages are acknowledged only when the gateway calls :meth:`ack` (paho
+``manual_ack``), and only on the connection they arrived on: a redelivery after a reconnect has
+its own acknowledgement. The exception is QoS 2 in a resumed session, where paho swallows the
+repeated PUBREL, so the PUBCOMP for the packet id is sent on the new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from paho.mqtt.client import (
+    MQTT_CLEAN_START_FIRST_ONLY,
+    Client,
+    ConnectFlags,
+    DisconnectFlags,
+    MQTTMessage,
+    MQTTv5,
+    MQTTv311,
+    error_string,
+)
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from core.service import Backoff, describe_error
+from gateways.mqtt.config import MqttConfig
+
+__all__ = [
+    "ConnectError",
+    "ConnectionLost",
+    "MqttConnection",
+    "MqttListener",
+    "NotConnected",
+    "QueueFull",
+]
+
+#: a connection that lasted this long resets the backoff (a flapping one keeps backing off)
+STABLE_AFTER: Final = 10.0
+#: how often loop_misc() runs: keep-alive pings are due at most this late
+MISC_INTERVAL: Final = 1.0
+#: packets read per readable event before other work gets a turn
+READ_BATCH: Final = 64
+#: seconds to wait for our DISCONNECT (and the will on stop) to leave
+CLOSE_TIMEOUT: Final = 5.0
+#: MQTT framing around topic + payload: fixed header, lengths, packet id and modest properties
+PACKET_OVERHEAD: Final = 1024
+#: CONNACK refusals that can fix themselves (the broker is overloaded or going away)
+_TRANSIENT_REFUSALS: Final = frozenset(
+    {
+        "Server unavailable",
+        "Server busy",
+        "Quota exceeded",
+        "Connection rate exceeded",
+        "Server moved",
+        "Use another server",
+        "Unspecified error",
+        "Implementation specific error",
+    }
+)
+
+
+class ConnectError(Exception):
+    """One connection attempt failed. ``fatal``: the broker or TLS refused us, not the network."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class ConnectionLost(Exception):
+    """The connection closed before the broker answered."""
+
+
+class NotConnected(Exception):
+    """There is no connection to the broker right now."""
+
+
+class QueueFull(Exception):
+    """paho's outgoing queue (``mqtt.max_queued``) is full."""
+
+
+class _PahoClient(Client):
+    """paho's ``Client``, remembering the sockets a connection attempt opens.
+
+    When a TLS or WebSocket handshake fails, paho 2.2 drops the half-open socket and leaves it to
+    the garbage collector (``Client._create_socket``): a file descriptor held until then and a
+    ``ResourceWarning`` per failed attempt. :meth:`close_strays` closes them at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened: list[socket.socket] = []
+
+    def _create_socket_connection(self) -> socket.socket:
+        sock = super()._create_socket_connection()
+        self.opened.append(sock)
+        return sock
+
+    def close_strays(self) -> None:
+        """Close every socket of the last attempt that did not become the connection."""
+        current = self.socket()
+        keep = current.fileno() if current is not None else -1
+        for sock in self.opened:
+            if sock.fileno() != keep:
+                sock.close()
+        self.opened.clear()
+
+
+class _TrackingContext(ssl.SSLContext):
+    """An ``SSLContext`` that adds each socket it wraps to ``opened`` (see :class:`_PahoClient`)."""
+
+    opened: list[socket.socket]
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        self.opened.append(sock)
+        return sock
+
+
+class MqttListener(Protocol):
+    """What the gateway hears from the connection (always on the event loop thread)."""
+
+    def mqtt_connected(self, session_present: bool) -> None: ...
+
+    def mqtt_disconnected(self, reason: str) -> None: ...
+
+    def mqtt_message(self, message: MQTTMessage, generation: int) -> None: ...
+
+
+def _readable_now(sock: Any) -> bool:
+    """Whether a read would return data now, without waiting for the selector."""
+    # TLS (and paho's WebSocket wrapper) may hold decrypted bytes the selector cannot see
+    pending = getattr(sock, "pending", None)
+    if callable(pending):
+        return int(pending()) > 0
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # let paho's read see the error and close the connection
+
+
+class MqttConnection:
+    """One MQTT client session on the running event loop; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: MqttConfig,
+        *,
+        client_id: str,
+        listener: MqttListener,
+        log: logging.Logger,
+        name: str,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.listener = listener
+        self.log = log
+        self.name = name
+        self.on_retry = on_retry
+        #: True between a successful CONNACK and the socket closing
+        self.connected = False
+        #: counts sockets; a message is acknowledged on the socket it came from
+        self.generation = 0
+        #: the broker resumed a session on the current connection
+        self.session_present = False
+        #: why there is no connection (None while connected)
+        self.last_error: str | None = "not connected yet"
+        #: the broker's limits from CONNACK (MQTT 5)
+        self.max_qos = 2
+        self.retain_available = True
+        self.subscription_identifiers = True
+        self._client: _PahoClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._fd: int | None = None
+        self._writing = False
+        self._flush_pending = False
+        self._paused = False
+        self._announced = False
+        self._close_reason: str | None = None
+        self._misc: asyncio.TimerHandle | None = None
+        self._connack: asyncio.Future[ReasonCode] | None = None
+        self._lost = asyncio.Event()
+        self._lost.set()
+        self._publishes: dict[int, tuple[asyncio.Future[ReasonCode], int]] = {}
+        self._requests: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._backoff = Backoff(settings.reconnect.initial, settings.reconnect.maximum)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _tls_context(self, opened: list[socket.socket]) -> ssl.SSLContext:
+        tls = self.settings.tls
+        assert tls is not None
+        # what ssl.create_default_context() does, on a context that tracks its sockets
+        context = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.opened = opened
+        try:
+            if tls.ca_file:
+                context.load_verify_locations(cafile=tls.ca_file)
+            else:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            if tls.cert_file:
+                password = tls.key_password.get_secret_value() if tls.key_password else None
+                context.load_cert_chain(tls.cert_file, tls.key_file, password=password)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"TLS set-up failed: {describe_error(exc)}", fatal=True) from exc
+        if not tls.verify:
+            self.log.warning(
+                "%s: TLS certificate verification is OFF for %s: anyone on the path can read "
+                "and change this connection",
+                self.name,
+                self.settings.broker,
+            )
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _connect_properties(self) -> Properties | None:
+        settings = self.settings
+        if not settings.mqtt5:
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = settings.session_expiry_seconds
+        props.ReceiveMaximum = settings.receive_maximum
+        # the broker never sends a packet this large (MQTT 5 §3.1.2.11.4): refused at the source
+        props.MaximumPacketSize = settings.max_payload + PACKET_OVERHEAD
+        return props
+
+    def _make_client(self) -> _PahoClient:
+        settings = self.settings
+        client = _PahoClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if settings.mqtt5 else settings.clean_start,
+            protocol=MQTTv5 if settings.mqtt5 else MQTTv311,
+            transport=settings.transport,
+            # else paho calls the blocking reconnect() itself when a 3.1.1 broker refuses
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
+        client.enable_logger(logging.getLogger("gateway.mqtt.paho"))
+        client.connect_timeout = settings.connect_timeout
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.max_queued_messages_set(settings.max_queued)
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if settings.transport == "websockets":
+            client.ws_set_options(
+                path=settings.websocket.path, headers=dict(settings.websocket.headers) or None
+            )
+        if settings.tls is not None:
+            client.tls_set_context(self._tls_context(client.opened))
+            if not settings.tls.verify:
+                client.tls_insecure_set(True)
+        if settings.will is not None:
+            will = settings.will
+            client.will_set(will.topic, will.payload.encode(), will.qos, will.retain)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_suback
+        client.on_unsubscribe = self._on_suback
+        if settings.mqtt5:
+            clean_start: Any = MQTT_CLEAN_START_FIRST_ONLY if settings.clean_start else False
+        else:
+            clean_start = MQTT_CLEAN_START_FIRST_ONLY  # 3.1.1: clean_session above decides
+        client.connect_async(
+            settings.host,
+            settings.broker_port,
+            settings.keepalive,
+            clean_start=clean_start,
+            properties=self._connect_properties(),
+        )
+        return client
+
+    @property
+    def client(self) -> _PahoClient:
+        if self._client is None:
+            raise NotConnected("the connection was never opened")
+        return self._client
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Make the first connection attempt and keep reconnecting in the background.
+
+        Raises :class:`ConnectError` (``fatal``) when the broker refused us or TLS failed; a
+        network failure is logged and retried.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._client = self._make_client()
+        try:
+            await self._attempt()
+        except ConnectError as exc:
+            if exc.fatal:
+                raise
+            self.last_error = str(exc)
+        self._task = asyncio.create_task(self._supervise(), name=f"{self.name}-mqtt-connection")
+
+    async def close(self, *, publish_will: bool = False) -> None:
+        """Stop reconnecting, publish the will if asked, DISCONNECT and close. Idempotent."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        client = self._client
+        if client is not None and self.connected:
+            will = self.settings.will
+            if publish_will and will is not None:
+                with contextlib.suppress(Exception):
+                    _, done = self.publish(will.topic, will.payload.encode(), will.qos, will.retain)
+                    await asyncio.wait_for(asyncio.shield(done), CLOSE_TIMEOUT)
+            if self.connected:
+                self._close_reason = "gateway stopped"
+                client.disconnect()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), CLOSE_TIMEOUT)
+        self._abort("gateway stopped")
+        for future, _ in self._publishes.values():
+            if not future.done():
+                future.set_exception(ConnectionLost("the gateway stopped"))
+                future.exception()  # retrieved: nobody may be waiting any more
+        self._publishes.clear()
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        what = f"cannot connect to {self.settings.broker}"
+        while True:
+            if self.connected:
+                up_since = loop.time()
+                await self._lost.wait()
+                if loop.time() - up_since >= STABLE_AFTER:
+                    self._backoff.reset()
+                what = f"connection to {self.settings.broker} lost"
+            delay = self._backoff.next()
+            self.log.warning(
+                "%s: %s (%s); reconnecting in %.1f s", self.name, what, self.last_error, delay
+            )
+            if self.on_retry is not None:
+                self.on_retry()
+            await asyncio.sleep(delay)
+            try:
+                await self._attempt()
+            except ConnectError as exc:
+                self.last_error = str(exc)
+                what = f"cannot connect to {self.settings.broker}"
+            else:
+                self.log.info("%s: reconnected to %s", self.name, self.settings.broker)
+
+    async def _attempt(self) -> None:
+        """One connection attempt: open the socket in a thread, then wait for CONNACK."""
+        loop = asyncio.get_running_loop()
+        self._lost.clear()
+        self._close_reason = None
+        self._connack = connack = loop.create_future()
+        try:
+            await self._open_socket(self.client)
+            try:
+                reason = await asyncio.wait_for(
+                    asyncio.shield(connack), self.settings.connect_timeout
+                )
+            except TimeoutError:
+                self._abort("no CONNACK")
+                raise ConnectError(
+                    f"no CONNACK within {self.settings.connect_timeout:g} s"
+                ) from None
+            except ConnectionLost as exc:
+                raise ConnectError(str(exc)) from None
+        finally:
+            self._connack = None
+            if self._fd is None:
+                self._lost.set()
+        if reason.is_failure:
+            self._abort("refused")
+            name = reason.getName()
+            raise ConnectError(
+                f"the broker refused the connection: {name}",
+                fatal=name not in _TRANSIENT_REFUSALS,
+            )
+
+    async def _open_socket(self, client: _PahoClient) -> None:
+        """DNS, TCP, TLS and WebSocket handshakes, then CONNECT: paho's blocking part."""
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(None, client.reconnect)
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # the thread cannot be interrupted: let it finish, then drop what it opened
+            with contextlib.suppress(Exception):
+                await job
+            self._abort("gateway stopped")
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(
+                f"TLS: the broker's certificate is not trusted ({exc.verify_message})",
+                fatal=True,
+            ) from exc
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS: {exc.reason or exc}", fatal=True) from exc
+        except (OSError, ValueError) as exc:
+            raise ConnectError(describe_error(exc)) from exc
+        finally:
+            client.close_strays()
+
+    def _abort(self, reason: str) -> None:
+        """Drop the socket without the DISCONNECT handshake."""
+        client = self._client
+        if client is not None and client.socket() is not None:
+            self._close_reason = self._close_reason or reason
+            client._sock_close()  # paho has no public call that closes without DISCONNECT
+
+    # -- the socket in the event loop ---------------------------------------------------------
+
+    def _in_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_socket_open(self, client: Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._watch, sock)
+
+    def _watch(self, sock: Any) -> None:
+        current = self._client.socket() if self._client is not None else None
+        if current is None or current is not sock:
+            return  # already closed again
+        assert self._loop is not None
+        setsockopt = getattr(current, "setsockopt", None)  # paho's WebSocket wrapper has none
+        if setsockopt is not None:
+            # small packets (acks, a consumer's publish) leave now, not after the broker's ACK
+            with contextlib.suppress(OSError):
+                setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.generation += 1
+        self._fd = current.fileno()
+        self._writing = False
+        self._paused = False
+        self._loop.add_reader(self._fd, self._readable)
+        self._misc = self._loop.call_later(MISC_INTERVAL, self._run_misc)
+
+    def _on_socket_close(self, client: Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._unwatch, sock.fileno())
+
+    def _unwatch(self, fd: int) -> None:
+        if fd != self._fd or self._loop is None:
+            return
+        self._loop.remove_reader(fd)
+        self._loop.remove_writer(fd)
+        self._fd = None
+        self._writing = False
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        self.connected = False
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(ConnectionLost(self._close_reason or "connection closed"))
+        lost = ConnectionLost("the connection closed before the broker answered")
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(lost)
+                future.exception()
+        self._requests.clear()
+        for mid, (sent, qos) in list(self._publishes.items()):
+            if qos == 0:  # paho resends QoS 1/2 after a reconnect, but drops QoS 0
+                del self._publishes[mid]
+                if not sent.done():
+                    sent.set_exception(lost)
+                    sent.exception()
+        self._lost.set()
+        # paho reports why only after the close: announce once that report is in
+        self._loop.call_soon(self._announce_lost)
+
+    def _announce_lost(self) -> None:
+        if self._announced:
+            self._announced = False
+            self.last_error = self._close_reason or "connection closed"
+            try:
+                self.listener.mqtt_disconnected(self.last_error)
+            except Exception:
+                self.log.exception("%s: error in the disconnect handler", self.name)
+
+    def _on_register_write(self, client: Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._want_write, sock.fileno())
+
+    def _want_write(self, fd: int) -> None:
+        # write on the next loop pass rather than through the selector: the socket is almost
+        # always writable, and the acks of one pass leave together without two epoll_ctl calls
+        if fd == self._fd and not self._writing and not self._flush_pending and self._loop:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        fd = self._fd
+        if fd is None or self._writing or self._loop is None:
+            return
+        self._writable()
+        if fd == self._fd and not self._writing and self.client.want_write():
+            self._loop.add_writer(fd, self._writable)  # the kernel buffer is full: wait for it
+            self._writing = True
+
+    def _on_unregister_write(self, client: Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._done_writing, sock.fileno())
+
+    def _done_writing(self, fd: int) -> None:
+        if fd == self._fd and self._writing and self._loop is not None:
+            self._loop.remove_writer(fd)
+            self._writing = False
+
+    def _readable(self) -> None:
+        if self._paused:
+            return
+        client = self.client
+        try:
+            # paho reads one packet per call; read on while the socket has more, so a burst
+            # costs one selector round instead of one per message
+            for _ in range(READ_BATCH):
+                rc = client.loop_read()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._close_reason = self._close_reason or error_string(rc).rstrip(".")
+                    return
+                sock = client.socket()
+                if sock is None or self._paused or not _readable_now(sock):
+                    return
+            assert self._loop is not None
+            self._loop.call_soon(self._readable)  # let other work run, then go on
+        except Exception:
+            self.log.exception("%s: error while reading from the broker", self.name)
+            self._abort("internal error while reading")
+
+    def _writable(self) -> None:
+        try:
+            rc = self.client.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._close_reason = self._close_reason or error_string(rc).rstrip(".")
+        except Exception:
+            self.log.exception("%s: error while writing to the broker", self.name)
+            self._abort("internal error while writing")
+
+    def _run_misc(self) -> None:
+        self._misc = None
+        if self._fd is None:
+            return
+        try:
+            self.client.loop_misc()
+        except Exception:
+            self.log.exception("%s: error in the keep-alive timer", self.name)
+            self._abort("internal error in the keep-alive timer")
+        if self._fd is not None and self._loop is not None:
+            self._misc = self._loop.call_later(MISC_INTERVAL, self._run_misc)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the broker (TCP pushback) until :meth:`resume_reading`."""
+        if not self._paused and self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._paused = True
+
+    def resume_reading(self) -> None:
+        if self._paused and self._fd is not None and self._loop is not None:
+            self._loop.add_reader(self._fd, self._readable)
+            self._loop.call_soon(self._readable)  # bytes may wait in the TLS buffer
+        self._paused = False
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._paused
+
+    # -- paho callbacks -----------------------------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: Client,
+        userdata: Any,
+        flags: ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(reason)
+        if reason.is_failure:
+            return
+        self.connected = True
+        self._announced = True
+        self.session_present = bool(flags.session_present)
+        self.last_error = None
+        if properties is not None:
+            self.max_qos = int(getattr(properties, "MaximumQoS", 2))
+            self.retain_available = bool(getattr(properties, "RetainAvailable", 1))
+            self.subscription_identifiers = bool(
+                getattr(properties, "SubscriptionIdentifierAvailable", 1)
+            )
+        try:
+            self.listener.mqtt_connected(self.session_present)
+        except Exception:
+            self.log.exception("%s: error in the connect handler", self.name)
+
+    def _on_disconnect(
+        self,
+        client: Client,
+        userdata: Any,
+        flags: DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if flags.is_disconnect_packet_from_server:
+            self._close_reason = f"the broker disconnected us: {reason.getName()}"
+        elif reason.getName() == "Keep alive timeout":
+            self._close_reason = "no answer from the broker within the keep-alive interval"
+        elif self._close_reason is None and reason.is_failure:
+            self._close_reason = "connection lost"
+
+    def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
+        try:
+            self.listener.mqtt_message(message, self.generation)
+        except Exception:
+            self.log.exception("%s: error handling a message on %r", self.name, message.topic)
+
+    def _on_publish(
+        self,
+        client: Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        entry = self._publishes.pop(mid, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(reason)
+
+    def _on_suback(
+        self,
+        client: Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        future = self._requests.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(list(reasons))
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _future(self) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        return self._loop.create_future()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> tuple[int, asyncio.Future[ReasonCode]]:
+        """Send a PUBLISH; the future resolves with the PUBACK/PUBCOMP reason (QoS 0: written).
+
+        Raises :class:`NotConnected` or :class:`QueueFull`.
+        """
+        if not self.connected:
+            raise NotConnected(self.last_error or "not connected")
+        info = self.client.publish(topic, payload, qos, retain, properties)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise QueueFull(f"{self.settings.max_queued} messages already wait for the broker")
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnected(error_string(info.rc))
+        future: asyncio.Future[ReasonCode] = self._future()
+        self._publishes[info.mid] = (future, qos)
+        return info.mid, future
+
+    def subscribe(
+        self,
+        filter_: str,
+        qos: int,
+        *,
+        identifier: int | None = None,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+    ) -> asyncio.Future[list[ReasonCode]]:
+        """Send one SUBSCRIBE; the future resolves with the SUBACK reason codes."""
+        if not self.connected:
+            raise NotConnected(self.last_error or "not connected")
+        client = self.client
+        if self.settings.mqtt5:
+            options = SubscribeOptions(qos, no_local, retain_as_published, retain_handling)
+            props = None
+            if identifier is not None and self.subscription_identifiers:
+                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                props.SubscriptionIdentifier = identifier
+            rc, mid = client.subscribe(filter_, options=options, properties=props)
+        else:
+            rc, mid = client.subscribe(filter_, qos)
+        return self._request(rc, mid)
+
+    def unsubscribe(self, filter_: str) -> asyncio.Future[list[ReasonCode]]:
+        """Send one UNSUBSCRIBE; the future resolves with the UNSUBACK reason codes."""
+        if not self.connected:
+            raise NotConnected(self.last_error or "not connected")
+        rc, mid = self.client.unsubscribe(filter_)
+        return self._request(rc, mid)
+
+    def _request(self, rc: MQTTErrorCode, mid: int | None) -> asyncio.Future[list[ReasonCode]]:
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnected(error_string(rc))
+        future: asyncio.Future[list[ReasonCode]] = self._future()
+        self._requests[mid] = future
+        return future
+
+    def ack(self, mid: int, qos: int, generation: int) -> bool:
+        """Acknowledge a received QoS 1/2 message; ``False`` if it can no longer be."""
+        if qos == 0 or not self.connected:
+            return False
+        if generation != self.generation and not (qos == 2 and self.session_present):
+            return False  # the broker redelivers it on this connection, with its own ack
+        return self.client.ack(mid, qos) == MQTTErrorCode.MQTT_ERR_SUCCESS

@@ -1,0 +1,659 @@
+"""``MqttGateway``: broker messages → ``mqtt.message``; ``mqtt.publish`` / ``subscribe`` → broker.
+
+Delivery follows the layer, not our hopes. A QoS 1/2 message is acknowledged to the broker only
+after :meth:`Gateway.publish` returned ``True`` for every channel it goes to; while the layer is
+full or down the hand-off keeps retrying, acknowledgements stop, and the broker stops sending once
+``receive_maximum`` messages are unacknowledged (TCP pushback beyond ``max_pending`` on 3.1.1).
+QoS 0 messages, which have nothing to withhold, wait in a bounded :class:`EventBuffer`.
+
+Hand-offs run in arrival order on one task, so consumers see a topic's messages in order and the
+acknowledgements leave in the order the messages came (MQTT 5 §4.6).
+
+Subscriptions: the YAML's are static; ``mqtt.subscribe`` adds run-time ones, kept in the store
+(a Redis hash with a Redis layer) and told to every replica. All of them are sent again after
+every reconnect, and ``/readyz`` is green only when the broker granted each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.reasoncodes import ReasonCode
+
+from core.envelope import Command, CommandError
+from core.service import LAYER_ERRORS, Backoff, EventBuffer, Gateway, StartupError, describe_error
+from gateways.mqtt.config import MqttGatewayConfig
+from gateways.mqtt.connection import (
+    ConnectError,
+    ConnectionLost,
+    MqttConnection,
+    NotConnected,
+    QueueFull,
+)
+from gateways.mqtt.store import StoreError, open_store
+from gateways.mqtt.translate import (
+    BrokerSubscription,
+    InvalidCommand,
+    Route,
+    SubscriptionTable,
+    inbound_message,
+    parse_publish,
+    parse_subscribe,
+    parse_unsubscribe,
+)
+
+__all__ = ["MqttGateway"]
+
+T = TypeVar("T")
+
+#: seconds between renewals of this process's membership in the replicas group
+REJOIN_INTERVAL = 3600.0
+#: what a layer without working groups raises from group_add / group_send
+_GROUP_ERRORS: tuple[type[BaseException], ...] = (
+    *LAYER_ERRORS,
+    AttributeError,
+    NotImplementedError,
+)
+
+
+@dataclass
+class _Pending:
+    """A received QoS 1/2 message waiting for the layer; acknowledged once every event is in."""
+
+    events: list[tuple[str, dict[str, Any]]]
+    mid: int
+    qos: int
+    generation: int
+
+
+@dataclass
+class _FilterState:
+    """The broker's answer to the latest SUBSCRIBE of one filter on the current connection."""
+
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    granted: int | None = None
+    refused: str | None = None
+
+    def reset(self) -> None:
+        self.granted = None
+        self.refused = None
+        self.settled.clear()
+
+
+def _reason(codes: list[ReasonCode]) -> ReasonCode | None:
+    return codes[0] if codes else None
+
+
+class MqttGateway(Gateway[MqttGatewayConfig]):
+    """One broker connection per integration; see the module docstring."""
+
+    protocol = "mqtt"
+    config_model = MqttGatewayConfig
+    #: publishes wait for their PUBACK; let several be in flight (each starts in arrival order)
+    command_concurrency: ClassVar[int] = 32
+
+    def __init__(self, config: MqttGatewayConfig, layer: Any) -> None:
+        super().__init__(config, layer)
+        self.settings = settings = config.mqtt
+        self.client_id = settings.client_id or f"{config.name}-{secrets.token_hex(4)}"
+        self.default_channel = config.route("mqtt.message")
+        self.table = SubscriptionTable(
+            Route(
+                filter=sub.topic,
+                channel=config.subscription_channel(sub),
+                qos=sub.qos,
+                payload=sub.payload or settings.payload,
+                no_local=sub.no_local,
+                retain_as_published=sub.retain_as_published,
+                retain_handling=sub.retain_handling,
+                static=True,
+            )
+            for sub in settings.subscriptions
+        )
+        self.store = open_store(layer, config.name, enabled=settings.persist_subscriptions)
+        self.connection = MqttConnection(
+            settings,
+            client_id=self.client_id,
+            listener=self,
+            log=self.log,
+            name=self.name,
+            on_retry=partial(self.metrics.retry, "connect"),
+        )
+        self.buffer = EventBuffer(self, settings.buffer)
+        #: replicas of this integration listen here for mqtt.resync
+        self.replicas_group = f"{config.name}.gateways"
+        self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._filters: dict[str, _FilterState] = {}
+        self._changes = asyncio.Lock()
+        self._connected = asyncio.Event()
+        self._store_loaded = not self.store.persistent
+        #: filters removed while disconnected: a resumed session still has them at the broker
+        self._stale: set[str] = set()
+        self._accepting = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.store.persistent:
+            try:
+                await self._load_store()
+            except StoreError as exc:
+                self.log.warning(
+                    "%s: run-time subscriptions not loaded (%s); retrying in the background",
+                    self.name,
+                    exc,
+                )
+                self._spawn(self._load_store_until_done())
+            await self._join_replicas()
+        try:
+            await self.connection.open()
+        except ConnectError as exc:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.connection.close()
+            raise StartupError(f"MQTT broker {self.settings.broker}: {exc}") from exc
+        self.buffer.start()
+        self._spawn(self._handoff_loop())
+        if self.store.persistent:
+            self._spawn(self._stay_in_replicas_group())
+        self.log.info(
+            "%s: MQTT %s, client id %r, %d subscription(s), run-time subscriptions in %s",
+            self.name,
+            self.settings.protocol,
+            self.client_id,
+            len(self.table.filters()),
+            self.store.description,
+        )
+
+    async def drain(self) -> None:
+        # QoS 0/1 arriving from now on are left to the broker (redelivered to the next session);
+        # QoS 2 is ours once paho answered PUBREC, so it is still handed off
+        self._accepting = False
+        await self._pending.join()
+        await self.buffer.flush(self.config.shutdown_grace)
+
+    async def close(self) -> None:
+        self._accepting = False
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.buffer.flush(0)
+        will = self.settings.will
+        await self.connection.close(publish_will=will is not None and will.on_stop)
+        if self.store.persistent and self.reply_channel is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.layer.group_discard(self.replicas_group, self.reply_channel), 2
+                )
+        self.metrics.connected.set(0)
+
+    def readiness(self) -> list[str]:
+        reasons = []
+        if not self.connection.connected:
+            reasons.append(f"not connected to {self.settings.broker}: {self.connection.last_error}")
+        else:
+            waiting = [f for f, s in self._filters.items() if not s.settled.is_set()]
+            if waiting:
+                reasons.append(f"waiting for SUBACK of {', '.join(map(repr, waiting[:5]))}")
+            for filter_, state in self._filters.items():
+                if state.refused is not None:
+                    reasons.append(f"subscription {filter_!r} refused: {state.refused}")
+        if not self._store_loaded:
+            reasons.append(f"run-time subscriptions not loaded from {self.store.description}")
+        return reasons
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- connection events (MqttListener) -----------------------------------------------------
+
+    def mqtt_connected(self, session_present: bool) -> None:
+        self.metrics.connected.set(1)
+        self._connected.set()
+        self.log.info(
+            "%s: connected to %s as %r (%s session)",
+            self.name,
+            self.settings.broker,
+            self.client_id,
+            "resumed" if session_present else "new",
+        )
+        for sub in self.table.subscriptions():
+            self._send_subscribe(sub)
+        stale, self._stale = self._stale, set()
+        for filter_ in stale - set(self.table.filters()):
+            with contextlib.suppress(NotConnected):
+                self.connection.unsubscribe(filter_)
+        birth = self.settings.birth
+        if birth is not None:
+            with contextlib.suppress(NotConnected, QueueFull):
+                self.connection.publish(
+                    birth.topic, birth.payload.encode(), birth.qos, birth.retain
+                )
+        if not self.stopping:
+            self.buffer.put(
+                self.event(
+                    "connect",
+                    broker=self.settings.broker,
+                    client_id=self.client_id,
+                    session_present=session_present,
+                    protocol=self.settings.protocol,
+                )
+            )
+        if self.store.persistent and self._store_loaded:
+            self._spawn(self._resync_quietly())  # catch changes a replica made meanwhile
+
+    def mqtt_disconnected(self, reason: str) -> None:
+        self.metrics.connected.set(0)
+        self._connected.clear()
+        for state in self._filters.values():
+            state.reset()
+        if not self.stopping:
+            self.buffer.put(
+                self.event(
+                    "disconnect",
+                    broker=self.settings.broker,
+                    client_id=self.client_id,
+                    reason=reason,
+                )
+            )
+
+    def mqtt_message(self, message: MQTTMessage, generation: int) -> None:
+        try:
+            inbound = inbound_message(
+                message,
+                self.table,
+                client_id=self.client_id,
+                default_channel=self.default_channel,
+                default_format=self.settings.payload,
+                id_property=self.settings.id_property,
+                max_payload=self.settings.max_payload,
+            )
+        except Exception:
+            self.metrics.error("translate")
+            self.log.exception(
+                "%s: cannot translate a message (mid %d); acknowledging it", self.name, message.mid
+            )
+            self.connection.ack(message.mid, message.qos, generation)
+            return
+        if inbound.too_large:
+            self.metrics.dropped("too_large")
+            self.log.warning(
+                "%s: dropped a %d-byte message on %r: over mqtt.max_payload (%d bytes)",
+                self.name,
+                inbound.size,
+                inbound.topic,
+                self.settings.max_payload,
+            )
+            self.connection.ack(inbound.mid, inbound.qos, generation)
+            return
+        if not self._accepting and inbound.qos < 2:
+            if inbound.qos == 0:
+                self.metrics.dropped("shutdown")
+            return  # QoS 1 is not acknowledged: the broker redelivers it
+        events = [
+            (d.channel, self.event("message", id=inbound.id, **d.keys)) for d in inbound.deliveries
+        ]
+        if inbound.qos == 0:
+            for channel, event in events:
+                self.buffer.put(event, channel=channel)
+            return
+        self._pending.put_nowait(_Pending(events, inbound.mid, inbound.qos, generation))
+        if self._pending.qsize() >= self.settings.max_pending:
+            self.connection.pause_reading()
+
+    # -- inbound hand-off ---------------------------------------------------------------------
+
+    async def _handoff_loop(self) -> None:
+        while True:
+            item = await self._pending.get()
+            try:
+                await self._hand_off(item)
+            finally:
+                self._pending.task_done()
+                if (
+                    self.connection.reading_paused
+                    and self._pending.qsize() <= self.settings.max_pending // 2
+                ):
+                    self.connection.resume_reading()
+
+    async def _hand_off(self, item: _Pending) -> None:
+        for channel, event in item.events:
+            try:
+                if not await self.publish(event, channel=channel):
+                    return  # stopping: not acknowledged, so the broker delivers it again
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # not a layer outage (those are retried): this event can never be sent
+                self.metrics.dropped("unsendable")
+                self.log.error(
+                    "%s: cannot hand message %s on %r to %r (%s); acknowledging it so the broker "
+                    "does not resend it forever",
+                    self.name,
+                    event["id"],
+                    event["topic"],
+                    channel,
+                    describe_error(exc),
+                )
+        self.connection.ack(item.mid, item.qos, item.generation)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    def _send_subscribe(self, sub: BrokerSubscription) -> _FilterState:
+        state = self._filters.setdefault(sub.filter, _FilterState())
+        state.reset()
+        try:
+            future = self.connection.subscribe(
+                sub.filter,
+                sub.qos,
+                identifier=sub.identifier,
+                no_local=sub.no_local,
+                retain_as_published=sub.retain_as_published,
+                retain_handling=sub.retain_handling,
+            )
+        except NotConnected:
+            return state  # sent with all the others on the next connect
+        future.add_done_callback(partial(self._suback, sub.filter, state))
+        return state
+
+    def _suback(
+        self, filter_: str, state: _FilterState, future: asyncio.Future[list[ReasonCode]]
+    ) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # the connection closed first; every subscription is sent again on connect
+        if self._filters.get(filter_) is not state:
+            return  # unsubscribed meanwhile
+        reason = _reason(future.result())
+        if reason is None or reason.is_failure:
+            state.refused = reason.getName() if reason is not None else "no reason code"
+            self.metrics.error("subscribe")
+            self.log.error(
+                "%s: the broker refused the subscription %r: %s", self.name, filter_, state.refused
+            )
+        else:
+            state.granted = int(reason.value)
+            wanted = self.table.subscription(filter_)
+            if wanted is not None and state.granted < wanted.qos:
+                self.log.info(
+                    "%s: %r granted at QoS %d (asked for %d)",
+                    self.name,
+                    filter_,
+                    state.granted,
+                    wanted.qos,
+                )
+        state.settled.set()
+
+    async def _send_unsubscribe(self, filter_: str, deadline: float) -> None:
+        self._filters.pop(filter_, None)
+        try:
+            future = self.connection.unsubscribe(filter_)
+        except NotConnected:
+            self._stale.add(filter_)  # sent on the next connect, when the session may be back
+            return
+        with contextlib.suppress(TimeoutError, ConnectionLost):
+            reason = _reason(await self._until(asyncio.shield(future), deadline))
+            if reason is not None and reason.is_failure:
+                self.log.warning(
+                    "%s: the broker refused to unsubscribe %r: %s",
+                    self.name,
+                    filter_,
+                    reason.getName(),
+                )
+
+    async def _load_store(self) -> None:
+        routes = await self.store.load()
+        async with self._changes:
+            self._apply(routes)
+        self._store_loaded = True
+
+    async def _load_store_until_done(self) -> None:
+        backoff = Backoff(1.0, 30.0)
+        while not self._store_loaded:
+            await asyncio.sleep(backoff.next())
+            try:
+                await self._load_store()
+            except StoreError as exc:
+                self.log.warning("%s: run-time subscriptions still not loaded: %s", self.name, exc)
+            else:
+                self.log.info("%s: run-time subscriptions loaded", self.name)
+
+    def _apply(self, routes: list[Route]) -> int:
+        """Make the table's run-time routes equal ``routes``; tell the broker what changed."""
+        wanted = {(r.filter, r.channel): r for r in routes if not self._is_static(r)}
+        current = {(r.filter, r.channel): r for r in self.table.routes() if not r.static}
+        touched: set[str] = set()
+        for key, route in current.items():
+            if key not in wanted:
+                self.table.remove(route.filter, route.channel)
+                touched.add(route.filter)
+        for key, route in wanted.items():
+            if current.get(key) != route and self.table.add(route):
+                touched.add(route.filter)
+        for filter_ in touched:
+            sub = self.table.subscription(filter_)
+            if sub is not None:
+                self._send_subscribe(sub)
+            else:
+                loop = asyncio.get_running_loop()
+                self._spawn(
+                    self._send_unsubscribe(filter_, loop.time() + self.settings.command_timeout)
+                )
+        return len(wanted)
+
+    def _is_static(self, route: Route) -> bool:
+        existing = self.table.find(route.filter, route.channel)
+        return existing is not None and existing.static
+
+    async def _resync_quietly(self) -> None:
+        try:
+            await self._load_store()
+        except StoreError as exc:
+            self.log.warning("%s: could not re-read run-time subscriptions: %s", self.name, exc)
+
+    async def _stay_in_replicas_group(self) -> None:
+        # channels_redis forgets group members after group_expiry (a day by default)
+        while True:
+            await asyncio.sleep(REJOIN_INTERVAL)
+            await self._join_replicas()
+
+    async def _join_replicas(self) -> None:
+        assert self.reply_channel is not None
+        try:
+            await asyncio.wait_for(self.layer.group_add(self.replicas_group, self.reply_channel), 5)
+        except _GROUP_ERRORS as exc:
+            self.log.warning(
+                "%s: cannot join group %r (%s): run-time subscriptions reach other replicas only "
+                "when they reconnect",
+                self.name,
+                self.replicas_group,
+                describe_error(exc),
+            )
+
+    async def _notify_replicas(self) -> None:
+        if not self.store.persistent:
+            return
+        try:
+            await asyncio.wait_for(
+                self.layer.group_send(self.replicas_group, {"type": "mqtt.resync"}), 5
+            )
+        except _GROUP_ERRORS as exc:
+            self.log.warning(
+                "%s: could not tell the other replicas (%s); they catch up when they reconnect",
+                self.name,
+                describe_error(exc),
+            )
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.command_timeout
+
+    async def _until(self, awaitable: Awaitable[T], deadline: float) -> T:
+        remaining = deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(awaitable, max(0.0, remaining))
+
+    async def _wait_connected(self, deadline: float) -> None:
+        while not self.connection.connected:
+            self._connected.clear()
+            try:
+                await self._until(self._connected.wait(), deadline)
+            except TimeoutError:
+                raise CommandError(
+                    f"not connected to {self.settings.broker} "
+                    f"({self.connection.last_error}) within {self.settings.command_timeout:g} s"
+                ) from None
+
+    async def handle_publish(self, command: Command) -> dict[str, Any]:
+        """``mqtt.publish``: topic, payload, qos, retain, properties (see README)."""
+        try:
+            action = parse_publish(command.body, mqtt5=self.settings.mqtt5)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        deadline = self._deadline()
+        await self._wait_connected(deadline)
+        if action.qos > self.connection.max_qos:
+            raise CommandError(f"the broker accepts QoS {self.connection.max_qos} at most")
+        if action.retain and not self.connection.retain_available:
+            raise CommandError("the broker does not support retained messages")
+        try:
+            mid, done = self.connection.publish(
+                action.topic, action.payload, action.qos, action.retain, action.properties
+            )
+        except (NotConnected, QueueFull) as exc:
+            raise CommandError(f"cannot publish: {exc}") from None
+        try:
+            reason = await self._until(asyncio.shield(done), deadline)
+        except TimeoutError:
+            raise CommandError(
+                f"no acknowledgement from the broker within {self.settings.command_timeout:g} s "
+                "(the message stays queued and may still be delivered)"
+            ) from None
+        except ConnectionLost as exc:
+            raise CommandError(f"cannot publish: {exc}") from None
+        if reason.is_failure:
+            raise CommandError(f"the broker refused the message: {reason.getName()}")
+        return {"topic": action.topic, "qos": action.qos, "mid": mid}
+
+    async def handle_subscribe(self, command: Command) -> dict[str, Any]:
+        """``mqtt.subscribe``: topic (filter), qos, channel, payload, MQTT 5 options."""
+        try:
+            route = parse_subscribe(
+                command.body,
+                default_channel=self.default_channel,
+                default_format=self.settings.payload,
+                mqtt5=self.settings.mqtt5,
+            )
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        deadline = self._deadline()
+        async with self._changes:
+            previous = self.table.find(route.filter, route.channel)
+            if previous is not None and previous.static:
+                raise CommandError(
+                    f"{route.filter!r} → {route.channel!r} is a static subscription (YAML)"
+                )
+            try:
+                await self.store.save(route)
+            except StoreError as exc:
+                raise CommandError(f"cannot store the subscription: {exc}") from None
+            changed = self.table.add(route)
+            state = self._filters.get(route.filter)
+            sub = self.table.subscription(route.filter)
+            assert sub is not None
+            if changed or state is None or state.refused is not None:
+                state = self._send_subscribe(sub)
+        self.log.info(
+            "%s: run-time subscription %r (QoS %d) → %r",
+            self.name,
+            route.filter,
+            route.qos,
+            route.channel,
+        )
+        try:
+            await self._until(state.settled.wait(), deadline)
+        except TimeoutError:
+            why = self.connection.last_error or "no SUBACK"
+            raise CommandError(
+                f"the broker did not confirm {route.filter!r} within "
+                f"{self.settings.command_timeout:g} s ({why}); the subscription is kept and "
+                "sent again on every reconnect"
+            ) from None
+        if state.refused is not None:
+            refused = state.refused
+            async with self._changes:
+                self.table.remove(route.filter, route.channel)
+                if previous is not None:
+                    self.table.add(previous)
+                with contextlib.suppress(StoreError):
+                    if previous is not None:
+                        await self.store.save(previous)
+                    else:
+                        await self.store.delete(route.filter, route.channel)
+                if route.filter not in self.table:
+                    self._filters.pop(route.filter, None)
+            raise CommandError(f"the broker refused the subscription {route.filter!r}: {refused}")
+        await self._notify_replicas()
+        return {
+            "topic": route.filter,
+            "channel": route.channel,
+            "qos": route.qos,
+            "granted_qos": state.granted,
+        }
+
+    async def handle_unsubscribe(self, command: Command) -> dict[str, Any]:
+        """``mqtt.unsubscribe``: topic (filter), optional channel."""
+        try:
+            action = parse_unsubscribe(command.body)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        deadline = self._deadline()
+        async with self._changes:
+            routes = self.table.routes(action.filter)
+            doomed = [r for r in routes if not r.static and action.channel in (None, r.channel)]
+            if not doomed and any(r.static and action.channel in (None, r.channel) for r in routes):
+                raise CommandError(
+                    f"{action.filter!r} is a static subscription: remove it from the YAML"
+                )
+            try:
+                for route in doomed:
+                    await self.store.delete(route.filter, route.channel)
+            except StoreError as exc:
+                raise CommandError(f"cannot update the stored subscriptions: {exc}") from None
+            before = self.table.subscription(action.filter)
+            self.table.remove(action.filter, action.channel)
+            after = self.table.subscription(action.filter)
+            if doomed and after is None:
+                await self._send_unsubscribe(action.filter, deadline)
+            elif after is not None and after != before:
+                self._send_subscribe(after)
+        if doomed:
+            self.log.info(
+                "%s: removed %d run-time subscription(s) of %r",
+                self.name,
+                len(doomed),
+                action.filter,
+            )
+            await self._notify_replicas()
+        return {"topic": action.filter, "removed": len(doomed)}
+
+    async def handle_resync(self, command: Command) -> dict[str, Any]:
+        """``mqtt.resync`` (internal): re-read run-time subscriptions from the store."""
+        try:
+            routes = await self.store.load()
+        except StoreError as exc:
+            raise CommandError(str(exc)) from None
+        async with self._changes:
+            count = self._apply(routes)
+        self._store_loaded = True
+        return {"subscriptions": count}
