@@ -105,7 +105,7 @@ def test_describe_hides_password() -> None:
 
 def test_channel_layer_settings_for_django() -> None:
     entry = channel_layer_settings("redis://127.0.0.1:6390/1?capacity=50")
-    assert entry["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert entry["BACKEND"] == "core.layers.RedisChannelLayer"
     assert entry["CONFIG"]["hosts"][0]["socket_timeout"] is None
     assert entry["CONFIG"]["capacity"] == 50
     assert channel_layer_settings("memory://")["BACKEND"].endswith("InMemoryChannelLayer")
