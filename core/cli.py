@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -22,7 +21,13 @@ from typing import Any
 from core import __version__
 from core.config import ConfigError, GatewayConfig, load_config, peek_gateway
 from core.health import HealthServer
-from core.layers import LayerPathError, describe_layer, is_memory_layer, resolve_layer
+from core.layers import (
+    LayerPathError,
+    describe_layer,
+    import_object,
+    is_memory_layer,
+    resolve_layer,
+)
 from core.logs import setup_logging
 from core.service import Gateway, StartupError, describe_error
 
@@ -80,16 +85,10 @@ def _layer_path(cli_value: str | None, configs: Sequence[GatewayConfig]) -> str:
 
 
 def _import(path: str, what: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"invalid {what} {path!r}: expected package.module:attr")
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
+        return import_object(path)
+    except ValueError as exc:
         raise UsageError(f"invalid {what} {path!r}: {exc}") from None
-    return target
 
 
 def _django_application() -> Any | None:

@@ -32,6 +32,7 @@ __all__ = [
     "RedisChannelLayer",
     "channel_layer_settings",
     "describe_layer",
+    "import_object",
     "is_memory_layer",
     "resolve_layer",
 ]
@@ -191,16 +192,26 @@ def _django_layer(path: str) -> Any:
     return layer
 
 
-def _import_layer(path: str) -> Any:
+def import_object(path: str) -> Any:
+    """The object ``package.module:attr.sub`` names; ``ValueError`` with the reason if none."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise LayerPathError(f"invalid layer path {path!r}: expected package.module:attr")
+        raise ValueError("expected package.module:attr")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
+        raise ValueError(str(exc)) from None
+    return target
+
+
+def _import_layer(path: str) -> Any:
+    try:
+        target = import_object(path)
+    except ValueError as exc:
         raise LayerPathError(f"invalid layer path {path!r}: {exc}") from None
+    attr = path.partition(":")[2]
     if callable(target) and not hasattr(target, "send"):
         target = target()
     if not all(hasattr(target, name) for name in ("send", "receive", "new_channel")):
