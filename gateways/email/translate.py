@@ -33,7 +33,8 @@ __all__ = [
 
 # SMTPUTF8 allows UTF-8 headers; raise_on_defect=False is the default and what we want
 _POLICY = email.policy.default
-_AS_RECEIVED = _POLICY.clone(refold_source="none")  # write parsed headers back unchanged
+# an attached message written back as it came: headers not refolded, CRLF line ends
+_AS_RECEIVED = _POLICY.clone(refold_source="none", linesep="\r\n")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 # NUL and every line boundary of str.splitlines(): the policy refuses all of them in a header
@@ -247,6 +248,7 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
             continue
         body_parts.add(id(part))
         content = _content(part, defects)
+        defects.extend(type(d).__name__ for d in part.defects)  # found decoding: bad base64
         value = content if isinstance(content, str) else content.decode("utf-8", "replace")
         value = value.replace("\r\n", "\n")  # SMTP carries CRLF; people and code expect \n
         if subtype == "plain":
@@ -333,11 +335,16 @@ def _address_list(key: str, value: Any) -> list[str]:
         local, at, domain = addr.rpartition("@")
         if not at or not local or not domain or any(c in addr for c in ' ,;<>"'):
             raise InvalidMail(f"{key}[{i}]: {text!r} is not an email address")
+        if not name:
+            out.append(addr)
+            continue
         try:
-            out.append(email.utils.formataddr((name, addr)) if name else addr)
-        except UnicodeEncodeError:  # formataddr() refuses a non-ASCII address with a name
-            message = f"{key}[{i}]: {text!r}: a display name needs an ASCII address"
-            raise InvalidMail(message) from None
+            # Address, not formataddr(): formataddr() pre-encodes a non-ASCII name as one
+            # RFC 2047 word, and the stdlib before the gh-121284 fix refolds such a word with
+            # its specials bare, so "Jöhn <evil@example.net>" became an address of its own
+            out.append(str(email.headerregistry.Address(name, addr_spec=addr)))
+        except Exception as exc:  # ValueError, NonASCIILocalPartDefect: the registry's verdict
+            raise InvalidMail(f"{key}[{i}]: {text!r} is not an email address ({exc})") from None
     return out
 
 
