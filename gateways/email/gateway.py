@@ -105,9 +105,15 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self._in_data += 1
         self._data_idle.clear()
+        stored: list[Path] = []
+        reply = "451 4.3.0 Local error, try again later"
         try:
-            return await self._receive(session, envelope)
+            reply = await self._receive(session, envelope, stored)
+            return reply
         finally:
+            if stored and not reply.startswith("250"):
+                # refused or failed: the sender's retry stores them again
+                await asyncio.to_thread(_remove_files, stored)
             self._in_data -= 1
             if self._in_data == 0:
                 self._data_idle.set()
@@ -117,7 +123,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         self.log.error("%s: SMTP session error: %r", self.name, error, exc_info=error)
         return "451 4.3.0 Local error, try again later"
 
-    async def _receive(self, session: Any, envelope: Any) -> str:
+    async def _receive(self, session: Any, envelope: Any, stored: list[Path]) -> str:
         raw: bytes = envelope.original_content or b""
         peer = session.peer[0] if session.peer else None
         if has_bare_lf(raw) and self.email.bare_lf == "reject":
@@ -132,7 +138,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 peer,
                 ", ".join(keys["defects"][:5]),
             )
-        keys["attachments"] = await self._store_large(keys["attachments"])
+        keys["attachments"] = await self._store_large(keys["attachments"], stored)
         if self.email.include_raw:
             keys["raw"] = raw
         event = self.event(
@@ -176,7 +182,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         )
         return "250 2.0.0 OK: queued"
 
-    async def _store_large(self, attachments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _store_large(
+        self, attachments: list[dict[str, Any]], stored: list[Path]
+    ) -> list[dict[str, Any]]:
         store = self.email.attachment_store
         if store is None:
             return attachments
@@ -187,6 +195,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 continue
             name = _UNSAFE_FILENAME.sub("_", item["filename"] or "attachment")[:80]
             path = Path(store) / f"{uuid.uuid4().hex}-{name}"
+            stored.append(path)
             await asyncio.to_thread(_write_file, path, item["content"])
             out.append({**item, "content": None, "path": str(path)})
         return out
@@ -235,3 +244,8 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
 def _write_file(path: Path, content: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
+
+
+def _remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

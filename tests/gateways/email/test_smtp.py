@@ -423,3 +423,34 @@ async def test_stop_finishes_mail_in_data() -> None:
     assert (await asyncio.wait_for(sending, 10))[0] == 250
     await asyncio.wait_for(task, 10)
     assert (await layer.receive("inbox"))["id"] == "<m1@example.org>"
+
+
+async def test_refused_mail_leaves_no_stored_attachment(tmp_path: Path) -> None:
+    from email.message import EmailMessage
+    from email.policy import SMTP as SMTP_POLICY
+
+    layer = InMemoryChannelLayer(capacity=1)
+    store = tmp_path / "store"
+    gw, task = await start(
+        config(accept_timeout=0.3, attachment_store=str(store), max_inline_attachment=10), layer
+    )
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Message-ID"] = "s@example.org", "a@example.com", "<att@x>"
+    mail.set_content("see attached")
+    mail.add_attachment(
+        b"0123456789" * 100, maintype="application", subtype="pdf", filename="x.pdf"
+    )
+    try:
+        await layer.send("inbox", {"type": "filler"})  # layer full: the mail gets 451
+        assert (await asyncio.to_thread(sendmail, gw, mail.as_bytes(policy=SMTP_POLICY)))[0] == 451
+        assert not any(store.glob("*")), list(store.glob("*"))
+        await layer.receive("inbox")
+        assert (await asyncio.to_thread(sendmail, gw, mail.as_bytes(policy=SMTP_POLICY)))[0] == 250
+        event = await layer.receive("inbox")
+        [attachment] = event["attachments"]
+        assert attachment["content"] is None
+        assert await asyncio.to_thread(Path(attachment["path"]).read_bytes) == b"0123456789" * 100
+        assert len(list(store.glob("*"))) == 1
+    finally:
+        gw.stop()
+        await task
