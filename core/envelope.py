@@ -15,11 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "Command",
     "CommandError",
     "check_payload",
+    "encoded_size",
     "new_event",
     "parse_command",
     "result_message",
@@ -64,7 +67,7 @@ class Command:
 
     @property
     def action(self) -> str:
-        """``send`` for ``email.send``; ``handle_<action>`` carries it out."""
+        """``send`` for ``email.send`` (the handler is the one registered for :attr:`type`)."""
         return self.type.split(".", 1)[1].replace(".", "_")
 
 
@@ -118,3 +121,15 @@ def check_payload(value: Any, path: str = "message") -> None:
             check_payload(item, f"{path}.{key}")
         return
     raise TypeError(f"{path}: {type(value).__name__} is not msgpack-safe")
+
+
+def encoded_size(message: Any) -> int:
+    """Bytes of ``message`` packed as channels_redis packs it (msgpack, ``use_bin_type``).
+
+    Raises ``TypeError`` naming the key path when it is not msgpack-safe (DESIGN §3).
+    """
+    try:
+        return len(msgpack.packb(message, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        check_payload(message)  # names the key path where it can
+        raise TypeError(str(exc)) from None

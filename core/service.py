@@ -31,25 +31,43 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
 
 from core.config import GatewayConfig
-from core.envelope import Command, CommandError, new_event, parse_command, result_message
+from core.envelope import (
+    MAX_MESSAGE_BYTES,
+    Command,
+    CommandError,
+    encoded_size,
+    new_event,
+    parse_command,
+    result_message,
+)
 from core.metrics import GatewayMetrics
+from core.types import ChannelLayer
 
 __all__ = [
     "LAYER_ERRORS",
     "Backoff",
     "EventBuffer",
+    "EventRefused",
     "Gateway",
     "StartupError",
+    "describe_error",
+    "handles",
     "send_command",
 ]
 
 C = TypeVar("C", bound=GatewayConfig)
+#: a command handler: ``async def handle_x(self, command) -> dict | None``
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[dict[str, Any] | None]])
+
+#: the metric label of every command type no handler is registered for (bounded cardinality)
+UNKNOWN_COMMAND = "unknown"
+_COMMAND_MARK = "__gateway_command__"
 
 #: results waiting for room on their channel before new ones are dropped (and counted)
 MAX_PENDING_RESULTS = 1000
@@ -78,6 +96,38 @@ LAYER_ERRORS = _layer_errors()
 
 class StartupError(Exception):
     """The gateway could not start (port taken, transport refused us): exit code 3."""
+
+
+class EventRefused(ValueError):
+    """No layer can ever take this event (over 1 MB, or not msgpack-safe): never retried.
+
+    ``reason`` is ``too_large`` or ``unserialisable``, the ``gateway_dropped_total`` label it
+    was counted under. :meth:`Gateway.publish` has logged it already.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def handles(type_: str) -> Callable[[Handler], Handler]:
+    """Register the decorated method as the handler of the command ``type_``.
+
+    ::
+
+        @handles("mqtt.publish")
+        async def handle_publish(self, command: Command) -> dict[str, Any]: ...
+
+    Only registered methods are commands (:attr:`Gateway.commands`): a method is never found
+    from the text of a message, so the transport library's own hooks on the same object
+    (aiosmtpd's ``handle_DATA``) cannot be reached by a command.
+    """
+
+    def register(method: Handler) -> Handler:
+        setattr(method, _COMMAND_MARK, type_)
+        return method
+
+    return register
 
 
 class Backoff:
@@ -114,8 +164,25 @@ class Gateway(Generic[C]):
     config_model: ClassVar[type[GatewayConfig]]
     #: how many commands may run at once; 1 keeps them in arrival order
     command_concurrency: ClassVar[int] = 1
+    #: command type → name of its handler method; built from :func:`handles`, inherited
+    commands: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, config: C, layer: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = dict(cls.commands)  # the base class's commands, then this class's
+        protocol = getattr(cls, "protocol", None)
+        for name, value in vars(cls).items():
+            type_ = getattr(value, _COMMAND_MARK, None)
+            if type_ is None:
+                continue
+            if protocol is not None and not type_.startswith(f"{protocol}."):
+                raise TypeError(
+                    f"{cls.__name__}.{name}: {type_!r} is not a command of the {protocol} gateway"
+                )
+            table[type_] = name
+        cls.commands = table
+
+    def __init__(self, config: C, layer: ChannelLayer) -> None:
         self.config = config
         self.layer = layer
         self.name = config.name
@@ -244,9 +311,13 @@ class Gateway(Generic[C]):
         accepted it, ``False`` when ``timeout`` seconds passed first (``None``: keep trying until
         :meth:`stop`, then give up). The first refusal of an episode is logged at WARNING, the
         recovery at INFO, once per episode for the whole gateway.
+
+        Raises :class:`EventRefused` (logged and counted here) when no layer could ever take
+        ``message``: over 1 MB as msgpack, or not msgpack-safe. Such an event is never retried.
         """
         loop = asyncio.get_running_loop()
         channel = channel or self.config.route(message["type"])
+        self._check_sendable(message, channel)
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
@@ -289,6 +360,28 @@ class Gateway(Generic[C]):
                 self._refusals = 0
             return True
 
+    def _check_sendable(self, message: dict[str, Any], channel: str) -> None:
+        # checked for every layer, so a memory:// test run refuses what Redis would
+        try:
+            size = encoded_size(message)
+        except TypeError as exc:
+            reason, problem = "unserialisable", f"not msgpack-safe: {exc}"
+        else:
+            if size <= MAX_MESSAGE_BYTES:
+                return
+            reason = "too_large"
+            problem = f"{size} bytes as a message (limit {MAX_MESSAGE_BYTES})"
+        self.metrics.dropped(reason)
+        self.log.error(
+            "%s: refused %s %s for %r: %s; dropped, not retried",
+            self.name,
+            message.get("type"),
+            message.get("id"),
+            channel,
+            problem,
+        )
+        raise EventRefused(reason, problem)
+
     # -- commands: layer → gateway ------------------------------------------------------------
 
     async def _command_loop(self, channel: str) -> None:
@@ -325,21 +418,25 @@ class Gateway(Generic[C]):
     async def dispatch(self, message: Any) -> dict[str, Any] | None:
         """Validate and carry out one command; return its result message (``None`` if unasked).
 
+        Only types in :attr:`commands` are carried out; anything else is answered
+        ``unknown command '<type>'`` and counted under the one label ``type="unknown"``.
         Never raises: a bad command is logged at WARNING and answered ``ok: false``.
         """
+        type_ = _get(message, "type")
+        name = self.commands.get(type_) if isinstance(type_, str) else None
+        if name is None and isinstance(type_, str) and type_:
+            self.metrics.command(UNKNOWN_COMMAND, "invalid")
+            error = f"unknown command {type_[:200]!r}"
+            self.log.warning("%s: %s", self.name, error)
+            return _error_result(self.protocol, message, error)
         try:
             command = parse_command(message, self.protocol)
         except CommandError as exc:
-            self.metrics.command(str(_get(message, "type")), "invalid")
+            self.metrics.command(str(type_) if name else UNKNOWN_COMMAND, "invalid")
             self.log.warning("%s: invalid command: %s", self.name, exc)
             return _error_result(self.protocol, message, str(exc))
-        handler: Callable[[Command], Awaitable[dict[str, Any] | None]] | None = getattr(
-            self, f"handle_{command.action}", None
-        )
-        if handler is None:
-            self.metrics.command(command.type, "invalid")
-            self.log.warning("%s: unknown command %r", self.name, command.type)
-            return self._result(command, ok=False, error=f"unknown command type {command.type!r}")
+        assert name is not None  # parse_command refuses a message without a type
+        handler: Callable[[Command], Awaitable[dict[str, Any] | None]] = getattr(self, name)
         try:
             extra = await handler(command) or {}
         except CommandError as exc:
@@ -396,7 +493,7 @@ class Gateway(Generic[C]):
 
 
 async def send_command(
-    layer: Any, channel: str, message: dict[str, Any], *, timeout: float = 30.0
+    layer: ChannelLayer, channel: str, message: dict[str, Any], *, timeout: float = 30.0
 ) -> None:
     """``layer.send(channel, message)``, retried while the channel is full or the layer down.
 
@@ -435,6 +532,10 @@ class EventBuffer:
     while the layer is down. When ``capacity`` events are waiting, new ones are dropped, counted
     in ``gateway_dropped{reason="buffer_full"}`` and reported in one WARNING a second with the
     number dropped.
+
+    One bad event never stops the buffer: an event :meth:`Gateway.publish` refuses (too large,
+    not msgpack-safe) or that the layer rejects with an error other than an outage is logged,
+    counted (``too_large``, ``unserialisable``, ``unsendable``) and skipped.
     """
 
     def __init__(self, gateway: Gateway[Any], capacity: int) -> None:
@@ -481,11 +582,32 @@ class EventBuffer:
             await self._ready.wait()
             while self._queue:
                 message, channel = self._queue[0]
-                if not await self.gateway.publish(message, channel=channel):
+                if not await self._publish(message, channel):
                     return  # stopping: flush() accounts for what is left
                 self._queue.popleft()
             self._ready.clear()
             self._idle.set()
+
+    async def _publish(self, message: dict[str, Any], channel: str | None) -> bool:
+        """``publish()``; ``True`` also when the event is skipped because it can never be sent."""
+        gateway = self.gateway
+        try:
+            return await gateway.publish(message, channel=channel)
+        except EventRefused:
+            return True  # logged and counted by publish()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            gateway.metrics.dropped("unsendable")
+            gateway.log.error(
+                "%s: dropped %s %s: the layer cannot send it to %r (%s)",
+                gateway.name,
+                message.get("type"),
+                message.get("id"),
+                channel or gateway.config.route(str(message.get("type"))),
+                describe_error(exc),
+            )
+            return True
 
     async def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for the buffer to empty; stop; return how many were dropped."""

@@ -15,10 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
-import msgpack
-
-from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
-from core.service import Backoff, Gateway, StartupError
+from core.envelope import Command, CommandError
+from core.service import Backoff, EventRefused, Gateway, StartupError, handles
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.connection import RelayError, SmtpRelay, SmtpServer
 from gateways.email.translate import (
@@ -151,19 +149,19 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             tls=session.ssl is not None,
             **keys,
         )
-        size = len(msgpack.packb(event, use_bin_type=True))
-        if size > MAX_MESSAGE_BYTES:
-            self.metrics.error("too_large_for_layer")
+        try:
+            accepted = await self.publish(event, timeout=self.email.accept_timeout)
+        except EventRefused as exc:
+            if exc.reason != "too_large":
+                raise  # a fault of ours: handle_exception answers 451
             self.log.warning(
-                "%s: refused mail from %s: %d bytes as a message (limit %d); "
-                "set email.attachment_store to keep large attachments out of the layer",
+                "%s: answered 552 to %s: set email.attachment_store to keep large attachments "
+                "out of the layer",
                 self.name,
                 peer,
-                size,
-                MAX_MESSAGE_BYTES,
             )
             return "552 5.3.4 Message too big for this system"
-        if not await self.publish(event, timeout=self.email.accept_timeout):
+        if not accepted:
             self.log.info(
                 "%s: answered 451 to %s for %s: layer did not accept it within %.0f s",
                 self.name,
@@ -202,6 +200,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
 
     # -- commands ----------------------------------------------------------------------------
 
+    @handles("email.send")
     async def handle_send(self, command: Command) -> dict[str, Any]:
         if self.relay is None:
             raise CommandError("no relay configured (email.relay)")

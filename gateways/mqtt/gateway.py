@@ -28,7 +28,16 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
 
 from core.envelope import Command, CommandError
-from core.service import LAYER_ERRORS, Backoff, EventBuffer, Gateway, StartupError, describe_error
+from core.service import (
+    LAYER_ERRORS,
+    Backoff,
+    EventBuffer,
+    EventRefused,
+    Gateway,
+    StartupError,
+    describe_error,
+    handles,
+)
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.connection import (
     ConnectError,
@@ -334,6 +343,8 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                     return  # stopping: not acknowledged, so the broker delivers it again
             except asyncio.CancelledError:
                 raise
+            except EventRefused:
+                pass  # logged and counted by publish(); acknowledged, or the broker resends it
             except Exception as exc:
                 # not a layer outage (those are retried): this event can never be sent
                 self.metrics.dropped("unsendable")
@@ -514,6 +525,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                     f"({self.connection.last_error}) within {self.settings.command_timeout:g} s"
                 ) from None
 
+    @handles("mqtt.publish")
     async def handle_publish(self, command: Command) -> dict[str, Any]:
         """``mqtt.publish``: topic, payload, qos, retain, properties (see README)."""
         try:
@@ -545,6 +557,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             raise CommandError(f"the broker refused the message: {reason.getName()}")
         return {"topic": action.topic, "qos": action.qos, "mid": mid}
 
+    @handles("mqtt.subscribe")
     async def handle_subscribe(self, command: Command) -> dict[str, Any]:
         """``mqtt.subscribe``: topic (filter), qos, channel, payload, MQTT 5 options."""
         try:
@@ -611,6 +624,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             "granted_qos": state.granted,
         }
 
+    @handles("mqtt.unsubscribe")
     async def handle_unsubscribe(self, command: Command) -> dict[str, Any]:
         """``mqtt.unsubscribe``: topic (filter), optional channel."""
         try:
@@ -647,6 +661,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             await self._notify_replicas()
         return {"topic": action.filter, "removed": len(doomed)}
 
+    @handles("mqtt.resync")
     async def handle_resync(self, command: Command) -> dict[str, Any]:
         """``mqtt.resync`` (internal): re-read run-time subscriptions from the store."""
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -12,11 +13,11 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.config import GatewayConfig, HealthConfig
-from core.envelope import Command, CommandError
+from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
 from core.health import HealthServer
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
-from core.service import Backoff, EventBuffer, Gateway
+from core.service import Backoff, EventBuffer, EventRefused, Gateway, handles
 from core.testing import RedisServer
 
 
@@ -35,12 +36,14 @@ class EchoGateway(Gateway[EchoConfig]):
         super().__init__(config, layer)
         self.sent: list[str] = []
         self.closed = False
+        self.helped = 0
         self.release = asyncio.Event()
         self.release.set()
 
     async def close(self) -> None:
         self.closed = True
 
+    @handles("echo.say")
     async def handle_say(self, command: Command) -> dict[str, Any]:
         text = command.body.get("text")
         if not isinstance(text, str):
@@ -49,8 +52,13 @@ class EchoGateway(Gateway[EchoConfig]):
         self.sent.append(text)
         return {"length": len(text)}
 
+    @handles("echo.crash")
     async def handle_crash(self, command: Command) -> None:
         raise RuntimeError("handler bug")
+
+    async def handle_helper(self, command: Command) -> None:
+        """Named like a handler, but not registered: never reachable by a command."""
+        self.helped += 1
 
 
 def metric(name: str, gateway: str, **labels: str) -> float:
@@ -86,8 +94,8 @@ async def test_commands_and_results(echo: EchoGateway) -> None:
     ("message", "error"),
     [
         ({"type": "echo.say", "id": 7, "text": 1}, "text: must be a string"),
-        ({"type": "echo.shout", "id": 7}, "unknown command type 'echo.shout'"),
-        ({"type": "mqtt.say", "id": 7}, "unknown command type 'mqtt.say' for the echo gateway"),
+        ({"type": "echo.shout", "id": 7}, "unknown command 'echo.shout'"),
+        ({"type": "mqtt.say", "id": 7}, "unknown command 'mqtt.say'"),
         ({"id": 7}, "command has no 'type'"),
         ({"type": "echo.crash", "id": 7}, "internal error: RuntimeError: handler bug"),
     ],
@@ -102,6 +110,51 @@ async def test_bad_commands_are_answered_and_never_stop_the_loop(
     assert any(r.levelno >= logging.WARNING for r in caplog.records)
     # the loop still runs
     assert (await command(echo, {"type": "echo.say", "text": "next"}))["ok"] is True
+
+
+@pytest.mark.parametrize("type_", ["echo.close", "echo.open", "echo.dispatch", "echo.helper"])
+async def test_only_registered_methods_are_commands(echo: EchoGateway, type_: str) -> None:
+    # bug 1: handlers were found by name, so any method spelled handle_<x> (or worse) was a command
+    result = await command(echo, {"type": type_, "id": "x"})
+    assert result["ok"] is False and result["error"] == f"unknown command {type_!r}"
+    assert not echo.closed and echo.helped == 0
+
+
+async def test_unknown_command_types_share_one_metric_label(echo: EchoGateway) -> None:
+    for i in range(5):
+        await command(echo, {"type": f"echo.random{i}", "id": i})
+    await command(echo, {"id": "no type"})
+    assert metric("gateway_commands_total", echo.name, type="unknown", outcome="invalid") == 6
+    names = {
+        s.labels.get("type")
+        for m in REGISTRY.collect()
+        for s in m.samples
+        if s.labels.get("gateway") == echo.name
+    }
+    assert not any(n and n.startswith("echo.random") for n in names)
+
+
+def test_a_command_must_belong_to_the_protocol() -> None:
+    with pytest.raises(TypeError, match=r"'mqtt\.say' is not a command of the echo gateway"):
+
+        class Wrong(EchoGateway):
+            @handles("mqtt.say")
+            async def handle_say(self, command: Command) -> None:
+                return None
+
+
+def test_subclasses_inherit_and_extend_the_registry() -> None:
+    class Louder(EchoGateway):
+        @handles("echo.shout")
+        async def shout(self, command: Command) -> None:
+            return None
+
+    assert Louder.commands == {
+        "echo.say": "handle_say",
+        "echo.crash": "handle_crash",
+        "echo.shout": "shout",
+    }
+    assert "echo.shout" not in EchoGateway.commands
 
 
 async def test_command_without_result_channel_and_non_dict(echo: EchoGateway) -> None:
@@ -175,6 +228,43 @@ async def test_event_buffer_bounded_counted_and_ordered(caplog: pytest.LogCaptur
         received.append((await asyncio.wait_for(gateway.layer.receive("buffered"), 5))["n"])
     assert received == sorted(received)
     assert await buffer.flush(1) == 0
+
+
+async def test_event_buffer_survives_bad_events(caplog: pytest.LogCaptureFixture) -> None:
+    # bug 2: the buffer's task died on the first error that was not a layer outage, and every
+    # later event waited in the buffer for ever
+    gateway = EchoGateway(EchoConfig(name="bad-events"), InMemoryChannelLayer())
+    buffer = EventBuffer(gateway, capacity=10)
+    buffer.start()
+    with caplog.at_level(logging.WARNING, "gateway.echo"):
+        buffer.put(gateway.event("n", n=0))
+        buffer.put(gateway.event("n", n=1, when=datetime.datetime.now(datetime.UTC)))
+        buffer.put(gateway.event("n", n=2, blob=b"x" * MAX_MESSAGE_BYTES))
+        buffer.put(gateway.event("n", n=3), channel="not a channel name!")  # the layer raises
+        buffer.put(gateway.event("n", n=4))
+        received = [(await asyncio.wait_for(gateway.layer.receive("bad-events"), 5))["n"]]
+        received.append((await asyncio.wait_for(gateway.layer.receive("bad-events"), 5))["n"])
+    assert received == [0, 4]
+    assert await buffer.flush(1) == 0
+    assert metric("gateway_dropped_total", "bad-events", reason="unserialisable") == 1
+    assert metric("gateway_dropped_total", "bad-events", reason="too_large") == 1
+    assert metric("gateway_dropped_total", "bad-events", reason="unsendable") == 1
+    assert "refused echo.n" in caplog.text and "datetime" in caplog.text
+    assert "bytes as a message (limit 1048576)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [({"blob": b"x" * MAX_MESSAGE_BYTES}, "too_large"), ({"value": {1, 2}}, "unserialisable")],
+)
+async def test_publish_refuses_what_no_layer_can_take(keys: dict[str, Any], reason: str) -> None:
+    # never retried: without a timeout, publish() would otherwise wait for ever
+    gateway = EchoGateway(EchoConfig(name=f"refuses-{reason}"), InMemoryChannelLayer())
+    with pytest.raises(EventRefused) as refused:
+        await asyncio.wait_for(gateway.publish(gateway.event("big", **keys)), 5)
+    assert refused.value.reason == reason
+    assert metric("gateway_dropped_total", gateway.name, reason=reason) == 1
+    assert metric("gateway_retries_total", gateway.name, kind="layer_send") == 0
 
 
 async def test_event_buffer_counts_what_shutdown_leaves() -> None:

@@ -720,6 +720,28 @@ async def command(
     return await receive(gateway, results)
 
 
+@pytest.mark.parametrize("type_", ["email.exception", "email.DATA", "email.MAIL", "email.RCPT"])
+async def test_smtp_hooks_are_not_commands(
+    gateway: EmailGateway, type_: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # bug 1: handle_<action> was looked up by name on the object that also carries aiosmtpd's
+    # hooks, so these reached handle_exception / handle_DATA / handle_MAIL
+    errors = metric("gateway_errors_total", kind="smtp_session")
+    with caplog.at_level(logging.WARNING, logger="gateway.email"):
+        result = await command(gateway, {"type": type_, "id": "hook"})
+    assert result == {
+        "type": "email.result",
+        "id": "hook",
+        "ok": False,
+        "error": f"unknown command {type_!r}",
+    }
+    assert metric("gateway_errors_total", kind="smtp_session") == errors
+    assert f"unknown command {type_!r}" in caplog.text
+    code, _ = await asyncio.to_thread(smtplib_send, gateway.server.port, mail("still open"))
+    assert code == 250
+    assert (await receive(gateway))["subject"] == "still open"
+
+
 async def test_email_send_threads_the_reply(sink: SmtpSink) -> None:
     async with running(relay_config(sink)) as gw:
         result = await command(
@@ -811,8 +833,8 @@ async def test_invalid_commands_are_answered_and_the_loop_goes_on(sink: SmtpSink
             },
             "headers[1]: Sender",
         ),
-        ({"type": "email.bogus", "id": "7"}, "unknown command type 'email.bogus'"),
-        ({"type": "irc.send", "id": "8"}, "unknown command type 'irc.send'"),
+        ({"type": "email.bogus", "id": "7"}, "unknown command 'email.bogus'"),
+        ({"type": "irc.send", "id": "8"}, "unknown command 'irc.send'"),
         ({"id": "9", "to": "a@b.org"}, "command has no 'type'"),
         ({"type": "email.send", "id": ["not", "a", "string"]}, "'id' must be a string"),
     ]

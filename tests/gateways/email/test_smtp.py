@@ -387,7 +387,7 @@ async def test_email_send_result_threading_and_retry() -> None:
         assert "CR, LF" in results["c2"]["error"]
         assert "at least one recipient" in results["c3"]["error"]
         assert "unknown keys ['colour']" in results["c4"]["error"]
-        assert "unknown command type 'email.bogus'" in results["c5"]["error"]
+        assert "unknown command 'email.bogus'" in results["c5"]["error"]
         assert "554" in results["c6"]["error"]
         # still serving
         await layer.send(

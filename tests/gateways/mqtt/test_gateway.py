@@ -234,8 +234,8 @@ async def test_invalid_and_unknown_commands(
         ({"type": "mqtt.subscribe", "topic": "static/#"}, "is a static subscription"),
         ({"type": "mqtt.unsubscribe"}, "topic is required"),
         ({"type": "mqtt.unsubscribe", "topic": "static/#"}, "is a static subscription"),
-        ({"type": "mqtt.frobnicate"}, "unknown command type 'mqtt.frobnicate'"),
-        ({"type": "email.send"}, "unknown command type 'email.send' for the mqtt gateway"),
+        ({"type": "mqtt.frobnicate"}, "unknown command 'mqtt.frobnicate'"),
+        ({"type": "email.send"}, "unknown command 'email.send'"),
         ({"type": "mqtt.publish", "id": {"no": 1}, "topic": "a"}, "'id' must be a string"),
     ]
     async with running(config, layer) as gateway:
