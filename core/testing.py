@@ -1057,3 +1057,467 @@ class SmtpSink:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+# ============================================================================================
+# Shared test helpers for every gateway (issue 8). Kept at the end of this module, in one
+# section, until core/testing becomes a package; everything below is async-aware and may import
+# core (the service classes above do not).
+#
+#   ManualClock       a core.clock.Clock that moves only when the test says so
+#   until()           wait for a condition, bounded (for state nothing signals)
+#   metric()          the value of a Prometheus series in this process (summed over labels)
+#   command()         send a command with a fresh result channel; its <proto>.result
+#   run_gateway()     run a Gateway in this process until the block ends; wait for readiness
+#   GatewayProcess    python -m gateways.<proto>.cli as a child process with a health port
+#   InspircdServer    InspIRCd 3 linked with Atheme services: an IRC server with SASL PLAIN
+
+import asyncio  # noqa: E402
+import heapq  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from core.metrics import REGISTRY  # noqa: E402
+from core.service import Gateway  # noqa: E402
+from core.types import ChannelLayer  # noqa: E402
+
+__all__ += [
+    "WAIT",
+    "GatewayProcess",
+    "InspircdServer",
+    "ManualClock",
+    "command",
+    "metric",
+    "metric_from_text",
+    "run_gateway",
+    "until",
+]
+
+#: generous: a loaded CI machine may be slow, and nothing here measures speed
+WAIT = 30.0
+
+
+class ManualClock:
+    """A :class:`core.clock.Clock` for tests: time stands still until :meth:`advance`.
+
+    ``sleep()`` parks the caller until the clock is advanced past its deadline;
+    :meth:`advance` wakes sleepers in deadline order and lets each run to its next ``await``.
+    :meth:`sleeping` waits until ``count`` callers sleep, to synchronise with the code under
+    test without a real delay.
+    """
+
+    def __init__(self, monotonic: float = 0.0, wall: float = 1_700_000_000.0) -> None:
+
+        self._now = monotonic
+        self._wall_offset = wall - monotonic
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._changed = asyncio.Event()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    @property
+    def sleepers(self) -> int:
+        """Callers parked in :meth:`sleep` now."""
+        return sum(1 for _, _, future in self._sleepers if not future.done())
+
+    async def sleep(self, seconds: float) -> None:
+        import heapq
+
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._sleepers, (self._now + seconds, self._seq, future))
+        self._changed.set()
+        await future
+
+    async def sleeping(self, count: int, timeout: float = WAIT) -> None:
+        """Return once at least ``count`` callers sleep on this clock."""
+
+        async def wait() -> None:
+            while self.sleepers < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, waking every sleeper whose deadline passed."""
+
+        target = self._now + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            when, _, future = heapq.heappop(self._sleepers)
+            self._now = max(self._now, when)
+            if not future.done():
+                future.set_result(None)
+                await _settle()
+        self._now = target
+        await _settle()
+
+
+async def _settle(rounds: int = 10) -> None:
+    """Let tasks that were just woken run up to their next real wait."""
+
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def until(
+    predicate: Callable[[], object], timeout: float = WAIT, what: str = "", interval: float = 0.02
+) -> object:
+    """Poll ``predicate`` until it returns something truthy and return that (bounded).
+
+    For state that nothing signals (a metric, a file, an HTTP probe); prefer awaiting an event
+    or a message where there is one. ``TimeoutError`` names ``what``.
+    """
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (result := predicate()):
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+    return result
+
+
+def _matching_sum(
+    samples: Iterable[tuple[str, Mapping[str, str], float]], name: str, **labels: str
+) -> float:
+    total = 0.0
+    for sample_name, sample_labels, value in samples:
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+def metric(name: str, **labels: str) -> float:
+    """The sum of this process's samples of ``name`` carrying ``labels`` (0 when none).
+
+    ``metric("gateway_dropped_total", gateway="sensors", reason="too_large")``.
+    """
+
+    samples = (
+        (sample.name, sample.labels, sample.value)
+        for family in REGISTRY.collect()
+        for sample in family.samples
+    )
+    return _matching_sum(samples, name, **labels)
+
+
+def metric_from_text(text: str, name: str, **labels: str) -> float:
+    """Like :func:`metric`, over a /metrics page (Prometheus text format)."""
+
+    samples = (
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    )
+    return _matching_sum(samples, name, **labels)
+
+
+async def command(
+    layer: ChannelLayer, channel: str, message: Mapping[str, object], *, timeout: float = WAIT
+) -> dict[str, object]:
+    """Send ``message`` on ``channel`` with a fresh result channel; return the result message."""
+
+    result_channel = await layer.new_channel("test-result.")
+    await layer.send(channel, {"id": "test", **message, "result_channel": result_channel})
+    return await asyncio.wait_for(layer.receive(result_channel), timeout)
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(
+    gateway: Gateway[Any], *, ready: bool = True, timeout: float = WAIT
+) -> AsyncIterator[Gateway[Any]]:
+    """Run ``gateway`` in this process for the block; stop it and await its exit afterwards.
+
+    Start-up errors (``StartupError``) are raised here. With ``ready`` the block starts once
+    ``/readyz`` would answer 200 (every :meth:`Gateway.ready_reasons` cleared).
+    """
+
+    task = asyncio.create_task(gateway.run())
+    started = asyncio.create_task(gateway.started.wait())
+    try:
+        await asyncio.wait({task, started}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises why it could not start
+        if not gateway.started.is_set():
+            raise TimeoutError(f"{gateway.name} did not start within {timeout:g} s")
+        if ready:
+            await until(lambda: not gateway.ready_reasons(), timeout, f"{gateway.name} ready")
+        yield gateway
+    finally:
+        started.cancel()
+        gateway.stop()
+        await asyncio.wait_for(asyncio.gather(task, started, return_exceptions=True), timeout)
+    task.result()  # run() must end cleanly after stop()
+
+
+class GatewayProcess:
+    """``python -m gateways.<proto>.cli --config FILE`` as a child process with a health port.
+
+    Build it with :meth:`from_config` (writes the YAML with a free health port), then
+    :meth:`start` (returns once the gateway logged ``ready: events``), :meth:`wait_ready`,
+    :meth:`metric`, :meth:`stop` (SIGTERM, the exit status) or :meth:`kill`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        health_port: int,
+        *,
+        gateway: str,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.path = path
+        self.health_port = health_port
+        self.module = f"gateways.{gateway}.cli"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
+        self.server: Server | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        directory: Path,
+        config: Mapping[str, Any],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> GatewayProcess:
+        """Write ``config`` plus ``health: {port}`` to a YAML file in ``directory``."""
+
+        health_port = free_port()
+        path = directory / f"{config['name']}-{health_port}.yaml"
+        path.write_text(yaml.safe_dump({**config, "health": {"port": health_port}}))
+        return cls(path, health_port, gateway=str(config["gateway"]), env=env, cwd=cwd)
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", self.module, "--config", str(self.path)]
+
+    def start(self, timeout: float = WAIT) -> GatewayProcess:
+        self.server = Server(
+            self.argv, "ready: events", timeout, cwd=self.cwd, env=self.env, name="gateway"
+        )
+        return self
+
+    def get(self, path: str) -> tuple[int, str]:
+        """GET ``path`` on the health port: (status, body)."""
+
+        url = f"http://{HOST}:{self.health_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    async def wait_ready(self, timeout: float = WAIT) -> None:
+        """Wait until /readyz answers 200."""
+
+        async def ready() -> bool:
+            return (await asyncio.to_thread(self.get, "/readyz"))[0] == 200
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await ready():
+            if loop.time() > deadline:
+                raise TimeoutError(f"{self.path.name}: /readyz not 200 within {timeout:g} s")
+            await asyncio.sleep(0.05)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the process's /metrics samples of ``name`` that carry ``labels``."""
+        return metric_from_text(self.get("/metrics")[1], name, **labels)
+
+    def stop(self) -> int | None:
+        return self.server.stop() if self.server is not None else None
+
+    def kill(self) -> int | None:
+        return self.server.kill() if self.server is not None else None
+
+
+_INSPIRCD_CONF = """\
+<path configdir="{tmpdir}" datadir="{tmpdir}" logdir="{tmpdir}" runtimedir="{tmpdir}">
+<server name="irc.test.local" description="test ircd" network="TestNet" id="001">
+<admin name="test" nick="test" email="test@localhost">
+<bind address="127.0.0.1" port="{port}" type="clients">
+<bind address="127.0.0.1" port="{link_port}" type="servers">
+<connect name="main" allow="*" timeout="20" pingfreq="120" hardsendq="1M" softsendq="1M"
+         recvq="1M" threshold="10000" commandrate="1000000" fakelag="yes" localmax="1000"
+         globalmax="1000" resolvehostnames="no" useident="no" limit="5000" maxchans="100">
+<dns server="127.0.0.1" timeout="1">
+<log method="file" type="* -USERINPUT -USEROUTPUT" level="default" target="{tmpdir}/inspircd.log">
+<module name="cap"> <module name="sasl"> <module name="services_account">
+<module name="spanningtree"> <module name="svshold"> <module name="chghost"> <module name="cban">
+<link name="services.test.local" ipaddr="127.0.0.1" port="{link_port}" allowmask="127.0.0.0/8"
+      sendpass="linkpass" recvpass="linkpass">
+<uline server="services.test.local" silent="yes">
+<sasl target="services.test.local" requiressl="no">
+"""
+
+_ATHEME_CONF = """\
+loadmodule "modules/protocol/inspircd"; loadmodule "modules/backend/opensex";
+loadmodule "modules/crypto/pbkdf2v2";
+loadmodule "modules/nickserv/main"; loadmodule "modules/nickserv/register";
+loadmodule "modules/nickserv/identify";
+loadmodule "modules/saslserv/main"; loadmodule "modules/saslserv/plain";
+serverinfo {
+	name = "services.test.local"; desc = "Atheme IRC Services"; numeric = "00A";
+	recontime = 1; netname = "TestNet"; hidehostsuffix = "users.test";
+	adminname = "test"; adminemail = "test@localhost"; registeremail = "noreply@localhost";
+	loglevel = { error; info; admin; network; };
+	maxlogins = 100; maxusers = 0; mdlimit = 30; emaillimit = 10; emailtime = 300;
+	auth = none; casemapping = rfc1459;
+};
+uplink "irc.test.local" {
+	host = "127.0.0.1"; port = {link_port};
+	send_password = "linkpass"; receive_password = "linkpass";
+};
+nickserv { nick = "NickServ"; user = "NickServ"; host = "services.test.local";
+	real = "Nickname Services"; };
+saslserv { nick = "SaslServ"; user = "SaslServ"; host = "services.test.local";
+	real = "SASL Agent"; };
+logfile "{tmpdir}/atheme.log" { error; info; admin; network; register; };
+general { flood_msgs = 0; flood_time = 10; commit_interval = 1; language = "en"; };
+"""
+
+
+class IrcLines:
+    """A minimal blocking IRC client for test set-up: send lines, wait for one, answer PINGs."""
+
+    def __init__(self, port: int, timeout: float = WAIT) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.file = self.sock.makefile("r", encoding="utf-8", errors="replace", newline="\r\n")
+        self.timeout = timeout
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(f"{line}\r\n" for line in lines).encode())
+
+    def wait_for(self, *needles: str) -> str:
+        """Read until a line contains one of ``needles``; return it."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("the IRC server closed the connection")
+            line = line.rstrip("\r\n")
+            if line.startswith("PING "):
+                self.send("PONG " + line[5:])
+            elif any(needle in line for needle in needles):
+                return line
+        raise TimeoutError(f"no line containing {needles!r} within {self.timeout:g} s")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send("QUIT :bye")
+        self.file.close()
+        self.sock.close()
+
+
+class InspircdServer(_Service):
+    """InspIRCd 3 on :attr:`port` linked with Atheme services on :attr:`link_port`: SASL PLAIN.
+
+    The recipe of ``shared/SERVICES.md`` §4. :meth:`start` returns once services are linked
+    and ``CAP LS`` offers ``sasl``; if it never does, it raises :class:`ServiceMissing` (a skip
+    locally, a failure under ``CI``), as it does when ``inspircd`` or ``atheme-services`` is
+    not installed (Debian packages of those names). :meth:`register` creates an account.
+    """
+
+    name = "inspircd"
+    binary = "inspircd"
+    ready = "InspIRCd is now running as"
+    port_count = 2
+    server_name = "irc.test.local"
+
+    def __init__(self, *, timeout: float = 15.0) -> None:
+        super().__init__(timeout=timeout)
+        self.services: Server | None = None
+        self.services_output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+
+    @property
+    def link_port(self) -> int:
+        """The server-link port Atheme connects to."""
+        return self._ports[1]
+
+    def _argv(self, path: str) -> list[str]:
+        argv = [path, "--config", str(self.tmpdir / "inspircd.conf"), "--nofork", "--nopid"]
+        if os.geteuid() == 0:
+            argv.append("--runasroot")  # as root it refuses to start without it
+        return argv
+
+    def _prepare(self) -> None:
+        # str.replace, not str.format: atheme.conf is full of braces
+        for name, template in (("inspircd.conf", _INSPIRCD_CONF), ("atheme.conf", _ATHEME_CONF)):
+            text = template.replace("{tmpdir}", str(self.tmpdir)).replace("{port}", str(self.port))
+            (self.tmpdir / name).write_text(text.replace("{link_port}", str(self.link_port)))
+
+    def start(self) -> Self:
+        """Start InspIRCd, then Atheme; return once ``CAP LS`` offers SASL."""
+        services = require_binary("atheme-services")
+        super().start()
+        if self.services is None or not self.services.alive:
+            argv = [services, "-n", "-c", str(self.tmpdir / "atheme.conf"), "-D", str(self.tmpdir)]
+            argv += ["-l", str(self.tmpdir / "atheme-main.log")]
+            argv += ["-p", str(self.tmpdir / "atheme.pid")]
+            self.services = Server(
+                argv,
+                "finished synching with uplink",
+                self.timeout,
+                cwd=self.tmpdir,
+                output=self.services_output,
+                name="atheme",
+            )
+        self._require_sasl()
+        return self
+
+    def _require_sasl(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        caps = ""
+        while time.monotonic() < deadline:
+            client = IrcLines(self.port, self.timeout)
+            try:
+                client.send("CAP LS 302")
+                caps = client.wait_for(" CAP * LS ")
+            finally:
+                client.close()
+            if "sasl" in caps:
+                return
+            time.sleep(0.1)  # services are linked but not yet announced to the ircd
+        raise ServiceMissing(f"InspIRCd with Atheme does not offer SASL (CAP LS: {caps!r})")
+
+    def register(self, account: str, password: str) -> None:
+        """Register ``account`` with NickServ (no e-mail step: ``auth = none``)."""
+        client = IrcLines(self.port, self.timeout)
+        try:
+            client.send(f"NICK {account}", f"USER {account} 0 * :{account}")
+            client.wait_for(" 001 ")
+            client.send(f"PRIVMSG NickServ :REGISTER {password} {account}@example.com")
+            client.wait_for("is now registered to")
+        finally:
+            client.close()
+
+    def _stop_services(self, sig: int) -> None:
+        if self.services is not None:
+            self.services.stop(sig)  # first, so it saves services.db and does not relink
+
+    def terminate(self) -> int | None:
+        """SIGTERM Atheme, then InspIRCd (which exits 10 on SIGTERM)."""
+        self._stop_services(signal.SIGTERM)
+        return super().terminate()
+
+    def kill(self) -> int | None:
+        """SIGKILL both (a crash); :meth:`restart` brings both back with their data."""
+        self._stop_services(signal.SIGKILL)
+        return super().kill()

@@ -15,6 +15,7 @@ import pytest
 
 from core.testing import (
     Certs,
+    InspircdServer,
     MosquittoServer,
     NgircdServer,
     RedisServer,
@@ -146,3 +147,9 @@ def certs(tmp_path: Path) -> Certs:
         return make_certs(tmp_path / "certs")
     except ServiceMissing as exc:
         missing(str(exc))
+
+
+@pytest.fixture
+def inspircd_server() -> Iterator[InspircdServer]:
+    """InspIRCd + Atheme on ``.port`` with SASL PLAIN; ``.register(account, password)``."""
+    yield from _run(InspircdServer())
