@@ -98,6 +98,7 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
     the two, the ZADD raises and the message, already removed from Redis and already in our
     hands, is thrown away with the error (one lost mail in tests/gateways/email/test_fault.py).
     Here it is returned anyway: losing the backup only loses protection against our own crash.
+    The private methods replaced here pin channels_redis (tests/core/test_channels_redis_pin.py).
     """
 
     async def _brpop_with_clean(self, index: int, channel: str, timeout: int) -> Any:

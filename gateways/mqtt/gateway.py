@@ -169,6 +169,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.connection.close()
+            await self.store.close()
             raise StartupError(f"MQTT broker {self.settings.broker}: {exc}") from exc
         self.buffer.start()
         self._spawn(self._handoff_loop())
@@ -203,6 +204,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 await asyncio.wait_for(
                     self.layer.group_discard(self.replicas_group, self.reply_channel), 2
                 )
+        await self.store.close()
         self.metrics.connected.set(0)
 
     def readiness(self) -> list[str]:

@@ -1,8 +1,8 @@
 """Where run-time subscriptions live between restarts.
 
-With a channels_redis layer they are a Redis hash next to the layer's own keys, written and read
-through the layer's own connection (``layer.connection(0)``, a ``redis.asyncio.Redis``), so they
-need no second Redis setting and reach every replica of the integration:
+With a Redis layer they are a Redis hash next to the layer's own keys, reached through
+:mod:`core.redis` (the layer's host and prefix, connections of its own), so they need no second
+Redis setting and reach every replica of the integration:
 
     {prefix}:gateways:mqtt:{name}:subscriptions   field ["filter", "channel"] → {"qos": 1, …}
 
@@ -11,17 +11,14 @@ Any other layer keeps them in memory only, for the life of the process.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from typing import Any
 
+from core.redis import LayerRedis, RedisUnavailable, layer_redis
+from core.types import ChannelLayer
 from gateways.mqtt.translate import Route
 
 __all__ = ["RedisSubscriptionStore", "StoreError", "SubscriptionStore", "open_store"]
-
-#: seconds for one Redis call; the layer's connections have no socket timeout of their own
-STORE_TIMEOUT = 5.0
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -45,35 +42,33 @@ class SubscriptionStore:
     async def delete(self, filter_: str, channel: str) -> None:
         return None
 
+    async def close(self) -> None:
+        return None
+
 
 class RedisSubscriptionStore(SubscriptionStore):
-    """A Redis hash reached through a channels_redis layer's own connection pool."""
+    """A Redis hash beside a Redis layer (:mod:`core.redis`)."""
 
     persistent = True
 
-    def __init__(self, layer: Any, key: str) -> None:
-        self.layer = layer
-        self.key = key
-        self.description = f"Redis hash {key!r}"
+    def __init__(self, redis: LayerRedis) -> None:
+        self.redis = redis
+        self.key = redis.key("subscriptions")
+        self.description = f"Redis hash {self.key!r}"
 
-    async def _call(self, method: str, *args: Any) -> Any:
-        from redis.exceptions import RedisError
-
+    async def _call(self, method: str, *args: str) -> object:
         try:
-            connection = self.layer.connection(0)
-            return await asyncio.wait_for(
-                getattr(connection, method)(self.key, *args), STORE_TIMEOUT
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            text = str(exc) or type(exc).__name__
-            raise StoreError(f"{self.description}: {text}") from exc
+            return await self.redis.call(method, self.key, *args)
+        except RedisUnavailable as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
 
     @staticmethod
     def _field(filter_: str, channel: str) -> str:
         return json.dumps([filter_, channel], ensure_ascii=False)
 
     async def load(self) -> list[Route]:
-        raw: dict[bytes, bytes] = await self._call("hgetall")
+        raw = await self._call("hgetall")
+        assert isinstance(raw, dict)
         routes = []
         for field, value in raw.items():
             try:
@@ -91,16 +86,11 @@ class RedisSubscriptionStore(SubscriptionStore):
     async def delete(self, filter_: str, channel: str) -> None:
         await self._call("hdel", self._field(filter_, channel))
 
+    async def close(self) -> None:
+        await self.redis.close()
 
-def open_store(layer: Any, name: str, *, enabled: bool = True) -> SubscriptionStore:
-    """The Redis store when ``layer`` is a channels_redis ``RedisChannelLayer``, else memory."""
-    if enabled:
-        try:
-            from channels_redis.core import RedisChannelLayer
-        except ImportError:  # pragma: no cover - channels_redis is a dependency
-            return SubscriptionStore()
-        if isinstance(layer, RedisChannelLayer):
-            return RedisSubscriptionStore(
-                layer, f"{layer.prefix}:gateways:mqtt:{name}:subscriptions"
-            )
-    return SubscriptionStore()
+
+def open_store(layer: ChannelLayer, name: str, *, enabled: bool = True) -> SubscriptionStore:
+    """The Redis store when ``layer`` is Redis-backed, else memory."""
+    redis = layer_redis(layer, "mqtt", name) if enabled else None
+    return RedisSubscriptionStore(redis) if redis is not None else SubscriptionStore()
