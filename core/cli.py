@@ -30,6 +30,7 @@ from core.layers import (
 )
 from core.logs import setup_logging
 from core.service import Gateway, StartupError, describe_error
+from core.types import ChannelLayer
 
 __all__ = [
     "EXIT_CONFIG",
@@ -105,7 +106,7 @@ def _django_application() -> Any | None:
     return _import(f"{module}:{attr}", "ASGI_APPLICATION")
 
 
-def install_layer(layer: Any) -> None:
+def install_layer(layer: ChannelLayer) -> None:
     """Make Django consumers in this process use ``layer`` (needed for ``memory://``)."""
     try:
         from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from core.envelope import Command, CommandError
 from core.service import Backoff, EventRefused, Gateway, StartupError, handles
+from core.types import ChannelLayer
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.connection import RelayError, SmtpRelay, SmtpServer
 from gateways.email.translate import (
@@ -40,7 +41,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     #: relay round trips are slow and independent: send several at once
     command_concurrency: ClassVar[int] = 8
 
-    def __init__(self, config: EmailGatewayConfig, layer: Any) -> None:
+    def __init__(self, config: EmailGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
         self.email = config.email
         self.server = SmtpServer(self.email, self)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.consumers import send_command
+from core.types import ChannelLayer
 
 __all__ = ["MqttCommands", "publish_command", "subscribe_command", "unsubscribe_command"]
 
@@ -98,7 +99,9 @@ def unsubscribe_command(
 class MqttCommands:
     """Send commands to one MQTT integration's command channel (``NAME.send``)."""
 
-    def __init__(self, channel_layer: Any, command_channel: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, channel_layer: ChannelLayer, command_channel: str, *, timeout: float = 30.0
+    ) -> None:
         self.channel_layer = channel_layer
         self.command_channel = command_channel
         self.timeout = timeout

@@ -38,6 +38,7 @@ from core.service import (
     describe_error,
     handles,
 )
+from core.types import ChannelLayer
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.connection import (
     ConnectError,
@@ -108,7 +109,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
     #: publishes wait for their PUBACK; let several be in flight (each starts in arrival order)
     command_concurrency: ClassVar[int] = 32
 
-    def __init__(self, config: MqttGatewayConfig, layer: Any) -> None:
+    def __init__(self, config: MqttGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
         self.settings = settings = config.mqtt
         self.client_id = settings.client_id or f"{config.name}-{secrets.token_hex(4)}"
