@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +68,8 @@ class SmtpServer:
         self.config = config
         self.handler = handler
         self.sessions: set[_Protocol] = set()
+        #: the name in the banner, EHLO and Message-IDs: config.hostname, else the FQDN
+        self.hostname = config.hostname or "localhost"
         self._server: asyncio.Server | None = None
         self._tls: ssl.SSLContext | None = None
         if config.tls is not None:
@@ -90,7 +93,7 @@ class SmtpServer:
             self.handler,
             data_size_limit=cfg.max_message_size,
             enable_SMTPUTF8=True,
-            hostname=cfg.hostname,
+            hostname=self.hostname,  # else aiosmtpd calls getfqdn() on the loop per connection
             tls_context=self._tls,
             require_starttls=cfg.tls is not None and cfg.tls.required,
             timeout=cfg.session_timeout,
@@ -100,6 +103,9 @@ class SmtpServer:
         )
 
     async def start(self) -> None:
+        if self.config.hostname is None:
+            # a DNS lookup that can take seconds: once, in a thread, never on the loop
+            self.hostname = await asyncio.to_thread(socket.getfqdn)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, self.config.host, self.config.port)
         log.info("SMTP server listening on %s:%d", self.config.host, self.port)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar
@@ -210,7 +209,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             mail = build_mail(
                 command.body,
                 default_from=relay_config.from_address,
-                message_id_domain=self.email.hostname or socket.getfqdn(),
+                message_id_domain=self.server.hostname,
             )
         except InvalidMail as exc:
             raise CommandError(str(exc)) from None

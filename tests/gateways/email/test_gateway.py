@@ -15,8 +15,11 @@ import email.policy
 import logging
 import re
 import smtplib
+import socket
 import subprocess
+import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -740,6 +743,31 @@ async def test_smtp_hooks_are_not_commands(
     code, _ = await asyncio.to_thread(smtplib_send, gateway.server.port, mail("still open"))
     assert code == 250
     assert (await receive(gateway))["subject"] == "still open"
+
+
+async def test_the_fqdn_is_resolved_once_at_start(
+    sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it was resolved on the event loop for every email.send and (by aiosmtpd) every session:
+    # a slow DNS stalled the whole gateway each time (smtplib here calls it in its own threads)
+    calls: list[int] = []
+
+    def getfqdn(name: str = "") -> str:
+        if not any(f.filename.endswith("core/testing.py") for f in traceback.extract_stack()):
+            calls.append(threading.get_ident())  # not the test's relay (SmtpSink)
+        return "fqdn.example.net"
+
+    monkeypatch.setattr(socket, "getfqdn", getfqdn)
+    relay = {"host": HOST, "port": sink.port, "tls": "none", "from_address": "h@example.com"}
+    async with running(config(hostname=None, relay=relay)) as gw:
+        for n in range(2):
+            code, _ = await asyncio.to_thread(smtplib_send, gw.server.port, mail(f"m{n}"))
+            assert code == 250
+            result = await command(gw, {"type": "email.send", "to": "a@example.org", "text": "x"})
+            assert result["message_id"].endswith("@fqdn.example.net>")
+        banner = await asyncio.to_thread(lambda: smtplib.SMTP(HOST, gw.server.port).quit())
+    assert calls.count(threading.get_ident()) == 0  # never on the event loop
+    assert banner[0] == 221
 
 
 async def test_email_send_threads_the_reply(sink: SmtpSink) -> None:

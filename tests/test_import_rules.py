@@ -1,0 +1,139 @@
+"""The layout rules of DESIGN §2, checked on every import statement (also those inside functions).
+
+* ``translate.py`` is pure: no asyncio, sockets, threads or layer; nothing of the transport
+  library that does I/O.
+* A gateway never imports another gateway, and core imports no gateway.
+* ``config.py`` imports only core.config, pydantic and typing-level stdlib (and its own
+  gateway's pure ``translate.py``, where YAML and commands share one validator).
+* Only ``connection.py`` imports the transport library's I/O parts and the stdlib's sockets.
+
+A new gateway adds its transport library's I/O parts to ``TRANSPORT_IO``; the test fails until
+it does, so nobody forgets.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAYS = sorted(p.name for p in (ROOT / "gateways").iterdir() if (p / "translate.py").is_file())
+
+#: module → imported names that do I/O ("*": the whole module)
+TRANSPORT_IO: dict[str, dict[str, set[str]]] = {
+    "email": {"aiosmtplib": {"*"}, "aiosmtpd.smtp": {"SMTP"}, "aiosmtpd.controller": {"*"}},
+    "mqtt": {"paho.mqtt.client": {"Client"}, "paho.mqtt": {"client"}},
+}
+#: stdlib I/O that belongs in connection.py only
+STDLIB_IO = {"socket", "ssl", "selectors", "asyncio.streams"}
+#: what makes a module impure
+IMPURE = {
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "threading",
+    "subprocess",
+    "channels",
+    "channels_redis",
+    "redis",
+    "core.service",
+    "core.layers",
+    "core.client",
+    "core.redis",
+    "core.cli",
+    "core.health",
+}
+CONFIG_STDLIB = {"__future__", "typing", "collections.abc", "pathlib", "enum", "re"}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str
+    names: frozenset[str]  # "*" for a plain `import module`
+    line: int
+
+    def within(self, prefix: str) -> bool:
+        return self.module == prefix or self.module.startswith(prefix + ".")
+
+
+def imports(path: Path) -> list[Import]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [Import(a.name, frozenset({"*"}), node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = frozenset(a.name for a in node.names)
+            found.append(Import(node.module, names, node.lineno))
+    return found
+
+
+def where(path: Path, item: Import) -> str:
+    return f"{path.relative_to(ROOT)}:{item.line}: {item.module} {sorted(item.names)}"
+
+
+def does_io(proto: str, item: Import) -> bool:
+    if any(item.within(m) for m in STDLIB_IO):
+        return True
+    for module, names in TRANSPORT_IO[proto].items():
+        if item.module == module and ("*" in names or "*" in item.names or item.names & names):
+            return True
+        if item.within(module) and item.module != module and "*" in names:
+            return True
+    return False
+
+
+def test_every_gateway_declares_its_transport_io() -> None:
+    assert GATEWAYS and set(GATEWAYS) == set(TRANSPORT_IO)
+
+
+@pytest.mark.parametrize("proto", GATEWAYS)
+def test_translate_is_pure(proto: str) -> None:
+    path = ROOT / "gateways" / proto / "translate.py"
+    bad = [
+        where(path, i)
+        for i in imports(path)
+        if any(i.within(m) for m in IMPURE) or i.within("gateways") or does_io(proto, i)
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("proto", GATEWAYS)
+def test_a_gateway_never_imports_another(proto: str) -> None:
+    bad = []
+    for path in sorted((ROOT / "gateways" / proto).rglob("*.py")):
+        for item in imports(path):
+            if item.within("gateways") and not item.within(f"gateways.{proto}"):
+                bad.append(where(path, item))
+    assert bad == []
+
+
+def test_core_imports_no_gateway() -> None:
+    bad = [
+        where(path, item)
+        for path in sorted((ROOT / "core").rglob("*.py"))
+        for item in imports(path)
+        if item.within("gateways")
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize("proto", GATEWAYS)
+def test_config_imports_only_core_config_and_pydantic(proto: str) -> None:
+    path = ROOT / "gateways" / proto / "config.py"
+    allowed = {*CONFIG_STDLIB, "pydantic", "core.config", f"gateways.{proto}.translate"}
+    bad = [where(path, i) for i in imports(path) if i.module not in allowed]
+    assert bad == []
+
+
+@pytest.mark.parametrize("proto", GATEWAYS)
+def test_only_connection_does_transport_io(proto: str) -> None:
+    bad = []
+    for path in sorted((ROOT / "gateways" / proto).glob("*.py")):
+        if path.name == "connection.py":
+            continue
+        bad += [where(path, item) for item in imports(path) if does_io(proto, item)]
+    assert bad == []
