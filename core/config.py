@@ -75,7 +75,10 @@ class GatewayConfig(Section):
         None, description="Layer path (DESIGN §3); --layer and GATEWAYS_LAYER override it."
     )
     channel: str | None = Field(None, description="Inbound channel; default: the name.")
-    command_channel: str | None = Field(None, description="Command channel; default NAME.send.")
+    # the YAML key is `command_channel`; the resolved name is the `command_channel` property
+    command_channel_setting: str | None = Field(
+        None, alias="command_channel", description="Command channel; default NAME.send."
+    )
     routes: dict[str, str] = Field(
         default_factory=dict,
         description="Per event type inbound channel, e.g. {mqtt.connect: ops}.",
@@ -85,7 +88,7 @@ class GatewayConfig(Section):
         10.0, gt=0, description="Seconds to drain in-flight work on SIGTERM before cancelling."
     )
 
-    _check_names = field_validator("name", "channel", "command_channel")(_channel_name)
+    _check_names = field_validator("name", "channel", "command_channel_setting")(_channel_name)
 
     @field_validator("routes")
     @classmethod
@@ -100,9 +103,9 @@ class GatewayConfig(Section):
         return self.channel or self.name
 
     @property
-    def commands_channel(self) -> str:
-        """Where consumers send commands for this integration."""
-        return self.command_channel or f"{self.name}.send"
+    def command_channel(self) -> str:
+        """Where consumers send commands for this integration (YAML ``command_channel``)."""
+        return self.command_channel_setting or f"{self.name}.send"
 
     def route(self, event_type: str) -> str:
         """The channel an inbound event of ``event_type`` goes to."""

@@ -234,7 +234,7 @@ class Gateway(Generic[C]):
 
     async def run(self) -> None:
         """Open the transport, serve commands until :meth:`stop`, then drain and close."""
-        self.reply_channel = await self.layer.new_channel(f"{self.config.commands_channel}.")
+        self.reply_channel = await self.layer.new_channel(f"{self.config.command_channel}.")
         try:
             await self.open()
         except StartupError:
@@ -242,7 +242,7 @@ class Gateway(Generic[C]):
         except OSError as exc:
             raise StartupError(describe_error(exc)) from exc
         loops = [
-            asyncio.create_task(self._command_loop(self.config.commands_channel)),
+            asyncio.create_task(self._command_loop(self.config.command_channel)),
             asyncio.create_task(self._command_loop(self.reply_channel)),
         ]
         self.started.set()
@@ -250,7 +250,7 @@ class Gateway(Generic[C]):
             "%s ready: events → %s, commands ← %s",
             self.name,
             self.config.inbound_channel,
-            self.config.commands_channel,
+            self.config.command_channel,
         )
         try:
             await self._stop.wait()
@@ -296,7 +296,7 @@ class Gateway(Generic[C]):
         ``reply_channel`` defaults to the command channel; pass ``reply_channel=self.reply_channel``
         when the answer must leave through this process's connection.
         """
-        reply = keys.pop("reply_channel", None) or self.config.commands_channel
+        reply = keys.pop("reply_channel", None) or self.config.command_channel
         return new_event(
             f"{self.protocol}.{type_}", gateway=self.name, reply_channel=reply, id=id, **keys
         )

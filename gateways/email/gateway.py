@@ -42,9 +42,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
 
     def __init__(self, config: EmailGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
-        self.email = config.email
-        self.server = SmtpServer(self.email, self)
-        self.relay = SmtpRelay(self.email.relay) if self.email.relay is not None else None
+        self.settings = config.email
+        self.server = SmtpServer(self.settings, self)
+        self.relay = SmtpRelay(self.settings.relay) if self.settings.relay is not None else None
         self._in_data = 0
         self._data_idle = asyncio.Event()
         self._data_idle.set()
@@ -56,7 +56,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             await self.server.start()
         except OSError as exc:
             raise StartupError(
-                f"cannot listen on {self.email.host}:{self.email.port}: {exc.strerror}"
+                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
             ) from exc
         self.metrics.connected.set(1)
 
@@ -85,7 +85,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        if not accepts_recipient(address, self.email.accept):
+        if not accepts_recipient(address, self.settings.accept):
             self.metrics.error("relay_denied")
             self.log.warning(
                 "%s: refused recipient %r from %s (not in email.accept)",
@@ -94,7 +94,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 session.peer[0],
             )
             return "550 5.7.1 Relaying denied: recipient not accepted here"
-        if len(envelope.rcpt_tos) >= self.email.max_recipients:
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -124,7 +124,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     async def _receive(self, session: Any, envelope: Any, stored: list[Path]) -> str:
         raw: bytes = envelope.original_content or b""
         peer = session.peer[0] if session.peer else None
-        if has_bare_lf(raw) and self.email.bare_lf == "reject":
+        if has_bare_lf(raw) and self.settings.bare_lf == "reject":
             self.metrics.error("bare_lf")
             self.log.warning("%s: refused mail from %s: bare LF line ending", self.name, peer)
             return "550 5.5.2 Bare LF line endings are not accepted (RFC 5321 2.3.8)"
@@ -137,7 +137,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 ", ".join(keys["defects"][:5]),
             )
         keys["attachments"] = await self._store_large(keys["attachments"], stored)
-        if self.email.include_raw:
+        if self.settings.include_raw:
             keys["raw"] = raw
         event = self.event(
             "receive",
@@ -150,7 +150,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             **keys,
         )
         try:
-            accepted = await self.publish(event, timeout=self.email.accept_timeout)
+            accepted = await self.publish(event, timeout=self.settings.accept_timeout)
         except EventRefused as exc:
             if exc.reason != "too_large":
                 raise  # a fault of ours: handle_exception answers 451
@@ -167,7 +167,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 self.name,
                 peer,
                 keys["message_id"],
-                self.email.accept_timeout,
+                self.settings.accept_timeout,
             )
             return "451 4.3.0 Temporarily unable to accept the message, try again later"
         self.log.info(
@@ -183,12 +183,12 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     async def _store_large(
         self, attachments: list[dict[str, Any]], stored: list[Path]
     ) -> list[dict[str, Any]]:
-        store = self.email.attachment_store
+        store = self.settings.attachment_store
         if store is None:
             return attachments
         out = []
         for item in attachments:
-            if item["size"] <= self.email.max_inline_attachment:
+            if item["size"] <= self.settings.max_inline_attachment:
                 out.append(item)
                 continue
             name = _UNSAFE_FILENAME.sub("_", item["filename"] or "attachment")[:80]

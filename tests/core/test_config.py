@@ -60,7 +60,7 @@ def test_env_expansion_and_defaults(tmp_path: Path) -> None:
     assert config.demo.password is not None
     assert config.demo.password.get_secret_value() == "pa$word"
     assert config.inbound_channel == "sensors"
-    assert config.commands_channel == "sensors.send"
+    assert config.command_channel == "sensors.send"
     assert config.route("demo.x") == "sensors"
 
 
@@ -158,7 +158,7 @@ def test_routes_and_channels(tmp_path: Path) -> None:
     config = load_config(path, DemoConfig)
     assert config.route("demo.connect") == "ops"
     assert config.route("demo.message") == "inbox"
-    assert config.commands_channel == "outbox"
+    assert config.command_channel == "outbox"
     assert config.consumer_channels() == ["inbox", "ops"]
     with pytest.raises(ConfigError, match="routes: must be letters"):
         load_config(

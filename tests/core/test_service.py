@@ -78,7 +78,7 @@ async def echo(request: pytest.FixtureRequest) -> AsyncIterator[EchoGateway]:
 
 async def command(gateway: EchoGateway, message: dict[str, Any]) -> dict[str, Any]:
     layer = gateway.layer
-    await layer.send(gateway.config.commands_channel, {**message, "result_channel": "results"})
+    await layer.send(gateway.config.command_channel, {**message, "result_channel": "results"})
     result: dict[str, Any] = await asyncio.wait_for(layer.receive("results"), 5)
     return result
 
@@ -158,8 +158,8 @@ def test_subclasses_inherit_and_extend_the_registry() -> None:
 
 
 async def test_command_without_result_channel_and_non_dict(echo: EchoGateway) -> None:
-    await echo.layer.send(echo.config.commands_channel, {"type": "echo.bogus"})
-    await echo.layer.send(echo.config.commands_channel, {"type": "echo.say", "text": "a"})
+    await echo.layer.send(echo.config.command_channel, {"type": "echo.bogus"})
+    await echo.layer.send(echo.config.command_channel, {"type": "echo.say", "text": "a"})
     assert (await command(echo, {"type": "echo.say", "text": "b"}))["ok"]
     assert "a" in echo.sent and "b" in echo.sent
     assert await echo.dispatch(["not", "a", "dict"]) is None

@@ -48,7 +48,7 @@ def test_minimal_file_and_defaults(tmp_path: Path) -> None:
     config = load(tmp_path, "accept: [example.com]")
     assert config.gateway == "email" and config.name == "support-mail"
     assert config.inbound_channel == "support-mail"
-    assert config.commands_channel == "support-mail.send"
+    assert config.command_channel == "support-mail.send"
     email = config.email
     assert (email.host, email.port) == ("127.0.0.1", 2525)
     assert email.max_message_size == 10 * 1024 * 1024

@@ -717,9 +717,7 @@ async def command(
     gateway: EmailGateway, message: dict[str, Any], *, results: str = "results"
 ) -> dict[str, Any]:
     """Send ``message`` (with a result channel) on the command channel; its result."""
-    await gateway.layer.send(
-        gateway.config.commands_channel, {**message, "result_channel": results}
-    )
+    await gateway.layer.send(gateway.config.command_channel, {**message, "result_channel": results})
     return await receive(gateway, results)
 
 
@@ -869,7 +867,7 @@ async def test_invalid_commands_are_answered_and_the_loop_goes_on(sink: SmtpSink
     async with running(relay_config(sink)) as gw:
         invalid_before = metric("gateway_commands_total", type="email.send", outcome="invalid")
         # one without a result channel: nobody hears of it, and nothing stops
-        await gw.layer.send(gw.config.commands_channel, {"type": "email.send"})
+        await gw.layer.send(gw.config.command_channel, {"type": "email.send"})
         for message, error in invalid:
             result = await command(gw, message)
             assert result["type"] == "email.result" and result["ok"] is False, result
