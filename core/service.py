@@ -1,17 +1,27 @@
 """The gateway service base: lifecycle, command loop, layer hand-off with backpressure.
 
-A gateway subclass fills in four hooks and one method per command::
+A gateway subclass fills in four hooks and registers one handler per command::
 
     class MqttGateway(Gateway[MqttGatewayConfig]):
         protocol = "mqtt"
         config_model = MqttGatewayConfig
+
+        def __init__(self, config: MqttGatewayConfig, layer: ChannelLayer) -> None:
+            super().__init__(config, layer)
+            self.settings = config.mqtt            # its section: `settings` in every gateway
 
         async def open(self) -> None: ...      # connect; raise to fail start-up
         async def drain(self) -> None: ...     # stop taking inbound work, finish in-flight work
         async def close(self) -> None: ...     # close the transport
         def readiness(self) -> list[str]: ...  # reasons it is not ready ([] = ready)
 
+        @handles("mqtt.publish")
         async def handle_publish(self, command: Command) -> dict[str, Any] | None: ...
+
+Commands are an explicit registry (:func:`handles` → :attr:`Gateway.commands`), never a method
+looked up from message text: anything unregistered is answered ``unknown command '<type>'``
+and counted under one ``type="unknown"`` label. A handler raises
+:class:`core.envelope.CommandError` for ``ok: false`` with its text.
 
 Lifecycle (uvicorn's shape): :meth:`Gateway.run` calls ``open()``, serves the command and
 reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binaries), then
@@ -21,7 +31,13 @@ stops taking commands, lets ``drain()`` and in-flight commands finish within
 Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while
 the layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when
 the deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld
-MQTT ack, HTTP 503). Transports with no pushback put events in an :class:`EventBuffer`.
+MQTT ack, HTTP 503). What no layer can ever take (over 1 MB as msgpack, not msgpack-safe) is
+refused at once with :class:`EventRefused`, logged and counted, never retried. Transports with
+no pushback put events in an :class:`EventBuffer`, which skips (logs, counts) a bad event and
+never stops.
+
+Client-side transports build on :mod:`core.client` (reconnects), pace sends with
+:mod:`core.pacer` and keep their own Redis keys through :mod:`core.redis`.
 """
 
 from __future__ import annotations
