@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
-__all__ = ["MAX_LINE", "clip", "redact", "register_secret", "setup_logging"]
+__all__ = ["MAX_LINE", "RepeatFilter", "clip", "redact", "register_secret", "setup_logging"]
 
 #: characters of one formatted log line (message and traceback) before it is cut
 MAX_LINE = 16 * 1024
@@ -62,6 +63,41 @@ def redact(text: str) -> str:
     return text
 
 
+class RepeatFilter(logging.Filter):
+    """Passes one record of each kind every ``interval`` seconds; the next one says how many
+    were held back.
+
+    A record's kind is its logger and the first line of its message. On the ``asyncio`` logger:
+    when descriptors run out, CPython 3.11's accept loop (``_accept_connection``) reports EMFILE
+    once per pending connection and re-arms once each, and the log grew by 8-10k lines a second
+    (1 GB in five minutes; issue 14, item 8).
+    """
+
+    #: kinds remembered at once; more are forgotten together (a flood has few kinds)
+    MAX_KINDS = 256
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._kinds: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg).partition("\n")[0][:200])
+        now = time.monotonic()
+        seen = self._kinds.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return False
+        held = 0 if seen is None else int(seen[1])
+        if len(self._kinds) >= self.MAX_KINDS:
+            self._kinds.clear()
+        self._kinds[key] = [now, 0]
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like this not logged)"
+            record.args = None
+        return True
+
+
 class RedactingFormatter(logging.Formatter):
     """Formats as usual, then redacts the whole line (message, arguments and traceback)."""
 
@@ -86,5 +122,8 @@ def setup_logging(level: str | int = "INFO") -> None:
     handler._gateways = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, RepeatFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(RepeatFilter())
     # aiosmtpd logs every SMTP line at INFO under "mail.log"; one line per mail is ours to write
     logging.getLogger("mail.log").setLevel(logging.WARNING)

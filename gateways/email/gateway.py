@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
+from core.logs import clip
 from core.service import Backoff, Gateway, StartupError
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.connection import RelayError, SmtpRelay, SmtpServer
@@ -25,8 +26,10 @@ from gateways.email.translate import (
     InvalidMail,
     accepts_recipient,
     build_mail,
+    envelope_address_refusal,
     has_bare_lf,
     parse_mail,
+    same_mailbox,
 )
 
 __all__ = ["EmailGateway"]
@@ -45,7 +48,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     def __init__(self, config: EmailGatewayConfig, layer: Any) -> None:
         super().__init__(config, layer)
         self.email = config.email
-        self.server = SmtpServer(self.email, self)
+        self.server = SmtpServer(
+            self.email, self, on_refused=lambda: self.metrics.error("too_many_connections")
+        )
         self.relay = SmtpRelay(self.email.relay) if self.email.relay is not None else None
         self._in_data = 0
         self._data_idle = asyncio.Event()
@@ -54,6 +59,14 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
+        relay = self.email.relay
+        if relay is not None and relay.tls != "none" and not relay.validate_certs:
+            self.log.warning(
+                "%s: email.relay.validate_certs is false: the relay's certificate is not "
+                "checked, so anyone on the path to %s can read and change outgoing mail",
+                self.name,
+                relay.host,
+            )
         try:
             await self.server.start()
         except OSError as exc:
@@ -80,6 +93,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     ) -> str:
         if self.stopping:
             return "421 4.3.2 Service shutting down, try again later"
+        refusal = envelope_address_refusal(address, smtputf8=envelope.smtp_utf8, sender=True)
+        if refusal is not None:
+            return self._refuse_address("sender", address, session, refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -87,20 +103,39 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        refusal = envelope_address_refusal(address, smtputf8=envelope.smtp_utf8, sender=False)
+        if refusal is not None:
+            return self._refuse_address("recipient", address, session, refusal)
         if not accepts_recipient(address, self.email.accept):
             self.metrics.error("relay_denied")
             self.log.warning(
-                "%s: refused recipient %r from %s (not in email.accept)",
+                "%s: refused recipient %s from %s (not in email.accept)",
                 self.name,
-                address,
+                clip(address),
                 session.peer[0],
             )
             return "550 5.7.1 Relaying denied: recipient not accepted here"
+        key = same_mailbox(address)
+        if any(same_mailbox(known) == key for known in envelope.rcpt_tos):
+            # a repeated RCPT is one recipient: consumers saw it twice in rcpt_to
+            return "250 OK (duplicate recipient)"
         if len(envelope.rcpt_tos) >= self.email.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 OK"
+
+    def _refuse_address(self, role: str, address: str, session: Any, reply: str) -> str:
+        self.metrics.error("bad_address")
+        self.log.warning(
+            "%s: refused %s %s from %s: %s",
+            self.name,
+            role,
+            clip(address.encode("utf-8", "surrogateescape").decode("utf-8", "replace")),
+            session.peer[0] if session.peer else None,
+            reply,
+        )
+        return reply
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self._in_data += 1
@@ -136,7 +171,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 "%s: mail from %s has MIME defects: %s",
                 self.name,
                 peer,
-                ", ".join(keys["defects"][:5]),
+                ", ".join(clip(d, 100) for d in keys["defects"][:5]),
             )
         keys["attachments"] = await self._store_large(keys["attachments"], stored)
         if self.email.include_raw:
@@ -152,6 +187,11 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             **keys,
         )
         size = len(msgpack.packb(event, use_bin_type=True))
+        if size > MAX_MESSAGE_BYTES and self.email.attachment_store is not None:
+            # a 2 MB text/plain mail within the advertised SIZE got 552 (issue 14, item 9):
+            # with a store, the bodies go there as the attachments do
+            await self._store_bodies(event, stored)
+            size = len(msgpack.packb(event, use_bin_type=True))
         if size > MAX_MESSAGE_BYTES:
             self.metrics.error("too_large_for_layer")
             self.log.warning(
@@ -168,16 +208,16 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 "%s: answered 451 to %s for %s: layer did not accept it within %.0f s",
                 self.name,
                 peer,
-                keys["message_id"],
+                clip(keys["message_id"]),
                 self.email.accept_timeout,
             )
             return "451 4.3.0 Temporarily unable to accept the message, try again later"
         self.log.info(
             "%s: accepted %s from %s for %s (%d bytes)",
             self.name,
-            keys["message_id"],
-            envelope.mail_from,
-            ",".join(envelope.rcpt_tos),
+            clip(keys["message_id"]),
+            clip(envelope.mail_from),
+            clip(",".join(envelope.rcpt_tos)),
             len(raw),
         )
         return "250 2.0.0 OK: queued"
@@ -199,6 +239,22 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             await asyncio.to_thread(_write_file, path, item["content"])
             out.append({**item, "content": None, "path": str(path)})
         return out
+
+    async def _store_bodies(self, event: dict[str, Any], stored: list[Path]) -> None:
+        store = self.email.attachment_store
+        assert store is not None
+        for key, suffix in (("text", "txt"), ("html", "html")):
+            value = event[key]
+            if value is None or len(value) <= self.email.max_inline_attachment // 4:
+                continue  # at most 4 bytes a character: this one fits however it is encoded
+            data = value.encode("utf-8")
+            if len(data) <= self.email.max_inline_attachment:
+                continue
+            path = Path(store) / f"{uuid.uuid4().hex}-body.{suffix}"
+            stored.append(path)
+            await asyncio.to_thread(_write_file, path, data)
+            event[key] = None
+            event[f"{key}_path"] = str(path)
 
     # -- commands ----------------------------------------------------------------------------
 

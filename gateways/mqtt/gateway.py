@@ -28,6 +28,7 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
 
 from core.envelope import Command, CommandError
+from core.logs import clip
 from core.service import LAYER_ERRORS, Backoff, EventBuffer, Gateway, StartupError, describe_error
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.connection import (
@@ -289,10 +290,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         if inbound.too_large:
             self.metrics.dropped("too_large")
             self.log.warning(
-                "%s: dropped a %d-byte message on %r: over mqtt.max_payload (%d bytes)",
+                "%s: dropped a %d-byte message on %s: over mqtt.max_payload (%d bytes)",
                 self.name,
                 inbound.size,
-                inbound.topic,
+                clip(inbound.topic),
                 self.settings.max_payload,
             )
             self.connection.ack(inbound.mid, inbound.qos, generation)
@@ -338,11 +339,11 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 # not a layer outage (those are retried): this event can never be sent
                 self.metrics.dropped("unsendable")
                 self.log.error(
-                    "%s: cannot hand message %s on %r to %r (%s); acknowledging it so the broker "
+                    "%s: cannot hand message %s on %s to %r (%s); acknowledging it so the broker "
                     "does not resend it forever",
                     self.name,
-                    event["id"],
-                    event["topic"],
+                    clip(event["id"]),
+                    clip(event["topic"]),
                     channel,
                     describe_error(exc),
                 )
@@ -379,16 +380,19 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             state.refused = reason.getName() if reason is not None else "no reason code"
             self.metrics.error("subscribe")
             self.log.error(
-                "%s: the broker refused the subscription %r: %s", self.name, filter_, state.refused
+                "%s: the broker refused the subscription %s: %s",
+                self.name,
+                clip(filter_),
+                state.refused,
             )
         else:
             state.granted = int(reason.value)
             wanted = self.table.subscription(filter_)
             if wanted is not None and state.granted < wanted.qos:
                 self.log.info(
-                    "%s: %r granted at QoS %d (asked for %d)",
+                    "%s: %s granted at QoS %d (asked for %d)",
                     self.name,
-                    filter_,
+                    clip(filter_),
                     state.granted,
                     wanted.qos,
                 )
@@ -405,9 +409,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             reason = _reason(await self._until(asyncio.shield(future), deadline))
             if reason is not None and reason.is_failure:
                 self.log.warning(
-                    "%s: the broker refused to unsubscribe %r: %s",
+                    "%s: the broker refused to unsubscribe %s: %s",
                     self.name,
-                    filter_,
+                    clip(filter_),
                     reason.getName(),
                 )
 
@@ -574,9 +578,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             if changed or state is None or state.refused is not None:
                 state = self._send_subscribe(sub)
         self.log.info(
-            "%s: run-time subscription %r (QoS %d) → %r",
+            "%s: run-time subscription %s (QoS %d) → %r",
             self.name,
-            route.filter,
+            clip(route.filter),
             route.qos,
             route.channel,
         )
@@ -639,10 +643,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 self._send_subscribe(after)
         if doomed:
             self.log.info(
-                "%s: removed %d run-time subscription(s) of %r",
+                "%s: removed %d run-time subscription(s) of %s",
                 self.name,
                 len(doomed),
-                action.filter,
+                clip(action.filter),
             )
             await self._notify_replicas()
         return {"topic": action.filter, "removed": len(doomed)}

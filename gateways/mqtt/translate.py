@@ -9,6 +9,7 @@ House rules (MQTT 5.0 §4.7 and §4.8; MQTT 3.1.1 §4.7 says the same for everyt
   level (§4.7.1). ``$share/{group}/{filter}`` is a shared subscription (§4.8.2): the group is
   non-empty and has no ``/``, ``+`` or ``#``; messages are matched against the part after it.
 * A filter that starts with a wildcard does not match a topic that starts with ``$`` (§4.7.2).
+  Such topics belong to the broker (``$SYS/…``): ``mqtt.publish`` refuses them.
 * Every event is msgpack-safe (DESIGN §3). A payload decoded as JSON is checked before it goes
   out; one that cannot be sent as it is (an integer beyond 64 bits, a lone surrogate, very deep
   nesting) is delivered as bytes with ``payload_error`` saying why. Nothing is dropped for its
@@ -759,6 +760,13 @@ def parse_publish(body: Mapping[str, Any], *, mqtt5: bool) -> Publish:
     """Validate the keys of an ``mqtt.publish`` command; raise :class:`InvalidCommand`."""
     _check_keys(body, _PUBLISH_KEYS, "mqtt.publish")
     topic = _topic_arg(body, validate_topic)
+    if topic.startswith("$"):
+        # $SYS/… and the like belong to the broker: mosquitto drops the whole connection on a
+        # QoS 1 publish there, and every in-flight message with it (issue 14, item 11)
+        raise InvalidCommand(
+            f"topic {topic[:60]!r} starts with '$': such topics belong to the broker "
+            "(MQTT 4.7.2), publishing there is refused"
+        )
     properties = publish_properties(body.get("properties"))
     if properties is not None and not mqtt5:
         raise InvalidCommand("properties need MQTT 5 (mqtt.protocol: 5 in the YAML)")
