@@ -346,3 +346,41 @@ async def test_descriptor_exhaustion_is_logged_once_not_per_attempt(
     # CPython 3.11 logged EMFILE once per pending connection and re-armed once each: thousands
     # of lines a second; one line per kind per 10 s now (the run takes less than that)
     assert output.count("socket.accept() out of system resource") <= 2, output[-3000:]
+
+
+# -- item 5: readiness comes back with Redis, without traffic ---------------------------------
+
+
+async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` (in a thread) until it is true; bounded so a bug fails, not hangs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(predicate):
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def send_mail(port: int) -> int:
+    """One mail with smtplib; the SMTP code of the answer to DATA (or of the refusal)."""
+    try:
+        with smtplib.SMTP(HOST, port, timeout=30) as client:
+            client.sendmail("a@example.org", ["bob@example.com"], mail("probe"))
+    except smtplib.SMTPResponseException as exc:
+        return int(exc.smtp_code)
+    return 250
+
+
+async def test_readyz_recovers_when_redis_is_back_without_traffic(
+    tmp_path: Path, redis_server: RedisServer, processes: list[EmailProcess]
+) -> None:
+    processes.append(gateway := EmailProcess(tmp_path, redis_server, accept_timeout=1))
+    await until(lambda: gateway.get("/readyz")[0] == 200, "/readyz 200")
+    await asyncio.to_thread(redis_server.kill)
+    assert await asyncio.to_thread(send_mail, gateway.smtp_port) == 451
+    status, body = await asyncio.to_thread(gateway.get, "/readyz")
+    assert status == 503 and "layer unreachable" in body
+    await asyncio.to_thread(redis_server.start)
+    # no mail, no command: only the gateway's own probe can see that Redis is back
+    await until(lambda: gateway.get("/readyz")[0] == 200, "/readyz 200 after the restart")
+    assert await asyncio.to_thread(send_mail, gateway.smtp_port) == 250
