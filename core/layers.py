@@ -203,10 +203,7 @@ def _django_layer(path: str) -> Any:
     except Exception as exc:
         raise LayerPathError.of(path, str(exc)) from None
     if layer is None:
-        raise LayerPathError.of(
-            path,
-            f"CHANNEL_LAYERS has no {alias or 'default'!r} entry"
-        )
+        raise LayerPathError.of(path, f"CHANNEL_LAYERS has no {alias or 'default'!r} entry")
     return layer
 
 
@@ -255,9 +252,7 @@ def resolve_layer(path: str) -> Any:
     if ":" in path:
         return _import_layer(path)
     raise LayerPathError.of(
-        path,
-        "expected redis://…, memory://, django[:ALIAS] "
-        "or package.module:attr"
+        path, "expected redis://…, memory://, django[:ALIAS] or package.module:attr"
     )
 
 

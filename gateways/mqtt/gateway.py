@@ -565,7 +565,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             previous = self.table.find(route.filter, route.channel)
             if previous is not None and previous.static:
                 raise CommandError(
-                    f"{route.filter!r} → {route.channel!r} is a static subscription (YAML)"
+                    f"{clip(route.filter)} → {route.channel!r} is a static subscription (YAML)"
                 )
             try:
                 await self.store.save(route)
@@ -589,7 +589,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         except TimeoutError:
             why = self.connection.last_error or "no SUBACK"
             raise CommandError(
-                f"the broker did not confirm {route.filter!r} within "
+                f"the broker did not confirm {clip(route.filter)} within "
                 f"{self.settings.command_timeout:g} s ({why}); the subscription is kept and "
                 "sent again on every reconnect"
             ) from None
@@ -606,7 +606,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                         await self.store.delete(route.filter, route.channel)
                 if route.filter not in self.table:
                     self._filters.pop(route.filter, None)
-            raise CommandError(f"the broker refused the subscription {route.filter!r}: {refused}")
+            raise CommandError(
+                f"the broker refused the subscription {clip(route.filter)}: {refused}"
+            )
         await self._notify_replicas()
         return {
             "topic": route.filter,
@@ -627,7 +629,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             doomed = [r for r in routes if not r.static and action.channel in (None, r.channel)]
             if not doomed and any(r.static and action.channel in (None, r.channel) for r in routes):
                 raise CommandError(
-                    f"{action.filter!r} is a static subscription: remove it from the YAML"
+                    f"{clip(action.filter)} is a static subscription: remove it from the YAML"
                 )
             try:
                 for route in doomed:
