@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from core.logs import MAX_LINE, clip, redact, setup_logging
+from core.logs import MAX_LINE, RepeatFilter, clip, redact, setup_logging
 
 # Runs of the characters a URL scheme is made of, and "://" repeated without an "@": the old
 # pattern rescanned the rest of the run from every position (25 s for 65,535 letters).
@@ -75,3 +75,26 @@ def test_formatter_cuts_overlong_lines(capfd: pytest.CaptureFixture[str]) -> Non
     err = capfd.readouterr().err
     assert len(err) < MAX_LINE + 200
     assert "more characters cut" in err
+
+
+def test_repeated_records_pass_once_per_interval_with_a_count() -> None:
+    # CPython 3.11's accept loop logs EMFILE once per waiting connection: thousands a second
+    throttle = RepeatFilter(interval=3600)
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, args, None)
+
+    first = record("socket.accept() out of system resource\nsocket: fd=6")
+    assert throttle.filter(first)
+    assert not any(
+        throttle.filter(record("socket.accept() out of system resource\nfd=7")) for _ in range(99)
+    )
+    assert throttle.filter(record("another kind %d", 1))  # other kinds are not held back
+    throttle.interval = 0  # the interval passed: the next one tells how many were held
+    again = record("socket.accept() out of system resource\nsocket: %s", "fd=8")
+    assert throttle.filter(again)
+    assert again.getMessage().endswith("(99 more like this not logged)")
+    assert throttle.filter(record("socket.accept() out of system resource"))
+    for n in range(RepeatFilter.MAX_KINDS + 1):  # memory stays bounded
+        throttle.filter(record(f"kind {n}"))
+    assert len(throttle._kinds) <= RepeatFilter.MAX_KINDS
