@@ -117,6 +117,8 @@ def same_mailbox(address: str) -> str:
 def _bare_cr_in_headers(raw: bytes, defects: list[str]) -> bytes:
     """``raw`` with each bare CR in the top-level header block replaced by a space.
 
+    The header blocks of MIME parts follow in :func:`_bare_cr_in_part_headers`.
+
     The stdlib parser ends a header line at a bare CR, so ``Subject: x\rX-Injected: yes``
     reached consumers as two headers, with no defect (issue 14, item 6). A space keeps the
     text of the header and its line where the sender put them, and the defect says so.
@@ -127,6 +129,36 @@ def _bare_cr_in_headers(raw: bytes, defects: list[str]) -> bytes:
         return raw
     defects.append("BareCarriageReturnInHeaderDefect")
     return _BARE_CR.sub(b" ", raw[:end]) + raw[end:]
+
+
+def _bare_cr_in_part_headers(raw: bytes, msg: Message) -> bytes | None:
+    """``raw`` with bare CRs in the header blocks of MIME parts replaced, or ``None`` if none.
+
+    Part headers decide what a part is (``Content-Type: text/plain\rContent-Disposition: …``
+    split the same way). Only the lines between a delimiter of a boundary the parser found and
+    the next empty line are touched: a bare CR in a body is content and stays.
+    """
+    boundaries = set()
+    for part in msg.walk():
+        boundary = part.get_boundary()
+        if boundary:
+            boundaries.add(boundary.encode("utf-8", "surrogateescape"))
+    if not boundaries:
+        return None
+    lines = raw.split(b"\n")
+    in_header = changed = False
+    for i, line in enumerate(lines):
+        text = line[:-1] if line.endswith(b"\r") and i < len(lines) - 1 else line
+        if in_header:
+            if not text:
+                in_header = False
+            elif b"\r" in text:
+                lines[i] = text.replace(b"\r", b" ") + line[len(text) :]
+                changed = True
+        elif text.startswith(b"--"):
+            # "--boundary" opens a part's headers; "--boundary--" closes the multipart
+            in_header = text[2:].rstrip(b" \t") in boundaries
+    return b"\n".join(lines) if changed else None
 
 
 def _text(value: Any) -> str:
@@ -279,6 +311,12 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
     found: list[str] = []
     raw = _bare_cr_in_headers(raw, found)
     msg = email.message_from_bytes(raw, policy=_POLICY.clone(header_factory=_HeaderFactory()))
+    if msg.is_multipart() and _BARE_CR.search(raw):
+        cleaned = _bare_cr_in_part_headers(raw, msg)
+        if cleaned is not None:
+            found.append("BareCarriageReturnInHeaderDefect")
+            policy = _POLICY.clone(header_factory=_HeaderFactory())
+            msg = email.message_from_bytes(cleaned, policy=policy)
     defects: list[str] = [*found, *(type(d).__name__ for d in msg.defects)]
     headers: list[list[str]] = []
     for name, value in msg.raw_items():

@@ -212,6 +212,25 @@ def test_bare_cr_in_headers(raw: bytes, subject: str | None, defect: bool) -> No
         assert keys["text"] == "body\rkept\n"
 
 
+def test_bare_cr_in_a_part_header_does_not_split_it() -> None:
+    raw = (
+        b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="BB"\r\n\r\n'
+        b"--BB\r\nContent-Type: text/plain\r\n\r\nhello\rworld\r\n"
+        b"--BB\r\nContent-Type: application/octet-stream\r"
+        b"Content-Disposition: attachment; filename=evil.exe\r\n\r\nAAAA\r\n--BB--\r\n"
+    )
+    keys = parse_mail(raw)
+    assert keys["text"] == "hello\rworld"  # a CR in a body is content
+    [attachment] = keys["attachments"]
+    assert attachment["filename"] is None  # the injected header is no header
+    assert "BareCarriageReturnInHeaderDefect" in keys["defects"]
+    # without bare CRs in part headers, a multipart mail is parsed once, as it was
+    clean = parse_mail(raw.replace(b"\r" + b"Content-Disposition", b"\r\nContent-Disposition"))
+    assert clean["attachments"][0]["filename"] == "evil.exe"
+    assert "BareCarriageReturnInHeaderDefect" not in clean["defects"]
+
+
 # -- inbound: parse_mail --------------------------------------------------------------------
 
 PLAIN = (
