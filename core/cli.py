@@ -209,8 +209,8 @@ def _prepare(
     layer = resolve_layer(path)
     if is_memory_layer(layer) and not allow_memory:
         raise UsageError(
-            f"layer {path!r} only works when the consumers run in the same process: "
-            "use `gateways run FILE --app module:application`, or a Redis layer"
+            f"layer {describe_layer(path)!r} only works when the consumers run in the same "
+            "process: use `gateways run FILE --app module:application`, or a Redis layer"
         )
     log.info("layer %s", describe_layer(path))
     return [cls(config, layer) for config, cls in configs], layer

@@ -27,6 +27,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from channels_redis.core import RedisChannelLayer as _ChannelsRedisLayer
 from redis import exceptions as redis_errors
 
+from core.logs import redact
+
 __all__ = [
     "LayerPathError",
     "RedisChannelLayer",
@@ -57,25 +59,37 @@ _REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 class LayerPathError(ValueError):
     """The layer path is malformed or names nothing usable. The message is one line."""
 
+    @classmethod
+    def of(cls, path: str, reason: str) -> LayerPathError:
+        """The error for ``path``, shown with its password replaced.
+
+        The message reaches stderr and logs: ``redis://:S3cret@…?capacity=abc`` printed the
+        password in clear (issue 14, item 4).
+        """
+        return cls(redact(f"invalid layer path {describe_layer(path)!r}: {reason}"))
+
 
 def _int_param(path: str, name: str, raw: str) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise LayerPathError(f"invalid layer path {path!r}: {name} must be an integer") from None
+        raise LayerPathError.of(path, f"{name} must be an integer") from None
     if value <= 0:
-        raise LayerPathError(f"invalid layer path {path!r}: {name} must be positive")
+        raise LayerPathError.of(path, f"{name} must be positive")
     return value
 
 
 def _redis_layer(path: str) -> Any:
-    parts = urlsplit(path)
+    try:
+        parts = urlsplit(path)
+    except ValueError as exc:  # "Invalid IPv6 URL" escaped as a traceback
+        raise LayerPathError.of(path, str(exc)) from None
     if not parts.hostname:
-        raise LayerPathError(f"invalid layer path {path!r}: no host")
+        raise LayerPathError.of(path, "no host")
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
-        raise LayerPathError(f"invalid layer path {path!r}: bad port") from None
+        raise LayerPathError.of(path, "bad port") from None
     options: dict[str, Any] = {}
     kept: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query):
@@ -145,7 +159,7 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
             "CONFIG": {"capacity": layer.capacity, "expiry": layer.expiry},
         }
     if not isinstance(layer, RedisChannelLayer):
-        raise LayerPathError(f"invalid layer path {path!r}: only redis:// and memory:// fit here")
+        raise LayerPathError.of(path, "only redis:// and memory:// fit here")
     return {
         "BACKEND": "core.layers.RedisChannelLayer",
         "CONFIG": {
@@ -158,13 +172,16 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
 
 
 def _memory_layer(path: str) -> Any:
-    parts = urlsplit(path)
+    try:
+        parts = urlsplit(path)
+    except ValueError as exc:
+        raise LayerPathError.of(path, str(exc)) from None
     if parts.netloc or parts.path not in ("", "/"):
-        raise LayerPathError(f"invalid layer path {path!r}: memory:// takes no host or path")
+        raise LayerPathError.of(path, "memory:// takes no host or path")
     options: dict[str, Any] = {}
     for key, value in parse_qsl(parts.query):
         if key not in ("capacity", "expiry"):
-            raise LayerPathError(f"invalid layer path {path!r}: unknown option {key!r}")
+            raise LayerPathError.of(path, f"unknown option {key!r}")
         options[key] = _int_param(path, key, value)
     from channels.layers import InMemoryChannelLayer
 
@@ -174,7 +191,7 @@ def _memory_layer(path: str) -> Any:
 def _django_layer(path: str) -> Any:
     alias = path.partition(":")[2] or None
     if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        raise LayerPathError(f"invalid layer path {path!r}: DJANGO_SETTINGS_MODULE is not set")
+        raise LayerPathError.of(path, "DJANGO_SETTINGS_MODULE is not set")
     import django
     from django.conf import settings
 
@@ -185,11 +202,9 @@ def _django_layer(path: str) -> Any:
 
         layer = get_channel_layer(alias or DEFAULT_CHANNEL_LAYER)
     except Exception as exc:
-        raise LayerPathError(f"invalid layer path {path!r}: {exc}") from None
+        raise LayerPathError.of(path, str(exc)) from None
     if layer is None:
-        raise LayerPathError(
-            f"invalid layer path {path!r}: CHANNEL_LAYERS has no {alias or 'default'!r} entry"
-        )
+        raise LayerPathError.of(path, f"CHANNEL_LAYERS has no {alias or 'default'!r} entry")
     return layer
 
 
@@ -211,12 +226,12 @@ def _import_layer(path: str) -> Any:
     try:
         target = import_object(path)
     except ValueError as exc:
-        raise LayerPathError(f"invalid layer path {path!r}: {exc}") from None
+        raise LayerPathError.of(path, str(exc)) from None
     attr = path.partition(":")[2]
     if callable(target) and not hasattr(target, "send"):
         target = target()
     if not all(hasattr(target, name) for name in ("send", "receive", "new_channel")):
-        raise LayerPathError(f"invalid layer path {path!r}: {attr} is not a channel layer")
+        raise LayerPathError.of(path, f"{attr} is not a channel layer")
     return target
 
 
@@ -232,14 +247,13 @@ def resolve_layer(path: str) -> Any:
     if scheme == "memory":
         return _memory_layer(path)
     if scheme:
-        raise LayerPathError(f"invalid layer path {path!r}: unknown scheme {scheme!r}")
+        raise LayerPathError.of(path, f"unknown scheme {scheme!r}")
     if path == "django" or path.startswith("django:"):
         return _django_layer(path)
     if ":" in path:
         return _import_layer(path)
-    raise LayerPathError(
-        f"invalid layer path {path!r}: expected redis://…, memory://, django[:ALIAS] "
-        "or package.module:attr"
+    raise LayerPathError.of(
+        path, "expected redis://…, memory://, django[:ALIAS] or package.module:attr"
     )
 
 
@@ -251,10 +265,16 @@ def is_memory_layer(layer: Any) -> bool:
 
 
 def describe_layer(path: str) -> str:
-    """The layer path with any password replaced, for logs."""
-    parts = urlsplit(path)
-    if parts.password is None:
+    """The layer path with any password replaced, for logs and error messages.
+
+    Read by hand rather than with ``urlsplit``: a password with a raw ``/`` in it
+    (``redis://:pa/ss@host``) is no password to ``urlsplit``, which then found "no host" and
+    the error printed the path whole.
+    """
+    scheme, sep, rest = path.partition("://")
+    authority = rest.split("?", 1)[0].split("#", 1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not sep or not at or not colon:
         return path
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+    return f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"

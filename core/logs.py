@@ -3,6 +3,11 @@
 Every secret the configuration loads is registered here; a filter on the root handler replaces
 any registered value, and the password part of any ``scheme://user:password@host`` URL, with
 ``***`` before a record is written, whatever logger produced it.
+
+Log lines carry text that senders chose (a mail header, an MQTT topic, a MIME defect), so two
+rules keep one hostile input from stalling the process that logs it (issue 14, item 1):
+redaction runs in time linear in the line, and what callers log of such text is cut with
+:func:`clip`; the formatter cuts any line still over :data:`MAX_LINE` as a last resort.
 """
 
 from __future__ import annotations
@@ -10,11 +15,37 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 
-__all__ = ["redact", "register_secret", "setup_logging"]
+__all__ = ["MAX_LINE", "RepeatFilter", "clip", "redact", "register_secret", "setup_logging"]
+
+#: characters of one formatted log line (message and traceback) before it is cut
+MAX_LINE = 16 * 1024
+#: characters :func:`clip` keeps by default
+CLIP = 200
 
 _secrets: set[str] = set()
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
+# ``scheme://user:password@``. The look-behind lets a match start only where a scheme can start:
+# the old pattern tried every position inside a run of [a-z0-9+.-] and rescanned the rest of the
+# run from each, quadratic time (25 s for a 65,535-letter line, the whole gateway waiting).
+# Now each run is scanned from its start only, and user and password stop at the first "/", so
+# the scans that follow one "://" never overlap the next one: linear. A password is a URL's
+# userinfo, where "/", "?" and "#" must be percent-encoded anyway.
+_URL_PASSWORD = re.compile(
+    r"(?<![a-z0-9+.-])(?P<head>[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^/?#@\s]+@", re.IGNORECASE
+)
+
+
+def clip(value: object, limit: int = CLIP) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how much was left out.
+
+    For text a sender chose (a header, a topic, an address, a defect): the log shows enough to
+    recognise it, and one hostile value cannot make a line of unbounded size.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text) - limit} more characters)"
 
 
 def register_secret(value: str) -> None:
@@ -32,11 +63,50 @@ def redact(text: str) -> str:
     return text
 
 
+class RepeatFilter(logging.Filter):
+    """Passes one record of each kind every ``interval`` seconds; the next one says how many
+    were held back.
+
+    A record's kind is its logger and the first line of its message. On the ``asyncio`` logger:
+    when descriptors run out, CPython 3.11's accept loop (``_accept_connection``) reports EMFILE
+    once per pending connection and re-arms once each, and the log grew by 8-10k lines a second
+    (1 GB in five minutes; issue 14, item 8).
+    """
+
+    #: kinds remembered at once; more are forgotten together (a flood has few kinds)
+    MAX_KINDS = 256
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._kinds: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg).partition("\n")[0][:200])
+        now = time.monotonic()
+        seen = self._kinds.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return False
+        held = 0 if seen is None else int(seen[1])
+        if len(self._kinds) >= self.MAX_KINDS:
+            self._kinds.clear()
+        self._kinds[key] = [now, 0]
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like this not logged)"
+            record.args = None
+        return True
+
+
 class RedactingFormatter(logging.Formatter):
     """Formats as usual, then redacts the whole line (message, arguments and traceback)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        line = redact(super().format(record))
+        if len(line) > MAX_LINE:
+            # redacted first, so the cut cannot leave half a secret in the line
+            line = f"{line[:MAX_LINE]}… ({len(line) - MAX_LINE} more characters cut)"
+        return line
 
 
 def setup_logging(level: str | int = "INFO") -> None:
@@ -52,5 +122,8 @@ def setup_logging(level: str | int = "INFO") -> None:
     handler._gateways = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, RepeatFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(RepeatFilter())
     # aiosmtpd logs every SMTP line at INFO under "mail.log"; one line per mail is ours to write
     logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -89,6 +89,8 @@ _COMMAND_MARK = "__gateway_command__"
 MAX_PENDING_RESULTS = 1000
 #: how long one result may wait for room on its channel
 RESULT_TIMEOUT = 30.0
+#: the group the layer probe leaves (it is never joined)
+PROBE_GROUP = "gateways-probe"
 
 
 def _layer_errors() -> tuple[type[BaseException], ...]:
@@ -208,11 +210,22 @@ class Gateway(Generic[C]):
         self.reply_channel: str | None = None
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
-        self._layer_ok = True
+        self._layer_down = asyncio.Event()  # set while the layer is marked unreachable
         self._refusals = 0  # layer refusals in the current backpressure episode
         self._commands: set[asyncio.Task[None]] = set()
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
+
+    @property
+    def _layer_ok(self) -> bool:
+        return not self._layer_down.is_set()
+
+    @_layer_ok.setter
+    def _layer_ok(self, ok: bool) -> None:
+        if ok:
+            self._layer_down.clear()
+        else:
+            self._layer_down.set()
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -260,6 +273,7 @@ class Gateway(Generic[C]):
         loops = [
             asyncio.create_task(self._command_loop(self.config.command_channel)),
             asyncio.create_task(self._command_loop(self.reply_channel)),
+            asyncio.create_task(self._probe_layer()),
         ]
         self.started.set()
         self.log.info(
@@ -397,6 +411,38 @@ class Gateway(Generic[C]):
             problem,
         )
         raise EventRefused(reason, problem)
+
+    async def _probe_layer(self) -> None:
+        """While the layer is marked unreachable, try it now and then until it answers.
+
+        Only traffic cleared the mark, so /readyz stayed 503 after Redis came back, and an SMTP
+        gateway behind a readiness gate never got the mail that would have cleared it (issue 14,
+        item 5). The probe removes this process's channel from a group it never joins: one
+        ZREM on Redis, nothing written, and the same call on any channel layer.
+        """
+        backoff = Backoff(0.5, 5.0)
+        channel = self.reply_channel or self.config.command_channel
+        while True:
+            await self._layer_down.wait()
+            await asyncio.sleep(backoff.next())
+            if self._layer_ok:  # traffic got through meanwhile
+                backoff.reset()
+                continue
+            try:
+                await asyncio.wait_for(self.layer.group_discard(PROBE_GROUP, channel), 5.0)
+            except LAYER_ERRORS:
+                continue
+            except Exception as exc:  # a layer without groups: only traffic can tell
+                self.log.warning(
+                    "%s: cannot probe the layer (%s); readiness recovers with traffic",
+                    self.name,
+                    describe_error(exc),
+                )
+                return
+            backoff.reset()
+            if not self._layer_ok:
+                self._layer_ok = True
+                self.log.info("%s: layer reachable again", self.name)
 
     # -- commands: layer → gateway ------------------------------------------------------------
 

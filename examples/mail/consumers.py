@@ -4,7 +4,9 @@ The reply goes back through the gateway (``email.send`` on ``reply_channel``) wi
 headers set, and the gateway reports the outcome as ``email.result`` on this same channel.
 """
 
+import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from channels.consumer import AsyncConsumer
@@ -18,13 +20,17 @@ log = logging.getLogger(__name__)
 
 class MailConsumer(AsyncConsumer):
     async def email_receive(self, message: dict[str, Any]) -> None:
+        text = message["text"]
+        if text is None and message.get("text_path"):
+            # a body too large for the layer was stored like an attachment
+            text = await asyncio.to_thread(Path(message["text_path"]).read_text, "utf-8")
         mail, created = await Mail.objects.aget_or_create(
             event_id=message["id"],
             defaults={
                 "message_id": message["message_id"] or "",
                 "mail_from": message["mail_from"] or "",
                 "subject": message["subject"] or "",
-                "text": message["text"] or "",
+                "text": text or "",
                 "attachment_count": len(message["attachments"]),
             },
         )

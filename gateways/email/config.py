@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 
 from core.config import GatewayConfig, Section, read_secret_files
+from core.envelope import MAX_MESSAGE_BYTES
 
 __all__ = ["AuthConfig", "EmailConfig", "EmailGatewayConfig", "RelayConfig", "TlsConfig"]
 
@@ -94,13 +95,27 @@ class EmailConfig(Section):
         "(`support@example.com`). Anything else gets 550: never an open relay.",
     )
     max_message_size: int = Field(
-        10 * 1024 * 1024, gt=0, description="Bytes; larger mail gets 552 (advertised as SIZE)."
+        10 * 1024 * 1024,
+        gt=0,
+        description="Bytes; larger mail gets 552. Without attachment_store the gateway takes "
+        "(and advertises as SIZE) at most 512 KiB (341 KiB with include_raw): its event must "
+        "fit the layer's 1 MB.",
     )
     max_recipients: int = Field(100, gt=0, description="RCPT TO per message; more get 452.")
     accept_timeout: float = Field(
         10.0, gt=0, description="Seconds to wait for the layer before answering 451."
     )
-    session_timeout: float = Field(300.0, gt=0, description="Idle seconds before disconnecting.")
+    session_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Idle seconds before disconnecting (an idle flood holds connections this "
+        "long).",
+    )
+    max_connections: int = Field(
+        100,
+        gt=0,
+        description="SMTP sessions at once; beyond this a client gets 421 and is disconnected.",
+    )
     bare_lf: Literal["reject", "accept"] = Field(
         "reject",
         description="Mail with a bare LF line ending gets 550 (SMTP smuggling defence).",
@@ -117,6 +132,20 @@ class EmailConfig(Section):
     tls: TlsConfig | None = Field(None, description="STARTTLS certificate.")
     auth: AuthConfig | None = Field(None, description="SMTP AUTH users (requires tls).")
     relay: RelayConfig | None = Field(None, description="Outbound relay for email.send.")
+
+    @property
+    def size_limit(self) -> int:
+        """The largest mail the gateway can take, advertised as ``SIZE``; larger gets 552.
+
+        Without a store every part travels in the event, and the event must fit the layer's
+        limit: a 2 MB mail within a SIZE of 10 MB got 552 at DATA (issue 14, item 9). Decoding
+        seldom makes a part larger than it was on the wire; headers appear twice, ``raw`` once
+        more. So half the layer's limit, a third with ``raw``.
+        """
+        if self.attachment_store is not None:
+            return self.max_message_size
+        share = MAX_MESSAGE_BYTES // (3 if self.include_raw else 2)
+        return min(self.max_message_size, share)
 
     @field_validator("accept")
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from core.logs import clip
 from gateways.email.config import AuthConfig, EmailConfig, RelayConfig
 
 __all__ = ["RelayError", "SmtpRelay", "SmtpServer"]
@@ -38,7 +39,7 @@ def _authenticator(auth: AuthConfig) -> Callable[..., AuthResult]:
             ok = hmac.compare_digest(expected or b"\0" * 16, auth_data.password)
             if expected is not None and ok:
                 return AuthResult(success=True, auth_data=user)
-            log.warning("AUTH %s failed for %r from %s", mechanism, user, session.peer[0])
+            log.warning("AUTH %s failed for %s from %s", mechanism, clip(user), session.peer[0])
         # handled=False makes aiosmtpd send 535; the default would send nothing and hang the client
         return AuthResult(success=False, handled=False)
 
@@ -51,25 +52,50 @@ class _Protocol(SMTP):
     def __init__(self, owner: SmtpServer, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._owner = owner
+        self._turned_away = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # called again after STARTTLS with the TLS transport: only the first call counts
+        if self.transport is None and len(self._owner.sessions) >= self._owner.max_sessions:
+            # 1,000 idle connections all got a banner and sat until the idle timeout
+            # (issue 14, item 8): past the cap, say so (RFC 5321 3.8) and hang up
+            self._turned_away = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+            self._owner.turned_away()
+            return
         self._owner.sessions.add(self)
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        if not self._turned_away:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return False if self._turned_away else super().eof_received()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._turned_away:
+            return
         self._owner.sessions.discard(self)
         super().connection_lost(error)
 
 
 class SmtpServer:
-    """An SMTP listener with STARTTLS, AUTH (only after TLS), SIZE and idle timeouts."""
+    """An SMTP listener with STARTTLS, AUTH (only after TLS), SIZE, idle timeouts and a cap."""
 
-    def __init__(self, config: EmailConfig, handler: Any) -> None:
+    def __init__(
+        self, config: EmailConfig, handler: Any, on_refused: Callable[[], None] | None = None
+    ) -> None:
         self.config = config
         self.handler = handler
         self.sessions: set[_Protocol] = set()
         #: the name in the banner, EHLO and Message-IDs: config.hostname, else the FQDN
         self.hostname = config.hostname or "localhost"
+        self.max_sessions = config.max_connections
+        self._on_refused = on_refused
+        self._unreported = 0
         self._server: asyncio.Server | None = None
         self._tls: ssl.SSLContext | None = None
         if config.tls is not None:
@@ -86,12 +112,28 @@ class SmtpServer:
     def listening(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
+    def turned_away(self) -> None:
+        """Count a connection refused for the cap; one log line a second says how many."""
+        if self._on_refused is not None:
+            self._on_refused()
+        if self._unreported == 0:
+            asyncio.get_running_loop().call_later(1.0, self._report_turned_away)
+        self._unreported += 1
+
+    def _report_turned_away(self) -> None:
+        count, self._unreported = self._unreported, 0
+        log.warning(
+            "answered 421 to %d connection(s): %d SMTP sessions open (email.max_connections)",
+            count,
+            len(self.sessions),
+        )
+
     def _protocol(self) -> _Protocol:
         cfg = self.config
         return _Protocol(
             self,
             self.handler,
-            data_size_limit=cfg.max_message_size,
+            data_size_limit=cfg.size_limit,
             enable_SMTPUTF8=True,
             hostname=self.hostname,  # else aiosmtpd calls getfqdn() on the loop per connection
             tls_context=self._tls,

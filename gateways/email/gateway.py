@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
-from core.envelope import Command, CommandError
+from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError, encoded_size
+from core.logs import clip
 from core.service import Backoff, EventRefused, Gateway, StartupError, handles
 from core.types import ChannelLayer
 from gateways.email.config import EmailGatewayConfig
@@ -23,8 +24,10 @@ from gateways.email.translate import (
     InvalidMail,
     accepts_recipient,
     build_mail,
+    envelope_address_refusal,
     has_bare_lf,
     parse_mail,
+    same_mailbox,
 )
 
 __all__ = ["EmailGateway"]
@@ -43,7 +46,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     def __init__(self, config: EmailGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
         self.settings = config.email
-        self.server = SmtpServer(self.settings, self)
+        self.server = SmtpServer(
+            self.settings, self, on_refused=lambda: self.metrics.error("too_many_connections")
+        )
         self.relay = SmtpRelay(self.settings.relay) if self.settings.relay is not None else None
         self._in_data = 0
         self._data_idle = asyncio.Event()
@@ -52,6 +57,14 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
+        relay = self.settings.relay
+        if relay is not None and relay.tls != "none" and not relay.validate_certs:
+            self.log.warning(
+                "%s: email.relay.validate_certs is false: the relay's certificate is not "
+                "checked, so anyone on the path to %s can read and change outgoing mail",
+                self.name,
+                relay.host,
+            )
         try:
             await self.server.start()
         except OSError as exc:
@@ -78,6 +91,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     ) -> str:
         if self.stopping:
             return "421 4.3.2 Service shutting down, try again later"
+        refusal = envelope_address_refusal(address, smtputf8=envelope.smtp_utf8, sender=True)
+        if refusal is not None:
+            return self._refuse_address("sender", address, session, refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -85,20 +101,39 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        refusal = envelope_address_refusal(address, smtputf8=envelope.smtp_utf8, sender=False)
+        if refusal is not None:
+            return self._refuse_address("recipient", address, session, refusal)
         if not accepts_recipient(address, self.settings.accept):
             self.metrics.error("relay_denied")
             self.log.warning(
-                "%s: refused recipient %r from %s (not in email.accept)",
+                "%s: refused recipient %s from %s (not in email.accept)",
                 self.name,
-                address,
+                clip(address),
                 session.peer[0],
             )
             return "550 5.7.1 Relaying denied: recipient not accepted here"
+        key = same_mailbox(address)
+        if any(same_mailbox(known) == key for known in envelope.rcpt_tos):
+            # a repeated RCPT is one recipient: consumers saw it twice in rcpt_to
+            return "250 OK (duplicate recipient)"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 OK"
+
+    def _refuse_address(self, role: str, address: str, session: Any, reply: str) -> str:
+        self.metrics.error("bad_address")
+        self.log.warning(
+            "%s: refused %s %s from %s: %s",
+            self.name,
+            role,
+            clip(address.encode("utf-8", "surrogateescape").decode("utf-8", "replace")),
+            session.peer[0] if session.peer else None,
+            reply,
+        )
+        return reply
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self._in_data += 1
@@ -134,7 +169,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 "%s: mail from %s has MIME defects: %s",
                 self.name,
                 peer,
-                ", ".join(keys["defects"][:5]),
+                ", ".join(clip(d, 100) for d in keys["defects"][:5]),
             )
         keys["attachments"] = await self._store_large(keys["attachments"], stored)
         if self.settings.include_raw:
@@ -149,6 +184,10 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             tls=session.ssl is not None,
             **keys,
         )
+        if self.settings.attachment_store is not None and _too_large(event):
+            # a 2 MB text/plain mail within the advertised SIZE got 552 (issue 14, item 9):
+            # with a store, the bodies go there as the attachments do
+            await self._store_bodies(event, stored)
         try:
             accepted = await self.publish(event, timeout=self.settings.accept_timeout)
         except EventRefused as exc:
@@ -166,16 +205,16 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 "%s: answered 451 to %s for %s: layer did not accept it within %.0f s",
                 self.name,
                 peer,
-                keys["message_id"],
+                clip(keys["message_id"]),
                 self.settings.accept_timeout,
             )
             return "451 4.3.0 Temporarily unable to accept the message, try again later"
         self.log.info(
             "%s: accepted %s from %s for %s (%d bytes)",
             self.name,
-            keys["message_id"],
-            envelope.mail_from,
-            ",".join(envelope.rcpt_tos),
+            clip(keys["message_id"]),
+            clip(envelope.mail_from),
+            clip(",".join(envelope.rcpt_tos)),
             len(raw),
         )
         return "250 2.0.0 OK: queued"
@@ -197,6 +236,22 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             await asyncio.to_thread(_write_file, path, item["content"])
             out.append({**item, "content": None, "path": str(path)})
         return out
+
+    async def _store_bodies(self, event: dict[str, Any], stored: list[Path]) -> None:
+        store = self.settings.attachment_store
+        assert store is not None
+        for key, suffix in (("text", "txt"), ("html", "html")):
+            value = event[key]
+            if value is None or len(value) <= self.settings.max_inline_attachment // 4:
+                continue  # at most 4 bytes a character: this one fits however it is encoded
+            data = value.encode("utf-8")
+            if len(data) <= self.settings.max_inline_attachment:
+                continue
+            path = Path(store) / f"{uuid.uuid4().hex}-body.{suffix}"
+            stored.append(path)
+            await asyncio.to_thread(_write_file, path, data)
+            event[key] = None
+            event[f"{key}_path"] = str(path)
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -238,6 +293,13 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 continue
             self.log.info("%s: sent %s to %s", self.name, message_id, ",".join(mail.recipients))
             return {"message_id": message_id, "refused": refused}
+
+
+def _too_large(event: dict[str, Any]) -> bool:
+    try:
+        return encoded_size(event) > MAX_MESSAGE_BYTES
+    except TypeError:
+        return False  # publish() refuses it and names the key
 
 
 def _write_file(path: Path, content: bytes) -> None:

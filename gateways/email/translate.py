@@ -27,8 +27,10 @@ __all__ = [
     "OutgoingMail",
     "accepts_recipient",
     "build_mail",
+    "envelope_address_refusal",
     "has_bare_lf",
     "parse_mail",
+    "same_mailbox",
 ]
 
 # SMTPUTF8 allows UTF-8 headers; raise_on_defect=False is the default and what we want
@@ -40,6 +42,12 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII exc
 # NUL and every line boundary of str.splitlines(): the policy refuses all of them in a header
 # value with a bare ValueError (U+0085, U+2028, VT, FF, …), so catch them as InvalidMail first
 _LINE_BREAK_OR_NUL = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029\x00]")
+# C0 controls and DEL: no address in RFC 5321 (or 6531, which adds only UTF-8 above U+007F)
+# holds one; NUL went raw into the log and onward to consumers
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# a CR that does not start a CRLF; the stdlib parser ends a header line at it
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_HEADER_END = re.compile(rb"^\r?\n|\r?\n\r?\n")
 # headers build_mail sets itself; a command cannot override them through `headers`
 _MANAGED = frozenset(
     {
@@ -78,6 +86,79 @@ def accepts_recipient(address: str, accept: Sequence[str]) -> bool:
     if not at or not local or not domain:
         return False
     return address in accept or domain in accept
+
+
+def envelope_address_refusal(address: str, *, smtputf8: bool, sender: bool) -> str | None:
+    """The SMTP reply refusing ``address`` in MAIL FROM (``sender``) or RCPT TO, or ``None``.
+
+    aiosmtpd hands over the address decoded as UTF-8 with surrogate escapes. Refused here, at
+    MAIL or RCPT, with a 5xx, since such a mail can never be delivered (issue 14, items 3, 7):
+
+    - bytes that are not UTF-8 (the event could not be encoded: ``451`` at DATA on every retry);
+    - a control character such as NUL (RFC 5321 4.1.2 has none in a mailbox);
+    - non-ASCII without the ``SMTPUTF8`` parameter on MAIL (RFC 6531 3.4).
+    """
+    code = "553 5.1.7 Sender" if sender else "553 5.1.3 Recipient"
+    if _SURROGATE.search(address):
+        return f"{code} address is not valid UTF-8"
+    if _CONTROL.search(address):
+        return f"{code} address contains a control character"
+    if not smtputf8 and not address.isascii():
+        return "553 5.6.7 Non-ASCII address without SMTPUTF8 (RFC 6531)"
+    return None
+
+
+def same_mailbox(address: str) -> str:
+    """A key under which two spellings of one recipient compare equal (the domain's case)."""
+    local, at, domain = address.strip().rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address.strip()
+
+
+def _bare_cr_in_headers(raw: bytes, defects: list[str]) -> bytes:
+    """``raw`` with each bare CR in the top-level header block replaced by a space.
+
+    The header blocks of MIME parts follow in :func:`_bare_cr_in_part_headers`.
+
+    The stdlib parser ends a header line at a bare CR, so ``Subject: x\rX-Injected: yes``
+    reached consumers as two headers, with no defect (issue 14, item 6). A space keeps the
+    text of the header and its line where the sender put them, and the defect says so.
+    """
+    blank = _HEADER_END.search(raw)
+    end = len(raw) if blank is None else blank.start()
+    if not _BARE_CR.search(raw, 0, end):
+        return raw
+    defects.append("BareCarriageReturnInHeaderDefect")
+    return _BARE_CR.sub(b" ", raw[:end]) + raw[end:]
+
+
+def _bare_cr_in_part_headers(raw: bytes, msg: Message) -> bytes | None:
+    """``raw`` with bare CRs in the header blocks of MIME parts replaced, or ``None`` if none.
+
+    Part headers decide what a part is (``Content-Type: text/plain\rContent-Disposition: …``
+    split the same way). Only the lines between a delimiter of a boundary the parser found and
+    the next empty line are touched: a bare CR in a body is content and stays.
+    """
+    boundaries = set()
+    for part in msg.walk():
+        boundary = part.get_boundary()
+        if boundary:
+            boundaries.add(boundary.encode("utf-8", "surrogateescape"))
+    if not boundaries:
+        return None
+    lines = raw.split(b"\n")
+    in_header = changed = False
+    for i, line in enumerate(lines):
+        text = line[:-1] if line.endswith(b"\r") and i < len(lines) - 1 else line
+        if in_header:
+            if not text:
+                in_header = False
+            elif b"\r" in text:
+                lines[i] = text.replace(b"\r", b" ") + line[len(text) :]
+                changed = True
+        elif text.startswith(b"--"):
+            # "--boundary" opens a part's headers; "--boundary--" closes the multipart
+            in_header = text[2:].rstrip(b" \t") in boundaries
+    return b"\n".join(lines) if changed else None
 
 
 def _text(value: Any) -> str:
@@ -227,8 +308,16 @@ def _attachment(part: Message, defects: list[str]) -> dict[str, Any]:
 
 def parse_mail(raw: bytes) -> dict[str, Any]:
     """The message keys of ``email.receive`` parsed from ``raw``; never raises on bad mail."""
+    found: list[str] = []
+    raw = _bare_cr_in_headers(raw, found)
     msg = email.message_from_bytes(raw, policy=_POLICY.clone(header_factory=_HeaderFactory()))
-    defects: list[str] = [type(d).__name__ for d in msg.defects]
+    if msg.is_multipart() and _BARE_CR.search(raw):
+        cleaned = _bare_cr_in_part_headers(raw, msg)
+        if cleaned is not None:
+            found.append("BareCarriageReturnInHeaderDefect")
+            policy = _POLICY.clone(header_factory=_HeaderFactory())
+            msg = email.message_from_bytes(cleaned, policy=policy)
+    defects: list[str] = [*found, *(type(d).__name__ for d in msg.defects)]
     headers: list[list[str]] = []
     for name, value in msg.raw_items():
         try:

@@ -46,6 +46,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from core.logs import clip
 from core.service import Backoff, describe_error
 from gateways.mqtt.config import MqttConfig
 
@@ -648,7 +649,8 @@ class MqttConnection:
         try:
             self.listener.mqtt_message(message, self.generation)
         except Exception:
-            self.log.exception("%s: error handling a message on %r", self.name, message.topic)
+            topic = clip(message._topic.decode("utf-8", "replace"))
+            self.log.exception("%s: error handling a message on %s", self.name, topic)
 
     def _on_publish(
         self,

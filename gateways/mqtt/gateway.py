@@ -28,6 +28,7 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
 
 from core.envelope import Command, CommandError
+from core.logs import clip
 from core.service import (
     LAYER_ERRORS,
     Backoff,
@@ -301,10 +302,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         if inbound.too_large:
             self.metrics.dropped("too_large")
             self.log.warning(
-                "%s: dropped a %d-byte message on %r: over mqtt.max_payload (%d bytes)",
+                "%s: dropped a %d-byte message on %s: over mqtt.max_payload (%d bytes)",
                 self.name,
                 inbound.size,
-                inbound.topic,
+                clip(inbound.topic),
                 self.settings.max_payload,
             )
             self.connection.ack(inbound.mid, inbound.qos, generation)
@@ -352,11 +353,11 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 # not a layer outage (those are retried): this event can never be sent
                 self.metrics.dropped("unsendable")
                 self.log.error(
-                    "%s: cannot hand message %s on %r to %r (%s); acknowledging it so the broker "
+                    "%s: cannot hand message %s on %s to %r (%s); acknowledging it so the broker "
                     "does not resend it forever",
                     self.name,
-                    event["id"],
-                    event["topic"],
+                    clip(event["id"]),
+                    clip(event["topic"]),
                     channel,
                     describe_error(exc),
                 )
@@ -393,16 +394,19 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             state.refused = reason.getName() if reason is not None else "no reason code"
             self.metrics.error("subscribe")
             self.log.error(
-                "%s: the broker refused the subscription %r: %s", self.name, filter_, state.refused
+                "%s: the broker refused the subscription %s: %s",
+                self.name,
+                clip(filter_),
+                state.refused,
             )
         else:
             state.granted = int(reason.value)
             wanted = self.table.subscription(filter_)
             if wanted is not None and state.granted < wanted.qos:
                 self.log.info(
-                    "%s: %r granted at QoS %d (asked for %d)",
+                    "%s: %s granted at QoS %d (asked for %d)",
                     self.name,
-                    filter_,
+                    clip(filter_),
                     state.granted,
                     wanted.qos,
                 )
@@ -419,9 +423,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             reason = _reason(await self._until(asyncio.shield(future), deadline))
             if reason is not None and reason.is_failure:
                 self.log.warning(
-                    "%s: the broker refused to unsubscribe %r: %s",
+                    "%s: the broker refused to unsubscribe %s: %s",
                     self.name,
-                    filter_,
+                    clip(filter_),
                     reason.getName(),
                 )
 
@@ -577,7 +581,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             previous = self.table.find(route.filter, route.channel)
             if previous is not None and previous.static:
                 raise CommandError(
-                    f"{route.filter!r} → {route.channel!r} is a static subscription (YAML)"
+                    f"{clip(route.filter)} → {route.channel!r} is a static subscription (YAML)"
                 )
             try:
                 await self.store.save(route)
@@ -590,9 +594,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             if changed or state is None or state.refused is not None:
                 state = self._send_subscribe(sub)
         self.log.info(
-            "%s: run-time subscription %r (QoS %d) → %r",
+            "%s: run-time subscription %s (QoS %d) → %r",
             self.name,
-            route.filter,
+            clip(route.filter),
             route.qos,
             route.channel,
         )
@@ -601,7 +605,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         except TimeoutError:
             why = self.connection.last_error or "no SUBACK"
             raise CommandError(
-                f"the broker did not confirm {route.filter!r} within "
+                f"the broker did not confirm {clip(route.filter)} within "
                 f"{self.settings.command_timeout:g} s ({why}); the subscription is kept and "
                 "sent again on every reconnect"
             ) from None
@@ -618,7 +622,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                         await self.store.delete(route.filter, route.channel)
                 if route.filter not in self.table:
                     self._filters.pop(route.filter, None)
-            raise CommandError(f"the broker refused the subscription {route.filter!r}: {refused}")
+            raise CommandError(
+                f"the broker refused the subscription {clip(route.filter)}: {refused}"
+            )
         await self._notify_replicas()
         return {
             "topic": route.filter,
@@ -640,7 +646,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             doomed = [r for r in routes if not r.static and action.channel in (None, r.channel)]
             if not doomed and any(r.static and action.channel in (None, r.channel) for r in routes):
                 raise CommandError(
-                    f"{action.filter!r} is a static subscription: remove it from the YAML"
+                    f"{clip(action.filter)} is a static subscription: remove it from the YAML"
                 )
             try:
                 for route in doomed:
@@ -656,10 +662,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 self._send_subscribe(after)
         if doomed:
             self.log.info(
-                "%s: removed %d run-time subscription(s) of %r",
+                "%s: removed %d run-time subscription(s) of %s",
                 self.name,
                 len(doomed),
-                action.filter,
+                clip(action.filter),
             )
             await self._notify_replicas()
         return {"topic": action.filter, "removed": len(doomed)}

@@ -9,6 +9,7 @@ House rules (MQTT 5.0 §4.7 and §4.8; MQTT 3.1.1 §4.7 says the same for everyt
   level (§4.7.1). ``$share/{group}/{filter}`` is a shared subscription (§4.8.2): the group is
   non-empty and has no ``/``, ``+`` or ``#``; messages are matched against the part after it.
 * A filter that starts with a wildcard does not match a topic that starts with ``$`` (§4.7.2).
+  Such topics belong to the broker (``$SYS/…``): ``mqtt.publish`` refuses them.
 * Every event is msgpack-safe (DESIGN §3). A payload decoded as JSON is checked before it goes
   out; one that cannot be sent as it is (an integer beyond 64 bits, a lone surrogate, very deep
   nesting) is delivered as bytes with ``payload_error`` saying why. Nothing is dropped for its
@@ -106,6 +107,12 @@ _STABLE_PROPERTIES: Final = (
 )
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` quoted for an error message, cut: a topic may be 65,535 bytes, and the message
+    reaches the log and the caller (issue 14, item 1)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+
+
 class InvalidTopic(ValueError):
     """A topic name or filter breaks the MQTT rules; the text says which."""
 
@@ -137,7 +144,7 @@ def validate_topic(value: object) -> str:
     if not topic:
         raise InvalidTopic("topic must not be empty")
     if "+" in topic or "#" in topic:
-        raise InvalidTopic(f"topic {topic!r} must not contain the wildcards '+' or '#'")
+        raise InvalidTopic(f"topic {_shown(topic)} must not contain the wildcards '+' or '#'")
     return topic
 
 
@@ -158,17 +165,19 @@ def validate_filter(value: object) -> str:
     if filter_.startswith("$share/"):
         if not group or any(c in group for c in "+#"):
             raise InvalidTopic(
-                f"shared subscription {filter_!r} needs a group name without '+' or '#': "
+                f"shared subscription {_shown(filter_)} needs a group name without '+' or '#': "
                 "$share/GROUP/FILTER"
             )
         if not rest:
-            raise InvalidTopic(f"shared subscription {filter_!r} has no filter after the group")
+            raise InvalidTopic(
+                f"shared subscription {_shown(filter_)} has no filter after the group"
+            )
     levels = rest.split("/")
     for i, level in enumerate(levels):
         if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise InvalidTopic(f"topic filter {filter_!r}: '#' must be the whole last level")
+            raise InvalidTopic(f"topic filter {_shown(filter_)}: '#' must be the whole last level")
         if "+" in level and level != "+":
-            raise InvalidTopic(f"topic filter {filter_!r}: '+' must be a whole level")
+            raise InvalidTopic(f"topic filter {_shown(filter_)}: '+' must be a whole level")
     return filter_
 
 
@@ -488,7 +497,7 @@ class Route:
         payload = record.get("payload", "bytes")
         handling = record.get("retain_handling", 0)
         if qos not in (0, 1, 2) or payload not in PAYLOAD_FORMATS or handling not in (0, 1, 2):
-            raise ValueError(f"corrupt subscription record for {filter_!r}")
+            raise ValueError(f"corrupt subscription record for {_shown(filter_)}")
         return cls(
             filter=validate_filter(filter_),
             channel=validate_channel(channel),
@@ -759,6 +768,13 @@ def parse_publish(body: Mapping[str, Any], *, mqtt5: bool) -> Publish:
     """Validate the keys of an ``mqtt.publish`` command; raise :class:`InvalidCommand`."""
     _check_keys(body, _PUBLISH_KEYS, "mqtt.publish")
     topic = _topic_arg(body, validate_topic)
+    if topic.startswith("$"):
+        # $SYS/… and the like belong to the broker: mosquitto drops the whole connection on a
+        # QoS 1 publish there, and every in-flight message with it (issue 14, item 11)
+        raise InvalidCommand(
+            f"topic {_shown(topic)} starts with '$': such topics belong to the broker "
+            "(MQTT 4.7.2), publishing there is refused"
+        )
     properties = publish_properties(body.get("properties"))
     if properties is not None and not mqtt5:
         raise InvalidCommand("properties need MQTT 5 (mqtt.protocol: 5 in the YAML)")

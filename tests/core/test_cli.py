@@ -184,3 +184,23 @@ def test_secrets_never_logged(tmp_path: Path) -> None:
     assert "email.relay: username needs tls" in result.stderr
     assert "email.tls.cert_file: Path does not point to a file" in result.stderr
     assert "secret-pw" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        # issue 14, item 4: the password was printed in clear
+        "redis://:S3cret-pw@localhost:6379/0?capacity=abc",
+        "redis://:S3cret-pw@localhost:6379/0?expiry=0",
+        "redis://user:S3cret-pw@localhost:99999/0",
+        "redis://:S3cret/pw@localhost:6379/0",  # a raw "/": no password to urlsplit
+        "redis://:S3cret-pw@[::1/0",  # "Invalid IPv6 URL" escaped as a traceback
+        "memory://:S3cret-pw@host",
+    ],
+)
+def test_layer_path_errors_hide_the_password(tmp_path: Path, layer: str) -> None:
+    result = run("gateway-email", "--config", str(email_yaml(tmp_path)), "--layer", layer)
+    assert result.returncode == 2, result.stderr
+    assert "S3cret" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if "invalid layer path" in line]
+    assert len(lines) == 1 and ":***@" in lines[0], result.stderr

@@ -101,6 +101,9 @@ def test_describe_hides_password() -> None:
     assert describe_layer("redis://:hunter22@h:6379/0") == "redis://:***@h:6379/0"
     assert describe_layer("rediss://u:pw12@h/0") == "rediss://u:***@h/0"
     assert describe_layer("memory://") == "memory://"
+    assert describe_layer("redis://:pa/ss@h/0") == "redis://:***@h/0"
+    assert describe_layer("redis://h/0?prefix=a@b") == "redis://h/0?prefix=a@b"
+    assert describe_layer("redis://u@h/0") == "redis://u@h/0"  # a user, no password
 
 
 def test_channel_layer_settings_for_django() -> None:

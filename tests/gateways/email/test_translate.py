@@ -24,8 +24,10 @@ from gateways.email.translate import (
     OutgoingMail,
     accepts_recipient,
     build_mail,
+    envelope_address_refusal,
     has_bare_lf,
     parse_mail,
+    same_mailbox,
 )
 
 PARSED_KEYS = {
@@ -156,6 +158,77 @@ def test_has_bare_lf(data: bytes, bare: bool) -> None:
 )
 def test_accepts_recipient(address: str, accepted: bool) -> None:
     assert accepts_recipient(address, ["example.com", "support@help.example.org"]) is accepted
+
+
+@pytest.mark.parametrize(
+    ("address", "smtputf8", "sender", "reply"),
+    [
+        ("alice@example.org", False, True, None),
+        ("", False, True, None),  # the null sender of bounces
+        ("jörg@example.org", True, True, None),
+        ("jörg@example.org", False, True, "553 5.6.7"),
+        ("bøb@example.com", False, False, "553 5.6.7"),
+        # aiosmtpd decodes with surrogateescape: b"\xff\xfe" arrives as lone surrogates
+        (b"\xff\xfe@example.org".decode("utf-8", "surrogateescape"), True, True, "553 5.1.7"),
+        (b"\xff@example.com".decode("utf-8", "surrogateescape"), False, False, "553 5.1.3"),
+        ("a\x00b@example.org", True, True, "553 5.1.7"),
+        ("bob\x00@example.com", False, False, "553 5.1.3"),
+        ("tab\there@example.com", False, False, "553 5.1.3"),
+        ("del\x7f@example.com", False, False, "553 5.1.3"),
+    ],
+)
+def test_envelope_address_refusal(
+    address: str, smtputf8: bool, sender: bool, reply: str | None
+) -> None:
+    refusal = envelope_address_refusal(address, smtputf8=smtputf8, sender=sender)
+    if reply is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.startswith(reply)
+
+
+def test_same_mailbox() -> None:
+    assert same_mailbox("bob@EXAMPLE.com") == same_mailbox(" bob@example.com")
+    assert same_mailbox("Bob@example.com") != same_mailbox("bob@example.com")
+    assert same_mailbox("postmaster") == "postmaster"
+
+
+@pytest.mark.parametrize(
+    ("raw", "subject", "defect"),
+    [
+        (b"Subject: x\rX-Injected: yes\r\n\r\nbody\r\n", "x X-Injected: yes", True),
+        (b"Subject: x\rX-Injected: yes\n\nbody\n", "x X-Injected: yes", True),  # LF-only mail
+        (b"Subject: a\r", "a ", True),  # no body at all
+        (b"Subject: clean\r\n\r\nbody\rkept\r\n", "clean", False),  # a CR in the body stays
+        (b"\r\nbody\rkept\r\n", None, False),  # no headers
+    ],
+)
+def test_bare_cr_in_headers(raw: bytes, subject: str | None, defect: bool) -> None:
+    keys = parse_mail(raw)
+    assert keys["subject"] == subject
+    assert all(name.lower() != "x-injected" for name, _ in keys["headers"])
+    assert ("BareCarriageReturnInHeaderDefect" in keys["defects"]) is defect
+    if b"kept" in raw:
+        assert keys["text"] == "body\rkept\n"
+
+
+def test_bare_cr_in_a_part_header_does_not_split_it() -> None:
+    raw = (
+        b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="BB"\r\n\r\n'
+        b"--BB\r\nContent-Type: text/plain\r\n\r\nhello\rworld\r\n"
+        b"--BB\r\nContent-Type: application/octet-stream\r"
+        b"Content-Disposition: attachment; filename=evil.exe\r\n\r\nAAAA\r\n--BB--\r\n"
+    )
+    keys = parse_mail(raw)
+    assert keys["text"] == "hello\rworld"  # a CR in a body is content
+    [attachment] = keys["attachments"]
+    assert attachment["filename"] is None  # the injected header is no header
+    assert "BareCarriageReturnInHeaderDefect" in keys["defects"]
+    # without bare CRs in part headers, a multipart mail is parsed once, as it was
+    clean = parse_mail(raw.replace(b"\r" + b"Content-Disposition", b"\r\nContent-Disposition"))
+    assert clean["attachments"][0]["filename"] == "evil.exe"
+    assert "BareCarriageReturnInHeaderDefect" not in clean["defects"]
 
 
 # -- inbound: parse_mail --------------------------------------------------------------------
