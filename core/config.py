@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from core.logs import register_secret
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "ConfigError",
     "GatewayConfig",
     "HealthConfig",
@@ -32,6 +33,11 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound="GatewayConfig")
+
+#: the largest message (packed) a gateway puts on the layer (DESIGN §3); size limits in a
+#: gateway's config derive from it. channels_redis and msgpack cope with more, but a message
+#: this large stalls every consumer
+MAX_MESSAGE_BYTES = 1024 * 1024
 
 #: what channels accepts as a channel name (channels.layers.BaseChannelLayer.channel_name_regex)
 CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")

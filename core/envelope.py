@@ -17,6 +17,8 @@ from typing import Any
 
 import msgpack
 
+from core.config import MAX_MESSAGE_BYTES
+
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "Command",
@@ -27,9 +29,6 @@ __all__ = [
     "parse_command",
     "result_message",
 ]
-
-#: channels_redis and msgpack cope with more, but a message this large stalls every consumer
-MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 class CommandError(ValueError):

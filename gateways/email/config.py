@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 
-from core.config import GatewayConfig, Section, read_secret_files
-from core.envelope import MAX_MESSAGE_BYTES
+from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section, read_secret_files
 
 __all__ = ["AuthConfig", "EmailConfig", "EmailGatewayConfig", "RelayConfig", "TlsConfig"]
 
