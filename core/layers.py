@@ -18,6 +18,7 @@ redis-py 8 gives every connection a 5 s socket timeout, so an idle ``receive()``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "describe_layer",
     "import_object",
     "is_memory_layer",
+    "probe_layer",
     "resolve_layer",
 ]
 
@@ -257,3 +259,20 @@ def describe_layer(path: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:" if parts.username else ":"
     return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+async def probe_layer(layer: Any) -> str | None:
+    """``None`` when the layer answers, else why it does not (one line).
+
+    Only Redis-backed layers can be asked (a PING to every host); others count as up.
+    """
+    connection = getattr(layer, "connection", None)
+    hosts = getattr(layer, "hosts", None)
+    if connection is None or not hosts:
+        return None
+    try:
+        for index in range(len(hosts)):
+            await asyncio.wait_for(connection(index).ping(), REDIS_CONNECT_TIMEOUT + 1)
+    except (*_REDIS_DOWN, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None

@@ -105,7 +105,7 @@ class ServerError(RuntimeError):
 
 INSTALL_HINT = (
     "`.ci/run` installs every service the tests use on Debian; the README's "
-    "\"Services the tests start\" section lists the packages"
+    '"Services the tests start" section lists the packages'
 )
 """Where a skip message sends the reader."""
 
