@@ -17,6 +17,9 @@ SECRET_KEY = os.environ.get("EXAMPLE_SECRET_KEY", "example-only-not-secret")
 DEBUG = False
 ALLOWED_HOSTS: list[str] = []
 USE_TZ = True
+# UTC, like the gateways' log lines (Django's own default is America/Chicago, and it sets the
+# process's local time zone from this)
+TIME_ZONE = "UTC"
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
@@ -47,7 +50,8 @@ SUPPORT_ADDRESS = os.environ.get("EXAMPLE_SUPPORT_ADDRESS", "support@example.com
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    # the gateways' own format: UTC times, secrets redacted
+    "formatters": {"line": {"()": "core.logs.RedactingFormatter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
     "root": {"handlers": ["console"], "level": os.environ.get("GATEWAYS_LOG_LEVEL", "INFO")},
 }
