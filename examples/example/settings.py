@@ -1,8 +1,9 @@
 """Settings of the example project.
 
 Environment:
-- ``EXAMPLE_LAYER``: layer path shared with the gateways (default ``memory://``, which only works
-  when everything runs in one process: ``gateways run … --app example.asgi:application``).
+- ``EXAMPLE_LAYER``, else ``GATEWAYS_LAYER`` (what the gateways read): layer path shared with
+  the gateways (default ``memory://``, which only works when everything runs in one process:
+  ``gateways run … --app example.asgi:application``).
 - ``EXAMPLE_DB``: SQLite file (default ``examples/example.sqlite3``).
 """
 
@@ -42,7 +43,8 @@ DATABASES = {
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 ASGI_APPLICATION = "example.asgi.application"
-CHANNEL_LAYERS = {"default": channel_layer_settings(os.environ.get("EXAMPLE_LAYER", "memory://"))}
+LAYER = os.environ.get("EXAMPLE_LAYER") or os.environ.get("GATEWAYS_LAYER") or "memory://"
+CHANNEL_LAYERS = {"default": channel_layer_settings(LAYER)}
 
 # the address replies come from; the relay in email.yaml decides where they go
 SUPPORT_ADDRESS = os.environ.get("EXAMPLE_SUPPORT_ADDRESS", "support@example.com")

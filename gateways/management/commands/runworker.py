@@ -10,6 +10,7 @@ SIGTERM (see core/worker.py for why). ``--max-attempts`` and ``--dead-letter`` o
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from channels.management.commands.runworker import Command as ChannelsRunworker
@@ -49,13 +50,9 @@ class Command(ChannelsRunworker):
             )
         except ValueError as exc:
             raise CommandError(str(exc), returncode=2) from None
-        setup_logging(self._log_level())
+        level = os.environ.get("GATEWAYS_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise CommandError(f"GATEWAYS_LOG_LEVEL={level.lower()!r} is not a log level", 2)
+        setup_logging(level)  # one console handler, the gateways' format (UTC, redacted)
         self.worker_class = functools.partial(ConsumerWorker, retry=policy)
         super().handle(*args, **options)
-
-    @staticmethod
-    def _log_level() -> str:
-        import logging
-
-        level = logging.getLogger().level
-        return logging.getLevelName(level) if level else "INFO"
