@@ -340,3 +340,29 @@ async def test_a_dead_command_loop_fails_readiness_and_run(
         await asyncio.wait_for(gateway.run(), 5)
     assert "dead-loop: command loop died: RuntimeError: bug in the loop" in gateway.ready_reasons()
     assert "command loop died" in caplog.text and gateway.closed
+
+
+async def test_ready_is_logged_only_when_readyz_agrees(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6 item 7: "ready" was logged while Redis was unreachable."""
+    caplog.set_level(logging.INFO)
+    redis_server.kill()
+    layer = resolve_layer(redis_server.url)
+    gateway = EchoGateway(EchoConfig(name="late-redis"), layer)
+    task = asyncio.create_task(gateway.run())
+    await asyncio.wait_for(gateway.started.wait(), 15)
+    await asyncio.sleep(1)
+    assert "late-redis: layer unreachable" in gateway.ready_reasons()
+    assert "late-redis not ready yet: late-redis: layer unreachable" in caplog.text
+    assert "late-redis ready" not in caplog.text
+    redis_server.restart()
+    for _ in range(200):  # recovers by probing, without any traffic
+        if "late-redis ready: events" in caplog.text:
+            break
+        await asyncio.sleep(0.1)
+    assert "late-redis ready: events" in caplog.text
+    assert gateway.ready_reasons() == []
+    gateway.stop()
+    await asyncio.wait_for(task, 10)
+    await layer.close_pools()
