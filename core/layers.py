@@ -60,6 +60,17 @@ _RESTORE_BACKUP = """
 """
 
 
+# pop the oldest message and copy it to the backup set in one atomic step
+_POP_TO_BACKUP = """
+    local popped = redis.call('ZPOPMIN', KEYS[1])
+    if popped[1] == nil then
+        return nil
+    end
+    redis.call('ZADD', KEYS[2], popped[2], popped[1])
+    return popped[1]
+"""
+
+
 _REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
@@ -155,6 +166,13 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
         backup = self._backup_channel_name(channel)
         connection = self._receive_connection(index)
         await connection.eval(_RESTORE_BACKUP, 0, channel, backup)
+        # A waiting message is popped and backed up in one step: if Redis dies before the
+        # reply reaches us, the message is in the backup set and the next receive restores
+        # it (a BZPOPMIN whose reply is lost is lost: one mail in 20 runs of test_fault.py).
+        # Only a message that arrives while we block still goes through BZPOPMIN.
+        member = await connection.eval(_POP_TO_BACKUP, 2, channel, backup)
+        if member is not None:
+            return member
         result = await connection.bzpopmin(channel, timeout=timeout)
         if result is None:
             return None
