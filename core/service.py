@@ -185,6 +185,13 @@ class Gateway(Generic[C]):
         ]
         self._layer_ok = await self._probe_layer()
         self.started.set()
+        # "started" = serving commands; "ready" (below) only once /readyz would answer 200
+        self.log.info(
+            "%s started: events → %s, commands ← %s",
+            self.name,
+            self.config.inbound_channel,
+            self.config.commands_channel,
+        )
         watcher = asyncio.create_task(self._watch_readiness())
         stopping = asyncio.create_task(self._stop.wait())
         try:
