@@ -45,6 +45,8 @@ __all__ = [
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_START = 0, 1, 2, 3
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
 log = logging.getLogger("gateway")
 
 GatewayClass = type[Gateway[Any]]
@@ -60,15 +62,35 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("GATEWAYS_LOG_LEVEL", "INFO"),
+        default=None,
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         help="log level (default INFO, or GATEWAYS_LOG_LEVEL)",
     )
     parser.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit 0 or 2"
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    """``--log-level``, else ``GATEWAYS_LOG_LEVEL``, else INFO; a bad value is a UsageError."""
+    if args.log_level:
+        return str(args.log_level)
+    value = os.environ.get("GATEWAYS_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if value not in LOG_LEVELS:
+        raise UsageError(
+            f"GATEWAYS_LOG_LEVEL={value.lower()!r} is not a log level: use {', '.join(LOG_LEVELS)}"
+        )
+    return value
+
+
+def _cwd_on_path() -> None:
+    """Import ``--app`` / settings / layer paths from the working directory, as ``manage.py``
+    and uvicorn do (a console script's ``sys.path[0]`` is its bin directory)."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _layer_path(cli_value: str | None, configs: Sequence[GatewayConfig]) -> str:
@@ -90,15 +112,21 @@ def _import(path: str, what: str) -> Any:
         return import_object(path)
     except ValueError as exc:
         raise UsageError(f"invalid {what} {path!r}: {exc}") from None
+    except Exception as exc:  # the module itself fails (NameError in asgi.py, settings, …)
+        raise UsageError(f"invalid {what} {path!r}: {describe_error(exc)}") from None
 
 
 def _django_application() -> Any | None:
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+    module = os.environ.get("DJANGO_SETTINGS_MODULE")
+    if not module:
         return None
     import django
     from django.conf import settings
 
-    django.setup()
+    try:
+        django.setup()
+    except Exception as exc:
+        raise UsageError(f"DJANGO_SETTINGS_MODULE={module!r}: {describe_error(exc)}") from None
     path = getattr(settings, "ASGI_APPLICATION", None)
     if not path:
         raise UsageError("DJANGO_SETTINGS_MODULE is set but ASGI_APPLICATION is not")
@@ -232,8 +260,9 @@ def gateway_main(gateway_cls: GatewayClass, argv: Sequence[str] | None = None) -
     parser.add_argument("--config", required=True, metavar="FILE", help="integration YAML")
     _common_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
     try:
+        setup_logging(_log_level(args))
+        _cwd_on_path()  # for package.module:attr layer paths
         gateways, _ = _prepare([(args.config, gateway_cls)], args, allow_memory=args.check_config)
     except (UsageError, LayerPathError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
@@ -250,6 +279,7 @@ def run_main(registry: Mapping[str, str], argv: Sequence[str] | None = None) -> 
     ``registry`` maps the YAML ``gateway:`` value to the ``module:Class`` of its gateway.
     """
     parser = argparse.ArgumentParser(prog="gateways", description="Run channels-gateways.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run integrations (and optionally consumers) in one process")
     run.add_argument("files", nargs="+", metavar="FILE", help="integration YAML files")
@@ -271,8 +301,10 @@ def run_main(registry: Mapping[str, str], argv: Sequence[str] | None = None) -> 
     )
     _common_arguments(run)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
     try:
+        level = _log_level(args)
+        setup_logging(level)
+        _cwd_on_path()
         specs: list[tuple[str, GatewayClass]] = []
         for path in args.files:
             kind = peek_gateway(path)
@@ -285,6 +317,7 @@ def run_main(registry: Mapping[str, str], argv: Sequence[str] | None = None) -> 
             application = _import(args.app, "--app")
         elif not (args.check_config or args.no_consumers):
             application = _django_application()
+            setup_logging(level)  # django.setup() replaced the root handlers with LOGGING's
         gateways, layer = _prepare(
             specs, args, allow_memory=application is not None or args.check_config
         )

@@ -155,7 +155,11 @@ def _key_path(loc: Sequence[int | str]) -> str:
 
 
 def _expand(
-    node: Any, path: tuple[int | str, ...], env: Mapping[str, str], errors: list[str]
+    node: Any,
+    path: tuple[int | str, ...],
+    env: Mapping[str, str],
+    errors: list[str],
+    missing: list[tuple[int | str, ...]] | None = None,
 ) -> Any:
     if isinstance(node, str):
 
@@ -167,16 +171,31 @@ def _expand(
             if value is None or (value == "" and default is not None):
                 if default is None:
                     errors.append(f"{_key_path(path)}: environment variable {name} is not set")
+                    if missing is not None:
+                        missing.append(path)
                     return ""
                 return default
             return value
 
         return _VAR.sub(substitute, node)
     if isinstance(node, dict):
-        return {k: _expand(v, (*path, str(k)), env, errors) for k, v in node.items()}
+        return {k: _expand(v, (*path, str(k)), env, errors, missing) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand(v, (*path, i), env, errors) for i, v in enumerate(node)]
+        return [_expand(v, (*path, i), env, errors, missing) for i, v in enumerate(node)]
     return node
+
+
+def _caused_by(loc: tuple[int | str, ...], missing: Sequence[tuple[int | str, ...]]) -> bool:
+    """Whether a validation error at ``loc`` is (or may be) caused by a missing variable.
+
+    An error on the key itself or inside it, or on a section that holds it (a model-level
+    check of that section), follows from the empty value put there.
+    """
+    for path in missing:
+        shorter = min(len(loc), len(path))
+        if loc[:shorter] == path[:shorter]:
+            return True
+    return False
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -237,7 +256,8 @@ def load_config(
     source = str(path)
     data = _read_yaml(Path(path))
     errors: list[str] = []
-    data = _expand(data, (), os.environ if env is None else env, errors)
+    missing: list[tuple[int | str, ...]] = []
+    data = _expand(data, (), os.environ if env is None else env, errors, missing)
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
@@ -245,6 +265,8 @@ def load_config(
         config = model.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_input=False, include_url=False):
+            if _caused_by(tuple(error["loc"]), missing):
+                continue  # the empty value of a missing variable: its cause is reported
             message = error["msg"].removeprefix("Value error, ")
             errors.append(f"{_key_path(error['loc'])}: {message}")
     if errors:

@@ -18,6 +18,7 @@ redis-py 8 gives every connection a 5 s socket timeout, so an idle ``receive()``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import os
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from channels_redis.core import RedisChannelLayer as _ChannelsRedisLayer
+from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from core.logs import redact
@@ -36,11 +38,18 @@ __all__ = [
     "describe_layer",
     "import_object",
     "is_memory_layer",
+    "probe_layer",
     "resolve_layer",
 ]
 
 #: seconds to wait for a TCP connection to Redis before a send counts as "layer unreachable"
 REDIS_CONNECT_TIMEOUT = 3.0
+#: connections per Redis host for sends; more callers wait for one (see create_pool)
+REDIS_POOL_SIZE = 20
+#: seconds a caller waits for a free connection before a ``ConnectionError`` (a layer error)
+REDIS_POOL_TIMEOUT = 30.0
+#: connections per Redis host for receives (one per concurrent receive; never waited for)
+RECEIVE_POOL_SIZE = 10_000
 
 
 # channels_redis 4.x: put messages a receiver popped but never confirmed back in the queue
@@ -50,6 +59,17 @@ _RESTORE_BACKUP = """
         redis.call('ZADD', ARGV[1], backed_up[i], backed_up[i - 1])
     end
     redis.call('DEL', ARGV[2])
+"""
+
+
+# pop the oldest message and copy it to the backup set in one atomic step
+_POP_TO_BACKUP = """
+    local popped = redis.call('ZPOPMIN', KEYS[1])
+    if popped[1] == nil then
+        return nil
+    end
+    redis.call('ZADD', KEYS[2], popped[2], popped[1])
+    return popped[1]
 """
 
 
@@ -115,10 +135,59 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
     The private methods replaced here pin channels_redis (tests/core/test_channels_redis_pin.py).
     """
 
+    def create_pool(self, index: int) -> Any:
+        """The pool for sends (and everything but receiving): bounded, and it *waits*.
+
+        redis-py 8 caps the default pool at 100 connections and raises ``MaxConnectionsError``
+        beyond; before 8 it opened a connection per concurrent call without limit. Either way
+        each concurrent sender got its own round trip in flight, so with N senders every
+        round trip of the one receiver waited behind N others: 10 senders 823 msg/s, 50
+        senders 95 msg/s, 100 senders an error (issue 6). A bounded pool that queues callers
+        keeps at most ``max_connections`` commands in flight; receiving has a pool of its own
+        (:meth:`_receive_connection`) so it never queues behind senders.
+        """
+        host = dict(self.hosts[index])
+        if "address" not in host:  # sentinel hosts: channels_redis' own pool
+            return super().create_pool(index)
+        address = host.pop("address")
+        host.setdefault("max_connections", REDIS_POOL_SIZE)
+        host.setdefault("timeout", REDIS_POOL_TIMEOUT)
+        return aioredis.BlockingConnectionPool.from_url(address, **host)
+
+    def _receive_connection(self, index: int) -> Any:
+        """A client for receiving on host ``index``, on a pool that senders do not use.
+
+        A receive holds its connection while BZPOPMIN waits, so this pool must not make it
+        wait for one: it is unbounded in practice (one connection per concurrent receive).
+        It lives beside channels_redis' own client in this event loop's ``RedisLoopLayer``,
+        which closes it with the rest (``close_pools``, loop close).
+        """
+        self.connection(index)  # creates this loop's RedisLoopLayer
+        loop_layer = self._layers[asyncio.get_running_loop()]
+        key = ("receive", index)
+        client = loop_layer._connections.get(key)
+        if client is None:
+            host = dict(self.hosts[index])
+            host.pop("timeout", None)
+            host["max_connections"] = RECEIVE_POOL_SIZE
+            if "address" in host:
+                pool = aioredis.ConnectionPool.from_url(host.pop("address"), **host)
+            else:
+                pool = super().create_pool(index)
+            client = loop_layer._connections[key] = aioredis.Redis(connection_pool=pool)
+        return client
+
     async def _brpop_with_clean(self, index: int, channel: str, timeout: int) -> Any:
         backup = self._backup_channel_name(channel)
-        connection = self.connection(index)
+        connection = self._receive_connection(index)
         await connection.eval(_RESTORE_BACKUP, 0, channel, backup)
+        # A waiting message is popped and backed up in one step: if Redis dies before the
+        # reply reaches us, the message is in the backup set and the next receive restores
+        # it (a BZPOPMIN whose reply is lost is lost: one mail in 20 runs of test_fault.py).
+        # Only a message that arrives while we block still goes through BZPOPMIN.
+        member = await connection.eval(_POP_TO_BACKUP, 2, channel, backup)
+        if member is not None:
+            return member
         result = await connection.bzpopmin(channel, timeout=timeout)
         if result is None:
             return None
@@ -130,8 +199,9 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
     async def _clean_receive_backup(self, index: int, channel: str) -> None:
         # runs as a fire-and-forget task: an error would only be "never retrieved" noise, and
         # with Redis down there is no backup to clean anyway
+        # on the receive pool: receive_single holds the channel's lock until this is done
         with contextlib.suppress(*_REDIS_DOWN):
-            await super()._clean_receive_backup(index, channel)
+            await self._receive_connection(index).zpopmin(self._backup_channel_name(channel))
 
 
 def _redis_host(address: str) -> dict[str, Any]:
@@ -278,3 +348,20 @@ def describe_layer(path: str) -> str:
     if not sep or not at or not colon:
         return path
     return f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
+
+
+async def probe_layer(layer: Any) -> str | None:
+    """``None`` when the layer answers, else why it does not (one line).
+
+    Only Redis-backed layers can be asked (a PING to every host); others count as up.
+    """
+    connection = getattr(layer, "connection", None)
+    hosts = getattr(layer, "hosts", None)
+    if connection is None or not hosts:
+        return None
+    try:
+        for index in range(len(hosts)):
+            await asyncio.wait_for(connection(index).ping(), REDIS_CONNECT_TIMEOUT + 1)
+    except (*_REDIS_DOWN, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None

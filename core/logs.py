@@ -63,6 +63,12 @@ def redact(text: str) -> str:
     return text
 
 
+#: every process of the suite logs the same way: UTC with a ``Z``, so lines of the gateways and
+#: of the Django workers (whose TIME_ZONE changes the process's local time) sort together
+LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 class RepeatFilter(logging.Filter):
     """Passes one record of each kind every ``interval`` seconds; the next one says how many
     were held back.
@@ -99,7 +105,15 @@ class RepeatFilter(logging.Filter):
 
 
 class RedactingFormatter(logging.Formatter):
-    """Formats as usual, then redacts the whole line (message, arguments and traceback)."""
+    """Formats as usual (UTC times), then redacts the whole line (message, arguments, traceback).
+
+    Usable from Django's ``LOGGING``: ``{"()": "core.logs.RedactingFormatter"}``.
+    """
+
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed wants the optional arg
+
+    def __init__(self, fmt: str | None = LINE_FORMAT, datefmt: str | None = DATE_FORMAT) -> None:
+        super().__init__(fmt, datefmt)
 
     def format(self, record: logging.LogRecord) -> str:
         line = redact(super().format(record))
@@ -110,15 +124,23 @@ class RedactingFormatter(logging.Formatter):
 
 
 def setup_logging(level: str | int = "INFO") -> None:
-    """Send logs to stderr, one line each, redacted. Safe to call more than once."""
+    """Send logs to stderr, one line each, redacted, times in UTC. Safe to call more than once.
+
+    Console handlers already on the root logger (Django's ``LOGGING``) are replaced, so no
+    line is printed twice.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_gateways", False):
+        # ours from an earlier call, or a console handler from Django's LOGGING (under
+        # manage.py rungateway): either would print every line a second time
+        console = type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (
+            sys.stderr,
+            sys.stdout,
+        )
+        if getattr(handler, "_gateways", False) or console:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
+    handler.setFormatter(RedactingFormatter())
     handler._gateways = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)

@@ -89,8 +89,8 @@ _COMMAND_MARK = "__gateway_command__"
 MAX_PENDING_RESULTS = 1000
 #: how long one result may wait for room on its channel
 RESULT_TIMEOUT = 30.0
-#: the group the layer probe leaves (it is never joined)
-PROBE_GROUP = "gateways-probe"
+#: seconds between two looks at readiness (for the "ready" / "not ready yet" log lines)
+READINESS_INTERVAL = 0.5
 
 
 def _layer_errors() -> tuple[type[BaseException], ...]:
@@ -210,22 +210,12 @@ class Gateway(Generic[C]):
         self.reply_channel: str | None = None
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
-        self._layer_down = asyncio.Event()  # set while the layer is marked unreachable
+        self._layer_ok = True  # False from a layer error until a probe or a send gets through
         self._refusals = 0  # layer refusals in the current backpressure episode
         self._commands: set[asyncio.Task[None]] = set()
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
-
-    @property
-    def _layer_ok(self) -> bool:
-        return not self._layer_down.is_set()
-
-    @_layer_ok.setter
-    def _layer_ok(self, ok: bool) -> None:
-        if ok:
-            self._layer_down.clear()
-        else:
-            self._layer_down.set()
+        self._dead_loop: str | None = None
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -259,6 +249,8 @@ class Gateway(Generic[C]):
             reasons.append(f"{self.name}: starting")
         if not self._layer_ok:
             reasons.append(f"{self.name}: layer unreachable")
+        if self._dead_loop is not None:
+            reasons.append(f"{self.name}: command loop died: {self._dead_loop}")
         return reasons
 
     async def run(self) -> None:
@@ -273,22 +265,76 @@ class Gateway(Generic[C]):
         loops = [
             asyncio.create_task(self._command_loop(self.config.command_channel)),
             asyncio.create_task(self._command_loop(self.reply_channel)),
-            asyncio.create_task(self._probe_layer()),
         ]
+        self._layer_ok = await self._probe_layer()
         self.started.set()
+        # "started" = serving commands; "ready" (below) only once /readyz would answer 200
         self.log.info(
-            "%s ready: events → %s, commands ← %s",
+            "%s started: events → %s, commands ← %s",
             self.name,
             self.config.inbound_channel,
             self.config.command_channel,
         )
+        watcher = asyncio.create_task(self._watch_readiness())
+        stopping = asyncio.create_task(self._stop.wait())
         try:
-            await self._stop.wait()
+            done, _ = await asyncio.wait([*loops, stopping], return_when=asyncio.FIRST_COMPLETED)
+            for task in loops:
+                if task in done:
+                    # ChannelReader retries and skips everything it can: this is a bug. Say so
+                    # in /readyz and end run() with the error, so the process exits non-zero
+                    # and a supervisor restarts it, instead of serving without commands.
+                    error = task.exception() or RuntimeError("command loop returned")
+                    self._dead_loop = describe_error(error)
+                    self.log.error(
+                        "%s: command loop died (%s); stopping", self.name, self._dead_loop
+                    )
+                    raise error
         finally:
+            stopping.cancel()
+            watcher.cancel()
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._shutdown()
+
+    async def _probe_layer(self) -> bool:
+        from core.layers import probe_layer
+
+        problem = await probe_layer(self.layer)
+        if problem is not None:
+            self.log.warning("%s: layer unreachable: %s", self.name, problem)
+        return problem is None
+
+    async def _watch_readiness(self) -> None:
+        """Log what keeps the gateway from being ready, and "ready" once /readyz would say so.
+
+        Readiness is computed from the transport's own state and the layer's, so it is
+        sampled; while the layer is marked down it is probed, so readiness recovers without
+        waiting for traffic.
+        """
+        last: list[str] | None = None
+        while True:
+            if not self._layer_ok:
+                self._layer_ok = await self._probe_layer_quietly()
+            reasons = self.ready_reasons()
+            if reasons != last:
+                if reasons:
+                    self.log.info("%s not ready yet: %s", self.name, "; ".join(reasons))
+                else:
+                    self.log.info(
+                        "%s ready: events → %s, commands ← %s",
+                        self.name,
+                        self.config.inbound_channel,
+                        self.config.command_channel,
+                    )
+                last = reasons
+            await asyncio.sleep(READINESS_INTERVAL)
+
+    async def _probe_layer_quietly(self) -> bool:
+        from core.layers import probe_layer
+
+        return await probe_layer(self.layer) is None
 
     async def _shutdown(self) -> None:
         grace = self.config.shutdown_grace
@@ -412,66 +458,60 @@ class Gateway(Generic[C]):
         )
         raise EventRefused(reason, problem)
 
-    async def _probe_layer(self) -> None:
-        """While the layer is marked unreachable, try it now and then until it answers.
-
-        Only traffic cleared the mark, so /readyz stayed 503 after Redis came back, and an SMTP
-        gateway behind a readiness gate never got the mail that would have cleared it (issue 14,
-        item 5). The probe removes this process's channel from a group it never joins: one
-        ZREM on Redis, nothing written, and the same call on any channel layer.
-        """
-        backoff = Backoff(0.5, 5.0)
-        channel = self.reply_channel or self.config.command_channel
-        while True:
-            await self._layer_down.wait()
-            await asyncio.sleep(backoff.next())
-            if self._layer_ok:  # traffic got through meanwhile
-                backoff.reset()
-                continue
-            try:
-                await asyncio.wait_for(self.layer.group_discard(PROBE_GROUP, channel), 5.0)
-            except LAYER_ERRORS:
-                continue
-            except Exception as exc:  # a layer without groups: only traffic can tell
-                self.log.warning(
-                    "%s: cannot probe the layer (%s); readiness recovers with traffic",
-                    self.name,
-                    describe_error(exc),
-                )
-                return
-            backoff.reset()
-            if not self._layer_ok:
-                self._layer_ok = True
-                self.log.info("%s: layer reachable again", self.name)
-
     # -- commands: layer → gateway ------------------------------------------------------------
 
     async def _command_loop(self, channel: str) -> None:
-        backoff = Backoff(0.2, 10.0)
+        from core.receiving import ChannelReader  # it imports this module
+
+        reader = ChannelReader(
+            self.layer,
+            channel,
+            log=self.log,
+            label=self.name,
+            on_layer=self._set_layer_ok,
+            count=self._count_receive,
+        )
         while True:
-            try:
-                message = await self.layer.receive(channel)
-            except asyncio.CancelledError:
-                raise
-            except LAYER_ERRORS as exc:
-                self._layer_ok = False
-                delay = backoff.next()
-                self.metrics.retry("layer_receive")
-                self.log.warning(
-                    "%s: receive on %r failed (%s); retrying in %.1f s",
-                    self.name,
-                    channel,
-                    describe_error(exc),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            self._layer_ok = True
+            # Wait for a free command slot *before* receiving, so a command is not taken off
+            # the channel while every slot is busy (it would sit in this task and be lost if
+            # stop() cancels it). The reply channel's loop shares the slots, so a slot can
+            # still be gone by the time a command arrives: then, if stop() cancels the wait,
+            # the command goes back on its channel. Cancelling receive() loses nothing.
             await self._command_slots.acquire()
+            self._command_slots.release()
+            message = await reader.receive()
+            try:
+                await self._command_slots.acquire()
+            except asyncio.CancelledError:
+                await asyncio.shield(self._put_back(channel, message))
+                raise
             task = asyncio.create_task(self._run_command(message))
             self._commands.add(task)
             task.add_done_callback(self._command_done)
+
+    async def _put_back(self, channel: str, message: Any) -> None:
+        try:
+            await send_command(self.layer, channel, message, timeout=5)
+        except Exception as exc:
+            self.metrics.dropped("command_at_stop")
+            self.log.error(
+                "%s: stopping: could not put a %s command back on %r: %s",
+                self.name,
+                _get(message, "type"),
+                channel,
+                describe_error(exc),
+            )
+        else:
+            self.log.info("%s: stopping: put a received command back on %r", self.name, channel)
+
+    def _set_layer_ok(self, ok: bool) -> None:
+        self._layer_ok = ok
+
+    def _count_receive(self, kind: str) -> None:
+        if kind == "undecodable":
+            self.metrics.dropped("undecodable_command")
+        else:
+            self.metrics.retry(kind)
 
     def _command_done(self, task: asyncio.Task[None]) -> None:
         self._commands.discard(task)

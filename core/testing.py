@@ -2,7 +2,7 @@
 
 Every server runs in the foreground on free loopback ports, keeps its state in a fresh temporary
 directory, and is stopped by PID. The recipes (arguments, config files, ready lines) are the
-tested ones from ``shared/SERVICES.md``.
+tested ones the README's "Services the tests start" section lists (``.ci/run`` installs them).
 
 Life cycle shared by every service class (:class:`RedisServer`, :class:`MosquittoServer`,
 :class:`NgircdServer`):
@@ -103,14 +103,50 @@ class ServerError(RuntimeError):
     """A server did not become ready, or exited; the message ends with its last output lines."""
 
 
+INSTALL_HINT = (
+    "`.ci/run` installs every service the tests use on Debian; the README's "
+    '"Services the tests start" section lists the packages'
+)
+"""Where a skip message sends the reader."""
+
+
+def _swaks_has_tls(path: str) -> str | None:
+    # swaks only *recommends* libnet-ssleay-perl: without it the binary runs but every
+    # STARTTLS/AUTH test fails with "TLS not available: requires Net::SSLeay" (issue 6)
+    try:
+        done = subprocess.run(
+            [path, "--support"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"'swaks --support' failed: {exc}"
+    output = done.stdout + done.stderr
+    if "TLS supported" in output:
+        return None
+    line = next((x for x in output.splitlines() if "TLS" in x), "no TLS line in its output")
+    return f"swaks cannot do TLS ({line.strip(' *=')}): install libnet-ssleay-perl"
+
+
+#: binaries whose mere presence is not enough: a check returning the missing capability
+_CAPABILITIES: dict[str, Callable[[str], str | None]] = {"swaks": _swaks_has_tls}
+_checked: dict[str, str | None] = {}
+
+
 def require_binary(name: str) -> str:
-    """Return the full path of the executable ``name``, or raise :class:`ServiceMissing`."""
+    """Return the full path of the executable ``name``, or raise :class:`ServiceMissing`.
+
+    Some binaries are also checked for the capability the tests use (``swaks`` must support
+    TLS), so a half-installed tool is reported like a missing one.
+    """
     path = shutil.which(name)
     if path is None:
-        raise ServiceMissing(
-            f"{name!r} is not installed (not found on PATH); see shared/SERVICES.md for the "
-            "Debian packages that provide it"
-        )
+        raise ServiceMissing(f"{name!r} is not installed (not found on PATH); {INSTALL_HINT}")
+    check = _CAPABILITIES.get(name)
+    if check is not None:
+        if path not in _checked:
+            _checked[path] = check(path)
+        problem = _checked[path]
+        if problem is not None:
+            raise ServiceMissing(f"{problem}; {INSTALL_HINT}")
     return path
 
 

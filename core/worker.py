@@ -1,144 +1,440 @@
-"""A consumer worker that loses nothing when Redis restarts or the process is stopped.
+"""A consumer worker that loses nothing when Redis restarts, a handler fails or the process stops.
 
-channels' ``Worker`` (what ``manage.py runworker`` runs) has three ways to lose messages, all
+channels' ``Worker`` (what ``manage.py runworker`` runs) has four ways to lose messages, all
 seen in tests/gateways/email/test_fault.py:
 
 * its listener moves messages from the layer into an unbounded in-memory queue per channel as
   fast as the layer gives them, so a slow consumer holds hundreds of them in memory;
 * a layer error (Redis restarted) escapes the listener and ends the process, and with it every
   message in those queues;
+* a consumer that raises (its own layer call failed during a Redis outage, its database is not
+  migrated yet) takes the message it was handling with it, and nothing names the message;
 * SIGTERM ends the process at once, with the same result.
 
-:class:`ConsumerWorker` is the same worker with those holes closed: at most one message waits
-per channel (the next ``receive()`` happens only once the consumer took the previous one), a
-layer error is retried with backoff, and :meth:`ConsumerWorker.drain` (SIGTERM/SIGINT) stops
-receiving and lets the consumers finish what they hold. A message without ``type`` is logged
-and skipped instead of stopping its channel.
+:class:`ConsumerWorker` is the same worker with those holes closed:
+
+* at most one message waits per channel (the next ``receive()`` happens only once the consumer
+  took the previous one); receiving goes through :class:`core.receiving.ChannelReader`, which
+  retries layer errors and skips (logs, counts) entries that cannot be decoded;
+* **at-least-once for transient failures**: when a consumer raises one of
+  :attr:`RetryPolicy.transient` (the layer's errors, Django's ``OperationalError`` /
+  ``InterfaceError``), the message it was handling goes to a *fresh* consumer instance again,
+  after a capped, jittered backoff, up to :attr:`RetryPolicy.max_attempts` deliveries. A
+  message that fails for good (attempts used up, or a non-transient error) is sent to the
+  dead-letter channel ``CHANNEL.dead`` (or, with ``dead_letter="log"``, only logged); either
+  way an ERROR line names its channel, ``type`` and ``id``. A consumer may therefore see a
+  message twice: de-duplicate on ``id``;
+* :meth:`ConsumerWorker.drain` (SIGTERM/SIGINT) stops receiving and lets the consumers finish
+  what they hold; a message still waiting for a retry is put back on its channel.
+
+A message without ``type`` is logged and skipped instead of stopping its channel.
 
 ``gateways run --app`` uses it, and so does ``manage.py runworker`` when ``"gateways"`` is listed
-before ``"channels"`` in ``INSTALLED_APPS`` (Django picks the first app's command).
+before ``"channels"`` in ``INSTALLED_APPS`` (Django picks the first app's command). Settings
+(Django ``GATEWAYS_WORKER``, or ``runworker --max-attempts/--dead-letter``)::
+
+    GATEWAYS_WORKER = {
+        "MAX_ATTEMPTS": 5,            # deliveries of one message, the first included
+        "RETRY_MAX_DELAY": 30,        # seconds; backoff doubles from 0.5 s up to this
+        "DEAD_LETTER": "channel",     # or "log"
+        "TRANSIENT_ERRORS": ["myapp.errors.TryLater"],  # added to the defaults
+    }
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import random
 import signal
-import time
-from typing import Any
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
 
-from core.service import LAYER_ERRORS, Backoff, describe_error
+from core.layers import import_object
+from core.metrics import GatewayMetrics
+from core.receiving import ChannelReader
+from core.service import LAYER_ERRORS, describe_error, send_command
 
-__all__ = ["ConsumerWorker"]
+__all__ = ["DEAD_LETTER_TYPE", "ConsumerWorker", "RetryPolicy", "default_transient_errors"]
 
 log = logging.getLogger("gateway.worker")
 
+#: ``type`` of the messages on a dead-letter channel; the failed message is under ``message``
+DEAD_LETTER_TYPE = "gateways.dead_letter"
+
+
+def default_transient_errors() -> tuple[type[BaseException], ...]:
+    """The layer's errors, plus Django's database errors that go away (unreachable, unmigrated)."""
+    errors: list[type[BaseException]] = list(LAYER_ERRORS)
+    with contextlib.suppress(ImportError):
+        from django.db import InterfaceError, OperationalError
+
+        errors += [OperationalError, InterfaceError]
+    return tuple(errors)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """What :class:`ConsumerWorker` does with a message whose consumer raised."""
+
+    #: deliveries of one message in all, the first included; 1 means no retry
+    max_attempts: int = 5
+    #: the first retry waits about this long; each further one twice as long
+    initial_delay: float = 0.5
+    #: cap of the backoff between two deliveries of one message
+    max_delay: float = 30.0
+    #: ``"channel"``: send what failed for good to ``CHANNEL.dead``; ``"log"``: only log it
+    dead_letter: Literal["channel", "log"] = "channel"
+    #: exceptions after which the same message is delivered again
+    transient: tuple[type[BaseException], ...] = dataclasses.field(
+        default_factory=default_transient_errors
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.dead_letter not in ("channel", "log"):
+            raise ValueError("dead_letter must be 'channel' or 'log'")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before delivery number ``attempt + 1``."""
+        cap = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
+        return random.uniform(cap / 2, cap)
+
+    @classmethod
+    def from_settings(
+        cls, options: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> RetryPolicy:
+        """The policy from ``options`` (default: Django's ``GATEWAYS_WORKER`` setting, when
+        Django is configured), then ``overrides`` that are not ``None``.
+
+        Raises ``ValueError`` with a one-line reason for a bad setting.
+        """
+        values: dict[str, Any] = {}
+        if options is None:
+            options = {}
+            with contextlib.suppress(ImportError):
+                from django.conf import settings
+
+                if settings.configured:
+                    options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
+        known = {"MAX_ATTEMPTS", "RETRY_MAX_DELAY", "DEAD_LETTER", "TRANSIENT_ERRORS"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"GATEWAYS_WORKER: unknown key(s) {unknown}; known: {sorted(known)}")
+        if "MAX_ATTEMPTS" in options:
+            values["max_attempts"] = int(options["MAX_ATTEMPTS"])
+        if "RETRY_MAX_DELAY" in options:
+            values["max_delay"] = float(options["RETRY_MAX_DELAY"])
+        if "DEAD_LETTER" in options:
+            values["dead_letter"] = options["DEAD_LETTER"]
+        extra: list[type[BaseException]] = []
+        for path in options.get("TRANSIENT_ERRORS", []):
+            module, _, attr = str(path).rpartition(".")
+            error = import_object(f"{module}:{attr}")
+            if not (isinstance(error, type) and issubclass(error, BaseException)):
+                raise ValueError(f"GATEWAYS_WORKER: TRANSIENT_ERRORS: {path} is not an exception")
+            extra.append(error)
+        if extra:
+            values["transient"] = default_transient_errors() + tuple(extra)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class _Delivery:
+    """One message on its way to a consumer: how often it was tried, when it may go again."""
+
+    message: dict[str, Any]
+    attempt: int = 1
+    not_before: float = 0.0
+
 
 class _Inbox:
-    """The consumer's ``receive``: one message at a time, and whether the consumer is idle."""
+    """One consumer instance's ``receive``: one message at a time, and what it holds."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self.queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=1)
         self.idle = asyncio.Event()
+        #: the delivery the consumer took last and has not finished (it has not asked again)
+        self.current: _Delivery | None = None
+        self.future: asyncio.Future[Any] | None = None
 
-    async def get(self) -> Any:
+    async def get(self) -> dict[str, Any]:
+        self.current = None  # asking for the next message means the last one is done
         self.idle.set()
-        message = await self.queue.get()
+        delivery = await self.queue.get()
         self.idle.clear()
-        return message
+        self.current = delivery
+        # a shallow copy: what the consumer changes in it does not travel to a retry
+        return dict(delivery.message)
 
     @property
     def drained(self) -> bool:
         return self.queue.empty() and self.idle.is_set()
 
+    @property
+    def holds_unfinished(self) -> bool:
+        """The instance ended (raised or was cancelled) while it held :attr:`current`."""
+        future = self.future
+        if self.current is None or future is None or not future.done():
+            return False
+        return future.cancelled() or future.exception() is not None
+
+
+def _describe(message: dict[str, Any]) -> str:
+    return f"{message.get('type')!s:.100} (id={message.get('id')!s:.200})"
+
 
 class ConsumerWorker(Worker):  # type: ignore[misc]
-    """channels' ``Worker`` with bounded prefetch, layer retries and a graceful drain."""
+    """channels' ``Worker`` with bounded prefetch, layer retries, redelivery and a drain."""
 
-    def __init__(self, *args: Any, shutdown_grace: float = 30.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        shutdown_grace: float = 30.0,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.shutdown_grace = shutdown_grace
+        self.retry = retry if retry is not None else RetryPolicy.from_settings()
+        self.metrics = GatewayMetrics("worker")
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
 
-    def get_or_create_application_instance(self, scope_id: str, scope: dict[str, Any]) -> Any:
-        details = self.application_instances.get(scope_id)
-        if details is not None and not details["future"].done():
-            details["last_used"] = time.time()
-            return details["input_queue"]
-        inbox = self._inboxes[scope_id] = _Inbox()
+    # -- consumer instances -------------------------------------------------------------------
+
+    def _instance(self, channel: str) -> _Inbox:
+        """The channel's live consumer instance, started if there is none."""
+        inbox = self._inboxes.get(channel)
+        if inbox is not None and inbox.future is not None and not inbox.future.done():
+            return inbox
+        inbox = self._inboxes[channel] = _Inbox()
+        scope = {"type": "channel", "channel": channel}
         instance = guarantee_single_callable(self.application)  # type: ignore[no-untyped-call]
-        future = asyncio.ensure_future(
+        inbox.future = asyncio.ensure_future(
             instance(
                 scope=scope,
                 receive=inbox.get,
                 send=lambda message: self.application_send(scope, message),
             )
         )
-        self.application_instances[scope_id] = {
+        self.application_instances[channel] = {
             "input_queue": inbox.queue,
-            "future": future,
+            "future": inbox.future,
             "scope": scope,
-            "last_used": time.time(),
+            "last_used": asyncio.get_running_loop().time(),
         }
-        return inbox.queue
+        return inbox
+
+    def _dead_instance(self, channel: str) -> _Inbox | None:
+        inbox = self._inboxes.get(channel)
+        if inbox is not None and inbox.future is not None and inbox.future.done():
+            return inbox
+        return None
+
+    async def application_exception(self, exception: Exception, details: Any) -> None:
+        """channels logs a traceback here; :meth:`_salvage` logs the failure with the message."""
+
+    # -- receiving ----------------------------------------------------------------------------
 
     async def handle(self) -> None:
         self._listeners = [asyncio.create_task(self.listener(c)) for c in self.channels]
         await asyncio.gather(*self._listeners)
 
+    def _count(self, kind: str) -> None:
+        if kind == "undecodable":
+            self.metrics.dropped("undecodable")
+        else:
+            self.metrics.retry(kind)
+
     async def listener(self, channel: str) -> None:
-        backoff = Backoff(0.2, 10.0)
-        while True:
-            try:
-                message: Any = await self.channel_layer.receive(channel)
-            except LAYER_ERRORS as exc:
-                delay = backoff.next()
-                log.warning(
-                    "receive on %r failed (%s); retrying in %.1f s",
-                    channel,
-                    describe_error(exc),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            if not isinstance(message, dict) or not message.get("type"):
-                log.warning("skipped a message without 'type' on %r", channel)
-                continue
-            await self._deliver(channel, message)
+        reader = ChannelReader(
+            self.channel_layer, channel, log=log, label="worker", count=self._count
+        )
+        receiving: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                if self._dead_instance(channel) is not None:
+                    # the consumer died while we were receiving: retry what it held first
+                    await self._deliver(channel, await self._salvage(channel))
+                    continue
+                if receiving is None:
+                    receiving = asyncio.create_task(reader.receive())
+                waits: list[asyncio.Future[Any]] = [receiving]
+                inbox = self._inboxes.get(channel)
+                if inbox is not None and inbox.future is not None:
+                    waits.append(inbox.future)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    continue
+                message, receiving = receiving.result(), None
+                if not isinstance(message, dict) or not message.get("type"):
+                    self.metrics.dropped("no_type")
+                    log.warning("skipped a message without 'type' on %r", channel)
+                    continue
+                await self._deliver(channel, [_Delivery(message)])
+        finally:
+            if receiving is not None:
+                receiving.cancel()  # loses nothing: see ChannelReader.receive
+                await asyncio.gather(receiving, return_exceptions=True)
 
-    async def _deliver(self, channel: str, message: dict[str, Any]) -> None:
-        """Hand ``message`` to the channel's consumer, waiting while it holds the previous one.
+    async def _deliver(self, channel: str, deliveries: list[_Delivery]) -> None:
+        """Hand ``deliveries`` to the channel's consumer, one at a time, in order.
 
-        A consumer can die while we wait (channels' consumers also listen on a channel of their
-        own, and a layer outage raises there); the messages it had not taken yet are moved to
-        its replacement instead of being lost with it.
+        Returns once the consumer took the last one. A consumer that dies meanwhile is replaced,
+        and what it held goes to the replacement (see :meth:`_salvage`). Cancelled (drain), the
+        deliveries it still holds are put back on the channel.
         """
-        pending = [message]
-        while pending:
-            scope = {"type": "channel", "channel": channel}
-            queue = self.get_or_create_application_instance(channel, scope)
-            future = self.application_instances[channel]["future"]
-            put = asyncio.ensure_future(queue.put(pending[0]))
-            await asyncio.wait([put, future], return_when=asyncio.FIRST_COMPLETED)
-            if put.done():
-                pending.pop(0)
-                continue
-            put.cancel()
-            await asyncio.gather(put, return_exceptions=True)
-            rescued = []
-            while not queue.empty():
-                rescued.append(queue.get_nowait())
+        pending = deque(deliveries)
+        put: asyncio.Future[None] | None = None
+        try:
+            while pending:
+                if self._dead_instance(channel) is not None:
+                    pending.extendleft(reversed(await self._salvage(channel)))
+                    continue
+                wait = pending[0].not_before - asyncio.get_running_loop().time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                inbox = self._instance(channel)
+                assert inbox.future is not None
+                put = asyncio.ensure_future(inbox.queue.put(pending[0]))
+                await asyncio.wait([put, inbox.future], return_when=asyncio.FIRST_COMPLETED)
+                if not put.done():
+                    put.cancel()
+                    await asyncio.gather(put, return_exceptions=True)
+                if put.done() and not put.cancelled():
+                    pending.popleft()
+                put = None
+                if inbox.future.done():
+                    pending.extendleft(reversed(await self._salvage(channel)))
+        except asyncio.CancelledError:
+            if put is not None and not put.done():
+                put.cancel()
+            elif put is not None and not put.cancelled() and pending:
+                pending.popleft()  # it reached the consumer
+            if pending:
+                await asyncio.shield(self._put_back(channel, list(pending)))
+            raise
+
+    async def _salvage(self, channel: str) -> list[_Delivery]:
+        """What a dead consumer instance held, to hand to its replacement.
+
+        The message it was handling comes back first when it failed with a transient error and
+        has attempts left (after a backoff); otherwise it is dead-lettered. Messages it had not
+        taken yet follow, unchanged.
+        """
+        inbox = self._inboxes.pop(channel)
+        assert inbox.future is not None and inbox.future.done()
+        details = self.application_instances.get(channel)
+        if details is not None and details["future"] is inbox.future:
+            del self.application_instances[channel]
+        error = None if inbox.future.cancelled() else inbox.future.exception()
+        rescued: list[_Delivery] = []
+        while not inbox.queue.empty():
+            rescued.append(inbox.queue.get_nowait())
+        failed, inbox.current = inbox.current, None
+        salvaged: list[_Delivery] = []
+        if failed is not None and error is not None:
+            salvaged += await self._failed(channel, failed, error)
+        elif error is not None:
+            log.warning("consumer on %r failed while idle: %s", channel, describe_error(error))
+        if rescued:
             log.warning(
                 "consumer on %r exited; handing %d waiting message(s) to a new instance",
                 channel,
-                len(rescued) + len(pending),
+                len(rescued),
             )
-            pending = rescued + pending
+        return salvaged + rescued
+
+    async def _failed(
+        self, channel: str, delivery: _Delivery, error: BaseException
+    ) -> list[_Delivery]:
+        """Log a failed handler; return the delivery to retry, or dead-letter it."""
+        policy = self.retry
+        what = _describe(delivery.message)
+        self.metrics.error("handler")
+        transient = isinstance(error, policy.transient)
+        if transient and delivery.attempt < policy.max_attempts:
+            delay = policy.delay(delivery.attempt)
+            self.metrics.retry("handler")
+            log.warning(
+                "consumer on %r failed on %s, attempt %d of %d: %s; delivering it again in %.1f s",
+                channel,
+                what,
+                delivery.attempt,
+                policy.max_attempts,
+                describe_error(error),
+                delay,
+            )
+            when = asyncio.get_running_loop().time() + delay
+            return [_Delivery(delivery.message, delivery.attempt + 1, when)]
+        reason = (
+            f"{delivery.attempt} attempt(s) failed"
+            if transient
+            else "not a transient error, not retried"
+        )
+        log.error(
+            "consumer on %r failed on %s: %s (%s)",
+            channel,
+            what,
+            describe_error(error),
+            reason,
+            exc_info=error if not transient else None,
+        )
+        await self._dead_letter(channel, delivery, error)
+        return []
+
+    async def _dead_letter(self, channel: str, delivery: _Delivery, error: BaseException) -> None:
+        self.metrics.dropped("dead_letter")
+        what = _describe(delivery.message)
+        if self.retry.dead_letter == "log":
+            log.error("gave up on %s from %r (dead_letter: log)", what, channel)
+            return
+        target = f"{channel}.dead"
+        letter = {
+            "type": DEAD_LETTER_TYPE,
+            "channel": channel,
+            "error": describe_error(error),
+            "attempts": delivery.attempt,
+            "message": delivery.message,
+        }
+        try:
+            await send_command(self.channel_layer, target, letter, timeout=30)
+        except Exception as exc:
+            log.error(
+                "gave up on %s from %r, and could not send it to %r either: %s",
+                what,
+                channel,
+                target,
+                describe_error(exc),
+            )
+            return
+        log.error("gave up on %s from %r: sent to %r", what, channel, target)
+
+    async def _put_back(self, channel: str, deliveries: list[_Delivery]) -> None:
+        """Return undelivered messages to their channel (stopping): the next worker gets them."""
+        for delivery in deliveries:
+            try:
+                await send_command(self.channel_layer, channel, delivery.message, timeout=10)
+            except Exception as exc:
+                log.error(
+                    "stopping: could not put %s back on %r: %s",
+                    _describe(delivery.message),
+                    channel,
+                    describe_error(exc),
+                )
+            else:
+                log.info("stopping: put %s back on %r", _describe(delivery.message), channel)
+
+    # -- stopping -----------------------------------------------------------------------------
 
     async def drain(self) -> None:
         """Stop receiving; give consumers ``shutdown_grace`` s to finish what they hold."""
@@ -149,15 +445,27 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             await asyncio.wait_for(self._consumers_idle(), self.shutdown_grace)
         except TimeoutError:
             log.warning("consumers still busy after %.0f s; stopping them", self.shutdown_grace)
+        for channel, inbox in list(self._inboxes.items()):
+            # what a consumer still holds (busy past the grace, or failed while draining)
+            # goes back on its channel for the next worker: at-least-once, never silent
+            if inbox.future is not None and not inbox.future.done():
+                inbox.future.cancel()
+                await asyncio.gather(inbox.future, return_exceptions=True)
+            left = [inbox.current] if inbox.holds_unfinished and inbox.current else []
+            while not inbox.queue.empty():
+                left.append(inbox.queue.get_nowait())
+            inbox.current = None
+            if left:
+                await self._put_back(channel, left)
 
     async def _consumers_idle(self) -> None:
-        for channel, inbox in self._inboxes.items():
-            details = self.application_instances.get(channel)
-            if details is None:
+        for inbox in list(self._inboxes.values()):
+            future = inbox.future
+            if future is None:
                 continue
-            while not details["future"].done():
+            while not future.done():
                 idle = asyncio.create_task(inbox.idle.wait())
-                await asyncio.wait([idle, details["future"]], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([idle, future], return_when=asyncio.FIRST_COMPLETED)
                 idle.cancel()
                 if inbox.drained:
                     break
@@ -180,8 +488,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         await self.drain()
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
-        for details in self.application_instances.values():
-            details["future"].cancel()
+        for inbox in self._inboxes.values():
+            if inbox.future is not None:
+                inbox.future.cancel()
 
     def run(self) -> None:
         asyncio.run(self.serve())

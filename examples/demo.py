@@ -102,8 +102,8 @@ async def main() -> int:
     return code
 
 
-if __name__ == "__main__":
-    workdir = tempfile.mkdtemp(prefix="gateways-demo-")
+def run(workdir: str) -> int:
+    """Run :func:`main` with its database and attachment store in ``workdir``."""
     os.environ.update(
         DJANGO_SETTINGS_MODULE="example.settings",
         EXAMPLE_LAYER="memory://",
@@ -122,4 +122,14 @@ if __name__ == "__main__":
     django.setup()
     setup_logging(os.environ["GATEWAYS_LOG_LEVEL"])
     call_command("migrate", verbosity=0)
-    sys.exit(asyncio.run(main()))
+    return asyncio.run(main())
+
+
+if __name__ == "__main__":
+    # the database and attachments of one run live here, and go with it (issue 6)
+    with tempfile.TemporaryDirectory(prefix="gateways-demo-") as workdir:
+        code = run(workdir)
+        from django.db import connections
+
+        connections.close_all()  # SQLite holds the file open
+    sys.exit(code)

@@ -1,7 +1,16 @@
 """The gateways of channels-gateways, one package per transport.
 
 Add ``"gateways"`` to ``INSTALLED_APPS`` for ``manage.py rungateway FILE…``.
+
+This module imports nothing of ``core``: the entry points call :func:`core_shadowed` first, so
+that a Django project with a ``core`` package of its own gets one clear line instead of
+``No module named 'core.cli'`` (issue 6).
 """
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 #: YAML ``gateway:`` value → the gateway class that serves it
 REGISTRY = {
@@ -9,4 +18,46 @@ REGISTRY = {
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
 }
 
-__all__ = ["REGISTRY"]
+__all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed"]
+
+_OURS = Path(__file__).resolve().parent.parent / "core"
+
+
+def core_shadowed() -> str | None:
+    """One line saying what shadows channels-gateways' ``core`` package, or ``None``.
+
+    channels-gateways ships a top-level ``core`` package. A project with its own ``core`` (a
+    Django app, say) earlier on ``sys.path`` — ``manage.py`` puts the project directory first —
+    hides it. ``find_spec`` looks without importing anything.
+    """
+    try:
+        spec = importlib.util.find_spec("core")
+    except (ImportError, ValueError):
+        spec = None
+    found: Path | None = None
+    if spec is not None:
+        if spec.origin and spec.origin not in ("namespace", "built-in"):
+            found = Path(spec.origin).resolve().parent
+        elif spec.submodule_search_locations:
+            found = Path(next(iter(spec.submodule_search_locations))).resolve()
+    if found == _OURS:
+        return None
+    where = f"'core' is {found}" if found else "no 'core' package is importable"
+    return (
+        f"channels-gateways needs its own top-level package 'core' ({_OURS}), but {where}: "
+        "a package of your project named 'core' comes first on sys.path. Run the gateways "
+        "as their own binaries outside the project directory (gateway-email / gateway-mqtt / "
+        "gateways run --layer redis://…; they import nothing of your project), use channels' "
+        "own runworker (list 'channels' before 'gateways' in INSTALLED_APPS), or rename your "
+        "'core' package; see the README, \"A project with its own core app\""
+    )
+
+
+def exit_if_core_shadowed(prog: str) -> None:
+    """Print :func:`core_shadowed`'s line as ``prog: …`` and exit 2 when ``core`` is not ours."""
+    problem = core_shadowed()
+    if problem is not None:
+        import sys
+
+        print(f"{prog}: {problem}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,8 +1,9 @@
 """Settings of the example project.
 
 Environment:
-- ``EXAMPLE_LAYER``: layer path shared with the gateways (default ``memory://``, which only works
-  when everything runs in one process: ``gateways run … --app example.asgi:application``).
+- ``EXAMPLE_LAYER``, else ``GATEWAYS_LAYER`` (what the gateways read): layer path shared with
+  the gateways (default ``memory://``, which only works when everything runs in one process:
+  ``gateways run … --app example.asgi:application``).
 - ``EXAMPLE_DB``: SQLite file (default ``examples/example.sqlite3``).
 """
 
@@ -17,6 +18,9 @@ SECRET_KEY = os.environ.get("EXAMPLE_SECRET_KEY", "example-only-not-secret")
 DEBUG = False
 ALLOWED_HOSTS: list[str] = []
 USE_TZ = True
+# UTC, like the gateways' log lines (Django's own default is America/Chicago, and it sets the
+# process's local time zone from this)
+TIME_ZONE = "UTC"
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
@@ -39,7 +43,8 @@ DATABASES = {
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 ASGI_APPLICATION = "example.asgi.application"
-CHANNEL_LAYERS = {"default": channel_layer_settings(os.environ.get("EXAMPLE_LAYER", "memory://"))}
+LAYER = os.environ.get("EXAMPLE_LAYER") or os.environ.get("GATEWAYS_LAYER") or "memory://"
+CHANNEL_LAYERS = {"default": channel_layer_settings(LAYER)}
 
 # the address replies come from; the relay in email.yaml decides where they go
 SUPPORT_ADDRESS = os.environ.get("EXAMPLE_SUPPORT_ADDRESS", "support@example.com")
@@ -47,7 +52,8 @@ SUPPORT_ADDRESS = os.environ.get("EXAMPLE_SUPPORT_ADDRESS", "support@example.com
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    # the gateways' own format: UTC times, secrets redacted
+    "formatters": {"line": {"()": "core.logs.RedactingFormatter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
     "root": {"handlers": ["console"], "level": os.environ.get("GATEWAYS_LOG_LEVEL", "INFO")},
 }

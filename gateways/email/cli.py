@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from core.cli import gateway_main
-from gateways.email.gateway import EmailGateway
+from gateways import exit_if_core_shadowed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_if_core_shadowed("gateway-email")  # before anything imports core
+    from core.cli import gateway_main
+    from gateways.email.gateway import EmailGateway
+
     return gateway_main(EmailGateway, argv)
 
 

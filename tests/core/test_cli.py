@@ -154,8 +154,10 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, redis_server: RedisServer) -
 
 def test_gateways_run_with_app_on_memory_layer(tmp_path: Path) -> None:
     """The embedded default: gateway and consumers in one process, no Redis."""
-    result = run(sys.executable, str(EXAMPLES / "demo.py"), env={"GATEWAYS_LOG_LEVEL": "INFO"})
+    env = {"GATEWAYS_LOG_LEVEL": "INFO", "TMPDIR": str(tmp_path)}
+    result = run(sys.executable, str(EXAMPLES / "demo.py"), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # issue 6: no gateways-demo-* left behind
     assert "← reply left through the relay to alice@example.org" in result.stdout
     assert "In-Reply-To: <first-mail@example.org>" in result.stdout
     assert "signal received: draining" in result.stderr
@@ -204,3 +206,92 @@ def test_layer_path_errors_hide_the_password(tmp_path: Path, layer: str) -> None
     assert "S3cret" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if "invalid layer path" in line]
     assert len(lines) == 1 and ":***@" in lines[0], result.stderr
+
+
+def test_gateways_version() -> None:
+    result = run("gateways", "--version")
+    assert result.returncode == 0 and result.stdout.startswith("gateways 0.")
+
+
+def test_bad_log_level_env_is_exit_2_one_line(tmp_path: Path) -> None:
+    for argv in (["gateway-email", "--config"], ["gateways", "run"]):
+        path = email_yaml(tmp_path, layer="memory://")
+        result = run(*argv, str(path), env={"GATEWAYS_LOG_LEVEL": "bogus"})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"{argv[0]}: GATEWAYS_LOG_LEVEL='bogus' is not a log level: "
+            "use DEBUG, INFO, WARNING, ERROR"
+        ]
+
+
+def test_missing_env_var_reports_only_the_cause(tmp_path: Path) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(
+        "gateway: email\nname: x\nlayer: memory://\n"
+        "email:\n  port: ${NO_SUCH_PORT_VAR}\n  accept: [example.com]\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_SUCH_PORT_VAR"}
+    result = subprocess.run(
+        ["gateway-email", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"gateway-email: {path}: email.port: environment variable NO_SUCH_PORT_VAR is not set"
+    ]
+
+
+def test_app_is_imported_from_the_working_directory(tmp_path: Path) -> None:
+    """Issue 6 item 5: `--app example.asgi:application` from examples/ without PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
+    env.update(EXAMPLE_DB=str(tmp_path / "db.sqlite3"), SMTP_PORT=str(free_port()))
+    result = subprocess.run(
+        ["gateways", "run", "email.yaml", "--app", "example.asgi:application", "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=EXAMPLES,
+    )
+    assert result.returncode == 0, result.stderr
+    # and a mistake in what --app names is one line, exit 2
+    result = subprocess.run(
+        ["gateways", "run", "email.yaml", "--app", "example.nope:application"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=EXAMPLES,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "gateways: invalid --app 'example.nope:application': No module named 'example.nope'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ("nosuch.settings", "DJANGO_SETTINGS_MODULE='nosuch.settings': ModuleNotFoundError"),
+        ("example.settings_broken", "DJANGO_SETTINGS_MODULE='example.settings_broken'"),
+    ],
+)
+def test_django_settings_mistake_is_one_line_exit_2(
+    tmp_path: Path, settings: str, fragment: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(DJANGO_SETTINGS_MODULE=settings, EXAMPLE_DB=str(tmp_path / "db.sqlite3"))
+    result = subprocess.run(
+        ["gateways", "run", "email.yaml", "--layer", "memory://"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=EXAMPLES,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gateways: ") and fragment in lines[0], lines

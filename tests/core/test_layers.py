@@ -137,3 +137,27 @@ async def test_django_alias(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLi
     assert resolve_layer("django:other").capacity == 3
     with pytest.raises(LayerPathError, match="'missing'"):
         resolve_layer("django:missing")
+
+
+@pytest.mark.parametrize("senders", [100, 1000])
+async def test_many_concurrent_senders(redis_server: RedisServer, senders: int) -> None:
+    """Issue 6 item 11: redis-py 8's 100-connection pool raised MaxConnectionsError here."""
+    layer = resolve_layer(redis_server.url + "?capacity=100000")
+    per = 3
+    received: list[tuple[int, int]] = []
+
+    async def sender(i: int) -> None:
+        for n in range(per):
+            await layer.send("crowd", {"type": "t.x", "i": i, "n": n})
+
+    async def receiver() -> None:
+        while len(received) < senders * per:
+            message = await layer.receive("crowd")
+            received.append((message["i"], message["n"]))
+
+    receiving = asyncio.create_task(receiver())
+    await asyncio.wait_for(asyncio.gather(*(sender(i) for i in range(senders))), 120)
+    await asyncio.wait_for(receiving, 120)
+    assert sorted(received) == [(i, n) for i in range(senders) for n in range(per)]
+    await layer.flush()
+    await layer.close_pools()

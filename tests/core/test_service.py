@@ -369,3 +369,90 @@ async def test_layer_down_then_back(redis_server: RedisServer) -> None:
     gateway.stop()
     await asyncio.wait_for(task, 10)
     await layer.close_pools()
+
+
+async def test_command_waiting_for_a_slot_survives_stop() -> None:
+    """Issue 8 item 9: a command that arrives while every slot is busy stays on its channel."""
+    layer = InMemoryChannelLayer()
+    gateway = EchoGateway(EchoConfig(name="slots", shutdown_grace=0.2), layer)
+    task = asyncio.create_task(gateway.run())
+    await gateway.started.wait()
+    gateway.release.clear()
+    for n in range(EchoGateway.command_concurrency + 1):
+        await layer.send("slots.send", {"type": "echo.say", "text": f"t{n}"})
+    await asyncio.sleep(0.2)
+    assert len(gateway._commands) == EchoGateway.command_concurrency
+    gateway.stop()
+    await asyncio.wait_for(task, 5)
+    # the four in flight were cancelled after the grace (and said so); the fifth was never
+    # taken off the channel, so the next gateway process gets it
+    left = await asyncio.wait_for(layer.receive("slots.send"), 1)
+    assert left["text"] == f"t{EchoGateway.command_concurrency}"
+
+
+async def test_undecodable_command_is_logged_counted_and_skipped(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14 item 2: raw bytes on the command channel must not kill the command loop."""
+    import time
+
+    import redis
+
+    layer = resolve_layer(redis_server.url)
+    gateway = EchoGateway(EchoConfig(name="poison"), layer)
+    task = asyncio.create_task(gateway.run())
+    await gateway.started.wait()
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.zadd(layer.prefix + "poison.send", {b"R" * 12 + b"\xc1 not msgpack": time.time()})
+    raw.close()
+    await layer.send("poison.send", {"type": "echo.say", "text": "hi", "result_channel": "r"})
+    assert (await asyncio.wait_for(layer.receive("r"), 15))["ok"]
+    lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(lines) == 1 and "'poison.send'" in lines[0]
+    assert metric("gateway_dropped_total", "poison", reason="undecodable_command") == 1
+    assert gateway.ready_reasons() == []
+    gateway.stop()
+    await asyncio.wait_for(task, 10)
+    await layer.close_pools()
+
+
+async def test_a_dead_command_loop_fails_readiness_and_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(EchoGateway):
+        async def _command_loop(self, channel: str) -> None:
+            if channel == self.config.commands_channel:
+                raise RuntimeError("bug in the loop")
+            await super()._command_loop(channel)
+
+    gateway = Broken(EchoConfig(name="dead-loop", shutdown_grace=0.2), InMemoryChannelLayer())
+    with pytest.raises(RuntimeError, match="bug in the loop"):
+        await asyncio.wait_for(gateway.run(), 5)
+    assert "dead-loop: command loop died: RuntimeError: bug in the loop" in gateway.ready_reasons()
+    assert "command loop died" in caplog.text and gateway.closed
+
+
+async def test_ready_is_logged_only_when_readyz_agrees(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 6 item 7: "ready" was logged while Redis was unreachable."""
+    caplog.set_level(logging.INFO)
+    redis_server.kill()
+    layer = resolve_layer(redis_server.url)
+    gateway = EchoGateway(EchoConfig(name="late-redis"), layer)
+    task = asyncio.create_task(gateway.run())
+    await asyncio.wait_for(gateway.started.wait(), 15)
+    await asyncio.sleep(1)
+    assert "late-redis: layer unreachable" in gateway.ready_reasons()
+    assert "late-redis not ready yet: late-redis: layer unreachable" in caplog.text
+    assert "late-redis ready" not in caplog.text
+    redis_server.restart()
+    for _ in range(200):  # recovers by probing, without any traffic
+        if "late-redis ready: events" in caplog.text:
+            break
+        await asyncio.sleep(0.1)
+    assert "late-redis ready: events" in caplog.text
+    assert gateway.ready_reasons() == []
+    gateway.stop()
+    await asyncio.wait_for(task, 10)
+    await layer.close_pools()

@@ -30,7 +30,7 @@ from core.testing import (
     make_certs,
     require_binary,
 )
-from tests.conftest import MQTT_USER
+from tests.conftest import MQTT_USER, service
 
 
 def _alive(pid: int) -> bool:
@@ -63,6 +63,24 @@ def test_require_binary() -> None:
     assert require_binary("sh").endswith("/sh")
     with pytest.raises(ServiceMissing, match="no-such-binary-xyz"):
         require_binary("no-such-binary-xyz")
+
+
+def test_swaks_without_tls_counts_as_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what `apt-get install --no-install-recommends swaks` gives: no Net::SSLeay (issue 6)
+    fake = tmp_path / "swaks"
+    fake.write_text(
+        "#!/bin/sh\necho '=== Basic AUTH supported'\n"
+        "echo '*** TLS not available: requires Net::SSLeay' >&2\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ServiceMissing, match=r"libnet-ssleay-perl.*\.ci/run"):
+        require_binary("swaks")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="required service missing in CI"):
+        service("swaks")
 
 
 def test_server_early_exit_reports_status_and_output() -> None:

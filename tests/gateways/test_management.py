@@ -97,3 +97,89 @@ async def test_runworker_is_the_hardened_worker(redis_server: RedisServer, tmp_p
     finally:
         assert await asyncio.to_thread(worker.stop, signal.SIGTERM) == 0, worker.tail()
         await layer.close_pools()
+
+
+def make_project_with_core_app(tmp_path: Path) -> Path:
+    """`django-admin startproject` plus an app of its own named `core` (issue 6 item 3)."""
+    subprocess.run(
+        [sys.executable, "-m", "django", "startproject", "site_conf", str(tmp_path)],
+        check=True,
+        timeout=60,
+    )
+    app = tmp_path / "core"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "apps.py").write_text(
+        "from django.apps import AppConfig\n\n\nclass CoreConfig(AppConfig):\n    name = 'core'\n"
+    )
+    settings = tmp_path / "site_conf" / "settings.py"
+    settings.write_text(
+        settings.read_text().replace(
+            "INSTALLED_APPS = [",
+            "INSTALLED_APPS = [\n    'core',\n    'gateways',\n    'channels',",
+        )
+    )
+    (tmp_path / "mail.yaml").write_text(
+        "gateway: email\nname: m\nemail:\n  port: 0\n  accept: [example.com]\n"
+    )
+    return tmp_path
+
+
+def test_a_project_core_app_is_named_in_one_line(tmp_path: Path) -> None:
+    project = make_project_with_core_app(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
+    expected = f"'core' is {project / 'core'}"
+    commands = [
+        [sys.executable, "manage.py", "rungateway", "mail.yaml"],
+        [sys.executable, "manage.py", "runworker", "m"],
+    ]
+    for argv in commands:
+        result = subprocess.run(
+            argv, cwd=project, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+        assert "No module named" not in result.stderr
+    # the binaries with the project on the path (what `--app` or PYTHONPATH=. would do)
+    for argv in (
+        ["gateway-email", "--config", "mail.yaml", "--layer", "memory://"],
+        ["gateways", "run", "mail.yaml", "--layer", "memory://"],
+    ):
+        result = subprocess.run(
+            argv,
+            cwd=project,
+            env={**env, "PYTHONPATH": str(project)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: ") and expected in lines[0]
+    # run from the project directory without it on the path, the binaries work
+    result = subprocess.run(
+        ["gateway-email", "--config", "mail.yaml", "--layer", "memory://", "--check-config"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_rungateway_prints_each_line_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Issue 6 item 8: Django's LOGGING console handler and ours printed every line twice."""
+    gateway = await asyncio.to_thread(
+        Server,
+        [sys.executable, "manage.py", "rungateway", "email.yaml"],
+        "ready: events",
+        cwd=EXAMPLES,
+        env=example_env(redis_server, tmp_path),
+    )
+    assert gateway.stop(signal.SIGTERM) == 0
+    ready = [line for line in gateway.output if "ready: events" in line]
+    assert len(ready) == 1, gateway.output
+    # UTC with a Z, the same in every process of the suite
+    assert ready[0][:20].endswith("Z"), ready[0]

@@ -2,7 +2,7 @@
 
 The layer defaults to ``django`` (this project's ``CHANNEL_LAYERS["default"]``). Consumers keep
 running under ``manage.py runworker``; with an in-memory layer pass ``--with-consumers`` to run
-them here too.
+them here too. Relative FILE paths are taken from the working directory.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from core.cli import run_main
-from gateways import REGISTRY
+from gateways import REGISTRY, core_shadowed
 
 
 class Command(BaseCommand):
@@ -30,6 +29,11 @@ class Command(BaseCommand):
         parser.add_argument("--log-level", default="INFO")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        problem = core_shadowed()
+        if problem is not None:  # a project app named "core" hides ours: say so in one line
+            raise CommandError(problem, returncode=2)
+        from core.cli import run_main
+
         argv = ["run", *options["files"], "--layer", options["layer"]]
         argv += ["--log-level", options["log_level"]]
         if options["check_config"]:

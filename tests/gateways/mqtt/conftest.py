@@ -206,7 +206,8 @@ class GatewayProcess:
 
     def start(self) -> GatewayProcess:
         argv = [sys.executable, "-m", "gateways.mqtt.cli", "--config", str(self.path)]
-        self.server = Server(argv, "ready: events", TIMEOUT, cwd=ROOT, env=self.env, name="gw")
+        # "started", not "ready": a gateway facing a full layer serves before it is ready
+        self.server = Server(argv, "started: events", TIMEOUT, cwd=ROOT, env=self.env, name="gw")
         return self
 
     def get(self, path: str) -> tuple[int, str]:

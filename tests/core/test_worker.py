@@ -1,0 +1,189 @@
+"""ConsumerWorker on a real Redis: redelivery of transient failures, dead letters, junk entries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+from redis import exceptions as redis_errors
+
+from core.layers import resolve_layer
+from core.metrics import REGISTRY
+from core.testing import RedisServer
+from core.worker import DEAD_LETTER_TYPE, ConsumerWorker, RetryPolicy
+
+Handler = Callable[[dict[str, Any]], Awaitable[None]]
+
+FAST = {"initial_delay": 0.01, "max_delay": 0.05}
+
+
+def app_of(handle: Handler) -> Any:
+    """A plain ASGI "channel" application that hands each message to ``handle``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while True:
+            await handle(await receive())
+
+    return app
+
+
+@pytest.fixture
+async def layer(redis_server: RedisServer) -> AsyncIterator[Any]:
+    layer = resolve_layer(redis_server.url)
+    yield layer
+    await layer.flush()
+    await layer.close_pools()
+
+
+async def run_worker(
+    layer: Any, channel: str, handle: Handler, policy: RetryPolicy
+) -> tuple[ConsumerWorker, asyncio.Task[None]]:
+    worker = ConsumerWorker(app_of(handle), [channel], layer, retry=policy, shutdown_grace=2)
+    return worker, asyncio.create_task(worker.arun())
+
+
+async def stop(worker: ConsumerWorker, task: asyncio.Task[None]) -> None:
+    await worker.drain()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_transient_failure_is_delivered_again_to_a_fresh_instance(
+    layer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, int]] = []
+    instances: set[int] = set()
+
+    async def handle(message: dict[str, Any]) -> None:
+        instances.add(id(asyncio.current_task()))
+        seen.append((message["id"], len(seen)))
+        if message["id"] == "m1" and sum(1 for i, _ in seen if i == "m1") < 3:
+            # what the consumer's own layer call raised during the Redis outage (issue 6)
+            raise redis_errors.ConnectionError("Connection closed by server.")
+
+    worker, task = await run_worker(
+        layer, "flaky", handle, RetryPolicy(max_attempts=5, dead_letter="log", **FAST)
+    )
+    await layer.send("flaky", {"type": "t.x", "id": "m1"})
+    await layer.send("flaky", {"type": "t.x", "id": "m2"})
+    deadline = time.monotonic() + 15
+    while [i for i, _ in seen] != ["m1", "m1", "m1", "m2"]:
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.05)
+    assert len(instances) == 3  # each retry on a fresh consumer instance
+    retries = [r for r in caplog.records if "delivering it again" in r.getMessage()]
+    assert len(retries) == 2
+    # issue 14 item 10: a failed handler names the message's channel, type and id
+    assert "'flaky'" in retries[0].getMessage() and "t.x (id=m1)" in retries[0].getMessage()
+    await stop(worker, task)
+
+
+async def test_attempts_used_up_go_to_the_dead_letter_channel(
+    layer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    async def handle(message: dict[str, Any]) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("still down")
+
+    worker, task = await run_worker(layer, "down", handle, RetryPolicy(max_attempts=3, **FAST))
+    await layer.send("down", {"type": "t.x", "id": "lost?", "body": b"\x00\xff"})
+    letter = await asyncio.wait_for(layer.receive("down.dead"), 15)
+    assert letter["type"] == DEAD_LETTER_TYPE
+    assert letter["message"] == {"type": "t.x", "id": "lost?", "body": b"\x00\xff"}
+    assert letter["attempts"] == 3 and letter["channel"] == "down"
+    assert "still down" in letter["error"]
+    assert calls == 3
+
+    def gave_up() -> list[str]:
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        return [e for e in errors if "t.x (id=lost?)" in e and "'down.dead'" in e]
+
+    deadline = time.monotonic() + 15
+    while not gave_up():  # logged once the send returned, which can be just after we got it
+        assert time.monotonic() < deadline, caplog.text
+        await asyncio.sleep(0.05)
+    await stop(worker, task)
+
+
+async def test_a_bug_is_not_retried_but_logged_with_the_message(
+    layer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    async def handle(message: dict[str, Any]) -> None:
+        nonlocal calls
+        calls += 1
+        if message["id"] == "bad":
+            raise KeyError("subject")
+
+    worker, task = await run_worker(layer, "buggy", handle, RetryPolicy(dead_letter="log", **FAST))
+    await layer.send("buggy", {"type": "t.x", "id": "bad"})
+    await layer.send("buggy", {"type": "t.x", "id": "good"})
+    deadline = time.monotonic() + 15
+    while calls < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("'buggy'" in e and "t.x (id=bad)" in e and "KeyError" in e for e in errors)
+    assert any("gave up on t.x (id=bad)" in e for e in errors)
+    assert calls == 2  # not retried; the next message still handled
+    await stop(worker, task)
+
+
+async def test_undecodable_entry_is_logged_counted_and_skipped(
+    layer: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: list[str] = []
+
+    async def handle(message: dict[str, Any]) -> None:
+        handled.append(message["id"])
+
+    before = REGISTRY.get_sample_value(
+        "gateway_dropped_total", {"gateway": "worker", "reason": "undecodable"}
+    )
+    worker, task = await run_worker(layer, "junk", handle, RetryPolicy(**FAST))
+    # bytes that are not msgpack, straight into the channel's sorted set (issue 14 item 2);
+    # channels_redis strips a 12-byte random prefix first, 0xc1 is never valid msgpack
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.zadd(layer.prefix + "junk", {b"R" * 12 + b"\xc1\xc1 not msgpack": time.time()})
+    raw.close()
+    await layer.send("junk", {"type": "t.x", "id": "after"})
+    deadline = time.monotonic() + 15
+    while handled != ["after"]:
+        assert time.monotonic() < deadline, handled
+        await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(lines) == 1 and "'junk'" in lines[0]
+    after = REGISTRY.get_sample_value(
+        "gateway_dropped_total", {"gateway": "worker", "reason": "undecodable"}
+    )
+    assert (after or 0) - (before or 0) == 1
+    assert not task.done()
+    await stop(worker, task)
+
+
+def test_policy_from_settings() -> None:
+    options = {
+        "MAX_ATTEMPTS": 2,
+        "DEAD_LETTER": "log",
+        "TRANSIENT_ERRORS": ["builtins.LookupError"],
+    }
+    policy = RetryPolicy.from_settings(options)
+    assert policy.max_attempts == 2 and policy.dead_letter == "log"
+    assert LookupError in policy.transient and ConnectionError in policy.transient
+    from django.db import OperationalError
+
+    assert OperationalError in policy.transient  # an unmigrated or unreachable database
+    assert RetryPolicy.from_settings(options, max_attempts=7).max_attempts == 7
+    with pytest.raises(ValueError, match="unknown key"):
+        RetryPolicy.from_settings({"RETRIES": 1})
+    with pytest.raises(ValueError, match="dead_letter"):
+        RetryPolicy.from_settings({"DEAD_LETTER": "drop"})
