@@ -421,7 +421,7 @@ async def test_a_dead_command_loop_fails_readiness_and_run(
 ) -> None:
     class Broken(EchoGateway):
         async def _command_loop(self, channel: str) -> None:
-            if channel == self.config.commands_channel:
+            if channel == self.config.command_channel:
                 raise RuntimeError("bug in the loop")
             await super()._command_loop(channel)
 
