@@ -7,6 +7,7 @@ Add ``"gateways"`` to ``INSTALLED_APPS`` for ``manage.py rungateway FILE…``.
 REGISTRY = {
     "email": "gateways.email.gateway:EmailGateway",
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
+    "http_ws": "gateways.http_ws.gateway:HttpWsGateway",
 }
 
 __all__ = ["REGISTRY"]

@@ -29,6 +29,7 @@ from channels.consumer import AsyncConsumer
 from django.conf import settings
 
 from gateways.mqtt.consumers import MqttCommands
+from live.events import show
 from sensors.models import Reading, Watch
 
 log = logging.getLogger("sensors")
@@ -114,6 +115,7 @@ class SensorConsumer(AsyncConsumer):
         )
         if not created:
             return  # a redelivery of a reading already handled
+        await show(self.channel_layer, "mqtt", f"{message['topic']} = {value:g}")
         threshold = default_threshold()
         if message["subscription"]:
             watch = await Watch.objects.filter(topic=message["subscription"]).afirst()
