@@ -15,7 +15,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = os.environ.get("EXAMPLE_SECRET_KEY", "example-only-not-secret")
 DEBUG = False
-ALLOWED_HOSTS: list[str] = []
+ALLOWED_HOSTS = os.environ.get("EXAMPLE_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
+ROOT_URLCONF = "example.urls"
 USE_TZ = True
 
 INSTALLED_APPS = [

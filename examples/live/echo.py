@@ -1,6 +1,6 @@
 """A consumer that exercises every corner of the http_ws bridge (tests and bench/http_ws.py).
 
-Channel ``echo`` (``examples/web.yaml`` routes ``/echo``, ``/api/`` to it):
+Channel ``echo`` (``examples/web.yaml`` routes ``/echo``, ``/api/*`` to it):
 
 - WebSocket: accepts with the first offered subprotocol; ``?reject=1`` refuses; ``?silent=1``
   never answers the connect; ``?group=NAME`` joins group NAME; text and bytes come back as

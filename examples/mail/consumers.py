@@ -9,9 +9,9 @@ from typing import Any
 
 from channels.consumer import AsyncConsumer
 from django.conf import settings
+from live.events import show
 
 from core.consumers import send_command
-from live.events import show
 from mail.models import Mail
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 from channels.consumer import AsyncConsumer
 from django.conf import settings
+from live.events import show
 
 from gateways.mqtt.consumers import MqttCommands
-from live.events import show
 from sensors.models import Reading, Watch
 
 log = logging.getLogger("sensors")

@@ -22,8 +22,8 @@ MAX_PAYLOAD = 1024 * 1024 - 64 * 1024
 
 
 def _path(value: str) -> str:
-    if not value.startswith("/") or any(c.isspace() for c in value):
-        raise ValueError("must start with / and contain no spaces")
+    if not value.startswith("/") or any(c.isspace() for c in value) or "*" in value[:-1]:
+        raise ValueError("must start with /, contain no spaces, and * only at the end")
     return value
 
 
@@ -35,7 +35,7 @@ def _channel(value: str | None) -> str | None:
 
 class _Route(Section):
     path: str = Field(
-        description="Exact path, or a prefix when it ends in / (the longest match wins)."
+        description="Exact path, or a prefix when it ends in * (/api/*); the longest match wins."
     )
     channel: str | None = Field(None, description="Inbound channel; default the integration's.")
 

@@ -153,6 +153,12 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         """``publish()`` within ``publish_timeout``; raises :class:`EventRefused` as it does."""
         return await self.publish(message, timeout=self.settings.publish_timeout, channel=channel)
 
+    async def _new_reply_channel(self) -> str:
+        # channels_redis serves every "!" channel of a process from ONE list, named by the part
+        # before "!": a second prefix would get a list nobody polls while the first one's
+        # receiver holds the lock (seen as a 504 for every request). So: the base's prefix.
+        return await self.layer.new_channel(f"{self.config.command_channel}.")
+
     async def _next_reply(self, channel: str) -> dict[str, Any]:
         """The next message on a reply channel, waiting through layer outages."""
         backoff = Backoff(0.1, 2.0)
@@ -197,7 +203,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
             return
         channel = self.settings.websocket[index].channel or self.config.inbound_channel
         loop = asyncio.get_running_loop()
-        reply = await self.layer.new_channel(f"{self.name}.ws")
+        reply = await self._new_reply_channel()
         sock = _Socket(reply, send, loop.time())
         self._live_channels.add(reply)
         try:
@@ -333,13 +339,14 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         buffers = getattr(self.layer, "receive_buffer", None)
         if not isinstance(buffers, dict):
             return
-        prefix = f"{self.name}."
+        prefix = f"{self.config.command_channel}."
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            keep = {*self._live_channels, self.reply_channel}
             stale = [
                 name
                 for name in list(buffers)
-                if name.startswith(prefix) and "!" in name and name not in self._live_channels
+                if name.startswith(prefix) and "!" in name and name not in keep
             ]
             for name in stale:
                 buffers.pop(name, None)
@@ -431,7 +438,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
 
     async def _request(self, scope: Scope, send: Send, index: int, body: bytes) -> None:
         channel = self.settings.http[index].channel or self.config.inbound_channel
-        reply = await self.layer.new_channel(f"{self.name}.http")
+        reply = await self._new_reply_channel()
         self._live_channels.add(reply)
         try:
             event = self._event("http.request", reply, **http_request_keys(scope, body))

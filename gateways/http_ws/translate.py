@@ -55,16 +55,20 @@ class InvalidReply(ValueError):
 
 
 def match_path(patterns: Sequence[str], path: str) -> int | None:
-    """Index of the pattern ``path`` matches: exact, or a prefix when the pattern ends in ``/``.
+    """Index of the pattern ``path`` matches: exact, or a prefix when the pattern ends in ``*``.
 
-    The longest matching pattern wins, so ``/api/hooks/`` beats ``/api/``.
+    The longest matching pattern wins, so ``/api/hooks/*`` beats ``/api/*``, and an exact
+    pattern beats a prefix of the same length.
     """
     best: int | None = None
     best_len = -1
     for index, pattern in enumerate(patterns):
-        hit = path == pattern or (pattern.endswith("/") and path.startswith(pattern))
-        if hit and len(pattern) > best_len:
-            best, best_len = index, len(pattern)
+        if pattern.endswith("*"):
+            hit, length = path.startswith(pattern[:-1]), len(pattern) - 1
+        else:
+            hit, length = path == pattern, len(pattern) + 1
+        if hit and length > best_len:
+            best, best_len = index, length
     return best
 
 

@@ -40,7 +40,13 @@ class Web:
 
     def start_gateway(self) -> Server:
         self.gateway = Server(
-            ["gateway-http-ws", "--config", str(EXAMPLES / "web.yaml")],
+            [
+                "gateway-http-ws",
+                "--config",
+                str(EXAMPLES / "web.yaml"),
+                "--app",
+                "example.asgi:application",
+            ],
             "ready: events",
             cwd=ROOT,
             env={**os.environ, **self.env},
@@ -87,11 +93,44 @@ def web_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator[type[Web]
         web.stop()
 
 
+def migrate(env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
+        cwd=EXAMPLES,
+        env={**os.environ, **env},
+        check=True,
+        timeout=120,
+    )
+
+
+async def start(web: Web) -> Web:
+    """Start the worker and the gateway; return once an HTTP round trip through both works."""
+    await asyncio.to_thread(migrate, web.env)
+    web.start_worker()
+    await asyncio.to_thread(web.start_gateway)
+    import httpx
+
+    # the worker may still be starting: a 504 means "not yet" (its late answer is swept)
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(15):
+            response = await client.get(f"{web.http}/api/echo")
+            if response.status_code == 200:
+                return web
+        raise AssertionError(f"no answer through the worker: {web.worker and web.worker.tail()}")
+
+
 @pytest.fixture
 async def web(web_factory: type[Web]) -> AsyncIterator[Web]:
-    """gateway-http-ws and ``runworker live echo``, both started and answering."""
+    """gateway-http-ws (short timeouts) and ``runworker live echo``, answering."""
     service("redis-server")
-    w = web_factory()
-    w.start_worker()
-    await asyncio.to_thread(w.start_gateway)
-    yield w
+    yield await start(
+        web_factory(
+            WEB_CONNECT_TIMEOUT="2",
+            WEB_RESPONSE_TIMEOUT="2",
+            WEB_MAX_MESSAGE="4096",
+            WEB_MAX_BODY="4096",
+        )
+    )
