@@ -71,6 +71,7 @@ def web_env(redis: RedisServer, tmp_path: Path, **extra: str) -> dict[str, str]:
         "EXAMPLE_LAYER": redis.url,
         "GATEWAYS_LAYER": redis.url,
         "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
+        "ATTACHMENT_STORE": str(tmp_path / "attachments"),
         "PYTHONPATH": str(EXAMPLES),
         "WEBHOOK_SECRET": SECRET,
         **extra,
