@@ -229,5 +229,5 @@ def test_http_response() -> None:
 def test_invalid_http_responses(message: dict) -> None:
     with pytest.raises(InvalidReply):
         http_response_start(message)
-    with pytest.raises(InvalidReply, match="expected http.response.body"):
+    with pytest.raises(InvalidReply, match=r"expected http\.response\.body"):
         http_response_body({"type": "http.response"})
