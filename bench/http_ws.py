@@ -39,7 +39,16 @@ from core.testing import DjangoWorker, RedisServer, Server, free_port
 
 SECTION = "HTTP/WebSocket"
 EXAMPLES = REPO_ROOT / "examples"
-HEADER = ["server", "ws msgs/s", "ws p50 ms", "ws p99 ms", "ws ratio", "http req/s", "http ratio"]
+HEADER = [
+    "server",
+    "ws msgs/s",
+    "ws p50 ms",
+    "ws p99 ms",
+    "ws ratio",
+    "CPU ms/msg",
+    "http req/s",
+    "http ratio",
+]
 PAYLOAD = '{"text": "hello, this is a typical small chat message"}'
 
 
@@ -50,6 +59,14 @@ class Row:
     p50: float
     p99: float
     http_rate: float
+    #: CPU ms per WebSocket message of each server-side process (name → ms), WebSocket run only
+    cpu: dict[str, float]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def ws_load(url: str, clients: int, messages: int) -> tuple[float, list[float]]:
@@ -90,10 +107,13 @@ async def http_load(base: str, clients: int, requests: int) -> float:
         await asyncio.gather(*(http.aclose() for http in pool))
 
 
-async def measure(name: str, port: int, args: argparse.Namespace) -> Row:
+async def measure(name: str, port: int, args: argparse.Namespace, pids: dict[str, int]) -> Row:
+    before = {who: cpu_seconds(pid) for who, pid in pids.items()}
     rate, rtts = await ws_load(f"ws://127.0.0.1:{port}/echo", args.clients, args.messages)
+    messages = args.clients * (args.messages + 1)
+    cpu = {who: (cpu_seconds(pid) - before[who]) * 1000 / messages for who, pid in pids.items()}
     http_rate = await http_load(f"http://127.0.0.1:{port}", args.clients, args.requests)
-    row = Row(name, rate, percentile(rtts, 50) * 1000, percentile(rtts, 99) * 1000, http_rate)
+    row = Row(name, rate, percentile(rtts, 50) * 1000, percentile(rtts, 99) * 1000, http_rate, cpu)
     print(f"{name}: {rate:,.0f} msgs/s, {http_rate:,.0f} req/s", flush=True)
     return row
 
@@ -134,7 +154,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
         )
         try:
             await wait_http(port)
-            rows.append(await measure("bridge: gateway-http-ws + Redis + runworker", port, args))
+            assert worker.pid is not None
+            pids = {"gateway": gateway.pid, "runworker": worker.pid, "redis-server": redis.pid or 0}
+            name = "bridge: gateway-http-ws + Redis + runworker"
+            rows.append(await measure(name, port, args, pids))
         finally:
             gateway.stop()
             worker.stop()
@@ -153,7 +176,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
         server = Server(argv(port), None, cwd=REPO_ROOT, env=env, name=name.split(",")[0])
         try:
             await wait_http(port)
-            rows.append(await measure(name, port, args))
+            rows.append(await measure(name, port, args, {"server": server.pid}))
         finally:
             server.stop()
     return rows
@@ -171,6 +194,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 f"{row.p50:.2f}",
                 f"{row.p99:.2f}",
                 f"{row.ws_rate / base.ws_rate:.0%}" if bridged else "",
+                ", ".join(f"{who} {ms:.2f}" for who, ms in row.cpu.items()),
                 f"{row.http_rate:,.0f}",
                 f"{row.http_rate / base.http_rate:.0%}" if bridged else "",
             ]
@@ -200,7 +224,9 @@ def markdown(
             "through the per-connection reply channel: two layer hops per message. The other "
             "rows serve a Channels `AsyncWebsocketConsumer` and `AsyncHttpConsumer` "
             "(bench/_http_ws_app.py) in the server's own process, no layer. ratio = bridge ÷ "
-            f"uvicorn in-process. The machine has {m['nproc']} CPU(s), shared by the clients, "
+            "uvicorn in-process. *CPU ms/msg*: CPU time of each server-side process during the "
+            "WebSocket run ÷ messages (warm-up included). "
+            f"The machine has {m['nproc']} CPU(s), shared by the clients, "
             "the server and (bridge row) the worker and redis-server.",
         ]
     )
