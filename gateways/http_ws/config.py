@@ -116,7 +116,10 @@ class HttpWsConfig(Section):
         256 * 1024, gt=0, le=MAX_PAYLOAD, description="Bytes per HTTP body; larger gets 413."
     )
     max_connections: int = Field(
-        1000, gt=0, description="Open connections at once; more get 503 (uvicorn)."
+        1000,
+        gt=0,
+        description="Open connections at once (WebSockets; all connections for HTTP); "
+        "more get 503.",
     )
     idle_timeout: float = Field(
         300.0, gt=0, description="Seconds without a message either way before a socket closes."

@@ -201,10 +201,22 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         if self.stopping:
             await _refuse(scope, send, 503, b"shutting down\n")
             return
+        if len(self._sockets) >= self.settings.max_connections:
+            # uvicorn's limit_concurrency does not count WebSocket upgrades: this is the cap
+            self.metrics.error("connection_cap")
+            self.log.warning(
+                "%s: refused a WebSocket from %s: %d open (max_connections)",
+                self.name,
+                peer,
+                len(self._sockets),
+            )
+            await _refuse(scope, send, 503, b"too many connections\n")
+            return
         channel = self.settings.websocket[index].channel or self.config.inbound_channel
         loop = asyncio.get_running_loop()
         reply = await self._new_reply_channel()
         sock = _Socket(reply, send, loop.time())
+        self._sockets.add(sock)
         self._live_channels.add(reply)
         try:
             event = self._event("websocket.connect", reply, **websocket_connect_keys(scope))
@@ -216,7 +228,6 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
             if not accepted:
                 await _refuse(scope, send, 503, b"busy, try again later\n")
                 return
-            self._sockets.add(sock)
             if await self._handshake(sock, scope):
                 await self._converse(sock, receive, channel)
         finally:

@@ -106,6 +106,26 @@ async def test_idle_sockets_close_and_bad_answers_are_refused() -> None:
             assert (await client.get(f"http://127.0.0.1:{port}/other")).status_code == 404
 
 
+async def test_connection_cap() -> None:
+    layer = InMemoryChannelLayer()
+    port = free_port()
+    gateway = HttpWsGateway(config(port, max_connections=1), layer)
+    async with run_gateway(gateway):
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
+        connect = await receive(layer)
+        await layer.send(connect["reply_channel"], {"type": "websocket.accept"})
+        first = await connecting
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(f"ws://127.0.0.1:{port}/ws")
+        assert refused.value.response.status_code == 503
+        await first.close()
+        assert (await receive(layer))["type"] == "websocket.disconnect"
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))  # room again
+        connect = await receive(layer)
+        await layer.send(connect["reply_channel"], {"type": "websocket.accept"})
+        await (await connecting).close()
+
+
 async def test_app_serves_the_other_paths() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
