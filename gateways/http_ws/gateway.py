@@ -94,6 +94,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         self._requests_idle = asyncio.Event()
         self._requests_idle.set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._local_prefix = f"{self.name}."
 
     def serve_application(self, application: Any) -> None:
         """Serve every path that is not bridged with ``application`` (``--app``)."""
@@ -155,9 +156,11 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
 
     async def _new_reply_channel(self) -> str:
         # channels_redis serves every "!" channel of a process from ONE list, named by the part
-        # before "!": a second prefix would get a list nobody polls while the first one's
-        # receiver holds the lock (seen as a 504 for every request). So: the base's prefix.
-        return await self.layer.new_channel(f"{self.config.command_channel}.")
+        # before "!": keep channels' default prefix (a second one is a list nobody polls while
+        # the first one's receiver holds the lock: a 504 for every request). The part after "!"
+        # names this integration, so the sweep can tell our channels from a consumer's.
+        channel = await self.layer.new_channel()
+        return channel.replace("!", f"!{self._local_prefix}", 1)
 
     async def _next_reply(self, channel: str) -> dict[str, Any]:
         """The next message on a reply channel, waiting through layer outages."""
@@ -346,24 +349,31 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         await _send(sock.send, {"type": CLOSE, "code": code, "reason": reason})
 
     async def _sweep(self) -> None:
-        """Drop reply-channel buffers channels_redis keeps for connections that are gone."""
-        buffers = getattr(self.layer, "receive_buffer", None)
-        if not isinstance(buffers, dict):
-            return
-        prefix = f"{self.config.command_channel}."
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            keep = {*self._live_channels, self.reply_channel}
-            stale = [
-                name
-                for name in list(buffers)
-                if name.startswith(prefix) and "!" in name and name not in keep
-            ]
-            for name in stale:
-                buffers.pop(name, None)
-            if stale:
-                self.metrics.dropped("reply_to_closed", len(stale))
-                self.log.debug("%s: swept %d stale reply buffers", self.name, len(stale))
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Drop the buffers channels_redis keeps for our reply channels that are finished.
+
+        channels_redis buffers a message for a ``!`` channel nobody receives on any more for
+        the life of the process (a 504'd request's late answer, a ``group_send`` to a socket
+        whose consumer never called ``group_discard``). Only channels this integration made
+        are touched, never a consumer's. Returns how many buffers were dropped.
+        """
+        buffers = getattr(self.layer, "receive_buffer", None)
+        if not isinstance(buffers, dict):
+            return 0
+        marker = f"!{self._local_prefix}"
+        stale = [
+            name for name in list(buffers) if marker in name and name not in self._live_channels
+        ]
+        for name in stale:
+            buffers.pop(name, None)
+        if stale:
+            self.metrics.dropped("reply_to_closed", len(stale))
+            self.log.debug("%s: swept %d stale reply buffers", self.name, len(stale))
+        return len(stale)
 
     # -- HTTP ---------------------------------------------------------------------------------
 

@@ -164,3 +164,33 @@ async def test_port_taken_is_a_startup_error() -> None:
         with pytest.raises(StartupError, match="cannot listen"):
             async with run_gateway(gateway):
                 pass
+
+
+async def test_late_answers_to_finished_requests_are_swept(redis_server: RedisServer) -> None:
+    """channels_redis buffers a message for a "!" channel nobody receives on any more, for the
+    life of the process: a 504'd request's late answer, a group_send to a socket that is gone.
+    The gateway drops such buffers of its own channels, never a consumer's."""
+    layer = resolve_layer(redis_server.url)
+    port = free_port()
+    gateway = HttpWsGateway(config(port, response_timeout=0.3), layer)
+    try:
+        async with run_gateway(gateway), httpx.AsyncClient(timeout=10) as client:
+            theirs = await layer.new_channel()  # a consumer's channel in the same process
+            pending = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/api/late"))
+            request = await receive(layer)
+            assert (await pending).status_code == 504
+            reply = request["reply_channel"]
+            assert "!web." in reply
+            await layer.send(reply, {"type": "http.response", "status": 200})
+            await layer.send(theirs, {"type": "x.y"})
+            # the gateway's process-channel receiver moves both into receive_buffer
+            for _ in range(200):
+                if reply in layer.receive_buffer and theirs in layer.receive_buffer:
+                    break
+                await asyncio.sleep(0.02)
+            assert reply in layer.receive_buffer and theirs in layer.receive_buffer
+            assert gateway.sweep() == 1
+            assert reply not in layer.receive_buffer
+            assert (await asyncio.wait_for(layer.receive(theirs), 10))["type"] == "x.y"
+    finally:
+        await layer.close_pools()
