@@ -7,13 +7,16 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
+from pathlib import Path
 
 import httpx
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.gateways.http_ws.conftest import SECRET, Web
+from core.testing import Server, free_port
+from tests.gateways.http_ws.conftest import EXAMPLES, ROOT, SECRET, Web, migrate
 
 
 async def test_connect_accept_echo_close(web: Web) -> None:
@@ -149,3 +152,51 @@ async def test_sigterm_closes_sockets_with_1001(web: Web) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+async def test_one_process_on_memory_layer(tmp_path: Path) -> None:
+    """`gateways run web.yaml --app …` on memory://: the page, the echo consumer over the
+    in-process layer and the Django view, in one process with no Redis."""
+    port = free_port()
+    env = {
+        **os.environ,
+        **web_env_without_redis(tmp_path),
+        "WEB_PORT": str(port),
+        "HEALTH_PORT": "0",
+    }
+    await asyncio.to_thread(migrate, env)
+    server = await asyncio.to_thread(
+        Server,
+        [
+            "gateways",
+            "run",
+            str(EXAMPLES / "web.yaml"),
+            "--app",
+            "example.asgi:application",
+            "--layer",
+            "memory://",
+        ],
+        "ready: events",
+        cwd=ROOT,
+        env=env,
+        name="gateways run",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            page = await client.get("/")
+            assert page.status_code == 200 and "<title>channels-gateways: live" in page.text
+            assert (await client.get("/status/")).json() == {"mails": 0, "readings": 0}
+        async with websockets.connect(f"ws://127.0.0.1:{port}/echo") as ws:
+            await ws.send("in one process")
+            assert await ws.recv() == "in one process"
+    finally:
+        assert await asyncio.to_thread(server.stop) == 0, server.tail()
+
+
+def web_env_without_redis(tmp_path: Path) -> dict[str, str]:
+    return {
+        "DJANGO_SETTINGS_MODULE": "example.settings",
+        "EXAMPLE_LAYER": "memory://",
+        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
+        "PYTHONPATH": str(EXAMPLES),
+    }
