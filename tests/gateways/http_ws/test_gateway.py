@@ -194,3 +194,33 @@ async def test_late_answers_to_finished_requests_are_swept(redis_server: RedisSe
             assert (await asyncio.wait_for(layer.receive(theirs), 10))["type"] == "x.y"
     finally:
         await layer.close_pools()
+
+
+async def test_generic_hmac_webhook() -> None:
+    import hashlib
+    import hmac
+
+    layer = InMemoryChannelLayer()
+    port = free_port()
+    hook = {
+        "path": "/hooks/shop",
+        "channel": "hooks",
+        "signature": "hmac-sha256",
+        "header": "X-Shop-Signature",
+        "secret": "s3cret",
+    }
+    gateway = HttpWsGateway(config(port, webhooks=[hook]), layer)
+    body = b'{"order": 42}'
+    good = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    async with run_gateway(gateway), httpx.AsyncClient(timeout=10) as client:
+        url = f"http://127.0.0.1:{port}/hooks/shop?x=1"
+        forged = b'{"order": 666}'
+        bad = await client.post(url, content=forged, headers={"X-Shop-Signature": good})
+        assert bad.status_code == 401
+        ok = await client.post(url, content=body, headers={"X-Shop-Signature": good})
+        assert ok.status_code == 202
+        # the first event on the channel is the good one: the forged one (answered first)
+        # never reached the layer
+        event = await receive(layer, "hooks")
+        assert event["type"] == "http.webhook" and event["body"] == body
+        assert event["query_string"] == b"x=1" and event["reply_channel"] == "web.send"

@@ -63,6 +63,14 @@ def say(driver: Any, handle: str, text: str) -> None:
     driver.find_element("css selector", "#say button").click()
 
 
+def answer(driver: Any, handle: str, line: str, text: str) -> None:
+    driver.switch_to.window(handle)
+    item = next(e for e in driver.find_elements("css selector", "#events li") if line in e.text)
+    item.find_element("css selector", "button").click()
+    item.find_element("css selector", "form.answer input").send_keys(text)
+    item.find_element("css selector", "form.answer button").click()
+
+
 def open_tab(driver: Any, url: str, new: bool) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -107,6 +115,16 @@ async def test_mail_and_chat_reach_every_tab(web_factory: type[Web], browser: An
         await asyncio.to_thread(send)
         for tab in (first, second):
             await asyncio.to_thread(wait_text, browser, tab, "Coffee machine")
+
+        # a person answers the mail from the page: email.send through the email gateway
+        await asyncio.to_thread(answer, browser, second, "Coffee machine", "try the other one")
+        envelope = await asyncio.wait_for(sink.received.get(), WAIT)  # MailConsumer's auto-reply
+        answers = [envelope, await asyncio.wait_for(sink.received.get(), WAIT)]
+        texts = [a.original_content.decode() for a in answers]
+        mine = [t for t in texts if "try the other one" in t]
+        assert len(mine) == 1 and "Subject: Re: Coffee machine" in mine[0]
+        assert [a.rcpt_tos for a in answers] == [["erin@example.org"]] * 2
+        await asyncio.to_thread(wait_text, browser, first, "answer sent")
 
         await asyncio.to_thread(say, browser, first, "hello from tab one")
         await asyncio.to_thread(wait_text, browser, second, "hello from tab one")
