@@ -228,6 +228,15 @@ def markdown(
             "WebSocket run ÷ messages (warm-up included). "
             f"The machine has {m['nproc']} CPU(s), shared by the clients, "
             "the server and (bridge row) the worker and redis-server.",
+            "",
+            "Where the bridge's time goes (cProfile of `gateway-http-ws` under this echo load, "
+            "2026-11-28): redis-py and channels_redis, not the bridge. Each echoed message costs "
+            "the gateway about 8 Redis commands — `send` is ZREMRANGEBYSCORE + ZCOUNT + ZADD + "
+            "EXPIRE, a `!`-channel receive is core's restore-backup EVAL + BZPOPMIN + the backup "
+            "ZADD + its cleanup — and the worker as many again, each a round trip; the bridge's "
+            "own functions are not among the top 18 by own time. The worker runs one consumer "
+            "instance per channel, serially, so one `echo` channel caps the rate; more channels "
+            "or workers scale it out.",
         ]
     )
 
