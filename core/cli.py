@@ -244,6 +244,14 @@ def _prepare(
     return [cls(config, layer) for config, cls in configs], layer
 
 
+def _serve_application(gateways: Sequence[Gateway[Any]], application: Any) -> None:
+    """Hand ``application`` to gateways that serve one for their unbridged paths (http_ws)."""
+    for gw in gateways:
+        serve = getattr(gw, "serve_application", None)
+        if serve is not None:
+            serve(application)
+
+
 def _execute(run: Any) -> int:
     try:
         return int(asyncio.run(run))
@@ -258,12 +266,20 @@ def gateway_main(gateway_cls: GatewayClass, argv: Sequence[str] | None = None) -
         description=f"Bridge {gateway_cls.protocol} to a Django Channels layer.",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="integration YAML")
+    serves_app = hasattr(gateway_cls, "serve_application")
+    if serves_app:
+        parser.add_argument(
+            "--app",
+            help="ASGI application (module:attr) for every path the gateway does not bridge",
+        )
     _common_arguments(parser)
     args = parser.parse_args(argv)
     try:
         setup_logging(_log_level(args))
         _cwd_on_path()  # for package.module:attr layer paths
         gateways, _ = _prepare([(args.config, gateway_cls)], args, allow_memory=args.check_config)
+        if serves_app and args.app:
+            _serve_application(gateways, _import(args.app, "--app"))
     except (UsageError, LayerPathError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -330,6 +346,7 @@ def run_main(registry: Mapping[str, str], argv: Sequence[str] | None = None) -> 
         return EXIT_OK
     channels: list[str] = list(args.channel)
     if application is not None:
+        _serve_application(gateways, application)
         install_layer(layer)
         for gw in gateways:
             channels += gw.config.consumer_channels()

@@ -255,7 +255,10 @@ class Gateway(Generic[C]):
 
     async def run(self) -> None:
         """Open the transport, serve commands until :meth:`stop`, then drain and close."""
-        self.reply_channel = await self.layer.new_channel(f"{self.config.command_channel}.")
+        # channels' default prefix, like every consumer: channels_redis reads all "!" channels
+        # of a layer instance from one list named by the part before "!", so a second prefix
+        # in the same process is a list nobody polls (tests/core/test_service.py, "sharing")
+        self.reply_channel = await self.layer.new_channel()
         try:
             await self.open()
         except StartupError:

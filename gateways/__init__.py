@@ -16,6 +16,7 @@ from pathlib import Path
 REGISTRY = {
     "email": "gateways.email.gateway:EmailGateway",
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
+    "http_ws": "gateways.http_ws.gateway:HttpWsGateway",
 }
 
 __all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed"]

@@ -1,6 +1,6 @@
 """ASGI entry point: consumers are routed by channel name, as `runworker` expects.
 
-python manage.py runworker support-mail sensors
+python manage.py runworker support-mail sensors live echo
 """
 
 import os
@@ -11,7 +11,9 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "example.settings")
 django_asgi_app = get_asgi_application()
 
-from mail.consumers import MailConsumer  # noqa: E402 - needs the app registry
+from live.consumers import LiveConsumer  # noqa: E402 - needs the app registry
+from live.echo import EchoConsumer  # noqa: E402
+from mail.consumers import MailConsumer  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -21,6 +23,8 @@ application = ProtocolTypeRouter(
             {
                 "support-mail": MailConsumer.as_asgi(),
                 "sensors": SensorConsumer.as_asgi(),
+                "live": LiveConsumer.as_asgi(),
+                "echo": EchoConsumer.as_asgi(),
             }
         ),
     }

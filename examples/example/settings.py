@@ -16,7 +16,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = os.environ.get("EXAMPLE_SECRET_KEY", "example-only-not-secret")
 DEBUG = False
-ALLOWED_HOSTS: list[str] = []
+ALLOWED_HOSTS = os.environ.get("EXAMPLE_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
+ROOT_URLCONF = "example.urls"
 USE_TZ = True
 # UTC, like the gateways' log lines (Django's own default is America/Chicago, and it sets the
 # process's local time zone from this)
@@ -30,6 +31,7 @@ INSTALLED_APPS = [
     "channels",
     "mail",
     "sensors",
+    "live",
 ]
 
 DATABASES = {

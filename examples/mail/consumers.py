@@ -11,6 +11,7 @@ from typing import Any
 
 from channels.consumer import AsyncConsumer
 from django.conf import settings
+from live.events import show
 
 from core.consumers import send_command
 from mail.models import Mail
@@ -36,6 +37,13 @@ class MailConsumer(AsyncConsumer):
         )
         if not created:
             return  # the same mail delivered twice (the sender retried after a 451): answered once
+        await show(
+            self.channel_layer,
+            "mail",
+            f"{message['from'] or message['mail_from']}: {message['subject'] or '(no subject)'}",
+            **{"from": message["mail_from"], "subject": message["subject"] or ""},
+            message_id=message["message_id"],
+        )
         reply_to = message["reply_to"] or [message["from"] or message["mail_from"]]
         subject = message["subject"] or ""
         reply = {

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from channels.consumer import AsyncConsumer
 from django.conf import settings
+from live.events import show
 
 from gateways.mqtt.consumers import MqttCommands
 from sensors.models import Reading, Watch
@@ -114,6 +115,7 @@ class SensorConsumer(AsyncConsumer):
         )
         if not created:
             return  # a redelivery of a reading already handled
+        await show(self.channel_layer, "mqtt", f"{message['topic']} = {value:g}")
         threshold = default_threshold()
         if message["subscription"]:
             watch = await Watch.objects.filter(topic=message["subscription"]).afirst()

@@ -456,3 +456,35 @@ async def test_ready_is_logged_only_when_readyz_agrees(
     gateway.stop()
     await asyncio.wait_for(task, 10)
     await layer.close_pools()
+
+
+async def test_gateways_sharing_a_redis_layer_all_get_their_reply_channel_commands(
+    redis_server: RedisServer,
+) -> None:
+    """channels_redis reads every "!" channel of a layer instance from ONE Redis list, named by
+    the part before "!". Reply channels made with per-gateway prefixes (``a.send.`` and
+    ``b.send.``) got two lists, and whichever receiver held the lock polled only its own: the
+    other gateway's reply-channel commands waited for ever (``gateways run`` with several
+    integrations on Redis). A consumer of the same process (``--app``) makes its channel with
+    channels' default prefix, so it is checked here too."""
+    layer = resolve_layer(redis_server.url)
+    gateways = [EchoGateway(EchoConfig(name=n), layer) for n in ("shared-a", "shared-b")]
+    tasks = [asyncio.create_task(g.run()) for g in gateways]
+    try:
+        for gateway in gateways:
+            await asyncio.wait_for(gateway.started.wait(), 10)
+        consumer_channel = await layer.new_channel()  # what a channels consumer does
+        for gateway in gateways:
+            assert gateway.reply_channel is not None
+            await layer.send(
+                gateway.reply_channel,
+                {"type": "echo.say", "text": gateway.name, "result_channel": consumer_channel},
+            )
+        results = [await asyncio.wait_for(layer.receive(consumer_channel), 10) for _ in gateways]
+        assert all(r["ok"] for r in results)
+        assert [g.sent for g in gateways] == [["shared-a"], ["shared-b"]]
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        await layer.close_pools()

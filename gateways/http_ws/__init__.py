@@ -1,0 +1,1 @@
+"""HTTP/WebSocket gateway: uvicorn serving a bridge between browsers and the channel layer."""
