@@ -2,7 +2,10 @@
 
 The server runs on the gateway's own event loop (``loop.create_server`` with aiosmtpd's ``SMTP``
 protocol), not in aiosmtpd's ``Controller`` thread, so hooks can await the layer directly.
-Policy lives in the handler the gateway passes in (``handle_RCPT``, ``handle_DATA``, …).
+:class:`SmtpHandler` is aiosmtpd's handler: it turns each hook's session and envelope into plain
+values and asks the gateway (an :class:`SmtpListener`) what to answer. Policy — which addresses
+are accepted, what becomes an event, 250 or 451 or 552 — stays in the gateway and
+``translate.py``; this module only records what the gateway accepted on aiosmtpd's envelope.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiosmtplib
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
@@ -21,7 +25,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from core.logs import clip
 from gateways.email.config import AuthConfig, EmailConfig, RelayConfig
 
-__all__ = ["RelayError", "SmtpRelay", "SmtpServer"]
+__all__ = [
+    "RelayError",
+    "SmtpEnvelope",
+    "SmtpHandler",
+    "SmtpListener",
+    "SmtpRelay",
+    "SmtpServer",
+]
 
 log = logging.getLogger("gateway.email")
 
@@ -46,10 +57,97 @@ def _authenticator(auth: AuthConfig) -> Callable[..., AuthResult]:
     return authenticate
 
 
+@dataclass(frozen=True)
+class SmtpEnvelope:
+    """One SMTP transaction as far as it got, as plain values (aiosmtpd's objects stay here)."""
+
+    #: the client's IP address
+    peer: str | None
+    #: MAIL FROM, once accepted
+    mail_from: str | None
+    #: the RCPT TO addresses accepted so far, in order
+    rcpt_to: tuple[str, ...]
+    #: the client asked for SMTPUTF8 in MAIL FROM
+    smtputf8: bool
+    #: the AUTH user name, when the session authenticated
+    auth_user: str | None
+    #: the session runs over TLS (STARTTLS)
+    tls: bool
+    #: the mail as received after DATA (dot-unstuffed); empty before DATA
+    content: bytes
+
+    @classmethod
+    def of(cls, session: Any, envelope: Any) -> SmtpEnvelope:
+        return cls(
+            peer=session.peer[0] if session.peer else None,
+            mail_from=envelope.mail_from,
+            rcpt_to=tuple(envelope.rcpt_tos),
+            smtputf8=bool(envelope.smtp_utf8),
+            auth_user=session.auth_data if isinstance(session.auth_data, str) else None,
+            tls=session.ssl is not None,
+            content=envelope.original_content or b"",
+        )
+
+
+class SmtpListener(Protocol):
+    """What the SMTP server asks the gateway (on the event loop); the answers are SMTP replies.
+
+    ``smtp_sender`` and ``smtp_recipient`` return ``None`` to accept the address (the handler
+    records it on the envelope and answers ``250 OK``), or the reply that refuses it — which
+    records nothing, so a ``250`` string accepts without recording (a duplicate recipient).
+    """
+
+    def smtp_sender(self, address: str, envelope: SmtpEnvelope) -> str | None: ...
+
+    def smtp_recipient(self, address: str, envelope: SmtpEnvelope) -> str | None: ...
+
+    async def smtp_data(self, envelope: SmtpEnvelope) -> str: ...
+
+    def smtp_error(self, error: Exception) -> str: ...
+
+
+class SmtpHandler:
+    """aiosmtpd's handler object: its ``handle_*`` hooks, each handed to the listener.
+
+    A class of its own so that aiosmtpd's hook names never sit on the gateway, whose commands
+    are looked up by name (issue 8, bug 1).
+    """
+
+    def __init__(self, listener: SmtpListener) -> None:
+        self.listener = listener
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.listener.smtp_sender(address, SmtpEnvelope.of(session, envelope))
+        if reply is not None:
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.listener.smtp_recipient(address, SmtpEnvelope.of(session, envelope))
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return await self.listener.smtp_data(SmtpEnvelope.of(session, envelope))
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd calls this for an exception escaping any hook (or its own parsing)
+        return self.listener.smtp_error(error)
+
+
 class _Protocol(SMTP):
     """aiosmtpd's protocol, registering itself with the server so shutdown can reach it."""
 
-    def __init__(self, owner: SmtpServer, handler: Any, **kwargs: Any) -> None:
+    def __init__(self, owner: SmtpServer, handler: SmtpHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._owner = owner
         self._turned_away = False
@@ -86,10 +184,13 @@ class SmtpServer:
     """An SMTP listener with STARTTLS, AUTH (only after TLS), SIZE, idle timeouts and a cap."""
 
     def __init__(
-        self, config: EmailConfig, handler: Any, on_refused: Callable[[], None] | None = None
+        self,
+        config: EmailConfig,
+        listener: SmtpListener,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
-        self.handler = handler
+        self.handler = SmtpHandler(listener)
         self.sessions: set[_Protocol] = set()
         #: the name in the banner, EHLO and Message-IDs: config.hostname, else the FQDN
         self.hostname = config.hostname or "localhost"

@@ -4,6 +4,9 @@ SMTP answers follow the layer, not our hopes: ``250`` only once the layer accept
 ``451`` when it is full or unreachable (the sender's MTA retries later), ``550`` for recipients
 outside ``email.accept``, ``552`` for mail over the size limit. A fault of ours is never a 5xx:
 an unexpected exception in a hook is logged with its traceback and answered ``451``.
+
+The gateway is the :class:`~gateways.email.connection.SmtpListener` of its SMTP server: the
+``smtp_*`` methods below decide, the server's handler only carries aiosmtpd's hooks to them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from core.logs import clip
 from core.service import Backoff, EventRefused, Gateway, StartupError, handles
 from core.types import ChannelLayer
 from gateways.email.config import EmailGatewayConfig
-from gateways.email.connection import RelayError, SmtpRelay, SmtpServer
+from gateways.email.connection import RelayError, SmtpEnvelope, SmtpRelay, SmtpServer
 from gateways.email.translate import (
     InvalidMail,
     accepts_recipient,
@@ -84,64 +87,56 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
     def readiness(self) -> list[str]:
         return [] if self.server.listening else ["SMTP server not listening"]
 
-    # -- SMTP hooks (aiosmtpd calls these) -----------------------------------------------------
+    # -- SMTP listener (the server's handler calls these; None accepts an address) -------------
 
-    async def handle_MAIL(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
+    def smtp_sender(self, address: str, envelope: SmtpEnvelope) -> str | None:
         if self.stopping:
             return "421 4.3.2 Service shutting down, try again later"
-        refusal = envelope_address_refusal(address, smtputf8=envelope.smtp_utf8, sender=True)
+        refusal = envelope_address_refusal(address, smtputf8=envelope.smtputf8, sender=True)
         if refusal is not None:
-            return self._refuse_address("sender", address, session, refusal)
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 OK"
+            return self._refuse_address("sender", address, envelope, refusal)
+        return None
 
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
-        refusal = envelope_address_refusal(address, smtputf8=envelope.smtp_utf8, sender=False)
+    def smtp_recipient(self, address: str, envelope: SmtpEnvelope) -> str | None:
+        refusal = envelope_address_refusal(address, smtputf8=envelope.smtputf8, sender=False)
         if refusal is not None:
-            return self._refuse_address("recipient", address, session, refusal)
+            return self._refuse_address("recipient", address, envelope, refusal)
         if not accepts_recipient(address, self.settings.accept):
             self.metrics.error("relay_denied")
             self.log.warning(
                 "%s: refused recipient %s from %s (not in email.accept)",
                 self.name,
                 clip(address),
-                session.peer[0],
+                envelope.peer,
             )
             return "550 5.7.1 Relaying denied: recipient not accepted here"
         key = same_mailbox(address)
-        if any(same_mailbox(known) == key for known in envelope.rcpt_tos):
+        if any(same_mailbox(known) == key for known in envelope.rcpt_to):
             # a repeated RCPT is one recipient: consumers saw it twice in rcpt_to
             return "250 OK (duplicate recipient)"
-        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+        if len(envelope.rcpt_to) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
-        return "250 OK"
+        return None
 
-    def _refuse_address(self, role: str, address: str, session: Any, reply: str) -> str:
+    def _refuse_address(self, role: str, address: str, envelope: SmtpEnvelope, reply: str) -> str:
         self.metrics.error("bad_address")
         self.log.warning(
             "%s: refused %s %s from %s: %s",
             self.name,
             role,
             clip(address.encode("utf-8", "surrogateescape").decode("utf-8", "replace")),
-            session.peer[0] if session.peer else None,
+            envelope.peer,
             reply,
         )
         return reply
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def smtp_data(self, envelope: SmtpEnvelope) -> str:
         self._in_data += 1
         self._data_idle.clear()
         stored: list[Path] = []
         reply = "451 4.3.0 Local error, try again later"
         try:
-            reply = await self._receive(session, envelope, stored)
+            reply = await self._receive(envelope, stored)
             return reply
         finally:
             if stored and not reply.startswith("250"):
@@ -151,14 +146,14 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             if self._in_data == 0:
                 self._data_idle.set()
 
-    async def handle_exception(self, error: Exception) -> str:
+    def smtp_error(self, error: Exception) -> str:
         self.metrics.error("smtp_session")
         self.log.error("%s: SMTP session error: %r", self.name, error, exc_info=error)
         return "451 4.3.0 Local error, try again later"
 
-    async def _receive(self, session: Any, envelope: Any, stored: list[Path]) -> str:
-        raw: bytes = envelope.original_content or b""
-        peer = session.peer[0] if session.peer else None
+    async def _receive(self, envelope: SmtpEnvelope, stored: list[Path]) -> str:
+        raw = envelope.content
+        peer = envelope.peer
         if has_bare_lf(raw) and self.settings.bare_lf == "reject":
             self.metrics.error("bare_lf")
             self.log.warning("%s: refused mail from %s: bare LF line ending", self.name, peer)
@@ -178,10 +173,10 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             "receive",
             id=keys["message_id"] or None,
             mail_from=envelope.mail_from,
-            rcpt_to=list(envelope.rcpt_tos),
+            rcpt_to=list(envelope.rcpt_to),
             peer=peer,
-            auth_user=session.auth_data if isinstance(session.auth_data, str) else None,
-            tls=session.ssl is not None,
+            auth_user=envelope.auth_user,
+            tls=envelope.tls,
             **keys,
         )
         if self.settings.attachment_store is not None and _too_large(event):
@@ -192,7 +187,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             accepted = await self.publish(event, timeout=self.settings.accept_timeout)
         except EventRefused as exc:
             if exc.reason != "too_large":
-                raise  # a fault of ours: handle_exception answers 451
+                raise  # a fault of ours: smtp_error answers 451
             self.log.warning(
                 "%s: answered 552 to %s: set email.attachment_store to keep large attachments "
                 "out of the layer",
@@ -214,7 +209,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             self.name,
             clip(keys["message_id"]),
             clip(envelope.mail_from),
-            clip(",".join(envelope.rcpt_tos)),
+            clip(",".join(envelope.rcpt_to)),
             len(raw),
         )
         return "250 2.0.0 OK: queued"

@@ -31,11 +31,11 @@ from aiosmtpd.smtp import SMTP, AuthResult
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
+from core import testing
 from core.envelope import MAX_MESSAGE_BYTES, check_payload
 from core.layers import resolve_layer
-from core.metrics import REGISTRY
 from core.service import StartupError
-from core.testing import Certs, RedisServer, SmtpSink, make_certs
+from core.testing import Certs, RedisServer, SmtpSink, make_certs, run_gateway
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.gateway import EmailGateway
 from tests.conftest import service
@@ -92,24 +92,10 @@ def config(**email: Any) -> EmailGatewayConfig:
 
 @contextlib.asynccontextmanager
 async def running(cfg: EmailGatewayConfig, layer: Any = None) -> AsyncIterator[EmailGateway]:
-    """The gateway's run() as a task; stopped (and awaited) on the way out."""
+    """The gateway in process (an in-memory layer unless given one), typed as EmailGateway."""
     gateway = EmailGateway(cfg, InMemoryChannelLayer() if layer is None else layer)
-    task = asyncio.create_task(gateway.run())
-    started = asyncio.create_task(gateway.started.wait())
-    try:
-        await asyncio.wait({task, started}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # start-up failed: raise it here
-        assert gateway.started.is_set()
+    async with run_gateway(gateway):
         yield gateway
-    finally:
-        started.cancel()
-        gateway.stop()
-        outcome, _ = await asyncio.wait_for(
-            asyncio.gather(task, started, return_exceptions=True), 10
-        )
-    if isinstance(outcome, BaseException):
-        raise outcome  # run() must end cleanly after stop()
 
 
 @pytest.fixture
@@ -124,7 +110,7 @@ async def receive(gateway: EmailGateway, channel: str = NAME) -> dict[str, Any]:
 
 
 def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, {"gateway": NAME, **labels}) or 0.0
+    return testing.metric(name, gateway=NAME, **labels)
 
 
 def mail(subject: str = "hello", *, body: str = "hi there\n", **headers: str) -> bytes:
@@ -412,12 +398,13 @@ async def test_smuggling_sequences_do_not_end_data(gateway: EmailGateway) -> Non
     await sentinel_is_next(gateway)  # not one of the three mails was published
 
 
-async def test_smuggling_with_bare_lf_accepted_is_still_one_mail() -> None:
+@pytest.mark.parametrize("fake_end", [b"\r\n.\n", b"\n.\n"])
+async def test_smuggling_with_bare_lf_accepted_is_still_one_mail(fake_end: bytes) -> None:
     async with running(config(bare_lf="accept")) as gw, RawSession.open(gw.server.port) as smtp:
         assert (await smtp.command(b"EHLO attacker.example\r\n")).startswith("250")
         smtp.writer.write(
             b"MAIL FROM:<a@x.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
-            b"Subject: first\r\n\r\nfirst body\r\n.\nMAIL FROM:<evil@x.org>\r\n"
+            b"Subject: first\r\n\r\nfirst body" + fake_end + b"MAIL FROM:<evil@x.org>\r\n"
             b"RCPT TO:<bob@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nsecond\r\n.\r\n"
         )
         replies = await smtp.replies(4)
@@ -542,6 +529,30 @@ async def test_large_attachments_go_to_the_store(tmp_path: Path) -> None:
     assert path.parent == store and "/" not in path.name and path.name.endswith("big_data.bin")
     assert await asyncio.to_thread(path.read_bytes) == bytes(range(256)) * (size // 256)
     assert len(msgpack.packb(event, use_bin_type=True)) < MAX_MESSAGE_BYTES
+
+
+async def test_refused_mail_leaves_no_stored_attachment(tmp_path: Path) -> None:
+    layer = InMemoryChannelLayer(capacity=1)
+    store = tmp_path / "store"
+    cfg = config(accept_timeout=0.3, attachment_store=str(store), max_inline_attachment=10)
+    msg = email.message.EmailMessage()
+    msg["From"], msg["To"], msg["Message-ID"] = "a@x.org", "bob@example.com", "<att@x.org>"
+    msg.set_content("see attached")
+    msg.add_attachment(b"0123456789" * 100, maintype="application", subtype="pdf", filename="x.pdf")
+    data = msg.as_bytes(policy=email.policy.SMTP)
+    async with running(cfg, layer) as gw:
+        await layer.send(NAME, {"type": "filler"})  # layer full: the mail gets 451
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await aiosmtplib_send(gw.server.port, data)
+        assert refused.value.code == 451
+        # the sender's retry stores it again: the refused copy must not pile up in the store
+        assert not any(store.glob("*")), list(store.glob("*"))
+        assert (await layer.receive(NAME))["type"] == "filler"
+        assert (await aiosmtplib_send(gw.server.port, data)).code == 250
+        (attachment,) = (await receive(gw))["attachments"]
+    assert attachment["content"] is None
+    assert await asyncio.to_thread(Path(attachment["path"]).read_bytes) == b"0123456789" * 100
+    assert len(list(store.glob("*"))) == 1
 
 
 async def test_include_raw() -> None:
@@ -713,12 +724,9 @@ def relay_config(sink: SmtpSink, **relay: Any) -> EmailGatewayConfig:
     )
 
 
-async def command(
-    gateway: EmailGateway, message: dict[str, Any], *, results: str = "results"
-) -> dict[str, Any]:
-    """Send ``message`` (with a result channel) on the command channel; its result."""
-    await gateway.layer.send(gateway.config.command_channel, {**message, "result_channel": results})
-    return await receive(gateway, results)
+async def command(gateway: EmailGateway, message: dict[str, Any]) -> dict[str, Any]:
+    """Send ``message`` on the gateway's command channel; its result."""
+    return dict(await testing.command(gateway.layer, gateway.config.command_channel, message))
 
 
 @pytest.mark.parametrize("type_", ["email.exception", "email.DATA", "email.MAIL", "email.RCPT"])
@@ -738,6 +746,8 @@ async def test_smtp_hooks_are_not_commands(
     }
     assert metric("gateway_errors_total", kind="smtp_session") == errors
     assert f"unknown command {type_!r}" in caplog.text
+    # aiosmtpd's hooks live on the server's handler object, not on the gateway
+    assert not hasattr(gateway, "handle_" + type_.removeprefix("email."))
     code, _ = await asyncio.to_thread(smtplib_send, gateway.server.port, mail("still open"))
     assert code == 250
     assert (await receive(gateway))["subject"] == "still open"
