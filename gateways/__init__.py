@@ -6,6 +6,7 @@ Add ``"gateways"`` to ``INSTALLED_APPS`` for ``manage.py rungateway FILE…``.
 #: YAML ``gateway:`` value → the gateway class that serves it
 REGISTRY = {
     "email": "gateways.email.gateway:EmailGateway",
+    "irc": "gateways.irc.gateway:IrcGateway",
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
 }
 
