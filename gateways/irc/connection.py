@@ -88,7 +88,7 @@ class _Connection(AioConnection):  # type: ignore[misc]
     async def open(self, settings: IrcConfig, context: ssl.SSLContext | None) -> None:
         # the attributes AioConnection.connect sets, without its immediate NICK/USER
         self.buffer = _Buffer(settings.fallback_encoding, self.owner.listener.irc_undecodable)
-        self.handlers = {}
+        self.handlers: dict[str, Any] = {}
         self.real_server_name = ""
         self.real_nickname = settings.nick
         self.server, self.port = settings.server, settings.server_port
@@ -300,7 +300,11 @@ class IrcConnection(ReconnectingClient):
             if tried in self._nicks and self._nicks.index(tried) + 1 < len(self._nicks):
                 following = self._nicks[self._nicks.index(tried) + 1]
                 self.log.warning(
-                    "%s: nick %s is not available (%s); trying %s", self.name, tried, kind, following
+                    "%s: nick %s is not available (%s); trying %s",
+                    self.name,
+                    tried,
+                    kind,
+                    following,
                 )
                 conn.real_nickname = following
                 conn.nick(following)
@@ -317,7 +321,9 @@ class IrcConnection(ReconnectingClient):
             self._offered.update(caps)
             if more:
                 return
-            wanted = cap_request(self._offered, self.settings.capabilities, sasl and sasl.mechanism)
+            wanted = cap_request(
+                self._offered, self.settings.capabilities, sasl.mechanism if sasl else None
+            )
             if sasl is not None and "sasl" not in wanted:
                 self._fail("SASL is configured but the server does not offer it", fatal=True)
                 return

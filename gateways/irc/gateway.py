@@ -98,7 +98,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             name=f"{self.name} flood control",
         )
         self.client = IrcConnection(self, settings, listener=self, events=self.buffer)
-        #: lower-cased name → channel we should be in (YAML + run-time joins − parts)
+        #: lower-cased name → channel we should be in (YAML + run-time joins - parts)
         self.channels: dict[str, _Channel] = {}
         for channel in settings.channels:
             key = channel.key.get_secret_value() if channel.key else None
@@ -176,7 +176,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             self._decode_warned = True
             self.log.warning(
                 "%s: received a line that is not UTF-8; decoded as %s (counted in "
-                "gateway_errors_total{kind=\"undecodable\"}, logged once)",
+                'gateway_errors_total{kind="undecodable"}, logged once)',
                 self.name,
                 self.settings.fallback_encoding,
             )
@@ -212,14 +212,12 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         elif kind in _JOIN_FAILED and len(event.arguments) >= 1:
             name = str(event.arguments[0])
             if self.channels.pop(name.lower(), None) is not None:
-                self.log.warning(
-                    "%s: cannot join %s: %s", self.name, name, event.arguments[-1]
-                )
+                self.log.warning("%s: cannot join %s: %s", self.name, name, event.arguments[-1])
         elif kind in ("quit", "nick") and same_nick(source, self.wanted_nick):
             if not same_nick(own, self.wanted_nick):
                 self._enqueue_system(f"NICK {self.wanted_nick}")  # it just became free
-        elif kind == "nick" and same_nick(event.target, self.wanted_nick) and same_nick(
-            source, own
+        elif (
+            kind == "nick" and same_nick(event.target, self.wanted_nick) and same_nick(source, own)
         ):
             self.log.info("%s: now using the nick %s", self.name, event.target)
 
@@ -334,9 +332,13 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
     async def _reclaim_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reclaim_interval)
-            if self.client.connected and not same_nick(self.client.nick, self.wanted_nick):
-                if not any(line.text == f"NICK {self.wanted_nick}" for line in self._outbox):
-                    self._enqueue_system(f"NICK {self.wanted_nick}")
+            line = f"NICK {self.wanted_nick}"
+            if (
+                self.client.connected
+                and not same_nick(self.client.nick, self.wanted_nick)
+                and all(queued.text != line for queued in self._outbox)
+            ):
+                self._enqueue_system(line)
 
     # -- commands -----------------------------------------------------------------------------
 

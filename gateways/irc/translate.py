@@ -9,7 +9,8 @@ fields in, the gateway sends what comes out. House rules (RFC 1459/2812, IRCv3):
   ``:nick!user@host `` in front of what we send, so the room for text is 512 minus CR LF, the
   prefix (:func:`prefix_length`; the worst case until the server showed us our own mask) and
   ``PRIVMSG <target> :``. Longer texts are split (:func:`split_text`) at UTF-8 character
-  boundaries, preferring a space in the second half of a chunk; nothing is ever cut off.
+  boundaries, preferring a space in the second half of a chunk (that space is the separator);
+  nothing is ever cut off.
 * **Formatting is kept** in ``text`` (mIRC codes, colours) and removed in ``plain``.
 * **IRCv3 tags**: ``msgid`` becomes the event ``id``, ``server-time`` its ``time``; every tag is
   passed on in ``tags`` (valueless tags as ``""``).
@@ -54,8 +55,8 @@ __all__ = [
     "parse_tags",
     "parse_topic",
     "prefix_length",
-    "sasl_payload",
     "same_nick",
+    "sasl_payload",
     "send_lines",
     "split_text",
     "strip_formatting",
@@ -199,7 +200,8 @@ def inbound(
     (for ``self`` and ``private``).
     """
     tag_map = parse_tags(tags)
-    envelope = {"id": tag_map.get("msgid") or None, "time": parse_server_time(tag_map.get("time"))}
+    msgid = tag_map.get("msgid") or None
+    when = parse_server_time(tag_map.get("time"))
     who = _who(source)
     own = same_nick(who["nick"], own_nick)
     args = list(arguments)
@@ -218,16 +220,16 @@ def inbound(
             "private": not is_channel(target or ""),
             "self": own,
         }
-        return Translated("receive", keys, **envelope)
+        return Translated("receive", keys, msgid, when)
     if type_ == "join":
         keys = {**who, "channel": target, "self": own}
-        return Translated("joined", keys, **envelope)
+        return Translated("joined", keys, msgid, when)
     if type_ == "part":
         keys = {**who, "channel": target, "reason": first or None, "self": own}
-        return Translated("parted", keys, **envelope)
+        return Translated("parted", keys, msgid, when)
     if type_ == "quit":
         keys = {**who, "reason": first or None, "self": own}
-        return Translated("quit", keys, **envelope)
+        return Translated("quit", keys, msgid, when)
     if type_ == "kick":
         kicked = first or None
         keys = {
@@ -237,21 +239,27 @@ def inbound(
             "reason": args[1] if len(args) > 1 else None,
             "self": same_nick(kicked, own_nick),
         }
-        return Translated("kicked", keys, **envelope)
+        return Translated("kicked", keys, msgid, when)
     if type_ == "nick":
-        keys = {**who, "new": target, "self": own}
-        return Translated("nick", keys, **envelope)
+        # the library renamed us before this event: our old nick is the source, the new the target
+        keys = {**who, "new": target, "self": own or same_nick(target, own_nick)}
+        return Translated("nick", keys, msgid, when)
     if type_ == "topic":
         keys = {**who, "channel": target, "topic": first, "plain": strip_formatting(first)}
-        return Translated("topic", keys, **envelope)
+        return Translated("topic", keys, msgid, when)
     if type_ == "currenttopic" and len(args) >= 2:  # RPL_TOPIC (332) when we join
         topic = args[1]
         keys = {"nick": None, "user": None, "host": None, "channel": args[0], "topic": topic}
         keys["plain"] = strip_formatting(topic)
-        return Translated("topic", keys, **envelope)
+        return Translated("topic", keys, msgid, when)
     if type_ == "invite":
-        keys = {**who, "channel": first or None, "target": target, "self": same_nick(target, own_nick)}
-        return Translated("invite", keys, **envelope)
+        keys = {
+            **who,
+            "channel": first or None,
+            "target": target,
+            "self": same_nick(target, own_nick),
+        }
+        return Translated("invite", keys, msgid, when)
     return None
 
 
@@ -274,8 +282,9 @@ def prefix_length(nick: str, userhost: str | None) -> int:
 def split_text(text: str, limit: int) -> list[str]:
     """``text`` in chunks of at most ``limit`` UTF-8 bytes, cut only between characters.
 
-    A chunk ends after the last space in its second half when there is one (the space stays
-    with the chunk, so joining the chunks gives ``text`` back exactly).
+    A chunk ends at the last space in its second half when there is one, and that one space is
+    dropped (servers and clients strip trailing spaces, so it would vanish anyway); elsewhere
+    chunks are cut between characters and join back exactly.
     """
     if limit < 4:
         raise InvalidCommand(f"no room for text in a line ({limit} bytes left)")
@@ -288,7 +297,9 @@ def split_text(text: str, limit: int) -> list[str]:
             end -= 1
         space = data.rfind(b" ", start + limit // 2, end)
         if space != -1:
-            end = space + 1
+            chunks.append(data[start:space].decode())
+            start = space + 1
+            continue
         chunks.append(data[start:end].decode())
         start = end
     chunks.append(data[start:].decode())
