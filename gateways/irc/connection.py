@@ -294,7 +294,8 @@ class IrcConnection(ReconnectingClient):
             conn.send_raw("CAP END")
         elif kind in _SASL_FAILED:
             text = event.arguments[-1] if event.arguments else kind
-            self._fail(f"SASL authentication failed: {text}", fatal=True)
+            mechanism = settings.sasl.mechanism if settings.sasl else "?"
+            self._fail(f"SASL {mechanism} refused by the server: {text}", fatal=True)
         elif kind in _NICK_TAKEN:
             tried = conn.real_nickname
             if tried in self._nicks and self._nicks.index(tried) + 1 < len(self._nicks):

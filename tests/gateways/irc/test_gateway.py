@@ -185,7 +185,7 @@ async def test_invalid_utf8_uses_the_fallback(
     port = ngircd_server.port
     alice = await Peer.connect(port, "alice", "#ops")
     try:
-        async with running(irc_config(port, channels=["#ops"])) as (gateway, layer):
+        async with running(irc_config(port, channels=["#ops"])) as (_gateway, layer):
             await next_event(layer, "irc.joined", self=True)
             before = metric("gateway_errors_total", gateway="ops", kind="undecodable")
             with caplog.at_level(logging.WARNING, "gateway.irc"):
@@ -258,7 +258,7 @@ async def test_burst_is_paced_in_order_without_loss(ngircd_server: NgircdServer)
 async def test_server_killed_and_restarted(ngircd_server: NgircdServer) -> None:
     port = ngircd_server.port
     config = irc_config(port, channels=["#ops"], queue_timeout=30)
-    async with running(config) as (gateway, layer):
+    async with running(config) as (_gateway, layer):
         await next_event(layer, "irc.joined", self=True, channel="#ops")
         assert (await command(layer, "ops.send", {"type": "irc.join", "channel": "#late"}))["ok"]
         await next_event(layer, "irc.joined", self=True, channel="#late")
@@ -286,7 +286,7 @@ async def test_commands_are_answered_when_the_server_stays_away(
     ngircd_server: NgircdServer,
 ) -> None:
     port = ngircd_server.port
-    async with running(irc_config(port, queue_timeout=0.5)) as (gateway, layer):
+    async with running(irc_config(port, queue_timeout=0.5)) as (_gateway, layer):
         await next_event(layer, "irc.connect")
         await asyncio.to_thread(ngircd_server.kill)
         await next_event(layer, "irc.disconnect")
@@ -299,7 +299,7 @@ async def test_commands_are_answered_when_the_server_stays_away(
 async def test_full_outbox_refuses_and_counts(ngircd_server: NgircdServer) -> None:
     port = ngircd_server.port
     config = irc_config(port, queue=3, flood={"burst": 1, "rate": 0.5})
-    async with running(config) as (gateway, layer):
+    async with running(config) as (_gateway, layer):
         await next_event(layer, "irc.connect")
         before = metric("gateway_dropped_total", gateway="ops", reason="outbox_full")
         text = "x" * 1500  # four lines: more than the outbox holds
