@@ -1,6 +1,6 @@
 """ASGI entry point: consumers are routed by channel name, as `runworker` expects.
 
-python manage.py runworker support-mail sensors
+python manage.py runworker support-mail sensors ops-irc
 """
 
 import os
@@ -11,7 +11,8 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "example.settings")
 django_asgi_app = get_asgi_application()
 
-from mail.consumers import MailConsumer  # noqa: E402 - needs the app registry
+from chat.consumers import TicketBotConsumer  # noqa: E402 - needs the app registry
+from mail.consumers import MailConsumer  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -21,6 +22,7 @@ application = ProtocolTypeRouter(
             {
                 "support-mail": MailConsumer.as_asgi(),
                 "sensors": SensorConsumer.as_asgi(),
+                "ops-irc": TicketBotConsumer.as_asgi(),
             }
         ),
     }
