@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import pytest
 
+from core.service import StartupError
 from core.testing import NgircdServer, command, metric
 from tests.gateways.irc.conftest import Peer, irc_config, next_event, running
 
@@ -308,3 +310,29 @@ async def test_full_outbox_refuses_and_counts(ngircd_server: NgircdServer) -> No
         )
         assert not result["ok"] and "outbound queue full" in result["error"]
         assert metric("gateway_dropped_total", gateway="ops", reason="outbox_full") == before + 1
+
+
+async def test_tls_verified_and_an_untrusted_certificate_refused(
+    ngircd_tls_server: NgircdServer,
+) -> None:
+    server = ngircd_tls_server
+    config = irc_config(server.tls_port, tls={"ca_file": str(server.certs.ca_crt)})
+    config["irc"]["server"] = "localhost"
+    async with running(config) as (_gateway, layer):
+        assert (await next_event(layer, "irc.connect"))["server"] == f"localhost:{server.tls_port}"
+    untrusted = irc_config(server.tls_port, tls={})  # the system's CAs: not our test CA
+    with pytest.raises(StartupError, match="TLS: unable to get local issuer certificate"):
+        async with running(untrusted):
+            pass
+
+
+async def test_watchdog_drops_a_silent_server_and_reconnects(ngircd_server: NgircdServer) -> None:
+    async with running(irc_config(ngircd_server.port, idle_timeout=0.5)) as (_gateway, layer):
+        await next_event(layer, "irc.connect")
+        ngircd_server.send_signal(signal.SIGSTOP)  # alive, but silent: no PONG
+        try:
+            gone = await next_event(layer, "irc.disconnect")
+            assert "no data from the server" in gone["reason"]
+        finally:
+            ngircd_server.send_signal(signal.SIGCONT)
+        await next_event(layer, "irc.connect")
