@@ -369,8 +369,11 @@ class Gateway(Generic[C]):
 
     # -- inbound: gateway → layer -------------------------------------------------------------
 
-    def event(self, type_: str, *, id: str | None = None, **keys: Any) -> dict[str, Any]:
+    def event(self, type_: str, /, *, id: str | None = None, **keys: Any) -> dict[str, Any]:
         """An inbound event with this integration's envelope.
+
+        ``self`` and ``type_`` are positional-only, so an event may have a key named ``self``
+        (DESIGN §5: ``irc.joined`` … ``self: bool``).
 
         ``reply_channel`` defaults to the command channel; pass ``reply_channel=self.reply_channel``
         when the answer must leave through this process's connection.

@@ -15,6 +15,7 @@ from pathlib import Path
 #: YAML ``gateway:`` value → the gateway class that serves it
 REGISTRY = {
     "email": "gateways.email.gateway:EmailGateway",
+    "irc": "gateways.irc.gateway:IrcGateway",
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
     "http_ws": "gateways.http_ws.gateway:HttpWsGateway",
 }

@@ -27,6 +27,13 @@ TRANSPORT_IO: dict[str, dict[str, set[str]]] = {
     "email": {"aiosmtplib": {"*"}, "aiosmtpd.smtp": {"SMTP"}, "aiosmtpd.controller": {"*"}},
     "mqtt": {"paho.mqtt.client": {"Client"}, "paho.mqtt": {"client"}},
     "http_ws": {"uvicorn": {"*"}, "websockets": {"*"}},
+    "irc": {
+        "irc.client_aio": {"*"},
+        "irc.connection": {"*"},
+        "irc.client": {"Reactor", "ServerConnection", "SimpleIRCClient", "DCCConnection"},
+        "irc.bot": {"*"},
+        "jaraco.stream": {"*"},
+    },
 }
 #: stdlib I/O that belongs in connection.py only
 STDLIB_IO = {"socket", "ssl", "selectors", "asyncio.streams"}

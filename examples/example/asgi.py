@@ -1,6 +1,6 @@
 """ASGI entry point: consumers are routed by channel name, as `runworker` expects.
 
-python manage.py runworker support-mail sensors live echo
+python manage.py runworker support-mail sensors live echo ops-irc
 """
 
 import os
@@ -13,6 +13,7 @@ django_asgi_app = get_asgi_application()
 
 from live.consumers import LiveConsumer  # noqa: E402 - needs the app registry
 from live.echo import EchoConsumer  # noqa: E402
+from chat.consumers import TicketBotConsumer  # noqa: E402 - needs the app registry
 from mail.consumers import MailConsumer  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
 
@@ -25,6 +26,7 @@ application = ProtocolTypeRouter(
                 "sensors": SensorConsumer.as_asgi(),
                 "live": LiveConsumer.as_asgi(),
                 "echo": EchoConsumer.as_asgi(),
+                "ops-irc": TicketBotConsumer.as_asgi(),
             }
         ),
     }

@@ -185,6 +185,13 @@ async def test_publish_uses_routes_and_envelope() -> None:
     assert (await gateway.layer.receive("routed"))["reply_channel"] == "special!"
 
 
+def test_an_event_may_have_a_key_named_self() -> None:
+    # DESIGN §5 gives irc.joined & co a `self: bool` key; it once collided with the method's self
+    gateway = EchoGateway(EchoConfig(name="selfish"), InMemoryChannelLayer())
+    event = gateway.event("joined", nick="bot", self=True)
+    assert event["self"] is True and event["type"] == "echo.joined"
+
+
 async def test_publish_gives_up_when_layer_stays_full(caplog: pytest.LogCaptureFixture) -> None:
     gateway = EchoGateway(EchoConfig(name="full-layer"), InMemoryChannelLayer(capacity=1))
     assert await gateway.publish(gateway.event("a"), timeout=1)

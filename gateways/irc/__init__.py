@@ -1,0 +1,1 @@
+"""The IRC gateway: an IRC identity on a channel layer (see README.md)."""

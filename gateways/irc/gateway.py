@@ -1,0 +1,409 @@
+"""``IrcGateway``: IRC events → ``irc.*`` layer events; ``irc.send`` & co → paced IRC lines.
+
+Inbound: every event of a registered connection is translated (``translate.inbound``) and put in
+the bounded :class:`EventBuffer` (IRC has no pushback: events wait there while the layer is full
+and are counted as dropped once it overflows). Events carry this process's ``reply_channel``,
+because an answer must leave through this connection.
+
+Outbound: one **outbox** per process, a bounded FIFO of lines. A command is validated, split to
+fit the 512-byte line, and its lines are put in the outbox together (or the command is refused
+whole when they do not fit: ``ok: false``, counted). One sender task takes lines in order and
+writes each when the :class:`core.pacer.Pacer` allows (burst, then a steady rate) and the
+connection is up. While disconnected, lines wait up to ``queue_timeout``; then their commands
+are answered with an error — none is lost in silence. The result of a command is sent once its
+last line was written.
+
+Recovery: after every (re)connect the gateway joins every channel it should be in (the YAML's
+plus those joined at run time, minus those parted) before anything else in the outbox, rejoins
+after a kick (``rejoin_after_kick``), and takes back its configured nick when it frees (at once
+on the holder's QUIT or NICK, else every ``reclaim_interval``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from irc.client import Event
+
+from core.envelope import Command, CommandError
+from core.pacer import Pacer
+from core.service import EventBuffer, Gateway, handles
+from core.types import ChannelLayer
+from gateways.irc.config import IrcGatewayConfig
+from gateways.irc.connection import IrcConnection, NotConnected
+from gateways.irc.translate import (
+    InvalidCommand,
+    inbound,
+    parse_join,
+    parse_nick,
+    parse_part,
+    parse_raw,
+    parse_send,
+    parse_topic,
+    prefix_length,
+    same_nick,
+    send_lines,
+)
+
+__all__ = ["IrcGateway"]
+
+#: join failures (RPL numerics by the library's names): the channel is given up, with a WARNING
+_JOIN_FAILED = {
+    "channelisfull",
+    "inviteonlychan",
+    "bannedfromchan",
+    "badchannelkey",
+    "nosuchchannel",
+    "toomanychannels",
+}
+
+
+@dataclass
+class _Line:
+    text: str
+    deadline: float
+    #: set when the line was written (the last line of a command carries its command's)
+    done: asyncio.Future[None] | None = None
+
+
+@dataclass
+class _Channel:
+    name: str
+    key: str | None = None
+    rejoin: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class IrcGateway(Gateway[IrcGatewayConfig]):
+    """One IRC identity; see the module docstring."""
+
+    protocol = "irc"
+    config_model = IrcGatewayConfig
+    #: commands only validate and enqueue before they wait: the outbox keeps their order
+    command_concurrency = 64
+
+    def __init__(self, config: IrcGatewayConfig, layer: ChannelLayer) -> None:
+        super().__init__(config, layer)
+        self.settings = settings = config.irc
+        self.buffer = EventBuffer(self, settings.buffer)
+        self.pacer = Pacer(
+            settings.flood.rate,
+            settings.flood.burst,
+            queue=1,
+            metrics=self.metrics,
+            name=f"{self.name} flood control",
+        )
+        self.client = IrcConnection(self, settings, listener=self, events=self.buffer)
+        #: lower-cased name → channel we should be in (YAML + run-time joins - parts)
+        self.channels: dict[str, _Channel] = {}
+        for channel in settings.channels:
+            key = channel.key.get_secret_value() if channel.key else None
+            self._want(channel.name, key)
+        #: the nick to hold and reclaim (``irc.nick`` changes it)
+        self.wanted_nick = settings.nick
+        self._outbox: deque[_Line] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._outbox_empty = asyncio.Event()
+        self._outbox_empty.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._decode_warned = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.buffer.start()
+        self._tasks = [
+            asyncio.create_task(self._send_loop(), name=f"{self.name}-sender"),
+            asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
+        ]
+        try:
+            await self.client.start()
+        except BaseException:
+            await self._cancel_tasks()
+            raise
+
+    def readiness(self) -> list[str]:
+        return self.client.readiness()
+
+    async def drain(self) -> None:
+        # lines already accepted leave before QUIT (bounded by the grace period)
+        if self.client.connected:
+            await self._outbox_empty.wait()
+
+    async def close(self) -> None:
+        await self._cancel_tasks()
+        for channel in self.channels.values():
+            if channel.rejoin is not None:
+                channel.rejoin.cancel()
+        await self.client.close()
+        self._fail_outbox("gateway stopped")
+        await self.buffer.flush(1.0)
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # -- client listener ------------------------------------------------------------------------
+
+    def client_connected(self, details: Mapping[str, Any]) -> None:
+        # joins go first, before lines that waited for the connection
+        joins = [self._join_line(c) for c in self.channels.values()]
+        deadline = asyncio.get_running_loop().time() + self.settings.queue_timeout
+        for text in reversed(joins):
+            self._outbox.appendleft(_Line(text, deadline))
+        if joins:
+            self._outbox_changed()
+        if not same_nick(self.client.nick, self.wanted_nick):
+            self.log.warning(
+                "%s: registered as %s; %s is taken, will reclaim it",
+                self.name,
+                self.client.nick,
+                self.wanted_nick,
+            )
+
+    def client_disconnected(self, reason: str) -> None:
+        self._outbox_ready.set()  # the sender notices and waits for the next connection
+
+    def irc_undecodable(self) -> None:
+        self.metrics.error("undecodable")
+        if not self._decode_warned:
+            self._decode_warned = True
+            self.log.warning(
+                "%s: received a line that is not UTF-8; decoded as %s (counted in "
+                'gateway_errors_total{kind="undecodable"}, logged once)',
+                self.name,
+                self.settings.fallback_encoding,
+            )
+
+    def irc_event(self, event: Event) -> None:
+        own = self.client.nick
+        self._follow(event, own)
+        translated = inbound(
+            event.type, event.source, event.target, event.arguments, event.tags, own
+        )
+        if translated is None:
+            return
+        message = self.event(
+            translated.event,
+            id=translated.id,
+            time=translated.time,
+            reply_channel=self.reply_channel,
+            **translated.keys,
+        )
+        self.buffer.put(message)
+
+    def _follow(self, event: Event, own: str) -> None:
+        """Keep channels and nick up to date from what the server says."""
+        kind = event.type
+        source = event.source.nick if event.source else None
+        if kind == "join" and same_nick(source, own):
+            if event.target.lower() not in self.channels:
+                self._want(str(event.target), None)  # joined by a raw line or a server
+        elif kind == "part" and same_nick(source, own):
+            self.channels.pop(str(event.target).lower(), None)
+        elif kind == "kick" and event.arguments and same_nick(event.arguments[0], own):
+            self._kicked(str(event.target), event.arguments[1] if len(event.arguments) > 1 else "")
+        elif kind in _JOIN_FAILED and len(event.arguments) >= 1:
+            name = str(event.arguments[0])
+            if self.channels.pop(name.lower(), None) is not None:
+                self.log.warning("%s: cannot join %s: %s", self.name, name, event.arguments[-1])
+        elif kind in ("quit", "nick") and same_nick(source, self.wanted_nick):
+            if not same_nick(own, self.wanted_nick):
+                self._enqueue_system(f"NICK {self.wanted_nick}")  # it just became free
+        elif (
+            kind == "nick" and same_nick(event.target, self.wanted_nick) and same_nick(source, own)
+        ):
+            self.log.info("%s: now using the nick %s", self.name, event.target)
+
+    def _kicked(self, channel: str, reason: str) -> None:
+        wanted = self.channels.get(channel.lower())
+        self.log.warning("%s: kicked from %s (%s)", self.name, channel, reason)
+        if wanted is None:
+            return
+        if not self.settings.rejoin_after_kick:
+            self.channels.pop(channel.lower(), None)
+            return
+        if wanted.rejoin is not None:
+            wanted.rejoin.cancel()
+
+        def rejoin() -> None:
+            wanted.rejoin = None
+            if self.channels.get(channel.lower()) is wanted:
+                self._enqueue_system(self._join_line(wanted))
+
+        wanted.rejoin = asyncio.get_running_loop().call_later(self.settings.rejoin_delay, rejoin)
+
+    def _want(self, name: str, key: str | None) -> _Channel:
+        channel = self.channels.get(name.lower())
+        if channel is None:
+            channel = self.channels[name.lower()] = _Channel(name, key)
+        elif key is not None:
+            channel.key = key
+        return channel
+
+    @staticmethod
+    def _join_line(channel: _Channel) -> str:
+        return f"JOIN {channel.name} {channel.key}" if channel.key else f"JOIN {channel.name}"
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    def _outbox_changed(self) -> None:
+        self._outbox_empty.clear()
+        self._outbox_ready.set()
+
+    def _enqueue_system(self, text: str) -> None:
+        """A line of our own (join, nick): never refused, it replaces nothing."""
+        deadline = asyncio.get_running_loop().time() + self.settings.queue_timeout
+        self._outbox.append(_Line(text, deadline))
+        self._outbox_changed()
+
+    async def _send(self, lines: tuple[str, ...] | list[str]) -> None:
+        """Queue ``lines`` together; return once the last was written. Raise CommandError."""
+        room = self.settings.queue - len(self._outbox)
+        if len(lines) > room:
+            self.metrics.dropped("outbox_full")
+            raise CommandError(
+                f"outbound queue full ({len(self._outbox)} lines waiting, limit "
+                f"{self.settings.queue}); try later"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.queue_timeout
+        done: asyncio.Future[None] = loop.create_future()
+        for i, text in enumerate(lines):
+            self._outbox.append(_Line(text, deadline, done if i == len(lines) - 1 else None))
+        self._outbox_changed()
+        await done
+
+    def _fail_outbox(self, reason: str) -> None:
+        while self._outbox:
+            line = self._outbox.popleft()
+            self._fail_line(line, reason)
+        self._outbox_empty.set()
+
+    def _fail_line(self, line: _Line, reason: str) -> None:
+        self.metrics.dropped("not_sent")
+        if line.done is not None and not line.done.done():
+            line.done.set_exception(CommandError(reason))
+        else:
+            self.log.warning("%s: not sent (%s): %.80s", self.name, reason, line.text)
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._outbox:
+                self._outbox_empty.set()
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
+            line = self._outbox[0]
+            remaining = line.deadline - loop.time()
+            if remaining <= 0:
+                self._outbox.popleft()
+                self._fail_line(
+                    line,
+                    f"not sent: no connection to {self.client.server} within "
+                    f"{self.settings.queue_timeout:g} s ({self.client.last_error})",
+                )
+                continue
+            if not self.client.connected:
+                with contextlib.suppress(TimeoutError):
+                    await self.client.wait_connected(remaining)
+                continue
+            await self.pacer.wait()
+            try:
+                self.client.send(line.text)
+            except NotConnected:
+                continue  # lost meanwhile: it waits for the next connection
+            except ValueError as exc:  # the library's InvalidCharacters / MessageTooLong
+                self._outbox.popleft()
+                self._fail_line(line, f"refused by the IRC library: {exc}")
+                continue
+            if self._outbox and self._outbox[0] is line:
+                self._outbox.popleft()
+            if line.done is not None and not line.done.done():
+                line.done.set_result(None)
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reclaim_interval)
+            line = f"NICK {self.wanted_nick}"
+            if (
+                self.client.connected
+                and not same_nick(self.client.nick, self.wanted_nick)
+                and all(queued.text != line for queued in self._outbox)
+            ):
+                self._enqueue_system(line)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _prefix(self) -> int:
+        return prefix_length(self.client.nick, self.client.userhost)
+
+    @handles("irc.send")
+    async def handle_send(self, command: Command) -> dict[str, Any]:
+        """``irc.send``: ``target``, ``text``, ``kind`` (message | action | notice)."""
+        try:
+            send = parse_send(command.body)
+            lines = send_lines(send.kind, send.target, send.text, self._prefix()).lines
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        await self._send(lines)
+        return {"lines": len(lines)}
+
+    @handles("irc.join")
+    async def handle_join(self, command: Command) -> None:
+        """``irc.join``: ``channel``, optional ``key``; rejoined after every reconnect."""
+        try:
+            name, key = parse_join(command.body)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        channel = self._want(name, key)
+        await self._send([self._join_line(channel)])
+
+    @handles("irc.part")
+    async def handle_part(self, command: Command) -> None:
+        """``irc.part``: ``channel``, optional ``reason``; not rejoined any more."""
+        try:
+            name, reason = parse_part(command.body)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        channel = self.channels.pop(name.lower(), None)
+        if channel is not None and channel.rejoin is not None:
+            channel.rejoin.cancel()
+        await self._send([f"PART {name} :{reason}" if reason else f"PART {name}"])
+
+    @handles("irc.topic")
+    async def handle_topic(self, command: Command) -> None:
+        """``irc.topic``: ``channel``, ``topic`` (``""`` clears it)."""
+        try:
+            name, topic = parse_topic(command.body)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        await self._send([f"TOPIC {name} :{topic}"])
+
+    @handles("irc.nick")
+    async def handle_nick(self, command: Command) -> None:
+        """``irc.nick``: ``nick``; it becomes the nick this gateway holds and reclaims."""
+        try:
+            nick = parse_nick(command.body)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        self.wanted_nick = nick
+        await self._send([f"NICK {nick}"])
+
+    @handles("irc.raw")
+    async def handle_raw(self, command: Command) -> None:
+        """``irc.raw``: ``line``, sent as is; only with ``irc.raw_commands: true``."""
+        if not self.settings.raw_commands:
+            raise CommandError("irc.raw is disabled (set irc.raw_commands: true to allow it)")
+        try:
+            line = parse_raw(command.body)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+        await self._send([line])

@@ -1,0 +1,74 @@
+"""End to end: a person on IRC → ngircd → gateway-irc → Redis → manage.py runworker (the example
+ticket bot, reading the database) → irc.send → ngircd → the person. Every process is real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.testing import DjangoWorker, NgircdServer, RedisServer, Server
+from tests.gateways.irc.conftest import Peer
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ROOT / "examples"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def test_ticket_question_answered_from_the_database(
+    tmp_path: Path, redis_server: RedisServer, ngircd_server: NgircdServer
+) -> None:
+    env = {
+        "DJANGO_SETTINGS_MODULE": "example.settings",
+        "EXAMPLE_LAYER": redis_server.url,
+        "GATEWAYS_LAYER": redis_server.url,
+        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
+        "IRC_PORT": str(ngircd_server.port),
+        "PYTHONPATH": str(EXAMPLES),
+    }
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "manage.py",
+        "migrate",
+        "--verbosity",
+        "0",
+        cwd=EXAMPLES,
+        env={**os.environ, **env},
+    )
+    assert await asyncio.wait_for(migrate.wait(), 120) == 0
+    with sqlite3.connect(tmp_path / "example.sqlite3") as db:
+        db.execute(
+            "INSERT INTO mail_mail (id, event_id, message_id, mail_from, subject, text, "
+            "attachment_count, received_at, reply_message_id, reply_error) VALUES "
+            "(42, 'e42', '<m42@x>', 'carol@example.org', 'Printer on fire', '', 0, "
+            "'2026-01-01 00:00:00', '', '')"
+        )
+    gateway = await asyncio.to_thread(
+        Server,
+        ["gateway-irc", "--config", str(EXAMPLES / "irc.yaml")],
+        "ready: events",
+        cwd=ROOT,
+        env={**os.environ, **env},
+        name="gateway-irc",
+    )
+    worker = DjangoWorker(EXAMPLES, ["ops-irc"], env).start()
+    alice = await Peer.connect(ngircd_server.port, "alice", "#support")
+    try:
+        if not any("ticketbot" in line for line in alice.lines):  # in NAMES, or joins later
+            await alice.expect(":ticketbot!")
+        # the worker may still be starting: ask until it answers (messages wait in Redis anyway)
+        await alice.send("PRIVMSG #support :!ticket 42")
+        answer = await alice.expect("PRIVMSG #support :alice: #42", timeout=60)
+        assert "'Printer on fire' from carol@example.org (open)" in answer
+        await alice.send("PRIVMSG ticketbot :!ticket 7")
+        private = await alice.expect("PRIVMSG alice :")
+        assert private.endswith("alice: no ticket #7")
+    finally:
+        await alice.close()
+        await asyncio.to_thread(worker.stop)
+        assert await asyncio.to_thread(gateway.stop) == 0, gateway.tail()
