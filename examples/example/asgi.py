@@ -11,9 +11,9 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "example.settings")
 django_asgi_app = get_asgi_application()
 
-from live.consumers import LiveConsumer  # noqa: E402 - needs the app registry
-from live.echo import EchoConsumer  # noqa: E402
 from chat.consumers import TicketBotConsumer  # noqa: E402 - needs the app registry
+from live.consumers import LiveConsumer  # noqa: E402
+from live.echo import EchoConsumer  # noqa: E402
 from mail.consumers import MailConsumer  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
 
