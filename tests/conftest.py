@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers on free loopback ports (see core/testing.py).
+"""Shared fixtures: real servers on free loopback ports (see core/testing/).
 
 A missing binary skips the test with the reason, except when the environment variable ``CI`` is
 set: there it fails, so CI never passes by skipping.

@@ -1,4 +1,4 @@
-"""The server helpers of core/testing.py against the real binaries."""
+"""The server helpers of core/testing/ against the real binaries."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shared test helpers at the end of core/testing.py, against real processes and servers."""
+"""The shared test helpers of core/testing/ against real processes and servers."""
 
 from __future__ import annotations
 

@@ -761,7 +761,7 @@ async def test_the_fqdn_is_resolved_once_at_start(
     calls: list[int] = []
 
     def getfqdn(name: str = "") -> str:
-        if not any(f.filename.endswith("core/testing.py") for f in traceback.extract_stack()):
+        if not any(f.filename.endswith("core/testing/smtp.py") for f in traceback.extract_stack()):
             calls.append(threading.get_ident())  # not the test's relay (SmtpSink)
         return "fqdn.example.net"
 
