@@ -15,11 +15,13 @@ import pytest
 
 from core.testing import (
     Certs,
+    ExampleProject,
     InspircdServer,
     MosquittoServer,
     NgircdServer,
     RedisServer,
     ServiceMissing,
+    example_project,
     make_certs,
     require_binary,
 )
@@ -153,3 +155,13 @@ def certs(tmp_path: Path) -> Certs:
 def inspircd_server() -> Iterator[InspircdServer]:
     """InspIRCd + Atheme on ``.port`` with SASL PLAIN; ``.register(account, password)``."""
     yield from _run(InspircdServer())
+
+
+@pytest.fixture
+def project(tmp_path: Path, redis_server: RedisServer) -> ExampleProject:
+    """The example Django project on ``redis_server``, its database migrated in ``tmp_path``.
+
+    Add what one test needs to ``project.env`` (``SMTP_PORT``, ``IRC_PORT``…) before starting
+    ``project.worker(…)`` or ``project.gateway("….yaml")``.
+    """
+    return example_project(tmp_path, redis_server.url)

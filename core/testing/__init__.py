@@ -31,7 +31,10 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.smtp`      :class:`SmtpSink`: the far side of ``email.send``
 * :mod:`core.testing.clock`     :class:`ManualClock`: an injectable clock that moves on demand
 * :mod:`core.testing.harness`   :func:`run_gateway` (in this process), :class:`GatewayProcess`
-  (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`until`, :func:`metric`
+  (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`receive`,
+  :func:`until`, :func:`metric`
+* :mod:`core.testing.example`   :func:`example_project`: ``examples/`` on a layer with a fresh,
+  migrated database, and the gateways and workers that share its environment
 
 Nothing here imports pytest: the fixtures live in ``tests/conftest.py``.
 """
@@ -52,11 +55,15 @@ from core.testing.base import (
 )
 from core.testing.certs import Certs, make_certs
 from core.testing.clock import ManualClock
+from core.testing.example import EXAMPLES, ROOT, ExampleProject, example_project
 from core.testing.harness import (
+    READY_LINE,
+    STARTED_LINE,
     GatewayProcess,
     command,
     metric,
     metric_from_text,
+    receive,
     run_gateway,
     until,
 )
@@ -71,12 +78,17 @@ from core.testing.smtp import SmtpSink
 from core.testing.worker import DjangoWorker
 
 __all__ = [
+    "EXAMPLES",
     "HOST",
     "INSTALL_HINT",
     "OUTPUT_LINES",
+    "READY_LINE",
+    "ROOT",
+    "STARTED_LINE",
     "WAIT",
     "Certs",
     "DjangoWorker",
+    "ExampleProject",
     "GatewayProcess",
     "InspircdServer",
     "IrcLines",
@@ -89,11 +101,13 @@ __all__ = [
     "ServiceMissing",
     "SmtpSink",
     "command",
+    "example_project",
     "free_port",
     "free_ports",
     "make_certs",
     "metric",
     "metric_from_text",
+    "receive",
     "require_binary",
     "run_gateway",
     "until",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import inspect
 import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.metrics import REGISTRY
 from core.service import Gateway
-from core.testing.base import HOST, WAIT, Server, free_port
-from core.types import ChannelLayer
+from core.testing.base import HOST, OUTPUT_LINES, WAIT, Server, free_port
+from core.types import ChannelLayer, Message
+
+#: the log line of a gateway that serves commands (``started``) and of one /readyz would pass
+STARTED_LINE = "started: events"
+READY_LINE = "ready: events"
 
 
 async def until(
@@ -26,17 +32,47 @@ async def until(
 ) -> object:
     """Poll ``predicate`` until it returns something truthy and return that (bounded).
 
-    For state that nothing signals (a metric, a file, an HTTP probe); prefer awaiting an event
-    or a message where there is one. ``TimeoutError`` names ``what``.
+    ``predicate`` may return an awaitable (``lambda: asyncio.to_thread(blocking_probe)``), which
+    is awaited each time. For state that nothing signals (a metric, a file, an HTTP probe);
+    prefer awaiting an event or a message where there is one. ``TimeoutError`` names ``what``.
     """
+
+    async def check() -> object:
+        result = predicate()
+        return await result if inspect.isawaitable(result) else result
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not (result := predicate()):
+    while not (result := await check()):
         if loop.time() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or predicate}")
         await asyncio.sleep(interval)
     return result
+
+
+async def receive(
+    layer: ChannelLayer,
+    channel: str,
+    type_: str | None = None,
+    *,
+    timeout: float = WAIT,
+    **keys: object,
+) -> Message:
+    """The next message on ``channel``; with ``type_`` / ``keys``, the next one that matches.
+
+    Messages that do not match (``mqtt.connect`` before the ``mqtt.message`` a test waits for)
+    are skipped. ``timeout`` bounds the whole wait.
+    """
+
+    async def matching() -> Message:
+        while True:
+            message = await layer.receive(channel)
+            if (type_ is None or message.get("type") == type_) and all(
+                message.get(key) == value for key, value in keys.items()
+            ):
+                return message
+
+    return await asyncio.wait_for(matching(), timeout)
 
 
 def _matching_sum(
@@ -81,7 +117,7 @@ async def command(
 
     result_channel = await layer.new_channel("test-result.")
     await layer.send(channel, {"id": "test", **message, "result_channel": result_channel})
-    return await asyncio.wait_for(layer.receive(result_channel), timeout)
+    return await receive(layer, result_channel, timeout=timeout)
 
 
 @contextlib.asynccontextmanager
@@ -115,9 +151,17 @@ async def run_gateway(
 class GatewayProcess:
     """``python -m gateways.<proto>.cli --config FILE`` as a child process with a health port.
 
-    Build it with :meth:`from_config` (writes the YAML with a free health port), then
-    :meth:`start` (returns once the gateway logged ``ready: events``), :meth:`wait_ready`,
-    :meth:`metric`, :meth:`stop` (SIGTERM, the exit status) or :meth:`kill`.
+    Build it with :meth:`from_config` (writes the YAML with a free health port) or from an
+    existing file whose health port you know (:meth:`ExampleProject.gateway
+    <core.testing.example.ExampleProject.gateway>`), then :meth:`start` (returns once the
+    gateway logged ``ready_line``), :meth:`wait_ready`, :meth:`metric`, :meth:`wait_for` on a
+    log line, :meth:`stop` (SIGTERM, the exit status) or :meth:`kill`.
+
+    ``ready_line`` is :data:`READY_LINE` by default; :data:`STARTED_LINE` for a gateway that
+    serves before it is ready (facing a full layer). ``prefix`` goes before the interpreter
+    (``[sys.executable, "-c", "…setrlimit…; os.execvp(…)"]``), ``extra_args`` after the config
+    (``["--app", "example.asgi:application"]``). The last ``output_lines`` lines of output are
+    kept in :attr:`output`, across restarts.
     """
 
     def __init__(
@@ -128,62 +172,98 @@ class GatewayProcess:
         gateway: str,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        ready_line: str = READY_LINE,
+        prefix: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        output_lines: int = OUTPUT_LINES,
     ) -> None:
         self.path = path
         self.health_port = health_port
         self.module = f"gateways.{gateway}.cli"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.cwd = cwd
+        self.ready_line = ready_line
+        self.prefix = list(prefix)
+        self.extra_args = list(extra_args)
+        self.output: collections.deque[str] = collections.deque(maxlen=output_lines)
         self.server: Server | None = None
 
     @classmethod
     def from_config(
-        cls,
-        directory: Path,
-        config: Mapping[str, Any],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
+        cls, directory: Path, config: Mapping[str, Any], **options: Any
     ) -> GatewayProcess:
-        """Write ``config`` plus ``health: {port}`` to a YAML file in ``directory``."""
+        """Write ``config`` plus ``health: {port}`` to a YAML file in ``directory``.
+
+        ``options`` are the constructor's keywords (``env``, ``cwd``, ``ready_line``, …).
+        """
 
         health_port = free_port()
         path = directory / f"{config['name']}-{health_port}.yaml"
         path.write_text(yaml.safe_dump({**config, "health": {"port": health_port}}))
-        return cls(path, health_port, gateway=str(config["gateway"]), env=env, cwd=cwd)
+        return cls(path, health_port, gateway=str(config["gateway"]), **options)
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", self.module, "--config", str(self.path)]
+        return [
+            *self.prefix,
+            sys.executable,
+            "-m",
+            self.module,
+            "--config",
+            str(self.path),
+            *self.extra_args,
+        ]
+
+    @property
+    def alive(self) -> bool:
+        return self.server is not None and self.server.alive
 
     def start(self, timeout: float = WAIT) -> GatewayProcess:
         self.server = Server(
-            self.argv, "ready: events", timeout, cwd=self.cwd, env=self.env, name="gateway"
+            self.argv,
+            self.ready_line,
+            timeout,
+            cwd=self.cwd,
+            env=self.env,
+            output=self.output,
+            name=self.module.split(".")[1],
         )
         return self
 
-    def get(self, path: str) -> tuple[int, str]:
+    def wait_for(self, needle: str, timeout: float = WAIT) -> str:
+        """The next output line that contains ``needle`` (blocking: use a thread in a test)."""
+        if self.server is None:
+            raise RuntimeError(f"{self.path.name}: never started")
+        return self.server.wait_for(needle, timeout)
+
+    def tail(self, count: int = OUTPUT_LINES) -> str:
+        """The last ``count`` output lines, for an assertion message."""
+        return "\n".join(list(self.output)[-count:])
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET ``path`` on the health port: (status, body)."""
 
         url = f"http://{HOST}:{self.health_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 return int(response.status), response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
 
+    async def status(self, path: str = "/readyz") -> int:
+        """The status of GET ``path`` (in a thread; a refused connection raises)."""
+        return (await asyncio.to_thread(self.get, path))[0]
+
     async def wait_ready(self, timeout: float = WAIT) -> None:
-        """Wait until /readyz answers 200."""
+        """Wait until /readyz answers 200 (a port not yet open counts as "not yet")."""
 
         async def ready() -> bool:
-            return (await asyncio.to_thread(self.get, "/readyz"))[0] == 200
+            try:
+                return await self.status() == 200
+            except OSError:
+                return False
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not await ready():
-            if loop.time() > deadline:
-                raise TimeoutError(f"{self.path.name}: /readyz not 200 within {timeout:g} s")
-            await asyncio.sleep(0.05)
+        await until(ready, timeout, f"{self.path.name}: /readyz 200", interval=0.05)
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the process's /metrics samples of ``name`` that carry ``labels``."""

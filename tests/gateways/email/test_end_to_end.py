@@ -4,36 +4,32 @@ relay sink, with every process real."""
 from __future__ import annotations
 
 import asyncio
-import os
 import smtplib
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
 
-from core.testing import DjangoWorker, Server
+from core.testing import until
 from tests.conftest import service
-from tests.gateways.email.conftest import EXAMPLES, ROOT, Example
+from tests.gateways.email.conftest import Example
 
 
-async def wait_for_rows(example: Example, count: int, timeout: float = 30) -> list[tuple[str, ...]]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        rows = await asyncio.to_thread(example.rows)
-        done = [r for r in rows if r[2] or r[3]]
-        if len(done) >= count or asyncio.get_running_loop().time() > deadline:
-            return rows
-        await asyncio.sleep(0.2)
+async def wait_for_rows(example: Example, count: int) -> list[tuple[str, ...]]:
+    """The stored mails, once ``count`` of them have their reply (or its error) recorded."""
+
+    def answered() -> list[tuple[str, ...]] | None:
+        rows = example.rows()
+        return rows if len([r for r in rows if r[2] or r[3]]) >= count else None
+
+    rows = await until(lambda: asyncio.to_thread(answered), what=f"{count} answered mails")
+    assert isinstance(rows, list)
+    return rows
 
 
 async def test_mail_in_reply_out(example: Example) -> None:
     swaks = service("swaks")
-    gateway = Server(
-        ["gateway-email", "--config", str(EXAMPLES / "email.yaml")],
-        "ready: events",
-        cwd=ROOT,
-        env={**os.environ, **example.env},
-    )
-    worker = DjangoWorker(EXAMPLES, ["support-mail"], example.env).start()
+    gateway = await asyncio.to_thread(example.project.gateway("email.yaml").start)
+    worker = example.project.worker("support-mail")
     try:
         # 1. swaks, the way an MTA would deliver it
         proc = await asyncio.create_subprocess_exec(

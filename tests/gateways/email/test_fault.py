@@ -8,14 +8,13 @@ runworker, and SMTP clients that retry 4xx answers the way an MTA does.
 from __future__ import annotations
 
 import asyncio
-import os
 from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
 
-from core.testing import DjangoWorker, RedisServer, Server
-from tests.gateways.email.conftest import EXAMPLES, ROOT, make_example
+from core.testing import ROOT, GatewayProcess, RedisServer
+from tests.gateways.email.conftest import make_example
 
 MAILS = 500
 CLIENTS = 8
@@ -24,17 +23,24 @@ CLIENTS = 8
 async def test_redis_killed_mid_stream(tmp_path: Path, durable_redis_server: RedisServer) -> None:
     redis = durable_redis_server
     example = await make_example(tmp_path, redis)
-    config = tmp_path / "fault.yaml"
-    config.write_text(
-        "gateway: email\nname: support-mail\n"
-        f"email:\n  port: {example.smtp_port}\n  accept: [support@example.com]\n"
-        "  accept_timeout: 1\n"
-        f"  relay: {{host: 127.0.0.1, port: {example.sink.port}, tls: none, retries: 10,"
-        " retry_max_delay: 2}\n"
-    )
-    env = {**os.environ, **example.env}
-    gateway = Server(["gateway-email", "--config", str(config)], "ready: events", cwd=ROOT, env=env)
-    worker = DjangoWorker(EXAMPLES, ["support-mail"], example.env).start()
+    config = {
+        "gateway": "email",
+        "name": "support-mail",
+        "email": {
+            "port": example.smtp_port,
+            "accept": ["support@example.com"],
+            "accept_timeout": 1,
+            "relay": {
+                "host": "127.0.0.1",
+                "port": example.sink.port,
+                "tls": "none",
+                "retries": 10,
+                "retry_max_delay": 2,
+            },
+        },
+    }
+    gateway = GatewayProcess.from_config(tmp_path, config, env=example.env, cwd=ROOT).start()
+    worker = example.project.worker("support-mail")
     outcomes: dict[str, list[int]] = {}
     accepted = 0
     worker_restarts = 0

@@ -105,8 +105,7 @@ async def gateway() -> AsyncIterator[EmailGateway]:
 
 
 async def receive(gateway: EmailGateway, channel: str = NAME) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(gateway.layer.receive(channel), 10)
-    return message
+    return await testing.receive(gateway.layer, channel, timeout=10)
 
 
 def metric(name: str, **labels: str) -> float:

@@ -7,16 +7,12 @@ clean them up) and checks the answer the sender gets and what consumers see.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import os
 import smtplib
 import socket
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +20,8 @@ from typing import Any
 import pytest
 
 from core.envelope import MAX_MESSAGE_BYTES
-from core.testing import RedisServer, Server, free_port
+from core.testing import ROOT, GatewayProcess, RedisServer, free_port
 from gateways.email.config import EmailConfig
-from tests.gateways.email.conftest import ROOT
 from tests.gateways.email.test_gateway import (
     HOST,
     RawSession,
@@ -232,52 +227,38 @@ async def test_long_defect_is_clipped_in_the_log(caplog: pytest.LogCaptureFixtur
     assert lines and all(len(line) < 1000 for line in lines)
 
 
-class EmailProcess:
-    """``gateway-email`` as a child process with a health port, on a real Redis."""
-
-    def __init__(
-        self, tmp_path: Path, redis: RedisServer, rlimit_nofile: int | None = None, **email: Any
-    ) -> None:
-        self.smtp_port, self.health_port = free_port(), free_port()
-        settings = {"port": self.smtp_port, "accept": ["example.com"], **email}
-        path = tmp_path / f"email-{self.smtp_port}.yaml"
-        lines = [f"  {key}: {value}" for key, value in settings.items()]
-        path.write_text(
-            "gateway: email\nname: hostile\n"
-            f"layer: {redis.url}\nhealth:\n  port: {self.health_port}\nemail:\n"
-            + "\n".join(lines).replace("'", '"')
-            + "\n"
+def email_process(
+    tmp_path: Path, redis: RedisServer, rlimit_nofile: int | None = None, **email: Any
+) -> tuple[GatewayProcess, int]:
+    """``gateway-email`` as a child process on a real Redis, started; its SMTP port."""
+    smtp_port = free_port()
+    config = {
+        "gateway": "email",
+        "name": "hostile",
+        "layer": redis.url,
+        "email": {"port": smtp_port, "accept": ["example.com"], **email},
+    }
+    prefix: list[str] = []
+    if rlimit_nofile is not None:
+        # descriptors run out in the gateway, not in the test
+        code = (
+            "import os, resource, sys; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({rlimit_nofile}, {rlimit_nofile})); "
+            "os.execvp(sys.argv[1], sys.argv[1:])"
         )
-        argv = ["gateway-email", "--config", str(path)]
-        if rlimit_nofile is not None:
-            # descriptors run out in the gateway, not in the test
-            code = (
-                "import os, resource, sys; "
-                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({rlimit_nofile}, {rlimit_nofile})); "
-                "os.execvp(sys.argv[1], sys.argv[1:])"
-            )
-            argv = [sys.executable, "-c", code, *argv]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.output: collections.deque[str] = collections.deque(maxlen=100_000)
-        self.server = Server(
-            argv, "ready: events", 30, cwd=ROOT, env=env, output=self.output, name="gateway-email"
-        )
-
-    def get(self, path: str) -> tuple[int, str]:
-        url = f"http://{HOST}:{self.health_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        prefix = [sys.executable, "-c", code]
+    process = GatewayProcess.from_config(
+        tmp_path, config, cwd=ROOT, prefix=prefix, output_lines=100_000
+    )
+    return process, smtp_port
 
 
 @pytest.fixture
-def processes() -> Iterator[list[EmailProcess]]:
-    started: list[EmailProcess] = []
+def processes() -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
     yield started
     for process in started:
-        process.server.kill()
+        process.kill()
 
 
 def smtp_session(port: int) -> int:
@@ -301,22 +282,23 @@ def send_raw_mail(port: int, data: bytes, done: threading.Event) -> tuple[int, b
 
 
 async def test_rfc2231_mail_does_not_freeze_other_sessions(
-    tmp_path: Path, redis_server: RedisServer, processes: list[EmailProcess]
+    tmp_path: Path, redis_server: RedisServer, processes: list[GatewayProcess]
 ) -> None:
-    processes.append(gateway := EmailProcess(tmp_path, redis_server))
+    gateway, smtp_port = email_process(tmp_path, redis_server)
+    processes.append(gateway.start())
     # 450,000 letters: the quadratic redaction needed some twenty minutes for this line
     hostile = rfc2231_mail(450_000)
     dot_sent = threading.Event()
     sending = asyncio.create_task(
-        asyncio.to_thread(send_raw_mail, gateway.smtp_port, hostile, dot_sent)
+        asyncio.to_thread(send_raw_mail, smtp_port, hostile, dot_sent)
     )
     await asyncio.to_thread(dot_sent.wait, 60)
     # while the gateway handles that mail, another sender and the health check are served
-    assert await asyncio.to_thread(smtp_session, gateway.smtp_port) == 250
-    assert (await asyncio.to_thread(gateway.get, "/healthz"))[0] == 200
+    assert await asyncio.to_thread(smtp_session, smtp_port) == 250
+    assert (await asyncio.to_thread(gateway.get, "/healthz", 30))[0] == 200
     code, _ = await sending
     assert code == 250
-    line = await asyncio.to_thread(gateway.server.wait_for, "MIME defects")
+    line = await asyncio.to_thread(gateway.wait_for, "MIME defects")
     assert len(line) < 1000
 
 
@@ -324,24 +306,25 @@ async def test_rfc2231_mail_does_not_freeze_other_sessions(
 
 
 async def test_descriptor_exhaustion_is_logged_once_not_per_attempt(
-    tmp_path: Path, redis_server: RedisServer, processes: list[EmailProcess]
+    tmp_path: Path, redis_server: RedisServer, processes: list[GatewayProcess]
 ) -> None:
     # the cap is above what 40 descriptors allow, so accept() itself fails with EMFILE
-    processes.append(gateway := EmailProcess(tmp_path, redis_server, 40, max_connections=1000))
+    gateway, smtp_port = email_process(tmp_path, redis_server, 40, max_connections=1000)
+    processes.append(gateway.start())
     sockets: list[socket.socket] = []
     try:
         for _ in range(80):
-            sock = socket.create_connection((HOST, gateway.smtp_port), timeout=10)
+            sock = socket.create_connection((HOST, smtp_port), timeout=10)
             sockets.append(sock)
-        await asyncio.to_thread(gateway.server.wait_for, "out of system resource", 30)
+        await asyncio.to_thread(gateway.wait_for, "out of system resource", 30)
         for _ in range(40):  # more connections knock on the full process
-            sockets.append(socket.create_connection((HOST, gateway.smtp_port), timeout=10))
+            sockets.append(socket.create_connection((HOST, smtp_port), timeout=10))
     finally:
         for sock in sockets:
             sock.close()
     # sockets closed: the gateway serves again, and its log says what happened once
-    assert await asyncio.to_thread(smtp_session, gateway.smtp_port) == 250
-    assert gateway.server.stop() == 0
+    assert await asyncio.to_thread(smtp_session, smtp_port) == 250
+    assert gateway.stop() == 0
     output = "\n".join(gateway.output)
     # CPython 3.11 logged EMFILE once per pending connection and re-armed once each: thousands
     # of lines a second; one line per kind per 10 s now (the run takes less than that)
@@ -349,16 +332,6 @@ async def test_descriptor_exhaustion_is_logged_once_not_per_attempt(
 
 
 # -- item 5: readiness comes back with Redis, without traffic ---------------------------------
-
-
-async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
-    """Poll ``predicate`` (in a thread) until it is true; bounded so a bug fails, not hangs."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await asyncio.to_thread(predicate):
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def send_mail(port: int) -> int:
@@ -372,15 +345,16 @@ def send_mail(port: int) -> int:
 
 
 async def test_readyz_recovers_when_redis_is_back_without_traffic(
-    tmp_path: Path, redis_server: RedisServer, processes: list[EmailProcess]
+    tmp_path: Path, redis_server: RedisServer, processes: list[GatewayProcess]
 ) -> None:
-    processes.append(gateway := EmailProcess(tmp_path, redis_server, accept_timeout=1))
-    await until(lambda: gateway.get("/readyz")[0] == 200, "/readyz 200")
+    gateway, smtp_port = email_process(tmp_path, redis_server, accept_timeout=1)
+    processes.append(gateway.start())
+    await gateway.wait_ready(60)
     await asyncio.to_thread(redis_server.kill)
-    assert await asyncio.to_thread(send_mail, gateway.smtp_port) == 451
+    assert await asyncio.to_thread(send_mail, smtp_port) == 451
     status, body = await asyncio.to_thread(gateway.get, "/readyz")
     assert status == 503 and "layer unreachable" in body
     await asyncio.to_thread(redis_server.start)
     # no mail, no command: only the gateway's own probe can see that Redis is back
-    await until(lambda: gateway.get("/readyz")[0] == 200, "/readyz 200 after the restart")
-    assert await asyncio.to_thread(send_mail, gateway.smtp_port) == 250
+    await gateway.wait_ready(60)
+    assert await asyncio.to_thread(send_mail, smtp_port) == 250
