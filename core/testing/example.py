@@ -88,7 +88,11 @@ class ExampleProject:
     def server(self, argv: Sequence[str], ready: str, *, name: str | None = None) -> Server:
         """Any other command (``gateways run …``) in the project's environment, from ``ROOT``."""
         return Server(
-            argv, ready, WAIT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            argv,
+            ready,
+            WAIT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             name=name,
         )
 
@@ -104,10 +108,10 @@ def example_project(
 
     ``layer`` (a layer path, e.g. a :class:`RedisServer`'s ``url``) becomes ``EXAMPLE_LAYER``,
     what the consumers use, and ``GATEWAYS_LAYER``, what ``examples/*.yaml`` use (the default
-    ``memory://`` only works with everything in one process: ``gateways run``). ``HEALTH_PORT`` is a free
-    port, ``ATTACHMENT_STORE`` a folder in ``directory``; ``env`` adds or overrides keys
-    (``SMTP_PORT``, ``MQTT_PORT``…). With ``migrate`` the database is migrated before it
-    returns (a few seconds: call it in a thread from a coroutine).
+    ``memory://`` only works with everything in one process: ``gateways run``).
+    ``HEALTH_PORT`` is a free port, ``ATTACHMENT_STORE`` a folder in ``directory``; ``env``
+    adds or overrides keys (``SMTP_PORT``, ``MQTT_PORT``…). With ``migrate`` the database is
+    migrated before it returns (a few seconds: call it in a thread from a coroutine).
     """
 
     project = ExampleProject(

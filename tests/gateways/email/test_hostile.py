@@ -289,9 +289,7 @@ async def test_rfc2231_mail_does_not_freeze_other_sessions(
     # 450,000 letters: the quadratic redaction needed some twenty minutes for this line
     hostile = rfc2231_mail(450_000)
     dot_sent = threading.Event()
-    sending = asyncio.create_task(
-        asyncio.to_thread(send_raw_mail, smtp_port, hostile, dot_sent)
-    )
+    sending = asyncio.create_task(asyncio.to_thread(send_raw_mail, smtp_port, hostile, dot_sent))
     await asyncio.to_thread(dot_sent.wait, 60)
     # while the gateway handles that mail, another sender and the health check are served
     assert await asyncio.to_thread(smtp_session, smtp_port) == 250

@@ -1,5 +1,7 @@
-"""Helpers for the MQTT gateway tests: a threaded paho test client, in-process and subprocess
-gateways, and layer round trips. The servers come from the shared fixtures in tests/conftest.py.
+"""Helpers for the MQTT gateway tests: a threaded paho test client and the sensors integration.
+
+The servers come from the shared fixtures in tests/conftest.py; running gateways (in process or
+as a child), commands and waits come from core.testing.
 """
 
 from __future__ import annotations
@@ -7,31 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import queue
-import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from paho.mqtt.client import Client, MQTTMessage, MQTTv5, MQTTv311
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from core.testing import Certs, MosquittoServer, Server, free_port
+from core import testing
+from core.testing import WAIT, Certs, MosquittoServer, run_gateway
+from core.types import ChannelLayer
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.gateway import MqttGateway
 
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ROOT / "examples"
 #: generous: the CI machine may be slow, and nothing here measures speed
-TIMEOUT = 30.0
+TIMEOUT = WAIT
 
 
 class MqttTestClient:
@@ -133,111 +129,21 @@ def gateway_config(broker: MosquittoServer | int, name: str = "sensors", **mqtt:
     return {"gateway": "mqtt", "name": name, "shutdown_grace": 5, "mqtt": section}
 
 
-async def until(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy (tests only; bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (result := predicate()):
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
-    return result
-
-
 @contextlib.asynccontextmanager
 async def running(
-    config: dict[str, Any], layer: Any, *, ready: bool = True
+    config: dict[str, Any], layer: ChannelLayer, *, ready: bool = True
 ) -> AsyncIterator[MqttGateway]:
-    """Run an in-process gateway; wait until /readyz would be green; stop it afterwards."""
+    """Run an in-process gateway (``run_gateway``), typed as MqttGateway."""
     gateway = MqttGateway(MqttGatewayConfig.model_validate(config), layer)
-    task = asyncio.create_task(gateway.run())
-    started = asyncio.create_task(gateway.started.wait())
-    await asyncio.wait({task, started}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        task.result()  # raises why it could not start
-    if ready:
-        await until(lambda: not gateway.ready_reasons(), what="gateway readiness")
-    try:
+    async with run_gateway(gateway, ready=ready):
         yield gateway
-    finally:
-        gateway.stop()
-        await asyncio.wait_for(task, TIMEOUT)
 
 
-async def receive(layer: Any, channel: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), timeout)
-    return message
-
-
-async def receive_type(layer: Any, channel: str, type_: str) -> dict[str, Any]:
-    """The next message of ``type_`` on ``channel`` (others, like mqtt.connect, are skipped)."""
-    while True:
-        message = await receive(layer, channel)
-        if message["type"] == type_:
-            return message
-
-
-async def command(layer: Any, message: dict[str, Any], channel: str = "sensors.send") -> Any:
-    """Send a command with a fresh result channel and return its ``mqtt.result``."""
-    result_channel = await layer.new_channel("test-result.")
-    await layer.send(channel, {"id": "cmd", **message, "result_channel": result_channel})
-    return await receive(layer, result_channel)
-
-
-class GatewayProcess:
-    """``python -m gateways.mqtt.cli --config FILE`` as a child process, with a health port."""
-
-    def __init__(self, path: Path, health_port: int, env: dict[str, str] | None = None) -> None:
-        self.path = path
-        self.health_port = health_port
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.server: Server | None = None
-
-    @classmethod
-    def from_config(
-        cls, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None
-    ) -> GatewayProcess:
-        """Write ``config`` (plus a health port) to a YAML file in ``tmp_path``."""
-        health_port = free_port()
-        path = tmp_path / f"{config['name']}-{health_port}.yaml"
-        path.write_text(yaml.safe_dump({**config, "health": {"port": health_port}}))
-        return cls(path, health_port, env)
-
-    def start(self) -> GatewayProcess:
-        argv = [sys.executable, "-m", "gateways.mqtt.cli", "--config", str(self.path)]
-        # "started", not "ready": a gateway facing a full layer serves before it is ready
-        self.server = Server(argv, "started: events", TIMEOUT, cwd=ROOT, env=self.env, name="gw")
-        return self
-
-    def get(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.health_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    async def wait_ready(self) -> None:
-        await until(lambda: self.get("/readyz")[0] == 200, what=f"{self.path.name} /readyz")
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The sum of the /metrics samples of ``name`` that carry ``labels`` (0 when none)."""
-        _, text = self.get("/metrics")
-        wanted = {f'{k}="{v}"' for k, v in labels.items()}
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{"):
-                key, _, value = line.rpartition(" ")
-                if wanted <= set(key[len(name) + 1 : -1].split(",")):
-                    total += float(value)
-        return total
-
-    def stop(self) -> int | None:
-        return self.server.stop() if self.server is not None else None
-
-    def kill(self) -> int | None:
-        return self.server.kill() if self.server is not None else None
+async def command(
+    layer: ChannelLayer, message: dict[str, Any], channel: str = "sensors.send"
+) -> dict[str, Any]:
+    """``core.testing.command`` on the ``sensors`` integration's command channel."""
+    return await testing.command(layer, channel, message)
 
 
 def dump(message: dict[str, Any]) -> str:

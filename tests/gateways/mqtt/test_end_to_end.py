@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -19,17 +18,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.layers import resolve_layer
-from core.testing import DjangoWorker, MosquittoServer, RedisServer, Server, free_port
-from tests.gateways.mqtt.conftest import (
+from core.testing import (
     EXAMPLES,
     ROOT,
-    TIMEOUT,
+    STARTED_LINE,
     GatewayProcess,
+    MosquittoServer,
+    RedisServer,
+    example_project,
+    receive,
+    until,
+)
+from tests.gateways.mqtt.conftest import (
+    TIMEOUT,
     MqttTestClient,
     gateway_config,
     publish_properties,
-    receive,
-    until,
 )
 
 MakeClient = Callable[..., MqttTestClient]
@@ -52,28 +56,11 @@ async def test_consumer_under_runworker_subscribes_at_run_time(
     mosquitto_server: MosquittoServer,
     mqtt_client: MakeClient,
 ) -> None:
-    db = tmp_path / "example.sqlite3"
-    env = {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": redis_server.url,
-        "GATEWAYS_LAYER": redis_server.url,
-        "EXAMPLE_DB": str(db),
-        "PYTHONPATH": str(EXAMPLES),
-        "MQTT_PORT": str(mosquitto_server.port),
-        "HEALTH_PORT": str(free_port()),
-    }
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "manage.py",
-        "migrate",
-        "--verbosity",
-        "0",
-        cwd=EXAMPLES,
-        env={**os.environ, **env},
+    project = await asyncio.to_thread(
+        example_project, tmp_path, redis_server.url, env={"MQTT_PORT": str(mosquitto_server.port)}
     )
-    assert await asyncio.wait_for(migrate.wait(), 120) == 0
-    gateway = GatewayProcess(EXAMPLES / "sensors.yaml", int(env["HEALTH_PORT"]), env).start()
-    worker = DjangoWorker(EXAMPLES, ["sensors"], env).start()
+    gateway = project.gateway("sensors.yaml", ready_line=STARTED_LINE).start()
+    worker = project.worker("sensors")
     try:
         await gateway.wait_ready()
         client = mqtt_client(mosquitto_server.port)
@@ -111,10 +98,7 @@ async def test_consumer_under_runworker_subscribes_at_run_time(
         assert alert.topic == "alerts/sensors/boiler/temperature"
 
         def rows() -> list[tuple[str, float, bool]]:
-            with sqlite3.connect(db, timeout=30) as conn:
-                return list(
-                    conn.execute("SELECT topic, value, alerted FROM sensors_reading ORDER BY id")
-                )
+            return project.rows("SELECT topic, value, alerted FROM sensors_reading ORDER BY id")
 
         expected = [
             ("lab/kitchen/temperature", 27.5, 1),
@@ -125,7 +109,7 @@ async def test_consumer_under_runworker_subscribes_at_run_time(
     finally:
         worker.stop()
         code = gateway.stop()
-    assert code == 0, gateway.server.tail() if gateway.server else ""
+    assert code == 0, gateway.tail()
     assert (await status.anext()).payload == b"offline"  # the will, published on a clean stop
 
 
@@ -134,25 +118,8 @@ async def test_embedded_in_one_process_on_the_memory_layer(
 ) -> None:
     """``gateways run sensors.yaml`` with the Django settings: gateway and consumers in one
     process, no Redis; the worker listens on every channel the integration delivers to."""
-    env = {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": "memory://",
-        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
-        "PYTHONPATH": str(EXAMPLES),
-        "MQTT_PORT": str(mosquitto_server.port),
-        "MQTT_CLIENT_ID": "embedded-sensors",
-        "HEALTH_PORT": str(free_port()),
-    }
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "manage.py",
-        "migrate",
-        "--verbosity",
-        "0",
-        cwd=EXAMPLES,
-        env={**os.environ, **env},
-    )
-    assert await asyncio.wait_for(migrate.wait(), 120) == 0
+    env = {"MQTT_PORT": str(mosquitto_server.port), "MQTT_CLIENT_ID": "embedded-sensors"}
+    project = await asyncio.to_thread(example_project, tmp_path, env=env)
     argv = [
         sys.executable,
         "-m",
@@ -162,18 +129,11 @@ async def test_embedded_in_one_process_on_the_memory_layer(
         "--layer",
         "memory://",
     ]
-    server = Server(
-        argv,
-        "running consumers on sensors",
-        TIMEOUT,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        name="gateways-run",
-    )
+    server = project.server(argv, "running consumers on sensors", name="gateways-run")
     try:
         client = mqtt_client(mosquitto_server.port)
         client.subscribe("alerts/#")
-        health = GatewayProcess(EXAMPLES / "sensors.yaml", int(env["HEALTH_PORT"]))
+        health = project.gateway("sensors.yaml")  # not started: its /readyz is the one above
         await health.wait_ready()  # connected and subscribed
         client.publish("sensors/boiler/temperature", b"99")
         alert = await client.anext()
@@ -197,7 +157,10 @@ async def test_shared_subscription_across_two_processes(
         ),
         "layer": url,
     }
-    replicas = [GatewayProcess.from_config(tmp_path, config).start() for _ in range(2)]
+    replicas = [
+        GatewayProcess.from_config(tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE).start()
+        for _ in range(2)
+    ]
     layer = resolve_layer(url)
     try:
         for replica in replicas:

@@ -17,13 +17,11 @@ from typing import Any
 
 from core.layers import resolve_layer
 from core.service import LAYER_ERRORS
-from core.testing import MosquittoServer, RedisServer
+from core.testing import ROOT, STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, until
 from tests.gateways.mqtt.conftest import (
     TIMEOUT,
-    GatewayProcess,
     MqttTestClient,
     gateway_config,
-    until,
 )
 
 Start = Callable[[MosquittoServer], MosquittoServer]
@@ -75,7 +73,9 @@ async def test_broker_killed_mid_stream_loses_no_qos1_message(
         ),
         "layer": url,
     }
-    gateway = GatewayProcess.from_config(tmp_path, config).start()
+    gateway = GatewayProcess.from_config(
+        tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE
+    ).start()
     layer = resolve_layer(url)
     seen = Seen()
     try:
@@ -110,7 +110,9 @@ async def test_redis_killed_mid_stream_loses_no_qos1_message(
         **gateway_config(broker, name="seq", subscriptions=[{"topic": "seq/#", "qos": 1}]),
         "layer": url,
     }
-    gateway = GatewayProcess.from_config(tmp_path, config).start()
+    gateway = GatewayProcess.from_config(
+        tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE
+    ).start()
     seen = Seen()
     try:
         await gateway.wait_ready()
@@ -155,8 +157,8 @@ async def test_gateway_killed_mid_stream_loses_no_qos1_message(
         ),
         "layer": url,
     }
-    first = GatewayProcess.from_config(tmp_path, config).start()
-    second = GatewayProcess.from_config(tmp_path, config)
+    first = GatewayProcess.from_config(tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE).start()
+    second = GatewayProcess.from_config(tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE)
     layer = resolve_layer(url)
     seen = Seen()
     try:

@@ -15,26 +15,18 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.layers import resolve_layer
-from core.metrics import REGISTRY
 from core.service import StartupError
-from core.testing import MosquittoServer, RedisServer, make_certs
+from core.testing import MosquittoServer, RedisServer, make_certs, metric, receive, until
 from tests.conftest import MQTT_USER, missing
 from tests.gateways.mqtt.conftest import (
     MqttTestClient,
     command,
     gateway_config,
     publish_properties,
-    receive,
-    receive_type,
     running,
-    until,
 )
 
 MakeClient = Callable[..., MqttTestClient]
-
-
-def metric(name: str, gateway: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, {"gateway": gateway, **labels}) or 0.0
 
 
 @pytest.fixture
@@ -57,13 +49,13 @@ async def test_messages_in_and_out(
     layer = InMemoryChannelLayer()
     config = gateway_config(mosquitto_server, subscriptions=[{"topic": "sensors/#", "qos": 2}])
     async with running(config, layer) as gateway:
-        connect = await receive_type(layer, "sensors", "mqtt.connect")
+        connect = await receive(layer, "sensors", "mqtt.connect")
         assert connect["broker"] == f"127.0.0.1:{mosquitto_server.port}"
         assert connect["client_id"] == gateway.client_id and connect["session_present"] is False
         client = mqtt_client(mosquitto_server.port)
         for qos in (0, 1, 2):
             client.publish("sensors/boiler/temp", f"21.{qos}", qos=qos)
-            message = await receive_type(layer, "sensors", "mqtt.message")
+            message = await receive(layer, "sensors", "mqtt.message")
             event_id, received = message.pop("id"), message.pop("time")
             assert isinstance(event_id, str) and len(event_id) == 32
             assert isinstance(received, float)
@@ -86,7 +78,7 @@ async def test_messages_in_and_out(
             layer, {"type": "mqtt.publish", "topic": "out/a", "payload": "hello", "qos": 1}
         )
         assert result["ok"] and result["error"] is None
-        assert (result["type"], result["id"], result["topic"]) == ("mqtt.result", "cmd", "out/a")
+        assert (result["type"], result["id"], result["topic"]) == ("mqtt.result", "test", "out/a")
         got = await client.anext()
         assert (got.topic, got.payload, got.qos, got.retain) == ("out/a", b"hello", 1, False)
         # no result channel: carried out all the same
@@ -102,7 +94,7 @@ async def test_retained_messages(
     layer = InMemoryChannelLayer()
     config = gateway_config(mosquitto_server, subscriptions=[{"topic": "status/#"}])
     async with running(config, layer):
-        message = await receive_type(layer, "sensors", "mqtt.message")
+        message = await receive(layer, "sensors", "mqtt.message")
         assert (message["topic"], message["payload"], message["retain"]) == (
             "status/boiler",
             b"on",
@@ -143,7 +135,7 @@ async def test_mqtt5_properties(mosquitto_server: MosquittoServer, mqtt_client: 
             PayloadFormatIndicator=1,
         )
         client.publish("req/order", b'{"item": "tea", "n": 2}', properties=props)
-        message = await receive_type(layer, "sensors", "mqtt.message")
+        message = await receive(layer, "sensors", "mqtt.message")
         properties = message["properties"]
         assert 0 < properties.pop("message_expiry") <= 120
         assert properties == {
@@ -208,7 +200,7 @@ async def test_binary_and_malformed_payloads(
     async with running(config, layer):
         for topic, payload, value, format_, error in cases:
             client.publish(topic, payload)
-            message = await receive_type(layer, "sensors", "mqtt.message")
+            message = await receive(layer, "sensors", "mqtt.message")
             assert message["topic"] == topic
             assert (message["payload"], message["format"]) == (value, format_)
             if error is None:
@@ -251,7 +243,9 @@ async def test_invalid_and_unknown_commands(
         result = await command(layer, {"type": "mqtt.publish", "topic": "after/x", "qos": 1})
         assert result["ok"]
         assert (await client.anext()).topic == "after/x"
-        assert metric("gateway_commands_total", "sensors", type="mqtt.publish", outcome="failed")
+        assert metric(
+            "gateway_commands_total", gateway="sensors", type="mqtt.publish", outcome="failed"
+        )
         assert gateway.ready_reasons() == []
 
 
@@ -296,7 +290,7 @@ async def test_runtime_subscriptions(
         # topic is in, the unsubscribed one would already be too
         client.publish("rt/c", b"gone")
         client.publish("static/x", b"still here")
-        assert (await receive_type(layer, "sensors", "mqtt.message"))["topic"] == "static/x"
+        assert (await receive(layer, "sensors", "mqtt.message"))["topic"] == "static/x"
         for channel in ("rt-one", "rt-two"):
             with pytest.raises(TimeoutError):
                 await receive(layer, channel, timeout=0.2)
@@ -363,20 +357,20 @@ async def test_reconnect_restores_every_subscription(
     layer = InMemoryChannelLayer()
     config = gateway_config(mosquitto_server, subscriptions=[{"topic": "static/#"}])
     async with running(config, layer) as gateway:
-        await receive_type(layer, "sensors", "mqtt.connect")
+        await receive(layer, "sensors", "mqtt.connect")
         result = await command(layer, {"type": "mqtt.subscribe", "topic": "rt/#", "channel": "rt"})
         assert result["ok"]
         # a broker without persistence forgets every session: the gateway must resubscribe
         await asyncio.to_thread(mosquitto_server.restart)
-        lost = await receive_type(layer, "sensors", "mqtt.disconnect")
+        lost = await receive(layer, "sensors", "mqtt.disconnect")
         assert lost["reason"] and lost["broker"] == f"127.0.0.1:{mosquitto_server.port}"
-        back = await receive_type(layer, "sensors", "mqtt.connect")
+        back = await receive(layer, "sensors", "mqtt.connect")
         assert back["session_present"] is False
         await until(lambda: not gateway.ready_reasons(), what="readiness after the restart")
         client = mqtt_client(mosquitto_server.port)
         client.publish("static/a", b"1")
         client.publish("rt/b", b"2")
-        assert (await receive_type(layer, "sensors", "mqtt.message"))["topic"] == "static/a"
+        assert (await receive(layer, "sensors", "mqtt.message"))["topic"] == "static/a"
         assert (await receive(layer, "rt"))["topic"] == "rt/b"
 
 
@@ -395,7 +389,7 @@ async def test_tls(
     async with running(config, layer):
         client = mqtt_client(broker.tls_port, certs=broker.certs)
         client.publish("secure/a", b"over TLS")
-        assert (await receive_type(layer, "sensors", "mqtt.message"))["payload"] == b"over TLS"
+        assert (await receive(layer, "sensors", "mqtt.message"))["payload"] == b"over TLS"
         client.subscribe("secure/out")
         assert (await command(layer, {"type": "mqtt.publish", "topic": "secure/out"}))["ok"]
         assert (await client.anext()).topic == "secure/out"
@@ -440,7 +434,7 @@ async def test_websockets(
     )
     async with running(config, layer):
         mqtt_client(broker.port).publish("ws/a", b"through a WebSocket")
-        message = await receive_type(layer, "sensors", "mqtt.message")
+        message = await receive(layer, "sensors", "mqtt.message")
         assert message["payload"] == b"through a WebSocket"
 
 
@@ -452,7 +446,7 @@ async def test_mqtt311(mosquitto_server: MosquittoServer, mqtt_client: MakeClien
     async with running(config, layer):
         client = mqtt_client(mosquitto_server.port, protocol=4)
         client.publish("old/a", b"3.1.1")
-        message = await receive_type(layer, "sensors", "mqtt.message")
+        message = await receive(layer, "sensors", "mqtt.message")
         assert (message["payload"], message["properties"]) == (b"3.1.1", {})
         result = await command(
             layer,
@@ -486,9 +480,9 @@ async def test_messages_over_max_payload_never_reach_the_layer(
         client.publish("big/a", b"x" * 500)
         client.publish("big/b", b"small")
         # MQTT 5: the broker never sends it (Maximum Packet Size); 3.1.1: dropped and counted
-        assert (await receive_type(layer, name, "mqtt.message"))["topic"] == "big/b"
+        assert (await receive(layer, name, "mqtt.message"))["topic"] == "big/b"
     if protocol == "3.1.1":
-        assert metric("gateway_dropped_total", name, reason="too_large") == 1
+        assert metric("gateway_dropped_total", gateway=name, reason="too_large") == 1
 
 
 async def test_full_layer_withholds_acks_and_loses_nothing(
@@ -505,7 +499,7 @@ async def test_full_layer_withholds_acks_and_loses_nothing(
         client = mqtt_client(mosquitto_server.port)
         for n in range(40):
             client.publish(f"p/{n}", str(n), qos=1)
-        await until(lambda: metric("gateway_backpressure_waits_total", "pressure") > 0)
+        await until(lambda: metric("gateway_backpressure_waits_total", gateway="pressure") > 0)
         payloads = []
         while len(payloads) < 40:
             message = await receive(layer, "pressure")

@@ -11,14 +11,12 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.layers import resolve_layer
-from core.testing import MosquittoServer, RedisServer
+from core.testing import ROOT, STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, receive
 from gateways.mqtt.translate import InvalidCommand, parse_publish, parse_subscribe
 from tests.gateways.mqtt.conftest import (
-    GatewayProcess,
     MqttTestClient,
     command,
     gateway_config,
-    receive_type,
     running,
 )
 
@@ -106,7 +104,9 @@ async def test_long_topics_over_max_payload_do_not_stall_the_gateway(
         ),
         "layer": redis_server.url,
     }
-    gateway = GatewayProcess.from_config(tmp_path, config).start()
+    gateway = GatewayProcess.from_config(
+        tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE
+    ).start()
     layer = resolve_layer(redis_server.url)
     try:
         await gateway.wait_ready()
@@ -116,7 +116,7 @@ async def test_long_topics_over_max_payload_do_not_stall_the_gateway(
             lambda: [client.publish(topic, b"x" * 200, qos=1) for topic in long_topics(20)]
         )
         await asyncio.to_thread(client.publish, "ok/after", b"fine", 1)
-        message = await receive_type(layer, "hostile", "mqtt.message")
+        message = await receive(layer, "hostile", "mqtt.message")
         assert message["topic"] == "ok/after"
         assert (await asyncio.to_thread(gateway.get, "/healthz"))[0] == 200
         assert gateway.server is not None
