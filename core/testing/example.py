@@ -74,16 +74,23 @@ class ExampleProject:
         """``manage.py runworker CHANNEL…`` in the project, started (it has no ready line)."""
         return DjangoWorker(EXAMPLES, channels, self.env).start()
 
-    def gateway(self, config: str, **options: Any) -> GatewayProcess:
+    def gateway(
+        self, config: str, *, env: Mapping[str, str] | None = None, **options: Any
+    ) -> GatewayProcess:
         """A :class:`GatewayProcess` on ``examples/<config>`` (not started yet).
 
         The example files read ``GATEWAYS_LAYER``, ``HEALTH_PORT`` and their ports from the
-        environment; ``options`` go to :class:`GatewayProcess` (``ready_line``, ``extra_args``).
+        environment: :attr:`env`, with ``env`` over it (a second gateway needs its own
+        ``HEALTH_PORT``). ``options`` go to :class:`GatewayProcess` (``ready_line``,
+        ``extra_args``); the working directory is the checkout.
         """
         path = EXAMPLES / config
         proto = str(yaml.safe_load(path.read_text())["gateway"])
+        merged = {**self.env, **(env or {})}
         options.setdefault("cwd", ROOT)
-        return GatewayProcess(path, self.health_port, gateway=proto, env=self.env, **options)
+        return GatewayProcess(
+            path, int(merged["HEALTH_PORT"]), gateway=proto, env=merged, **options
+        )
 
     def server(self, argv: Sequence[str], ready: str, *, name: str | None = None) -> Server:
         """Any other command (``gateways run …``) in the project's environment, from ``ROOT``."""

@@ -54,6 +54,7 @@ async def receive(
     layer: ChannelLayer,
     channel: str,
     type_: str | None = None,
+    /,
     *,
     timeout: float = WAIT,
     **keys: object,
@@ -61,7 +62,9 @@ async def receive(
     """The next message on ``channel``; with ``type_`` / ``keys``, the next one that matches.
 
     Messages that do not match (``mqtt.connect`` before the ``mqtt.message`` a test waits for)
-    are skipped. ``timeout`` bounds the whole wait.
+    are skipped. ``timeout`` bounds the whole wait. The first three are positional-only, so
+    a message key may be called ``channel`` (``receive(layer, "ops", "irc.joined",
+    channel="#ops")``).
     """
 
     async def matching() -> Message:
@@ -217,6 +220,11 @@ class GatewayProcess:
     @property
     def alive(self) -> bool:
         return self.server is not None and self.server.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The PID of the current process, None before the first start."""
+        return self.server.pid if self.server is not None else None
 
     def start(self, timeout: float = WAIT) -> GatewayProcess:
         self.server = Server(

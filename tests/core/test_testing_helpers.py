@@ -16,8 +16,10 @@ from core.testing import (
     ManualClock,
     RedisServer,
     command,
+    example_project,
     metric,
     metric_from_text,
+    receive,
     run_gateway,
     until,
 )
@@ -71,6 +73,42 @@ async def test_until_names_what_it_waited_for() -> None:
     assert await until(lambda: 42) == 42
     with pytest.raises(TimeoutError, match="the impossible"):
         await until(lambda: False, timeout=0.05, what="the impossible")
+
+
+async def test_until_awaits_what_the_predicate_returns() -> None:
+    calls: list[int] = []
+
+    def blocking_probe() -> int | None:
+        calls.append(1)
+        return len(calls) if len(calls) >= 3 else None
+
+    assert await until(lambda: asyncio.to_thread(blocking_probe)) == 3
+
+
+async def test_receive_skips_what_does_not_match() -> None:
+    layer = InMemoryChannelLayer()
+    for message in (
+        {"type": "irc.joined", "channel": "#a"},
+        {"type": "irc.message", "channel": "#ops"},
+        {"type": "irc.joined", "channel": "#ops"},
+    ):
+        await layer.send("ops", message)
+    # "channel" is a message key here, not the layer channel (positional-only parameters)
+    joined = await receive(layer, "ops", "irc.joined", channel="#ops")
+    assert joined == {"type": "irc.joined", "channel": "#ops"}
+    with pytest.raises(TimeoutError):
+        await receive(layer, "ops", timeout=0.05)
+
+
+def test_example_project_is_migrated_in_its_directory(tmp_path: Path) -> None:
+    project = example_project(tmp_path, env={"SMTP_PORT": "2999"})
+    assert project.db == tmp_path / "example.sqlite3" and project.db.is_file()
+    assert project.rows("SELECT count(*) FROM mail_mail") == [(0,)]
+    assert project.env["EXAMPLE_LAYER"] == project.env["GATEWAYS_LAYER"] == "memory://"
+    assert project.env["SMTP_PORT"] == "2999" and project.health_port > 0
+    gateway = project.gateway("email.yaml", env={"HEALTH_PORT": "1234"})
+    assert gateway.module == "gateways.email.cli" and gateway.health_port == 1234
+    assert gateway.env["EXAMPLE_DB"] == str(project.db)
 
 
 def test_metric_from_text() -> None:

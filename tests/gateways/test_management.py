@@ -11,21 +11,19 @@ from pathlib import Path
 
 from core.layers import resolve_layer
 from core.service import send_command
-from core.testing import RedisServer, Server, free_port
+from core.testing import EXAMPLES, ExampleProject, RedisServer, Server, example_project, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
+
+def example(redis: RedisServer, tmp_path: Path) -> ExampleProject:
+    """The example project on ``redis``, not migrated, its gateways on the project's layer."""
+    env = {"SMTP_PORT": str(free_port()), "RELAY_PORT": str(free_port())}
+    project = example_project(tmp_path, redis.url, migrate=False, env=env)
+    del project.env["GATEWAYS_LAYER"]  # what is tested: the layer comes from CHANNEL_LAYERS
+    return project
 
 
 def example_env(redis: RedisServer, tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "EXAMPLE_LAYER": redis.url,
-        "EXAMPLE_DB": str(tmp_path / "db.sqlite3"),
-        "SMTP_PORT": str(free_port()),
-        "RELAY_PORT": str(free_port()),
-        "ATTACHMENT_STORE": str(tmp_path / "store"),
-    }
+    return {**os.environ, **example(redis, tmp_path).env}
 
 
 def test_rungateway_check_config(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -71,11 +69,9 @@ async def test_rungateway_uses_the_project_layer(redis_server: RedisServer, tmp_
 
 async def test_runworker_is_the_hardened_worker(redis_server: RedisServer, tmp_path: Path) -> None:
     """With "gateways" before "channels", runworker survives a Redis restart and drains."""
-    env = example_env(redis_server, tmp_path)
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable, "manage.py", "migrate", "-v0", cwd=EXAMPLES, env=env
-    )
-    assert await migrate.wait() == 0
+    project = example(redis_server, tmp_path)
+    await asyncio.to_thread(project.migrate)
+    env = {**os.environ, **project.env}
     worker = await asyncio.to_thread(
         Server,
         [sys.executable, "manage.py", "runworker", "support-mail"],

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from core.testing import DjangoWorker, RedisServer, Server, free_port
+from core.testing import (
+    DjangoWorker,
+    ExampleProject,
+    GatewayProcess,
+    RedisServer,
+    example_project,
+    free_port,
+)
 from tests.conftest import service
 
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ROOT / "examples"
 SECRET = "test-webhook-secret"
 
 
@@ -23,12 +27,14 @@ class Web:
     """A running gateway-http-ws (examples/web.yaml) with its worker, on ``redis``."""
 
     redis: RedisServer
-    env: dict[str, str]
+    project: ExampleProject
     port: int
-    health_port: int
-    gateway: Server | None = None
+    gateway: GatewayProcess | None = None
     worker: DjangoWorker | None = None
-    extra: list[object] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.project.env
 
     @property
     def http(self) -> str:
@@ -38,24 +44,13 @@ class Web:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start_gateway(self) -> Server:
-        self.gateway = Server(
-            [
-                "gateway-http-ws",
-                "--config",
-                str(EXAMPLES / "web.yaml"),
-                "--app",
-                "example.asgi:application",
-            ],
-            "ready: events",
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-            name="gateway-http-ws",
-        )
+    def start_gateway(self) -> GatewayProcess:
+        app = ["--app", "example.asgi:application"]
+        self.gateway = self.project.gateway("web.yaml", extra_args=app).start()
         return self.gateway
 
     def start_worker(self, *channels: str) -> DjangoWorker:
-        self.worker = DjangoWorker(EXAMPLES, list(channels or ("live", "echo")), self.env).start()
+        self.worker = self.project.worker(*(channels or ("live", "echo")))
         return self.worker
 
     def stop(self) -> None:
@@ -65,27 +60,15 @@ class Web:
             self.gateway.stop()
 
 
-def web_env(redis: RedisServer, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": redis.url,
-        "GATEWAYS_LAYER": redis.url,
-        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
-        "ATTACHMENT_STORE": str(tmp_path / "attachments"),
-        "PYTHONPATH": str(EXAMPLES),
-        "WEBHOOK_SECRET": SECRET,
-        **extra,
-    }
-
-
 @pytest.fixture
 def web_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator[type[Web]]:
     started: list[Web] = []
 
     def make(**extra: str) -> Web:
-        port, health = free_port(), free_port()
-        env = web_env(redis_server, tmp_path, WEB_PORT=str(port), HEALTH_PORT=str(health), **extra)
-        web = Web(redis_server, env, port, health)
+        port = free_port()
+        env = {"WEBHOOK_SECRET": SECRET, "WEB_PORT": str(port), **extra}
+        project = example_project(tmp_path, redis_server.url, migrate=False, env=env)
+        web = Web(redis_server, project, port)
         started.append(web)
         return web
 
@@ -94,22 +77,9 @@ def web_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator[type[Web]
         web.stop()
 
 
-def migrate(env: dict[str, str]) -> None:
-    import subprocess
-    import sys
-
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
-        cwd=EXAMPLES,
-        env={**os.environ, **env},
-        check=True,
-        timeout=120,
-    )
-
-
 async def start(web: Web) -> Web:
     """Start the worker and the gateway; return once an HTTP round trip through both works."""
-    await asyncio.to_thread(migrate, web.env)
+    await asyncio.to_thread(web.project.migrate)
     web.start_worker()
     await asyncio.to_thread(web.start_gateway)
     import httpx

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -15,8 +14,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from core.testing import Server, free_port
-from tests.gateways.http_ws.conftest import EXAMPLES, ROOT, SECRET, Web, migrate
+from core.testing import EXAMPLES, example_project, free_port
+from tests.gateways.http_ws.conftest import SECRET, Web
 
 
 async def test_connect_accept_echo_close(web: Web) -> None:
@@ -158,29 +157,18 @@ async def test_one_process_on_memory_layer(tmp_path: Path) -> None:
     """`gateways run web.yaml --app …` on memory://: the page, the echo consumer over the
     in-process layer and the Django view, in one process with no Redis."""
     port = free_port()
-    env = {
-        **os.environ,
-        **web_env_without_redis(tmp_path),
-        "WEB_PORT": str(port),
-        "HEALTH_PORT": "0",
-    }
-    await asyncio.to_thread(migrate, env)
-    server = await asyncio.to_thread(
-        Server,
-        [
-            "gateways",
-            "run",
-            str(EXAMPLES / "web.yaml"),
-            "--app",
-            "example.asgi:application",
-            "--layer",
-            "memory://",
-        ],
-        "ready: events",
-        cwd=ROOT,
-        env=env,
-        name="gateways run",
-    )
+    env = {"WEB_PORT": str(port), "HEALTH_PORT": "0"}
+    project = await asyncio.to_thread(example_project, tmp_path, env=env)
+    argv = [
+        "gateways",
+        "run",
+        str(EXAMPLES / "web.yaml"),
+        "--app",
+        "example.asgi:application",
+        "--layer",
+        "memory://",
+    ]
+    server = await asyncio.to_thread(project.server, argv, "ready: events", name="gateways run")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             page = await client.get("/")
@@ -191,12 +179,3 @@ async def test_one_process_on_memory_layer(tmp_path: Path) -> None:
             assert await ws.recv() == "in one process"
     finally:
         assert await asyncio.to_thread(server.stop) == 0, server.tail()
-
-
-def web_env_without_redis(tmp_path: Path) -> dict[str, str]:
-    return {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": "memory://",
-        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
-        "PYTHONPATH": str(EXAMPLES),
-    }

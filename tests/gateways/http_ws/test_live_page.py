@@ -5,7 +5,6 @@ other's lines. Every process is real: gateway-http-ws, gateway-email, Redis, run
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import smtplib
 from collections.abc import Iterator
@@ -14,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from core.testing import Server, SmtpSink, free_port
+from core.testing import SmtpSink, free_port
 from tests.conftest import missing
-from tests.gateways.http_ws.conftest import EXAMPLES, ROOT, Web, start
+from tests.gateways.http_ws.conftest import Web, start
 
 WAIT = 30
 
@@ -91,13 +90,9 @@ async def test_mail_and_chat_reach_every_tab(web_factory: type[Web], browser: An
         assert web.worker is not None
         web.worker.stop()
         web.start_worker("live", "echo", "support-mail")
-        email = await asyncio.to_thread(
-            Server,
-            ["gateway-email", "--config", str(EXAMPLES / "email.yaml")],
-            "ready: events",
-            cwd=ROOT,
-            env={**os.environ, **web.env, "HEALTH_PORT": "0"},
-        )
+        # its own health port: HEALTH_PORT is gateway-http-ws's
+        email = web.project.gateway("email.yaml", env={"HEALTH_PORT": str(free_port())})
+        await asyncio.to_thread(email.start)
         first = await asyncio.to_thread(open_tab, browser, f"{web.http}/", False)
         second = await asyncio.to_thread(open_tab, browser, f"{web.http}/", True)
 

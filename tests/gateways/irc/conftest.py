@@ -10,7 +10,7 @@ from typing import Any
 
 from channels.layers import InMemoryChannelLayer
 
-from core.testing import WAIT, run_gateway
+from core.testing import WAIT, receive, run_gateway
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.gateway import IrcGateway
 
@@ -87,7 +87,4 @@ async def running(config: dict[str, Any]) -> AsyncIterator[tuple[IrcGateway, Any
 
 async def next_event(layer: Any, type_: str, on: str = "ops", **keys: Any) -> dict[str, Any]:
     """The next event of ``type_`` (with ``keys``) on layer channel ``on``; others skipped."""
-    while True:
-        message: dict[str, Any] = await asyncio.wait_for(layer.receive(on), WAIT)
-        if message["type"] == type_ and all(message.get(k) == v for k, v in keys.items()):
-            return message
+    return await receive(layer, on, type_, **keys)

@@ -4,59 +4,27 @@ ticket bot, reading the database) → irc.send → ngircd → the person. Every 
 from __future__ import annotations
 
 import asyncio
-import os
-import sqlite3
-import sys
-from pathlib import Path
 
 import pytest
 
-from core.testing import DjangoWorker, NgircdServer, RedisServer, Server
+from core.testing import ExampleProject, NgircdServer
 from tests.gateways.irc.conftest import Peer
-
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ROOT / "examples"
 
 pytestmark = pytest.mark.timeout(180)
 
 
 async def test_ticket_question_answered_from_the_database(
-    tmp_path: Path, redis_server: RedisServer, ngircd_server: NgircdServer
+    project: ExampleProject, ngircd_server: NgircdServer
 ) -> None:
-    env = {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": redis_server.url,
-        "GATEWAYS_LAYER": redis_server.url,
-        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
-        "IRC_PORT": str(ngircd_server.port),
-        "PYTHONPATH": str(EXAMPLES),
-    }
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "manage.py",
-        "migrate",
-        "--verbosity",
-        "0",
-        cwd=EXAMPLES,
-        env={**os.environ, **env},
+    project.env["IRC_PORT"] = str(ngircd_server.port)
+    project.execute(
+        "INSERT INTO mail_mail (id, event_id, message_id, mail_from, subject, text, "
+        "attachment_count, received_at, reply_message_id, reply_error) VALUES "
+        "(42, 'e42', '<m42@x>', 'carol@example.org', 'Printer on fire', '', 0, "
+        "'2026-01-01 00:00:00', '', '')"
     )
-    assert await asyncio.wait_for(migrate.wait(), 120) == 0
-    with sqlite3.connect(tmp_path / "example.sqlite3") as db:
-        db.execute(
-            "INSERT INTO mail_mail (id, event_id, message_id, mail_from, subject, text, "
-            "attachment_count, received_at, reply_message_id, reply_error) VALUES "
-            "(42, 'e42', '<m42@x>', 'carol@example.org', 'Printer on fire', '', 0, "
-            "'2026-01-01 00:00:00', '', '')"
-        )
-    gateway = await asyncio.to_thread(
-        Server,
-        ["gateway-irc", "--config", str(EXAMPLES / "irc.yaml")],
-        "ready: events",
-        cwd=ROOT,
-        env={**os.environ, **env},
-        name="gateway-irc",
-    )
-    worker = DjangoWorker(EXAMPLES, ["ops-irc"], env).start()
+    gateway = await asyncio.to_thread(project.gateway("irc.yaml").start)
+    worker = project.worker("ops-irc")
     alice = await Peer.connect(ngircd_server.port, "alice", "#support")
     try:
         if not any("ticketbot" in line for line in alice.lines):  # in NAMES, or joins later
