@@ -26,9 +26,8 @@ from core.client import (
     ReconnectingClient,
 )
 from core.config import GatewayConfig
-from core.metrics import REGISTRY
 from core.service import Backoff, EventBuffer, Gateway, StartupError
-from core.testing import free_port
+from core.testing import free_port, metric
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -168,10 +167,6 @@ class LineClient(ReconnectingClient):
             self.writer.transport.abort()
 
 
-def metric(name: str, gateway: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, {"gateway": gateway, **labels}) or 0.0
-
-
 @pytest.fixture
 async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[LineGateway]:
     gw = LineGateway("line-" + re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name)[:80])
@@ -205,7 +200,7 @@ async def test_bad_credentials_on_the_first_attempt_stop_the_start(
     with pytest.raises(StartupError, match="refused our password"):
         await client.start()
     assert client.state is ClientState.CLOSED
-    assert metric("gateway_retries_total", gateway.name, kind="connect") == 0
+    assert metric("gateway_retries_total", gateway=gateway.name, kind="connect") == 0
     assert servers[0].writers == set()  # the refused attempt's socket was closed
 
 
@@ -223,11 +218,11 @@ async def test_a_server_that_is_down_is_retried_until_it_is_up(
         assert event["type"] == "line.connect"
         assert event["server"] == f"127.0.0.1:{port}" and event["user"] == "bot"
         assert client.readiness() == [] and client.last_error is None
-        assert metric("gateway_transport_connected", gateway.name) == 1
-        assert metric("gateway_retries_total", gateway.name, kind="connect") >= 1
+        assert metric("gateway_transport_connected", gateway=gateway.name) == 1
+        assert metric("gateway_retries_total", gateway=gateway.name, kind="connect") >= 1
     assert gateway.heard[0] == "connected {'user': 'bot'}"
     assert gateway.heard[-1] == "disconnected gateway stopped"
-    assert metric("gateway_transport_connected", gateway.name) == 0
+    assert metric("gateway_transport_connected", gateway=gateway.name) == 0
 
 
 async def test_a_lost_connection_is_reported_and_restored(
@@ -241,7 +236,7 @@ async def test_a_lost_connection_is_reported_and_restored(
         lost = await gateway.next_event()
         assert lost["type"] == "line.disconnect"
         assert lost["reason"] == "the server closed the connection"
-        assert metric("gateway_transport_connected", gateway.name) == 0
+        assert metric("gateway_transport_connected", gateway=gateway.name) == 0
         assert client.readiness() != []
         await server.start()
         assert (await gateway.next_event())["type"] == "line.connect"

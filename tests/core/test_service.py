@@ -18,7 +18,7 @@ from core.health import HealthServer
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
 from core.service import Backoff, EventBuffer, EventRefused, Gateway, handles
-from core.testing import RedisServer
+from core.testing import RedisServer, metric, until
 
 
 class EchoConfig(GatewayConfig):
@@ -61,10 +61,6 @@ class EchoGateway(Gateway[EchoConfig]):
         self.helped += 1
 
 
-def metric(name: str, gateway: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, {"gateway": gateway, **labels}) or 0.0
-
-
 @pytest.fixture
 async def echo(request: pytest.FixtureRequest) -> AsyncIterator[EchoGateway]:
     name = "echo-" + re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name)[:80]
@@ -87,7 +83,7 @@ async def test_commands_and_results(echo: EchoGateway) -> None:
     result = await command(echo, {"type": "echo.say", "id": "1", "text": "hello"})
     assert result == {"type": "echo.result", "id": "1", "ok": True, "error": None, "length": 5}
     assert echo.sent == ["hello"]
-    assert metric("gateway_commands_total", echo.name, type="echo.say", outcome="ok") == 1
+    assert metric("gateway_commands_total", gateway=echo.name, type="echo.say", outcome="ok") == 1
 
 
 @pytest.mark.parametrize(
@@ -124,7 +120,8 @@ async def test_unknown_command_types_share_one_metric_label(echo: EchoGateway) -
     for i in range(5):
         await command(echo, {"type": f"echo.random{i}", "id": i})
     await command(echo, {"id": "no type"})
-    assert metric("gateway_commands_total", echo.name, type="unknown", outcome="invalid") == 6
+    unknown = metric("gateway_commands_total", gateway=echo.name, type="unknown", outcome="invalid")
+    assert unknown == 6
     names = {
         s.labels.get("type")
         for m in REGISTRY.collect()
@@ -198,8 +195,8 @@ async def test_publish_gives_up_when_layer_stays_full(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING, "gateway.echo"):
         assert not await gateway.publish(gateway.event("b"), timeout=0.3)
     assert "layer refuses echo.b" in caplog.text
-    assert metric("gateway_pushback_total", "full-layer") == 1
-    assert metric("gateway_backpressure_waits_total", "full-layer") == 1
+    assert metric("gateway_pushback_total", gateway="full-layer") == 1
+    assert metric("gateway_backpressure_waits_total", gateway="full-layer") == 1
     # a full layer is not an unreachable one
     assert gateway.ready_reasons() == ["full-layer: starting"]
 
@@ -226,9 +223,8 @@ async def test_event_buffer_bounded_counted_and_ordered(caplog: pytest.LogCaptur
         accepted += [buffer.put(gateway.event("n", n=6))]
         await asyncio.sleep(1.2)
     assert accepted.count(False) >= 2
-    assert metric("gateway_dropped_total", "buffered", reason="buffer_full") == accepted.count(
-        False
-    )
+    dropped = metric("gateway_dropped_total", gateway="buffered", reason="buffer_full")
+    assert dropped == accepted.count(False)
     assert f"dropped {accepted.count(False)} event(s): buffer full" in caplog.text
     received = []
     while len(received) < accepted.count(True):
@@ -253,9 +249,9 @@ async def test_event_buffer_survives_bad_events(caplog: pytest.LogCaptureFixture
         received.append((await asyncio.wait_for(gateway.layer.receive("bad-events"), 5))["n"])
     assert received == [0, 4]
     assert await buffer.flush(1) == 0
-    assert metric("gateway_dropped_total", "bad-events", reason="unserialisable") == 1
-    assert metric("gateway_dropped_total", "bad-events", reason="too_large") == 1
-    assert metric("gateway_dropped_total", "bad-events", reason="unsendable") == 1
+    assert metric("gateway_dropped_total", gateway="bad-events", reason="unserialisable") == 1
+    assert metric("gateway_dropped_total", gateway="bad-events", reason="too_large") == 1
+    assert metric("gateway_dropped_total", gateway="bad-events", reason="unsendable") == 1
     assert "refused echo.n" in caplog.text and "datetime" in caplog.text
     assert "bytes as a message (limit 1048576)" in caplog.text
 
@@ -270,8 +266,8 @@ async def test_publish_refuses_what_no_layer_can_take(keys: dict[str, Any], reas
     with pytest.raises(EventRefused) as refused:
         await asyncio.wait_for(gateway.publish(gateway.event("big", **keys)), 5)
     assert refused.value.reason == reason
-    assert metric("gateway_dropped_total", gateway.name, reason=reason) == 1
-    assert metric("gateway_retries_total", gateway.name, kind="layer_send") == 0
+    assert metric("gateway_dropped_total", gateway=gateway.name, reason=reason) == 1
+    assert metric("gateway_retries_total", gateway=gateway.name, kind="layer_send") == 0
 
 
 async def test_event_buffer_counts_what_shutdown_leaves() -> None:
@@ -282,7 +278,7 @@ async def test_event_buffer_counts_what_shutdown_leaves() -> None:
         buffer.put(gateway.event("n", n=i))
     gateway.stop()
     assert await buffer.flush(0.3) == 3
-    assert metric("gateway_dropped_total", "buffer-stop", reason="shutdown") == 3
+    assert metric("gateway_dropped_total", gateway="buffer-stop", reason="shutdown") == 3
 
 
 async def test_stop_drains_in_flight_commands() -> None:
@@ -397,6 +393,38 @@ async def test_command_waiting_for_a_slot_survives_stop() -> None:
     assert left["text"] == f"t{EchoGateway.command_concurrency}"
 
 
+class SerialGateway(EchoGateway):
+    """One command slot, shared by the command channel's loop and the reply channel's."""
+
+    command_concurrency: ClassVar[int] = 1
+
+
+async def test_command_received_while_the_slot_is_taken_goes_back_on_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 8 item 9, the other path: the command loop had already received a command when
+    the reply channel's loop took the last slot; stop() must put that command back."""
+    layer = InMemoryChannelLayer()
+    gateway = SerialGateway(EchoConfig(name="slot-race", shutdown_grace=0.2), layer)
+    task = asyncio.create_task(gateway.run())
+    await gateway.started.wait()
+    assert gateway.reply_channel is not None
+    gateway.release.clear()
+    # both loops passed the free slot and wait in receive(); the reply channel's wins the slot
+    await layer.send(gateway.reply_channel, {"type": "echo.say", "text": "holds the slot"})
+    await until(lambda: len(gateway._commands) == 1, what="the reply-channel command running")
+    await layer.send("slot-race.send", {"type": "echo.say", "text": "late"})
+    # the command loop has it (off the channel) and waits for the slot
+    await until(lambda: "slot-race.send" not in layer.channels, what="the late command received")
+    with caplog.at_level(logging.INFO, "gateway.echo"):
+        gateway.stop()
+        await asyncio.wait_for(task, 5)
+    assert "put a received command back on 'slot-race.send'" in caplog.text
+    left = await asyncio.wait_for(layer.receive("slot-race.send"), 1)
+    assert left["text"] == "late"
+    assert gateway.sent == []
+
+
 async def test_undecodable_command_is_logged_counted_and_skipped(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -416,7 +444,7 @@ async def test_undecodable_command_is_logged_counted_and_skipped(
     assert (await asyncio.wait_for(layer.receive("r"), 15))["ok"]
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
     assert len(lines) == 1 and "'poison.send'" in lines[0]
-    assert metric("gateway_dropped_total", "poison", reason="undecodable_command") == 1
+    assert metric("gateway_dropped_total", gateway="poison", reason="undecodable_command") == 1
     assert gateway.ready_reasons() == []
     gateway.stop()
     await asyncio.wait_for(task, 10)
