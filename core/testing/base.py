@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 HOST = "127.0.0.1"
 """The loopback address every helper binds to."""
@@ -332,3 +334,67 @@ class Server:
     def kill(self) -> int:
         """SIGKILL the process (the crash case) and return its exit status. Idempotent."""
         return self.stop(signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# A process that is started, stopped and restarted
+
+
+class ManagedProcess:
+    """What a restartable helper process shares: :attr:`server` (the current :class:`Server`,
+    None before the first start) and :attr:`output`, its last lines across restarts.
+
+    Subclasses (the services, :class:`~core.testing.DjangoWorker`,
+    :class:`~core.testing.GatewayProcess`) implement :meth:`start` and :meth:`stop`; a ``with``
+    block starts and stops them.
+    """
+
+    def __init__(self, output_lines: int = OUTPUT_LINES) -> None:
+        self.output: collections.deque[str] = collections.deque(maxlen=output_lines)
+        self.server: Server | None = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.server is not None and self.server.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The PID of the current process, None before the first start."""
+        return self.server.pid if self.server is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the last process, None while running or before the first start."""
+        return self.server.returncode if self.server is not None else None
+
+    def tail(self, count: int = OUTPUT_LINES) -> str:
+        """The last ``count`` output lines, across restarts."""
+        return "\n".join(list(self.output)[-count:])
+
+    def wait_for(self, needle: str, timeout: float = 15.0) -> str:
+        """Wait for an output line of the running process containing ``needle`` (blocking)."""
+        if self.server is None:
+            raise RuntimeError(f"{type(self).__name__} was never started")
+        return self.server.wait_for(needle, timeout)
+
+    def kill(self) -> int | None:
+        """SIGKILL (the crash case); the exit status (None if never started). Idempotent."""
+        return self.server.kill() if self.server is not None else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import inspect
 import os
@@ -12,14 +11,14 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.metrics import REGISTRY
 from core.service import Gateway
-from core.testing.base import HOST, OUTPUT_LINES, WAIT, Server, free_port
+from core.testing.base import HOST, OUTPUT_LINES, WAIT, ManagedProcess, Server, free_port
 from core.types import ChannelLayer, Message
 
 #: the log line of a gateway that serves commands (``started``) and of one /readyz would pass
@@ -151,7 +150,7 @@ async def run_gateway(
     task.result()  # run() must end cleanly after stop()
 
 
-class GatewayProcess:
+class GatewayProcess(ManagedProcess):
     """``python -m gateways.<proto>.cli --config FILE`` as a child process with a health port.
 
     Build it with :meth:`from_config` (writes the YAML with a free health port) or from an
@@ -180,6 +179,7 @@ class GatewayProcess:
         extra_args: Sequence[str] = (),
         output_lines: int = OUTPUT_LINES,
     ) -> None:
+        super().__init__(output_lines)
         self.path = path
         self.health_port = health_port
         self.module = f"gateways.{gateway}.cli"
@@ -188,8 +188,6 @@ class GatewayProcess:
         self.ready_line = ready_line
         self.prefix = list(prefix)
         self.extra_args = list(extra_args)
-        self.output: collections.deque[str] = collections.deque(maxlen=output_lines)
-        self.server: Server | None = None
 
     @classmethod
     def from_config(
@@ -217,16 +215,7 @@ class GatewayProcess:
             *self.extra_args,
         ]
 
-    @property
-    def alive(self) -> bool:
-        return self.server is not None and self.server.alive
-
-    @property
-    def pid(self) -> int | None:
-        """The PID of the current process, None before the first start."""
-        return self.server.pid if self.server is not None else None
-
-    def start(self, timeout: float = WAIT) -> GatewayProcess:
+    def start(self, timeout: float = WAIT) -> Self:
         self.server = Server(
             self.argv,
             self.ready_line,
@@ -237,16 +226,6 @@ class GatewayProcess:
             name=self.module.split(".")[1],
         )
         return self
-
-    def wait_for(self, needle: str, timeout: float = WAIT) -> str:
-        """The next output line that contains ``needle`` (blocking: use a thread in a test)."""
-        if self.server is None:
-            raise RuntimeError(f"{self.path.name}: never started")
-        return self.server.wait_for(needle, timeout)
-
-    def tail(self, count: int = OUTPUT_LINES) -> str:
-        """The last ``count`` output lines, for an assertion message."""
-        return "\n".join(list(self.output)[-count:])
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET ``path`` on the health port: (status, body)."""
@@ -278,7 +257,5 @@ class GatewayProcess:
         return metric_from_text(self.get("/metrics")[1], name, **labels)
 
     def stop(self) -> int | None:
+        """SIGTERM (SIGKILL after a timeout); the exit status (None if never started)."""
         return self.server.stop() if self.server is not None else None
-
-    def kill(self) -> int | None:
-        return self.server.kill() if self.server is not None else None

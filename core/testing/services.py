@@ -11,13 +11,13 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from core.testing.base import (
     HOST,
     OUTPUT_LINES,
     WAIT,
+    ManagedProcess,
     Server,
     ServerError,
     ServiceMissing,
@@ -32,7 +32,7 @@ from core.testing.certs import Certs, make_certs
 # Services: one server with a directory, ports and a life cycle
 
 
-class _Service:
+class _Service(ManagedProcess):
     """Shared life cycle of the service classes; see the module docstring."""
 
     name = "service"
@@ -41,26 +41,14 @@ class _Service:
     port_count = 1
 
     def __init__(self, *, timeout: float = 15.0) -> None:
+        super().__init__()
         self.timeout = timeout
-        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
-        self.server: Server | None = None
         self._tmpdir: Path | None = None
         self._ports = free_ports(self.port_count)
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"
         return f"<{type(self).__name__} ports={self._ports} {state}>"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- to override -------------------------------------------------------------------------
 
@@ -92,20 +80,6 @@ class _Service:
         if self._tmpdir is None:
             raise RuntimeError(f"{type(self).__name__} has no directory: call start() first")
         return self._tmpdir
-
-    @property
-    def alive(self) -> bool:
-        """True while the server process runs."""
-        return self.server is not None and self.server.alive
-
-    @property
-    def pid(self) -> int | None:
-        """The PID of the current process, None before the first start."""
-        return self.server.pid if self.server is not None else None
-
-    def tail(self, count: int = OUTPUT_LINES) -> str:
-        """The last ``count`` output lines, across restarts."""
-        return "\n".join(list(self.output)[-count:])
 
     def start(self) -> Self:
         """Start the server (no-op if running) and wait for its ready line."""
@@ -143,12 +117,6 @@ class _Service:
                 raise
         raise AssertionError("unreachable")
 
-    def wait_for(self, needle: str, timeout: float = 15.0) -> str:
-        """Wait for an output line of the running process containing ``needle``."""
-        if self.server is None:
-            raise RuntimeError(f"{type(self).__name__} was never started")
-        return self.server.wait_for(needle, timeout)
-
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the running process."""
         if self.server is not None:
@@ -157,10 +125,6 @@ class _Service:
     def terminate(self) -> int | None:
         """SIGTERM (SIGKILL after a timeout), keeping directory and ports; the exit status."""
         return self.server.stop(signal.SIGTERM) if self.server is not None else None
-
-    def kill(self) -> int | None:
-        """SIGKILL (a crash), keeping directory and ports for :meth:`restart`; the exit status."""
-        return self.server.kill() if self.server is not None else None
 
     def restart(self, *, kill: bool = False) -> Self:
         """Stop the process if running (SIGTERM, or SIGKILL if ``kill``), start it again.
@@ -224,7 +188,44 @@ class RedisServer(_Service):
         return argv + self.extra_args
 
 
-class MosquittoServer(_Service):
+class _TlsService(_Service):
+    """A service with an optional TLS port (``_ports[1]``) and throw-away certificates.
+
+    The certificates are made once per directory (:meth:`_server_certs` from ``_prepare``), so
+    a restart keeps them and a start after :meth:`stop` makes new ones.
+    """
+
+    def __init__(self, *, tls: bool, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.tls = tls
+        self._certs: Certs | None = None
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS port (only with ``tls=True``)."""
+        if not self.tls:
+            raise RuntimeError(f"this {type(self).__name__} was created without tls=True")
+        return self._ports[1]
+
+    @property
+    def certs(self) -> Certs:
+        """The certificates of the TLS port (only with ``tls=True``, after start)."""
+        if self._certs is None:
+            raise RuntimeError("no certificates: create with tls=True and call start() first")
+        return self._certs
+
+    def _server_certs(self) -> Certs:
+        if self._certs is None:
+            self._certs = make_certs(self.tmpdir / "certs")
+        return self._certs
+
+    def start(self) -> Self:
+        if self._tmpdir is None:
+            self._certs = None  # a new directory: the old certificates went with the old one
+        return super().start()
+
+
+class MosquittoServer(_TlsService):
     """Mosquitto 2 broker with a plain listener on :attr:`port` and optional extras.
 
     * ``password=(user, secret)``: anonymous access off, a password file with that one user
@@ -253,21 +254,12 @@ class MosquittoServer(_Service):
         extra_config: Iterable[str] = (),
         timeout: float = 15.0,
     ) -> None:
-        super().__init__(timeout=timeout)
+        super().__init__(tls=tls, timeout=timeout)
         self.password = password
-        self.tls = tls
         self.require_client_cert = require_client_cert
         self.persistent = persistent
         self.websockets = websockets
         self.extra_config = list(extra_config)
-        self._certs: Certs | None = None
-
-    @property
-    def tls_port(self) -> int:
-        """The TLS listener's port (only with ``tls=True``)."""
-        if not self.tls:
-            raise RuntimeError("this MosquittoServer was created without tls=True")
-        return self._ports[1]
 
     @property
     def ws_port(self) -> int:
@@ -280,13 +272,6 @@ class MosquittoServer(_Service):
     def url(self) -> str:
         """``mqtt://127.0.0.1:PORT`` for the plain listener."""
         return f"mqtt://{HOST}:{self.port}"
-
-    @property
-    def certs(self) -> Certs:
-        """The certificates of the TLS listener (only with ``tls=True``, after start)."""
-        if self._certs is None:
-            raise RuntimeError("no certificates: create with tls=True and call start() first")
-        return self._certs
 
     @property
     def config_path(self) -> Path:
@@ -327,13 +312,12 @@ class MosquittoServer(_Service):
         else:
             lines.append("persistence false")
         if self.tls:
-            if self._certs is None:
-                self._certs = make_certs(self.tmpdir / "certs")
+            certs = self._server_certs()
             lines += [
                 f"listener {self.tls_port} {HOST}",
-                f"cafile {self._certs.ca_crt}",
-                f"certfile {self._certs.server_crt}",
-                f"keyfile {self._certs.server_key}",
+                f"cafile {certs.ca_crt}",
+                f"certfile {certs.server_crt}",
+                f"keyfile {certs.server_key}",
             ]
             if self.require_client_cert:
                 lines.append("require_certificate true")
@@ -356,8 +340,6 @@ class MosquittoServer(_Service):
         Raises :class:`ServiceMissing` if ``websockets=True`` and this mosquitto build cannot
         serve MQTT over WebSockets.
         """
-        if self._tmpdir is None:
-            self._certs = None
         super().start()
         if self.websockets and self._NO_WEBSOCKETS in self.tail().lower():
             self.stop()  # older builds only warn, and open a plain MQTT listener instead
@@ -412,7 +394,7 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 """
 
 
-class NgircdServer(_Service):
+class NgircdServer(_TlsService):
     """ngircd (server name ``irc.test.local``) on :attr:`port`, plus :attr:`tls_port` if ``tls``.
 
     Connection, join and nick-length limits are lifted. Flood control is off
@@ -434,25 +416,9 @@ class NgircdServer(_Service):
         extra_config: Iterable[str] = (),
         timeout: float = 15.0,
     ) -> None:
-        super().__init__(timeout=timeout)
-        self.tls = tls
+        super().__init__(tls=tls, timeout=timeout)
         self.flood_control = flood_control
         self.extra_config = list(extra_config)
-        self._certs: Certs | None = None
-
-    @property
-    def tls_port(self) -> int:
-        """The TLS port (only with ``tls=True``)."""
-        if not self.tls:
-            raise RuntimeError("this NgircdServer was created without tls=True")
-        return self._ports[1]
-
-    @property
-    def certs(self) -> Certs:
-        """The certificates of the TLS port (only with ``tls=True``, after start)."""
-        if self._certs is None:
-            raise RuntimeError("no certificates: create with tls=True and call start() first")
-        return self._certs
 
     @property
     def config_path(self) -> Path:
@@ -480,25 +446,18 @@ class NgircdServer(_Service):
             lines.append("MaxPenaltyTime = 0")
         lines += ["[Options]", "DNS = no", "Ident = no", "PAM = no"]
         if self.tls:
-            if self._certs is None:
-                self._certs = make_certs(self.tmpdir / "certs")
+            certs = self._server_certs()
             dh = self.tmpdir / "dh.pem"
             dh.write_text(_FFDHE2048_PEM)
             lines += [
                 "[SSL]",
-                f"CertFile = {self._certs.server_crt}",
-                f"KeyFile = {self._certs.server_key}",
+                f"CertFile = {certs.server_crt}",
+                f"KeyFile = {certs.server_key}",
                 f"DHFile = {dh}",
                 f"Ports = {self.tls_port}",
             ]
         lines += self.extra_config
         self.config_path.write_text("\n".join(lines) + "\n")
-
-    def start(self) -> Self:
-        """Start ngircd (no-op if running) and wait for its ``ready.`` line."""
-        if self._tmpdir is None:
-            self._certs = None
-        return super().start()
 
 
 _INSPIRCD_CONF = """\

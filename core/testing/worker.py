@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from core.testing.base import _STOP_TIMEOUT, OUTPUT_LINES, Server
+from core.testing.base import _STOP_TIMEOUT, ManagedProcess, Server
 
 # --------------------------------------------------------------------------------------------
 # Django worker
 
 
-class DjangoWorker:
+class DjangoWorker(ManagedProcess):
     """``python manage.py runworker CHANNEL…`` in ``project_dir``, as a managed child process.
 
     ``env`` is merged over :data:`os.environ` (``PYTHONUNBUFFERED=1`` is added so log lines arrive
@@ -36,51 +34,20 @@ class DjangoWorker:
         python: str = sys.executable,
         extra_args: Iterable[str] = (),
     ) -> None:
+        super().__init__()
         self.project_dir = Path(project_dir)
         self.channels = list(channels)
         self.env = dict(env or {})
         self.python = python
         self.extra_args = list(extra_args)
-        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
-        self.server: Server | None = None
 
     def __repr__(self) -> str:
         return f"<DjangoWorker {self.channels} pid={self.pid} alive={self.alive}>"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def argv(self) -> list[str]:
         """The command line."""
         return [self.python, "manage.py", "runworker", *self.channels, *self.extra_args]
-
-    @property
-    def alive(self) -> bool:
-        """True while the worker process runs."""
-        return self.server is not None and self.server.alive
-
-    @property
-    def pid(self) -> int | None:
-        """The PID of the current process, None before the first start."""
-        return self.server.pid if self.server is not None else None
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status of the last process, None while running or before the first start."""
-        return self.server.returncode if self.server is not None else None
-
-    def tail(self, count: int = OUTPUT_LINES) -> str:
-        """The last ``count`` output lines, across restarts."""
-        return "\n".join(list(self.output)[-count:])
 
     def start(self) -> Self:
         """Spawn the worker (no-op if running); returns at once."""
@@ -118,19 +85,9 @@ class DjangoWorker:
                 raise TimeoutError(str(err)) from last
             time.sleep(interval)
 
-    def wait_for(self, needle: str, timeout: float = 15.0) -> str:
-        """Wait for an output line containing ``needle`` (see :meth:`Server.wait_for`)."""
-        if self.server is None:
-            raise RuntimeError("DjangoWorker was never started")
-        return self.server.wait_for(needle, timeout)
-
     def stop(self, timeout: float = _STOP_TIMEOUT) -> int | None:
         """SIGTERM, SIGKILL after ``timeout`` s; the exit status. Idempotent."""
         return self.server.stop(signal.SIGTERM, timeout) if self.server is not None else None
-
-    def kill(self) -> int | None:
-        """SIGKILL the worker; the exit status. Idempotent."""
-        return self.server.kill() if self.server is not None else None
 
     def restart(self, *, kill: bool = False) -> Self:
         """Stop (SIGTERM, or SIGKILL if ``kill``) and spawn again."""
