@@ -23,6 +23,7 @@ __all__ = [
     "BENCHMARKS_MD",
     "REPO_ROOT",
     "command_line",
+    "cpu_seconds",
     "machine",
     "machine_lines",
     "markdown_table",
@@ -63,6 +64,12 @@ def machine() -> dict[str, str]:
         "nproc": str(len(os.sched_getaffinity(0))),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_lines() -> list[str]:

@@ -86,6 +86,7 @@ import msgpack
 from bench._common import (
     REPO_ROOT,
     command_line,
+    cpu_seconds,
     machine,
     machine_lines,
     markdown_table,
@@ -667,9 +668,9 @@ async def bench_gateway_subprocess(
                 tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-2000:]
                 raise RuntimeError(f"gateway-email did not start:\n{tail}")
             await asyncio.sleep(0.05)
-        cpu_started = _process_cpu(proc.pid)
+        cpu_started = cpu_seconds(proc.pid)
         data = await _run_clients(port, clients, per_client, tmp)
-        cpu = _process_cpu(proc.pid) - cpu_started
+        cpu = cpu_seconds(proc.pid) - cpu_started
         received = await consumer.finish(30)
     finally:
         await consumer.abort()
@@ -686,12 +687,6 @@ async def bench_gateway_subprocess(
     notes += _log_findings(log_path)
     mode = "gateway, `gateway-email` process"
     return _gateway_result(label, mode, data, received, notes, cpu)
-
-
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a running process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _report_profile(profiler: cProfile.Profile, path: Path) -> None:

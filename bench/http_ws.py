@@ -27,6 +27,7 @@ import websockets
 from bench._common import (
     REPO_ROOT,
     command_line,
+    cpu_seconds,
     machine,
     machine_lines,
     markdown_table,
@@ -61,12 +62,6 @@ class Row:
     http_rate: float
     #: CPU ms per WebSocket message of each server-side process (name → ms), WebSocket run only
     cpu: dict[str, float]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def ws_load(url: str, clients: int, messages: int) -> tuple[float, list[float]]:

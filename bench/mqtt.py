@@ -70,6 +70,7 @@ import yaml
 from bench._common import (
     REPO_ROOT,
     command_line,
+    cpu_seconds,
     machine,
     machine_lines,
     markdown_table,
@@ -124,12 +125,6 @@ def sample_event(qos: int) -> dict[str, Any]:
         subscription=f"bench/q{qos}",
         properties={},
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- helper processes (python -m bench.mqtt _name …) ------------------------------------------
