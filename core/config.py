@@ -14,10 +14,18 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.logs import register_secret
 
@@ -26,6 +34,7 @@ __all__ = [
     "ConfigError",
     "GatewayConfig",
     "HealthConfig",
+    "ReconnectConfig",
     "Section",
     "load_config",
     "peek_gateway",
@@ -64,6 +73,23 @@ class HealthConfig(Section):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(ge=0, le=65535, description="TCP port; 0 picks a free one.")
+
+
+class ReconnectConfig(Section):
+    """``<proto>.reconnect`` of a client-side gateway: capped, jittered backoff between
+    connection attempts (:class:`core.service.Backoff`, driven by :mod:`core.client`).
+
+    A gateway with other defaults subclasses it and declares the two fields again.
+    """
+
+    initial: float = Field(default=1.0, gt=0, description="First delay (s).")
+    maximum: float = Field(default=60.0, gt=0, description="Largest delay (s).")
+
+    @model_validator(mode="after")
+    def _cap_not_below_start(self) -> Self:
+        if self.maximum < self.initial:
+            raise ValueError("maximum must not be below initial")
+        return self
 
 
 def _channel_name(value: str | None) -> str | None:

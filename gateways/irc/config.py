@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 
-from core.config import GatewayConfig, Section, read_secret_files
+from core.config import GatewayConfig, ReconnectConfig, Section, read_secret_files
 from gateways.irc.translate import InvalidCommand, check_channel, check_encoding, check_nick
 
 __all__ = [
@@ -111,13 +111,6 @@ class FloodConfig(Section):
     )
 
 
-class ReconnectConfig(Section):
-    """``irc.reconnect``: capped, jittered backoff between connection attempts."""
-
-    initial: float = Field(default=1.0, gt=0, description="First delay (s).")
-    maximum: float = Field(default=60.0, gt=0, description="Largest delay (s).")
-
-
 class IrcConfig(Section):
     """``irc:`` — one IRC identity on one server."""
 
@@ -194,8 +187,6 @@ class IrcConfig(Section):
         external = self.sasl is not None and self.sasl.mechanism == "EXTERNAL"
         if external and (self.tls is None or self.tls.cert_file is None):
             raise ValueError("sasl: EXTERNAL needs tls.cert_file (the client certificate)")
-        if self.reconnect.maximum < self.reconnect.initial:
-            raise ValueError("reconnect.maximum must not be below reconnect.initial")
         return self
 
     @property

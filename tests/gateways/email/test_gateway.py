@@ -39,6 +39,7 @@ from core.testing import Certs, RedisServer, SmtpSink, make_certs, run_gateway
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.gateway import EmailGateway
 from tests.conftest import service
+from tests.gateways.email.test_translate import PARSED_KEYS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,20 +58,7 @@ EVENT_KEYS = {
     "peer",
     "auth_user",
     "tls",
-    "message_id",
-    "subject",
-    "from",
-    "to",
-    "cc",
-    "reply_to",
-    "date",
-    "in_reply_to",
-    "references",
-    "headers",
-    "text",
-    "html",
-    "attachments",
-    "defects",
+    *PARSED_KEYS,
 }
 
 
@@ -167,6 +155,12 @@ async def swaks(port: int, *args: str) -> tuple[int, list[str]]:
     )
     codes = [("*" if "*" in m[0] else "") + m[1] for m in SWAKS_REPLY.findall(result.stdout)]
     return result.returncode, codes
+
+
+def over_tls(ca: Certs, password: str | None = None) -> list[str]:
+    """swaks arguments: to bob, STARTTLS verified against ``ca``, AUTH PLAIN as alice."""
+    args = ["-t", "bob@example.com", "--tls", "--tls-verify", "--tls-ca-path", str(ca.ca_crt)]
+    return args if password is None else [*args, "-a", "PLAIN", "-au", "alice", "-ap", password]
 
 
 class RawSession:
@@ -597,21 +591,7 @@ async def test_auth_before_starttls_is_refused(
 async def test_starttls_and_auth_plain(tls_config: EmailGatewayConfig, certs: Certs) -> None:
     async with running(tls_config) as gw:
         code, replies = await swaks(
-            gw.server.port,
-            "-t",
-            "bob@example.com",
-            "--tls",
-            "--tls-verify",
-            "--tls-ca-path",
-            str(certs.ca_crt),
-            "-a",
-            "PLAIN",
-            "-au",
-            "alice",
-            "-ap",
-            PASSWORD,
-            "--h-Subject",
-            "over tls",
+            gw.server.port, *over_tls(certs, PASSWORD), "--h-Subject", "over tls"
         )
         assert code == 0, replies
         event = await receive(gw)
@@ -639,15 +619,7 @@ async def test_starttls_and_auth_plain(tls_config: EmailGatewayConfig, certs: Ce
 async def test_certificate_is_verified(tls_config: EmailGatewayConfig, tmp_path: Path) -> None:
     other_ca = make_certs(tmp_path / "other")
     async with running(tls_config) as gw:
-        code, _ = await swaks(
-            gw.server.port,
-            "-t",
-            "bob@example.com",
-            "--tls",
-            "--tls-verify",
-            "--tls-ca-path",
-            str(other_ca.ca_crt),
-        )
+        code, _ = await swaks(gw.server.port, *over_tls(other_ca))
         assert code == 29  # TLS failed: certificate verify failed
         await sentinel_is_next(gw)
 
@@ -669,21 +641,7 @@ async def test_wrong_password_is_535_without_a_hang(
                     with pytest.raises(aiosmtplib.SMTPAuthenticationError) as refused:
                         await client.login(user, password)
                     assert refused.value.code == 535
-        code, replies = await swaks(
-            gw.server.port,
-            "-t",
-            "bob@example.com",
-            "--tls",
-            "--tls-verify",
-            "--tls-ca-path",
-            str(certs.ca_crt),
-            "-a",
-            "PLAIN",
-            "-au",
-            "alice",
-            "-ap",
-            "nope",
-        )
+        code, replies = await swaks(gw.server.port, *over_tls(certs, "nope"))
         assert code == 28 and "*535" in replies, replies
 
 

@@ -69,3 +69,13 @@ irc:
         "irc.colour:",
     ):
         assert fragment in text, text
+
+
+def test_reconnect_defaults_and_bounds(tmp_path: Path) -> None:
+    base = "gateway: irc\nname: ops\nirc:\n  server: irc.example.org\n  nick: bot\n"
+    irc = load_config(write(tmp_path, base), IrcGatewayConfig, env={}).irc
+    assert (irc.reconnect.initial, irc.reconnect.maximum) == (1.0, 60.0)
+    path = write(tmp_path, base + "  reconnect: {initial: 5, maximum: 1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, IrcGatewayConfig, env={})
+    assert "irc.reconnect: maximum must not be below initial" in str(info.value)
