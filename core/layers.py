@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import importlib
 import os
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from channels_redis.core import RedisChannelLayer as _ChannelsRedisLayer
@@ -30,6 +30,7 @@ from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from core.logs import redact
+from core.types import ChannelLayer
 
 __all__ = [
     "LayerPathError",
@@ -99,7 +100,7 @@ def _int_param(path: str, name: str, raw: str) -> int:
     return value
 
 
-def _redis_layer(path: str) -> Any:
+def _redis_layer(path: str) -> ChannelLayer:
     try:
         parts = urlsplit(path)
     except ValueError as exc:  # "Invalid IPv6 URL" escaped as a traceback
@@ -222,8 +223,10 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
 
         CHANNEL_LAYERS = {"default": channel_layer_settings(os.environ["GATEWAYS_LAYER"])}
     """
+    from channels.layers import InMemoryChannelLayer
+
     layer = resolve_layer(path)
-    if is_memory_layer(layer):
+    if isinstance(layer, InMemoryChannelLayer):
         return {
             "BACKEND": "channels.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": layer.capacity, "expiry": layer.expiry},
@@ -241,7 +244,7 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
     }
 
 
-def _memory_layer(path: str) -> Any:
+def _memory_layer(path: str) -> ChannelLayer:
     try:
         parts = urlsplit(path)
     except ValueError as exc:
@@ -255,10 +258,11 @@ def _memory_layer(path: str) -> Any:
         options[key] = _int_param(path, key, value)
     from channels.layers import InMemoryChannelLayer
 
-    return InMemoryChannelLayer(**options)
+    layer: ChannelLayer = InMemoryChannelLayer(**options)
+    return layer
 
 
-def _django_layer(path: str) -> Any:
+def _django_layer(path: str) -> ChannelLayer:
     alias = path.partition(":")[2] or None
     if not os.environ.get("DJANGO_SETTINGS_MODULE"):
         raise LayerPathError.of(path, "DJANGO_SETTINGS_MODULE is not set")
@@ -270,7 +274,7 @@ def _django_layer(path: str) -> Any:
             django.setup()
         from channels.layers import DEFAULT_CHANNEL_LAYER, get_channel_layer
 
-        layer = get_channel_layer(alias or DEFAULT_CHANNEL_LAYER)
+        layer: ChannelLayer | None = get_channel_layer(alias or DEFAULT_CHANNEL_LAYER)
     except Exception as exc:
         raise LayerPathError.of(path, str(exc)) from None
     if layer is None:
@@ -292,7 +296,7 @@ def import_object(path: str) -> Any:
     return target
 
 
-def _import_layer(path: str) -> Any:
+def _import_layer(path: str) -> ChannelLayer:
     try:
         target = import_object(path)
     except ValueError as exc:
@@ -302,10 +306,11 @@ def _import_layer(path: str) -> Any:
         target = target()
     if not all(hasattr(target, name) for name in ("send", "receive", "new_channel")):
         raise LayerPathError.of(path, f"{attr} is not a channel layer")
-    return target
+    # groups are optional in channels (core.types): the three checked above are what is needed
+    return cast(ChannelLayer, target)
 
 
-def resolve_layer(path: str) -> Any:
+def resolve_layer(path: str) -> ChannelLayer:
     """Return the channel layer a layer path names, without connecting to anything.
 
     Raises :class:`LayerPathError` with a one-line message naming ``path`` when it is invalid.
@@ -327,7 +332,7 @@ def resolve_layer(path: str) -> Any:
     )
 
 
-def is_memory_layer(layer: Any) -> bool:
+def is_memory_layer(layer: ChannelLayer) -> bool:
     """True for a layer that only works inside one process."""
     from channels.layers import InMemoryChannelLayer
 
@@ -350,7 +355,7 @@ def describe_layer(path: str) -> str:
     return f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
 
 
-async def probe_layer(layer: Any) -> str | None:
+async def probe_layer(layer: ChannelLayer) -> str | None:
     """``None`` when the layer answers, else why it does not (one line).
 
     Only Redis-backed layers can be asked (a PING to every host); others count as up.

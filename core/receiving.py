@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from core.service import LAYER_ERRORS, Backoff, describe_error
+from core.types import ChannelLayer, Message
 
 __all__ = ["ChannelReader"]
 
@@ -38,7 +38,7 @@ class ChannelReader:
 
     def __init__(
         self,
-        layer: Any,
+        layer: ChannelLayer,
         channel: str,
         *,
         log: logging.Logger,
@@ -64,7 +64,7 @@ class ChannelReader:
         if self.on_layer is not None:
             self.on_layer(ok)
 
-    async def receive(self) -> Any:
+    async def receive(self) -> Message:
         """The next message on the channel; waits (and retries) as long as it takes.
 
         Cancelling it loses nothing: channels_redis keeps a popped entry in its backup set until
