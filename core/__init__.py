@@ -1,31 +1,89 @@
-"""Shared machinery of every channels-gateways gateway (DESIGN §2): the one page to read first.
+"""Shared machinery of every channels-gateways gateway: the one page a gateway's author reads.
 
-A gateway ``gateways/<proto>/`` uses these pieces (each module's docstring is its reference):
+A gateway is the package ``gateways/<proto>/``, always with the same rooms (DESIGN §2;
+tests/test_import_rules.py keeps them apart):
+
+=================  ============================================================================
+``config.py``      ``<Proto>Config(Section)``, the ``<proto>:`` section, and
+                   ``<Proto>GatewayConfig(GatewayConfig)`` holding it (:mod:`core.config`).
+``translate.py``   pure functions: transport event → event keys, command → transport action.
+``connection.py``  the only module that touches the transport library.
+``gateway.py``     ``<Proto>Gateway(Gateway[<Proto>GatewayConfig])``: wires the other three.
+``cli.py``         ``def main(argv=None) -> int: return gateway_main(<Proto>Gateway, argv)``.
+``README.md``      the message spec: every YAML key with its default, every event and command.
+=================  ============================================================================
+
+``gateway.py`` in outline (``gateways/irc/gateway.py`` is the full client-side example,
+``gateways/email/gateway.py`` the server-side one)::
+
+    class IrcGateway(Gateway[IrcGatewayConfig]):
+        protocol = "irc"                      # message types are "irc.<event>"
+        config_model = IrcGatewayConfig
+
+        def __init__(self, config: IrcGatewayConfig, layer: ChannelLayer) -> None:
+            super().__init__(config, layer)
+            self.settings = config.irc        # its section: `settings` in every gateway
+            self.buffer = EventBuffer(self, self.settings.buffer)  # IRC cannot push back
+            self.pacer = Pacer(rate, burst, metrics=self.metrics)  # flood control
+            self.client = IrcConnection(self, ..., listener=self, events=self.buffer)
+
+        async def open(self) -> None:         # raise StartupError (exit 3) to refuse to start
+            self.buffer.start()
+            await self.client.start()         # first attempt: refused → StartupError
+        def readiness(self) -> list[str]:     # [] = ready; else what /readyz says
+            return self.client.readiness()
+        async def drain(self) -> None: ...    # finish in-flight work (within shutdown_grace)
+        async def close(self) -> None: ...    # close the transport
+
+        @handles("irc.send")                  # the only way a command reaches a method
+        async def handle_send(self, command: Command) -> dict[str, Any]:
+            await self.pacer.wait(target)     # a full queue raises PacerFull: ok false
+            ...                               # raise CommandError("why") for ok: false
+            return {"lines": 2}               # extra keys of the irc.result
+
+        def client_connected(self, details: Mapping[str, Any]) -> None: ...  # re-join
+        def client_disconnected(self, reason: str) -> None: ...
+
+Inbound, ``self.event("receive", **keys)`` builds the envelope and ``await self.publish(event,
+timeout=…)`` hands it to the layer, retrying while the layer is full or down. ``publish()``
+returns ``False`` when the deadline passed: the one push-back contract, which each transport
+turns into its own (SMTP 451, a withheld PUBACK, HTTP 503). A transport that cannot push back
+puts events in an ``EventBuffer`` (bounded; every drop counted and logged). An event no
+layer can take (over 1 MB, not msgpack-safe) raises ``EventRefused``, logged and counted once.
+
+Which piece for what (each module's docstring is its reference):
 
 ====================  ===========================================================================
-``core.service``      ``Gateway``: hooks ``open`` / ``drain`` / ``close`` / ``readiness``;
-                      ``publish() -> bool``, the one push-back contract; commands registered
-                      with ``@handles("<proto>.<command>")``; ``EventBuffer`` for transports
-                      without pushback (a bad event is logged, counted, skipped).
-``core.client``       ``ReconnectingClient`` for client-side transports (IRC, Slack Socket Mode,
-                      MQTT): fatal-vs-transient first attempt, jittered backoff reset after a
-                      stable connection, idle watchdog, ``<proto>.connect`` / ``.disconnect``,
-                      readiness; its states are a table.
+``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``Backoff``,
+                      ``StartupError``, ``send_command`` (layer send, retried).
+``core.client``       ``ReconnectingClient``: subclass it in ``connection.py`` for a transport
+                      that dials out (IRC, Slack Socket Mode, MQTT): hooks ``_connect`` /
+                      ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``); it owns
+                      fatal-vs-transient first attempts, backoff, the idle watchdog,
+                      ``<proto>.connect`` / ``.disconnect`` and readiness. Its states are a table.
 ``core.pacer``        ``Pacer``: async token bucket per key (burst, rate, bounded queue).
 ``core.redis``        ``layer_redis()``: a gateway's own keys beside a ``redis://`` layer.
-``core.config``       ``GatewayConfig`` + ``Section``: the YAML, validated all at once.
-``core.envelope``     event / command / result messages; ``CommandError``.
-``core.types``        ``ChannelLayer``: the layer as a typed ``Protocol``.
-``core.clock``        ``Clock``: injectable time (``core.testing.ManualClock`` in tests).
-``core.cli``          ``gateway_main``: the whole ``cli.py`` of a gateway is one call.
+``core.clock``        ``Clock`` / ``LOOP_CLOCK``: time as a dependency (pacer, schedules).
+``core.config``       ``GatewayConfig``, ``Section``, ``ReconnectConfig``, ``read_secret_files``.
+``core.envelope``     ``Command``, ``CommandError``, event / result messages, the 1 MB limit.
+``core.types``        ``ChannelLayer``: the layer as a typed ``Protocol`` (never ``Any``).
+``core.cli``          ``gateway_main``: the whole ``cli.py``.
 ``core.layers``       layer paths (``redis://``, ``memory://``, ``django``, ``mod:attr``).
-``core.metrics``      Prometheus series, labelled by integration; ``core.health`` serves them.
-``core.testing``      real servers (Redis, Mosquitto, ngircd, InspIRCd + Atheme), certificates,
-                      ``GatewayProcess``, ``run_gateway``, ``command``, ``until``, ``metric``.
+``core.metrics``      ``self.metrics``: Prometheus series by integration (``core.health``).
 ====================  ===========================================================================
 
-Inside a gateway: ``config.py`` (its section), ``translate.py`` (pure), ``connection.py`` (the
-only I/O), ``gateway.py`` (``<Proto>Gateway``), ``cli.py``; tests/test_import_rules.py keeps it so.
+Tests use :mod:`core.testing` (real servers on free ports; fixtures in tests/conftest.py)::
+
+    async with run_gateway(IrcGateway(config, layer)) as gateway:      # in this process
+        result = await command(layer, "ops.send", {"type": "irc.send", ...})
+        event = await receive(layer, "ops", "irc.receive", channel="#ops")
+        await until(lambda: metric("gateway_dropped_total", gateway="ops") == 1)
+    process = GatewayProcess.from_config(tmp_path, config).start()     # the real binary
+    project = example_project(tmp_path, redis.url)   # examples/ with a fresh, migrated DB
+    project.gateway("irc.yaml").start(); project.worker("ops-irc")
+
+and ``ManualClock`` where time matters; ``RedisServer``, ``MosquittoServer``,
+``NgircdServer``, ``InspircdServer``, ``SmtpSink`` and ``DjangoWorker`` for the far sides.
 """
 
 from importlib.metadata import PackageNotFoundError, version

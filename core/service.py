@@ -137,8 +137,10 @@ def handles(type_: str) -> Callable[[Handler], Handler]:
         async def handle_publish(self, command: Command) -> dict[str, Any]: ...
 
     Only registered methods are commands (:attr:`Gateway.commands`): a method is never found
-    from the text of a message, so the transport library's own hooks on the same object
-    (aiosmtpd's ``handle_DATA``) cannot be reached by a command.
+    from the text of a message, so a helper named like a handler cannot be reached by a
+    command, nor a transport library's hook (issue 8: ``email.DATA`` reached aiosmtpd's
+    ``handle_DATA`` when it lived on the gateway; such hooks now live in the gateway's
+    ``connection.py``, e.g. ``SmtpHandler`` in gateways/email/connection.py).
     """
 
     def register(method: Handler) -> Handler:
