@@ -410,14 +410,19 @@ def _clean(key: str, value: Any) -> str:
     return value
 
 
-def _address_list(key: str, value: Any) -> list[str]:
+def _one_or_many(key: str, value: Any) -> list[Any]:
+    """A command key that takes a string or a list of them, as a list (``None``: empty)."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
         raise InvalidMail(f"{key}: must be a string or a list of strings")
+    return items
+
+
+def _address_list(key: str, value: Any) -> list[str]:
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(_one_or_many(key, value)):
         text = _clean(f"{key}[{i}]", item)
         found = email.utils.getaddresses([text])
         name, addr = found[0] if len(found) == 1 else ("", "")
@@ -442,13 +447,8 @@ def _bare(address: str) -> str:
 
 
 def _message_ids(key: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list):
-        raise InvalidMail(f"{key}: must be a string or a list of strings")
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(_one_or_many(key, value)):
         text = _clean(f"{key}[{i}]", item).strip()
         if not text:
             continue
