@@ -290,14 +290,21 @@ class SmtpRelay:
                 self._tls.check_hostname = False
                 self._tls.verify_mode = ssl.CERT_NONE
 
-    async def send(self, message: Any, sender: str, recipients: list[str]) -> list[str]:
-        """Send once; return the recipients the relay refused. Raise :class:`RelayError`."""
+    async def send(
+        self, message: Any, sender: str, recipients: list[str], *, local_hostname: str
+    ) -> list[str]:
+        """Send once; return the recipients the relay refused. Raise :class:`RelayError`.
+
+        ``local_hostname`` is the EHLO name (the server's, resolved once at start: else
+        aiosmtplib looks up the FQDN again for every connection).
+        """
         cfg = self.config
         try:
             refused, _ = await aiosmtplib.send(
                 message,
                 sender=sender,
                 recipients=recipients,
+                local_hostname=local_hostname,
                 hostname=cfg.host,
                 port=cfg.port,
                 username=cfg.username,

@@ -268,7 +268,12 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         attempt = 0
         while True:
             try:
-                refused = await self.relay.send(mail.message, mail.sender, mail.recipients)
+                refused = await self.relay.send(
+                    mail.message,
+                    mail.sender,
+                    mail.recipients,
+                    local_hostname=self.server.hostname,
+                )
             except RelayError as exc:
                 if not exc.temporary or attempt >= relay_config.retries or self.stopping:
                     raise CommandError(f"relay refused {message_id}: {exc}") from None
