@@ -87,7 +87,11 @@ class EmailConfig(Section):
 
     host: str = Field("127.0.0.1", description="Address the SMTP server listens on.")
     port: int = Field(2525, ge=0, le=65535, description="SMTP port; 0 picks a free one.")
-    hostname: str | None = Field(None, description="Name in the banner and EHLO; default FQDN.")
+    hostname: str | None = Field(
+        None,
+        description="Name in the banner and EHLO replies, in the EHLO to the relay and in "
+        "Message-IDs; default: the FQDN, looked up once at start.",
+    )
     accept: list[str] = Field(
         min_length=1,
         description="Recipients accepted: domains (`example.com`) or addresses "
