@@ -5,7 +5,7 @@ directory, and is stopped by PID. The recipes (arguments, config files, ready li
 tested ones the README's "Services the tests start" section lists (``.ci/run`` installs them).
 
 Life cycle shared by every service class (:class:`RedisServer`, :class:`MosquittoServer`,
-:class:`NgircdServer`):
+:class:`NgircdServer`, :class:`InspircdServer`):
 
 * ``start()`` starts the process (creating the temporary directory on first use) and returns once
   the server printed its ready line.
@@ -23,7 +23,9 @@ by an :mod:`atexit` handler, so an interrupted test run leaves no orphans behind
 The package, one module per concern (import from ``core.testing``; the names are re-exported):
 
 * :mod:`core.testing.base`      free ports, :func:`require_binary`, :class:`Server` (one child
-  process with its output), last-resort cleanup
+  process with its output), :class:`ManagedProcess` (what every restartable helper below
+  shares: output across restarts, ``alive``, ``pid``, ``tail``, ``wait_for``, ``kill``, a
+  ``with`` block), last-resort cleanup
 * :mod:`core.testing.certs`     a throw-away CA and server certificates
 * :mod:`core.testing.services`  :class:`RedisServer`, :class:`MosquittoServer`,
   :class:`NgircdServer`, :class:`InspircdServer` (IRC with SASL), :class:`IrcLines`
@@ -36,7 +38,8 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.example`   :func:`example_project`: ``examples/`` on a layer with a fresh,
   migrated database, and the gateways and workers that share its environment
 
-Nothing here imports pytest: the fixtures live in ``tests/conftest.py``.
+Nothing here imports pytest: the fixtures live in ``tests/conftest.py`` (one per server, and
+``project``: :func:`example_project` on the test's Redis).
 """
 
 from __future__ import annotations
