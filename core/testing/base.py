@@ -335,6 +335,15 @@ class Server:
         """SIGKILL the process (the crash case) and return its exit status. Idempotent."""
         return self.stop(signal.SIGKILL)
 
+    def wait(self, timeout: float = _STOP_TIMEOUT) -> int:
+        """Wait for the process to exit by itself; its exit status, with all its output read.
+
+        ``subprocess.TimeoutExpired`` if it is still running after ``timeout`` seconds.
+        """
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)  # the last lines are in :attr:`output` after this
+        return code
+
 
 # --------------------------------------------------------------------------------------------
 # A process that is started, stopped and restarted
@@ -398,3 +407,7 @@ class ManagedProcess:
     def kill(self) -> int | None:
         """SIGKILL (the crash case); the exit status (None if never started). Idempotent."""
         return self.server.kill() if self.server is not None else None
+
+    def wait(self, timeout: float = _STOP_TIMEOUT) -> int | None:
+        """Wait for an exit the process makes by itself (see :meth:`Server.wait`)."""
+        return self.server.wait(timeout) if self.server is not None else None

@@ -160,7 +160,8 @@ class GatewayProcess(ManagedProcess):
     log line, :meth:`stop` (SIGTERM, the exit status) or :meth:`kill`.
 
     ``ready_line`` is :data:`READY_LINE` by default; :data:`STARTED_LINE` for a gateway that
-    serves before it is ready (facing a full layer). ``prefix`` goes before the interpreter
+    serves before it is ready (facing a full layer); ``None`` returns at once (a gateway that
+    is expected to exit: :meth:`wait` for its status). ``prefix`` goes before the interpreter
     (``[sys.executable, "-c", "…setrlimit…; os.execvp(…)"]``), ``extra_args`` after the config
     (``["--app", "example.asgi:application"]``). The last ``output_lines`` lines of output are
     kept in :attr:`output`, across restarts.
@@ -174,7 +175,7 @@ class GatewayProcess(ManagedProcess):
         gateway: str,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
-        ready_line: str = READY_LINE,
+        ready_line: str | None = READY_LINE,
         prefix: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         output_lines: int = OUTPUT_LINES,

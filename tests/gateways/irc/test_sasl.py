@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import WAIT, GatewayProcess, InspircdServer, RedisServer, Server
+from core.testing import WAIT, GatewayProcess, InspircdServer, RedisServer
 from tests.gateways.irc.conftest import Peer, irc_config, next_event, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +40,11 @@ async def test_sasl_bad_password_exits_3_without_retrying(
     config = irc_config(
         inspircd_server.port, sasl={"username": "botacct", "password": "wrong-password"}
     )
-    process = GatewayProcess.from_config(tmp_path, {**config, "layer": redis_server.url})
-    server = Server(process.argv, None, WAIT, name="gateway")
-    await asyncio.to_thread(server.wait_for, "SASL PLAIN refused by the server", WAIT)
-    code = await asyncio.to_thread(server.proc.wait, WAIT)
-    await asyncio.sleep(0.2)  # the reader thread catches up with the last lines
-    output = server.tail()
+    config = {**config, "layer": redis_server.url}
+    process = GatewayProcess.from_config(tmp_path, config, ready_line=None).start()
+    await asyncio.to_thread(process.wait_for, "SASL PLAIN refused by the server", WAIT)
+    code = await asyncio.to_thread(process.wait, WAIT)  # every output line read by then
+    output = process.tail()
     assert code == 3, output
     assert "could not start" in output
     assert "wrong-password" not in output
