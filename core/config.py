@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -63,9 +63,20 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    """Base for every YAML section: frozen, unknown keys rejected, inputs never echoed."""
+    """Base for every YAML section: frozen, unknown keys rejected, inputs never echoed.
+
+    ``secret_files = ("password",)`` lets the YAML give ``password_file: PATH`` instead of
+    ``password:`` (:func:`read_secret_files`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    #: keys that may instead be read from the file named by ``<key>_file``
+    secret_files: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        return read_secret_files(data, *cls.secret_files) if cls.secret_files else data
 
 
 class HealthConfig(Section):

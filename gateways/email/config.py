@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 
-from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section, read_secret_files
+from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section
 
 __all__ = ["AuthConfig", "EmailConfig", "EmailGatewayConfig", "RelayConfig", "TlsConfig"]
 
@@ -68,10 +68,7 @@ class RelayConfig(Section):
     retries: int = Field(5, ge=0, description="Retries after a 4xx or a connection failure.")
     retry_max_delay: float = Field(60.0, gt=0, description="Cap of the backoff between retries.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "password")
+    secret_files = ("password",)
 
     @model_validator(mode="after")
     def _auth_needs_tls(self) -> RelayConfig:

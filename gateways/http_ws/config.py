@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 
-from core.config import CHANNEL_NAME, GatewayConfig, Section, read_secret_files
+from core.config import CHANNEL_NAME, GatewayConfig, Section
 
 __all__ = [
     "HttpRoute",
@@ -62,10 +62,7 @@ class WebhookRoute(_Route):
     header: str = Field("X-Hub-Signature-256", description="Header carrying the signature.")
     secret: SecretStr | None = Field(None, description="Shared secret; prefer secret_file.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_file(cls, data: Any) -> Any:
-        return read_secret_files(data, "secret")
+    secret_files = ("secret",)
 
     @model_validator(mode="after")
     def _needs_secret(self) -> WebhookRoute:

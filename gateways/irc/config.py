@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 
-from core.config import GatewayConfig, ReconnectConfig, Section, read_secret_files
+from core.config import GatewayConfig, ReconnectConfig, Section
 from gateways.irc.translate import InvalidCommand, check_channel, check_encoding, check_nick
 
 __all__ = [
@@ -71,10 +71,7 @@ class SaslConfig(Section):
         default=None, description="Account password; or password_file."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "password")
+    secret_files = ("password",)
 
     @model_validator(mode="after")
     def _check(self) -> SaslConfig:
@@ -93,10 +90,7 @@ class ChannelConfig(Section):
     name: ChannelName = Field(description="Channel name, with its prefix (#, &, + or !).")
     key: SecretStr | None = Field(default=None, description="Channel key (+k); or key_file.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "key")
+    secret_files = ("key",)
 
 
 class FloodConfig(Section):
@@ -177,10 +171,7 @@ class IrcConfig(Section):
     )
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig, description="Backoff.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "password", "nickserv_password")
+    secret_files = ("password", "nickserv_password")
 
     @model_validator(mode="after")
     def _check(self) -> IrcConfig:

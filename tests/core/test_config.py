@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr
 
 from core.config import (
     ConfigError,
@@ -15,7 +14,6 @@ from core.config import (
     Section,
     load_config,
     peek_gateway,
-    read_secret_files,
 )
 from core.logs import redact, setup_logging
 
@@ -30,11 +28,7 @@ class Demo(Section):
     port: int = 1
     password: SecretStr | None = None
     subscriptions: list[Sub] = []
-
-    @model_validator(mode="before")
-    @classmethod
-    def _files(cls, data: Any) -> Any:
-        return read_secret_files(data, "password")
+    secret_files = ("password",)  # password_file: PATH is read into password
 
 
 class DemoConfig(GatewayConfig):
