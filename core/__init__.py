@@ -64,7 +64,8 @@ Which piece for what (each module's docstring is its reference):
 ``core.pacer``        ``Pacer``: async token bucket per key (burst, rate, bounded queue).
 ``core.redis``        ``layer_redis()``: a gateway's own keys beside a ``redis://`` layer.
 ``core.clock``        ``Clock`` / ``LOOP_CLOCK``: time as a dependency (pacer, schedules).
-``core.config``       ``GatewayConfig``, ``Section``, ``ReconnectConfig``, ``read_secret_files``.
+``core.config``       ``GatewayConfig``, ``Section`` (``secret_files`` for ``<key>_file``),
+                      ``ReconnectConfig``; the field descriptions are the YAML reference.
 ``core.envelope``     ``Command``, ``CommandError``, event / result messages, the 1 MB limit.
 ``core.types``        ``ChannelLayer``: the layer as a typed ``Protocol`` (never ``Any``).
 ``core.cli``          ``gateway_main``: the whole ``cli.py``.
