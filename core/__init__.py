@@ -57,7 +57,8 @@ Which piece for what (each module's docstring is its reference):
 ``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``Backoff``,
                       ``StartupError``, ``send_command`` (layer send, retried).
 ``core.client``       ``ReconnectingClient``: subclass it in ``connection.py`` for a transport
-                      that dials out (IRC, Slack Socket Mode, MQTT): hooks ``_connect`` /
+                      that dials out (IRC; Slack Socket Mode, and MQTT, whose own
+                      supervisor predates it, next): hooks ``_connect`` /
                       ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``); it owns
                       fatal-vs-transient first attempts, backoff, the idle watchdog,
                       ``<proto>.connect`` / ``.disconnect`` and readiness. Its states are a table.
