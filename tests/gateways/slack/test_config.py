@@ -1,0 +1,127 @@
+"""The ``slack:`` section: defaults, secrets from env and files, every error with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.config import ConfigError, load_config
+from gateways.slack.config import SlackGatewayConfig
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "slack.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_secrets_from_env_and_files(tmp_path: Path) -> None:
+    (tmp_path / "app").write_text("xapp-from-file\n")
+    path = write(
+        tmp_path,
+        f"""
+gateway: slack
+name: team
+slack:
+  bot_token: ${{SLACK_BOT_TOKEN}}
+  app_token_file: {tmp_path / "app"}
+""",
+    )
+    config = load_config(path, SlackGatewayConfig, env={"SLACK_BOT_TOKEN": "xoxb-from-env"})
+    slack = config.slack
+    assert slack.bot_token.get_secret_value() == "xoxb-from-env"
+    assert slack.app_token is not None and slack.app_token.get_secret_value() == "xapp-from-file"
+    assert slack.transport == "socket_mode" and slack.api_url == "https://slack.com/api/"
+    assert slack.response_url_prefix == "https://hooks.slack.com/"
+    assert slack.ack_timeout == 2.5 and slack.ignore_self is True
+    assert (slack.pacing.rate, slack.pacing.burst, slack.pacing.queue) == (1.0, 3, 100)
+    assert (slack.dedup.window, slack.dedup.max_entries, slack.dedup.redis) == (
+        3600.0,
+        100_000,
+        True,
+    )
+    assert (slack.retry.rate_limited, slack.retry.connection_errors) == (3, 3)
+    events = slack.events_api
+    assert (events.host, events.port, events.path) == ("127.0.0.1", 3000, "/slack/events")
+    assert (events.max_body_size, events.max_age) == (256 * 1024, 300)
+    assert "xoxb-from-env" not in repr(config) and "xapp-from-file" not in repr(config)
+
+
+def test_events_api_needs_the_signing_secret_and_socket_mode_the_app_token(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack: {bot_token: xoxb-1, transport: events_api, api_url: "http://127.0.0.1:9/api"}
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    assert error.value.errors == [
+        "slack: signing_secret: required for events_api (or signing_secret_file)"
+    ]
+    path = write(tmp_path, "gateway: slack\nname: team\nslack: {bot_token: xoxb-1}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    assert error.value.errors == ["slack: app_token: required for socket_mode (or app_token_file)"]
+
+
+def test_every_error_with_its_key_path_and_no_secret(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack:
+  bot_token: xoxb-very-secret
+  app_token: xapp-1
+  bot_token_file: /nonexistent
+  transport: carrier_pigeon
+  api_url: slack.com
+  ack_timeout: 5
+  events_api: {path: "no-slash", max_body_size: 0}
+  pacing: {rate: 0}
+  colour: red
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    text = str(error.value)
+    assert "xoxb-very-secret" not in text
+    assert "slack: set either bot_token or bot_token_file, not both" in text
+
+
+def test_every_error_with_its_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack:
+  bot_token: xoxb-1
+  app_token: xapp-1
+  transport: carrier_pigeon
+  api_url: slack.com
+  ack_timeout: 5
+  events_api: {path: "no-slash", max_body_size: 0}
+  pacing: {rate: 0}
+  colour: red
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    lines = error.value.errors
+    for key in (
+        "slack.transport:",
+        "slack.api_url: must be an http:// or https:// URL",
+        "slack.ack_timeout:",
+        "slack.events_api.path: must start with /",
+        "slack.events_api.max_body_size:",
+        "slack.pacing.rate:",
+        "slack.colour: Extra inputs are not permitted",
+    ):
+        assert any(line.startswith(key) for line in lines), (key, lines)
