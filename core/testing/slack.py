@@ -107,6 +107,9 @@ class FakeSlack:
         self.pending: dict[str, dict[str, Any]] = {}
         #: envelope ids in the order their acknowledgements arrived (repeats kept)
         self.acks: list[str] = []
+        #: envelope_id → time.monotonic() when it was first sent / first acknowledged
+        self.sent_at: dict[str, float] = {}
+        self.acked_at: dict[str, float] = {}
         #: bodies posted to response_url
         self.responses: list[dict[str, Any]] = []
         #: messages by (channel, ts)
@@ -339,6 +342,7 @@ class FakeSlack:
                     envelope_id = data.get("envelope_id") if isinstance(data, dict) else None
                     if isinstance(envelope_id, str):
                         self.acks.append(envelope_id)
+                        self.acked_at.setdefault(envelope_id, time.monotonic())
                         self.pending.pop(envelope_id, None)
                         self._notify()
         finally:
@@ -356,6 +360,7 @@ class FakeSlack:
         envelope_id = str(uuid.uuid4())
         envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload, **extra}
         self.pending[envelope_id] = envelope
+        self.sent_at[envelope_id] = time.monotonic()
         await self._current().ws.send_json(envelope)
         return envelope_id
 

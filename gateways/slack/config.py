@@ -152,6 +152,13 @@ class SlackConfig(Section):
         "acknowledged (Socket Mode: Slack redelivers) or answered 503 (Events API). Slack "
         "wants an answer within 3 s.",
     )
+    max_in_flight: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Socket Mode: envelopes handled at once per connection (their events may "
+        "reach the layer in a different order; Slack does not promise an order either).",
+    )
     ignore_self: bool = Field(
         default=True,
         description="Drop message events the app's own bot user sent (no echo loops).",

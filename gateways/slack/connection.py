@@ -252,6 +252,7 @@ class SocketModeConnection(ReconnectingClient):
         self.identity: dict[str, Any] = {}
         self._socket: ClientConnection | None = None
         self._readers: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._lost_reason: asyncio.Future[str] | None = None
         self._replacing: asyncio.Task[None] | None = None
 
@@ -326,9 +327,10 @@ class SocketModeConnection(ReconnectingClient):
             self._replacing = None
         socket, self._socket = self._socket, None
         readers, self._readers = set(self._readers), set()
-        for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        handlers, self._in_flight = set(self._in_flight), set()
+        for task in (*readers, *handlers):
+            task.cancel()  # an envelope not acknowledged yet is redelivered by Slack
+        await asyncio.gather(*readers, *handlers, return_exceptions=True)
         if socket is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(socket.close(), 2)
@@ -364,13 +366,18 @@ class SocketModeConnection(ReconnectingClient):
 
     async def _read(self, socket: ClientConnection) -> None:
         reason = "the server closed the WebSocket"
+        # envelopes are handled concurrently (the layer and the de-dup window are round trips)
+        # up to max_in_flight per socket; then the reader waits, and Slack holds the rest
+        slots = asyncio.Semaphore(self.settings.max_in_flight)
         try:
             async for frame in socket:
                 self.heard()
                 parsed = parse_envelope(frame)
                 if isinstance(parsed, Envelope):
-                    if await self.listener.slack_envelope(parsed):
-                        await socket.send(ack(parsed.envelope_id))
+                    await slots.acquire()
+                    task = asyncio.create_task(self._handle(socket, parsed, slots))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
                 elif isinstance(parsed, Control):
                     if parsed.type == "disconnect":
                         self._replace(socket, parsed.reason)
@@ -382,6 +389,24 @@ class SocketModeConnection(ReconnectingClient):
             reason = describe_error(exc)
         if socket is self._socket:
             self._resolve_lost(reason)
+
+    async def _handle(
+        self, socket: ClientConnection, envelope: Envelope, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            if await self.listener.slack_envelope(envelope):
+                await socket.send(ack(envelope.envelope_id))
+        except (ConnectionClosed, OSError):
+            pass  # not acknowledged: Slack redelivers it on the next connection
+        except Exception:
+            self.log.exception("%s: error handling envelope %s", self.name, envelope.envelope_id)
+        finally:
+            slots.release()
+
+    async def drain(self) -> None:
+        """Wait for the envelopes being handled now (their acks go out)."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
     def _replace(self, old: ClientConnection, reason: str) -> None:
         """Slack asked us to move (``disconnect``): new socket first, then close the old one."""

@@ -157,6 +157,8 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         return reasons
 
     async def drain(self) -> None:
+        if self.client is not None:
+            await self.client.drain()
         if self.server is not None:
             await self.server.stop()  # no new requests; Slack retries elsewhere
 
