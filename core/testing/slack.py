@@ -23,6 +23,7 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -122,6 +123,7 @@ class FakeSlack:
         self._hooks = itertools.count(1)
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -151,6 +153,8 @@ class FakeSlack:
         return self
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         for socket in self.sockets:
             if not socket.ws.closed:
                 await socket.ws.close()
@@ -171,10 +175,8 @@ class FakeSlack:
             if remaining <= 0:
                 raise TimeoutError(f"fake Slack: timed out waiting for {what or predicate}")
             changed = self._changed
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(remaining, 0.5))
-            except TimeoutError:
-                pass
         return result
 
     # -- Web API ------------------------------------------------------------------------------
@@ -411,13 +413,13 @@ class FakeSlack:
         )
 
         async def close_later() -> None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await self.wait_for(lambda: self.connections_opened > opened, close_after)
-            except TimeoutError:
-                pass
             await socket.ws.close()
 
-        asyncio.ensure_future(close_later())
+        task = asyncio.ensure_future(close_later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def send_raw(self, text: str) -> None:
         await self._current().ws.send_str(text)

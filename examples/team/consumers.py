@@ -27,9 +27,7 @@ class SlackTeamConsumer(AsyncConsumer):
             log.warning("could not answer %s: %r", message["id"], exc)
 
     async def slack_joined(self, message: dict[str, Any]) -> None:
-        text = (
-            f"Welcome <@{message['user']}>! Type `/ticket 42` to look up support ticket 42."
-        )
+        text = f"Welcome <@{message['user']}>! Type `/ticket 42` to look up support ticket 42."
         await self._command(
             message, {"type": "slack.send", "channel": message["channel"], "text": text}
         )

@@ -1,1 +1,1 @@
-"""The Slack gateway: one Slack app (Socket Mode or the Events API) on a channel layer (see README.md)."""
+"""The Slack gateway: one Slack app (Socket Mode or Events API) on a layer (see README.md)."""

@@ -183,7 +183,7 @@ class SlackWebApi:
     async def call(
         self, method: str, args: Mapping[str, Any] | None = None, *, token: str | None = None
     ) -> dict[str, Any]:
-        """``method`` with JSON ``args``; Slack's answer. :class:`SlackApiFailed` on ``ok: false``."""
+        """``method`` with JSON ``args``: Slack's answer, or :class:`SlackApiFailed` (ok: false)."""
         client = self._web()
         body = dict(args or {})
         if token is not None:

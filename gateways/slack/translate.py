@@ -344,7 +344,7 @@ def from_interactive(payload: Mapping[str, Any]) -> Inbound:
 
 @dataclass(frozen=True)
 class ApiCall:
-    """A Web API call: ``method`` (``chat.postMessage``) with JSON ``args``; paced by ``channel``."""
+    """A Web API call: ``method`` (``chat.postMessage``), JSON ``args``; paced by ``channel``."""
 
     method: str
     args: dict[str, Any]
@@ -405,7 +405,7 @@ def _flag(body: Mapping[str, Any], key: str) -> bool | None:
 
 
 def parse_send(body: Mapping[str, Any]) -> ApiCall:
-    """``slack.send``: ``channel``, ``text`` and/or ``blocks``, ``thread_ts``, ``reply_broadcast``."""
+    """``slack.send``: ``channel``, ``text`` / ``blocks``, ``thread_ts``, ``reply_broadcast``."""
     channel = _required_str(body, "channel")
     args: dict[str, Any] = {"channel": channel, **_content(body, required=True)}
     thread_ts = _ts(body, "thread_ts", required=False)
@@ -435,7 +435,7 @@ def parse_delete(body: Mapping[str, Any]) -> ApiCall:
 
 
 def parse_react(body: Mapping[str, Any]) -> ApiCall:
-    """``slack.react``: ``channel``, ``ts``, ``name`` (``thumbsup`` or ``:thumbsup:``), ``remove``."""
+    """``slack.react``: ``channel``, ``ts``, ``name`` (``thumbsup``, ``:thumbsup:``), ``remove``."""
     channel = _required_str(body, "channel")
     ts = _ts(body, "ts", required=True)
     name = _required_str(body, "name", 100).strip(":")
