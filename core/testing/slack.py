@@ -358,7 +358,8 @@ class FakeSlack:
             raise RuntimeError("fake Slack: no open Socket Mode connection")
         return sockets[-1]
 
-    async def _push(self, kind: str, payload: dict[str, Any], **extra: Any) -> str:
+    async def send_envelope(self, kind: str, payload: dict[str, Any], **extra: Any) -> str:
+        """Any envelope of ``kind`` around ``payload``; returns its ``envelope_id``."""
         envelope_id = str(uuid.uuid4())
         envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload, **extra}
         self.pending[envelope_id] = envelope
@@ -368,7 +369,7 @@ class FakeSlack:
 
     async def send_event(self, event: Mapping[str, Any], event_id: str | None = None) -> str:
         """An ``events_api`` envelope around ``event``; returns its ``envelope_id``."""
-        return await self._push(
+        return await self.send_envelope(
             "events_api",
             event_callback(event, event_id),
             accepts_response_payload=False,
@@ -395,11 +396,13 @@ class FakeSlack:
             "response_url": self.response_url(),
             "trigger_id": f"{next(self._ts)}.1.{uuid.uuid4().hex[:8]}",
         }
-        return await self._push("slash_commands", payload, accepts_response_payload=True)
+        return await self.send_envelope("slash_commands", payload, accepts_response_payload=True)
 
     async def send_interactive(self, payload: Mapping[str, Any]) -> str:
         """An ``interactive`` envelope; returns its ``envelope_id``."""
-        return await self._push("interactive", dict(payload), accepts_response_payload=False)
+        return await self.send_envelope(
+            "interactive", dict(payload), accepts_response_payload=False
+        )
 
     async def send_disconnect(
         self, reason: str = "refresh_requested", close_after: float = 1.0

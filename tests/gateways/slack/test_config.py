@@ -125,3 +125,15 @@ slack:
         "slack.colour: Extra inputs are not permitted",
     ):
         assert any(line.startswith(key) for line in lines), (key, lines)
+
+
+def test_gateways_run_knows_the_example(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateways.cli import main
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "slack.yaml"
+    env = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert main(["run", "--check-config", str(example)]) == 0
+    assert f"{example}: ok" in capsys.readouterr().out

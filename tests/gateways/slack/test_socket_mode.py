@@ -366,3 +366,24 @@ async def test_a_refused_token_is_exit_3_at_once(
     assert bad not in stderr.decode()
     calls = "auth.test" if which == "bot_token" else "apps.connections.open"
     assert len(fake_slack.calls_of(calls)) == 1  # no retry loop
+
+
+async def test_hostile_frames_are_counted_and_change_nothing(fake_slack: FakeSlack) -> None:
+    async with running(slack_config(fake_slack)) as (gateway, layer):
+        await next_event(layer, "slack.connect")
+        bad_before = metric("gateway_errors_total", gateway="team", kind="bad_input")
+        invalid_before = metric("gateway_dropped_total", gateway="team", reason="invalid_payload")
+        await fake_slack.send_raw("not json at all")
+        await fake_slack.send_raw('{"type": "events_api", "payload": {}}')  # no envelope_id
+        # a readable envelope whose payload is not: acknowledged (Slack would resend it
+        # forever), dropped and counted
+        unreadable = await fake_slack.send_envelope("events_api", {"type": "event_callback"})
+        await fake_slack.wait_ack(unreadable)
+        assert metric("gateway_errors_total", gateway="team", kind="bad_input") == bad_before + 2
+        assert (
+            metric("gateway_dropped_total", gateway="team", reason="invalid_payload")
+            == invalid_before + 1
+        )
+        await fake_slack.send_event(message("still here"))
+        assert (await next_event(layer, "slack.message"))["text"] == "still here"
+        assert gateway.client is not None and gateway.client.connected

@@ -153,3 +153,17 @@ async def test_respond_posts_to_the_response_url(fake_slack: FakeSlack) -> None:
     assert fake_slack.responses == [
         {"text": "done", "response_type": "in_channel", "replace_original": False}
     ]
+
+
+async def test_pacing_is_per_channel(fake_slack: FakeSlack) -> None:
+    # one message per channel now, the next in 1000 s, and nobody may wait: a second send to
+    # the same channel is refused at once, another channel is not held up
+    config = slack_config(fake_slack, pacing={"rate": 0.001, "burst": 1, "queue": 0})
+    async with running(config) as (_, layer):
+        first = {"type": "slack.send", "channel": "C0GENERAL", "text": "1"}
+        assert (await command(layer, "team.send", first))["ok"] is True
+        second = await command(layer, "team.send", {**first, "text": "2"})
+        assert second["ok"] is False and "too many messages waiting" in str(second["error"])
+        other = {"type": "slack.send", "channel": "C0RANDOM", "text": "3"}
+        assert (await command(layer, "team.send", other))["ok"] is True
+    assert [c.args["text"] for c in fake_slack.calls_of("chat.postMessage")] == ["1", "3"]
