@@ -102,12 +102,16 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
     async def open(self) -> None:
         self.buffer.start()
         self.log.info("%s: de-dup window in %s", self.name, self.dedup.description)
-        if self.client is not None:
-            await self.client.start()
-            return
-        assert self.server is not None
-        await self._authenticate(first=True)
-        await self.server.start()
+        try:
+            if self.client is not None:
+                await self.client.start()
+                return
+            assert self.server is not None
+            await self._authenticate(first=True)
+            await self.server.start()
+        except BaseException:
+            await self.close()  # close() is not called when open() fails
+            raise
         self.log.info(
             "%s: Events API on http://%s:%s%s",
             self.name,

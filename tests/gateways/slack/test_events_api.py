@@ -9,9 +9,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from core.layers import resolve_layer
-from core.testing import RedisServer, free_port, metric
+from core.service import StartupError
+from core.testing import RedisServer, free_port, metric, run_gateway
 from core.testing.slack import EventsApiClient, FakeSlack
+from gateways.slack.config import SlackGatewayConfig
+from gateways.slack.gateway import SlackGateway
 from tests.gateways.slack.conftest import SECRET, next_event, running, slack_config
 
 JOINED = {
@@ -153,3 +158,22 @@ async def test_the_dedup_window_in_redis_outlives_the_gateway(
         assert (await slack.event(JOINED, "Ev0KEPT", retry_num=1))[0] == 200
         assert (await slack.event(JOINED, "Ev0NEW"))[0] == 200
         assert (await next_event(layer2, "slack.joined"))["id"] == "Ev0NEW"
+
+
+async def test_a_taken_port_or_a_refused_token_cannot_start(fake_slack: FakeSlack) -> None:
+    port = free_port()
+    async with running(events_config(fake_slack, port)):
+        second = SlackGateway(
+            SlackGatewayConfig.model_validate(events_config(fake_slack, port)),
+            resolve_layer("memory://"),
+        )
+        with pytest.raises(StartupError, match="address already in use"):
+            async with run_gateway(second):
+                pass
+    refused = SlackGateway(
+        SlackGatewayConfig.model_validate(events_config(fake_slack, port, bot_token="xoxb-no")),
+        resolve_layer("memory://"),
+    )
+    with pytest.raises(StartupError, match="invalid_auth"):
+        async with run_gateway(refused):
+            pass
