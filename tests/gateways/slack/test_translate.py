@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.envelope import check_payload
@@ -32,6 +32,9 @@ from gateways.slack.translate import (
     parse_update,
 )
 
+#: no deadline: the machine is shared, a slow example is not a failure
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
@@ -39,6 +42,7 @@ json_values = st.recursive(
 )
 
 
+@PROPERTY
 @given(st.text() | st.binary())
 def test_any_frame_parses_to_something(frame: str | bytes) -> None:
     assert isinstance(parse_envelope(frame), Envelope | Control | Unknown)
@@ -68,6 +72,7 @@ def test_envelopes_as_slack_documents_them() -> None:
     assert json.loads(ack("e1")) == {"envelope_id": "e1"}
 
 
+@PROPERTY
 @given(st.dictionaries(st.text(), json_values), json_values)
 def test_any_event_callback_is_a_msgpack_safe_message_or_invalid(
     body: dict[str, Any], event: Any
@@ -289,6 +294,7 @@ def test_bad_responds() -> None:
     }
 
 
+@PROPERTY
 @given(
     st.text(min_size=1, max_size=50).filter(
         lambda s: s.strip() and not any(c.isspace() for c in s)
