@@ -308,3 +308,81 @@ def test_send_keeps_what_it_was_given(channel: str, text: str) -> None:
         assert not text
         return
     assert call.args == {"channel": channel, "text": text} and call.channel == channel
+
+
+def test_mentions_members_and_reactions() -> None:
+    mention = from_event_callback(
+        callback(
+            {
+                "type": "app_mention",
+                "user": "U2",
+                "text": "<@U1> hi",
+                "ts": "1.2",
+                "channel": "C1",
+                "thread_ts": "1.1",
+            }
+        )
+    )
+    assert mention.event == "mention"
+    assert (mention.keys["text"], mention.keys["thread_ts"], mention.keys["files"]) == (
+        "<@U1> hi",
+        "1.1",
+        [],
+    )
+    joined = from_event_callback(
+        callback(
+            {
+                "type": "member_joined_channel",
+                "user": "U2",
+                "channel": "C1",
+                "channel_type": "C",
+                "inviter": "U3",
+            }
+        )
+    )
+    assert joined.event == "joined" and joined.keys["inviter"] == "U3"
+    left = from_event_callback(callback({"type": "member_left_channel", "user": "U2"}))
+    assert left.event == "left" and left.keys["channel"] is None
+    added = from_event_callback(
+        callback(
+            {
+                "type": "reaction_added",
+                "user": "U2",
+                "reaction": "tada",
+                "item_user": "U1",
+                "item": {"type": "message", "channel": "C1", "ts": "1.2"},
+            }
+        )
+    )
+    assert added.event == "reaction"
+    assert {k: added.keys[k] for k in ("action", "reaction", "item_type", "channel", "ts")} == {
+        "action": "added",
+        "reaction": "tada",
+        "item_type": "message",
+        "channel": "C1",
+        "ts": "1.2",
+    }
+    removed = from_event_callback(callback({"type": "reaction_removed", "item": "junk"}))
+    assert removed.keys["action"] == "removed" and removed.keys["channel"] is None
+
+
+def test_interactive_fallbacks() -> None:
+    shortcut = from_interactive(
+        {
+            "type": "message_action",
+            "callback_id": "cb",
+            "response_url": "https://h/1",
+            "response_urls": [{"response_url": "https://h/2"}],
+            "view": {"callback_id": "v"},
+        }
+    )
+    assert (shortcut.keys["callback_id"], shortcut.keys["response_url"]) == ("cb", "https://h/1")
+    bare = from_interactive({"type": "view_closed", "response_urls": ["junk"], "view": "junk"})
+    assert bare.id is None and bare.keys["response_url"] is None
+    assert bare.keys["callback_id"] is None
+    with pytest.raises(InvalidCommand, match="non-empty string"):
+        parse_send({"channel": "  ", "text": "x"})
+    assert (
+        parse_send({"channel": "C1", "text": "x", "reply_broadcast": False}).args["reply_broadcast"]
+        is False
+    )
