@@ -38,7 +38,7 @@ from gateways.slack.connection import (
     SlackWebApi,
     SocketModeConnection,
 )
-from gateways.slack.dedup import DedupWindow, RedisDedupWindow
+from gateways.slack.dedup import Claim, DedupWindow, RedisDedupWindow
 from gateways.slack.translate import (
     ApiCall,
     Envelope,
@@ -79,10 +79,12 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
             name=f"{self.name} pacing",
         )
         redis = layer_redis(layer, "slack", self.name) if settings.dedup.redis else None
+        # a "pending" mark outlives the hand-off it guards (at most ack_timeout)
+        pending_for = settings.ack_timeout + 2.0
         self.dedup: DedupWindow = (
-            RedisDedupWindow(redis, settings.dedup.window, self.metrics, self.log)
+            RedisDedupWindow(redis, settings.dedup.window, pending_for, self.metrics, self.log)
             if redis is not None
-            else DedupWindow(settings.dedup.window, settings.dedup.max_entries)
+            else DedupWindow(settings.dedup.window, settings.dedup.max_entries, pending_for)
         )
         self.client: SocketModeConnection | None = None
         self.server: EventsApiServer | None = None
@@ -234,17 +236,23 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
     async def _deliver(self, inbound: Inbound, key: str | None) -> bool:
         if self.settings.ignore_self and inbound.event == "message" and inbound.keys.get("self"):
             return True
-        if key is not None and not await self.dedup.claim(key):
+        claim = Claim.NEW if key is None else await self.dedup.claim(key)
+        if claim is Claim.DONE:
             self.metrics.dropped("duplicate")
             self.log.info("%s: %s already delivered; acknowledged again", self.name, key)
             return True
+        if claim is Claim.PENDING:
+            # another delivery of it is being handed over and may still fail: no ack yet
+            self.metrics.retry("duplicate_in_flight")
+            self.log.info("%s: %s is being delivered meanwhile; not acknowledged", self.name, key)
+            return False
         message = self.event(inbound.event, id=inbound.id, **inbound.keys)
         try:
             accepted = await self.publish(message, timeout=self.settings.ack_timeout)
         except EventRefused:
-            return True  # logged and counted by publish(); Slack would resend it forever
-        if not accepted and key is not None:
-            await self.dedup.release(key)
+            accepted = True  # logged and counted by publish(); Slack would resend it forever
+        if key is not None:
+            await (self.dedup.done(key) if accepted else self.dedup.release(key))
         return accepted
 
     # -- commands -----------------------------------------------------------------------------

@@ -51,8 +51,13 @@ async def running(
 ) -> AsyncIterator[tuple[SlackGateway, Any]]:
     layer = layer if layer is not None else InMemoryChannelLayer(capacity=1000)
     gateway = SlackGateway(SlackGatewayConfig.model_validate(config), layer)
-    async with run_gateway(gateway):
-        yield gateway, layer
+    try:
+        async with run_gateway(gateway):
+            yield gateway, layer
+    finally:
+        close_pools = getattr(layer, "close_pools", None)
+        if close_pools is not None:  # a Redis layer: no sockets left for the next test
+            await close_pools()
 
 
 async def next_event(layer: Any, type_: str, on: str = "team", **keys: Any) -> dict[str, Any]:
