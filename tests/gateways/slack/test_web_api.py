@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.testing import command, metric
+from core.testing import command, metric, until
 from core.testing.slack import FakeSlack
 from tests.gateways.slack.conftest import running, slack_config
 
@@ -167,3 +167,15 @@ async def test_pacing_is_per_channel(fake_slack: FakeSlack) -> None:
         other = {"type": "slack.send", "channel": "C0RANDOM", "text": "3"}
         assert (await command(layer, "team.send", other))["ok"] is True
     assert [c.args["text"] for c in fake_slack.calls_of("chat.postMessage")] == ["1", "3"]
+
+
+async def test_slack_unreachable_is_retried_then_answered(fake_slack: FakeSlack) -> None:
+    async with running(slack_config(fake_slack)) as (gateway, layer):
+        await fake_slack.stop()  # connection refused from here on
+        result = await command(
+            layer, "team.send", {"type": "slack.send", "channel": "C0GENERAL", "text": "hi"}
+        )
+        assert result["ok"] is False
+        assert str(result["error"]).startswith("Slack unreachable: chat.postMessage:")
+        # the Socket Mode connection went with it: /readyz says so
+        await until(lambda: gateway.ready_reasons(), what="not ready")
