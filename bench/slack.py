@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 markdown_table(header, rows),
                 "",
                 *(f"- {note}" for note in notes),
-                "- Each envelope costs the gateway two de-dup calls in Redis (`SET NX` pending, `SET` done) and a layer send "
-                "before its ack; up to `max_in_flight` (32) envelopes are handled at once per "
+                "- Each envelope costs the gateway two de-dup calls in Redis (`SET NX` pending, "
+                "`SET` done) and a layer send before its ack; up to `max_in_flight` (32) envelopes are handled at once per "
                 "socket. The raw layer's rate moves a lot between runs on this shared machine; "
                 "the ratio of the same run is the figure to read.",
                 "",
