@@ -198,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 *(f"- {note}" for note in notes),
                 "- Each envelope costs the gateway two de-dup calls in Redis (`SET NX` pending, "
-                "`SET` done) and a layer send before its ack; up to `max_in_flight` (32) envelopes are handled at once per "
-                "socket. The raw layer's rate moves a lot between runs on this shared machine; "
-                "the ratio of the same run is the figure to read.",
+                "`SET` done) and a layer send before its ack; up to `max_in_flight` (32) "
+                "envelopes are handled at once per socket. The raw layer's rate moves a lot "
+                "between runs on this shared machine; the ratio of the same run is the figure "
+                "to read.",
                 "",
                 "How to read it: see the docstring of `bench/slack.py`.",
             ]
