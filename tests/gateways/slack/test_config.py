@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.config import ConfigError, load_config
-from gateways.slack.config import SlackGatewayConfig
+from gateways.slack.config import SlackConfig, SlackGatewayConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -137,3 +139,30 @@ def test_gateways_run_knows_the_example(capsys: pytest.CaptureFixture[str]) -> N
             patch.setenv(key, value)
         assert main(["run", "--check-config", str(example)]) == 0
     assert f"{example}: ok" in capsys.readouterr().out
+
+
+def _keys(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for name, field in model.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):
+            out += _keys(field.annotation, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field.default))
+    return out
+
+
+def test_the_readme_documents_every_key_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "gateways/slack/README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.]+)`(?: / `[a-z_]+`)? \| ([^|]+) \|", readme, re.M))
+    for key, default in _keys(SlackConfig):
+        assert key in rows, f"{key} is not in the README's table"
+        documented = rows[key].strip().strip("`")
+        if isinstance(default, bool):
+            assert documented == str(default).lower(), key
+        elif isinstance(default, int | float | str):
+            assert documented in (
+                str(default),
+                f"{default:g}" if not isinstance(default, str) else default,
+            ), key
+        else:
+            assert documented.startswith("required"), key
