@@ -30,7 +30,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -124,6 +124,8 @@ class FakeSlack:
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        #: seconds each Web API call takes to arrive (network latency that varies per call)
+        self.delay: Callable[[SlackCall], float] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -205,7 +207,10 @@ class FakeSlack:
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             token = header[len("Bearer ") :]
-        self.calls.append(SlackCall(method, args, token, content_type))
+        call = SlackCall(method, args, token, content_type)
+        if self.delay is not None:  # the request is still on its way
+            await asyncio.sleep(self.delay(call))
+        self.calls.append(call)
         self._notify()
         limit = self._limits.get(method)
         if limit is not None and limit[1] > 0:

@@ -13,7 +13,8 @@ Replies need no particular connection (the Web API is plain HTTPS), so events ca
 channel as ``reply_channel`` and any replica may answer.
 
 Outbound: each command is validated (``translate.parse_*``), paced per channel
-(:class:`core.pacer.Pacer`) and sent through slack_sdk; 429s are retried after ``Retry-After``
+(:class:`core.pacer.Pacer`) and sent through slack_sdk, one call at a time per channel so
+messages appear in the order their commands came; 429s are retried after ``Retry-After``
 and connection errors with backoff by slack_sdk's retry handlers. ``slack.result`` carries
 Slack's ``ts`` and ``channel``, or Slack's error code (``channel_not_found``) as ``error``.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.envelope import Command, CommandError
@@ -58,13 +60,19 @@ from gateways.slack.translate import (
 __all__ = ["SlackGateway"]
 
 
+@dataclass
+class _ChannelTurn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class SlackGateway(Gateway[SlackGatewayConfig]):
     """One Slack app; see the module docstring."""
 
     protocol = "slack"
     config_model = SlackGatewayConfig
     #: commands wait for their channel's pacer and for Slack; other channels go on meanwhile
-    command_concurrency = 16
+    command_concurrency = 64
 
     def __init__(self, config: SlackGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
@@ -98,6 +106,8 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         self.identity: dict[str, Any] = {}
         self._auth_error: str | None = "auth.test not done yet"
         self._auth_task: asyncio.Task[None] | None = None
+        #: one call at a time per Slack channel, so messages appear in the order they came
+        self._channels: dict[str, _ChannelTurn] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -258,8 +268,20 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
     # -- commands -----------------------------------------------------------------------------
 
     async def _call(self, call: ApiCall) -> dict[str, Any]:
-        if call.channel is not None:
-            await self.pacer.wait(call.channel)
+        if call.channel is None:
+            return await self._send(call)
+        await self.pacer.wait(call.channel)  # bounded (pacing.queue), keeps arrival order
+        turn = self._channels.setdefault(call.channel, _ChannelTurn())
+        turn.users += 1
+        try:
+            async with turn.lock:  # FIFO: the previous call to this channel is answered first
+                return await self._send(call)
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._channels[call.channel]
+
+    async def _send(self, call: ApiCall) -> dict[str, Any]:
         try:
             return await self.api.call(call.method, call.args)
         except SlackApiFailed as exc:

@@ -179,3 +179,25 @@ async def test_slack_unreachable_is_retried_then_answered(fake_slack: FakeSlack)
         assert str(result["error"]).startswith("Slack unreachable: chat.postMessage:")
         # the Socket Mode connection went with it: /readyz says so
         await until(lambda: gateway.ready_reasons(), what="not ready")
+
+
+async def test_messages_to_one_channel_keep_their_order(fake_slack: FakeSlack) -> None:
+    # early messages take longer to answer: without one call at a time per channel, later
+    # ones would overtake them
+    fake_slack.delay = lambda call: 0.05 if int(call.args.get("text", 0)) < 10 else 0.0
+    async with running(slack_config(fake_slack)) as (gateway, layer):
+        results = await layer.new_channel("test-results.")
+        for i in range(20):  # all queued at once; up to 64 commands run concurrently
+            channel = "C0GENERAL" if i % 2 else "C0RANDOM"
+            await layer.send(
+                "team.send",
+                {"type": "slack.send", "channel": channel, "text": f"{i}", "id": str(i),
+                 "result_channel": results},
+            )  # fmt: skip
+        for _ in range(20):
+            assert (await layer.receive(results))["ok"] is True
+        assert gateway._channels == {}  # nothing left behind per channel
+    for channel, first in (("C0GENERAL", 1), ("C0RANDOM", 0)):
+        texts = [c.args["text"] for c in fake_slack.calls_of("chat.postMessage")
+                 if c.args["channel"] == channel]  # fmt: skip
+        assert texts == [str(i) for i in range(first, 20, 2)]
