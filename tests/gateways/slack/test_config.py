@@ -72,7 +72,7 @@ slack: {bot_token: xoxb-1, transport: events_api, api_url: "http://127.0.0.1:9/a
     assert error.value.errors == ["slack: app_token: required for socket_mode (or app_token_file)"]
 
 
-def test_every_error_with_its_key_path_and_no_secret(tmp_path: Path) -> None:
+def test_a_secret_set_twice_is_refused_without_echoing_it(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         """
@@ -80,21 +80,14 @@ gateway: slack
 name: team
 slack:
   bot_token: xoxb-very-secret
-  app_token: xapp-1
   bot_token_file: /nonexistent
-  transport: carrier_pigeon
-  api_url: slack.com
-  ack_timeout: 5
-  events_api: {path: "no-slash", max_body_size: 0}
-  pacing: {rate: 0}
-  colour: red
+  app_token: xapp-1
 """,
     )
     with pytest.raises(ConfigError) as error:
         load_config(path, SlackGatewayConfig)
-    text = str(error.value)
-    assert "xoxb-very-secret" not in text
-    assert "slack: set either bot_token or bot_token_file, not both" in text
+    assert "slack: set either bot_token or bot_token_file, not both" in str(error.value)
+    assert "xoxb-very-secret" not in str(error.value)
 
 
 def test_every_error_with_its_key_path(tmp_path: Path) -> None:
