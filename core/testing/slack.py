@@ -10,8 +10,8 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
   ``reactions.add`` and ``reactions.remove``. :meth:`FakeSlack.rate_limit` makes the next
   calls of a method answer ``429`` with ``Retry-After``.
 * **Socket Mode** ``GET /socket/<ticket>`` (WebSocket): ``hello`` on connect; :meth:`send_event`,
-  :meth:`send_slash_command`, :meth:`send_interactive` (and :meth:`send_envelope`, any) push the documented envelopes and
-  record acknowledgements by ``envelope_id``; :meth:`send_disconnect` asks the client to move;
+  :meth:`send_slash_command`, :meth:`send_interactive` (:meth:`send_envelope`: any) push the
+  documented envelopes and record acknowledgements by ``envelope_id``; :meth:`send_disconnect` asks the client to move;
   :meth:`go_silent` stops answering anything (pings included) without closing. Like Slack,
   envelopes not acknowledged are redelivered on the next connection (``retry_attempt`` + 1), or
   when :meth:`redeliver` is called.
