@@ -11,10 +11,10 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
   calls of a method answer ``429`` with ``Retry-After``.
 * **Socket Mode** ``GET /socket/<ticket>`` (WebSocket): ``hello`` on connect; :meth:`send_event`,
   :meth:`send_slash_command`, :meth:`send_interactive` (:meth:`send_envelope`: any) push the
-  documented envelopes and record acknowledgements by ``envelope_id``; :meth:`send_disconnect` asks the client to move;
-  :meth:`go_silent` stops answering anything (pings included) without closing. Like Slack,
-  envelopes not acknowledged are redelivered on the next connection (``retry_attempt`` + 1), or
-  when :meth:`redeliver` is called.
+  documented envelopes and record acknowledgements by ``envelope_id``; :meth:`send_disconnect`
+  asks the client to move; :meth:`go_silent` stops answering anything (pings included) without
+  closing. Like Slack, envelopes not acknowledged are redelivered on the next connection
+  (``retry_attempt`` + 1), or when :meth:`redeliver` is called.
 * **response_url** ``POST /hooks/<n>``: bodies recorded in :attr:`FakeSlack.responses`.
 * :class:`EventsApiClient` posts signed Events API requests (``X-Slack-Signature`` v0) the way
   Slack does, with knobs to get the signature, the timestamp or the headers wrong.
