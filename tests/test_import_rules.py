@@ -27,6 +27,13 @@ TRANSPORT_IO: dict[str, dict[str, set[str]]] = {
     "email": {"aiosmtplib": {"*"}, "aiosmtpd.smtp": {"SMTP"}, "aiosmtpd.controller": {"*"}},
     "mqtt": {"paho.mqtt.client": {"Client"}, "paho.mqtt": {"client"}},
     "http_ws": {"uvicorn": {"*"}, "websockets": {"*"}},
+    "slack": {
+        "slack_sdk.web": {"*"},
+        "slack_sdk.webhook": {"*"},
+        "slack_sdk.socket_mode": {"*"},
+        "aiohttp": {"*"},
+        "websockets": {"*"},
+    },
     "irc": {
         "irc.client_aio": {"*"},
         "irc.connection": {"*"},

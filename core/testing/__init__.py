@@ -32,6 +32,8 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.worker`    :class:`DjangoWorker`: a real ``manage.py runworker``
 * :mod:`core.testing.smtp`      :class:`SmtpSink`: the far side of ``email.send``
 * :mod:`core.testing.clock`     :class:`ManualClock`: an injectable clock that moves on demand
+* :mod:`core.testing.slack`     :class:`~core.testing.slack.FakeSlack`: Slack's Web API and
+  Socket Mode on a loopback port, and a signing Events API client (import from that module)
 * :mod:`core.testing.harness`   :func:`run_gateway` (in this process), :class:`GatewayProcess`
   (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`receive`,
   :func:`until`, :func:`metric`

@@ -1,0 +1,1 @@
+"""The Slack gateway: one Slack app (Socket Mode or Events API) on a layer (see README.md)."""

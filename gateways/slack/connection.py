@@ -1,0 +1,516 @@
+"""The only I/O of the Slack gateway: slack_sdk's Web API client, the Socket Mode WebSocket and
+the Events API's HTTP server.
+
+* :class:`SlackWebApi` — slack_sdk's ``AsyncWebClient`` (and ``AsyncWebhookClient`` for
+  ``response_url``) on one aiohttp session, with slack_sdk's own retry handlers: 429 answers are
+  retried after their ``Retry-After``, connection errors with exponential backoff. ``ok: false``
+  becomes :class:`SlackApiFailed` carrying Slack's error code.
+* :class:`SocketModeConnection` — a :class:`core.client.ReconnectingClient`. Each attempt runs
+  ``auth.test`` (bot token) and ``apps.connections.open`` (app token) through the Web API
+  client, opens the WebSocket URL that returns (``websockets``) and waits for ``hello``. A
+  refused token (``invalid_auth``, ``not_authed``, …) is fatal on the first attempt (exit 3).
+  One reader per socket hands every envelope to the gateway and sends the acknowledgement only
+  when the gateway says the layer took it. A ``disconnect`` envelope opens the replacement
+  first, then closes the old socket; envelopes that were not acknowledged on it are redelivered
+  by Slack, so none is lost. Silent sockets are found by the core watchdog (ping, then drop).
+
+  slack_sdk's own ``SocketModeClient`` classes are not used: they reconnect on their own
+  (fixed delay, forever, also after ``invalid_auth``), queue frames without a bound and hide a
+  lost connection from the caller, which would fight :mod:`core.client`.
+* :class:`EventsApiServer` — an aiohttp server on the configured path: bodies over the limit are
+  413 before they are read; the signature (slack_sdk's ``SignatureVerifier``) and timestamp are
+  checked before anything else (401); ``url_verification`` is answered; the gateway decides 200
+  or 503 for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from core.client import ClientListener, ConnectFailed, ReconnectingClient
+from core.service import Backoff, EventBuffer, Gateway, describe_error
+from gateways.slack.config import SlackConfig
+from gateways.slack.translate import (
+    Control,
+    Envelope,
+    InvalidPayload,
+    Unknown,
+    ack,
+    check_timestamp,
+    parse_envelope,
+    parse_http_body,
+)
+
+__all__ = [
+    "FATAL_ERRORS",
+    "EventsApiServer",
+    "SlackApiFailed",
+    "SlackListener",
+    "SlackUnreachable",
+    "SlackWebApi",
+    "SocketModeConnection",
+]
+
+#: Web API error codes that mean "this token will not work": no retry loop on start-up
+FATAL_ERRORS = frozenset(
+    {
+        "invalid_auth",
+        "not_authed",
+        "account_inactive",
+        "token_revoked",
+        "token_expired",
+        "no_permission",
+        "missing_scope",
+        "not_allowed_token_type",
+        "invalid_token",
+    }
+)
+
+
+class SlackApiFailed(Exception):
+    """Slack answered ``ok: false``; ``error`` is its error code (``channel_not_found``)."""
+
+    def __init__(self, method: str, error: str) -> None:
+        super().__init__(f"{method}: {error}")
+        self.method = method
+        self.error = error
+
+
+class SlackUnreachable(Exception):
+    """No answer from Slack (connection refused, timed out) after the retries."""
+
+
+class SlackListener(ClientListener, Protocol):
+    """What the gateway hears from the Slack side (on the event loop)."""
+
+    async def slack_envelope(self, envelope: Envelope) -> bool:
+        """A Socket Mode envelope; ``True`` acknowledges it (the layer took it)."""
+
+    async def slack_request(self, kind: str, payload: dict[str, Any], retry: int) -> bool:
+        """A verified Events API request; ``True`` answers 200, ``False`` 503."""
+
+    def slack_bad_input(self, problem: str) -> None:
+        """Something Slack (or someone claiming to be Slack) sent was refused."""
+
+
+class _CountingRateLimit(AsyncRateLimitErrorRetryHandler):
+    """slack_sdk's 429 handler (it sleeps Retry-After), with each retry logged and counted."""
+
+    def __init__(self, gateway: Gateway[Any], max_retry_count: int) -> None:
+        super().__init__(max_retry_count=max_retry_count)
+        self.gateway = gateway
+
+    async def prepare_for_next_attempt_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        after = (
+            (response.headers.get("retry-after") or response.headers.get("Retry-After") or ["?"])
+            if response
+            else ["?"]
+        )
+        self.gateway.metrics.retry("rate_limited")
+        self.gateway.log.warning(
+            "%s: Slack answered 429 to %s; retrying after Retry-After: %s s",
+            self.gateway.name,
+            request.url.rsplit("/", 1)[-1],
+            after[0],
+        )
+        await super().prepare_for_next_attempt_async(
+            state=state, request=request, response=response, error=error
+        )
+
+
+class SlackWebApi:
+    """The Web API (bot token) and ``response_url`` POSTs on one aiohttp session."""
+
+    def __init__(self, gateway: Gateway[Any], settings: SlackConfig) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self._client: AsyncWebClient | None = None
+        retry = settings.retry
+        self._handlers: list[AsyncRetryHandler] = [
+            AsyncConnectionErrorRetryHandler(
+                max_retry_count=retry.connection_errors,
+                interval_calculator=BackoffRetryIntervalCalculator(backoff_factor=retry.backoff),
+            ),
+            _CountingRateLimit(gateway, retry.rate_limited),
+        ]
+
+    def _web(self) -> AsyncWebClient:
+        if self._client is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout)
+            )
+            self._client = AsyncWebClient(
+                token=self.settings.bot_token.get_secret_value(),
+                base_url=self.settings.api_url,
+                session=self._session,
+                timeout=int(self.settings.timeout),
+                retry_handlers=self._handlers,
+                logger=logging.getLogger("gateway.slack.sdk"),
+            )
+        return self._client
+
+    async def call(
+        self, method: str, args: Mapping[str, Any] | None = None, *, token: str | None = None
+    ) -> dict[str, Any]:
+        """``method`` with JSON ``args``: Slack's answer, or :class:`SlackApiFailed` (ok: false)."""
+        client = self._web()
+        body = dict(args or {})
+        if token is not None:
+            body["token"] = token  # slack_sdk sends it as the Bearer token instead
+        try:
+            response = await client.api_call(method, json=body)
+        except SlackApiError as exc:
+            data = exc.response.data
+            error = data.get("error") if isinstance(data, dict) else None
+            raise SlackApiFailed(method, str(error or f"HTTP {exc.response.status_code}")) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SlackUnreachable(f"{method}: {describe_error(exc)}") from None
+        data = response.data
+        return dict(data) if isinstance(data, dict) else {}
+
+    async def respond(self, url: str, body: dict[str, Any]) -> None:
+        """POST ``body`` to a ``response_url``; :class:`SlackApiFailed` unless Slack says 200."""
+        self._web()
+        webhook = AsyncWebhookClient(
+            url,
+            session=self._session,
+            timeout=int(self.settings.timeout),
+            retry_handlers=self._handlers,
+        )
+        try:
+            response = await webhook.send_dict(body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SlackUnreachable(f"response_url: {describe_error(exc)}") from None
+        if response.status_code != 200:
+            raise SlackApiFailed(
+                "response_url", f"HTTP {response.status_code}: {response.body[:200]}"
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self._session = self._client = None
+
+
+class SocketModeConnection(ReconnectingClient):
+    """Slack's Socket Mode WebSocket, kept up by core; see the module docstring."""
+
+    listener: SlackListener
+
+    def __init__(
+        self,
+        gateway: Gateway[Any],
+        settings: SlackConfig,
+        api: SlackWebApi,
+        *,
+        listener: SlackListener,
+        events: EventBuffer,
+    ) -> None:
+        super().__init__(
+            gateway,
+            server="Slack Socket Mode",
+            listener=listener,
+            events=events,
+            backoff=Backoff(settings.reconnect_initial, settings.reconnect_maximum),
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.ping_interval,
+        )
+        self.settings = settings
+        self.api = api
+        #: what auth.test said about us (team, user_id, bot_id …), once it passed
+        self.identity: dict[str, Any] = {}
+        self._socket: ClientConnection | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._lost_reason: asyncio.Future[str] | None = None
+        self._replacing: asyncio.Task[None] | None = None
+
+    # -- ReconnectingClient hooks -------------------------------------------------------------
+
+    async def _connect(self) -> Mapping[str, Any]:
+        try:
+            identity = await self.api.call("auth.test")
+        except SlackApiFailed as exc:
+            raise ConnectFailed(
+                f"auth.test: {exc.error}", fatal=exc.error in FATAL_ERRORS
+            ) from None
+        except SlackUnreachable as exc:
+            raise ConnectFailed(str(exc)) from None
+        self.identity = identity
+        self._lost_reason = asyncio.get_running_loop().create_future()
+        self._socket = await self._open_socket()
+        self._start_reader(self._socket)
+        return {
+            "team": identity.get("team_id"),
+            "user": identity.get("user_id"),
+            "bot_id": identity.get("bot_id"),
+        }
+
+    async def _open_socket(self) -> ClientConnection:
+        """apps.connections.open → the WebSocket → ``hello``."""
+        assert self.settings.app_token is not None
+        try:
+            opened = await self.api.call(
+                "apps.connections.open", token=self.settings.app_token.get_secret_value()
+            )
+        except SlackApiFailed as exc:
+            raise ConnectFailed(
+                f"apps.connections.open: {exc.error}", fatal=exc.error in FATAL_ERRORS
+            ) from None
+        except SlackUnreachable as exc:
+            raise ConnectFailed(str(exc)) from None
+        url = opened.get("url")
+        if not isinstance(url, str):
+            raise ConnectFailed("apps.connections.open answered without a url")
+        try:
+            socket = await connect(
+                url, ping_interval=None, max_size=2**20, open_timeout=self.connect_timeout
+            )
+        except (OSError, WebSocketException, TimeoutError) as exc:
+            raise ConnectFailed(f"WebSocket: {describe_error(exc)}") from None
+        try:
+            while True:
+                frame = await socket.recv()
+                self.heard()
+                parsed = parse_envelope(frame)
+                if isinstance(parsed, Control) and parsed.type == "hello":
+                    return socket
+                # nothing but hello comes first on a new socket; anything else is not acked,
+                # so Slack redelivers it
+                self.listener.slack_bad_input(f"before hello: {_describe(parsed)}")
+        except BaseException as exc:
+            await socket.close()
+            if isinstance(exc, ConnectionClosed):
+                raise ConnectFailed(
+                    f"WebSocket closed before hello: {describe_error(exc)}"
+                ) from None
+            raise
+
+    async def _wait_lost(self) -> str:
+        assert self._lost_reason is not None
+        return await asyncio.shield(self._lost_reason)
+
+    async def _disconnect(self) -> None:
+        if self._replacing is not None:
+            self._replacing.cancel()
+            self._replacing = None
+        socket, self._socket = self._socket, None
+        readers, self._readers = set(self._readers), set()
+        handlers, self._in_flight = set(self._in_flight), set()
+        for task in (*readers, *handlers):
+            task.cancel()  # an envelope not acknowledged yet is redelivered by Slack
+        await asyncio.gather(*readers, *handlers, return_exceptions=True)
+        if socket is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(socket.close(), 2)
+
+    async def _probe(self) -> None:
+        socket = self._socket
+        if socket is None:
+            return
+        waiter = await socket.ping()
+
+        def pong(_: asyncio.Future[float]) -> None:
+            if not _.cancelled() and _.exception() is None:
+                self.heard()
+
+        asyncio.ensure_future(waiter).add_done_callback(pong)
+
+    def _abort(self, reason: str) -> None:
+        self._resolve_lost(reason)
+        socket = self._socket
+        if socket is not None and socket.transport is not None:
+            socket.transport.abort()
+
+    def _resolve_lost(self, reason: str) -> None:
+        if self._lost_reason is not None and not self._lost_reason.done():
+            self._lost_reason.set_result(reason)
+
+    # -- readers --------------------------------------------------------------------------------
+
+    def _start_reader(self, socket: ClientConnection) -> None:
+        task = asyncio.create_task(self._read(socket), name=f"{self.name}-socket")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _read(self, socket: ClientConnection) -> None:
+        reason = "the server closed the WebSocket"
+        # envelopes are handled concurrently (the layer and the de-dup window are round trips)
+        # up to max_in_flight per socket; then the reader waits, and Slack holds the rest
+        slots = asyncio.Semaphore(self.settings.max_in_flight)
+        try:
+            async for frame in socket:
+                self.heard()
+                parsed = parse_envelope(frame)
+                if isinstance(parsed, Envelope):
+                    await slots.acquire()
+                    task = asyncio.create_task(self._handle(socket, parsed, slots))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+                elif isinstance(parsed, Control):
+                    if parsed.type == "disconnect":
+                        self._replace(socket, parsed.reason)
+                else:
+                    self.listener.slack_bad_input(parsed.problem)
+        except ConnectionClosed as exc:
+            reason = f"WebSocket closed: {describe_error(exc)}"
+        except OSError as exc:
+            reason = describe_error(exc)
+        if socket is self._socket:
+            self._resolve_lost(reason)
+
+    async def _handle(
+        self, socket: ClientConnection, envelope: Envelope, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            if await self.listener.slack_envelope(envelope):
+                await socket.send(ack(envelope.envelope_id))
+        except (ConnectionClosed, OSError):
+            pass  # not acknowledged: Slack redelivers it on the next connection
+        except Exception:
+            self.log.exception("%s: error handling envelope %s", self.name, envelope.envelope_id)
+        finally:
+            slots.release()
+
+    async def drain(self) -> None:
+        """Wait for the envelopes being handled now (their acks go out)."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    def _replace(self, old: ClientConnection, reason: str) -> None:
+        """Slack asked us to move (``disconnect``): new socket first, then close the old one."""
+        if old is not self._socket or self._replacing is not None:
+            return
+        self.log.info("%s: Slack sent disconnect (%s); opening a new connection", self.name, reason)
+
+        async def replace() -> None:
+            try:
+                socket = await asyncio.wait_for(self._open_socket(), self.connect_timeout)
+            except Exception as exc:
+                self._replacing = None
+                self._abort(f"disconnect ({reason}), and no new connection: {describe_error(exc)}")
+                return
+            self._socket = socket
+            self._start_reader(socket)
+            self._replacing = None
+            self.gateway.metrics.retry("replace")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.close(), 2)
+
+        self._replacing = asyncio.create_task(replace(), name=f"{self.name}-replace")
+
+
+def _describe(parsed: Envelope | Control | Unknown) -> str:
+    if isinstance(parsed, Envelope):
+        return f"{parsed.type} envelope {parsed.envelope_id}"
+    if isinstance(parsed, Control):
+        return f"{parsed.type} ({parsed.reason})"
+    return parsed.problem
+
+
+class EventsApiServer:
+    """The Events API Request URL: signed POSTs in, 200 / 401 / 413 / 503 out."""
+
+    def __init__(self, settings: SlackConfig, listener: SlackListener, log: logging.Logger) -> None:
+        assert settings.signing_secret is not None
+        self.settings = settings
+        self.listener = listener
+        self.log = log
+        self.verifier = SignatureVerifier(settings.signing_secret.get_secret_value())
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Listen; ``OSError`` when the port is taken."""
+        options = self.settings.events_api
+        app = web.Application(client_max_size=options.max_body_size)
+        app.router.add_post(options.path, self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, options.host, options.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        address = runner.addresses[0]
+        self.port = int(address[1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        options = self.settings.events_api
+        if request.content_length is not None and request.content_length > options.max_body_size:
+            self.listener.slack_bad_input(
+                f"a {request.content_length} byte body (limit {options.max_body_size})"
+            )
+            return web.Response(status=413, text="request body too large")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.listener.slack_bad_input(f"a body over {options.max_body_size} bytes")
+            return web.Response(status=413, text="request body too large")
+        stamp = request.headers.get("X-Slack-Request-Timestamp")
+        signature = request.headers.get("X-Slack-Signature")
+        problem = check_timestamp(stamp, time.time(), options.max_age)
+        if problem is None and signature is None:
+            problem = "missing X-Slack-Signature"
+        if problem is None:
+            try:
+                valid = self.verifier.is_valid(body, stamp, signature)
+            except (ValueError, UnicodeDecodeError):
+                valid = False
+            if not valid:
+                problem = "bad X-Slack-Signature"
+        if problem is not None:
+            self.listener.slack_bad_input(f"unsigned request from {request.remote}: {problem}")
+            return web.Response(status=401, text="invalid request signature")
+        try:
+            kind, payload = parse_http_body(body, request.headers.get("Content-Type", ""))
+        except InvalidPayload as exc:
+            self.listener.slack_bad_input(f"signed request from {request.remote}: {exc}")
+            return web.Response(status=400, text=str(exc))
+        if kind == "url_verification":
+            return web.json_response({"challenge": payload.get("challenge")})
+        retry = request.headers.get("X-Slack-Retry-Num", "0")
+        accepted = await self.listener.slack_request(
+            kind, payload, int(retry) if retry.isdigit() else 0
+        )
+        if not accepted:
+            return web.Response(status=503, text="not taken now; retry later")
+        return web.Response(status=200)

@@ -1,0 +1,156 @@
+"""The de-dup window: event ids already handed to the layer, so a retried delivery is not.
+
+With a Redis layer the window is Redis keys next to the layer's own, reached through
+:mod:`core.redis` (the layer's host and prefix), so a restarted gateway and every replica see
+the same ids:
+
+    {prefix}:gateways:slack:{name}:seen:{event id}   "pending" | "done", with a TTL
+
+Any other layer keeps an in-memory window bounded by ``dedup.max_entries`` (the oldest id is
+forgotten first).
+
+An id goes through two states. :meth:`DedupWindow.claim` marks it ``pending`` for a short
+time (Redis ``SET NX PX``, atomic across replicas) and says what it found:
+
+* :attr:`Claim.NEW` — nobody has it: hand the event to the layer, then :meth:`DedupWindow.done`
+  (``done`` for the whole window) or, when the layer did not take it,
+  :meth:`DedupWindow.release` so Slack's redelivery goes through;
+* :attr:`Claim.DONE` — delivered before: acknowledge, do not publish again;
+* :attr:`Claim.PENDING` — another delivery of it is being handed over right now (a replica, a
+  second socket): do **not** acknowledge, since that hand-off may still fail; Slack retries.
+
+A ``pending`` mark left by a process that died expires after ``pending_for`` seconds. When
+Redis cannot answer, an id counts as new: a duplicate is better than a lost event.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from core.metrics import GatewayMetrics
+from core.redis import LayerRedis, RedisUnavailable
+
+__all__ = ["Claim", "DedupWindow", "RedisDedupWindow"]
+
+
+class Claim(enum.Enum):
+    NEW = "new"
+    DONE = "done"
+    PENDING = "pending"
+
+
+class DedupWindow:
+    """In memory: at most ``max_entries`` ids; ``done`` for ``window`` seconds."""
+
+    description = "memory"
+
+    def __init__(
+        self,
+        window: float,
+        max_entries: int,
+        pending_for: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self.pending_for = pending_for
+        self.clock = clock
+        #: id → (done?, expiry on ``clock``); oldest first
+        self._seen: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    async def claim(self, key: str) -> Claim:
+        now = self.clock()
+        while self._seen:
+            oldest, (_, expires) = next(iter(self._seen.items()))
+            if expires > now and len(self._seen) < self.max_entries:
+                break
+            del self._seen[oldest]
+        found = self._seen.get(key)
+        if found is not None and found[1] > now:
+            return Claim.DONE if found[0] else Claim.PENDING
+        self._seen[key] = (False, now + self.pending_for)
+        self._seen.move_to_end(key)
+        return Claim.NEW
+
+    async def done(self, key: str) -> None:
+        self._seen[key] = (True, self.clock() + self.window)
+        self._seen.move_to_end(key)
+
+    async def release(self, key: str) -> None:
+        self._seen.pop(key, None)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisDedupWindow(DedupWindow):
+    """Redis keys with a TTL beside a Redis layer (:mod:`core.redis`)."""
+
+    def __init__(
+        self,
+        redis: LayerRedis,
+        window: float,
+        pending_for: float,
+        metrics: GatewayMetrics,
+        log: logging.Logger,
+    ) -> None:
+        super().__init__(window, 1, pending_for)
+        self.redis = redis
+        self.metrics = metrics
+        self.log = log
+        self.description = f"Redis keys {redis.key('seen:')}*"
+        self._failing = False
+
+    def _key(self, key: str) -> str:
+        return self.redis.key(f"seen:{key}")
+
+    def _unavailable(self, exc: RedisUnavailable) -> None:
+        self.metrics.error("dedup_unavailable")
+        if not self._failing:
+            self.log.warning("de-dup window unavailable (%s); events pass unchecked", exc)
+        self._failing = True
+
+    async def claim(self, key: str) -> Claim:
+        try:
+            for _ in range(2):  # a second try when the mark expired between SET and GET
+                new = await self.redis.call(
+                    "set", self._key(key), "pending", nx=True, px=_ms(self.pending_for)
+                )
+                if new:
+                    break
+                state = await self.redis.call("get", self._key(key))
+                if state is not None:
+                    return Claim.DONE if state == b"done" else Claim.PENDING
+        except RedisUnavailable as exc:
+            self._unavailable(exc)
+            return Claim.NEW
+        if self._failing:
+            self.log.info("de-dup window reachable again")
+            self._failing = False
+        return Claim.NEW
+
+    async def done(self, key: str) -> None:
+        try:
+            await self.redis.call("set", self._key(key), "done", px=_ms(self.window))
+        except RedisUnavailable as exc:
+            self._unavailable(exc)  # the pending mark expires; a redelivery is published again
+
+    async def release(self, key: str) -> None:
+        try:
+            await self.redis.call("delete", self._key(key))
+        except RedisUnavailable as exc:
+            self._unavailable(exc)  # the pending mark expires after pending_for seconds
+
+    async def close(self) -> None:
+        await self.redis.close()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))

@@ -1,0 +1,331 @@
+"""``SlackGateway``: Slack events → ``slack.*`` layer messages; ``slack.send`` & co → Web API.
+
+Inbound, by Socket Mode or the Events API (``slack.transport``): every envelope is translated
+(``translate``), checked against the de-dup window (``dedup``), and handed to the layer with
+:meth:`Gateway.publish` within ``ack_timeout``. Only once the layer took it is it acknowledged:
+the ``{"envelope_id"}`` frame in Socket Mode, a 200 over HTTP. When the layer is full or down
+there is no acknowledgement (Slack redelivers) or a 503 (Slack retries), and the event's id is
+released from the de-dup window so the redelivery goes through. Events no layer could ever take
+(over 1 MB) and payloads that cannot be read are acknowledged, logged and counted as dropped:
+Slack would otherwise resend them forever.
+
+Replies need no particular connection (the Web API is plain HTTPS), so events carry the command
+channel as ``reply_channel`` and any replica may answer.
+
+Outbound: each command is validated (``translate.parse_*``), paced per channel
+(:class:`core.pacer.Pacer`) and sent through slack_sdk, one call at a time per channel so
+messages appear in the order their commands came; 429s are retried after ``Retry-After``
+and connection errors with backoff by slack_sdk's retry handlers. ``slack.result`` carries
+Slack's ``ts`` and ``channel``, or Slack's error code (``channel_not_found``) as ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.envelope import Command, CommandError
+from core.pacer import Pacer
+from core.redis import layer_redis
+from core.service import Backoff, EventBuffer, EventRefused, Gateway, StartupError, handles
+from core.types import ChannelLayer
+from gateways.slack.config import SlackGatewayConfig
+from gateways.slack.connection import (
+    FATAL_ERRORS,
+    EventsApiServer,
+    SlackApiFailed,
+    SlackUnreachable,
+    SlackWebApi,
+    SocketModeConnection,
+)
+from gateways.slack.dedup import Claim, DedupWindow, RedisDedupWindow
+from gateways.slack.translate import (
+    ApiCall,
+    Envelope,
+    Inbound,
+    InvalidCommand,
+    InvalidPayload,
+    from_event_callback,
+    from_interactive,
+    from_slash_command,
+    parse_delete,
+    parse_react,
+    parse_respond,
+    parse_send,
+    parse_update,
+)
+
+__all__ = ["SlackGateway"]
+
+
+@dataclass
+class _ChannelTurn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class SlackGateway(Gateway[SlackGatewayConfig]):
+    """One Slack app; see the module docstring."""
+
+    protocol = "slack"
+    config_model = SlackGatewayConfig
+    #: commands wait for their channel's pacer and for Slack; other channels go on meanwhile
+    command_concurrency = 64
+
+    def __init__(self, config: SlackGatewayConfig, layer: ChannelLayer) -> None:
+        super().__init__(config, layer)
+        self.settings = settings = config.slack
+        self.buffer = EventBuffer(self, settings.buffer)
+        self.api = SlackWebApi(self, settings)
+        self.pacer = Pacer(
+            settings.pacing.rate,
+            settings.pacing.burst,
+            queue=settings.pacing.queue,
+            metrics=self.metrics,
+            name=f"{self.name} pacing",
+        )
+        redis = layer_redis(layer, "slack", self.name) if settings.dedup.redis else None
+        # a "pending" mark outlives the hand-off it guards (at most ack_timeout)
+        pending_for = settings.ack_timeout + 2.0
+        self.dedup: DedupWindow = (
+            RedisDedupWindow(redis, settings.dedup.window, pending_for, self.metrics, self.log)
+            if redis is not None
+            else DedupWindow(settings.dedup.window, settings.dedup.max_entries, pending_for)
+        )
+        self.client: SocketModeConnection | None = None
+        self.server: EventsApiServer | None = None
+        if settings.transport == "socket_mode":
+            self.client = SocketModeConnection(
+                self, settings, self.api, listener=self, events=self.buffer
+            )
+        else:
+            self.server = EventsApiServer(settings, self, self.log)
+        #: auth.test's answer (team_id, user_id, bot_id …) once it passed
+        self.identity: dict[str, Any] = {}
+        self._auth_error: str | None = "auth.test not done yet"
+        self._auth_task: asyncio.Task[None] | None = None
+        #: one call at a time per Slack channel, so messages appear in the order they came
+        self._channels: dict[str, _ChannelTurn] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.buffer.start()
+        self.log.info("%s: de-dup window in %s", self.name, self.dedup.description)
+        try:
+            if self.client is not None:
+                await self.client.start()
+                return
+            assert self.server is not None
+            await self._authenticate(first=True)
+            await self.server.start()
+        except BaseException:
+            await self.close()  # close() is not called when open() fails
+            raise
+        self.log.info(
+            "%s: Events API on http://%s:%s%s",
+            self.name,
+            self.settings.events_api.host,
+            self.server.port,
+            self.settings.events_api.path,
+        )
+
+    async def _authenticate(self, *, first: bool) -> None:
+        """auth.test for the Events API: refused → exit 3 on the first attempt; down → retried."""
+        try:
+            self.identity = await self.api.call("auth.test")
+        except SlackApiFailed as exc:
+            if first and exc.error in FATAL_ERRORS:
+                raise StartupError(f"Slack refused the bot token: auth.test: {exc.error}") from None
+            self._auth_error = f"auth.test: {exc.error}"
+        except SlackUnreachable as exc:
+            self._auth_error = str(exc)
+        else:
+            self._auth_error = None
+            self.log.info(
+                "%s: authenticated as %s in %s",
+                self.name,
+                self.identity.get("user"),
+                self.identity.get("team"),
+            )
+            return
+        self.log.warning("%s: not authenticated: %s; retrying", self.name, self._auth_error)
+        if first:
+            self._auth_task = asyncio.create_task(self._retry_auth())
+
+    async def _retry_auth(self) -> None:
+        backoff = Backoff(self.settings.reconnect_initial, self.settings.reconnect_maximum)
+        while self._auth_error is not None:
+            await asyncio.sleep(backoff.next())
+            self.metrics.retry("connect")
+            await self._authenticate(first=False)
+
+    def readiness(self) -> list[str]:
+        if self.client is not None:
+            return self.client.readiness()
+        reasons = []
+        if self.server is None or self.server.port is None:
+            reasons.append("Events API server not listening")
+        if self._auth_error is not None:
+            reasons.append(self._auth_error)
+        return reasons
+
+    async def drain(self) -> None:
+        if self.client is not None:
+            await self.client.drain()
+        if self.server is not None:
+            await self.server.stop()  # no new requests; Slack retries elsewhere
+
+    async def close(self) -> None:
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            await asyncio.gather(self._auth_task, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
+        if self.server is not None:
+            await self.server.stop()
+        await self.buffer.flush(1.0)
+        await self.api.close()
+        await self.dedup.close()
+
+    # -- inbound: listener of the connection --------------------------------------------------
+
+    def client_connected(self, details: Mapping[str, Any]) -> None:
+        if self.client is not None:
+            self.identity = self.client.identity
+
+    def client_disconnected(self, reason: str) -> None:
+        return None
+
+    def slack_bad_input(self, problem: str) -> None:
+        self.metrics.error("bad_input")
+        self.log.warning("%s: refused: %s", self.name, problem)
+
+    async def slack_envelope(self, envelope: Envelope) -> bool:
+        """Socket Mode: ``True`` = acknowledge (the layer took it, or it can never be taken)."""
+        try:
+            inbound = self._translate(envelope.type, envelope.payload)
+        except InvalidPayload as exc:
+            return self._unreadable(f"{envelope.type} envelope {envelope.envelope_id}", exc)
+        key = inbound.id if envelope.type == "events_api" and inbound.id else envelope.envelope_id
+        return await self._deliver(inbound, key)
+
+    async def slack_request(self, kind: str, payload: dict[str, Any], retry: int) -> bool:
+        """Events API: ``True`` = 200, ``False`` = 503 (Slack retries)."""
+        if kind == "app_rate_limited":
+            self.metrics.error("app_rate_limited")
+            self.log.warning("%s: Slack says events were rate limited: %s", self.name, payload)
+            return True
+        try:
+            inbound = self._translate(kind, payload)
+        except InvalidPayload as exc:
+            return self._unreadable(f"{kind} request", exc)
+        if retry:
+            self.log.info("%s: Slack retry #%d of %s", self.name, retry, inbound.id)
+        return await self._deliver(inbound, inbound.id if kind == "event_callback" else None)
+
+    def _translate(self, kind: str, payload: Mapping[str, Any]) -> Inbound:
+        if kind in ("events_api", "event_callback"):
+            own = (self.identity.get("user_id"), self.identity.get("bot_id"))
+            return from_event_callback(payload, own)
+        if kind == "slash_commands":
+            return from_slash_command(payload)
+        if kind == "interactive":
+            return from_interactive(payload)
+        raise InvalidPayload(f"unknown payload type {kind!r}")
+
+    def _unreadable(self, what: str, exc: Exception) -> bool:
+        self.metrics.dropped("invalid_payload")
+        self.log.error(
+            "%s: dropped %s: %s (acknowledged: Slack would resend it)", self.name, what, exc
+        )
+        return True
+
+    async def _deliver(self, inbound: Inbound, key: str | None) -> bool:
+        if self.settings.ignore_self and inbound.event == "message" and inbound.keys.get("self"):
+            return True
+        claim = Claim.NEW if key is None else await self.dedup.claim(key)
+        if claim is Claim.DONE:
+            self.metrics.dropped("duplicate")
+            self.log.info("%s: %s already delivered; acknowledged again", self.name, key)
+            return True
+        if claim is Claim.PENDING:
+            # another delivery of it is being handed over and may still fail: no ack yet
+            self.metrics.retry("duplicate_in_flight")
+            self.log.info("%s: %s is being delivered meanwhile; not acknowledged", self.name, key)
+            return False
+        message = self.event(inbound.event, id=inbound.id, **inbound.keys)
+        try:
+            accepted = await self.publish(message, timeout=self.settings.ack_timeout)
+        except EventRefused:
+            accepted = True  # logged and counted by publish(); Slack would resend it forever
+        if key is not None:
+            await (self.dedup.done(key) if accepted else self.dedup.release(key))
+        return accepted
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def _call(self, call: ApiCall) -> dict[str, Any]:
+        if call.channel is None:
+            return await self._send(call)
+        await self.pacer.wait(call.channel)  # bounded (pacing.queue), keeps arrival order
+        turn = self._channels.setdefault(call.channel, _ChannelTurn())
+        turn.users += 1
+        try:
+            async with turn.lock:  # FIFO: the previous call to this channel is answered first
+                return await self._send(call)
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._channels[call.channel]
+
+    async def _send(self, call: ApiCall) -> dict[str, Any]:
+        try:
+            return await self.api.call(call.method, call.args)
+        except SlackApiFailed as exc:
+            raise CommandError(exc.error) from None
+        except SlackUnreachable as exc:
+            raise CommandError(f"Slack unreachable: {exc}") from None
+
+    @staticmethod
+    def _parse(parse: Any, body: Mapping[str, Any], *args: Any) -> Any:
+        try:
+            return parse(body, *args)
+        except InvalidCommand as exc:
+            raise CommandError(str(exc)) from None
+
+    @handles("slack.send")
+    async def handle_send(self, command: Command) -> dict[str, Any]:
+        """``slack.send``: chat.postMessage; the result carries ``channel`` and ``ts``."""
+        answer = await self._call(self._parse(parse_send, command.body))
+        return {"channel": answer.get("channel"), "ts": answer.get("ts")}
+
+    @handles("slack.update")
+    async def handle_update(self, command: Command) -> dict[str, Any]:
+        """``slack.update``: chat.update."""
+        answer = await self._call(self._parse(parse_update, command.body))
+        return {"channel": answer.get("channel"), "ts": answer.get("ts")}
+
+    @handles("slack.delete")
+    async def handle_delete(self, command: Command) -> dict[str, Any]:
+        """``slack.delete``: chat.delete."""
+        answer = await self._call(self._parse(parse_delete, command.body))
+        return {"channel": answer.get("channel"), "ts": answer.get("ts")}
+
+    @handles("slack.react")
+    async def handle_react(self, command: Command) -> None:
+        """``slack.react``: reactions.add (reactions.remove with ``remove: true``)."""
+        await self._call(self._parse(parse_react, command.body))
+
+    @handles("slack.respond")
+    async def handle_respond(self, command: Command) -> None:
+        """``slack.respond``: POST to a slash command's or an action's ``response_url``."""
+        respond = self._parse(parse_respond, command.body, self.settings.response_url_prefix)
+        try:
+            await self.api.respond(respond.url, respond.body)
+        except SlackApiFailed as exc:
+            raise CommandError(exc.error) from None
+        except SlackUnreachable as exc:
+            raise CommandError(f"Slack unreachable: {exc}") from None

@@ -1,0 +1,161 @@
+"""The ``slack:`` section: defaults, secrets from env and files, every error with its key path."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.config import ConfigError, load_config
+from gateways.slack.config import SlackConfig, SlackGatewayConfig
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "slack.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_secrets_from_env_and_files(tmp_path: Path) -> None:
+    (tmp_path / "app").write_text("xapp-from-file\n")
+    path = write(
+        tmp_path,
+        f"""
+gateway: slack
+name: team
+slack:
+  bot_token: ${{SLACK_BOT_TOKEN}}
+  app_token_file: {tmp_path / "app"}
+""",
+    )
+    config = load_config(path, SlackGatewayConfig, env={"SLACK_BOT_TOKEN": "xoxb-from-env"})
+    slack = config.slack
+    assert slack.bot_token.get_secret_value() == "xoxb-from-env"
+    assert slack.app_token is not None and slack.app_token.get_secret_value() == "xapp-from-file"
+    assert slack.transport == "socket_mode" and slack.api_url == "https://slack.com/api/"
+    assert slack.response_url_prefix == "https://hooks.slack.com/"
+    assert slack.ack_timeout == 2.5 and slack.ignore_self is True
+    assert (slack.pacing.rate, slack.pacing.burst, slack.pacing.queue) == (1.0, 3, 100)
+    assert (slack.dedup.window, slack.dedup.max_entries, slack.dedup.redis) == (
+        3600.0,
+        100_000,
+        True,
+    )
+    assert (slack.retry.rate_limited, slack.retry.connection_errors) == (3, 3)
+    events = slack.events_api
+    assert (events.host, events.port, events.path) == ("127.0.0.1", 3000, "/slack/events")
+    assert (events.max_body_size, events.max_age) == (256 * 1024, 300)
+    assert "xoxb-from-env" not in repr(config) and "xapp-from-file" not in repr(config)
+
+
+def test_events_api_needs_the_signing_secret_and_socket_mode_the_app_token(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack: {bot_token: xoxb-1, transport: events_api, api_url: "http://127.0.0.1:9/api"}
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    assert error.value.errors == [
+        "slack: signing_secret: required for events_api (or signing_secret_file)"
+    ]
+    path = write(tmp_path, "gateway: slack\nname: team\nslack: {bot_token: xoxb-1}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    assert error.value.errors == ["slack: app_token: required for socket_mode (or app_token_file)"]
+
+
+def test_a_secret_set_twice_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack:
+  bot_token: xoxb-very-secret
+  bot_token_file: /nonexistent
+  app_token: xapp-1
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    assert "slack: set either bot_token or bot_token_file, not both" in str(error.value)
+    assert "xoxb-very-secret" not in str(error.value)
+
+
+def test_every_error_with_its_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack:
+  bot_token: xoxb-1
+  app_token: xapp-1
+  transport: carrier_pigeon
+  api_url: slack.com
+  ack_timeout: 5
+  events_api: {path: "no-slash", max_body_size: 0}
+  pacing: {rate: 0}
+  colour: red
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    lines = error.value.errors
+    for key in (
+        "slack.transport:",
+        "slack.api_url: must be an http:// or https:// URL",
+        "slack.ack_timeout:",
+        "slack.events_api.path: must start with /",
+        "slack.events_api.max_body_size:",
+        "slack.pacing.rate:",
+        "slack.colour: Extra inputs are not permitted",
+    ):
+        assert any(line.startswith(key) for line in lines), (key, lines)
+
+
+def test_gateways_run_knows_the_example(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateways.cli import main
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "slack.yaml"
+    env = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert main(["run", "--check-config", str(example)]) == 0
+    assert f"{example}: ok" in capsys.readouterr().out
+
+
+def _keys(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for name, field in model.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):
+            out += _keys(field.annotation, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field.default))
+    return out
+
+
+def test_the_readme_documents_every_key_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "gateways/slack/README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.]+)`(?: / `[a-z_]+`)? \| ([^|]+) \|", readme, re.M))
+    for key, default in _keys(SlackConfig):
+        assert key in rows, f"{key} is not in the README's table"
+        documented = rows[key].strip().strip("`")
+        if isinstance(default, bool):
+            assert documented == str(default).lower(), key
+        elif isinstance(default, int | float | str):
+            assert documented in (
+                str(default),
+                f"{default:g}" if not isinstance(default, str) else default,
+            ), key
+        else:
+            assert documented.startswith("required"), key

@@ -1,0 +1,429 @@
+"""Socket Mode against the local Slack: every envelope acknowledged with its envelope_id once
+the layer took it, never before; disconnects and silent sockets lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.layers import resolve_layer
+from core.service import LAYER_ERRORS
+from core.testing import RedisServer, metric, run_gateway, until
+from core.testing.slack import BOT_ID, BOT_USER, FakeSlack
+from gateways.slack.config import SlackGatewayConfig
+from gateways.slack.gateway import SlackGateway
+from tests.gateways.slack.conftest import next_event, running, slack_config
+
+MESSAGE = {
+    "type": "message",
+    "channel": "C0GENERAL",
+    "channel_type": "channel",
+    "user": "U0ALICE",
+    "text": "hello",
+    "ts": "1700000000.000100",
+    "event_ts": "1700000000.000100",
+}
+
+
+def message(text: str, **extra: Any) -> dict[str, Any]:
+    return {**MESSAGE, "text": text, **extra}
+
+
+async def test_every_envelope_type_is_delivered_then_acknowledged(fake_slack: FakeSlack) -> None:
+    async with running(slack_config(fake_slack)) as (_, layer):
+        await next_event(layer, "slack.connect")
+        cases: list[tuple[Any, str, dict[str, Any]]] = [
+            (
+                fake_slack.send_event(
+                    message(
+                        "see file",
+                        thread_ts="1699999999.000001",
+                        files=[
+                            {
+                                "id": "F1",
+                                "name": "a.png",
+                                "mimetype": "image/png",
+                                "size": 3,
+                                "url_private": "https://files/a.png",
+                            }
+                        ],
+                    ),
+                    "Ev0MSG",
+                ),
+                "slack.message",
+                {
+                    "id": "Ev0MSG",
+                    "channel": "C0GENERAL",
+                    "user": "U0ALICE",
+                    "text": "see file",
+                    "thread_ts": "1699999999.000001",
+                    "subtype": None,
+                    "self": False,
+                    "files": [
+                        {
+                            "id": "F1",
+                            "name": "a.png",
+                            "mimetype": "image/png",
+                            "size": 3,
+                            "url_private": "https://files/a.png",
+                        }
+                    ],
+                },
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "message",
+                        "subtype": "message_changed",
+                        "channel": "C0GENERAL",
+                        "message": {
+                            "type": "message",
+                            "user": "U0ALICE",
+                            "text": "hello!",
+                            "ts": "1700000000.000100",
+                        },
+                        "previous_message": {
+                            "type": "message",
+                            "user": "U0ALICE",
+                            "text": "hello",
+                            "ts": "1700000000.000100",
+                        },
+                        "event_ts": "1700000001.000100",
+                        "ts": "1700000001.000100",
+                    }
+                ),
+                "slack.message",
+                {
+                    "subtype": "message_changed",
+                    "text": "hello!",
+                    "previous_text": "hello",
+                    "ts": "1700000000.000100",
+                    "user": "U0ALICE",
+                },
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "message",
+                        "subtype": "message_deleted",
+                        "channel": "C0GENERAL",
+                        "deleted_ts": "1700000000.000100",
+                        "hidden": True,
+                        "previous_message": {
+                            "type": "message",
+                            "user": "U0ALICE",
+                            "text": "hello!",
+                            "ts": "1700000000.000100",
+                        },
+                        "event_ts": "1700000002.000100",
+                        "ts": "1700000002.000100",
+                    }
+                ),
+                "slack.message",
+                {
+                    "subtype": "message_deleted",
+                    "text": "",
+                    "previous_text": "hello!",
+                    "ts": "1700000000.000100",
+                    "user": "U0ALICE",
+                },
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "app_mention",
+                        "user": "U0ALICE",
+                        "text": f"<@{BOT_USER}> hi",
+                        "ts": "1700000003.000100",
+                        "channel": "C0GENERAL",
+                        "event_ts": "1700000003.000100",
+                    }
+                ),
+                "slack.mention",
+                {"user": "U0ALICE", "text": f"<@{BOT_USER}> hi", "channel": "C0GENERAL"},
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "reaction_added",
+                        "user": "U0ALICE",
+                        "reaction": "tada",
+                        "item_user": BOT_USER,
+                        "event_ts": "1700000004.000100",
+                        "item": {
+                            "type": "message",
+                            "channel": "C0GENERAL",
+                            "ts": "1700000000.000100",
+                        },
+                    }
+                ),
+                "slack.reaction",
+                {
+                    "action": "added",
+                    "reaction": "tada",
+                    "channel": "C0GENERAL",
+                    "ts": "1700000000.000100",
+                    "item_user": BOT_USER,
+                },
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "reaction_removed",
+                        "user": "U0ALICE",
+                        "reaction": "tada",
+                        "event_ts": "1700000005.000100",
+                        "item": {
+                            "type": "message",
+                            "channel": "C0GENERAL",
+                            "ts": "1700000000.000100",
+                        },
+                    }
+                ),
+                "slack.reaction",
+                {"action": "removed", "reaction": "tada"},
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "member_left_channel",
+                        "user": "U0ALICE",
+                        "channel": "C0GENERAL",
+                        "channel_type": "C",
+                        "team": "T0TEAM",
+                    }
+                ),
+                "slack.left",
+                {"user": "U0ALICE", "channel": "C0GENERAL"},
+            ),
+            (
+                fake_slack.send_event(
+                    {
+                        "type": "channel_rename",
+                        "channel": {"id": "C0GENERAL", "name": "lobby", "created": 1360782804},
+                        "event_ts": "1700000006.000100",
+                    }
+                ),
+                "slack.event",
+                {
+                    "event_type": "channel_rename",
+                    "event": {
+                        "type": "channel_rename",
+                        "channel": {"id": "C0GENERAL", "name": "lobby", "created": 1360782804},
+                        "event_ts": "1700000006.000100",
+                    },
+                },
+            ),
+            (
+                fake_slack.send_slash_command("/ticket", "42"),
+                "slack.command",
+                {"command": "/ticket", "text": "42", "user": "U0ALICE", "channel": "C0GENERAL"},
+            ),
+            (
+                fake_slack.send_interactive(
+                    {
+                        "type": "block_actions",
+                        "user": {"id": "U0ALICE", "name": "alice"},
+                        "team": {"id": "T0TEAM"},
+                        "channel": {"id": "C0GENERAL"},
+                        "trigger_id": "123.456.abc",
+                        "response_url": "https://hooks/x",
+                        "actions": [{"action_id": "approve", "type": "button", "value": "42"}],
+                    }
+                ),
+                "slack.action",
+                {
+                    "kind": "block_actions",
+                    "user": "U0ALICE",
+                    "channel": "C0GENERAL",
+                    "id": "123.456.abc",
+                    "response_url": "https://hooks/x",
+                    "actions": [{"action_id": "approve", "type": "button", "value": "42"}],
+                },
+            ),
+        ]
+        for send, type_, keys in cases:
+            envelope_id = await send
+            event = await next_event(layer, type_)
+            assert {k: event[k] for k in keys} == keys, type_
+            assert event["gateway"] == "team" and event["reply_channel"] == "team.send"
+            await fake_slack.wait_ack(envelope_id)
+        assert fake_slack.pending == {}
+        assert len(fake_slack.acks) == len(cases)  # each once, by its envelope_id
+
+
+async def test_own_messages_are_not_echoed(fake_slack: FakeSlack) -> None:
+    async with running(slack_config(fake_slack)) as (_, layer):
+        await next_event(layer, "slack.connect")
+        own = await fake_slack.send_event(message("mine", user=BOT_USER, bot_id=BOT_ID))
+        await fake_slack.wait_ack(own)
+        await fake_slack.send_event(message("theirs"))
+        assert (await next_event(layer, "slack.message"))["text"] == "theirs"
+
+
+async def test_no_ack_while_redis_is_down_then_the_redelivery_is_acked(
+    redis_server: RedisServer, fake_slack: FakeSlack
+) -> None:
+    layer = resolve_layer(redis_server.url)
+    config = slack_config(fake_slack, ack_timeout=0.5)
+    async with running(config, layer) as (_, layer):
+        await next_event(layer, "slack.connect")
+        redis_server.kill()
+        pushed_back = metric("gateway_pushback_total", gateway="team")
+        envelope_id = await fake_slack.send_event(message("while down"), "Ev0DOWN")
+        await until(
+            lambda: metric("gateway_pushback_total", gateway="team") > pushed_back,
+            what="the gateway giving up on the layer",
+        )
+        assert envelope_id not in fake_slack.acks
+        assert envelope_id in fake_slack.pending
+        redis_server.start()
+        await fake_slack.redeliver()
+        await fake_slack.wait_ack(envelope_id)
+        event = await next_event(layer, "slack.message")
+        assert event["id"] == "Ev0DOWN" and event["text"] == "while down"
+        # once: Slack redelivering it again is acknowledged, not published again
+        await fake_slack.send_event(message("again"), "Ev0DOWN")
+        marker = await fake_slack.send_event(message("marker"), "Ev0MARK")
+        await fake_slack.wait_ack(marker)
+        assert (await next_event(layer, "slack.message"))["id"] == "Ev0MARK"
+
+
+async def test_disconnect_envelope_moves_to_a_new_socket_losing_nothing(
+    fake_slack: FakeSlack,
+) -> None:
+    async with running(slack_config(fake_slack)) as (gateway, layer):
+        await next_event(layer, "slack.connect")
+        sent = [await fake_slack.send_event(message("before"), "Ev0BEFORE")]
+        await fake_slack.send_disconnect("refresh_requested", close_after=5)
+        sent.append(await fake_slack.send_event(message("during"), "Ev0DURING"))
+        await fake_slack.wait_for(lambda: fake_slack.connections_opened == 2, what="new socket")
+        sent.append(await fake_slack.send_event(message("after"), "Ev0AFTER"))
+        ids = [(await next_event(layer, "slack.message"))["id"] for _ in range(3)]
+        assert sorted(ids) == ["Ev0AFTER", "Ev0BEFORE", "Ev0DURING"]
+        for envelope_id in sent:
+            await fake_slack.wait_ack(envelope_id)
+        assert gateway.client is not None and gateway.client.connected
+        assert metric("gateway_retries_total", gateway="team", kind="replace") >= 1
+
+
+async def test_silent_socket_is_replaced_and_nothing_is_lost_or_doubled(
+    fake_slack: FakeSlack,
+) -> None:
+    async with running(slack_config(fake_slack, ping_interval=0.3)) as (_, layer):
+        await next_event(layer, "slack.connect")
+        fake_slack.go_silent()  # our acks and pings vanish from here on
+        envelope_id = await fake_slack.send_event(message("into the void"), "Ev0VOID")
+        assert (await next_event(layer, "slack.message"))["id"] == "Ev0VOID"
+        disconnect = await next_event(layer, "slack.disconnect")
+        assert "no data from the server" in disconnect["reason"]
+        await next_event(layer, "slack.connect")
+        await fake_slack.wait_ack(envelope_id)  # redelivered on the new socket, acked there
+        marker = await fake_slack.send_event(message("marker"), "Ev0MARK")
+        await fake_slack.wait_ack(marker)
+        assert (await next_event(layer, "slack.message"))["id"] == "Ev0MARK"
+
+
+async def test_not_ready_until_connected(fake_slack: FakeSlack) -> None:
+    port = fake_slack.port
+    await fake_slack.stop()
+    gateway = SlackGateway(
+        SlackGatewayConfig.model_validate(slack_config(fake_slack)),
+        resolve_layer("memory://"),
+    )
+    async with run_gateway(gateway, ready=False):
+        reasons = gateway.ready_reasons()
+        assert any("not connected to Slack Socket Mode" in r for r in reasons), reasons
+        await fake_slack.start(port)
+        await until(lambda: not gateway.ready_reasons(), what="ready")
+
+
+@pytest.mark.parametrize("which", ["bot_token", "app_token"])
+async def test_a_refused_token_is_exit_3_at_once(
+    fake_slack: FakeSlack, tmp_path: Path, which: str
+) -> None:
+    bad = "xoxb-wrong-secret" if which == "bot_token" else "xapp-wrong-secret"
+    config = slack_config(fake_slack, **{which: bad})
+    path = tmp_path / "slack.yaml"
+    path.write_text(yaml.safe_dump({**config, "layer": "redis://127.0.0.1:1/0"}))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateways.slack.cli",
+        "--config",
+        str(path),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 3, stderr.decode()
+    assert "invalid_auth" in stderr.decode()
+    assert bad not in stderr.decode()
+    calls = "auth.test" if which == "bot_token" else "apps.connections.open"
+    assert len(fake_slack.calls_of(calls)) == 1  # no retry loop
+
+
+async def test_hostile_frames_are_counted_and_change_nothing(fake_slack: FakeSlack) -> None:
+    async with running(slack_config(fake_slack)) as (gateway, layer):
+        await next_event(layer, "slack.connect")
+        bad_before = metric("gateway_errors_total", gateway="team", kind="bad_input")
+        invalid_before = metric("gateway_dropped_total", gateway="team", reason="invalid_payload")
+        await fake_slack.send_raw("not json at all")
+        await fake_slack.send_raw('{"type": "events_api", "payload": {}}')  # no envelope_id
+        # a readable envelope whose payload is not: acknowledged (Slack would resend it
+        # forever), dropped and counted
+        unreadable = await fake_slack.send_envelope("events_api", {"type": "event_callback"})
+        await fake_slack.wait_ack(unreadable)
+        assert metric("gateway_errors_total", gateway="team", kind="bad_input") == bad_before + 2
+        assert (
+            metric("gateway_dropped_total", gateway="team", reason="invalid_payload")
+            == invalid_before + 1
+        )
+        await fake_slack.send_event(message("still here"))
+        assert (await next_event(layer, "slack.message"))["text"] == "still here"
+        assert gateway.client is not None and gateway.client.connected
+
+
+async def test_redis_killed_mid_stream_loses_nothing(
+    durable_redis_server: RedisServer, fake_slack: FakeSlack
+) -> None:
+    """DESIGN §9: kill Redis mid-stream, restart it, count what arrived. Redis itself fsyncs
+    every write, so whatever goes missing went missing in the gateway."""
+    count = 60
+    layer = resolve_layer(durable_redis_server.url)
+    seen: dict[str, int] = {}
+
+    async def consume() -> None:
+        while len(seen) < count:
+            try:
+                event = await layer.receive("team")
+            except LAYER_ERRORS:
+                await asyncio.sleep(0.05)  # Redis is down: the worker's receive loop retries too
+                continue
+            if event["type"] == "slack.message":
+                seen[event["id"]] = seen.get(event["id"], 0) + 1
+
+    config = slack_config(fake_slack, ack_timeout=0.3)
+    async with running(config, layer):
+        consumer = asyncio.create_task(consume())
+        for i in range(count):
+            if i == count // 2:
+                durable_redis_server.kill()
+            if i == count * 3 // 4:
+                durable_redis_server.start()
+            await fake_slack.send_event(message(f"n{i}"), f"Ev{i:04d}")
+        # like Slack: what was not acknowledged comes again, until it is
+        while fake_slack.pending:
+            await fake_slack.redeliver()
+            with contextlib.suppress(TimeoutError):
+                await fake_slack.wait_for(lambda: not fake_slack.pending, 1.0)
+        await asyncio.wait_for(consumer, 60)
+    assert sorted(seen) == [f"Ev{i:04d}" for i in range(count)]
+    assert [k for k, n in seen.items() if n > 1] == []

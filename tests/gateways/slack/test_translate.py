@@ -1,0 +1,388 @@
+"""The pure translation: Slack's documented payloads in, layer messages and Web API calls out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.envelope import check_payload
+from gateways.slack.translate import (
+    ApiCall,
+    Control,
+    Envelope,
+    InvalidCommand,
+    InvalidPayload,
+    Respond,
+    Unknown,
+    ack,
+    check_timestamp,
+    from_event_callback,
+    from_interactive,
+    from_slash_command,
+    parse_delete,
+    parse_envelope,
+    parse_http_body,
+    parse_react,
+    parse_respond,
+    parse_send,
+    parse_update,
+)
+
+#: no deadline: the machine is shared, a slow example is not a failure
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(st.text() | st.binary())
+def test_any_frame_parses_to_something(frame: str | bytes) -> None:
+    assert isinstance(parse_envelope(frame), Envelope | Control | Unknown)
+
+
+def test_envelopes_as_slack_documents_them() -> None:
+    hello = '{"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A1"}}'
+    assert parse_envelope(hello) == Control("hello")
+    assert parse_envelope('{"type": "disconnect", "reason": "warning"}') == Control(
+        "disconnect", "warning"
+    )
+    envelope = {
+        "envelope_id": "57d6a792-4d35-4d0b-b6aa-3361493e1caf",
+        "type": "events_api",
+        "accepts_response_payload": False,
+        "retry_attempt": 1,
+        "retry_reason": "timeout",
+        "payload": {"type": "event_callback", "event": {"type": "message"}},
+    }
+    assert parse_envelope(json.dumps(envelope)) == Envelope(
+        "events_api", envelope["envelope_id"], envelope["payload"], 1
+    )
+    assert parse_envelope("[]") == Unknown("not a JSON object")
+    assert parse_envelope('{"type": "gossip"}') == Unknown("unknown envelope type 'gossip'")
+    assert isinstance(parse_envelope('{"type": "interactive", "payload": {}}'), Unknown)
+    assert isinstance(parse_envelope('{"type": "interactive", "envelope_id": "e"}'), Unknown)
+    assert json.loads(ack("e1")) == {"envelope_id": "e1"}
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(), json_values), json_values)
+def test_any_event_callback_is_a_msgpack_safe_message_or_invalid(
+    body: dict[str, Any], event: Any
+) -> None:
+    body["event"] = event
+    try:
+        inbound = from_event_callback(body, ("U1", "B1"))
+    except InvalidPayload:
+        assert not isinstance(event, dict)
+        return
+    check_payload(inbound.keys)
+    assert inbound.event in {"message", "mention", "joined", "left", "reaction", "event"}
+
+
+def callback(event: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "event_callback",
+        "team_id": "T1",
+        "event_id": "Ev1",
+        "event_time": 5,
+        "event": event,
+    }
+
+
+def test_messages_edits_deletes_and_self() -> None:
+    plain = from_event_callback(
+        callback(
+            {
+                "type": "message",
+                "channel": "C1",
+                "user": "U2",
+                "text": "hi",
+                "ts": "1.2",
+                "files": [{"id": "F1", "name": "x", "secret": "no", "size": 1}, "junk"],
+            }
+        ),
+        ("U1", "B1"),
+    )
+    assert plain.id == "Ev1" and plain.event == "message"
+    assert plain.keys["files"] == [{"id": "F1", "name": "x", "size": 1}]
+    assert plain.keys["self"] is False and plain.keys["team"] == "T1"
+    assert plain.keys["event_time"] == 5
+    mine = from_event_callback(
+        callback({"type": "message", "subtype": "bot_message", "bot_id": "B1", "text": "x"}),
+        ("U1", "B1"),
+    )
+    assert mine.keys["self"] is True and mine.keys["subtype"] == "bot_message"
+    changed = from_event_callback(
+        callback(
+            {
+                "type": "message",
+                "subtype": "message_changed",
+                "channel": "C1",
+                "message": {"user": "U2", "text": "new", "ts": "1.2"},
+                "previous_message": {"user": "U2", "text": "old", "ts": "1.2"},
+            }
+        )
+    )
+    assert (changed.keys["text"], changed.keys["previous_text"]) == ("new", "old")
+    deleted = from_event_callback(
+        callback(
+            {
+                "type": "message",
+                "subtype": "message_deleted",
+                "channel": "C1",
+                "deleted_ts": "1.2",
+                "previous_message": {"user": "U2", "text": "old"},
+            }
+        )
+    )
+    assert (deleted.keys["text"], deleted.keys["ts"], deleted.keys["user"]) == ("", "1.2", "U2")
+    broken = from_event_callback(
+        callback({"type": "message", "subtype": "message_changed", "message": "x"})
+    )
+    assert broken.keys["text"] == "" and broken.keys["previous_text"] is None
+
+
+def test_other_events_keep_their_raw_payload() -> None:
+    raw = {"type": "team_join", "user": {"id": "U9"}}
+    inbound = from_event_callback({"event": raw, "event_time": True})
+    assert inbound.event == "event" and inbound.id is None
+    assert inbound.keys == {
+        "team": None,
+        "event_time": None,
+        "event_type": "team_join",
+        "event": raw,
+    }
+    with pytest.raises(InvalidPayload):
+        from_event_callback({"type": "event_callback"})
+
+
+def test_slash_commands_and_interactivity() -> None:
+    command = from_slash_command(
+        {
+            "command": "/ticket",
+            "text": "42",
+            "user_id": "U2",
+            "channel_id": "C1",
+            "response_url": "https://hooks.slack.com/commands/1",
+            "trigger_id": "1.2.3",
+        }
+    )
+    assert command.event == "command" and command.id == "1.2.3"
+    assert command.keys["user"] == "U2" and command.keys["channel"] == "C1"
+    with pytest.raises(InvalidPayload):
+        from_slash_command({"text": "no command"})
+    view = from_interactive(
+        {
+            "type": "view_submission",
+            "user": {"id": "U2"},
+            "trigger_id": "t",
+            "view": {"callback_id": "form"},
+            "response_urls": [{"response_url": "https://hooks.slack.com/app/1"}],
+        }
+    )
+    assert view.keys["callback_id"] == "form" and view.keys["channel"] is None
+    assert view.keys["response_url"] == "https://hooks.slack.com/app/1"
+    assert view.keys["actions"] == []
+
+
+def test_http_bodies() -> None:
+    assert parse_http_body(
+        b'{"type": "url_verification", "challenge": "c"}', "application/json"
+    ) == ("url_verification", {"type": "url_verification", "challenge": "c"})
+    form = "application/x-www-form-urlencoded"
+    assert parse_http_body(b"command=%2Fticket&text=", form) == (
+        "slash_commands",
+        {"command": "/ticket", "text": ""},
+    )
+    assert parse_http_body(b"payload=%7B%22type%22%3A%22shortcut%22%7D", form) == (
+        "interactive",
+        {"type": "shortcut"},
+    )
+    for body, kind in [
+        (b"\xff", "application/json"),
+        (b"[1]", "application/json"),
+        (b"{", "application/json"),
+        (b"payload=%5B%5D", form),
+        (b"payload=%7B", form),
+        (b"other=1", form),
+    ]:
+        with pytest.raises(InvalidPayload):
+            parse_http_body(body, kind)
+
+
+def test_timestamps() -> None:
+    assert check_timestamp("1000", 1000.0, 300) is None
+    assert check_timestamp("700", 1000.0, 300) is None
+    assert check_timestamp("699", 1000.0, 300) == (
+        "X-Slack-Request-Timestamp is 301 s off (limit 300 s)"
+    )
+    assert check_timestamp("1301", 1000.0, 300) is not None
+    assert check_timestamp(None, 1000.0, 300) == "missing X-Slack-Request-Timestamp"
+    assert check_timestamp("soon", 1000.0, 300) == "malformed X-Slack-Request-Timestamp"
+
+
+def test_commands_become_web_api_calls() -> None:
+    assert parse_send({"channel": "C1", "text": "hi", "thread_ts": "1.2"}) == ApiCall(
+        "chat.postMessage", {"channel": "C1", "text": "hi", "thread_ts": "1.2"}, "C1"
+    )
+    assert parse_update({"channel": "C1", "ts": "1.2", "blocks": [{"type": "divider"}]}) == (
+        ApiCall(
+            "chat.update", {"channel": "C1", "ts": "1.2", "blocks": [{"type": "divider"}]}, "C1"
+        )
+    )
+    assert parse_delete({"channel": "C1", "ts": "1.2"}) == ApiCall(
+        "chat.delete", {"channel": "C1", "ts": "1.2"}, "C1"
+    )
+    assert parse_react({"channel": "C1", "ts": "1.2", "name": ":+1:", "remove": True}) == (
+        ApiCall("reactions.remove", {"channel": "C1", "timestamp": "1.2", "name": "+1"}, "C1")
+    )
+    assert parse_respond(
+        {"response_url": "https://hooks.slack.com/x", "delete_original": True},
+        "https://hooks.slack.com/",
+    ) == Respond("https://hooks.slack.com/x", {"delete_original": True})
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "error"),
+    [
+        (parse_send, {"channel": "C1"}, "'text' or 'blocks' is required"),
+        (parse_send, {"channel": "C 1", "text": "x"}, "without spaces"),
+        (parse_send, {"channel": "C1", "text": 5}, "'text' must be a string"),
+        (parse_send, {"channel": "C1", "text": "x" * 40_001}, "Slack's limit: 40000"),
+        (parse_send, {"channel": "C1", "blocks": "x"}, "'blocks' must be a list"),
+        (parse_send, {"channel": "C1", "blocks": [{}] * 51}, "Slack's limit: 50"),
+        (parse_send, {"channel": "C1", "text": "x", "reply_broadcast": "yes"}, "true or false"),
+        (parse_send, {"channel": "C1", "text": "x", "thread_ts": 1.2}, "Slack timestamp"),
+        (parse_delete, {"channel": "C1"}, "'ts' must be a Slack timestamp"),
+        (parse_react, {"channel": "C1", "ts": "1.2", "name": "::"}, "emoji name"),
+        (parse_react, {"channel": "C1", "ts": "1.2", "name": "a:b"}, "emoji name"),
+    ],
+)
+def test_bad_commands_name_the_key(parse: Any, body: dict[str, Any], error: str) -> None:
+    with pytest.raises(InvalidCommand, match=error):
+        parse(body)
+
+
+def test_bad_responds() -> None:
+    prefix = "https://hooks.slack.com/"
+    with pytest.raises(InvalidCommand, match="response_url"):
+        parse_respond({"response_url": "http://169.254.169.254/", "text": "x"}, prefix)
+    with pytest.raises(InvalidCommand, match="response_type"):
+        parse_respond({"response_url": prefix + "1", "text": "x", "response_type": "loud"}, prefix)
+    assert parse_respond(
+        {
+            "response_url": prefix + "1",
+            "text": "x",
+            "replace_original": True,
+            "response_type": "ephemeral",
+            "thread_ts": "1.2",
+        },
+        prefix,
+    ).body == {
+        "text": "x",
+        "replace_original": True,
+        "response_type": "ephemeral",
+        "thread_ts": "1.2",
+    }
+
+
+@PROPERTY
+@given(
+    st.text(min_size=1, max_size=50).filter(
+        lambda s: s.strip() and not any(c.isspace() for c in s)
+    ),
+    st.text(max_size=200),
+)
+def test_send_keeps_what_it_was_given(channel: str, text: str) -> None:
+    try:
+        call = parse_send({"channel": channel, "text": text})
+    except InvalidCommand:
+        assert not text
+        return
+    assert call.args == {"channel": channel, "text": text} and call.channel == channel
+
+
+def test_mentions_members_and_reactions() -> None:
+    mention = from_event_callback(
+        callback(
+            {
+                "type": "app_mention",
+                "user": "U2",
+                "text": "<@U1> hi",
+                "ts": "1.2",
+                "channel": "C1",
+                "thread_ts": "1.1",
+            }
+        )
+    )
+    assert mention.event == "mention"
+    assert (mention.keys["text"], mention.keys["thread_ts"], mention.keys["files"]) == (
+        "<@U1> hi",
+        "1.1",
+        [],
+    )
+    joined = from_event_callback(
+        callback(
+            {
+                "type": "member_joined_channel",
+                "user": "U2",
+                "channel": "C1",
+                "channel_type": "C",
+                "inviter": "U3",
+            }
+        )
+    )
+    assert joined.event == "joined" and joined.keys["inviter"] == "U3"
+    left = from_event_callback(callback({"type": "member_left_channel", "user": "U2"}))
+    assert left.event == "left" and left.keys["channel"] is None
+    added = from_event_callback(
+        callback(
+            {
+                "type": "reaction_added",
+                "user": "U2",
+                "reaction": "tada",
+                "item_user": "U1",
+                "item": {"type": "message", "channel": "C1", "ts": "1.2"},
+            }
+        )
+    )
+    assert added.event == "reaction"
+    assert {k: added.keys[k] for k in ("action", "reaction", "item_type", "channel", "ts")} == {
+        "action": "added",
+        "reaction": "tada",
+        "item_type": "message",
+        "channel": "C1",
+        "ts": "1.2",
+    }
+    removed = from_event_callback(callback({"type": "reaction_removed", "item": "junk"}))
+    assert removed.keys["action"] == "removed" and removed.keys["channel"] is None
+
+
+def test_interactive_fallbacks() -> None:
+    shortcut = from_interactive(
+        {
+            "type": "message_action",
+            "callback_id": "cb",
+            "response_url": "https://h/1",
+            "response_urls": [{"response_url": "https://h/2"}],
+            "view": {"callback_id": "v"},
+        }
+    )
+    assert (shortcut.keys["callback_id"], shortcut.keys["response_url"]) == ("cb", "https://h/1")
+    bare = from_interactive({"type": "view_closed", "response_urls": ["junk"], "view": "junk"})
+    assert bare.id is None and bare.keys["response_url"] is None
+    assert bare.keys["callback_id"] is None
+    with pytest.raises(InvalidCommand, match="non-empty string"):
+        parse_send({"channel": "  ", "text": "x"})
+    assert (
+        parse_send({"channel": "C1", "text": "x", "reply_broadcast": False}).args["reply_broadcast"]
+        is False
+    )
