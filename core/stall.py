@@ -5,8 +5,8 @@ reports each refusal (``ChannelFull``, an unreachable layer) and each accepted e
 short refusal is ordinary backpressure; a *stall* is refusals that last:
 
 * it **starts** when a refused event has waited :data:`STALL_AFTER` seconds (one WARNING line);
-* it **ends** once the layer accepted an event and refused none for :data:`STALL_CLEAR`
-  seconds, or once nothing is held any more and nothing was refused for that long (an SMTP
+* it **ends** once the layer accepted an event and refused none in the :data:`STALL_CLEAR`
+  seconds after it, or once nothing is held any more and nothing was refused for that long (an SMTP
   client that got 451 and went away); one WARNING line with the duration and the counts.
 
 Between the two lines ``/readyz`` answers 503 with :meth:`StallTracker.reason` (``holding 812
@@ -66,6 +66,7 @@ class StallTracker:
         self._episode: float | None = None  # first refusal while not stalled
         self._last_refusal = -1.0
         self._last_accept = -1.0
+        self._recovering: float | None = None  # the first acceptance since the last refusal
         self._accounted = 0.0  # stalled seconds already added to the counter
         self._refusals = 0
         self._accepted = 0
@@ -107,6 +108,7 @@ class StallTracker:
     def refused(self, channel: str, error: BaseException) -> None:
         now = self.clock()
         self._last_refusal = now
+        self._recovering = None
         self._channel = channel
         if isinstance(error, ChannelFull):
             self._why = "layer full"
@@ -124,6 +126,8 @@ class StallTracker:
     def accepted(self) -> None:
         now = self.clock()
         self._last_accept = now
+        if self._recovering is None:
+            self._recovering = now
         if self.stalled_since is not None:
             self._accepted += 1
         elif self.waiting == 0:
@@ -141,9 +145,9 @@ class StallTracker:
             return
         self._peak = max(self._peak, self.held())
         self._account(now)
-        quiet = now - self._last_refusal >= self.clear
-        recovered = self._last_accept > self._last_refusal
-        if quiet and (recovered or (self.waiting == 0 and self.held() == 0)):
+        recovered = self._recovering is not None and now - self._recovering >= self.clear
+        idle = self.waiting == 0 and self.held() == 0 and now - self._last_refusal >= self.clear
+        if recovered or idle:
             self._end(now)
 
     def _maybe_start(self, now: float) -> None:
@@ -173,7 +177,7 @@ class StallTracker:
 
     def _end(self, now: float) -> None:
         assert self.stalled_since is not None
-        end = self._last_accept if self._last_accept > self._last_refusal else self._last_refusal
+        end = self._recovering if self._recovering is not None else self._last_refusal
         duration = max(0.0, end - self.stalled_since)
         self.log.warning(
             "%s: stall over after %.1f s: %d refusal(s) on channel %r, at most %d message(s) "

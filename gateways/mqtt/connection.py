@@ -371,7 +371,7 @@ class MqttConnection:
             if self._immediate:
                 self._immediate = False
                 delay = 0.0
-                self.log.info("%s: reconnecting at once (%s)", self.name, self.last_error)
+                self.log.info("%s: reconnecting at once (%s)", self.name, self._close_reason)
             else:
                 delay = self._backoff.next()
                 self.log.warning(
