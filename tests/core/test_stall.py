@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 from channels.exceptions import ChannelFull
+from channels.layers import InMemoryChannelLayer
 
 from core.metrics import GatewayMetrics
 from core.stall import StallTracker
-from core.testing import metric
+from core.testing import metric, until
+from tests.core.test_service import EchoConfig, EchoGateway
 
 
 class Clock:
@@ -116,3 +119,27 @@ def test_stall_ends_when_nothing_is_held_any_more() -> None:
     clock.now += 1.1
     tracker.tick()
     assert not tracker.stalled
+
+
+async def test_every_gateway_reports_its_stall_through_publish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # any gateway, no code of its own: the layer refuses, publish() waits, /readyz says why
+    gateway = EchoGateway(EchoConfig(name="any"), InMemoryChannelLayer(capacity=1))
+    assert await gateway.publish(gateway.event("first"))
+    waiting = asyncio.create_task(gateway.publish(gateway.event("second")))
+
+    def ticked(stalled: bool) -> bool:
+        gateway.stall.tick()  # what the readiness watcher does twice a second
+        return gateway.stall.stalled is stalled
+
+    await until(lambda: ticked(True), what="the stall")
+    (reason,) = [r for r in gateway.ready_reasons() if "stalled" in r]
+    assert reason.startswith("any: stalled for ")
+    assert reason.endswith("s, holding 1 message(s): layer full on channel 'any'")
+    assert metric("gateway_held_messages", gateway="any") == 1
+    assert (await gateway.layer.receive("any"))["type"] == "echo.first"
+    assert await asyncio.wait_for(waiting, 10)
+    await until(lambda: ticked(False), what="the end of the stall")
+    assert not any("stalled" in reason for reason in gateway.ready_reasons())
+    assert len(warnings(caplog)) == 2

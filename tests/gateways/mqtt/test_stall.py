@@ -249,3 +249,32 @@ async def test_broker_drops_are_watched(
         code = gateway.stop()
     assert code == 0
     assert "WARNING" in line and "max_queued_messages" in line, line
+
+
+async def test_without_a_persistent_session_drops_beyond_the_hold_are_counted(
+    tmp_path: Path, redis_server: RedisServer, start_service: Start
+) -> None:
+    # clean_start: true on 3.1.1: the broker forgets the session at every disconnect, so the
+    # gateway cannot leave messages with it; beyond the hold they are acknowledged and counted
+    broker = start_service(MosquittoServer(extra_config=[*BROKER, "max_inflight_messages 0"]))
+    url = f"{redis_server.url}?capacity={CAPACITY}"
+    config = integration(broker, url, protocol="3.1.1", clean_start=True, max_pending=100)
+    gateway = GatewayProcess.from_config(tmp_path, config).start()
+    layer = resolve_layer(url)
+    seen = Seen()
+
+    def dropped() -> float:
+        return gateway.metric("gateway_dropped_total", gateway="seq", reason="hold_full")
+
+    try:
+        await publish(broker.port, range(COUNT), protocol=3)
+        await until(lambda: dropped() > 0, TIMEOUT, "drops beyond the hold")
+        await seen.read(layer, "seq", lambda: len(seen.numbers) + dropped() >= COUNT)
+        assert len(seen.numbers) + dropped() == COUNT
+        lines = gateway.server.tail().splitlines() if gateway.server else []
+    finally:
+        await layer.close_pools()
+        code = gateway.stop()
+    assert code == 0
+    assert any("WARNING" in line and "session does not outlive" in line for line in lines)
+    assert any("WARNING" in line and "the hold is full" in line for line in lines)
