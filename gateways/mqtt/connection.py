@@ -13,6 +13,11 @@ starts at all only when the broker or TLS said no (bad credentials, an untrusted
 that does not fix itself. A broker that is merely down is retried in the background while
 ``/readyz`` says why.
 
+The socket is read whenever it is readable, never paused: a stalled layer once made the gateway
+stop reading, the broker's PINGRESP went unread, the keep-alive expired and the reconnect lost the
+session. :meth:`MqttConnection.restart_session` is the one deliberate disconnect (a clean
+DISCONNECT that keeps the session, then an immediate reconnect).
+
 Received QoS 1/2 messages are acknowledged only when the gateway calls :meth:`ack` (paho
 ``manual_ack``), and only on the connection they arrived on: a redelivery after a reconnect has
 its own acknowledgement. The exception is QoS 2 in a resumed session, where paho swallows the

@@ -3,8 +3,11 @@
 Delivery follows the layer, not our hopes. A QoS 1/2 message is acknowledged to the broker only
 after :meth:`Gateway.publish` returned ``True`` for every channel it goes to; while the layer is
 full or down the hand-off keeps retrying, acknowledgements stop, and the broker stops sending once
-``receive_maximum`` messages are unacknowledged (TCP pushback beyond ``max_pending`` on 3.1.1).
-QoS 0 messages, which have nothing to withhold, wait in a bounded :class:`EventBuffer`.
+``receive_maximum`` messages are unacknowledged. The socket is always read (keep-alive must never
+fail because of our own pushback); what the broker sends beyond the hold (``max_pending``: 3.1.1
+has no receive maximum, mosquitto overshoots it) is left with it unacknowledged and fetched again
+by resuming the session once the hold is empty (README, "Stalls"). QoS 0 messages, which have
+nothing to withhold, wait in a bounded :class:`EventBuffer`.
 
 Hand-offs run in arrival order on one task, so consumers see a topic's messages in order and the
 acknowledgements leave in the order the messages came (MQTT 5 §4.6).
