@@ -174,19 +174,21 @@ async def test_qos1_stall_longer_than_keepalives_loses_nothing(
     assert seen.deliveries - COUNT <= duplicates, (seen.deliveries, duplicates)
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"], ids=["mqtt5", "mqtt311"])
 async def test_qos1_stall_across_a_broker_restart_loses_nothing(
-    tmp_path: Path, redis_server: RedisServer, start_service: Start
+    tmp_path: Path, redis_server: RedisServer, start_service: Start, protocol: str
 ) -> None:
     broker = start_service(MosquittoServer(persistent=True, extra_config=BROKER))
     url = f"{redis_server.url}?capacity={CAPACITY}"
-    config = integration(broker, url, reconnect={"initial": 0.1, "maximum": 1})
+    config = integration(broker, url, protocol=protocol, reconnect={"initial": 0.1, "maximum": 1})
     gateway = GatewayProcess.from_config(tmp_path, config).start()
+    version = 5 if protocol == "5" else 3
     try:
-        await publish(broker.port, range(COUNT // 2))
+        await publish(broker.port, range(COUNT // 2), protocol=version)
         await stalled_for(gateway, 2 * KEEPALIVE)
         await asyncio.to_thread(broker.save_and_kill)
         await asyncio.to_thread(broker.start)
-        await publish(broker.port, range(COUNT // 2, COUNT))
+        await publish(broker.port, range(COUNT // 2, COUNT), protocol=version)
         await stalled_for(gateway, 4 * KEEPALIVE)
         await drain_and_check(gateway, url, COUNT)
     finally:
