@@ -53,6 +53,28 @@ _CONNECTED = Gauge(
     ["gateway"],
     registry=REGISTRY,
 )
+_STALLED = Gauge(
+    "gateway_stalled",
+    "1 while the layer has refused events for a while (see core.stall)",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_STALLS = Counter("gateway_stalls", "Stalls that started", ["gateway"], registry=REGISTRY)
+_STALLED_SECONDS = Counter(
+    "gateway_stalled_seconds", "Seconds spent stalled", ["gateway"], registry=REGISTRY
+)
+_HELD = Gauge(
+    "gateway_held_messages",
+    "Inbound messages the gateway holds back because the layer has not taken them yet",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_DUPLICATES = Counter(
+    "gateway_duplicates",
+    "Inbound events handed to the layer again (at-least-once redelivery of the same id)",
+    ["gateway"],
+    registry=REGISTRY,
+)
 
 
 class GatewayMetrics:
@@ -64,6 +86,11 @@ class GatewayMetrics:
         self.pushback = _PUSHBACK.labels(name)
         self.layer_latency = _LATENCY.labels(name)
         self.connected = _CONNECTED.labels(name)
+        self.stalled = _STALLED.labels(name)
+        self.stalls = _STALLS.labels(name)
+        self.stalled_seconds = _STALLED_SECONDS.labels(name)
+        self.held = _HELD.labels(name)
+        self.duplicates = _DUPLICATES.labels(name)
 
     def event(self, type_: str) -> None:
         _EVENTS.labels(self.name, type_).inc()

@@ -31,10 +31,11 @@ stops taking commands, lets ``drain()`` and in-flight commands finish within
 Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while
 the layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when
 the deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld
-MQTT ack, HTTP 503). What no layer can ever take (over 1 MB as msgpack, not msgpack-safe) is
-refused at once with :class:`EventRefused`, logged and counted, never retried. Transports with
-no pushback put events in an :class:`EventBuffer`, which skips (logs, counts) a bad event and
-never stops.
+MQTT ack, HTTP 503). Refusals that last are a *stall* (:mod:`core.stall`): /readyz answers 503
+with the reason, metrics count it, and one WARNING line marks its start and one its end. What
+no layer can ever take (over 1 MB as msgpack, not msgpack-safe) is refused at once with
+:class:`EventRefused`, logged and counted, never retried. Transports with no pushback put events
+in an :class:`EventBuffer`, which skips (logs, counts) a bad event and never stops.
 
 Client-side transports build on :mod:`core.client` (reconnects), pace sends with
 :mod:`core.pacer` and keep their own Redis keys through :mod:`core.redis`.
@@ -63,6 +64,7 @@ from core.envelope import (
     result_message,
 )
 from core.metrics import GatewayMetrics
+from core.stall import StallTracker
 from core.types import ChannelLayer
 
 __all__ = [
@@ -214,6 +216,8 @@ class Gateway(Generic[C]):
         self._stop = asyncio.Event()
         self._layer_ok = True  # False from a layer error until a probe or a send gets through
         self._refusals = 0  # layer refusals in the current backpressure episode
+        #: whether inbound events are being held back (/readyz, metrics, the two log lines)
+        self.stall = StallTracker(config.name, self.log, self.metrics, held=self.held_messages)
         self._commands: set[asyncio.Task[None]] = set()
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
@@ -234,6 +238,14 @@ class Gateway(Generic[C]):
         """Reasons the transport is not ready; empty when connected, authenticated, subscribed."""
         return []
 
+    def held_messages(self) -> int:
+        """Inbound messages held back for the layer (``gateway_held_messages``, /readyz).
+
+        The default counts :meth:`publish` calls waiting after a refusal; a gateway with a
+        queue of its own (MQTT's hold, an :class:`EventBuffer`) returns its length instead.
+        """
+        return self.stall.waiting
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -244,13 +256,16 @@ class Gateway(Generic[C]):
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def ready_reasons(self) -> list[str]:
-        """Everything that keeps /readyz from answering 200."""
+    def ready_reasons(self, *, detail: bool = True) -> list[str]:
+        """Everything that keeps /readyz from answering 200 (``detail``: with live counts)."""
         reasons = [f"{self.name}: {r}" for r in self.readiness()]
         if not self.started.is_set():
             reasons.append(f"{self.name}: starting")
         if not self._layer_ok:
             reasons.append(f"{self.name}: layer unreachable")
+        stall = self.stall.reason(detail=detail)
+        if stall is not None:
+            reasons.append(f"{self.name}: {stall}")
         if self._dead_loop is not None:
             reasons.append(f"{self.name}: command loop died: {self._dead_loop}")
         return reasons
@@ -322,7 +337,8 @@ class Gateway(Generic[C]):
         while True:
             if not self._layer_ok:
                 self._layer_ok = await self._probe_layer_quietly()
-            reasons = self.ready_reasons()
+            self.stall.tick()
+            reasons = self.ready_reasons(detail=False)
             if reasons != last:
                 if reasons:
                     self.log.info("%s not ready yet: %s", self.name, "; ".join(reasons))
@@ -393,8 +409,9 @@ class Gateway(Generic[C]):
         The route is ``channel`` when given (a per-event target, e.g. an MQTT subscription's
         own channel), else ``config.route(message["type"])``. Returns ``True`` once the layer
         accepted it, ``False`` when ``timeout`` seconds passed first (``None``: keep trying until
-        :meth:`stop`, then give up). The first refusal of an episode is logged at WARNING, the
-        recovery at INFO, once per episode for the whole gateway.
+        :meth:`stop`, then give up). The first refusal of an episode and the recovery are logged
+        at INFO, once per episode for the whole gateway; refusals that last make a stall
+        (:attr:`stall`), with one WARNING when it starts and one when it ends.
 
         Raises :class:`EventRefused` (logged and counted here) when no layer could ever take
         ``message``: over 1 MB as msgpack, or not msgpack-safe. Such an event is never retried.
@@ -405,44 +422,55 @@ class Gateway(Generic[C]):
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
-        while True:
-            started = loop.time()
-            attempt_limit = 10.0 if deadline is None else max(0.001, deadline - started)
-            try:
-                await asyncio.wait_for(self.layer.send(channel, message), min(10.0, attempt_limit))
-            except LAYER_ERRORS as exc:
-                if not isinstance(exc, ChannelFull):
-                    self._layer_ok = False
-                failures += 1
-                self.metrics.retry("layer_send")
-                if failures == 1:
-                    self.metrics.backpressure_waits.inc()
-                if self._refusals == 0:
-                    self.log.warning(
-                        "%s: layer refuses %s for %r (%s); retrying with backoff, "
-                        "the transport is pushed back meanwhile",
-                        self.name,
-                        message["type"],
-                        channel,
-                        describe_error(exc),
+        try:
+            while True:
+                started = loop.time()
+                attempt_limit = 10.0 if deadline is None else max(0.001, deadline - started)
+                try:
+                    await asyncio.wait_for(
+                        self.layer.send(channel, message), min(10.0, attempt_limit)
                     )
-                self._refusals += 1
-                delay = backoff.next()
-                now = loop.time()
-                if (deadline is not None and now + delay > deadline) or self.stopping:
-                    self.metrics.pushback.inc()
-                    return False
-                await asyncio.sleep(delay)
-                continue
-            self.metrics.layer_latency.observe(loop.time() - started)
-            self.metrics.event(message["type"])
-            self._layer_ok = True
-            if self._refusals:
-                self.log.info(
-                    "%s: layer accepts events again after %d refusals", self.name, self._refusals
-                )
-                self._refusals = 0
-            return True
+                except LAYER_ERRORS as exc:
+                    if not isinstance(exc, ChannelFull):
+                        self._layer_ok = False
+                    failures += 1
+                    self.metrics.retry("layer_send")
+                    if failures == 1:
+                        self.metrics.backpressure_waits.inc()
+                        self.stall.wait_started()
+                    self.stall.refused(channel, exc)
+                    if self._refusals == 0:
+                        # INFO: a stall (refusals that last) gets its one WARNING from core.stall
+                        self.log.info(
+                            "%s: layer refuses %s for %r (%s); retrying with backoff, "
+                            "the transport is pushed back meanwhile",
+                            self.name,
+                            message["type"],
+                            channel,
+                            describe_error(exc),
+                        )
+                    self._refusals += 1
+                    delay = backoff.next()
+                    now = loop.time()
+                    if (deadline is not None and now + delay > deadline) or self.stopping:
+                        self.metrics.pushback.inc()
+                        return False
+                    await asyncio.sleep(delay)
+                    continue
+                break
+        finally:
+            if failures:
+                self.stall.wait_ended()
+        self.metrics.layer_latency.observe(loop.time() - started)
+        self.metrics.event(message["type"])
+        self._layer_ok = True
+        self.stall.accepted()
+        if self._refusals:
+            self.log.info(
+                "%s: layer accepts events again after %d refusals", self.name, self._refusals
+            )
+            self._refusals = 0
+        return True
 
     def _check_sendable(self, message: dict[str, Any], channel: str) -> None:
         # checked for every layer, so a memory:// test run refuses what Redis would

@@ -193,21 +193,27 @@ class MqttConfig(Section):
     )
     client_id: str | None = Field(
         None,
-        description="MQTT client id; required for a persistent session (clean_start: false). "
-        "Default: NAME-<random>, so replicas never take over each other's connection.",
+        description="MQTT client id: the name of the persistent session at the broker. Default: "
+        "NAME-HOSTNAME, stable across restarts on one host (a random id would leave the "
+        "session behind at every restart); a second process of the same integration on the "
+        "same host gets NAME-HOSTNAME-2, and so on (a lock file per id in the temporary "
+        "directory). Set it per replica where host names change at every start (e.g. a "
+        "Kubernetes Deployment): the broker keeps each abandoned session for session_expiry.",
     )
     clean_start: bool = Field(
-        True,
-        description="Start with a fresh session when the process starts. false resumes the "
-        "broker's session for client_id, so messages queued while the gateway was away "
-        "arrive (QoS 1/2). Reconnects within one process always try to resume.",
+        False,
+        description="true: throw the broker's session away when the process starts. The "
+        "default false resumes it, so QoS 1/2 messages queued while the gateway was away (or "
+        "left unacknowledged during a stall) arrive. Reconnects within one process always "
+        "try to resume.",
     )
     session_expiry: int | None = Field(
         None,
         ge=0,
         le=2**32 - 1,
         description="MQTT 5: seconds the broker keeps the session after a disconnect. "
-        "Default 0 with clean_start, else 86400 (one day).",
+        "Default 86400 (one day); 0 with clean_start: true. 0 makes the session end with "
+        "every disconnect, and a stall beyond max_pending then drops messages (counted).",
     )
     keepalive: int = Field(60, ge=0, le=65535, description="Keep-alive interval in seconds.")
     connect_timeout: float = Field(
@@ -252,8 +258,24 @@ class MqttConfig(Section):
     max_pending: int = Field(
         1000,
         ge=1,
-        description="QoS 1/2 messages waiting for the layer before the gateway stops reading "
-        "from the broker (TCP pushback; matters on 3.1.1 where receive_maximum does not exist).",
+        description="QoS 1/2 messages the gateway holds, unacknowledged, while the layer does "
+        "not take them (the hold). Beyond it (a broker that ignores receive_maximum, or MQTT "
+        "3.1.1, which has none) further QoS 1 messages are left unacknowledged with the broker "
+        "and fetched again by resuming the session once the hold is empty; with a session "
+        "that does not persist they are acknowledged, dropped and counted. The gateway never "
+        "stops reading the socket (keep-alive answers must get through).",
+    )
+    max_pending_bytes: int = Field(
+        16_000_000,
+        ge=1_000_000,
+        description="Bytes (topic + payload) the hold may keep; beyond it, as beyond "
+        "max_pending. At least 1,000,000, so any message fits.",
+    )
+    watch_broker_drops: bool = Field(
+        True,
+        description="Subscribe (QoS 0) to mosquitto's $SYS/broker/publish/messages/dropped and "
+        "$SYS/broker/store/messages/count, export them as metrics and log a WARNING when the "
+        "broker's drop counter grows. Harmless on brokers without them.",
     )
     buffer: int = Field(
         10_000,
@@ -291,10 +313,9 @@ class MqttConfig(Section):
     def _check(self) -> MqttConfig:
         if self.password is not None and self.username is None:
             raise ValueError("password needs username")
-        if not self.clean_start and not self.client_id:
+        if self.mqtt5 and self.max_pending < self.receive_maximum:
             raise ValueError(
-                "client_id: required with clean_start: false (a persistent session belongs "
-                "to one client id)"
+                "max_pending must not be below receive_maximum (the broker may send that many)"
             )
         if self.protocol == "3.1.1":
             if self.session_expiry is not None:
@@ -326,6 +347,14 @@ class MqttConfig(Section):
     @property
     def mqtt5(self) -> bool:
         return self.protocol == "5"
+
+    @property
+    def persistent_session(self) -> bool:
+        """Whether the broker keeps the session (and its unacknowledged messages) over a
+        disconnect, so the gateway may leave messages with it and resume."""
+        if self.mqtt5:
+            return self.session_expiry_seconds > 0
+        return not self.clean_start
 
     @property
     def session_expiry_seconds(self) -> int:

@@ -13,6 +13,11 @@ starts at all only when the broker or TLS said no (bad credentials, an untrusted
 that does not fix itself. A broker that is merely down is retried in the background while
 ``/readyz`` says why.
 
+The socket is read whenever it is readable, never paused: a stalled layer once made the gateway
+stop reading, the broker's PINGRESP went unread, the keep-alive expired and the reconnect lost the
+session. :meth:`MqttConnection.restart_session` is the one deliberate disconnect (a clean
+DISCONNECT that keeps the session, then an immediate reconnect).
+
 Received QoS 1/2 messages are acknowledged only when the gateway calls :meth:`ack` (paho
 ``manual_ack``), and only on the connection they arrived on: a redelivery after a reconnect has
 its own acknowledgement. The exception is QoS 2 in a resumed session, where paho swallows the
@@ -203,7 +208,7 @@ class MqttConnection:
         self._fd: int | None = None
         self._writing = False
         self._flush_pending = False
-        self._paused = False
+        self._immediate = False  # the next reconnect is ours (restart_session): no backoff
         self._announced = False
         self._close_reason: str | None = None
         self._misc: asyncio.TimerHandle | None = None
@@ -368,10 +373,15 @@ class MqttConnection:
                 if loop.time() - up_since >= STABLE_AFTER:
                     self._backoff.reset()
                 what = f"connection to {self.settings.broker} lost"
-            delay = self._backoff.next()
-            self.log.warning(
-                "%s: %s (%s); reconnecting in %.1f s", self.name, what, self.last_error, delay
-            )
+            if self._immediate:
+                self._immediate = False
+                delay = 0.0
+                self.log.info("%s: reconnecting at once (%s)", self.name, self._close_reason)
+            else:
+                delay = self._backoff.next()
+                self.log.warning(
+                    "%s: %s (%s); reconnecting in %.1f s", self.name, what, self.last_error, delay
+                )
             if self.on_retry is not None:
                 self.on_retry()
             await asyncio.sleep(delay)
@@ -470,7 +480,6 @@ class MqttConnection:
         self.generation += 1
         self._fd = current.fileno()
         self._writing = False
-        self._paused = False
         self._loop.add_reader(self._fd, self._readable)
         self._misc = self._loop.call_later(MISC_INTERVAL, self._run_misc)
 
@@ -544,8 +553,9 @@ class MqttConnection:
             self._writing = False
 
     def _readable(self) -> None:
-        if self._paused:
-            return
+        # Never paused: the gateway's own pushback must not keep PINGRESP unread (a stalled
+        # layer once stopped the reading, the keep-alive expired, and the reconnect threw the
+        # session and every unacknowledged message away). The gateway bounds what it holds.
         client = self.client
         try:
             # paho reads one packet per call; read on while the socket has more, so a burst
@@ -556,7 +566,7 @@ class MqttConnection:
                     self._close_reason = self._close_reason or error_string(rc).rstrip(".")
                     return
                 sock = client.socket()
-                if sock is None or self._paused or not _readable_now(sock):
+                if sock is None or not _readable_now(sock):
                     return
             assert self._loop is not None
             self._loop.call_soon(self._readable)  # let other work run, then go on
@@ -585,21 +595,20 @@ class MqttConnection:
         if self._fd is not None and self._loop is not None:
             self._misc = self._loop.call_later(MISC_INTERVAL, self._run_misc)
 
-    def pause_reading(self) -> None:
-        """Stop reading from the broker (TCP pushback) until :meth:`resume_reading`."""
-        if not self._paused and self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._paused = True
+    def restart_session(self, reason: str) -> bool:
+        """Send a clean DISCONNECT and reconnect at once, resuming the session.
 
-    def resume_reading(self) -> None:
-        if self._paused and self._fd is not None and self._loop is not None:
-            self._loop.add_reader(self._fd, self._readable)
-            self._loop.call_soon(self._readable)  # bytes may wait in the TLS buffer
-        self._paused = False
-
-    @property
-    def reading_paused(self) -> bool:
-        return self._paused
+        The broker sends again every QoS 1/2 message of the session that was not acknowledged
+        (MQTT 5 §4.4, 3.1.1 §4.4): how the gateway fetches the messages it left with the broker
+        during a stall. Only with a session that outlives the connection. ``False`` when not
+        connected (the next connection resumes the session anyway).
+        """
+        if not self.connected or self._client is None:
+            return False
+        self._close_reason = reason
+        self._immediate = True
+        self._client.disconnect()  # reason 0: the session and its messages stay at the broker
+        return True
 
     # -- paho callbacks -----------------------------------------------------------------------
 

@@ -3,8 +3,11 @@
 Delivery follows the layer, not our hopes. A QoS 1/2 message is acknowledged to the broker only
 after :meth:`Gateway.publish` returned ``True`` for every channel it goes to; while the layer is
 full or down the hand-off keeps retrying, acknowledgements stop, and the broker stops sending once
-``receive_maximum`` messages are unacknowledged (TCP pushback beyond ``max_pending`` on 3.1.1).
-QoS 0 messages, which have nothing to withhold, wait in a bounded :class:`EventBuffer`.
+``receive_maximum`` messages are unacknowledged. The socket is always read (keep-alive must never
+fail because of our own pushback); what the broker sends beyond the hold (``max_pending``: 3.1.1
+has no receive maximum, mosquitto overshoots it) is left with it unacknowledged and fetched again
+by resuming the session once the hold is empty (README, "Stalls"). QoS 0 messages, which have
+nothing to withhold, wait in a bounded :class:`EventBuffer`.
 
 Hand-offs run in arrival order on one task, so consumers see a topic's messages in order and the
 acknowledgements leave in the order the messages came (MQTT 5 §4.6).
@@ -18,17 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
+import os
+import re
 import secrets
+import tempfile
+from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from pathlib import Path
+from typing import IO, Any, ClassVar, Final, TypeVar
 
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client import Counter, Gauge
 
 from core.envelope import Command, CommandError
 from core.logs import clip
+from core.metrics import REGISTRY
 from core.service import (
     LAYER_ERRORS,
     Backoff,
@@ -60,12 +72,47 @@ from gateways.mqtt.translate import (
     parse_unsubscribe,
 )
 
-__all__ = ["MqttGateway"]
+__all__ = ["MqttGateway", "claim_client_id"]
 
 T = TypeVar("T")
 
 #: seconds between renewals of this process's membership in the replicas group
 REJOIN_INTERVAL = 3600.0
+#: ids of recently handed-off QoS 1/2 messages kept to count redeliveries as duplicates
+RECENT_IDS: Final = 20_000
+#: seconds between two WARNING lines about QoS 1/2 messages dropped beyond the hold
+DROP_REPORT_INTERVAL: Final = 1.0
+#: mosquitto's broker-wide counters (published every sys_interval, 10 s by default)
+SYS_DROPPED: Final = "$SYS/broker/publish/messages/dropped"
+SYS_STORED: Final = "$SYS/broker/store/messages/count"
+
+_DEFERRED = Counter(
+    "mqtt_deferred",
+    "QoS 1 messages left unacknowledged with the broker beyond the hold (redelivered when the "
+    "gateway resumes its session)",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_SESSION_RESUMES = Counter(
+    "mqtt_session_resumes",
+    "Deliberate reconnects that fetch the messages left with the broker during a stall",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_BROKER_DROPPED = Gauge(
+    "mqtt_broker_dropped_messages",
+    "The broker's own count of messages it dropped, all clients ($SYS/broker/publish/messages/"
+    "dropped on mosquitto; -1 until reported)",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_BROKER_STORED = Gauge(
+    "mqtt_broker_stored_messages",
+    "Messages the broker holds, all clients ($SYS/broker/store/messages/count; -1 until reported)",
+    ["gateway"],
+    registry=REGISTRY,
+)
+
 #: what a layer without working groups raises from group_add / group_send
 _GROUP_ERRORS: tuple[type[BaseException], ...] = (
     *LAYER_ERRORS,
@@ -82,6 +129,8 @@ class _Pending:
     mid: int
     qos: int
     generation: int
+    size: int = 0
+    id: str | None = None
 
 
 @dataclass
@@ -102,6 +151,38 @@ def _reason(codes: list[ReasonCode]) -> ReasonCode | None:
     return codes[0] if codes else None
 
 
+def claim_client_id(name: str) -> tuple[str, IO[str] | None]:
+    """The default client id: ``NAME-HOSTNAME``, then ``-2``, ``-3`` … for more processes.
+
+    Stable across restarts, so the persistent session (and what the broker queued for it) is
+    found again. Two processes of one integration on one host must not share an id (the broker
+    would hand the session back and forth), so each holds an ``flock`` on a file named after its
+    id in the temporary directory; the lock goes with the process, and the file returned here
+    must stay open for as long as the id is in use.
+    """
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", os.uname().nodename) or "host"
+    base = f"{name}-{host}"
+    directory = Path(tempfile.gettempdir()) / f"channels-gateways-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return base, None
+    for n in range(1, 100):
+        client_id = base if n == 1 else f"{base}-{n}"
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]
+        try:
+            handle = open(directory / f"mqtt-{digest}.lock", "a")  # noqa: SIM115 (kept open)
+        except OSError:
+            return base, None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        return client_id, handle
+    return f"{base}-{secrets.token_hex(4)}", None
+
+
 class MqttGateway(Gateway[MqttGatewayConfig]):
     """One broker connection per integration; see the module docstring."""
 
@@ -113,7 +194,11 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
     def __init__(self, config: MqttGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
         self.settings = settings = config.mqtt
-        self.client_id = settings.client_id or f"{config.name}-{secrets.token_hex(4)}"
+        self._id_lock: IO[str] | None = None
+        if settings.client_id:
+            self.client_id = settings.client_id
+        else:
+            self.client_id, self._id_lock = claim_client_id(config.name)
         self.default_channel = config.route("mqtt.message")
         self.table = SubscriptionTable(
             Route(
@@ -140,7 +225,28 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         self.buffer = EventBuffer(self, settings.buffer)
         #: replicas of this integration listen here for mqtt.resync
         self.replicas_group = f"{config.name}.gateways"
+        #: the hold: received QoS 1/2 messages not yet taken by the layer, unacknowledged
         self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._held_bytes = 0
+        #: beyond the hold: QoS 1 messages are left with the broker until the session resumes
+        self._deferring = False
+        self._deferred = 0
+        self._resuming = False
+        self._hold_drops = 0  # dropped beyond the hold (non-persistent session), not yet logged
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._watch = (
+            {
+                SYS_DROPPED: _BROKER_DROPPED.labels(config.name),
+                SYS_STORED: _BROKER_STORED.labels(config.name),
+            }
+            if settings.watch_broker_drops
+            else {}
+        )
+        for gauge in self._watch.values():
+            gauge.set(-1)
+        self._broker_dropped: int | None = None
+        self._deferred_metric = _DEFERRED.labels(config.name)
+        self._resumes_metric = _SESSION_RESUMES.labels(config.name)
         self._filters: dict[str, _FilterState] = {}
         self._changes = asyncio.Lock()
         self._connected = asyncio.Event()
@@ -172,7 +278,16 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.connection.close()
             await self.store.close()
+            self._release_client_id()
             raise StartupError(f"MQTT broker {self.settings.broker}: {exc}") from exc
+        if not self.settings.persistent_session:
+            self.log.warning(
+                "%s: the broker session does not outlive a disconnect (clean_start: true or "
+                "session_expiry: 0): QoS 1/2 messages beyond mqtt.max_pending are dropped "
+                "(counted) while the layer is full, and unacknowledged ones are lost on a "
+                "reconnect",
+                self.name,
+            )
         self.buffer.start()
         self._spawn(self._handoff_loop())
         if self.store.persistent:
@@ -208,6 +323,15 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 )
         await self.store.close()
         self.metrics.connected.set(0)
+        self._release_client_id()
+
+    def _release_client_id(self) -> None:
+        if self._id_lock is not None:
+            self._id_lock.close()  # the flock goes with it
+            self._id_lock = None
+
+    def held_messages(self) -> int:
+        return self._pending.qsize() + len(self.buffer)
 
     def readiness(self) -> list[str]:
         reasons = []
@@ -222,6 +346,11 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                     reasons.append(f"subscription {filter_!r} refused: {state.refused}")
         if not self._store_loaded:
             reasons.append(f"run-time subscriptions not loaded from {self.store.description}")
+        if self._deferring:
+            reasons.append(
+                "hold full (mqtt.max_pending): further QoS 1 messages wait at the broker, "
+                "unacknowledged, until the layer takes the held ones"
+            )
         return reasons
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -234,6 +363,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
     def mqtt_connected(self, session_present: bool) -> None:
         self.metrics.connected.set(1)
         self._connected.set()
+        # a new connection: the broker sends the session's unacknowledged messages again
+        self._deferring = False
+        self._deferred = 0
+        self._resuming = False
         self.log.info(
             "%s: connected to %s as %r (%s session)",
             self.name,
@@ -243,6 +376,11 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         )
         for sub in self.table.subscriptions():
             self._send_subscribe(sub)
+        for topic in self._watch:
+            with contextlib.suppress(NotConnected):
+                self.connection.subscribe(topic, 0).add_done_callback(
+                    partial(self._watch_suback, topic)
+                )
         stale, self._stale = self._stale, set()
         for filter_ in stale - set(self.table.filters()):
             with contextlib.suppress(NotConnected):
@@ -281,7 +419,46 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 )
             )
 
+    def _watch_suback(self, topic: str, future: asyncio.Future[list[ReasonCode]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        reason = _reason(future.result())
+        if reason is not None and reason.is_failure:
+            self.log.info(
+                "%s: the broker refused %s (%s): its drop counter is not watched",
+                self.name,
+                topic,
+                reason.getName(),
+            )
+
+    def _broker_counter(self, topic: str, payload: bytes) -> None:
+        """A mosquitto $SYS counter: export it; a growing drop counter is a WARNING."""
+        try:
+            value = int(payload.strip() or b"0")
+        except ValueError:
+            return
+        self._watch[topic].set(value)
+        if topic != SYS_DROPPED:
+            return
+        before, self._broker_dropped = self._broker_dropped, value
+        if before is not None and value > before:
+            self.log.warning(
+                "%s: the broker %s dropped %d message(s) since its last report (%d in all, "
+                "every client counted): its queue limits are too small for a lossless "
+                "deployment (mosquitto: max_queued_messages 0 or large, max_queued_bytes)",
+                self.name,
+                self.settings.broker,
+                value - before,
+                value,
+            )
+
     def mqtt_message(self, message: MQTTMessage, generation: int) -> None:
+        if self._watch and message.qos == 0:
+            topic = message._topic.decode("utf-8", "replace")
+            if topic in self._watch:
+                self._broker_counter(topic, bytes(message.payload))
+                if not self.table.match(topic):
+                    return  # ours alone: not an event
         try:
             inbound = inbound_message(
                 message,
@@ -321,9 +498,57 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             for channel, event in events:
                 self.buffer.put(event, channel=channel)
             return
-        self._pending.put_nowait(_Pending(events, inbound.mid, inbound.qos, generation))
-        if self._pending.qsize() >= self.settings.max_pending:
-            self.connection.pause_reading()
+        if inbound.id is not None and inbound.id in self._recent:
+            self.metrics.duplicates.inc()  # handed off before: its ack did not reach the broker
+        if inbound.qos == 1 and (self._deferring or self._hold_full(inbound.size)):
+            self._beyond_hold(inbound.mid, generation)
+            return
+        # QoS 2 is held even beyond the limit: after PUBREC it is ours, the broker never
+        # sends it again (only a broker ignoring receive_maximum gets it past the hold)
+        self._held_bytes += inbound.size
+        self._pending.put_nowait(
+            _Pending(events, inbound.mid, inbound.qos, generation, inbound.size, inbound.id)
+        )
+
+    def _hold_full(self, size: int) -> bool:
+        held = self._pending.qsize()
+        if held == 0:
+            return False  # one message always fits
+        settings = self.settings
+        return held >= settings.max_pending or self._held_bytes + size > settings.max_pending_bytes
+
+    def _beyond_hold(self, mid: int, generation: int) -> None:
+        """A QoS 1 message the hold has no room for."""
+        if self.settings.persistent_session:
+            if not self._deferring:
+                self._deferring = True
+                self.log.warning(
+                    "%s: hold full (%d message(s), %d bytes): further QoS 1 messages stay with "
+                    "the broker, unacknowledged, and are fetched again by resuming the session "
+                    "once the layer took the held ones",
+                    self.name,
+                    self._pending.qsize(),
+                    self._held_bytes,
+                )
+            self._deferred += 1
+            self._deferred_metric.inc()
+            return
+        # the session ends with the connection: the broker would never send it again
+        self.connection.ack(mid, 1, generation)
+        self.metrics.dropped("hold_full")
+        if self._hold_drops == 0:
+            asyncio.get_running_loop().call_later(DROP_REPORT_INTERVAL, self._report_hold_drops)
+        self._hold_drops += 1
+
+    def _report_hold_drops(self) -> None:
+        count, self._hold_drops = self._hold_drops, 0
+        self.log.warning(
+            "%s: dropped %d QoS 1 message(s): the hold is full (mqtt.max_pending %d) and the "
+            "session does not persist (clean_start: true or session_expiry: 0)",
+            self.name,
+            count,
+            self.settings.max_pending,
+        )
 
     # -- inbound hand-off ---------------------------------------------------------------------
 
@@ -333,12 +558,26 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             try:
                 await self._hand_off(item)
             finally:
+                self._held_bytes -= item.size
                 self._pending.task_done()
-                if (
-                    self.connection.reading_paused
-                    and self._pending.qsize() <= self.settings.max_pending // 2
-                ):
-                    self.connection.resume_reading()
+            if self._deferring and self._pending.empty() and not self.stopping:
+                self._resume_session()
+
+    def _resume_session(self) -> None:
+        """The hold is empty again: fetch what was left with the broker meanwhile."""
+        if self._resuming:
+            return
+        self._resuming = True  # until the new connection: whatever still comes is left there
+        count = self._deferred
+        if self.connection.restart_session(
+            f"resuming the session: the broker sends the {count} message(s) left with it again"
+        ):
+            self._resumes_metric.inc()
+            self.log.info(
+                "%s: hold empty; reconnecting to fetch %d message(s) left with the broker",
+                self.name,
+                count,
+            )
 
     async def _hand_off(self, item: _Pending) -> None:
         for channel, event in item.events:
@@ -361,6 +600,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                     channel,
                     describe_error(exc),
                 )
+        if item.id is not None:
+            self._recent[item.id] = None
+            if len(self._recent) > RECENT_IDS:
+                self._recent.popitem(last=False)
         self.connection.ack(item.mid, item.qos, item.generation)
 
     # -- subscriptions ------------------------------------------------------------------------

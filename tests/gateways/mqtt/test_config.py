@@ -32,7 +32,9 @@ def test_defaults(tmp_path: Path) -> None:
         "5",
         "tcp",
     )
-    assert mqtt.clean_start and mqtt.session_expiry_seconds == 0
+    # safe by default: a persistent session (the client id defaults to NAME-HOSTNAME)
+    assert not mqtt.clean_start and mqtt.session_expiry_seconds == 86_400
+    assert mqtt.persistent_session and mqtt.client_id is None and mqtt.watch_broker_drops
     assert mqtt.subscriptions == [] and mqtt.payload == "bytes" and mqtt.tls is None
     assert config.consumer_channels() == ["sensors"]
 
@@ -130,7 +132,7 @@ mqtt:
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ("clean_start: false", "client_id: required with clean_start: false"),
+        ("{receive_maximum: 500, max_pending: 100}", "max_pending must not be below"),
         ("{protocol: 3.1.1, session_expiry: 60}", "session_expiry needs protocol 5"),
         ("{protocol: 3.1.1, id_property: msg-id}", "id_property needs protocol 5"),
         (
@@ -145,8 +147,6 @@ mqtt:
     ],
 )
 def test_cross_field_errors(tmp_path: Path, section: str, message: str) -> None:
-    if section.startswith("clean_start"):
-        section = "{" + section + "}"
     found = errors(tmp_path, f"gateway: mqtt\nname: s\nmqtt: {section}\n")
     assert len(found) == 1 and message in found[0], found
 
