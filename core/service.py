@@ -218,6 +218,7 @@ class Gateway(Generic[C]):
         self._refusals = 0  # layer refusals in the current backpressure episode
         #: whether inbound events are being held back (/readyz, metrics, the two log lines)
         self.stall = StallTracker(config.name, self.log, self.metrics, held=self.held_messages)
+        self._buffers: list[EventBuffer] = []  # each EventBuffer made for this gateway
         self._commands: set[asyncio.Task[None]] = set()
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
@@ -241,10 +242,11 @@ class Gateway(Generic[C]):
     def held_messages(self) -> int:
         """Inbound messages held back for the layer (``gateway_held_messages``, /readyz).
 
-        The default counts :meth:`publish` calls waiting after a refusal; a gateway with a
-        queue of its own (MQTT's hold, an :class:`EventBuffer`) returns its length instead.
+        The default counts :meth:`publish` calls waiting after a refusal plus the events
+        queued in this gateway's :class:`EventBuffer` objects; a gateway with a queue of its own
+        (MQTT's hold) overrides it.
         """
-        return self.stall.waiting
+        return self.stall.waiting + sum(len(buffer) for buffer in self._buffers)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -679,6 +681,7 @@ class EventBuffer:
     def __init__(self, gateway: Gateway[Any], capacity: int) -> None:
         self.gateway = gateway
         self.capacity = capacity
+        gateway._buffers.append(self)  # its length counts in gateway.held_messages()
         self._queue: deque[tuple[dict[str, Any], str | None]] = deque()
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()

@@ -10,6 +10,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
 from core.metrics import GatewayMetrics
+from core.service import EventBuffer
 from core.stall import StallTracker
 from core.testing import metric, until
 from tests.core.test_service import EchoConfig, EchoGateway
@@ -143,3 +144,13 @@ async def test_every_gateway_reports_its_stall_through_publish(
     await until(lambda: ticked(False), what="the end of the stall")
     assert not any("stalled" in reason for reason in gateway.ready_reasons())
     assert len(warnings(caplog)) == 2
+
+
+async def test_events_queued_in_an_event_buffer_count_as_held() -> None:
+    # IRC, Slack and MQTT's QoS 0 queue in an EventBuffer: what waits there is held back too
+    gateway = EchoGateway(EchoConfig(name="buffered"), InMemoryChannelLayer(capacity=1))
+    buffer = EventBuffer(gateway, capacity=10)
+    for n in range(3):
+        assert buffer.put(gateway.event(f"queued-{n}"))
+    assert gateway.held_messages() == 3
+    assert metric("gateway_held_messages", gateway="buffered") == 3
