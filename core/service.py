@@ -232,6 +232,10 @@ class Gateway(Generic[C]):
         """Reasons the transport is not ready; empty when connected, authenticated, subscribed."""
         return []
 
+    def status(self) -> list[str]:
+        """Lines /readyz adds to its body, ready or not (the scheduler: leader or standby)."""
+        return []
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def stop(self) -> None:

@@ -18,6 +18,7 @@ REGISTRY = {
     "irc": "gateways.irc.gateway:IrcGateway",
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
     "http_ws": "gateways.http_ws.gateway:HttpWsGateway",
+    "scheduler": "gateways.scheduler.gateway:SchedulerGateway",
 }
 
 __all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed"]

@@ -27,6 +27,8 @@ TRANSPORT_IO: dict[str, dict[str, set[str]]] = {
     "email": {"aiosmtplib": {"*"}, "aiosmtpd.smtp": {"SMTP"}, "aiosmtpd.controller": {"*"}},
     "mqtt": {"paho.mqtt.client": {"Client"}, "paho.mqtt": {"client"}},
     "http_ws": {"uvicorn": {"*"}, "websockets": {"*"}},
+    # the scheduler's transport is the clock; its I/O is the state store
+    "scheduler": {"sqlite3": {"*"}, "fcntl": {"*"}},
     "irc": {
         "irc.client_aio": {"*"},
         "irc.connection": {"*"},
