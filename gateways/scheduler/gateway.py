@@ -135,6 +135,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         self._runs: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._store_problem: str | None = None
+        self._dead: str | None = None
         self._renewed = 0.0
         self._firing = True
         self.fires = _FIRES.labels(self.name)
@@ -168,8 +169,21 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             asyncio.create_task(self._lease_loop(), name=f"{self.name}-lease"),
             asyncio.create_task(self._fire_loop(), name=f"{self.name}-fire"),
         ]
+        for task in self._loops:
+            task.add_done_callback(self._loop_done)
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        self._dead = f"{task.get_name()} ended: {error!r}"
+        self.log.error("%s: %s; stopping", self.name, self._dead, exc_info=error)
+        self.metrics.error("loop")
+        self.stop()
 
     def readiness(self) -> list[str]:
+        if self._dead is not None:
+            return [self._dead]
         if self._store_problem is not None:
             return [f"state store unreachable: {self._store_problem}"]
         return []
@@ -358,7 +372,8 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         spec = entry.spec
         if entry.cursor is None or self.token != token:
             return
-        plan = catch_up(spec, entry.cursor, self.clock.wall())
+        decided = self.clock.wall()
+        plan = catch_up(spec, entry.cursor, decided)
         if plan.missed:
             _MISSES.labels(self.name, "misfire").inc(plan.missed)
             self.log.warning(
@@ -373,10 +388,11 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             )
         final = spec.one_shot and spec.source == "runtime"
         if not plan.fire and plan.cursor > entry.cursor:
-            if await self._commit(spec, plan.cursor, token, final=final) < 0:
+            if await self._commit(spec, plan.cursor, token, decided, final=final) < 0:
                 return
         for index, due in enumerate(plan.fire):
-            outcome = await self._fire(spec, due, token, plan.missed if index == 0 else 0, final)
+            missed = plan.missed if index == 0 else 0
+            outcome = await self._fire(spec, due, token, decided, missed, final)
             if outcome < 0:
                 return
         entry.cursor = max(entry.cursor, plan.cursor)
@@ -385,12 +401,20 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             entry.generation += 1
             _SCHEDULES.labels(self.name).set(len(self.entries))
 
-    async def _commit(self, spec: Spec, due: float, token: int, *, final: bool) -> int:
+    @staticmethod
+    def _deadline(spec: Spec, due: float, decided: float) -> float:
+        """Until when a fire may still be sent: ``misfire_grace`` after its fire time, or after
+        the moment it was decided for one the misfire policy picked late."""
+        return max(due + jitter_offset(spec, due), decided) + spec.misfire_grace
+
+    async def _commit(
+        self, spec: Spec, due: float, token: int, decided: float, *, final: bool
+    ) -> int:
         """Commit ``due`` with the fencing token; retried while the store is unreachable.
 
         1: committed, 0: already done or given up, -1: no longer the leader (stepped down).
         """
-        deadline = due + jitter_offset(spec, due) + spec.misfire_grace
+        deadline = self._deadline(spec, due, decided)
         backoff = Backoff(0.05, 1.0)
         while True:
             try:
@@ -425,12 +449,14 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
                                spec.id, due)
             return outcome
 
-    async def _fire(self, spec: Spec, due: float, token: int, missed: int, final: bool) -> int:
-        committed = await self._commit(spec, due, token, final=final)
+    async def _fire(
+        self, spec: Spec, due: float, token: int, decided: float, missed: int, final: bool
+    ) -> int:
+        committed = await self._commit(spec, due, token, decided, final=final)
         if committed <= 0:
             return committed
         fire_at = due + jitter_offset(spec, due)
-        deadline = fire_at + spec.misfire_grace
+        deadline = self._deadline(spec, due, decided)
         message = fire_message(
             spec,
             due,

@@ -375,7 +375,8 @@ def next_due(spec: Spec, after: float) -> float | None:
     else:
         assert spec.cron is not None
         tz = zone(spec.timezone)
-        cursor = datetime.fromtimestamp(after, tz)
+        # cronsim drops the fraction of a second and yields strictly later whole seconds
+        cursor = datetime.fromtimestamp(math.floor(after), tz)
         due = None
         for moment in CronSim(spec.cron, cursor):
             value = moment.timestamp()

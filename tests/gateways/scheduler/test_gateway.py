@@ -1,0 +1,169 @@
+"""The scheduler in this process on a real Redis (and on SQLite): start-up, downtime and the
+misfire policies, commands, pushback from a full channel."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.layers import InMemoryChannelLayer
+
+from core.service import StartupError
+from core.testing import RedisServer, command, metric, run_gateway, until
+from gateways.scheduler.config import SchedulerGatewayConfig
+from gateways.scheduler.gateway import SchedulerGateway
+from tests.gateways.scheduler.conftest import (
+    ShiftedClock,
+    cursor,
+    receive,
+    running,
+    scheduler_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_a_first_start_fires_nothing_from_the_past(redis_server: RedisServer) -> None:
+    name = "first-start"
+    schedules = {
+        "minutely": {"every": "1m", "misfire": "all"},
+        "daily": {"cron": "0 0 * * *", "misfire": "once"},
+    }
+    clock = ShiftedClock()
+    async with running(scheduler_config(name, schedules), redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.leader, what="leader")
+        started = clock.wall()
+        value = await until(lambda: gw.entries["daily"].cursor, what="cursors loaded")
+        assert isinstance(value, float) and abs(value - started) < 5
+        assert await cursor(redis_server.url, name, "minutely") == gw.entries["minutely"].cursor
+    assert metric("scheduler_misses_total", gateway=name) == 0
+    assert metric("scheduler_fires_total", gateway=name) == 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "cap", "fired"),
+    [("skip", 100, 0), ("once", 100, 1), ("all", 3, 3)],
+)
+async def test_misfire_policy_after_downtime(
+    redis_server: RedisServer, policy: str, cap: int, fired: int
+) -> None:
+    name = f"downtime-{policy}"
+    schedules = {
+        "tick": {"every": "1m", "misfire": policy, "misfire_cap": cap, "misfire_grace": "10s"}
+    }
+    config = scheduler_config(name, schedules)
+    clock = ShiftedClock()
+    async with running(config, redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.entries["tick"].cursor, what="cursor stored")
+    before = await cursor(redis_server.url, name, "tick")
+    assert before is not None
+    # down for ten and a half minutes: wall time 30 s past a minute, 11 due times behind
+    first_due = math.ceil(before / 60) * 60
+    clock.offset = first_due + 630 - clock.wall() + clock.offset - 0.0
+    last_due = first_due + 600
+    async with running(config, redis_server.url, clock) as (gw, layer):
+        await until(
+            lambda: gw.entries["tick"].cursor == last_due, what="caught up to the last due time"
+        )
+        fires = [await receive(layer, name) for _ in range(fired)]
+        assert metric("scheduler_misses_total", gateway=name, reason="misfire") == 11 - fired
+        assert metric("scheduler_fires_total", gateway=name) == fired
+    assert [f["scheduled_time"] for f in fires] == [last_due - 60 * k for k in range(fired)][::-1]
+    if fired:
+        assert fires[0]["missed"] == 11 - fired
+    assert await cursor(redis_server.url, name, "tick") == last_due
+
+
+async def test_add_is_idempotent_and_a_one_shot_fires_once(redis_server: RedisServer) -> None:
+    name = "adds"
+    async with running(scheduler_config(name, {}), redis_server.url) as (gw, layer):
+        await until(lambda: gw.leader, what="leader")
+        add = {"type": "scheduler.add", "schedule": "remind-1", "in": 0.5,
+               "message": {"note": "tea"}}
+        first = await command(layer, f"{name}.send", add)
+        assert first["ok"] and first["created"] is True
+        again = await command(layer, f"{name}.send", add)
+        assert again["ok"] and again["created"] is False
+        fire = await receive(layer, name)
+        assert (fire["type"], fire["schedule"], fire["note"]) == ("scheduler.fire", "remind-1", "tea")
+        assert fire["reply_channel"] == f"{name}.send"
+        retried = await command(layer, f"{name}.send", add)
+        assert retried["ok"] and retried["done"] is True and retried["created"] is False
+        listed = await command(layer, f"{name}.send", {"type": "scheduler.list"})
+        assert listed["schedules"] == [] and listed["leader"] is True
+    assert metric("scheduler_fires_total", gateway=name) == 1
+
+
+async def test_commands_list_remove_and_refuse(redis_server: RedisServer) -> None:
+    name = "cmds"
+    schedules = {"nightly": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}}
+    async with running(scheduler_config(name, schedules), redis_server.url) as (gw, layer):
+        send = f"{name}.send"
+        ok = await command(layer, send, {"type": "scheduler.add", "schedule": "poll",
+                                         "every": "1h", "channel": "pollers"})
+        assert ok["ok"] and ok["created"] and ok["next_fire"] % 3600 == 0
+        listed = await command(layer, send, {"type": "scheduler.list"})
+        rows = {r["schedule"]: r for r in listed["schedules"]}
+        assert rows["nightly"]["source"] == "yaml" and rows["nightly"]["kind"] == "cron"
+        assert rows["poll"]["channel"] == "pollers" and rows["poll"]["what"] == "every 3600s"
+        bad = await command(layer, send, {"type": "scheduler.add", "schedule": "x",
+                                          "cron": "0 0 30 2 * * *"})
+        assert bad["ok"] is False and bad["error"].startswith("cron:")
+        past = await command(layer, send, {"type": "scheduler.add", "schedule": "x",
+                                           "at": "2001-01-01T00:00:00Z"})
+        assert past["ok"] is False and past["error"] == "at: is in the past"
+        yaml = await command(layer, send, {"type": "scheduler.remove", "schedule": "nightly"})
+        assert yaml["ok"] is False and "YAML" in yaml["error"]
+        removed = await command(layer, send, {"type": "scheduler.remove", "schedule": "poll"})
+        assert removed["ok"] and removed["removed"] is True
+        gone = await command(layer, send, {"type": "scheduler.remove", "schedule": "poll"})
+        assert gone["ok"] and gone["removed"] is False
+        await until(lambda: "poll" not in gw.entries, what="entry dropped")
+        unknown = await command(layer, send, {"type": "scheduler.pause"})
+        assert unknown["ok"] is False
+
+
+async def test_a_full_channel_is_retried_until_the_deadline_then_missed(
+    redis_server: RedisServer,
+) -> None:
+    name = "pushback"
+    schedules = {"beat": {"every": "1s", "channel": "slow", "misfire_grace": "1s"}}
+    async with running(
+        scheduler_config(name, schedules), f"{redis_server.url}?capacity=1"
+    ) as (gw, layer):
+        await layer.send("slow", {"type": "filler"})
+        await until(
+            lambda: metric("scheduler_misses_total", gateway=name, reason="deadline") >= 1,
+            what="a fire missed its deadline",
+        )
+        assert (await receive(layer, "slow"))["type"] == "filler"
+        fire = await receive(layer, "slow")
+        assert fire["type"] == "scheduler.fire" and fire["schedule"] == "beat"
+        assert metric("gateway_backpressure_waits_total", gateway=name) >= 1
+
+
+def sqlite_gateway(path: Path, name: str = "local") -> SchedulerGateway:
+    config: dict[str, Any] = scheduler_config(name, {}, state_file=str(path))
+    layer = InMemoryChannelLayer(capacity=100)
+    return SchedulerGateway(SchedulerGatewayConfig.model_validate(config), layer)
+
+
+async def test_sqlite_keeps_run_time_schedules_and_admits_one_process(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "timers.sqlite3"
+    gateway = sqlite_gateway(state)
+    async with run_gateway(gateway):
+        assert gateway.status()[0].startswith("role: leader")
+        result = await command(gateway.layer, "local.send", {
+            "type": "scheduler.add", "schedule": "later", "in": "1h"})
+        assert result["ok"] and result["created"]
+        second = sqlite_gateway(state)
+        with pytest.raises(StartupError, match="another scheduler process"):
+            async with run_gateway(second):
+                pass
+    restarted = sqlite_gateway(state)
+    async with run_gateway(restarted):
+        await until(lambda: "later" in restarted.entries, what="run-time schedule restored")
+        entry = restarted.entries["later"]
+        assert entry.spec.source == "runtime" and entry.spec.kind == "at"
