@@ -1,6 +1,6 @@
 """ASGI entry point: consumers are routed by channel name, as `runworker` expects.
 
-python manage.py runworker support-mail sensors live echo ops-irc
+python manage.py runworker support-mail sensors live echo ops-irc timers
 """
 
 import os
@@ -16,6 +16,7 @@ from live.consumers import LiveConsumer  # noqa: E402
 from live.echo import EchoConsumer  # noqa: E402
 from mail.consumers import MailConsumer  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
+from timers.consumers import TimerConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -27,6 +28,7 @@ application = ProtocolTypeRouter(
                 "live": LiveConsumer.as_asgi(),
                 "echo": EchoConsumer.as_asgi(),
                 "ops-irc": TicketBotConsumer.as_asgi(),
+                "timers": TimerConsumer.as_asgi(),
             }
         ),
     }
