@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 
 from channels.consumer import AsyncConsumer
 from django.conf import settings
+from mail.models import Mail
 
 from core.consumers import send_command
-from mail.models import Mail
 from timers.models import Fire
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
-from pydantic import model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.config import GatewayConfig, Section
 from gateways.scheduler.translate import (
@@ -41,7 +47,7 @@ class ScheduleConfig(Section):
     )
     every: Duration | None = Field(
         default=None,
-        description="Interval (30s, 5m, 1h, 1h30m or seconds), due at start + k × every "
+        description="Interval (30s, 5m, 1h, 1h30m or seconds), due at start + k x every "
         "(start default: the Unix epoch, so every: 1h is due on the hour UTC).",
     )
     at: float | None = Field(
@@ -142,7 +148,7 @@ class SchedulerConfig(Section):
         "leader's death.",
     )
     lease_ttl: Duration | None = Field(
-        default=None, gt=0, description="Lease lifetime (s); default 1.5 × tick."
+        default=None, gt=0, description="Lease lifetime (s); default 1.5 x tick."
     )
     state_file: str | None = Field(
         default=None,

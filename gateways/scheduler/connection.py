@@ -82,9 +82,7 @@ class StateStore(Protocol):
 
     async def version(self) -> int: ...
 
-    async def add(
-        self, schedule: str, spec: str, cursor: float, limit: int
-    ) -> AddOutcome:
+    async def add(self, schedule: str, spec: str, cursor: float, limit: int) -> AddOutcome:
         """``created``, ``done`` (a remembered fired one-shot), ``full``, or the existing JSON."""
 
     async def remove(self, schedule: str) -> bool: ...
@@ -224,9 +222,9 @@ class RedisStore:
     async def advance(
         self, owner: str, token: int, schedule: str, due: float, *, final: bool, done_ttl: float
     ) -> int:
-        keys = [
-            self._key(k) for k in ("lease", "fence", "cursors", "specs", "version")
-        ] + [self._key(f"done:{schedule}")]
+        keys = [self._key(k) for k in ("lease", "fence", "cursors", "specs", "version")] + [
+            self._key(f"done:{schedule}")
+        ]
         args = [f"{owner}|{token}", str(token), schedule, _num(due), int(final), _ms(done_ttl)]
         return int(await self._run(self._advance, keys, args))
 
@@ -322,7 +320,7 @@ class SqliteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
-            db.isolation_level = ""
+            db.isolation_level = "DEFERRED"
             self._db = db
 
         try:

@@ -18,7 +18,7 @@ Misfire-policy decisions are counted and logged the same way. Then the entry is 
 Metrics (beside the core ones): ``scheduler_fires_total``, ``scheduler_misses_total{reason}``
 (``misfire``: given up by the policy, ``deadline``: the layer did not take it in time,
 ``store``: the store could not commit it in time, ``refused``: the message can never be sent),
-``scheduler_lateness_seconds`` (histogram: send time − fire time), ``scheduler_leader``,
+``scheduler_lateness_seconds`` (histogram: send time - fire time), ``scheduler_leader``,
 ``scheduler_schedules``, ``scheduler_leader_changes_total``.
 """
 
@@ -80,12 +80,16 @@ _LATENESS = Histogram(
     registry=REGISTRY,
 )
 _LEADER = Gauge(
-    "scheduler_leader", "1 while this process holds the lease and fires", ["gateway"],
+    "scheduler_leader",
+    "1 while this process holds the lease and fires",
+    ["gateway"],
     registry=REGISTRY,
 )
 _SCHEDULES = Gauge("scheduler_schedules", "Schedules known", ["gateway"], registry=REGISTRY)
 _CHANGES = Counter(
-    "scheduler_leader_changes", "Times this process became the leader", ["gateway"],
+    "scheduler_leader_changes",
+    "Times this process became the leader",
+    ["gateway"],
     registry=REGISTRY,
 )
 
@@ -387,9 +391,9 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
                 f", {len(plan.fire)} fired" if plan.fire else "",
             )
         final = spec.one_shot and spec.source == "runtime"
-        if not plan.fire and plan.cursor > entry.cursor:
-            if await self._commit(spec, plan.cursor, token, decided, final=final) < 0:
-                return
+        given_up = not plan.fire and plan.cursor > entry.cursor
+        if given_up and await self._commit(spec, plan.cursor, token, decided, final=final) < 0:
+            return
         for index, due in enumerate(plan.fire):
             missed = plan.missed if index == 0 else 0
             outcome = await self._fire(spec, due, token, decided, missed, final)
@@ -445,8 +449,9 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             if outcome < 0:
                 self._step_down("fenced: another process took the lease (this one paused?)")
             elif outcome == 0:
-                self.log.debug("%s: schedule %s: due %.3f was handled already", self.name,
-                               spec.id, due)
+                self.log.debug(
+                    "%s: schedule %s: due %.3f was handled already", self.name, spec.id, due
+                )
             return outcome
 
     async def _fire(

@@ -69,8 +69,18 @@ __all__ = [
 DEFAULT_TYPE = "scheduler.fire"
 #: keys of a ``scheduler.fire`` that a schedule's ``message`` may not set
 RESERVED_KEYS = frozenset(
-    {"type", "gateway", "id", "time", "reply_channel", "schedule", "scheduled_time", "fire_time",
-     "scheduled_local", "missed"}
+    {
+        "type",
+        "gateway",
+        "id",
+        "time",
+        "reply_channel",
+        "schedule",
+        "scheduled_time",
+        "fire_time",
+        "scheduled_local",
+        "missed",
+    }
 )
 #: due times counted at most when working out what a long gap missed (then "at least")
 COUNT_LIMIT = 100_000
@@ -130,8 +140,9 @@ def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {name!r} (use an IANA name like Europe/Berlin)")\
-            from None
+        raise ValueError(
+            f"unknown time zone {name!r} (use an IANA name like Europe/Berlin)"
+        ) from None
 
 
 def check_timezone(name: str) -> str:
@@ -156,9 +167,7 @@ def check_cron(expr: str) -> str:
 
 def check_schedule_id(value: str) -> str:
     if not _SCHEDULE_ID.match(value):
-        raise ValueError(
-            f"{value[:60]!r} is not a schedule id: 1-200 letters, digits or _ . : @ -"
-        )
+        raise ValueError(f"{value[:60]!r} is not a schedule id: 1-200 letters, digits or _ . : @ -")
     return value
 
 
@@ -249,8 +258,20 @@ def check_message(message: Any) -> Mapping[str, Any] | None:
 
 
 _COMMAND_KEYS = {
-    "schedule", "channel", "message", "cron", "timezone", "every", "at", "in", "start", "end",
-    "jitter", "misfire", "misfire_cap", "misfire_grace",
+    "schedule",
+    "channel",
+    "message",
+    "cron",
+    "timezone",
+    "every",
+    "at",
+    "in",
+    "start",
+    "end",
+    "jitter",
+    "misfire",
+    "misfire_cap",
+    "misfire_grace",
 }
 
 
@@ -561,5 +582,3 @@ def describe(spec: Spec) -> str:
         return f"every {spec.every:g}s"
     assert spec.at is not None
     return f"at {datetime.fromtimestamp(spec.at, UTC).isoformat()}"
-
-

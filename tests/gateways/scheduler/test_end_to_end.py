@@ -46,14 +46,24 @@ async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
         "HEARTBEAT_EVERY": "1s",
     }
     migrate = await asyncio.create_subprocess_exec(
-        sys.executable, "manage.py", "migrate", "--verbosity", "0",
-        cwd=EXAMPLES, env={**os.environ, **env},
+        sys.executable,
+        "manage.py",
+        "migrate",
+        "--verbosity",
+        "0",
+        cwd=EXAMPLES,
+        env={**os.environ, **env},
     )
     assert await asyncio.wait_for(migrate.wait(), 120) == 0
     scheduler = await asyncio.to_thread(
         Server,
-        [sys.executable, "-m", "gateways.scheduler.cli", "--config",
-         str(EXAMPLES / "scheduler.yaml")],
+        [
+            sys.executable,
+            "-m",
+            "gateways.scheduler.cli",
+            "--config",
+            str(EXAMPLES / "scheduler.yaml"),
+        ],
         "ready: events",
         cwd=tmp_path,
         env={**os.environ, **env},
@@ -64,7 +74,9 @@ async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
     try:
         heartbeat = await asyncio.wait_for(layer.receive("sensors.send"), 30)
         assert heartbeat == {
-            "type": "mqtt.publish", "topic": "gateways/timers/heartbeat", "payload": "alive",
+            "type": "mqtt.publish",
+            "topic": "gateways/timers/heartbeat",
+            "payload": "alive",
             "qos": 0,
         }
         rows = await until(
@@ -83,12 +95,22 @@ async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
                 "datetime('now'), '', '')"
             )
         now = time.time()
-        await layer.send("timers", {
-            "type": "scheduler.fire", "gateway": "timers", "id": f"daily-digest@{now}",
-            "time": now, "reply_channel": "timers.send", "schedule": "daily-digest",
-            "scheduled_time": now, "scheduled_local": "", "fire_time": now, "missed": 0,
-            "zone": "Europe/Berlin",
-        })
+        await layer.send(
+            "timers",
+            {
+                "type": "scheduler.fire",
+                "gateway": "timers",
+                "id": f"daily-digest@{now}",
+                "time": now,
+                "reply_channel": "timers.send",
+                "schedule": "daily-digest",
+                "scheduled_time": now,
+                "scheduled_local": "",
+                "fire_time": now,
+                "missed": 0,
+                "zone": "Europe/Berlin",
+            },
+        )
         digest = await asyncio.wait_for(layer.receive("support-mail.send"), 30)
         assert digest["type"] == "email.send" and digest["to"] == ["team@example.com"]
         assert "1 mail(s)" in digest["subject"]

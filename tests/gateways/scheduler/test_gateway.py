@@ -80,14 +80,22 @@ async def test_add_is_idempotent_and_a_one_shot_fires_once(redis_server: RedisSe
     name = "adds"
     async with running(scheduler_config(name, {}), redis_server.url) as (gw, layer):
         await until(lambda: gw.leader, what="leader")
-        add = {"type": "scheduler.add", "schedule": "remind-1", "in": 0.5,
-               "message": {"note": "tea"}}
+        add = {
+            "type": "scheduler.add",
+            "schedule": "remind-1",
+            "in": 0.5,
+            "message": {"note": "tea"},
+        }
         first = await command(layer, f"{name}.send", add)
         assert first["ok"] and first["created"] is True
         again = await command(layer, f"{name}.send", add)
         assert again["ok"] and again["created"] is False
         fire = await receive(layer, name)
-        assert (fire["type"], fire["schedule"], fire["note"]) == ("scheduler.fire", "remind-1", "tea")
+        assert (fire["type"], fire["schedule"], fire["note"]) == (
+            "scheduler.fire",
+            "remind-1",
+            "tea",
+        )
         assert fire["reply_channel"] == f"{name}.send"
         retried = await command(layer, f"{name}.send", add)
         assert retried["ok"] and retried["done"] is True and retried["created"] is False
@@ -101,18 +109,23 @@ async def test_commands_list_remove_and_refuse(redis_server: RedisServer) -> Non
     schedules = {"nightly": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}}
     async with running(scheduler_config(name, schedules), redis_server.url) as (gw, layer):
         send = f"{name}.send"
-        ok = await command(layer, send, {"type": "scheduler.add", "schedule": "poll",
-                                         "every": "1h", "channel": "pollers"})
+        ok = await command(
+            layer,
+            send,
+            {"type": "scheduler.add", "schedule": "poll", "every": "1h", "channel": "pollers"},
+        )
         assert ok["ok"] and ok["created"] and ok["next_fire"] % 3600 == 0
         listed = await command(layer, send, {"type": "scheduler.list"})
         rows = {r["schedule"]: r for r in listed["schedules"]}
         assert rows["nightly"]["source"] == "yaml" and rows["nightly"]["kind"] == "cron"
         assert rows["poll"]["channel"] == "pollers" and rows["poll"]["what"] == "every 3600s"
-        bad = await command(layer, send, {"type": "scheduler.add", "schedule": "x",
-                                          "cron": "0 0 30 2 * * *"})
+        bad = await command(
+            layer, send, {"type": "scheduler.add", "schedule": "x", "cron": "0 0 30 2 * * *"}
+        )
         assert bad["ok"] is False and bad["error"].startswith("cron:")
-        past = await command(layer, send, {"type": "scheduler.add", "schedule": "x",
-                                           "at": "2001-01-01T00:00:00Z"})
+        past = await command(
+            layer, send, {"type": "scheduler.add", "schedule": "x", "at": "2001-01-01T00:00:00Z"}
+        )
         assert past["ok"] is False and past["error"] == "at: is in the past"
         yaml = await command(layer, send, {"type": "scheduler.remove", "schedule": "nightly"})
         assert yaml["ok"] is False and "YAML" in yaml["error"]
@@ -130,9 +143,10 @@ async def test_a_full_channel_is_retried_until_the_deadline_then_missed(
 ) -> None:
     name = "pushback"
     schedules = {"beat": {"every": "1s", "channel": "slow", "misfire_grace": "1s"}}
-    async with running(
-        scheduler_config(name, schedules), f"{redis_server.url}?capacity=1"
-    ) as (gw, layer):
+    async with running(scheduler_config(name, schedules), f"{redis_server.url}?capacity=1") as (
+        _gw,
+        layer,
+    ):
         await layer.send("slow", {"type": "filler"})
         await until(
             lambda: metric("scheduler_misses_total", gateway=name, reason="deadline") >= 1,
@@ -155,8 +169,9 @@ async def test_sqlite_keeps_run_time_schedules_and_admits_one_process(tmp_path: 
     gateway = sqlite_gateway(state)
     async with run_gateway(gateway):
         assert gateway.status()[0].startswith("role: leader")
-        result = await command(gateway.layer, "local.send", {
-            "type": "scheduler.add", "schedule": "later", "in": "1h"})
+        result = await command(
+            gateway.layer, "local.send", {"type": "scheduler.add", "schedule": "later", "in": "1h"}
+        )
         assert result["ok"] and result["created"]
         second = sqlite_gateway(state)
         with pytest.raises(StartupError, match="another scheduler process"):

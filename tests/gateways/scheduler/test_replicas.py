@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -97,7 +98,7 @@ def assert_exactly_once_without_gaps(messages: list[dict[str, Any]], step: float
     duplicates = {t: n for t, n in Counter(times).items() if n > 1}
     assert duplicates == {}
     ordered = sorted(times)
-    gaps = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False) if b - a != step]
+    gaps = [(a, b) for a, b in itertools.pairwise(ordered) if b - a != step]
     assert gaps == []
 
 
@@ -170,8 +171,13 @@ async def test_pending_one_shots_survive_a_crash_and_fire_once(
             result = await command(
                 client,
                 "oneshots.send",
-                {"type": "scheduler.add", "schedule": f"job-{index}", "in": 3 + index * 0.1,
-                 "channel": "jobs", "message": {"n": index}},
+                {
+                    "type": "scheduler.add",
+                    "schedule": f"job-{index}",
+                    "in": 3 + index * 0.1,
+                    "channel": "jobs",
+                    "message": {"n": index},
+                },
             )
             assert result["ok"] and result["created"], result
         await asyncio.to_thread(process.kill)  # before any of them is due
@@ -191,27 +197,40 @@ async def test_pending_one_shots_survive_a_crash_and_fire_once(
     ("schedule", "expected"),
     [
         ({"cron": "0 25 * * *"}, "scheduler.schedules.bad.cron: "),
-        ({"cron": "0 7 * * *", "timezone": "Europe/Atlantis"},
-         "scheduler.schedules.bad.timezone: unknown time zone 'Europe/Atlantis'"),
+        (
+            {"cron": "0 7 * * *", "timezone": "Europe/Atlantis"},
+            "scheduler.schedules.bad.timezone: unknown time zone 'Europe/Atlantis'",
+        ),
         ({"at": "2001-01-01T00:00:00Z"}, "scheduler.schedules.bad.at: is in the past"),
         ({"every": "0s"}, "scheduler.schedules.bad.every: must be longer than 0 s"),
         ({"every": "soon"}, "scheduler.schedules.bad.every: 'soon' is not a duration"),
         ({"every": "1m", "misfire": "maybe"}, "scheduler.schedules.bad.misfire: "),
-        ({"cron": "0 7 * * *", "every": "1m"},
-         "scheduler.schedules.bad: give exactly one of cron, every, at"),
+        (
+            {"cron": "0 7 * * *", "every": "1m"},
+            "scheduler.schedules.bad: give exactly one of cron, every, at",
+        ),
     ],
 )
 def test_bad_yaml_exits_2_with_the_key_path(
     tmp_path: Path, schedule: dict[str, Any], expected: str
 ) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({
-        "gateway": "scheduler", "name": "bad", "layer": "redis://127.0.0.1:1/0",
-        "scheduler": {"schedules": {"bad": schedule}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": "scheduler",
+                "name": "bad",
+                "layer": "redis://127.0.0.1:1/0",
+                "scheduler": {"schedules": {"bad": schedule}},
+            }
+        )
+    )
     done = subprocess.run(
         [sys.executable, "-m", "gateways.scheduler.cli", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
@@ -219,16 +238,30 @@ def test_bad_yaml_exits_2_with_the_key_path(
 
 def test_gateways_schedules_prints_the_next_fire_times(tmp_path: Path) -> None:
     path = tmp_path / "timers.yaml"
-    path.write_text(yaml.safe_dump({
-        "gateway": "scheduler", "name": "timers",
-        "scheduler": {"schedules": {
-            "digest": {"cron": "0 18 * * *", "timezone": "Europe/Berlin", "channel": "digest"},
-            "beat": {"every": "1h"},
-        }},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": "scheduler",
+                "name": "timers",
+                "scheduler": {
+                    "schedules": {
+                        "digest": {
+                            "cron": "0 18 * * *",
+                            "timezone": "Europe/Berlin",
+                            "channel": "digest",
+                        },
+                        "beat": {"every": "1h"},
+                    }
+                },
+            }
+        )
+    )
     done = subprocess.run(
         [sys.executable, "-m", "gateways.cli", "schedules", str(path), "--count", "2"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

@@ -4,6 +4,7 @@ instant is given."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -129,7 +130,7 @@ def test_every_is_immune_to_dst() -> None:
         assert due is not None
         dues.append(due)
         cursor = due
-    assert [b - a for a, b in zip(dues, dues[1:], strict=False)] == [3600.0] * 3
+    assert [b - a for a, b in itertools.pairwise(dues)] == [3600.0] * 3
 
 
 # -- calendars ---------------------------------------------------------------------------------
@@ -138,11 +139,17 @@ def test_every_is_immune_to_dst() -> None:
 def test_day_31_skips_short_months_and_L_is_the_last_day() -> None:
     got = fires(cron("0 9 31 * *", "Europe/Berlin"), local(BERLIN, 2026, 1, 1), 4)
     assert [m.date().isoformat() for m in got] == [
-        "2026-01-31", "2026-03-31", "2026-05-31", "2026-07-31",
+        "2026-01-31",
+        "2026-03-31",
+        "2026-05-31",
+        "2026-07-31",
     ]
     last = fires(cron("0 9 L * *", "America/New_York"), local(NEW_YORK, 2026, 1, 1), 4)
     assert [m.date().isoformat() for m in last] == [
-        "2026-01-31", "2026-02-28", "2026-03-31", "2026-04-30",
+        "2026-01-31",
+        "2026-02-28",
+        "2026-03-31",
+        "2026-04-30",
     ]
     leap = fires(cron("0 9 L 2 *"), datetime(2027, 3, 1, tzinfo=UTC).timestamp(), 2)
     assert [m.date().isoformat() for m in leap] == ["2028-02-29", "2029-02-28"]
@@ -273,8 +280,17 @@ def test_jitter_delays_readiness_not_the_due_time() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("1h", 3600), ("1h30m", 5400), ("250ms", 0.25), (2, 2), ("1.5", 1.5),
-     ("2d", 172800), ("1w", 604800)],
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        (2, 2),
+        ("1.5", 1.5),
+        ("2d", 172800),
+        ("1w", 604800),
+    ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -311,7 +327,12 @@ def test_add_builds_each_kind() -> None:
     assert add(at=1500).at == 1500.0
     assert add(every="5m", channel="other").channel == "other"
     spec = add(cron="0 7 * * *", timezone="Europe/Berlin", misfire="skip")
-    assert (spec.kind, spec.misfire, spec.channel, spec.source) == ("cron", "skip", "inbox", "runtime")
+    assert (spec.kind, spec.misfire, spec.channel, spec.source) == (
+        "cron",
+        "skip",
+        "inbox",
+        "runtime",
+    )
 
 
 @pytest.mark.parametrize(
@@ -347,7 +368,9 @@ def test_add_needs_a_schedule_id() -> None:
 
 def test_fire_messages() -> None:
     spec = every(60, message={"digest": "daily"}, timezone="Europe/Berlin")
-    message = fire_message(spec, 1800.0, fire_time=1800.25, gateway="timers", reply_channel="t.send")
+    message = fire_message(
+        spec, 1800.0, fire_time=1800.25, gateway="timers", reply_channel="t.send"
+    )
     assert message == {
         "type": DEFAULT_TYPE,
         "gateway": "timers",
@@ -363,7 +386,9 @@ def test_fire_messages() -> None:
     }
     own = every(60, message={"type": "mqtt.publish", "topic": "t", "payload": "x"})
     assert fire_message(own, 60.0, fire_time=61.0, gateway="g", reply_channel="r") == {
-        "type": "mqtt.publish", "topic": "t", "payload": "x",
+        "type": "mqtt.publish",
+        "topic": "t",
+        "payload": "x",
     }
 
 
