@@ -245,7 +245,7 @@ def test_a_huge_gap_is_counted_up_to_a_limit() -> None:
     spec = every(1, misfire="once", misfire_grace=0.5)
     plan = catch_up(spec, 0.0, 10_000_000.0)
     assert plan.fire == (10_000_000.0,)
-    assert plan.missed_at_least and plan.missed >= 99_999
+    assert plan.missed_at_least and plan.missed >= 9_999
 
 
 def test_a_one_shot_missed_under_skip_is_given_up() -> None:
