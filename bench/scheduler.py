@@ -8,8 +8,8 @@ process (log level WARNING), its state and lease in that Redis.
 * **lateness**: N schedules ``every: WINDOW`` with their ``start`` spread evenly over the window,
   so N / WINDOW fires a second, all to one channel that a consumer task in this process reads.
   After a warm-up window, one window of fires is measured: *scheduler* lateness = the fire's
-  ``fire_time`` − ``scheduled_time`` (the scheduler's own delay: wake-up, fenced commit, message
-  build), *end to end* = the consumer's receive time − ``scheduled_time`` (plus the layer hop).
+  ``fire_time`` - ``scheduled_time`` (the scheduler's own delay: wake-up, fenced commit, message
+  build), *end to end* = the consumer's receive time - ``scheduled_time`` (plus the layer hop).
   *CPU/s* = the scheduler process's user+system CPU seconds over the measured window ÷ its
   length (``/proc/PID/stat``). The raw layer row is ``layer.send`` → ``receive`` of the same
   message shape at the same rate as the 1,000 row, in the same run.
