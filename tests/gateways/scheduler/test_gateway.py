@@ -3,12 +3,14 @@ misfire policies, commands, pushback from a full channel."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 from channels.layers import InMemoryChannelLayer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.service import StartupError
 from core.testing import RedisServer, command, metric, run_gateway, until
@@ -182,3 +184,26 @@ async def test_sqlite_keeps_run_time_schedules_and_admits_one_process(tmp_path: 
         await until(lambda: "later" in restarted.entries, what="run-time schedule restored")
         entry = restarted.entries["later"]
         assert entry.spec.source == "runtime" and entry.spec.kind == "at"
+
+
+async def test_redis_down_makes_the_leader_step_down_and_firing_resumes(
+    durable_redis_server: RedisServer,
+) -> None:
+    name = "outage"
+    schedules = {"beat": {"every": "1s", "misfire_grace": "1s", "misfire": "skip"}}
+    async with running(scheduler_config(name, schedules), durable_redis_server.url) as (gw, layer):
+        first = await receive(layer, name)
+        await asyncio.to_thread(durable_redis_server.kill)
+        # it can no longer prove it holds the lease: it stops firing and says why
+        await until(lambda: not gw.leader, what="stepped down")
+        assert any("state store unreachable" in r for r in gw.ready_reasons())
+        await asyncio.to_thread(durable_redis_server.restart)
+        await until(lambda: gw.leader, what="leader again")
+        seen = [first["scheduled_time"]]
+        while seen[-1] < first["scheduled_time"] + 2:  # fires resume after the outage
+            try:
+                seen.append((await receive(layer, name))["scheduled_time"])
+            except RedisConnectionError:  # the test's own connection, cut by the restart
+                continue
+        assert len(seen) == len(set(seen))
+        await until(lambda: not gw.ready_reasons(), what="ready again")
