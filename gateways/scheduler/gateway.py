@@ -200,6 +200,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         return [role, f"schedules: {len(self.entries)}"]
 
     async def drain(self) -> None:
+        # fires not yet committed are left to the next leader; committed ones are sent
         self._firing = False
         self._wake.set()
         if self._runs:
@@ -395,6 +396,8 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         if given_up and await self._commit(spec, plan.cursor, token, decided, final=final) < 0:
             return
         for index, due in enumerate(plan.fire):
+            if not self._firing:
+                return  # stopping: not committed, so the next leader fires it
             missed = plan.missed if index == 0 else 0
             outcome = await self._fire(spec, due, token, decided, missed, final)
             if outcome < 0:
@@ -433,6 +436,8 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             except StoreUnavailable as exc:
                 self._store_down(str(exc))
                 delay = backoff.next()
+                if not self._firing:
+                    return -1  # stopping: not committed, so the next leader handles it
                 if self.clock.wall() + delay > deadline or self.token != token:
                     _MISSES.labels(self.name, "store").inc()
                     self.log.warning(

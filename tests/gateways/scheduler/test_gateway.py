@@ -205,5 +205,8 @@ async def test_redis_down_makes_the_leader_step_down_and_firing_resumes(
                 seen.append((await receive(layer, name))["scheduled_time"])
             except RedisConnectionError:  # the test's own connection, cut by the restart
                 continue
-        assert len(seen) == len(set(seen))
+        # the message received right before the kill may come again: core.layers restores
+        # receives Redis had not seen acknowledged (at least once); the scheduler fired it once
+        later = [t for t in seen[1:] if t != first["scheduled_time"]]
+        assert len(later) == len(set(later))
         await until(lambda: not gw.ready_reasons(), what="ready again")

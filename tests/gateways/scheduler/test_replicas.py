@@ -42,6 +42,10 @@ async def start(directory: Path, cfg: dict[str, Any]) -> GatewayProcess:
     return process
 
 
+def tail(process: GatewayProcess) -> str:
+    return process.server.tail() if process.server is not None else ""
+
+
 async def role(process: GatewayProcess) -> str:
     status, body = await asyncio.to_thread(process.get, "/readyz")
     assert status == 200, body  # a standby is ready too
@@ -118,7 +122,7 @@ async def test_two_replicas_fire_each_due_time_once_when_the_leader_is_killed(
             await wait_role(second, "leader")
             taken_over = len(ticks.messages)
             await ticks.at_least(taken_over + 4)
-            assert await asyncio.to_thread(second.stop) == 0
+            assert await asyncio.to_thread(second.stop) == 0, tail(second)
             messages = await ticks.finish()
     finally:
         await asyncio.to_thread(first.kill)
@@ -147,8 +151,8 @@ async def test_a_leader_paused_past_its_lease_fires_nothing_twice(
             await wait_role(first, "standby")
             await ticks.at_least(len(ticks.messages) + 3)
             assert await role(second) == "leader"
-            assert await asyncio.to_thread(first.stop) == 0
-            assert await asyncio.to_thread(second.stop) == 0
+            assert await asyncio.to_thread(first.stop) == 0, tail(first)
+            assert await asyncio.to_thread(second.stop) == 0, tail(second)
             messages = await ticks.finish()
             assert "standby now" in first.server.tail()
     finally:
@@ -185,7 +189,7 @@ async def test_pending_one_shots_survive_a_crash_and_fire_once(
             restarted = GatewayProcess(process.path, process.health_port, gateway="scheduler")
             await asyncio.to_thread(restarted.start)
             await jobs.at_least(10)
-            assert await asyncio.to_thread(restarted.stop) == 0
+            assert await asyncio.to_thread(restarted.stop) == 0, tail(restarted)
             messages = await jobs.finish()
     finally:
         await asyncio.to_thread(process.kill)
