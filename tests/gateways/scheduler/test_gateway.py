@@ -210,3 +210,44 @@ async def test_redis_down_makes_the_leader_step_down_and_firing_resumes(
         later = [t for t in seen[1:] if t != first["scheduled_time"]]
         assert len(later) == len(set(later))
         await until(lambda: not gw.ready_reasons(), what="ready again")
+
+
+async def test_adds_taken_by_either_replica_fire_once(redis_server: RedisServer) -> None:
+    name = "two-in-one"
+    config = scheduler_config(name, {})
+    async with (
+        running(config, redis_server.url) as (first, layer),
+        running(config, redis_server.url) as (second, _),
+    ):
+        await until(lambda: first.leader != second.leader, what="one leader, one standby")
+        for index in range(6):  # both processes read the command channel: each takes some
+            result = await command(layer, f"{name}.send", {
+                "type": "scheduler.add", "schedule": f"r{index}", "in": 0.5,
+                "message": {"n": index}})  # fmt: skip
+            assert result["ok"] and result["created"], result
+        fires = [await receive(layer, name) for _ in range(6)]
+        assert sorted(f["n"] for f in fires) == list(range(6))
+        await until(lambda: not first.entries and not second.entries, what="one-shots done")
+    assert metric("scheduler_fires_total", gateway=name) == 6
+    took = metric("gateway_commands_total", gateway=name, type="scheduler.add", outcome="ok")
+    assert took == 6
+
+
+async def test_a_pending_one_shot_fires_after_a_restart_on_sqlite(tmp_path: Path) -> None:
+    state = tmp_path / "timers.sqlite3"
+    gateway = sqlite_gateway(state, "restart-local")
+    async with run_gateway(gateway):
+        result = await command(gateway.layer, "restart-local.send", {
+            "type": "scheduler.add", "schedule": "soon", "in": "2s"})  # fmt: skip
+        assert result["ok"]
+    restarted = sqlite_gateway(state, "restart-local")
+    async with run_gateway(restarted):
+        fire = await receive(restarted.layer, "restart-local")
+        assert fire["schedule"] == "soon"
+        await until(lambda: "soon" not in restarted.entries, what="one-shot removed")
+    again = sqlite_gateway(state, "restart-local")
+    async with run_gateway(again):
+        assert "soon" not in again.entries
+        retried = await command(again.layer, "restart-local.send", {
+            "type": "scheduler.add", "schedule": "soon", "in": "2s"})  # fmt: skip
+        assert retried["done"] is True
