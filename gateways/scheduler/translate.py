@@ -375,6 +375,71 @@ def _cap(value: Any) -> int:
     return value
 
 
+# -- cron -------------------------------------------------------------------------------------
+#
+# cronsim gives 5-field expressions with a fixed minute and hour (no leading "*") Debian cron's
+# DST handling: a skipped local time fires at the first valid instant after it, a repeated one
+# once. It leaves 6-field expressions alone (a skipped 02:30:00 is dropped, a repeated one fires
+# twice), so a 6-field expression with a fixed minute and hour is evaluated here as its 5-field
+# minutes (cronsim, with the DST handling) plus the seconds of its seconds field.
+
+
+@lru_cache(maxsize=1024)
+def _seconds_split(expr: str) -> tuple[str, tuple[int, ...]] | None:
+    """``(5-field expression, seconds)`` for a 6-field expression that needs the DST wrap."""
+    fields = expr.split()
+    if len(fields) != 6 or fields[1].startswith("*") or fields[2].startswith("*"):
+        return None
+    probe = CronSim(f"{fields[0]} * * * * *", datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC))
+    seconds = []
+    for moment in probe:
+        if moment.minute != 0:
+            break
+        seconds.append(moment.second)
+    return " ".join(fields[1:]), tuple(seconds)
+
+
+def _cron_forward(expr: str, timezone: str, after: float) -> Iterator[float]:
+    """Due instants of ``expr`` in ``timezone`` strictly after ``after``, ascending."""
+    tz = zone(timezone)
+    split = _seconds_split(expr)
+    if split is None:
+        # cronsim drops the fraction of a second and yields strictly later whole seconds
+        for moment in CronSim(expr, datetime.fromtimestamp(math.floor(after), tz)):
+            value = moment.timestamp()
+            if value > after:
+                yield value
+        return  # pragma: no cover - cronsim iterates forever
+    minutes, seconds = split
+    minute = math.floor(after / 60) * 60  # the minute `after` is in may still be due
+    for moment in CronSim(minutes, datetime.fromtimestamp(minute - 1, tz)):
+        base = moment.timestamp()
+        for second in seconds:
+            if base + second > after:
+                yield base + second
+
+
+def _cron_backward(expr: str, timezone: str, upper: float) -> Iterator[float]:
+    """Due instants of ``expr`` in ``timezone`` at or before ``upper``, descending."""
+    tz = zone(timezone)
+    split = _seconds_split(expr)
+    if split is None:
+        moment = datetime.fromtimestamp(upper, tz)
+        if moment.microsecond == 0:
+            # cronsim in reverse starts strictly before a whole second: include `upper` itself
+            moment = moment.replace(microsecond=1)
+        for found in CronSim(expr, moment, reverse=True):
+            yield found.timestamp()
+        return  # pragma: no cover - cronsim iterates forever
+    minutes, seconds = split
+    start = datetime.fromtimestamp(math.floor(upper / 60) * 60, tz).replace(microsecond=1)
+    for moment in CronSim(minutes, start, reverse=True):
+        base = moment.timestamp()
+        for second in reversed(seconds):
+            if base + second <= upper:
+                yield base + second
+
+
 # -- due times --------------------------------------------------------------------------------
 
 
@@ -396,15 +461,7 @@ def next_due(spec: Spec, after: float) -> float | None:
             due = anchor + steps * spec.every
     else:
         assert spec.cron is not None
-        tz = zone(spec.timezone)
-        # cronsim drops the fraction of a second and yields strictly later whole seconds
-        cursor = datetime.fromtimestamp(math.floor(after), tz)
-        due = None
-        for moment in CronSim(spec.cron, cursor):
-            value = moment.timestamp()
-            if value > after:
-                due = value
-                break
+        due = next(_cron_forward(spec.cron, spec.timezone, after), None)
     if due is None or (spec.end is not None and due > spec.end):
         return None
     return due
@@ -422,13 +479,7 @@ def _previous_due(spec: Spec, before: float) -> float | None:
             return None
         return anchor + math.floor((before - anchor) / spec.every) * spec.every
     assert spec.cron is not None
-    moment = datetime.fromtimestamp(before, zone(spec.timezone))
-    if moment.microsecond == 0:
-        # cronsim in reverse starts strictly before a whole second: include `before` itself
-        moment = moment.replace(microsecond=1)
-    for found in CronSim(spec.cron, moment, reverse=True):
-        return found.timestamp()
-    return None  # pragma: no cover - cronsim iterates forever
+    return next(_cron_backward(spec.cron, spec.timezone, before), None)
 
 
 def due_times(spec: Spec, after: float, until: float) -> Iterator[float]:
@@ -455,15 +506,10 @@ def due_times(spec: Spec, after: float, until: float) -> Iterator[float]:
             yield spec.at
     else:
         assert spec.cron is not None
-        moment = datetime.fromtimestamp(upper, zone(spec.timezone))
-        if moment.microsecond == 0:
-            moment = moment.replace(microsecond=1)
-        for found in CronSim(spec.cron, moment, reverse=True):
-            due = found.timestamp()
+        for due in _cron_backward(spec.cron, spec.timezone, upper):
             if due <= lower:
                 return
-            if due <= upper:
-                yield due
+            yield due
 
 
 def jitter_offset(spec: Spec, due: float) -> float:

@@ -120,6 +120,49 @@ def test_wildcard_hours_fire_in_both_passes_of_a_repeated_hour() -> None:
     ]
 
 
+def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
+    # cronsim leaves 6-field expressions without DST handling; translate wraps them
+    spec = cron("15 30 2 * * *", "Europe/Berlin")
+    spring = fires(spec, local(BERLIN, 2026, 3, 28, 12), 2)
+    assert iso(spring) == ["2026-03-29T03:00:15+02:00", "2026-03-30T02:30:15+02:00"]
+    fall = fires(spec, local(BERLIN, 2026, 10, 24, 12), 2)
+    assert iso(fall) == ["2026-10-25T02:30:15+02:00", "2026-10-26T02:30:15+01:00"]
+    several = fires(cron("*/20 30 1 * * *", "America/New_York"), local(NEW_YORK, 2026, 11, 1), 4)
+    assert iso(several) == [
+        "2026-11-01T01:30:00-04:00",
+        "2026-11-01T01:30:20-04:00",
+        "2026-11-01T01:30:40-04:00",
+        "2026-11-02T01:30:00-05:00",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expr", "zone", "start", "days"),
+    [
+        ("30 2 * * *", "Europe/Berlin", (2026, 3, 27), 4),
+        ("30 2 * * *", "Europe/Berlin", (2026, 10, 23), 4),
+        ("0 * * * *", "Europe/Berlin", (2026, 10, 24, 20), 1),
+        ("*/30 * * * *", "America/New_York", (2026, 3, 7, 20), 1),
+        ("30 1 * * *", "America/New_York", (2026, 10, 30), 4),
+        ("15 30 2 * * *", "Europe/Berlin", (2026, 3, 27), 4),
+        ("15 30 2 * * *", "Europe/Berlin", (2026, 10, 23), 4),
+        ("0 0 L * *", "UTC", (2028, 1, 1), 400),
+    ],
+)
+def test_backwards_and_forwards_agree_across_dst(
+    expr: str, zone: str, start: tuple[int, ...], days: int
+) -> None:
+    # catch-up enumerates newest first: it must see exactly the due times the timer fires
+    spec = cron(expr, zone)
+    begin = datetime(*start, tzinfo=ZoneInfo(zone)).timestamp()  # type: ignore[misc]
+    until = begin + days * 86400
+    forward, cursor = [], begin
+    while (due := next_due(spec, cursor)) is not None and due <= until:
+        forward.append(due)
+        cursor = due
+    assert list(reversed(list(due_times(spec, begin, until)))) == forward
+
+
 def test_every_is_immune_to_dst() -> None:
     spec = every(3600, timezone="Europe/Berlin")
     start = local(BERLIN, 2026, 3, 29, 0, 30)
