@@ -13,7 +13,11 @@ House rules:
   CEST); a local time that happens twice (fall back) fires once, at its first occurrence
   (``30 2 * * *`` on 2026-10-25 fires at 02:30 CEST, not again at 02:30 CET). An expression with
   a wildcard or stepped hour field (``0 * * * *``) names every hour, so it fires in both passes
-  of a repeated hour, like Vixie cron. cronsim does all this itself; ``tests/gateways/scheduler/
+  of a repeated hour, like Vixie cron; the times such an expression names inside a skipped hour
+  fire once, at the first instant after the gap (``*/20 2 * * *`` fires at 03:00 on the day
+  02:00-03:00 does not exist; ``*/30 * * * *`` fires once at 03:00, its own due time).
+  cronsim handles 5-field expressions with a fixed minute and hour; the rest is wrapped here
+  (:func:`_seconds_split`, :func:`_skipped_match`). ``tests/gateways/scheduler/
   test_translate.py`` pins it in two zones, both directions.
 * **Cron fields**: five (minute hour day month weekday), or six with *seconds first* (cronsim's
   layout: ``*/10 * * * * *`` is every ten seconds). ``L`` (last day), ``#`` and ``?`` are
@@ -33,7 +37,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -399,16 +403,56 @@ def _seconds_split(expr: str) -> tuple[str, tuple[int, ...]] | None:
     return " ".join(fields[1:]), tuple(seconds)
 
 
+def _fixed_time(expr: str) -> bool:
+    """cronsim applies its own DST handling (a 5-field expression, fixed minute and hour)."""
+    fields = expr.split()
+    return len(fields) == 5 and not fields[0].startswith("*") and not fields[1].startswith("*")
+
+
+def _skipped_match(expr: str, tz: ZoneInfo, lower: float, upper: float) -> float | None:
+    """The first instant after a spring-forward gap in ``(lower, upper)`` when ``expr`` names
+    a local time inside the gap (cronsim skips those for expressions with a ``*`` in the
+    minute or hour field); ``None`` otherwise."""
+    before, after = (
+        tz.utcoffset(datetime.fromtimestamp(lower, tz)),
+        tz.utcoffset(datetime.fromtimestamp(upper, tz)),
+    )
+    if before is None or after is None or after <= before:
+        return None  # no clock moved forward between them
+    low, high = math.floor(lower), math.ceil(upper)  # find the transition to the second
+    while high - low > 1:
+        middle = (low + high) // 2
+        if tz.utcoffset(datetime.fromtimestamp(middle, tz)) == before:
+            low = middle
+        else:
+            high = middle
+    transition = float(high)
+    # the skipped wall-clock times: [local time at the transition - jump, that local time)
+    wall_end = datetime.fromtimestamp(transition, tz).replace(tzinfo=None)
+    wall_start = wall_end - (after - before)
+    probe = CronSim(expr, wall_start - timedelta(seconds=1))
+    if next(probe) < wall_end and lower < transition <= upper:
+        return transition
+    return None
+
+
 def _cron_forward(expr: str, timezone: str, after: float) -> Iterator[float]:
     """Due instants of ``expr`` in ``timezone`` strictly after ``after``, ascending."""
     tz = zone(timezone)
     split = _seconds_split(expr)
     if split is None:
+        fixed = _fixed_time(expr)
+        lower = after
         # cronsim drops the fraction of a second and yields strictly later whole seconds
         for moment in CronSim(expr, datetime.fromtimestamp(math.floor(after), tz)):
             value = moment.timestamp()
-            if value > after:
-                yield value
+            if value <= after:
+                continue
+            gap = None if fixed else _skipped_match(expr, tz, lower, value)
+            if gap is not None and gap < value:
+                yield gap
+            yield value
+            lower = value
         return  # pragma: no cover - cronsim iterates forever
     minutes, seconds = split
     minute = math.floor(after / 60) * 60  # the minute `after` is in may still be due
@@ -424,12 +468,21 @@ def _cron_backward(expr: str, timezone: str, upper: float) -> Iterator[float]:
     tz = zone(timezone)
     split = _seconds_split(expr)
     if split is None:
+        fixed = _fixed_time(expr)
         moment = datetime.fromtimestamp(upper, tz)
         if moment.microsecond == 0:
             # cronsim in reverse starts strictly before a whole second: include `upper` itself
             moment = moment.replace(microsecond=1)
+        higher = upper
         for found in CronSim(expr, moment, reverse=True):
-            yield found.timestamp()
+            value = found.timestamp()
+            gap = None if fixed else _skipped_match(expr, tz, value, higher)
+            # `higher` is `upper` itself (yield a gap there) or a due time (a gap equal to it
+            # is that same fire)
+            if gap is not None and (gap < higher or higher == upper):
+                yield gap
+            yield value
+            higher = value
         return  # pragma: no cover - cronsim iterates forever
     minutes, seconds = split
     start = datetime.fromtimestamp(math.floor(upper / 60) * 60, tz).replace(microsecond=1)

@@ -120,6 +120,16 @@ def test_wildcard_hours_fire_in_both_passes_of_a_repeated_hour() -> None:
     ]
 
 
+def test_times_named_inside_a_skipped_hour_fire_once_after_the_gap() -> None:
+    # cronsim skips them for expressions with "*" in the minute or hour field; translate wraps
+    every_20 = fires(cron("*/20 2 * * *", "America/New_York"), local(NEW_YORK, 2026, 3, 8), 2)
+    assert iso(every_20) == ["2026-03-08T03:00:00-04:00", "2026-03-09T02:00:00-04:00"]
+    two_hourly = fires(cron("0 */2 * * *", "America/New_York"), local(NEW_YORK, 2026, 3, 8, 1), 2)
+    assert iso(two_hourly) == ["2026-03-08T03:00:00-04:00", "2026-03-08T04:00:00-04:00"]
+    seconds = fires(cron("0 */20 2 * * *", "Europe/Berlin"), local(BERLIN, 2026, 3, 29, 1), 2)
+    assert iso(seconds) == ["2026-03-29T03:00:00+02:00", "2026-03-30T02:00:00+02:00"]
+
+
 def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
     # cronsim leaves 6-field expressions without DST handling; translate wraps them
     spec = cron("15 30 2 * * *", "Europe/Berlin")
@@ -147,6 +157,10 @@ def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
         ("15 30 2 * * *", "Europe/Berlin", (2026, 3, 27), 4),
         ("15 30 2 * * *", "Europe/Berlin", (2026, 10, 23), 4),
         ("0 0 L * *", "UTC", (2028, 1, 1), 400),
+        ("*/20 2 * * *", "America/New_York", (2026, 3, 6), 4),
+        ("0 */2 * * *", "America/New_York", (2026, 3, 7, 20), 1),
+        ("0 */20 2 * * *", "Europe/Berlin", (2026, 3, 28), 2),
+        ("*/20 2 * * *", "America/New_York", (2026, 10, 31), 2),
     ],
 )
 def test_backwards_and_forwards_agree_across_dst(
