@@ -19,7 +19,8 @@ lives in a store:
 Keys (Redis, each under ``{prefix}:gateways:scheduler:{name}:``): ``lease`` (owner:token, with a
 TTL), ``fence`` (the token counter), ``cursors`` (hash: schedule → last handled due time),
 ``specs`` (hash: run-time schedule → JSON), ``version`` (bumped on every change of ``specs``),
-``done:{id}`` (a fired run-time one-shot, for ``remember_done``).
+``done:{id}`` (a fired run-time one-shot, for ``remember_done``), ``fingerprints`` (hash: YAML
+schedule → a digest of its timing keys; a changed definition restarts its cursor at now).
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ class StateStore(Protocol):
     async def cursor(self, schedule: str, default: float) -> float:
         """The schedule's cursor, set to ``default`` first when it has none."""
 
-    async def cursors(self, defaults: dict[str, float]) -> dict[str, float]:
-        """:meth:`cursor` for many schedules at once."""
+    async def cursors(self, defaults: dict[str, tuple[float, str]]) -> dict[str, float]:
+        """The cursors of many schedules; id → (default, fingerprint of the definition).
+
+        A schedule without a cursor gets its default. A non-empty fingerprint is stored with
+        it: when it differs from the stored one (the YAML definition changed) the cursor is
+        reset to the default, so a changed schedule does not catch up on its new due times.
+        """
 
     async def runtime(self) -> dict[str, str]:
         """Run-time schedules: id → JSON."""
@@ -133,11 +139,18 @@ redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
+# KEYS: cursors fingerprints; ARGV: (id, default cursor, fingerprint or "") triples
 _CURSORS = """
 local out = {}
-for i = 1, #ARGV, 2 do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
-  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+for i = 1, #ARGV, 3 do
+  local id, default, fingerprint = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if fingerprint ~= '' then
+    local old = redis.call('HGET', KEYS[2], id)
+    if old and old ~= fingerprint then redis.call('HSET', KEYS[1], id, default) end
+    if old ~= fingerprint then redis.call('HSET', KEYS[2], id, fingerprint) end
+  end
+  redis.call('HSETNX', KEYS[1], id, default)
+  out[#out + 1] = redis.call('HGET', KEYS[1], id)
 end
 return out
 """
@@ -232,13 +245,14 @@ class RedisStore:
         value = await self._run(self._cursor, [self._key("cursors")], [schedule, _num(default)])
         return float(value)
 
-    async def cursors(self, defaults: dict[str, float]) -> dict[str, float]:
+    async def cursors(self, defaults: dict[str, tuple[float, str]]) -> dict[str, float]:
         out: dict[str, float] = {}
         ids = list(defaults)
+        keys = [self._key("cursors"), self._key("fingerprints")]
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            args = [x for id_ in chunk for x in (id_, _num(defaults[id_]))]
-            values = await self._run(self._cursors, [self._key("cursors")], args)
+            args = [x for id_ in chunk for x in (id_, _num(defaults[id_][0]), defaults[id_][1])]
+            values = await self._run(self._cursors, keys, args)
             out.update(zip(chunk, (float(v) for v in values), strict=True))
         return out
 
@@ -276,6 +290,7 @@ CREATE TABLE IF NOT EXISTS cursors (id TEXT PRIMARY KEY, due REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS specs (id TEXT PRIMARY KEY, spec TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY, until REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fingerprints (id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL);
 """
 
 
@@ -371,9 +386,19 @@ class SqliteStore:
 
         return await self._call(work)
 
-    async def cursors(self, defaults: dict[str, float]) -> dict[str, float]:
+    async def cursors(self, defaults: dict[str, tuple[float, str]]) -> dict[str, float]:
         def work(db: sqlite3.Connection) -> dict[str, float]:
-            db.executemany("INSERT OR IGNORE INTO cursors VALUES (?, ?)", defaults.items())
+            stored = dict(db.execute("SELECT id, fingerprint FROM fingerprints"))
+            for id_, (default, fingerprint) in defaults.items():
+                if not fingerprint:
+                    continue
+                if stored.get(id_, fingerprint) != fingerprint:
+                    db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (id_, default))
+                db.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)", (id_, fingerprint))
+            db.executemany(
+                "INSERT OR IGNORE INTO cursors VALUES (?, ?)",
+                [(id_, default) for id_, (default, _) in defaults.items()],
+            )
             found = dict(db.execute("SELECT id, due FROM cursors"))
             return {id_: float(found[id_]) for id_ in defaults}
 

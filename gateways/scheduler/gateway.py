@@ -55,6 +55,7 @@ from gateways.scheduler.translate import (
     Spec,
     catch_up,
     describe,
+    fingerprint,
     fire_message,
     jitter_offset,
     next_fire,
@@ -283,7 +284,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
 
     async def _load_cursors(self, entries: list[_Entry]) -> None:
         now = self.clock.wall()
-        defaults = {e.spec.id: now for e in entries}
+        defaults = {e.spec.id: (now, fingerprint(e.spec)) for e in entries}
         cursors = await self.store.cursors(defaults)
         for entry in entries:
             entry.cursor = cursors[entry.spec.id]

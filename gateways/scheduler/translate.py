@@ -58,6 +58,7 @@ __all__ = [
     "check_timezone",
     "describe",
     "due_times",
+    "fingerprint",
     "fire_message",
     "jitter_offset",
     "next_due",
@@ -672,6 +673,15 @@ def fire_message(
         "missed": missed,
         **(spec.message or {}),
     }
+
+
+def fingerprint(spec: Spec) -> str:
+    """A digest of what decides a YAML schedule's due times (``""`` for run-time ones, which
+    never change): when it changes, the schedule's cursor starts again at now."""
+    if spec.source != "yaml":
+        return ""
+    timing = (spec.kind, spec.cron, spec.timezone, spec.every, spec.at, spec.start, spec.end)
+    return hashlib.blake2b(repr(timing).encode(), digest_size=8).hexdigest()
 
 
 def describe(spec: Spec) -> str:

@@ -251,3 +251,18 @@ async def test_a_pending_one_shot_fires_after_a_restart_on_sqlite(tmp_path: Path
         retried = await command(again.layer, "restart-local.send", {
             "type": "scheduler.add", "schedule": "soon", "in": "2s"})  # fmt: skip
         assert retried["done"] is True
+
+
+async def test_a_changed_yaml_schedule_starts_again_at_now(redis_server: RedisServer) -> None:
+    name = "changed"
+    clock = ShiftedClock()
+    hourly = scheduler_config(name, {"job": {"every": "1h", "misfire": "all"}})
+    async with running(hourly, redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.entries["job"].cursor, what="cursor stored")
+    clock.offset += 3 * 3600  # down for three hours, and the file was edited meanwhile
+    edited = scheduler_config(name, {"job": {"every": "30m", "misfire": "all"}})
+    async with running(edited, redis_server.url, clock) as (gw, _):
+        value = await until(lambda: gw.entries["job"].cursor, what="cursor loaded")
+        assert isinstance(value, float) and abs(value - clock.wall()) < 5
+    assert metric("scheduler_fires_total", gateway=name) == 0
+    assert metric("scheduler_misses_total", gateway=name) == 0
