@@ -411,29 +411,34 @@ def _fixed_time(expr: str) -> bool:
 
 
 def _skipped_match(expr: str, tz: ZoneInfo, lower: float, upper: float) -> float | None:
-    """The first instant after a spring-forward gap in ``(lower, upper)`` when ``expr`` names
-    a local time inside the gap (cronsim skips those for expressions with a ``*`` in the
+    """The first instant after a spring-forward gap in ``(lower, upper]`` at which ``expr``
+    names a local time inside the gap (cronsim skips those for expressions with a ``*`` in the
     minute or hour field); ``None`` otherwise."""
-    before, after = (
-        tz.utcoffset(datetime.fromtimestamp(lower, tz)),
-        tz.utcoffset(datetime.fromtimestamp(upper, tz)),
-    )
-    if before is None or after is None or after <= before:
-        return None  # no clock moved forward between them
-    low, high = math.floor(lower), math.ceil(upper)  # find the transition to the second
-    while high - low > 1:
-        middle = (low + high) // 2
-        if tz.utcoffset(datetime.fromtimestamp(middle, tz)) == before:
-            low = middle
-        else:
-            high = middle
-    transition = float(high)
-    # the skipped wall-clock times: [local time at the transition - jump, that local time)
-    wall_end = datetime.fromtimestamp(transition, tz).replace(tzinfo=None)
-    wall_start = wall_end - (after - before)
-    probe = CronSim(expr, wall_start - timedelta(seconds=1))
-    if next(probe) < wall_end and lower < transition <= upper:
-        return transition
+
+    def offset(moment: float) -> Any:
+        return tz.utcoffset(datetime.fromtimestamp(moment, tz))
+
+    # transitions are months apart: sample twice a day, then bisect to the second
+    here, here_offset = lower, offset(lower)
+    while here < upper:
+        there = min(here + 43200.0, upper)
+        there_offset = offset(there)
+        if there_offset > here_offset:
+            low, high = math.floor(here), math.ceil(there)
+            while high - low > 1:
+                middle = (low + high) // 2
+                if offset(middle) == here_offset:
+                    low = middle
+                else:
+                    high = middle
+            transition = float(high)
+            # the skipped wall-clock times: [wall time at the transition - jump, that time)
+            wall_end = datetime.fromtimestamp(transition, tz).replace(tzinfo=None)
+            wall_start = wall_end - (there_offset - here_offset)
+            probe = CronSim(expr, wall_start - timedelta(seconds=1))
+            if next(probe) < wall_end and lower < transition <= upper:
+                return transition
+        here, here_offset = there, there_offset
     return None
 
 

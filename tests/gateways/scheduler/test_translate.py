@@ -128,6 +128,14 @@ def test_times_named_inside_a_skipped_hour_fire_once_after_the_gap() -> None:
     assert iso(two_hourly) == ["2026-03-08T03:00:00-04:00", "2026-03-08T04:00:00-04:00"]
     seconds = fires(cron("0 */20 2 * * *", "Europe/Berlin"), local(BERLIN, 2026, 3, 29, 1), 2)
     assert iso(seconds) == ["2026-03-29T03:00:00+02:00", "2026-03-30T02:00:00+02:00"]
+    # a yearly one: the gap lies between two fires that are both in winter time
+    yearly = fires(cron("*/30 2 8 3 *", "America/New_York"), local(NEW_YORK, 2025, 3, 1), 4)
+    assert iso(yearly) == [
+        "2025-03-08T02:00:00-05:00",
+        "2025-03-08T02:30:00-05:00",
+        "2026-03-08T03:00:00-04:00",
+        "2027-03-08T02:00:00-05:00",
+    ]
 
 
 def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
@@ -161,6 +169,7 @@ def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
         ("0 */2 * * *", "America/New_York", (2026, 3, 7, 20), 1),
         ("0 */20 2 * * *", "Europe/Berlin", (2026, 3, 28), 2),
         ("*/20 2 * * *", "America/New_York", (2026, 10, 31), 2),
+        ("*/30 2 8 3 *", "America/New_York", (2025, 3, 1), 800),
     ],
 )
 def test_backwards_and_forwards_agree_across_dst(
