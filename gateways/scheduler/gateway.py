@@ -214,9 +214,10 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         if self.token is not None:
             token, self.token = self.token, None
             _LEADER.labels(self.name).set(0)
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.release(self.owner, token)  # a standby takes over at once
-                self.log.info("%s: released the lease", self.name)
+            if self.store.shared:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.release(self.owner, token)  # a standby takes over at once
+                    self.log.info("%s: released the lease", self.name)
         await self.store.close()
 
     # -- leadership ---------------------------------------------------------------------------
