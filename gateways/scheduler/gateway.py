@@ -194,7 +194,9 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         return []
 
     def status(self) -> list[str]:
-        if self.token is not None:
+        if self.token is not None and not self.store.shared:
+            role = "role: leader (single instance: state in SQLite, no replicas)"
+        elif self.token is not None:
             role = f"role: leader (fencing token {self.token})"
         else:
             role = "role: standby (another process holds the lease)"
