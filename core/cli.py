@@ -156,7 +156,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     health_servers = [
-        HealthServer(gw.config.health.host, gw.config.health.port, [gw.ready_reasons])
+        HealthServer(gw.config.health.host, gw.config.health.port, [gw.ready_reasons], [gw.status])
         for gw in gateways
         if gw.config.health is not None
     ]

@@ -25,10 +25,18 @@ ReadinessCheck = Callable[[], list[str]]
 class HealthServer:
     """Serves /healthz (alive), /readyz (every check passes) and /metrics on one port."""
 
-    def __init__(self, host: str, port: int, checks: list[ReadinessCheck]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        checks: list[ReadinessCheck],
+        details: list[Callable[[], list[str]]] | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.checks = checks
+        #: extra lines for the /readyz body, ready or not (e.g. the scheduler's role)
+        self.details = details or []
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -47,9 +55,10 @@ class HealthServer:
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
             reasons = [reason for check in self.checks for reason in check()]
+            extra = [line for detail in self.details for line in detail()]
             if reasons:
-                return 503, "text/plain", ("\n".join(reasons) + "\n").encode()
-            return 200, "text/plain", b"ready\n"
+                return 503, "text/plain", ("\n".join([*reasons, *extra]) + "\n").encode()
+            return 200, "text/plain", ("\n".join(["ready", *extra]) + "\n").encode()
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
         return 404, "text/plain", b"not found\n"

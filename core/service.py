@@ -248,6 +248,10 @@ class Gateway(Generic[C]):
         """
         return self.stall.waiting + sum(len(buffer) for buffer in self._buffers)
 
+    def status(self) -> list[str]:
+        """Lines /readyz adds to its body, ready or not (the scheduler: leader or standby)."""
+        return []
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def stop(self) -> None:

@@ -19,6 +19,7 @@ REGISTRY = {
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
     "http_ws": "gateways.http_ws.gateway:HttpWsGateway",
     "slack": "gateways.slack.gateway:SlackGateway",
+    "scheduler": "gateways.scheduler.gateway:SchedulerGateway",
 }
 
 __all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed"]

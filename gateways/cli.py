@@ -1,4 +1,8 @@
-"""``gateways run FILE… [--app module:application]``: several integrations in one process."""
+"""``gateways run FILE… [--app module:application]``: several integrations in one process.
+
+``gateways schedules FILE…`` prints the next fire times of scheduler files
+(:func:`gateways.scheduler.cli.schedules_main`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ from gateways import REGISTRY, exit_if_core_shadowed
 
 def main(argv: Sequence[str] | None = None) -> int:
     exit_if_core_shadowed("gateways")  # before anything imports core
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["schedules"]:
+        from gateways.scheduler.cli import schedules_main
+
+        return schedules_main(args[1:])
     from core.cli import run_main
 
     return run_main(REGISTRY, argv)

@@ -34,6 +34,8 @@ TRANSPORT_IO: dict[str, dict[str, set[str]]] = {
         "aiohttp": {"*"},
         "websockets": {"*"},
     },
+    # the scheduler's transport is the clock; its I/O is the state store
+    "scheduler": {"sqlite3": {"*"}, "fcntl": {"*"}},
     "irc": {
         "irc.client_aio": {"*"},
         "irc.connection": {"*"},

@@ -1,6 +1,6 @@
 """ASGI entry point: consumers are routed by channel name, as `runworker` expects.
 
-python manage.py runworker support-mail sensors live echo ops-irc team-slack
+python manage.py runworker support-mail sensors live echo ops-irc team-slack timers
 """
 
 import os
@@ -17,6 +17,7 @@ from live.echo import EchoConsumer  # noqa: E402
 from mail.consumers import MailConsumer  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
 from team.consumers import SlackTeamConsumer  # noqa: E402
+from timers.consumers import TimerConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -29,6 +30,7 @@ application = ProtocolTypeRouter(
                 "echo": EchoConsumer.as_asgi(),
                 "ops-irc": TicketBotConsumer.as_asgi(),
                 "team-slack": SlackTeamConsumer.as_asgi(),
+                "timers": TimerConsumer.as_asgi(),
             }
         ),
     }

@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "mail",
     "sensors",
     "live",
+    "timers",
 ]
 
 DATABASES = {
@@ -50,6 +51,8 @@ CHANNEL_LAYERS = {"default": channel_layer_settings(LAYER)}
 
 # the address replies come from; the relay in email.yaml decides where they go
 SUPPORT_ADDRESS = os.environ.get("EXAMPLE_SUPPORT_ADDRESS", "support@example.com")
+# where timers.consumers sends the daily digest of the support mail
+DIGEST_ADDRESS = os.environ.get("EXAMPLE_DIGEST_ADDRESS", "team@example.com")
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,85 @@
+"""Timed work from the scheduler (examples/scheduler.yaml), on the ``timers`` channel.
+
+* ``daily-digest`` (weekdays 18:00 Europe/Berlin): mails the day's support mail as one digest
+  through the email gateway (``email.send`` to ``support-mail.send``).
+* A fire whose message carries ``follow_up: SECONDS`` (``ask-back``) asks the scheduler, on the
+  fire's ``reply_channel``, for a one-shot back to this channel in that many seconds: how a
+  consumer says "remind me in 10 minutes". Its id is derived from the fire's id, so a redelivered
+  fire does not schedule a second reminder (``scheduler.add`` is idempotent per id).
+* Every fire is recorded (``timers.models.Fire``); the heartbeat never comes here: its YAML
+  message is an ``mqtt.publish`` that the scheduler sends straight to the MQTT gateway.
+"""
+
+import logging
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from channels.consumer import AsyncConsumer
+from django.conf import settings
+from mail.models import Mail
+
+from core.consumers import send_command
+from timers.models import Fire
+
+log = logging.getLogger(__name__)
+
+
+class TimerConsumer(AsyncConsumer):
+    async def scheduler_fire(self, message: dict[str, Any]) -> None:
+        fire, created = await Fire.objects.aget_or_create(
+            event_id=message["id"],
+            defaults={
+                "schedule": message["schedule"],
+                "scheduled_time": message["scheduled_time"],
+                "fire_time": message["fire_time"],
+                "note": str(message.get("note", "")),
+            },
+        )
+        if not created:
+            return  # delivered twice: handled once
+        # never let an exception escape a consumer: runworker would drop what it has queued
+        try:
+            if message["schedule"] == "daily-digest":
+                await self.send_digest(message)
+            if message.get("follow_up"):
+                await self.ask_back(message, float(message["follow_up"]))
+        except Exception as exc:
+            log.warning("timer %s: %r", fire, exc)
+
+    async def send_digest(self, message: dict[str, Any]) -> None:
+        zone = ZoneInfo(message.get("zone", "Europe/Berlin"))
+        day = datetime.fromtimestamp(message["scheduled_time"], zone)
+        start = day.replace(hour=0, minute=0, second=0, microsecond=0)
+        mails = [m async for m in Mail.objects.filter(received_at__gte=start).order_by("pk")]
+        lines = [f"#{m.pk} {m.mail_from}: {m.subject or '(no subject)'}" for m in mails]
+        await send_command(
+            self.channel_layer,
+            "support-mail.send",
+            {
+                "type": "email.send",
+                "from": settings.SUPPORT_ADDRESS,
+                "to": [settings.DIGEST_ADDRESS],
+                "subject": f"Support digest {day.date().isoformat()}: {len(mails)} mail(s)",
+                "text": "\n".join(lines) + "\n" if lines else "No mail today.\n",
+            },
+            timeout=60,
+        )
+
+    async def ask_back(self, message: dict[str, Any], seconds: float) -> None:
+        await send_command(
+            self.channel_layer,
+            message["reply_channel"],
+            {
+                "type": "scheduler.add",
+                "schedule": f"follow-up.{message['id']}",
+                "in": seconds,
+                "channel": self.scope["channel"],
+                "message": {"note": f"follow-up of {message['schedule']}"},
+            },
+            timeout=60,
+        )
+
+    async def scheduler_result(self, message: dict[str, Any]) -> None:
+        if not message["ok"]:
+            log.warning("scheduler refused %s: %s", message["id"], message["error"])

@@ -1,0 +1,1 @@
+"""The scheduler daemon: a gateway whose transport is the clock (see README.md)."""

@@ -1,0 +1,71 @@
+"""Helpers for the scheduler tests: an in-process scheduler on a real Redis layer, a clock whose
+wall time can be moved (downtime without waiting), and the gateway's Redis keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from core.clock import Clock, LoopClock
+from core.layers import resolve_layer
+from core.testing import WAIT, run_gateway
+from gateways.scheduler.config import SchedulerGatewayConfig
+from gateways.scheduler.gateway import SchedulerGateway
+
+
+class ShiftedClock(LoopClock):
+    """The real clock with a wall time ``offset`` seconds ahead: "the scheduler was down"."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+
+def scheduler_config(name: str, schedules: dict[str, Any], **scheduler: Any) -> dict[str, Any]:
+    return {
+        "gateway": "scheduler",
+        "name": name,
+        "shutdown_grace": 5,
+        "scheduler": {"tick": 0.3, "schedules": schedules, **scheduler},
+    }
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config: dict[str, Any], layer_url: str, clock: Clock | None = None
+) -> AsyncIterator[tuple[SchedulerGateway, Any]]:
+    """The gateway, and a layer of its own for the test's side (channels_redis serves the "!"
+    channels of one layer instance under one prefix: the test's result channels would be a
+    list nobody reads if it shared the gateway's instance)."""
+    gateway = SchedulerGateway(
+        SchedulerGatewayConfig.model_validate(config),
+        resolve_layer(layer_url),
+        clock=clock or ShiftedClock(),
+    )
+    async with run_gateway(gateway):
+        yield gateway, resolve_layer(layer_url)
+
+
+def keys(name: str, what: str) -> str:
+    return f"asgi:gateways:scheduler:{name}:{what}"
+
+
+async def cursor(redis_url: str, name: str, schedule: str) -> float | None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        value = await client.hget(keys(name, "cursors"), schedule)
+    finally:
+        await client.aclose()
+    return None if value is None else float(value)
+
+
+async def receive(layer: Any, channel: str, timeout: float = WAIT) -> dict[str, Any]:
+    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), timeout)
+    return message

@@ -1,0 +1,120 @@
+"""End to end: examples/scheduler.yaml under ``gateway-scheduler`` → Redis → ``manage.py
+runworker timers`` (TimerConsumer) records each fire; the consumer's ``scheduler.add`` on the
+fire's reply_channel comes back to it as a one-shot; the heartbeat reaches the MQTT gateway's
+command channel as the mqtt.publish the YAML wrote. Every process is real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.layers import resolve_layer
+from core.testing import DjangoWorker, RedisServer, Server, until
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ROOT / "examples"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def fires(db: Path) -> list[tuple[str, str]]:
+    try:
+        with sqlite3.connect(db) as conn:
+            return list(conn.execute("SELECT schedule, note FROM timers_fire ORDER BY id"))
+    except sqlite3.OperationalError:  # not migrated yet, or locked for a moment
+        return []
+
+
+async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    db = tmp_path / "example.sqlite3"
+    env = {
+        "DJANGO_SETTINGS_MODULE": "example.settings",
+        "EXAMPLE_LAYER": redis_server.url,
+        "GATEWAYS_LAYER": redis_server.url,
+        "EXAMPLE_DB": str(db),
+        "PYTHONPATH": str(EXAMPLES),
+        "ASK_BACK_EVERY": "2s",
+        "FOLLOW_UP_SECONDS": "1",
+        "HEARTBEAT_EVERY": "1s",
+    }
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "manage.py",
+        "migrate",
+        "--verbosity",
+        "0",
+        cwd=EXAMPLES,
+        env={**os.environ, **env},
+    )
+    assert await asyncio.wait_for(migrate.wait(), 120) == 0
+    scheduler = await asyncio.to_thread(
+        Server,
+        [
+            sys.executable,
+            "-m",
+            "gateways.scheduler.cli",
+            "--config",
+            str(EXAMPLES / "scheduler.yaml"),
+        ],
+        "ready: events",
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        name="gateway-scheduler",
+    )
+    worker = DjangoWorker(EXAMPLES, ["timers"], env).start()
+    layer = resolve_layer(redis_server.url)
+    try:
+        heartbeat = await asyncio.wait_for(layer.receive("sensors.send"), 30)
+        assert heartbeat == {
+            "type": "mqtt.publish",
+            "topic": "gateways/timers/heartbeat",
+            "payload": "alive",
+            "qos": 0,
+        }
+        rows = await until(
+            lambda: [r for r in fires(db) if r[0].startswith("follow-up.")],
+            timeout=60,
+            what="the consumer's one-shot fired back to it",
+        )
+        assert rows[0][1] == "follow-up of ask-back"
+        assert any(schedule == "ask-back" for schedule, _ in fires(db))
+        # the digest, fired by hand as the scheduler would at 18:00: the day's mail, mailed
+        with sqlite3.connect(db) as conn:
+            conn.execute(
+                "INSERT INTO mail_mail (event_id, message_id, mail_from, subject, text, "
+                "attachment_count, received_at, reply_message_id, reply_error) VALUES "
+                "('e1', '<m1@x>', 'carol@example.org', 'Printer on fire', '', 0, "
+                "datetime('now'), '', '')"
+            )
+        now = time.time()
+        await layer.send(
+            "timers",
+            {
+                "type": "scheduler.fire",
+                "gateway": "timers",
+                "id": f"daily-digest@{now}",
+                "time": now,
+                "reply_channel": "timers.send",
+                "schedule": "daily-digest",
+                "scheduled_time": now,
+                "scheduled_local": "",
+                "fire_time": now,
+                "missed": 0,
+                "zone": "Europe/Berlin",
+            },
+        )
+        digest = await asyncio.wait_for(layer.receive("support-mail.send"), 30)
+        assert digest["type"] == "email.send" and digest["to"] == ["team@example.com"]
+        assert "1 mail(s)" in digest["subject"]
+        assert "carol@example.org: Printer on fire" in digest["text"]
+    finally:
+        await asyncio.to_thread(worker.stop)
+        assert await asyncio.to_thread(scheduler.stop) == 0, scheduler.tail()

@@ -1,0 +1,268 @@
+"""The scheduler in this process on a real Redis (and on SQLite): start-up, downtime and the
+misfire policies, commands, pushback from a full channel."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.layers import InMemoryChannelLayer
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from core.service import StartupError
+from core.testing import RedisServer, command, metric, run_gateway, until
+from gateways.scheduler.config import SchedulerGatewayConfig
+from gateways.scheduler.gateway import SchedulerGateway
+from tests.gateways.scheduler.conftest import (
+    ShiftedClock,
+    cursor,
+    receive,
+    running,
+    scheduler_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_a_first_start_fires_nothing_from_the_past(redis_server: RedisServer) -> None:
+    name = "first-start"
+    schedules = {
+        "minutely": {"every": "1m", "misfire": "all"},
+        "daily": {"cron": "0 0 * * *", "misfire": "once"},
+    }
+    clock = ShiftedClock()
+    async with running(scheduler_config(name, schedules), redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.leader, what="leader")
+        started = clock.wall()
+        value = await until(lambda: gw.entries["daily"].cursor, what="cursors loaded")
+        assert isinstance(value, float) and abs(value - started) < 5
+        assert await cursor(redis_server.url, name, "minutely") == gw.entries["minutely"].cursor
+    assert metric("scheduler_misses_total", gateway=name) == 0
+    assert metric("scheduler_fires_total", gateway=name) == 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "cap", "fired"),
+    [("skip", 100, 0), ("once", 100, 1), ("all", 3, 3)],
+)
+async def test_misfire_policy_after_downtime(
+    redis_server: RedisServer, policy: str, cap: int, fired: int
+) -> None:
+    name = f"downtime-{policy}"
+    schedules = {
+        "tick": {"every": "1m", "misfire": policy, "misfire_cap": cap, "misfire_grace": "10s"}
+    }
+    config = scheduler_config(name, schedules)
+    clock = ShiftedClock()
+    async with running(config, redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.entries["tick"].cursor, what="cursor stored")
+    before = await cursor(redis_server.url, name, "tick")
+    assert before is not None
+    # down for ten and a half minutes: wall time 30 s past a minute, 11 due times behind
+    first_due = math.ceil(before / 60) * 60
+    clock.offset = first_due + 630 - clock.wall() + clock.offset - 0.0
+    last_due = first_due + 600
+    async with running(config, redis_server.url, clock) as (gw, layer):
+        await until(
+            lambda: gw.entries["tick"].cursor == last_due, what="caught up to the last due time"
+        )
+        fires = [await receive(layer, name) for _ in range(fired)]
+        assert metric("scheduler_misses_total", gateway=name, reason="misfire") == 11 - fired
+        assert metric("scheduler_fires_total", gateway=name) == fired
+    assert [f["scheduled_time"] for f in fires] == [last_due - 60 * k for k in range(fired)][::-1]
+    if fired:
+        assert fires[0]["missed"] == 11 - fired
+    assert await cursor(redis_server.url, name, "tick") == last_due
+
+
+async def test_add_is_idempotent_and_a_one_shot_fires_once(redis_server: RedisServer) -> None:
+    name = "adds"
+    async with running(scheduler_config(name, {}), redis_server.url) as (gw, layer):
+        await until(lambda: gw.leader, what="leader")
+        add = {
+            "type": "scheduler.add",
+            "schedule": "remind-1",
+            "in": 0.5,
+            "message": {"note": "tea"},
+        }
+        first = await command(layer, f"{name}.send", add)
+        assert first["ok"] and first["created"] is True
+        again = await command(layer, f"{name}.send", add)
+        assert again["ok"] and again["created"] is False
+        fire = await receive(layer, name)
+        assert (fire["type"], fire["schedule"], fire["note"]) == (
+            "scheduler.fire",
+            "remind-1",
+            "tea",
+        )
+        assert fire["reply_channel"] == f"{name}.send"
+        retried = await command(layer, f"{name}.send", add)
+        assert retried["ok"] and retried["done"] is True and retried["created"] is False
+        listed = await command(layer, f"{name}.send", {"type": "scheduler.list"})
+        assert listed["schedules"] == [] and listed["leader"] is True
+    assert metric("scheduler_fires_total", gateway=name) == 1
+
+
+async def test_commands_list_remove_and_refuse(redis_server: RedisServer) -> None:
+    name = "cmds"
+    schedules = {"nightly": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"}}
+    async with running(scheduler_config(name, schedules), redis_server.url) as (gw, layer):
+        send = f"{name}.send"
+        ok = await command(
+            layer,
+            send,
+            {"type": "scheduler.add", "schedule": "poll", "every": "1h", "channel": "pollers"},
+        )
+        assert ok["ok"] and ok["created"] and ok["next_fire"] % 3600 == 0
+        listed = await command(layer, send, {"type": "scheduler.list"})
+        rows = {r["schedule"]: r for r in listed["schedules"]}
+        assert rows["nightly"]["source"] == "yaml" and rows["nightly"]["kind"] == "cron"
+        assert rows["poll"]["channel"] == "pollers" and rows["poll"]["what"] == "every 3600s"
+        bad = await command(
+            layer, send, {"type": "scheduler.add", "schedule": "x", "cron": "0 0 30 2 * * *"}
+        )
+        assert bad["ok"] is False and bad["error"].startswith("cron:")
+        past = await command(
+            layer, send, {"type": "scheduler.add", "schedule": "x", "at": "2001-01-01T00:00:00Z"}
+        )
+        assert past["ok"] is False and past["error"] == "at: is in the past"
+        yaml = await command(layer, send, {"type": "scheduler.remove", "schedule": "nightly"})
+        assert yaml["ok"] is False and "YAML" in yaml["error"]
+        removed = await command(layer, send, {"type": "scheduler.remove", "schedule": "poll"})
+        assert removed["ok"] and removed["removed"] is True
+        gone = await command(layer, send, {"type": "scheduler.remove", "schedule": "poll"})
+        assert gone["ok"] and gone["removed"] is False
+        await until(lambda: "poll" not in gw.entries, what="entry dropped")
+        unknown = await command(layer, send, {"type": "scheduler.pause"})
+        assert unknown["ok"] is False
+
+
+async def test_a_full_channel_is_retried_until_the_deadline_then_missed(
+    redis_server: RedisServer,
+) -> None:
+    name = "pushback"
+    schedules = {"beat": {"every": "1s", "channel": "slow", "misfire_grace": "1s"}}
+    async with running(scheduler_config(name, schedules), f"{redis_server.url}?capacity=1") as (
+        _gw,
+        layer,
+    ):
+        await layer.send("slow", {"type": "filler"})
+        await until(
+            lambda: metric("scheduler_misses_total", gateway=name, reason="deadline") >= 1,
+            what="a fire missed its deadline",
+        )
+        assert (await receive(layer, "slow"))["type"] == "filler"
+        fire = await receive(layer, "slow")
+        assert fire["type"] == "scheduler.fire" and fire["schedule"] == "beat"
+        assert metric("gateway_backpressure_waits_total", gateway=name) >= 1
+
+
+def sqlite_gateway(path: Path, name: str = "local") -> SchedulerGateway:
+    config: dict[str, Any] = scheduler_config(name, {}, state_file=str(path))
+    layer = InMemoryChannelLayer(capacity=100)
+    return SchedulerGateway(SchedulerGatewayConfig.model_validate(config), layer)
+
+
+async def test_sqlite_keeps_run_time_schedules_and_admits_one_process(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "timers.sqlite3"
+    gateway = sqlite_gateway(state)
+    async with run_gateway(gateway):
+        assert gateway.status()[0].startswith("role: leader")
+        result = await command(
+            gateway.layer, "local.send", {"type": "scheduler.add", "schedule": "later", "in": "1h"}
+        )
+        assert result["ok"] and result["created"]
+        second = sqlite_gateway(state)
+        with pytest.raises(StartupError, match="another scheduler process"):
+            async with run_gateway(second):
+                pass
+    restarted = sqlite_gateway(state)
+    async with run_gateway(restarted):
+        await until(lambda: "later" in restarted.entries, what="run-time schedule restored")
+        entry = restarted.entries["later"]
+        assert entry.spec.source == "runtime" and entry.spec.kind == "at"
+
+
+async def test_redis_down_makes_the_leader_step_down_and_firing_resumes(
+    durable_redis_server: RedisServer,
+) -> None:
+    name = "outage"
+    schedules = {"beat": {"every": "1s", "misfire_grace": "1s", "misfire": "skip"}}
+    async with running(scheduler_config(name, schedules), durable_redis_server.url) as (gw, layer):
+        first = await receive(layer, name)
+        await asyncio.to_thread(durable_redis_server.kill)
+        # it can no longer prove it holds the lease: it stops firing and says why
+        await until(lambda: not gw.leader, what="stepped down")
+        assert any("state store unreachable" in r for r in gw.ready_reasons())
+        await asyncio.to_thread(durable_redis_server.restart)
+        await until(lambda: gw.leader, what="leader again")
+        seen = [first["scheduled_time"]]
+        while seen[-1] < first["scheduled_time"] + 2:  # fires resume after the outage
+            try:
+                seen.append((await receive(layer, name))["scheduled_time"])
+            except RedisConnectionError:  # the test's own connection, cut by the restart
+                continue
+        # the message received right before the kill may come again: core.layers restores
+        # receives Redis had not seen acknowledged (at least once); the scheduler fired it once
+        later = [t for t in seen[1:] if t != first["scheduled_time"]]
+        assert len(later) == len(set(later))
+        await until(lambda: not gw.ready_reasons(), what="ready again")
+
+
+async def test_adds_taken_by_either_replica_fire_once(redis_server: RedisServer) -> None:
+    name = "two-in-one"
+    config = scheduler_config(name, {})
+    async with (
+        running(config, redis_server.url) as (first, layer),
+        running(config, redis_server.url) as (second, _),
+    ):
+        await until(lambda: first.leader != second.leader, what="one leader, one standby")
+        for index in range(6):  # both processes read the command channel: each takes some
+            result = await command(layer, f"{name}.send", {
+                "type": "scheduler.add", "schedule": f"r{index}", "in": 0.5,
+                "message": {"n": index}})  # fmt: skip
+            assert result["ok"] and result["created"], result
+        fires = [await receive(layer, name) for _ in range(6)]
+        assert sorted(f["n"] for f in fires) == list(range(6))
+        await until(lambda: not first.entries and not second.entries, what="one-shots done")
+    assert metric("scheduler_fires_total", gateway=name) == 6
+    took = metric("gateway_commands_total", gateway=name, type="scheduler.add", outcome="ok")
+    assert took == 6
+
+
+async def test_a_pending_one_shot_fires_after_a_restart_on_sqlite(tmp_path: Path) -> None:
+    state = tmp_path / "timers.sqlite3"
+    gateway = sqlite_gateway(state, "restart-local")
+    async with run_gateway(gateway):
+        result = await command(gateway.layer, "restart-local.send", {
+            "type": "scheduler.add", "schedule": "soon", "in": "2s"})  # fmt: skip
+        assert result["ok"]
+    restarted = sqlite_gateway(state, "restart-local")
+    async with run_gateway(restarted):
+        fire = await receive(restarted.layer, "restart-local")
+        assert fire["schedule"] == "soon"
+        await until(lambda: "soon" not in restarted.entries, what="one-shot removed")
+    again = sqlite_gateway(state, "restart-local")
+    async with run_gateway(again):
+        assert "soon" not in again.entries
+        retried = await command(again.layer, "restart-local.send", {
+            "type": "scheduler.add", "schedule": "soon", "in": "2s"})  # fmt: skip
+        assert retried["done"] is True
+
+
+async def test_a_changed_yaml_schedule_starts_again_at_now(redis_server: RedisServer) -> None:
+    name = "changed"
+    clock = ShiftedClock()
+    hourly = scheduler_config(name, {"job": {"every": "1h", "misfire": "all"}})
+    async with running(hourly, redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.entries["job"].cursor, what="cursor stored")
+    clock.offset += 3 * 3600  # down for three hours, and the file was edited meanwhile
+    edited = scheduler_config(name, {"job": {"every": "30m", "misfire": "all"}})
+    async with running(edited, redis_server.url, clock) as (gw, _):
+        value = await until(lambda: gw.entries["job"].cursor, what="cursor loaded")
+        assert isinstance(value, float) and abs(value - clock.wall()) < 5
+    assert metric("scheduler_fires_total", gateway=name) == 0
+    assert metric("scheduler_misses_total", gateway=name) == 0
