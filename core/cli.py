@@ -289,15 +289,22 @@ def gateway_main(gateway_cls: GatewayClass, argv: Sequence[str] | None = None) -
     return _execute(serve(gateways))
 
 
-def run_main(registry: Mapping[str, str], argv: Sequence[str] | None = None) -> int:
+def run_main(
+    registry: Mapping[str, str],
+    argv: Sequence[str] | None = None,
+    others: Mapping[str, str] | None = None,
+) -> int:
     """``gateways run FILE… [--app module:application]``: several integrations in one process.
 
-    ``registry`` maps the YAML ``gateway:`` value to the ``module:Class`` of its gateway.
+    ``registry`` maps the YAML ``gateway:`` value to the ``module:Class`` of its gateway;
+    ``others`` names the subcommands the caller handles itself (listed in ``--help`` only).
     """
     parser = argparse.ArgumentParser(prog="gateways", description="Run channels-gateways.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run integrations (and optionally consumers) in one process")
+    for name, text in (others or {}).items():
+        sub.add_parser(name, help=text)
     run.add_argument("files", nargs="+", metavar="FILE", help="integration YAML files")
     run.add_argument(
         "--app",

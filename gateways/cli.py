@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 from gateways import REGISTRY, exit_if_core_shadowed
 
+#: subcommands handled here rather than by core.cli.run_main (which lists them in --help)
+OTHERS = {"schedules": "print the next fire times of scheduler YAML files (FILE... [--count N])"}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     exit_if_core_shadowed("gateways")  # before anything imports core
@@ -21,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schedules_main(args[1:])
     from core.cli import run_main
 
-    return run_main(REGISTRY, argv)
+    return run_main(REGISTRY, argv, others=OTHERS)
 
 
 if __name__ == "__main__":

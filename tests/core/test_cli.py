@@ -213,6 +213,12 @@ def test_gateways_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("gateways 0.")
 
 
+def test_gateways_help_lists_every_subcommand() -> None:
+    result = run("gateways", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "{run,schedules}" in result.stdout and "next fire times" in result.stdout
+
+
 def test_bad_log_level_env_is_exit_2_one_line(tmp_path: Path) -> None:
     for argv in (["gateway-email", "--config"], ["gateways", "run"]):
         path = email_yaml(tmp_path, layer="memory://")
