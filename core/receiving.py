@@ -45,8 +45,11 @@ class ChannelReader:
         label: str,
         on_layer: Callable[[bool], None] | None = None,
         count: Callable[[str], None] | None = None,
+        receive: Callable[[str], Any] | None = None,
     ) -> None:
         self.layer = layer
+        #: the layer call that receives (``layer.receive`` unless given, e.g. ``receive_with_ack``)
+        self._receive = receive if receive is not None else layer.receive
         self.channel = channel
         self.log = log
         self.label = label
@@ -73,7 +76,7 @@ class ChannelReader:
         bad_in_a_row = 0
         while True:
             try:
-                message = await self.layer.receive(self.channel)
+                message = await self._receive(self.channel)
             except asyncio.CancelledError:
                 raise
             except LAYER_ERRORS as exc:

@@ -50,7 +50,7 @@ import logging
 import random
 import signal
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from asgiref.compatibility import guarantee_single_callable
@@ -154,12 +154,16 @@ class _Delivery:
     message: dict[str, Any]
     attempt: int = 1
     not_before: float = 0.0
+    #: the layer's acknowledgement token (layers with ``receive_with_ack``), else ``None``
+    token: Any = None
 
 
 class _Inbox:
     """One consumer instance's ``receive``: one message at a time, and what it holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, done: Callable[[_Delivery], None]) -> None:
+        #: called with each delivery the consumer finished (asked for the next one after it)
+        self.done = done
         self.queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=1)
         self.idle = asyncio.Event()
         #: the delivery the consumer took last and has not finished (it has not asked again)
@@ -167,7 +171,9 @@ class _Inbox:
         self.future: asyncio.Future[Any] | None = None
 
     async def get(self) -> dict[str, Any]:
-        self.current = None  # asking for the next message means the last one is done
+        if self.current is not None:  # asking for the next message means the last one is done
+            self.done(self.current)
+        self.current = None
         self.idle.set()
         delivery = await self.queue.get()
         self.idle.clear()
@@ -216,7 +222,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         inbox = self._inboxes.get(channel)
         if inbox is not None and inbox.future is not None and not inbox.future.done():
             return inbox
-        inbox = self._inboxes[channel] = _Inbox()
+        inbox = self._inboxes[channel] = _Inbox(self._acknowledge)
         scope = {"type": "channel", "channel": channel}
         instance = guarantee_single_callable(self.application)  # type: ignore[no-untyped-call]
         inbox.future = asyncio.ensure_future(
@@ -249,6 +255,21 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self._listeners = [asyncio.create_task(self.listener(c)) for c in self.channels]
         await asyncio.gather(*self._listeners)
 
+    async def _receive_unacked(self, channel: str) -> tuple[Any, None]:
+        return await self.channel_layer.receive(channel), None
+
+    def _acknowledge(self, delivery: _Delivery) -> None:
+        """Tell the layer ``delivery`` is done with (handled, dead-lettered or put back).
+
+        Only layers with ``receive_with_ack`` (core.streams) get told; a failed acknowledgement
+        means the message is delivered again after the layer's ``redelivery_timeout``.
+        """
+        if delivery.token is None:
+            return
+        token, delivery.token = delivery.token, None
+        future = asyncio.ensure_future(self.channel_layer.ack(token))
+        future.add_done_callback(_log_failed_ack)
+
     def _count(self, kind: str) -> None:
         if kind == "undecodable":
             self.metrics.dropped("undecodable")
@@ -256,8 +277,14 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             self.metrics.retry(kind)
 
     async def listener(self, channel: str) -> None:
+        acked = getattr(self.channel_layer, "receive_with_ack", None)
         reader = ChannelReader(
-            self.channel_layer, channel, log=log, label="worker", count=self._count
+            self.channel_layer,
+            channel,
+            log=log,
+            label="worker",
+            count=self._count,
+            receive=acked if acked is not None else self._receive_unacked,
         )
         receiving: asyncio.Task[Any] | None = None
         try:
@@ -275,12 +302,13 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if not receiving.done():
                     continue
-                message, receiving = receiving.result(), None
+                (message, token), receiving = receiving.result(), None
                 if not isinstance(message, dict) or not message.get("type"):
                     self.metrics.dropped("no_type")
                     log.warning("skipped a message without 'type' on %r", channel)
+                    self._acknowledge(_Delivery({}, token=token))
                     continue
-                await self._deliver(channel, [_Delivery(message)])
+                await self._deliver(channel, [_Delivery(message, token=token)])
         finally:
             if receiving is not None:
                 receiving.cancel()  # loses nothing: see ChannelReader.receive
@@ -375,7 +403,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 delay,
             )
             when = asyncio.get_running_loop().time() + delay
-            return [_Delivery(delivery.message, delivery.attempt + 1, when)]
+            return [_Delivery(delivery.message, delivery.attempt + 1, when, delivery.token)]
         reason = (
             f"{delivery.attempt} attempt(s) failed"
             if transient
@@ -389,15 +417,18 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             reason,
             exc_info=error if not transient else None,
         )
-        await self._dead_letter(channel, delivery, error)
+        if await self._dead_letter(channel, delivery, error):
+            self._acknowledge(delivery)
         return []
 
-    async def _dead_letter(self, channel: str, delivery: _Delivery, error: BaseException) -> None:
+    async def _dead_letter(self, channel: str, delivery: _Delivery, error: BaseException) -> bool:
+        """Dead-letter ``delivery``; ``False`` if it could not be sent (the layer redelivers it
+        later when it acknowledges deliveries)."""
         self.metrics.dropped("dead_letter")
         what = _describe(delivery.message)
         if self.retry.dead_letter == "log":
             log.error("gave up on %s from %r (dead_letter: log)", what, channel)
-            return
+            return True
         target = f"{channel}.dead"
         letter = {
             "type": DEAD_LETTER_TYPE,
@@ -416,8 +447,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 target,
                 describe_error(exc),
             )
-            return
+            return False
         log.error("gave up on %s from %r: sent to %r", what, channel, target)
+        return True
 
     async def _put_back(self, channel: str, deliveries: list[_Delivery]) -> None:
         """Return undelivered messages to their channel (stopping): the next worker gets them."""
@@ -432,6 +464,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     describe_error(exc),
                 )
             else:
+                self._acknowledge(delivery)
                 log.info("stopping: put %s back on %r", _describe(delivery.message), channel)
 
     # -- stopping -----------------------------------------------------------------------------
@@ -494,3 +527,11 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
 
     def run(self) -> None:
         asyncio.run(self.serve())
+
+
+def _log_failed_ack(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning(
+            "acknowledgement failed (%s); the layer delivers the message again later",
+            describe_error(future.exception()),
+        )

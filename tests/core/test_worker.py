@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +15,7 @@ from redis import exceptions as redis_errors
 
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
+from core.streams import StreamsChannelLayer
 from core.testing import RedisServer
 from core.worker import DEAD_LETTER_TYPE, ConsumerWorker, RetryPolicy
 
@@ -32,9 +34,11 @@ def app_of(handle: Handler) -> Any:
     return app
 
 
-@pytest.fixture
-async def layer(redis_server: RedisServer) -> AsyncIterator[Any]:
-    layer = resolve_layer(redis_server.url)
+@pytest.fixture(params=["redis", "redis+streams"])
+async def layer(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Both Redis layers: channels_redis' (``redis://``) and core.streams'."""
+    url = redis_server.url.replace("redis://", request.param + "://")
+    layer = resolve_layer(url)
     yield layer
     await layer.flush()
     await layer.close_pools()
@@ -153,7 +157,13 @@ async def test_undecodable_entry_is_logged_counted_and_skipped(
     # bytes that are not msgpack, straight into the channel's sorted set (issue 14 item 2);
     # channels_redis strips a 12-byte random prefix first, 0xc1 is never valid msgpack
     raw = redis.Redis.from_url(redis_server.url)
-    raw.zadd(layer.prefix + "junk", {b"R" * 12 + b"\xc1\xc1 not msgpack": time.time()})
+    if isinstance(layer, StreamsChannelLayer):
+        key = f"{layer.prefix}:stream:junk"
+        with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP
+            raw.xgroup_create(key, "channels", id="0", mkstream=True)
+        raw.xadd(key, {"m": b"\xc1\xc1 not msgpack"})
+    else:
+        raw.zadd(layer.prefix + "junk", {b"R" * 12 + b"\xc1\xc1 not msgpack": time.time()})
     raw.close()
     await layer.send("junk", {"type": "t.x", "id": "after"})
     deadline = time.monotonic() + 15
