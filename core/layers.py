@@ -115,7 +115,15 @@ def _redis_layer(path: str, *, streams: bool = False) -> Any:
         raise LayerPathError.of(path, "bad port") from None
     options: dict[str, Any] = {}
     kept: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query):
+    query = parse_qsl(parts.query)
+    for key, value in query:
+        if key == "layer":
+            if value not in ("streams", "channels_redis"):
+                raise LayerPathError.of(path, "layer must be 'streams' or 'channels_redis'")
+            streams = value == "streams"
+    for key, value in query:
+        if key == "layer":
+            continue
         if key in ("capacity", "expiry") or (streams and key in _STREAMS_INT_OPTIONS):
             options[key] = _int_param(path, key, value)
         elif key == "prefix":
@@ -133,6 +141,9 @@ def _redis_layer(path: str, *, streams: bool = False) -> Any:
 
 
 _STREAMS_INT_OPTIONS = ("redelivery_timeout", "batch", "group_expiry")
+
+#: what a plain ``redis://`` path gives: ``"streams"`` or ``"channels_redis"``
+REDIS_DEFAULT = "streams"
 
 
 class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
@@ -340,7 +351,7 @@ def resolve_layer(path: str) -> Any:
     path = path.strip()
     scheme = path.partition("://")[0].lower() if "://" in path else ""
     if scheme in ("redis", "rediss"):
-        return _redis_layer(path)
+        return _redis_layer(path, streams=REDIS_DEFAULT == "streams")
     if scheme in ("redis+streams", "rediss+streams"):
         return _redis_layer(path, streams=True)
     if scheme == "memory":

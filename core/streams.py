@@ -250,6 +250,45 @@ class _Entry:
     message: dict[str, Any] | None
     delivery: int
     error: str = ""
+    index: int = 0
+    key: str = ""
+
+
+class _Buffers(dict[str, deque[_Entry]]):
+    """Fetched entries not handed out yet, by channel; ``held`` has their (stream, id).
+
+    For process-local channels it is the layer's ``receive_buffer``, shaped like channels_redis'
+    (``gateways/http_ws`` drops the buffers of its finished reply channels with ``pop``): popping
+    a channel here drops what it holds for good (acknowledged, counted, logged), or it would come
+    back at the next claim.
+    """
+
+    def __init__(self, layer: StreamsChannelLayer) -> None:
+        super().__init__()
+        self.layer = layer
+        self.held: set[tuple[str, str]] = set()
+
+    def take(self, channel: str) -> _Entry | None:
+        buffer = self.get(channel)
+        if not buffer:
+            return None
+        entry = buffer.popleft()
+        self.held.discard((entry.key, entry.entry_id))
+        return entry
+
+    def put(self, entry: _Entry) -> bool:
+        if (entry.key, entry.entry_id) in self.held:
+            return False  # our own, claimed back while it waited here
+        self.setdefault(entry.channel, deque()).append(entry)
+        self.held.add((entry.key, entry.entry_id))
+        return True
+
+    def pop(self, channel: str, *default: Any) -> Any:  # type: ignore[override]
+        entries = super().pop(channel, *default)
+        for entry in entries or ():
+            self.held.discard((entry.key, entry.entry_id))
+            self.layer._drop("local_overflow", channel, entry, entry.index, entry.key, quiet=True)
+        return entries
 
 
 @dataclasses.dataclass
@@ -285,7 +324,9 @@ class _Writer:
             try:
                 await self._execute(batch)
             except asyncio.CancelledError:
-                self._fail(batch, ConnectionError("the layer was closed"))
+                for op in [*batch, *self.queue]:  # the loop is closing: nobody is left to tell
+                    if op.future is not None and not op.future.done():
+                        op.future.cancel()
                 raise
             except Exception as exc:
                 self._fail(batch, exc)
@@ -365,8 +406,7 @@ class _Reader:
         self.key = key
         self.client = client
         self.local = key.endswith("!")
-        self.buffers: dict[str, deque[_Entry]] = {}
-        self.held: set[str] = set()  # ids in the buffers, so a claim of our own is not doubled
+        self.buffers = layer.receive_buffer if self.local else _Buffers(layer)
         self.waiting: dict[str, int] = {}
         self.changed = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
@@ -379,10 +419,8 @@ class _Reader:
             self.waiting[channel] = self.waiting.get(channel, 0) + 1
             try:
                 while True:
-                    buffer = self.buffers.get(channel)
-                    if buffer:
-                        entry = buffer.popleft()
-                        self.held.discard(entry.entry_id)
+                    entry = self.buffers.take(channel)
+                    if entry is not None:
                         return entry
                     if self.error is not None:
                         error, self.error = self.error, None
@@ -414,21 +452,18 @@ class _Reader:
                 self.changed.notify_all()
 
     def _buffer(self, entry: _Entry) -> None:
-        if entry.entry_id in self.held:
+        if not self.buffers.put(entry) or not self.local:
             return
-        buffer = self.buffers.setdefault(entry.channel, deque())
-        buffer.append(entry)
-        self.held.add(entry.entry_id)
-        if self.local and len(buffer) > self.layer.get_capacity(entry.channel):
-            dropped = buffer.popleft()
-            self.held.discard(dropped.entry_id)
+        if len(self.buffers[entry.channel]) > self.layer.get_capacity(entry.channel):
+            dropped = self.buffers.take(entry.channel)
+            assert dropped is not None
             self.layer._drop("local_overflow", dropped.channel, dropped, self.index, self.key)
-        if self.local and entry.channel not in self.waiting and len(self.buffers) > 10_000:
+        if len(self.buffers) > 10_000:
             # channels nobody receives on any more: keep the map itself bounded
-            for channel in [c for c in self.buffers if c not in self.waiting][:1000]:
-                for dropped in self.buffers.pop(channel):
-                    self.held.discard(dropped.entry_id)
-                    self.layer._drop("local_overflow", channel, dropped, self.index, self.key)
+            stale = [c for c in self.buffers if c not in self.waiting][:1000]
+            log.warning("layer: dropping the buffers of %d idle local channels", len(stale))
+            for channel in stale:
+                self.buffers.pop(channel)
 
     async def _fetch(self) -> list[_Entry]:
         layer = self.layer
@@ -516,7 +551,7 @@ class _Reader:
         if layer.expiry:
             born = int(entry_id.partition("-")[0]) / 1000
             if born < time.time() - layer.expiry:
-                entry = _Entry(entry_id, channel, None, delivery)
+                entry = _Entry(entry_id, channel, None, delivery, "", self.index, self.key)
                 layer._drop("expired", channel, entry, self.index, self.key)
                 return None
         try:
@@ -524,10 +559,11 @@ class _Reader:
             if not isinstance(message, dict):
                 raise ValueError(f"not a dict but {type(message).__name__}")
         except Exception as exc:
-            return _Entry(entry_id, channel, None, delivery, f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            return _Entry(entry_id, channel, None, delivery, error, self.index, self.key)
         if delivery > 1:
             message[DELIVERY_KEY] = delivery
-        return _Entry(entry_id, channel, message, delivery)
+        return _Entry(entry_id, channel, message, delivery, "", self.index, self.key)
 
 
 @dataclasses.dataclass
@@ -586,6 +622,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         #: this instance's consumer name in every stream's group
         self.consumer = f"{self.client_prefix}"
         self._stream_prefix = f"{prefix}:stream:"
+        #: fetched messages of process-local channels not handed out yet, by channel
+        self.receive_buffer = _Buffers(self)
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
 
     @property
@@ -820,6 +858,10 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         DROPPED.labels(reason).inc()
         if not quiet:
             log.warning("layer: dropped message %s on %r: %s", entry.entry_id, channel, reason)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # dropped outside a loop: it is claimed again, then dropped again
+            return
         _forget(self._writer(index).submit(_Op("ack", key, (entry.entry_id, "", ""))))
 
 

@@ -31,7 +31,8 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.smtp`      :class:`SmtpSink`: the far side of ``email.send``
 * :mod:`core.testing.clock`     :class:`ManualClock`: an injectable clock that moves on demand
 * :mod:`core.testing.harness`   :func:`run_gateway` (in this process), :class:`GatewayProcess`
-  (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`until`, :func:`metric`
+  (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`until`, :func:`metric`,
+  :func:`inject_undecodable`
 
 Nothing here imports pytest: the fixtures live in ``tests/conftest.py``.
 """
@@ -55,6 +56,7 @@ from core.testing.clock import ManualClock
 from core.testing.harness import (
     GatewayProcess,
     command,
+    inject_undecodable,
     metric,
     metric_from_text,
     run_gateway,
@@ -91,6 +93,7 @@ __all__ = [
     "command",
     "free_port",
     "free_ports",
+    "inject_undecodable",
     "make_certs",
     "metric",
     "metric_from_text",

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis
 from redis import exceptions as redis_errors
 
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
-from core.streams import StreamsChannelLayer
-from core.testing import RedisServer
+from core.testing import RedisServer, inject_undecodable
 from core.worker import DEAD_LETTER_TYPE, ConsumerWorker, RetryPolicy
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -34,11 +31,10 @@ def app_of(handle: Handler) -> Any:
     return app
 
 
-@pytest.fixture(params=["redis", "redis+streams"])
+@pytest.fixture(params=["", "?layer=channels_redis"])
 async def layer(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """Both Redis layers: channels_redis' (``redis://``) and core.streams'."""
-    url = redis_server.url.replace("redis://", request.param + "://")
-    layer = resolve_layer(url)
+    """Both Redis layers: core.streams' (``redis://``) and channels_redis'."""
+    layer = resolve_layer(redis_server.url + request.param)
     yield layer
     await layer.flush()
     await layer.close_pools()
@@ -154,17 +150,8 @@ async def test_undecodable_entry_is_logged_counted_and_skipped(
         "gateway_dropped_total", {"gateway": "worker", "reason": "undecodable"}
     )
     worker, task = await run_worker(layer, "junk", handle, RetryPolicy(**FAST))
-    # bytes that are not msgpack, straight into the channel's sorted set (issue 14 item 2);
-    # channels_redis strips a 12-byte random prefix first, 0xc1 is never valid msgpack
-    raw = redis.Redis.from_url(redis_server.url)
-    if isinstance(layer, StreamsChannelLayer):
-        key = f"{layer.prefix}:stream:junk"
-        with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP
-            raw.xgroup_create(key, "channels", id="0", mkstream=True)
-        raw.xadd(key, {"m": b"\xc1\xc1 not msgpack"})
-    else:
-        raw.zadd(layer.prefix + "junk", {b"R" * 12 + b"\xc1\xc1 not msgpack": time.time()})
-    raw.close()
+    # bytes that are not msgpack, straight into the channel in Redis (issue 14 item 2)
+    inject_undecodable(layer, redis_server.url, "junk")
     await layer.send("junk", {"type": "t.x", "id": "after"})
     deadline = time.monotonic() + 15
     while handled != ["after"]:
