@@ -321,6 +321,11 @@ class _Writer:
     async def _run(self) -> None:
         while self.queue:
             batch = [self.queue.popleft() for _ in range(min(len(self.queue), MAX_BATCH))]
+            # a caller that gave up (cancelled, e.g. a timeout) before its turn was told the send
+            # failed: do not do it behind its back (it would retry: a duplicate)
+            batch = [op for op in batch if op.future is None or not op.future.done()]
+            if not batch:
+                continue
             try:
                 await self._execute(batch)
             except asyncio.CancelledError:
@@ -428,6 +433,12 @@ class _Reader:
                     if self.task is None or self.task.done():
                         self.task = asyncio.get_running_loop().create_task(self._fetch_loop())
                     await self.changed.wait()
+            except asyncio.CancelledError:
+                if self.waiting[channel] == 1 and len(self.waiting) == 1 and self.task is not None:
+                    # nobody waits any more: a fetch left running would take messages another
+                    # consumer waits for, and hold them until redelivery_timeout
+                    self.task.cancel()
+                raise
             finally:
                 self.waiting[channel] -= 1
                 if not self.waiting[channel]:

@@ -38,7 +38,19 @@ before ``"channels"`` in ``INSTALLED_APPS`` (Django picks the first app's comman
         "RETRY_MAX_DELAY": 30,        # seconds; backoff doubles from 0.5 s up to this
         "DEAD_LETTER": "channel",     # or "log"
         "TRANSIENT_ERRORS": ["myapp.errors.TryLater"],  # added to the defaults
+        "CONCURRENCY": {"sensors": 8},  # consumer instances per channel (default 1)
+        "ORDERING_KEY": {"sensors": "topic"},  # equal values stay in order (same instance)
     }
+
+With a concurrency above 1, a channel's messages go to that many consumer instances at once
+(each its own scope, like one channel per instance); with an ordering key, messages whose key
+has the same value always go to the same instance, so they are handled in the order they came.
+Messages without the key go to whichever instance is free.
+
+With a layer that has ``receive_with_ack`` (``core.streams``, ``redis://``), a message is
+acknowledged once its consumer asked for the next one (its handler returned), once it was
+dead-lettered, or once it was put back on its channel when draining; a worker that dies leaves
+its messages to the layer's redelivery.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import dataclasses
 import logging
 import random
 import signal
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -67,6 +80,21 @@ log = logging.getLogger("gateway.worker")
 
 #: ``type`` of the messages on a dead-letter channel; the failed message is under ``message``
 DEAD_LETTER_TYPE = "gateways.dead_letter"
+
+
+def concurrency_from_settings() -> tuple[dict[str, int], dict[str, str]]:
+    """``CONCURRENCY`` and ``ORDERING_KEY`` of Django's ``GATEWAYS_WORKER`` (empty without)."""
+    options: Mapping[str, Any] = {}
+    with contextlib.suppress(ImportError):
+        from django.conf import settings
+
+        if settings.configured:
+            options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
+    concurrency = dict(options.get("CONCURRENCY", {}) or {})
+    ordering = dict(options.get("ORDERING_KEY", {}) or {})
+    return {str(c): int(n) for c, n in concurrency.items()}, {
+        str(c): str(k) for c, k in ordering.items()
+    }
 
 
 def default_transient_errors() -> tuple[type[BaseException], ...]:
@@ -125,6 +153,7 @@ class RetryPolicy:
                 if settings.configured:
                     options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
         known = {"MAX_ATTEMPTS", "RETRY_MAX_DELAY", "DEAD_LETTER", "TRANSIENT_ERRORS"}
+        known |= {"CONCURRENCY", "ORDERING_KEY"}  # read by concurrency_from_settings()
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"GATEWAYS_WORKER: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -206,11 +235,22 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         *args: Any,
         shutdown_grace: float = 30.0,
         retry: RetryPolicy | None = None,
+        concurrency: Mapping[str, int] | None = None,
+        ordering_key: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.shutdown_grace = shutdown_grace
         self.retry = retry if retry is not None else RetryPolicy.from_settings()
+        if concurrency is None and ordering_key is None:
+            concurrency, ordering_key = concurrency_from_settings()
+        #: consumer instances per channel (1 unless given): messages of one channel in parallel
+        self.concurrency = {c: int(n) for c, n in (concurrency or {}).items()}
+        if any(n < 1 for n in self.concurrency.values()):
+            raise ValueError("concurrency must be at least 1")
+        #: per channel, the message key whose equal values stay in order (one instance each)
+        self.ordering_key = dict(ordering_key or {})
+        self._slot_channel: dict[str, str] = {}
         self.metrics = GatewayMetrics("worker")
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
@@ -223,7 +263,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         if inbox is not None and inbox.future is not None and not inbox.future.done():
             return inbox
         inbox = self._inboxes[channel] = _Inbox(self._acknowledge)
-        scope = {"type": "channel", "channel": channel}
+        scope = {"type": "channel", "channel": self._channel_of(channel)}
         instance = guarantee_single_callable(self.application)  # type: ignore[no-untyped-call]
         inbox.future = asyncio.ensure_future(
             instance(
@@ -255,6 +295,10 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self._listeners = [asyncio.create_task(self.listener(c)) for c in self.channels]
         await asyncio.gather(*self._listeners)
 
+    def _channel_of(self, slot: str) -> str:
+        """The channel a consumer slot serves (a slot is the channel, or ``CHANNEL#lane``)."""
+        return self._slot_channel.get(slot, slot)
+
     async def _receive_unacked(self, channel: str) -> tuple[Any, None]:
         return await self.channel_layer.receive(channel), None
 
@@ -277,6 +321,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             self.metrics.retry(kind)
 
     async def listener(self, channel: str) -> None:
+        if self.concurrency.get(channel, 1) > 1:
+            await self._lanes(channel, self.concurrency[channel], self.ordering_key.get(channel))
+            return
         acked = getattr(self.channel_layer, "receive_with_ack", None)
         reader = ChannelReader(
             self.channel_layer,
@@ -314,6 +361,77 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 receiving.cancel()  # loses nothing: see ChannelReader.receive
                 await asyncio.gather(receiving, return_exceptions=True)
 
+    def _reader(self, channel: str) -> ChannelReader:
+        acked = getattr(self.channel_layer, "receive_with_ack", None)
+        return ChannelReader(
+            self.channel_layer,
+            channel,
+            log=log,
+            label="worker",
+            count=self._count,
+            receive=acked if acked is not None else self._receive_unacked,
+        )
+
+    async def _lanes(self, channel: str, lanes: int, key: str | None) -> None:
+        """Receive ``channel`` for ``lanes`` consumer instances at once.
+
+        A message whose ``key`` has a value goes to the lane that value hashes to, so messages
+        with equal values are handled one after the other, in order; one without goes to a free
+        lane. Each lane holds at most one message besides the one its consumer handles.
+        """
+        reader = self._reader(channel)
+        queues: list[asyncio.Queue[_Delivery]] = []
+        feeders: list[asyncio.Task[None]] = []
+        for lane in range(lanes):
+            slot = f"{channel}#{lane}"
+            self._slot_channel[slot] = channel
+            queues.append(asyncio.Queue(maxsize=1))
+            feeders.append(asyncio.create_task(self._feed(slot, queues[-1])))
+        turn = 0
+        try:
+            while True:
+                message, token = await reader.receive()
+                if not isinstance(message, dict) or not message.get("type"):
+                    self.metrics.dropped("no_type")
+                    log.warning("skipped a message without 'type' on %r", channel)
+                    self._acknowledge(_Delivery({}, token=token))
+                    continue
+                value = message.get(key) if key else None
+                if value is not None:
+                    lane = zlib.crc32(str(value).encode()) % lanes
+                else:
+                    free = [i for i, q in enumerate(queues) if q.empty()]
+                    lane = free[turn % len(free)] if free else turn % lanes
+                    turn += 1
+                await queues[lane].put(_Delivery(message, token=token))
+        finally:
+            for task in feeders:
+                task.cancel()
+            await asyncio.gather(*feeders, return_exceptions=True)
+            waiting = [q.get_nowait() for q in queues if not q.empty()]
+            if waiting:
+                await asyncio.shield(self._put_back(channel, waiting))
+
+    async def _feed(self, slot: str, queue: asyncio.Queue[_Delivery]) -> None:
+        """One lane: hand what the lane's queue gets to the slot's consumer, in order."""
+        while True:
+            if self._dead_instance(slot) is not None:
+                await self._deliver(slot, await self._salvage(slot))
+                continue
+            getting = asyncio.ensure_future(queue.get())
+            waits: list[asyncio.Future[Any]] = [getting]
+            inbox = self._inboxes.get(slot)
+            if inbox is not None and inbox.future is not None:
+                waits.append(inbox.future)
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getting.done():
+                    getting.cancel()
+                    await asyncio.gather(getting, return_exceptions=True)
+            if getting.done() and not getting.cancelled():
+                await self._deliver(slot, [getting.result()])
+
     async def _deliver(self, channel: str, deliveries: list[_Delivery]) -> None:
         """Hand ``deliveries`` to the channel's consumer, one at a time, in order.
 
@@ -349,7 +467,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             elif put is not None and not put.cancelled() and pending:
                 pending.popleft()  # it reached the consumer
             if pending:
-                await asyncio.shield(self._put_back(channel, list(pending)))
+                await asyncio.shield(self._put_back(self._channel_of(channel), list(pending)))
             raise
 
     async def _salvage(self, channel: str) -> list[_Delivery]:
@@ -371,7 +489,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         failed, inbox.current = inbox.current, None
         salvaged: list[_Delivery] = []
         if failed is not None and error is not None:
-            salvaged += await self._failed(channel, failed, error)
+            salvaged += await self._failed(self._channel_of(channel), failed, error)
         elif error is not None:
             log.warning("consumer on %r failed while idle: %s", channel, describe_error(error))
         if rescued:
@@ -489,7 +607,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 left.append(inbox.queue.get_nowait())
             inbox.current = None
             if left:
-                await self._put_back(channel, left)
+                await self._put_back(self._channel_of(channel), left)
 
     async def _consumers_idle(self) -> None:
         for inbox in list(self._inboxes.values()):

@@ -184,3 +184,53 @@ def test_policy_from_settings() -> None:
         RetryPolicy.from_settings({"RETRIES": 1})
     with pytest.raises(ValueError, match="dead_letter"):
         RetryPolicy.from_settings({"DEAD_LETTER": "drop"})
+
+
+async def test_concurrency_keeps_order_per_key(layer: Any) -> None:
+    """Four consumer instances on one channel; messages with the same ``topic`` stay in order."""
+    handled: list[tuple[str, int]] = []
+    busy = 0
+    most = 0
+    instances: set[int] = set()
+
+    async def handle(message: dict[str, Any]) -> None:
+        nonlocal busy, most
+        instances.add(id(asyncio.current_task()))
+        busy += 1
+        most = max(most, busy)
+        # work that takes longer for some messages: without the key, order would break
+        for _ in range(message["n"] % 5):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.001 * (message["n"] % 3))
+        busy -= 1
+        handled.append((message["topic"], message["n"]))
+
+    worker = ConsumerWorker(
+        app_of(handle),
+        ["lanes"],
+        layer,
+        retry=RetryPolicy(dead_letter="log", **FAST),
+        shutdown_grace=2,
+        concurrency={"lanes": 4},
+        ordering_key={"lanes": "topic"},
+    )
+    task = asyncio.create_task(worker.arun())
+    topics = [f"t/{k}" for k in range(8)]
+    sent = 0
+    for n in range(160):
+        while True:
+            try:
+                await layer.send("lanes", {"type": "t.x", "topic": topics[n % 8], "n": n})
+                break
+            except Exception:  # ChannelFull: the worker is behind
+                await asyncio.sleep(0.01)
+        sent += 1
+    deadline = time.monotonic() + 30
+    while len(handled) < sent:
+        assert time.monotonic() < deadline, len(handled)
+        await asyncio.sleep(0.02)
+    for topic in topics:
+        numbers = [n for t, n in handled if t == topic]
+        assert numbers == sorted(numbers) and len(numbers) == 20, (topic, numbers)
+    assert most > 1 and len(instances) == 4  # really in parallel, on four instances
+    await stop(worker, task)
