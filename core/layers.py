@@ -1,13 +1,14 @@
 """Resolve a layer path (DESIGN §3) into a channel layer instance.
 
-| value                          | layer                                                  |
-|--------------------------------|--------------------------------------------------------|
-| ``redis://host:6379/0``        | ``channels_redis.core.RedisChannelLayer`` on that host |
-| ``rediss://…``                 | the same over TLS                                      |
-| ``redis+streams://host/0``     | :class:`core.streams.StreamsChannelLayer` (acknowledged, batched; ``rediss+streams://`` over TLS) |
-| ``memory://``                  | ``channels.layers.InMemoryChannelLayer`` (one process) |
-| ``django`` / ``django:ALIAS``  | ``channels.layers.get_channel_layer(ALIAS)``           |
-| ``package.module:attr``        | a layer instance or a zero-argument factory            |
+| value                            | layer                                                   |
+|----------------------------------|---------------------------------------------------------|
+| ``redis://host:6379/0``          | :class:`core.streams.StreamsChannelLayer` on that host  |
+| ``rediss://…``                   | the same over TLS                                       |
+| ``redis://…?layer=channels_redis`` | :class:`RedisChannelLayer` (channels_redis, patched)  |
+| ``redis+streams://…``            | the streams layer, explicitly (``rediss+streams://``)   |
+| ``memory://``                    | ``channels.layers.InMemoryChannelLayer`` (one process)  |
+| ``django`` / ``django:ALIAS``    | ``channels.layers.get_channel_layer(ALIAS)``            |
+| ``package.module:attr``          | a layer instance or a zero-argument factory             |
 
 Redis and memory URLs take ``capacity``, ``expiry`` (and, for Redis, ``prefix``) as query
 parameters: ``redis://localhost:6379/0?capacity=1000&expiry=120``. ``redis+streams://`` paths

@@ -283,7 +283,7 @@ class _Buffers(dict[str, deque[_Entry]]):
         self.held.add((entry.key, entry.entry_id))
         return True
 
-    def pop(self, channel: str, *default: Any) -> Any:  # type: ignore[override]
+    def pop(self, channel: str, *default: Any) -> Any:
         entries = super().pop(channel, *default)
         for entry in entries or ():
             self.held.discard((entry.key, entry.entry_id))
@@ -486,7 +486,7 @@ class _Reader:
                 return claimed
         block = max(1, int((self.next_claim - time.monotonic()) * 1000))
         try:
-            reply = await self.client.xreadgroup(
+            reply: Any = await self.client.xreadgroup(
                 GROUP, layer.consumer, {self.key: ">"}, count=layer.batch, block=block
             )
         except redis_errors.ResponseError as exc:
@@ -661,8 +661,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             master = options.pop("master_name")
             sentinels = options.pop("sentinels")
             sentinel_kwargs = options.pop("sentinel_kwargs", None)
-            sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
-            return SentinelConnectionPool(master, sentinel, **options)
+            sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+            return SentinelConnectionPool(master, sentinel, **options)  # type: ignore[no-untyped-call]
         return aioredis.ConnectionPool(**options)
 
     def _state(self) -> _LoopState:
@@ -777,6 +777,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         key = self._group_key(group)
+
         def call(pipe: Any) -> int:
             pipe.zrem(key, channel)
             return 1
@@ -881,7 +882,9 @@ def _forget(future: asyncio.Future[Any]) -> None:
 
     def done(f: asyncio.Future[Any]) -> None:
         if not f.cancelled() and f.exception() is not None:
-            log.warning("layer: acknowledgement failed, the message will be delivered again: %s",
-                        f.exception())
+            log.warning(
+                "layer: acknowledgement failed, the message will be delivered again: %s",
+                f.exception(),
+            )
 
     future.add_done_callback(done)

@@ -648,8 +648,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
 
 
 def _log_failed_ack(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None:
         log.warning(
             "acknowledgement failed (%s); the layer delivers the message again later",
-            describe_error(future.exception()),
+            describe_error(error),
         )

@@ -31,6 +31,7 @@ def main() -> None:
                 await asyncio.Event().wait()
 
     layer = resolve_layer(path)
+    print("worker ready", flush=True)
     ConsumerWorker(app, [channel], layer, retry=RetryPolicy(dead_letter="log")).run()
 
 

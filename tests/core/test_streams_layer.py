@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from channels.exceptions import ChannelFull
 from core.layers import channel_layer_settings, resolve_layer
 from core.metrics import REGISTRY
 from core.streams import DELIVERY_KEY, StreamsChannelLayer
-from core.testing import RedisServer, until
+from core.testing import RedisServer, Server, until
 from core.worker import ConsumerWorker, RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,16 +234,12 @@ async def test_worker_sigkilled_mid_handler_is_redelivered(redis_server: RedisSe
     for n in range(20):
         await layer.send("jobs", {"type": "t.job", "id": f"j{n}", "hang": n == 3})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "tests.core.streams_worker", path, "jobs", "seen"],
-        cwd=ROOT,
-        env=env,
-    )
+    argv = [sys.executable, "-m", "tests.core.streams_worker", path, "jobs", "seen"]
+    child = await asyncio.to_thread(Server, argv, "worker ready", cwd=ROOT, env=env)
     try:
         await until(lambda: b"j3:1" in raw.lrange("seen", 0, -1), 30, "j3 started")
     finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
+        await asyncio.to_thread(child.kill)
     handled: dict[str, list[int]] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
