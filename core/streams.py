@@ -79,6 +79,10 @@ GROUP: Final = "channels"
 DELIVERY_KEY: Final = "__delivery__"
 #: operations in one writer pipeline at most
 MAX_BATCH: Final = 1000
+#: acknowledgements waiting before they go without a send to carry them
+ACK_BATCH: Final = 100
+#: seconds an acknowledgement waits at most for a batch to join
+ACK_DELAY: Final = 0.002
 #: seconds to wait for a TCP connection to Redis
 CONNECT_TIMEOUT: Final = 3.0
 #: connections for fetches per host (one per stream being received at once)
@@ -308,19 +312,52 @@ class _Writer:
         self.layer = layer
         self.client = client
         self.queue: deque[_Op] = deque()
+        #: acknowledgements wait for the next batch, or ACK_DELAY: nobody waits for them, and
+        #: one at a time (a worker acknowledges as each handler returns) they would each make a
+        #: round trip of their own
+        self.acks: list[_Op] = []
         self.task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def acknowledge(self, key: str, entry_id: str) -> None:
+        """Queue an acknowledgement nobody waits for (a failure only delays it: redelivery)."""
+        self.acks.append(_Op("ack", key, (entry_id, "", "")))
+        if len(self.acks) >= ACK_BATCH:
+            self.kick()
+        elif self._timer is None and (self.task is None or self.task.done()):
+            self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.kick)
 
     def submit(self, op: _Op) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         op.future = loop.create_future()
+        if op.kind == "ack":
+            self.acks.append(op)
+            if len(self.acks) >= ACK_BATCH:
+                self.kick()
+            elif self._timer is None and (self.task is None or self.task.done()):
+                self._timer = loop.call_later(ACK_DELAY, self.kick)
+            return op.future
         self.queue.append(op)
-        if self.task is None or self.task.done():
-            self.task = loop.create_task(self._run())
+        self.kick()
         return op.future
 
+    def kick(self) -> None:
+        """Make sure the writer task runs (it takes everything queued)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
     async def _run(self) -> None:
-        while self.queue:
-            batch = [self.queue.popleft() for _ in range(min(len(self.queue), MAX_BATCH))]
+        while self.queue or self.acks:
+            # let the callers the last batch answered run first: most send again at once, and
+            # their sends then join this batch instead of each making a small one
+            await asyncio.sleep(0)
+            # acknowledgements first: a send queued after a receive sees the room it made
+            batch = self.acks[:MAX_BATCH]
+            del self.acks[:MAX_BATCH]
+            batch += [self.queue.popleft() for _ in range(min(len(self.queue), MAX_BATCH))]
             # a caller that gave up (cancelled, e.g. a timeout) before its turn was told the send
             # failed: do not do it behind its back (it would retry: a duplicate)
             batch = [op for op in batch if op.future is None or not op.future.done()]
@@ -329,7 +366,11 @@ class _Writer:
             try:
                 await self._execute(batch)
             except asyncio.CancelledError:
-                for op in [*batch, *self.queue]:  # the loop is closing: nobody is left to tell
+                for op in [
+                    *batch,
+                    *self.queue,
+                    *self.acks,
+                ]:  # the loop is closing: nobody is left to tell
                     if op.future is not None and not op.future.done():
                         op.future.cancel()
                 raise
@@ -420,12 +461,14 @@ class _Reader:
         self.claim_start = "0-0"
 
     async def get(self, channel: str) -> _Entry:
+        entry = self.buffers.take(channel)
+        if entry is not None:  # the common case under load: no lock, no wait
+            return entry
         async with self.changed:
             self.waiting[channel] = self.waiting.get(channel, 0) + 1
             try:
                 while True:
-                    entry = self.buffers.take(channel)
-                    if entry is not None:
+                    if (entry := self.buffers.take(channel)) is not None:
                         return entry
                     if self.error is not None:
                         error, self.error = self.error, None
@@ -718,7 +761,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``, acknowledged as it is handed out (at-most-once)."""
         message, token = await self.receive_with_ack(channel)
-        _forget(self.ack(token))
+        self._writer(token.index).acknowledge(token.key, token.entry_id)
         return message
 
     async def receive_with_ack(self, channel: str) -> tuple[dict[str, Any], AckToken]:
@@ -844,6 +887,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         tasks = [r.task for r in state.readers.values() if r.task is not None]
         for task in tasks:
             task.cancel()
+        for writer in state.writers.values():
+            if writer.acks:
+                writer.kick()  # acknowledgements waiting for their delay go now
         writers = [w.task for w in state.writers.values() if w.task is not None]
         await asyncio.gather(*writers, return_exceptions=True)  # let queued writes finish
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -874,7 +920,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             asyncio.get_running_loop()
         except RuntimeError:  # dropped outside a loop: it is claimed again, then dropped again
             return
-        _forget(self._writer(index).submit(_Op("ack", key, (entry.entry_id, "", ""))))
+        self._writer(index).acknowledge(key, entry.entry_id)
 
 
 def _forget(future: asyncio.Future[Any]) -> None:
