@@ -13,6 +13,10 @@ reported. Errors are counted, not raised: with redis-py 8 channels_redis raises
 ``MaxConnectionsError`` from 100 concurrent callers on (issue 6). Capacity is raised so no sender
 sees ``ChannelFull``.
 
+Then the same with a ``core.worker.ConsumerWorker`` (a no-op consumer) receiving instead of a
+plain ``receive()`` loop, ``--worker-senders`` senders (the worker acknowledges after the handler
+on the streams layer).
+
 Writes the ``Redis layer under concurrency`` section of BENCHMARKS.md.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import time
@@ -42,6 +47,7 @@ from bench._common import (
 from core.layers import RedisChannelLayer, _redis_host
 from core.streams import StreamsChannelLayer
 from core.testing import RedisServer
+from core.worker import ConsumerWorker, RetryPolicy
 
 SECTION = "Redis layer under concurrency"
 CAPACITY = 1_000_000
@@ -97,6 +103,46 @@ async def one_run(layer: Any, senders: int, messages: int) -> tuple[int, float, 
     return received, received / elapsed if elapsed else 0.0, errors
 
 
+async def worker_run(layer: Any, senders: int, messages: int) -> tuple[int, float, list[str]]:
+    """``senders`` tasks send while a ``ConsumerWorker`` (no-op consumer) receives, in one loop."""
+    per = max(1, messages // senders)
+    total = per * senders
+    errors: list[str] = []
+    handled = 0
+    done = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal handled
+        while True:
+            await receive()
+            handled += 1
+            if handled >= total:
+                done.set()
+
+    async def sender() -> None:
+        for n in range(per):
+            try:
+                await layer.send("bench-worker", {"type": "bench.x", "n": n})
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    worker = ConsumerWorker(
+        app, ["bench-worker"], layer, retry=RetryPolicy(dead_letter="log"), shutdown_grace=1
+    )
+    started = time.perf_counter()
+    running = asyncio.create_task(worker.arun())
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 60)
+    elapsed = time.perf_counter() - started
+    await worker.drain()
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    if hasattr(layer, "flush"):
+        await layer.flush()
+    return handled, handled / elapsed if elapsed else 0.0, errors
+
+
 def layers(url: str) -> dict[str, Callable[[], Any]]:
     host = _redis_host(url)
     return {
@@ -112,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", default="1,10,100,1000")
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--worker-senders", type=int, default=100, help="senders for the ConsumerWorker rows"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.senders.split(",")]
@@ -120,52 +169,57 @@ def main(argv: list[str] | None = None) -> int:
     with RedisServer() as server:
         makers = layers(server.url)
         for round_ in range(args.rounds):
-            for senders in counts:
-                for name, make in makers.items():
-                    row = rows.setdefault(
-                        (name, senders),
-                        Row(name, senders, max(1, args.messages // senders) * senders),
-                    )
-                    delivered, rate, errors = asyncio.run(one_run(make(), senders, args.messages))
-                    row.rates.append(rate)
-                    row.delivered.append(delivered)
-                    row.errors += len(errors)
-                    row.first_error = row.first_error or (errors[0] if errors else "")
-                    print(
-                        f"round {round_ + 1} {name:28} {senders:5} senders: {rate:8.0f} msg/s, "
-                        f"{delivered}/{row.messages}, {len(errors)} errors {row.first_error[:50]}",
-                        flush=True,
-                    )
+            plan = [(name, n, False) for n in counts for name in makers]
+            plan += [
+                (name, args.worker_senders, True) for name in makers if name != "channels_redis"
+            ]
+            for name, senders, through_worker in plan:
+                label = f"{name} → ConsumerWorker" if through_worker else name
+                row = rows.setdefault(
+                    (label, senders),
+                    Row(label, senders, max(1, args.messages // senders) * senders),
+                )
+                run = worker_run if through_worker else one_run
+                delivered, rate, errors = asyncio.run(run(makers[name](), senders, args.messages))
+                row.rates.append(rate)
+                row.delivered.append(delivered)
+                row.errors += len(errors)
+                row.first_error = row.first_error or (errors[0] if errors else "")
+                print(
+                    f"round {round_ + 1} {label:45} {senders:5} senders: {rate:8.0f} msg/s, "
+                    f"{delivered}/{row.messages}, {len(errors)} errors {row.first_error[:50]}",
+                    flush=True,
+                )
     end_load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     best_stock = max((r.rate for r in rows.values() if r.layer == "channels_redis"), default=0.0)
     header = [
-        "layer",
+        "path",
         "senders",
         "delivered (min)",
         "msgs/s (median)",
         "rounds",
-        "vs channels_redis same senders",
+        "x channels_redis, same senders",
+        "x channels_redis at its best",
         "errors",
         "first error",
     ]
     table = []
-    for senders in counts:
-        stock = rows[("channels_redis", senders)].rate
-        for name in makers:
-            r = rows[(name, senders)]
-            ratio = f"{r.rate / stock:.1f}x" if stock else "—"
-            table.append(
-                [
-                    r.layer,
-                    str(r.senders),
-                    f"{min(r.delivered)}/{r.messages}",
-                    f"{r.rate:,.0f}",
-                    " / ".join(f"{x:,.0f}" for x in r.rates),
-                    ratio,
-                    str(r.errors),
-                    r.first_error[:60] or "—",
-                ]
-            )
+    for (_label, senders), r in rows.items():
+        stock = rows.get(("channels_redis", senders))
+        same = f"{r.rate / stock.rate:.1f}x" if stock and stock.rate else "—"
+        table.append(
+            [
+                r.layer,
+                str(r.senders),
+                f"{min(r.delivered)}/{r.messages}",
+                f"{r.rate:,.0f}",
+                " / ".join(f"{x:,.0f}" for x in r.rates),
+                same,
+                f"{r.rate / best_stock:.1f}x" if best_stock else "—",
+                str(r.errors),
+                r.first_error[:60] or "—",
+            ]
+        )
     print(text_table(header, table))
     streams_100 = rows.get(("core.streams", 100))
     target = (

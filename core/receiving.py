@@ -70,8 +70,10 @@ class ChannelReader:
     async def receive(self) -> Any:
         """The next message on the channel; waits (and retries) as long as it takes.
 
-        Cancelling it loses nothing: channels_redis keeps a popped entry in its backup set until
-        the next receive, and the in-memory layer hands out nothing to a cancelled waiter.
+        Cancelling it loses nothing: core.streams keeps what it fetched buffered (and pending in
+        Redis, so it is redelivered if the process ends first), channels_redis keeps a popped
+        entry in its backup set until the next receive, and the in-memory layer hands out
+        nothing to a cancelled waiter.
         """
         bad_in_a_row = 0
         while True:
