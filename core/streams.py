@@ -193,7 +193,8 @@ return {#members, full, trims}
 
 # Claim entries pending longer than ARGV[3] ms, with their delivery counts.
 # KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] start, ARGV[5]
-# count. Returns {next start, {{id, fields, deliveries}, …}, deleted count}.
+# count, ARGV[6] idle ms after which a consumer with nothing pending is deleted.
+# Returns {next start, {{id, fields, deliveries}, …}, deleted count}.
 _CLAIM = """
 local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
     'COUNT', ARGV[5])
@@ -209,6 +210,17 @@ end
 local deleted = 0
 if claimed[3] then
     deleted = #claimed[3]
+end
+-- consumers of processes long gone, holding nothing: forget them (a live one that reads again
+-- is created again by XREADGROUP; one with pending entries is kept for their claim)
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local info = {}
+    for i = 1, #consumer, 2 do
+        info[consumer[i]] = consumer[i + 1]
+    end
+    if info['pending'] == 0 and info['idle'] > tonumber(ARGV[6]) and info['name'] ~= ARGV[2] then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    end
 end
 return {claimed[1], out, deleted}
 """
@@ -557,6 +569,7 @@ class _Reader:
                 int(layer.redelivery_timeout * 1000),
                 self.claim_start,
                 layer.batch,
+                int(layer.consumer_expiry * 1000),
             )
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -641,7 +654,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     * ``redelivery_timeout`` (30 s): a message fetched but not acknowledged for this long is
       delivered again to whichever consumer fetches next;
     * ``batch`` (100): entries one fetch takes at most;
-    * ``local_expiry`` (86400 s): TTL of a process-local stream, renewed by each send to it.
+    * ``local_expiry`` (86400 s): TTL of a process-local stream, renewed by each send to it;
+    * ``consumer_expiry`` (3600 s): a consumer (one per layer instance and stream) idle this long
+      with nothing pending is removed from the stream's group, so dead processes do not pile up.
     """
 
     extensions = ["groups", "flush"]
@@ -657,6 +672,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         redelivery_timeout: float = 30.0,
         batch: int = 100,
         local_expiry: int = 86400,
+        consumer_expiry: float = 3600.0,
     ) -> None:
         super().__init__(expiry=expiry, capacity=capacity)
         if redelivery_timeout <= 0 or batch <= 0 or capacity <= 0:
@@ -669,6 +685,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.claim_interval = max(0.05, self.redelivery_timeout / 2)
         self.batch = batch
         self.local_expiry = local_expiry
+        #: seconds after which a stream's consumer (a process) holding nothing is forgotten
+        self.consumer_expiry = consumer_expiry
         self.hosts = decode_hosts(hosts)
         self.ring_size = len(self.hosts)
         #: the ``!`` part of this instance's process-local channels

@@ -301,3 +301,20 @@ async def test_redis_killed_and_restarted_loses_nothing_sent(
     await asyncio.wait_for(consuming, 60)
     assert handled == set(sent) == set(range(300))
     await layer.flush()
+
+
+async def test_consumers_of_gone_processes_are_forgotten(redis_server: RedisServer) -> None:
+    gone = StreamsChannelLayer(hosts=[redis_server.url])
+    await gone.send("shared", {"type": "t.x"})
+    assert await gone.receive("shared") == {"type": "t.x"}
+    await gone.close_pools()
+    raw = redis.Redis.from_url(redis_server.url)
+    names = [c["name"] for c in raw.xinfo_consumers("asgi:stream:shared", "channels")]
+    assert names == [gone.consumer.encode()]
+    later = StreamsChannelLayer(hosts=[redis_server.url], consumer_expiry=0.001)
+    await later.send("shared", {"type": "t.y"})
+    assert await later.receive("shared") == {"type": "t.y"}  # its first fetch claims and tidies
+    names = [c["name"] for c in raw.xinfo_consumers("asgi:stream:shared", "channels")]
+    assert names == [later.consumer.encode()]
+    raw.close()
+    await later.flush()
