@@ -638,6 +638,7 @@ class _LoopState:
     writers: dict[int, _Writer] = dataclasses.field(default_factory=dict)
     readers: dict[tuple[int, str], _Reader] = dataclasses.field(default_factory=dict)
     fetch_clients: dict[int, aioredis.Redis] = dataclasses.field(default_factory=dict)
+    sentinels: list[Any] = dataclasses.field(default_factory=list)
 
 
 class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -723,6 +724,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             sentinels = options.pop("sentinels")
             sentinel_kwargs = options.pop("sentinel_kwargs", None)
             sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+            self._state().sentinels.append(sentinel)  # its clients are closed with the pools
             return SentinelConnectionPool(master, sentinel, **options)  # type: ignore[no-untyped-call]
         return aioredis.ConnectionPool(**options)
 
@@ -915,6 +917,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             await writer.client.aclose(close_connection_pool=True)
         for client in state.fetch_clients.values():
             await client.aclose(close_connection_pool=True)
+        for sentinel in state.sentinels:
+            for client in sentinel.sentinels:
+                await client.aclose()
 
     # -- counting what is dropped --------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from channels.exceptions import ChannelFull
 from core.layers import channel_layer_settings, resolve_layer
 from core.metrics import REGISTRY
 from core.streams import DELIVERY_KEY, StreamsChannelLayer
-from core.testing import RedisServer, Server, until
+from core.testing import RedisServer, Server, free_port, until
 from core.worker import ConsumerWorker, RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,3 +319,26 @@ async def test_consumers_of_gone_processes_are_forgotten(redis_server: RedisServ
     assert names == [later.consumer.encode()]
     raw.close()
     await later.flush()
+
+
+async def test_sentinel_host(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A Sentinel-managed host (``master_name`` + ``sentinels``), as channels_redis takes it."""
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor main 127.0.0.1 {redis_server.port} 1\n"
+    )
+    binary = shutil.which("redis-sentinel") or shutil.which("redis-server")
+    assert binary is not None
+    sentinel = await asyncio.to_thread(
+        Server, [binary, str(conf), "--sentinel"], "Sentinel ID", name="redis-sentinel"
+    )
+    try:
+        host = {"sentinels": [("127.0.0.1", port)], "master_name": "main"}
+        layer = StreamsChannelLayer(hosts=[host])
+        await layer.send("watched", {"type": "t.x", "n": 1})
+        assert await layer.receive("watched") == {"type": "t.x", "n": 1}
+        await layer.flush()
+    finally:
+        await asyncio.to_thread(sentinel.stop)
