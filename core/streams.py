@@ -334,24 +334,23 @@ class _Writer:
     def acknowledge(self, key: str, entry_id: str) -> None:
         """Queue an acknowledgement nobody waits for (a failure only delays it: redelivery)."""
         self.acks.append(_Op("ack", key, (entry_id, "", "")))
+        self._acks_queued()
+
+    def submit(self, op: _Op) -> asyncio.Future[Any]:
+        op.future = asyncio.get_running_loop().create_future()
+        if op.kind == "ack":
+            self.acks.append(op)
+            self._acks_queued()
+        else:
+            self.queue.append(op)
+            self.kick()
+        return op.future
+
+    def _acks_queued(self) -> None:
         if len(self.acks) >= ACK_BATCH:
             self.kick()
         elif self._timer is None and (self.task is None or self.task.done()):
             self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.kick)
-
-    def submit(self, op: _Op) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        op.future = loop.create_future()
-        if op.kind == "ack":
-            self.acks.append(op)
-            if len(self.acks) >= ACK_BATCH:
-                self.kick()
-            elif self._timer is None and (self.task is None or self.task.done()):
-                self._timer = loop.call_later(ACK_DELAY, self.kick)
-            return op.future
-        self.queue.append(op)
-        self.kick()
-        return op.future
 
     def kick(self) -> None:
         """Make sure the writer task runs (it takes everything queued)."""
@@ -378,11 +377,8 @@ class _Writer:
             try:
                 await self._execute(batch)
             except asyncio.CancelledError:
-                for op in [
-                    *batch,
-                    *self.queue,
-                    *self.acks,
-                ]:  # the loop is closing: nobody is left to tell
+                # the loop is closing: nobody is left to tell
+                for op in (*batch, *self.queue, *self.acks):
                     if op.future is not None and not op.future.done():
                         op.future.cancel()
                 raise
@@ -391,9 +387,19 @@ class _Writer:
 
     @staticmethod
     def _fail(batch: Iterable[_Op], exc: BaseException) -> None:
+        unanswered = 0
         for op in batch:
-            if op.future is not None and not op.future.done():
+            if op.future is None:
+                unanswered += 1
+            elif not op.future.done():
                 op.future.set_exception(exc)
+        if unanswered:
+            log.warning(
+                "layer: %d acknowledgement(s) failed (%s); those messages are delivered again "
+                "after redelivery_timeout",
+                unanswered,
+                str(exc) or type(exc).__name__,
+            )
 
     async def _execute(self, batch: list[_Op]) -> None:
         layer = self.layer
@@ -944,16 +950,3 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         except RuntimeError:  # dropped outside a loop: it is claimed again, then dropped again
             return
         self._writer(index).acknowledge(key, entry.entry_id)
-
-
-def _forget(future: asyncio.Future[Any]) -> None:
-    """Let ``future`` finish on its own; a failure is logged (the entry is delivered again)."""
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if not f.cancelled() and f.exception() is not None:
-            log.warning(
-                "layer: acknowledgement failed, the message will be delivered again: %s",
-                f.exception(),
-            )
-
-    future.add_done_callback(done)
