@@ -80,9 +80,9 @@ DELIVERY_KEY: Final = "__delivery__"
 #: operations in one writer pipeline at most
 MAX_BATCH: Final = 1000
 #: acknowledgements waiting before they go without a send to carry them
-ACK_BATCH: Final = 100
+ACK_BATCH: Final = 200
 #: seconds an acknowledgement waits at most for a batch to join
-ACK_DELAY: Final = 0.002
+ACK_DELAY: Final = 0.01
 #: seconds to wait for a TCP connection to Redis
 CONNECT_TIMEOUT: Final = 3.0
 #: connections for fetches per host (one per stream being received at once)
@@ -411,7 +411,8 @@ class _Writer:
             for op in stream_ops:
                 argv += ["s" if op.kind == "send" else "a", *op.args]
             keys = [op.key for op in stream_ops]
-            pipe.eval(_BATCH, len(keys), *keys, *argv)
+            if other_ops:
+                pipe.eval(_BATCH, len(keys), *keys, *argv)
         spans: list[int] = []
         for op in other_ops:
             spans.append(1)
@@ -431,7 +432,13 @@ class _Writer:
             else:
                 assert op.call is not None
                 spans[-1] = op.call(pipe)
-        replies = await pipe.execute(raise_on_error=False)
+        if other_ops:
+            replies = await pipe.execute(raise_on_error=False)
+        else:  # the common case: one script call, without the pipeline's overhead
+            try:
+                replies = [await self.client.eval(_BATCH, len(keys), *keys, *argv)]
+            except redis_errors.ResponseError as exc:
+                replies = [exc]
         position = 0
         if stream_ops:
             reply = replies[0]
