@@ -90,11 +90,15 @@ def concurrency_from_settings() -> tuple[dict[str, int], dict[str, str]]:
 
         if settings.configured:
             options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
-    concurrency = dict(options.get("CONCURRENCY", {}) or {})
-    ordering = dict(options.get("ORDERING_KEY", {}) or {})
-    return {str(c): int(n) for c, n in concurrency.items()}, {
-        str(c): str(k) for c, k in ordering.items()
-    }
+    try:
+        concurrency = {str(c): int(n) for c, n in dict(options.get("CONCURRENCY") or {}).items()}
+        ordering = {str(c): str(k) for c, k in dict(options.get("ORDERING_KEY") or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            "GATEWAYS_WORKER: CONCURRENCY must map channels to integers and ORDERING_KEY "
+            f"channels to message keys ({exc})"
+        ) from None
+    return concurrency, ordering
 
 
 def default_transient_errors() -> tuple[type[BaseException], ...]:

@@ -342,3 +342,29 @@ async def test_sentinel_host(redis_server: RedisServer, tmp_path: Path) -> None:
         await layer.flush()
     finally:
         await asyncio.to_thread(sentinel.stop)
+
+
+async def test_worker_acknowledges_after_the_handler_returned(redis_server: RedisServer) -> None:
+    layer = StreamsChannelLayer(hosts=[redis_server.url])
+    raw = redis.Redis.from_url(redis_server.url)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while True:
+            await receive()
+            started.set()
+            await release.wait()
+
+    worker = ConsumerWorker(app, ["held"], layer, retry=RetryPolicy(dead_letter="log"))
+    running = asyncio.create_task(worker.arun())
+    await layer.send("held", {"type": "t.x", "id": "h1"})
+    await asyncio.wait_for(started.wait(), 10)
+    assert raw.xpending("asgi:stream:held", "channels")["pending"] == 1  # in the handler
+    release.set()
+    await until(lambda: raw.xlen("asgi:stream:held") == 0, what="acknowledged after the handler")
+    assert raw.xpending("asgi:stream:held", "channels")["pending"] == 0
+    await worker.drain()
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    raw.close()
+    await layer.flush()
