@@ -314,6 +314,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.buffer.flush(0)
+        self._report_hold_drops()  # drops of the last second are not left unlogged at exit
         will = self.settings.will
         await self.connection.close(publish_will=will is not None and will.on_stop)
         if self.store.persistent and self.reply_channel is not None:
@@ -542,6 +543,8 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
 
     def _report_hold_drops(self) -> None:
         count, self._hold_drops = self._hold_drops, 0
+        if count == 0:  # already reported by close()
+            return
         self.log.warning(
             "%s: dropped %d QoS 1 message(s): the hold is full (mqtt.max_pending %d) and the "
             "session does not persist (clean_start: true or session_expiry: 0)",
