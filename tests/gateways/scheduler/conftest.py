@@ -44,13 +44,18 @@ async def running(
     """The gateway, and a layer of its own for the test's side (channels_redis serves the "!"
     channels of one layer instance under one prefix: the test's result channels would be a
     list nobody reads if it shared the gateway's instance)."""
+    layers = [resolve_layer(layer_url), resolve_layer(layer_url)]
     gateway = SchedulerGateway(
-        SchedulerGatewayConfig.model_validate(config),
-        resolve_layer(layer_url),
-        clock=clock or ShiftedClock(),
+        SchedulerGatewayConfig.model_validate(config), layers[0], clock=clock or ShiftedClock()
     )
-    async with run_gateway(gateway):
-        yield gateway, resolve_layer(layer_url)
+    try:
+        async with run_gateway(gateway):
+            yield gateway, layers[1]
+    finally:
+        for layer in layers:  # their Redis connections, or they leak into the next test
+            close = getattr(layer, "close_pools", None)
+            if close is not None:
+                await close()
 
 
 def keys(name: str, what: str) -> str:

@@ -116,5 +116,6 @@ async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
         assert "1 mail(s)" in digest["subject"]
         assert "carol@example.org: Printer on fire" in digest["text"]
     finally:
+        await layer.close_pools()  # or its Redis connections leak into the next test
         await asyncio.to_thread(worker.stop)
         assert await asyncio.to_thread(scheduler.stop) == 0, scheduler.tail()
