@@ -75,9 +75,7 @@ def layer_redis(
 
     Connects lazily: nothing is opened until the first call.
     """
-    from core.streams import StreamsChannelLayer
-
-    if not isinstance(layer, RedisChannelLayer | StreamsChannelLayer):
+    if not isinstance(layer, RedisChannelLayer):
         return None
     host = dict(layer.hosts[0])
     address = host.pop("address", None)

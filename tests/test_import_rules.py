@@ -59,7 +59,6 @@ IMPURE = {
     "redis",
     "core.service",
     "core.layers",
-    "core.streams",
     "core.client",
     "core.redis",
     "core.cli",
