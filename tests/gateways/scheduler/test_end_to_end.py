@@ -6,19 +6,14 @@ command channel as the mqtt.publish the YAML wrote. Every process is real."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from core.layers import resolve_layer
-from core.testing import DjangoWorker, RedisServer, Server, until
-
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ROOT / "examples"
+from core.testing import RedisServer, example_project, until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,42 +29,12 @@ def fires(db: Path) -> list[tuple[str, str]]:
 async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    db = tmp_path / "example.sqlite3"
-    env = {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": redis_server.url,
-        "GATEWAYS_LAYER": redis_server.url,
-        "EXAMPLE_DB": str(db),
-        "PYTHONPATH": str(EXAMPLES),
-        "ASK_BACK_EVERY": "2s",
-        "FOLLOW_UP_SECONDS": "1",
-        "HEARTBEAT_EVERY": "1s",
-    }
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "manage.py",
-        "migrate",
-        "--verbosity",
-        "0",
-        cwd=EXAMPLES,
-        env={**os.environ, **env},
-    )
-    assert await asyncio.wait_for(migrate.wait(), 120) == 0
-    scheduler = await asyncio.to_thread(
-        Server,
-        [
-            sys.executable,
-            "-m",
-            "gateways.scheduler.cli",
-            "--config",
-            str(EXAMPLES / "scheduler.yaml"),
-        ],
-        "ready: events",
-        cwd=tmp_path,
-        env={**os.environ, **env},
-        name="gateway-scheduler",
-    )
-    worker = DjangoWorker(EXAMPLES, ["timers"], env).start()
+    timers = {"ASK_BACK_EVERY": "2s", "FOLLOW_UP_SECONDS": "1", "HEARTBEAT_EVERY": "1s"}
+    project = await asyncio.to_thread(example_project, tmp_path, redis_server.url, env=timers)
+    db = project.db
+    # from tmp_path: a relative SCHEDULER_STATE would land there, not in the checkout
+    scheduler = await asyncio.to_thread(project.gateway("scheduler.yaml", cwd=tmp_path).start)
+    worker = project.worker("timers")
     layer = resolve_layer(redis_server.url)
     try:
         heartbeat = await asyncio.wait_for(layer.receive("sensors.send"), 30)

@@ -5,18 +5,12 @@ real; the gateway knows Slack only by its base URL."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
-from core.testing import DjangoWorker, RedisServer, Server
+from core.testing import RedisServer, example_project
 from core.testing.slack import FakeSlack
-
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLES = ROOT / "examples"
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,43 +18,21 @@ pytestmark = pytest.mark.timeout(180)
 async def test_welcome_and_ticket_command(
     tmp_path: Path, redis_server: RedisServer, fake_slack: FakeSlack
 ) -> None:
-    env = {
-        "DJANGO_SETTINGS_MODULE": "example.settings",
-        "EXAMPLE_LAYER": redis_server.url,
-        "GATEWAYS_LAYER": redis_server.url,
-        "EXAMPLE_DB": str(tmp_path / "example.sqlite3"),
+    slack = {
         "SLACK_BOT_TOKEN": fake_slack.bot_token,
         "SLACK_APP_TOKEN": fake_slack.app_token,
         "SLACK_API_URL": fake_slack.api_url,
         "SLACK_RESPONSE_URL_PREFIX": fake_slack.hooks_url,
-        "PYTHONPATH": str(EXAMPLES),
     }
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "manage.py",
-        "migrate",
-        "--verbosity",
-        "0",
-        cwd=EXAMPLES,
-        env={**os.environ, **env},
+    project = await asyncio.to_thread(example_project, tmp_path, redis_server.url, env=slack)
+    project.execute(
+        "INSERT INTO mail_mail (id, event_id, message_id, mail_from, subject, text, "
+        "attachment_count, received_at, reply_message_id, reply_error) VALUES "
+        "(42, 'e42', '<m42@x>', 'carol@example.org', 'Printer on fire', '', 0, "
+        "'2026-01-01 00:00:00', '', '')"
     )
-    assert await asyncio.wait_for(migrate.wait(), 120) == 0
-    with sqlite3.connect(tmp_path / "example.sqlite3") as db:
-        db.execute(
-            "INSERT INTO mail_mail (id, event_id, message_id, mail_from, subject, text, "
-            "attachment_count, received_at, reply_message_id, reply_error) VALUES "
-            "(42, 'e42', '<m42@x>', 'carol@example.org', 'Printer on fire', '', 0, "
-            "'2026-01-01 00:00:00', '', '')"
-        )
-    gateway = await asyncio.to_thread(
-        Server,
-        [sys.executable, "-m", "gateways.slack.cli", "--config", str(EXAMPLES / "slack.yaml")],
-        "ready: events",
-        cwd=ROOT,
-        env={**os.environ, **env},
-        name="gateway-slack",
-    )
-    worker = DjangoWorker(EXAMPLES, ["team-slack"], env).start()
+    gateway = await asyncio.to_thread(project.gateway("slack.yaml").start)
+    worker = project.worker("team-slack")
     try:
         joined = await fake_slack.send_event(
             {
