@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 
-from core.config import CHANNEL_NAME, GatewayConfig, Section, read_secret_files
+from core.config import CHANNEL_NAME, GatewayConfig, Section
+from core.config import ReconnectConfig as SharedReconnectConfig
 from gateways.mqtt.translate import (
     PAYLOAD_FORMATS,
     RETAIN_HANDLING,
@@ -84,10 +85,7 @@ class TlsConfig(Section):
         "on the path read and change the traffic; for throwaway test setups only.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "key_password")
+    secret_files = ("key_password",)
 
     @model_validator(mode="after")
     def _key_needs_cert(self) -> TlsConfig:
@@ -168,11 +166,17 @@ class SubscriptionConfig(Section):
         return self
 
 
-class ReconnectConfig(Section):
+class ReconnectConfig(SharedReconnectConfig):
     """``mqtt.reconnect``: capped, jittered exponential backoff between connection attempts."""
 
     initial: float = Field(default=0.5, gt=0, description="Seconds before the first retry.")
     maximum: float = Field(default=30.0, gt=0, description="Cap of the delay, in seconds.")
+
+    @model_validator(mode="after")
+    def _cap_not_below_start(self) -> Self:
+        # replaces the shared check: MqttConfig makes it, so the error stays as it always read,
+        # `mqtt: reconnect.maximum must not be below reconnect.initial`
+        return self
 
 
 class MqttConfig(Section):
@@ -304,10 +308,7 @@ class MqttConfig(Section):
         "so they survive a gateway restart and reach every replica.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "password")
+    secret_files = ("password",)
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
