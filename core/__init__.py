@@ -57,11 +57,11 @@ Which piece for what (each module's docstring is its reference):
 ``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``Backoff``,
                       ``StartupError``, ``send_command`` (layer send, retried).
 ``core.client``       ``ReconnectingClient``: subclass it in ``connection.py`` for a transport
-                      that dials out (IRC; Slack Socket Mode, and MQTT, whose own
-                      supervisor predates it, next): hooks ``_connect`` /
-                      ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``); it owns
-                      fatal-vs-transient first attempts, backoff, the idle watchdog,
-                      ``<proto>.connect`` / ``.disconnect`` and readiness. Its states are a table.
+                      that dials out (IRC, Slack Socket Mode, MQTT): hooks ``_connect`` /
+                      ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``, ``_hang_up``);
+                      it owns fatal-vs-transient first attempts, backoff, the idle watchdog,
+                      ``restart()``, ``<proto>.connect`` / ``.disconnect`` and readiness. Its
+                      states are a table.
 ``core.pacer``        ``Pacer``: async token bucket per key (burst, rate, bounded queue).
 ``core.redis``        ``layer_redis()``: a gateway's own keys beside a ``redis://`` layer.
 ``core.clock``        ``Clock`` / ``LOOP_CLOCK``: time as a dependency (pacer, schedules).

@@ -13,6 +13,7 @@ base class owns everything around them, the same way for every protocol:
 ``_disconnect()``           close politely (QUIT, DISCONNECT), then drop it. Idempotent.
 ``_probe()`` (optional)     ask a silent server for a sign of life (IRC ``PING``).
 ``_abort(reason)``          drop the connection now (the watchdog's last resort).
+``_hang_up(reason)``        (optional) end it on purpose for :meth:`~ReconnectingClient.restart`.
 ==========================  ==================================================================
 
 House rules (what the base class guarantees, so no gateway writes them again):
@@ -38,18 +39,23 @@ House rules (what the base class guarantees, so no gateway writes them again):
 States, h11's way: one table of what may follow what, instead of flags. An event that the
 table does not allow in the current state is a bug and raises :class:`ClientStateError`.
 
-==============  ==========  ========  ======  =======  ==========  ======
-state           connected   failed    fatal   lost     retry       close
-==============  ==========  ========  ======  =======  ==========  ======
-``IDLE``                                               CONNECTING  CLOSED
-``CONNECTING``  CONNECTED   WAITING   CLOSED                       CLOSED
-``CONNECTED``                                 WAITING              CLOSED
-``WAITING``                                            CONNECTING  CLOSED
-``CLOSED``                                                         CLOSED
-==============  ==========  ========  ======  =======  ==========  ======
+==============  ==========  ========  ======  =======  ==========  ==========  ======
+state           connected   failed    fatal   lost     retry       restart     close
+==============  ==========  ========  ======  =======  ==========  ==========  ======
+``IDLE``                                               CONNECTING              CLOSED
+``CONNECTING``  CONNECTED   WAITING   CLOSED                                   CLOSED
+``CONNECTED``                                 WAITING              RESTARTING  CLOSED
+``RESTARTING``                                WAITING                          CLOSED
+``WAITING``                                            CONNECTING              CLOSED
+``CLOSED``                                                                     CLOSED
+==============  ==========  ========  ======  =======  ==========  ==========  ======
 
 :meth:`ReconnectingClient.start` fires the first ``retry``; ``fatal`` is only fired for the
-first attempt (later refusals are ``failed``).
+first attempt (later refusals are ``failed``). ``restart`` is
+:meth:`ReconnectingClient.restart`: the gateway ends a working connection on purpose (MQTT
+fetches what it left with the broker during a stall by resuming its session); the connection
+is ended by the ``_hang_up`` hook (default: ``_abort``), and the reconnect that follows the
+loss waits for no backoff.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class ClientState(enum.Enum):
     IDLE = "idle"  # created, start() not called yet
     CONNECTING = "connecting"  # an attempt is in flight
     CONNECTED = "connected"  # usable; the listener was told
+    RESTARTING = "restarting"  # ended on purpose (restart()); the next attempt follows at once
     WAITING = "waiting"  # between attempts, backing off
     CLOSED = "closed"  # close() was called, or the first attempt was refused
 
@@ -90,6 +97,7 @@ class ClientEvent(enum.Enum):
     FATAL = "fatal"
     LOST = "lost"
     RETRY = "retry"
+    RESTART = "restart"
     CLOSE = "close"
 
 
@@ -104,7 +112,8 @@ TRANSITIONS: Final[Mapping[ClientState, Mapping[ClientEvent, ClientState]]] = {
         _E.FATAL: _S.CLOSED,
         _E.CLOSE: _S.CLOSED,
     },
-    _S.CONNECTED: {_E.LOST: _S.WAITING, _E.CLOSE: _S.CLOSED},
+    _S.CONNECTED: {_E.LOST: _S.WAITING, _E.RESTART: _S.RESTARTING, _E.CLOSE: _S.CLOSED},
+    _S.RESTARTING: {_E.LOST: _S.WAITING, _E.CLOSE: _S.CLOSED},
     _S.WAITING: {_E.RETRY: _S.CONNECTING, _E.CLOSE: _S.CLOSED},
     _S.CLOSED: {_E.CLOSE: _S.CLOSED},
 }
@@ -189,6 +198,11 @@ class ReconnectingClient:
         """Drop the current connection now, so ``_wait_lost`` returns ``reason``."""
         raise NotImplementedError
 
+    def _hang_up(self, reason: str) -> None:
+        """End the current connection on purpose (:meth:`restart`), so ``_wait_lost`` returns
+        ``reason``; the default drops it (``_abort``), a protocol may say goodbye first."""
+        self._abort(reason)
+
     def event_keys(self) -> dict[str, Any]:
         """Keys in both ``<proto>.connect`` and ``.disconnect`` (default: ``server``)."""
         return {"server": self.server}
@@ -202,6 +216,11 @@ class ReconnectingClient:
     @property
     def connected(self) -> bool:
         return self._state is ClientState.CONNECTED
+
+    @property
+    def _announced(self) -> bool:
+        """The listener was told of a connection and not yet of its end."""
+        return self._state in (ClientState.CONNECTED, ClientState.RESTARTING)
 
     def _fire(self, event: ClientEvent) -> ClientState:
         try:
@@ -226,6 +245,19 @@ class ReconnectingClient:
         """Note that the server just said something: feeds the idle watchdog."""
         self._heard = asyncio.get_running_loop().time()
 
+    def restart(self, reason: str) -> bool:
+        """End the working connection on purpose and reconnect at once, without backoff.
+
+        ``reason`` is the ``last_error`` meanwhile and the ``<proto>.disconnect`` reason.
+        ``False`` when there is no connection to end (the next one is new anyway).
+        """
+        if not self.connected:
+            return False
+        self._fire(ClientEvent.RESTART)
+        self.last_error = reason
+        self._hang_up(reason)
+        return True
+
     async def wait_connected(self, timeout: float) -> None:
         """Return once connected; ``TimeoutError`` after ``timeout`` s (for commands)."""
         await asyncio.wait_for(self._up.wait(), timeout)
@@ -249,7 +281,7 @@ class ReconnectingClient:
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection. Idempotent."""
-        was_connected = self.connected
+        was_connected = self._announced
         if self._state is not ClientState.CLOSED:
             self._fire(ClientEvent.CLOSE)
         if self._task is not None:
@@ -311,7 +343,8 @@ class ReconnectingClient:
         loop = asyncio.get_running_loop()
         what = f"cannot connect to {self.server}"
         while True:
-            if self.connected:
+            at_once = False  # a restart() skips the backoff
+            if self._announced:
                 up_since = loop.time()
                 watchdog = None
                 if self.idle_timeout is not None:
@@ -327,15 +360,20 @@ class ReconnectingClient:
                         await asyncio.gather(watchdog, return_exceptions=True)
                 with contextlib.suppress(Exception):
                     await self._disconnect()  # release what the lost connection still holds
+                at_once = self._state is ClientState.RESTARTING
                 self._fire(ClientEvent.LOST)
                 self._lost(reason)
                 if loop.time() - up_since >= self.stable_after:
                     self.backoff.reset()
                 what = f"connection to {self.server} lost"
-            delay = self.backoff.next()
-            self.log.warning(
-                "%s: %s (%s); reconnecting in %.1f s", self.name, what, self.last_error, delay
-            )
+            if at_once:
+                delay = 0.0
+                self.log.info("%s: reconnecting at once (%s)", self.name, self.last_error)
+            else:
+                delay = self.backoff.next()
+                self.log.warning(
+                    "%s: %s (%s); reconnecting in %.1f s", self.name, what, self.last_error, delay
+                )
             self.gateway.metrics.retry("connect")
             await asyncio.sleep(delay)
             self._fire(ClientEvent.RETRY)

@@ -7,16 +7,22 @@ blocking step, opening the socket (DNS, TCP, TLS handshake, WebSocket upgrade), 
 thread through ``reconnect()``. Nothing else touches the client while it runs, and the socket
 callbacks it fires from that thread are handed to the loop thread.
 
-Connection attempts are retried forever with :class:`core.service.Backoff` (capped, jittered,
-reset once a connection stayed up for a while). The first attempt decides whether the gateway
-starts at all only when the broker or TLS said no (bad credentials, an untrusted certificate):
-that does not fix itself. A broker that is merely down is retried in the background while
-``/readyz`` says why.
+:class:`MqttConnection` is a :class:`core.client.ReconnectingClient`: the base class retries
+(capped, jittered backoff, reset once a connection stayed up), decides on the first attempt
+whether the gateway starts at all (the broker or TLS said no: bad credentials, an untrusted
+certificate → exit 3; a broker that is merely down is retried while ``/readyz`` says why), puts
+``mqtt.connect`` / ``mqtt.disconnect`` in the gateway's buffer and tells the gateway. One paho
+client serves every attempt (``reconnect()``), so what paho queued for the broker (outgoing QoS
+1/2 publishes) is sent again on the next connection. paho's keep-alive, not the base class's
+watchdog, finds a silent broker.
 
 The socket is read whenever it is readable, never paused: a stalled layer once made the gateway
 stop reading, the broker's PINGRESP went unread, the keep-alive expired and the reconnect lost the
-session. :meth:`MqttConnection.restart_session` is the one deliberate disconnect (a clean
-DISCONNECT that keeps the session, then an immediate reconnect).
+session. :meth:`ReconnectingClient.restart` is the one deliberate disconnect (``_hang_up``: a
+clean DISCONNECT that keeps the session and publishes no will, then an immediate reconnect).
+Messages that arrive with the CONNACK (a resumed session's queue follows it at once, often in
+the same read) are handed to the gateway only after the base class told it of the connection,
+so ``mqtt.connect`` and the gateway's per-connection reset come first.
 
 Received QoS 1/2 messages are acknowledged only when the gateway calls :meth:`ack` (paho
 ``manual_ack``), and only on the connection they arrived on: a redelivery after a reconnect has
@@ -32,7 +38,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 from paho.mqtt.client import (
@@ -51,12 +57,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from core.client import ClientListener, ClientState, ConnectFailed, ReconnectingClient
 from core.logs import clip
-from core.service import Backoff, describe_error
+from core.service import Backoff, EventBuffer, Gateway, describe_error
 from gateways.mqtt.config import MqttConfig
 
 __all__ = [
-    "ConnectError",
     "ConnectionLost",
     "MqttConnection",
     "MqttListener",
@@ -64,8 +70,6 @@ __all__ = [
     "QueueFull",
 ]
 
-#: a connection that lasted this long resets the backoff (a flapping one keeps backing off)
-STABLE_AFTER: Final = 10.0
 #: how often loop_misc() runs: keep-alive pings are due at most this late
 MISC_INTERVAL: Final = 1.0
 #: packets read per readable event before other work gets a turn
@@ -87,14 +91,6 @@ _TRANSIENT_REFUSALS: Final = frozenset(
         "Implementation specific error",
     }
 )
-
-
-class ConnectError(Exception):
-    """One connection attempt failed. ``fatal``: the broker or TLS refused us, not the network."""
-
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
 
 
 class ConnectionLost(Exception):
@@ -147,14 +143,15 @@ class _TrackingContext(ssl.SSLContext):
         return sock
 
 
-class MqttListener(Protocol):
-    """What the gateway hears from the connection (always on the event loop thread)."""
+class MqttListener(ClientListener, Protocol):
+    """What the gateway hears from the connection (always on the event loop thread).
 
-    def mqtt_connected(self, session_present: bool) -> None: ...
+    ``client_connected`` gets the ``mqtt.connect`` keys of the base class's event
+    (``session_present``, ``protocol``).
+    """
 
-    def mqtt_disconnected(self, reason: str) -> None: ...
-
-    def mqtt_message(self, message: MQTTMessage, generation: int) -> None: ...
+    def mqtt_message(self, message: MQTTMessage, generation: int) -> None:
+        """A received message; ``generation`` names the connection to acknowledge it on."""
 
 
 def _readable_now(sock: Any) -> bool:
@@ -171,33 +168,36 @@ def _readable_now(sock: Any) -> bool:
         return True  # let paho's read see the error and close the connection
 
 
-class MqttConnection:
+class MqttConnection(ReconnectingClient):
     """One MQTT client session on the running event loop; see the module docstring."""
+
+    listener: MqttListener
 
     def __init__(
         self,
+        gateway: Gateway[Any],
         settings: MqttConfig,
         *,
         client_id: str,
         listener: MqttListener,
-        log: logging.Logger,
-        name: str,
-        on_retry: Callable[[], None] | None = None,
+        events: EventBuffer,
     ) -> None:
+        super().__init__(
+            gateway,
+            server=settings.broker,
+            listener=listener,
+            events=events,
+            backoff=Backoff(settings.reconnect.initial, settings.reconnect.maximum),
+            # paho bounds the socket and _connect the CONNACK, each by connect_timeout (their
+            # errors say which step failed); this limit only catches a hang beyond both
+            connect_timeout=2 * settings.connect_timeout + CLOSE_TIMEOUT,
+        )
         self.settings = settings
         self.client_id = client_id
-        self.listener = listener
-        self.log = log
-        self.name = name
-        self.on_retry = on_retry
-        #: True between a successful CONNACK and the socket closing
-        self.connected = False
         #: counts sockets; a message is acknowledged on the socket it came from
         self.generation = 0
         #: the broker resumed a session on the current connection
         self.session_present = False
-        #: why there is no connection (None while connected)
-        self.last_error: str | None = "not connected yet"
         #: the broker's limits from CONNACK (MQTT 5)
         self.max_qos = 2
         self.retain_available = True
@@ -208,17 +208,17 @@ class MqttConnection:
         self._fd: int | None = None
         self._writing = False
         self._flush_pending = False
-        self._immediate = False  # the next reconnect is ours (restart_session): no backoff
-        self._announced = False
+        #: between a successful CONNACK and the socket closing: packets may be sent
+        self._session_up = False
         self._close_reason: str | None = None
         self._misc: asyncio.TimerHandle | None = None
         self._connack: asyncio.Future[ReasonCode] | None = None
-        self._lost = asyncio.Event()
-        self._lost.set()
+        self._closed = asyncio.Event()
+        self._closed.set()
+        #: messages that came with the CONNACK, before the gateway was told (module docstring)
+        self._early: list[tuple[MQTTMessage, int]] = []
         self._publishes: dict[int, tuple[asyncio.Future[ReasonCode], int]] = {}
         self._requests: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._backoff = Backoff(settings.reconnect.initial, settings.reconnect.maximum)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class MqttConnection:
                 password = tls.key_password.get_secret_value() if tls.key_password else None
                 context.load_cert_chain(tls.cert_file, tls.key_file, password=password)
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"TLS set-up failed: {describe_error(exc)}", fatal=True) from exc
+            raise ConnectFailed(f"TLS set-up failed: {describe_error(exc)}", fatal=True) from exc
         if not tls.verify:
             self.log.warning(
                 "%s: TLS certificate verification is OFF for %s: anyone on the path can read "
@@ -319,110 +319,88 @@ class MqttConnection:
             raise NotConnected("the connection was never opened")
         return self._client
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    def event_keys(self) -> dict[str, Any]:
+        return {"broker": self.server, "client_id": self.client_id}
 
-    async def open(self) -> None:
-        """Make the first connection attempt and keep reconnecting in the background.
+    # -- ReconnectingClient hooks -------------------------------------------------------------
 
-        Raises :class:`ConnectError` (``fatal``) when the broker refused us or TLS failed; a
-        network failure is logged and retried.
-        """
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._client = self._make_client()
-        try:
-            await self._attempt()
-        except ConnectError as exc:
-            if exc.fatal:
-                raise
-            self.last_error = str(exc)
-        self._task = asyncio.create_task(self._supervise(), name=f"{self.name}-mqtt-connection")
-
-    async def close(self, *, publish_will: bool = False) -> None:
-        """Stop reconnecting, publish the will if asked, DISCONNECT and close. Idempotent."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        client = self._client
-        if client is not None and self.connected:
-            will = self.settings.will
-            if publish_will and will is not None:
-                with contextlib.suppress(Exception):
-                    _, done = self.publish(will.topic, will.payload.encode(), will.qos, will.retain)
-                    await asyncio.wait_for(asyncio.shield(done), CLOSE_TIMEOUT)
-            if self.connected:
-                self._close_reason = "gateway stopped"
-                client.disconnect()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), CLOSE_TIMEOUT)
-        self._abort("gateway stopped")
-        for future, _ in self._publishes.values():
-            if not future.done():
-                future.set_exception(ConnectionLost("the gateway stopped"))
-                future.exception()  # retrieved: nobody may be waiting any more
-        self._publishes.clear()
-
-    async def _supervise(self) -> None:
+    async def _connect(self) -> Mapping[str, Any]:
+        """One attempt: open the socket in a thread, then wait for CONNACK."""
         loop = asyncio.get_running_loop()
-        what = f"cannot connect to {self.settings.broker}"
-        while True:
-            if self.connected:
-                up_since = loop.time()
-                await self._lost.wait()
-                if loop.time() - up_since >= STABLE_AFTER:
-                    self._backoff.reset()
-                what = f"connection to {self.settings.broker} lost"
-            if self._immediate:
-                self._immediate = False
-                delay = 0.0
-                self.log.info("%s: reconnecting at once (%s)", self.name, self._close_reason)
-            else:
-                delay = self._backoff.next()
-                self.log.warning(
-                    "%s: %s (%s); reconnecting in %.1f s", self.name, what, self.last_error, delay
-                )
-            if self.on_retry is not None:
-                self.on_retry()
-            await asyncio.sleep(delay)
-            try:
-                await self._attempt()
-            except ConnectError as exc:
-                self.last_error = str(exc)
-                what = f"cannot connect to {self.settings.broker}"
-            else:
-                self.log.info("%s: reconnected to %s", self.name, self.settings.broker)
-
-    async def _attempt(self) -> None:
-        """One connection attempt: open the socket in a thread, then wait for CONNACK."""
-        loop = asyncio.get_running_loop()
-        self._lost.clear()
+        if self._client is None:  # one client for every attempt (see the module docstring)
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            self._client = self._make_client()
+        self._closed.clear()
         self._close_reason = None
         self._connack = connack = loop.create_future()
         try:
-            await self._open_socket(self.client)
+            await self._open_socket(self._client)
             try:
                 reason = await asyncio.wait_for(
                     asyncio.shield(connack), self.settings.connect_timeout
                 )
             except TimeoutError:
                 self._abort("no CONNACK")
-                raise ConnectError(
+                raise ConnectFailed(
                     f"no CONNACK within {self.settings.connect_timeout:g} s"
                 ) from None
             except ConnectionLost as exc:
-                raise ConnectError(str(exc)) from None
+                raise ConnectFailed(str(exc)) from None
         finally:
             self._connack = None
             if self._fd is None:
-                self._lost.set()
+                self._closed.set()
         if reason.is_failure:
             self._abort("refused")
             name = reason.getName()
-            raise ConnectError(
+            raise ConnectFailed(
                 f"the broker refused the connection: {name}",
                 fatal=name not in _TRANSIENT_REFUSALS,
             )
+        return {"session_present": self.session_present, "protocol": self.settings.protocol}
+
+    async def _wait_lost(self) -> str:
+        # the gateway knows of the connection now: what came with the CONNACK goes first
+        early, self._early = self._early, []
+        for message, generation in early:
+            self._deliver(message, generation)
+        await self._closed.wait()
+        return self._close_reason or "connection closed"
+
+    async def _disconnect(self) -> None:
+        """On close: the will if ``will.on_stop``, DISCONNECT; in every case drop the socket."""
+        closing = self.state is ClientState.CLOSED
+        client = self._client
+        if client is not None and self._session_up and closing:
+            will = self.settings.will
+            if will is not None and will.on_stop:
+                with contextlib.suppress(Exception):
+                    _, done = self.publish(will.topic, will.payload.encode(), will.qos, will.retain)
+                    await asyncio.wait_for(asyncio.shield(done), CLOSE_TIMEOUT)
+            if self._session_up:
+                client.disconnect()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), CLOSE_TIMEOUT)
+        self._abort("connection closed")
+        if closing:
+            for future, _ in self._publishes.values():
+                if not future.done():
+                    future.set_exception(ConnectionLost("the gateway stopped"))
+                    future.exception()  # retrieved: nobody may be waiting any more
+            self._publishes.clear()
+
+    def _hang_up(self, reason: str) -> None:
+        """For :meth:`restart`: a clean DISCONNECT, then the base class reconnects at once.
+
+        Reason code 0 keeps the session, and what the broker holds in it, and publishes no
+        will; the broker then sends every QoS 1/2 message of the session that was not
+        acknowledged again (MQTT 5 §4.4, 3.1.1 §4.4): how the gateway fetches what it left
+        with the broker during a stall.
+        """
+        if self._session_up and self._client is not None:
+            self._close_reason = reason
+            self._client.disconnect()
 
     async def _open_socket(self, client: _PahoClient) -> None:
         """DNS, TCP, TLS and WebSocket handshakes, then CONNECT: paho's blocking part."""
@@ -437,14 +415,14 @@ class MqttConnection:
             self._abort("gateway stopped")
             raise
         except ssl.SSLCertVerificationError as exc:
-            raise ConnectError(
+            raise ConnectFailed(
                 f"TLS: the broker's certificate is not trusted ({exc.verify_message})",
                 fatal=True,
             ) from exc
         except ssl.SSLError as exc:
-            raise ConnectError(f"TLS: {exc.reason or exc}", fatal=True) from exc
+            raise ConnectFailed(f"TLS: {exc.reason or exc}", fatal=True) from exc
         except (OSError, ValueError) as exc:
-            raise ConnectError(describe_error(exc)) from exc
+            raise ConnectFailed(describe_error(exc)) from exc
         finally:
             client.close_strays()
 
@@ -496,7 +474,7 @@ class MqttConnection:
         if self._misc is not None:
             self._misc.cancel()
             self._misc = None
-        self.connected = False
+        self._session_up = False
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(ConnectionLost(self._close_reason or "connection closed"))
         lost = ConnectionLost("the connection closed before the broker answered")
@@ -511,18 +489,7 @@ class MqttConnection:
                 if not sent.done():
                     sent.set_exception(lost)
                     sent.exception()
-        self._lost.set()
-        # paho reports why only after the close: announce once that report is in
-        self._loop.call_soon(self._announce_lost)
-
-    def _announce_lost(self) -> None:
-        if self._announced:
-            self._announced = False
-            self.last_error = self._close_reason or "connection closed"
-            try:
-                self.listener.mqtt_disconnected(self.last_error)
-            except Exception:
-                self.log.exception("%s: error in the disconnect handler", self.name)
+        self._closed.set()
 
     def _on_register_write(self, client: Client, userdata: Any, sock: Any) -> None:
         self._in_loop(self._want_write, sock.fileno())
@@ -595,21 +562,6 @@ class MqttConnection:
         if self._fd is not None and self._loop is not None:
             self._misc = self._loop.call_later(MISC_INTERVAL, self._run_misc)
 
-    def restart_session(self, reason: str) -> bool:
-        """Send a clean DISCONNECT and reconnect at once, resuming the session.
-
-        The broker sends again every QoS 1/2 message of the session that was not acknowledged
-        (MQTT 5 §4.4, 3.1.1 §4.4): how the gateway fetches the messages it left with the broker
-        during a stall. Only with a session that outlives the connection. ``False`` when not
-        connected (the next connection resumes the session anyway).
-        """
-        if not self.connected or self._client is None:
-            return False
-        self._close_reason = reason
-        self._immediate = True
-        self._client.disconnect()  # reason 0: the session and its messages stay at the broker
-        return True
-
     # -- paho callbacks -----------------------------------------------------------------------
 
     def _on_connect(
@@ -624,20 +576,14 @@ class MqttConnection:
             self._connack.set_result(reason)
         if reason.is_failure:
             return
-        self.connected = True
-        self._announced = True
+        self._session_up = True
         self.session_present = bool(flags.session_present)
-        self.last_error = None
         if properties is not None:
             self.max_qos = int(getattr(properties, "MaximumQoS", 2))
             self.retain_available = bool(getattr(properties, "RetainAvailable", 1))
             self.subscription_identifiers = bool(
                 getattr(properties, "SubscriptionIdentifierAvailable", 1)
             )
-        try:
-            self.listener.mqtt_connected(self.session_present)
-        except Exception:
-            self.log.exception("%s: error in the connect handler", self.name)
 
     def _on_disconnect(
         self,
@@ -655,8 +601,14 @@ class MqttConnection:
             self._close_reason = "connection lost"
 
     def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
+        if self.state is ClientState.CONNECTING or self._early:
+            self._early.append((message, self.generation))  # after the CONNACK: see _wait_lost
+        else:
+            self._deliver(message, self.generation)
+
+    def _deliver(self, message: MQTTMessage, generation: int) -> None:
         try:
-            self.listener.mqtt_message(message, self.generation)
+            self.listener.mqtt_message(message, generation)
         except Exception:
             topic = clip(message._topic.decode("utf-8", "replace"))
             self.log.exception("%s: error handling a message on %s", self.name, topic)
@@ -703,7 +655,7 @@ class MqttConnection:
 
         Raises :class:`NotConnected` or :class:`QueueFull`.
         """
-        if not self.connected:
+        if not self._session_up:
             raise NotConnected(self.last_error or "not connected")
         info = self.client.publish(topic, payload, qos, retain, properties)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
@@ -725,7 +677,7 @@ class MqttConnection:
         retain_handling: int = 0,
     ) -> asyncio.Future[list[ReasonCode]]:
         """Send one SUBSCRIBE; the future resolves with the SUBACK reason codes."""
-        if not self.connected:
+        if not self._session_up:
             raise NotConnected(self.last_error or "not connected")
         client = self.client
         if self.settings.mqtt5:
@@ -741,7 +693,7 @@ class MqttConnection:
 
     def unsubscribe(self, filter_: str) -> asyncio.Future[list[ReasonCode]]:
         """Send one UNSUBSCRIBE; the future resolves with the UNSUBACK reason codes."""
-        if not self.connected:
+        if not self._session_up:
             raise NotConnected(self.last_error or "not connected")
         rc, mid = self.client.unsubscribe(filter_)
         return self._request(rc, mid)
@@ -755,7 +707,7 @@ class MqttConnection:
 
     def ack(self, mid: int, qos: int, generation: int) -> bool:
         """Acknowledge a received QoS 1/2 message; ``False`` if it can no longer be."""
-        if qos == 0 or not self.connected:
+        if qos == 0 or not self._session_up:
             return False
         if generation != self.generation and not (qos == 2 and self.session_present):
             return False  # the broker redelivers it on this connection, with its own ack

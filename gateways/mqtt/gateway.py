@@ -28,7 +28,7 @@ import re
 import secrets
 import tempfile
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -54,7 +54,6 @@ from core.service import (
 from core.types import ChannelLayer
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.connection import (
-    ConnectError,
     ConnectionLost,
     MqttConnection,
     NotConnected,
@@ -214,15 +213,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             for sub in settings.subscriptions
         )
         self.store = open_store(layer, config.name, enabled=settings.persist_subscriptions)
-        self.connection = MqttConnection(
-            settings,
-            client_id=self.client_id,
-            listener=self,
-            log=self.log,
-            name=self.name,
-            on_retry=partial(self.metrics.retry, "connect"),
-        )
         self.buffer = EventBuffer(self, settings.buffer)
+        self.connection = MqttConnection(
+            self, settings, client_id=self.client_id, listener=self, events=self.buffer
+        )
         #: replicas of this integration listen here for mqtt.resync
         self.replicas_group = f"{config.name}.gateways"
         #: the hold: received QoS 1/2 messages not yet taken by the layer, unacknowledged
@@ -249,7 +243,6 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         self._resumes_metric = _SESSION_RESUMES.labels(config.name)
         self._filters: dict[str, _FilterState] = {}
         self._changes = asyncio.Lock()
-        self._connected = asyncio.Event()
         self._store_loaded = not self.store.persistent
         #: filters removed while disconnected: a resumed session still has them at the broker
         self._stale: set[str] = set()
@@ -271,15 +264,15 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 self._spawn(self._load_store_until_done())
             await self._join_replicas()
         try:
-            await self.connection.open()
-        except ConnectError as exc:
+            await self.connection.start()
+        except StartupError as exc:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.connection.close()
             await self.store.close()
             self._release_client_id()
-            raise StartupError(f"MQTT broker {self.settings.broker}: {exc}") from exc
+            raise StartupError(f"MQTT broker {exc}") from exc.__cause__
         if not self.settings.persistent_session:
             self.log.warning(
                 "%s: the broker session does not outlive a disconnect (clean_start: true or "
@@ -315,15 +308,13 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.buffer.flush(0)
         self._report_hold_drops()  # drops of the last second are not left unlogged at exit
-        will = self.settings.will
-        await self.connection.close(publish_will=will is not None and will.on_stop)
+        await self.connection.close()  # with the will first when will.on_stop
         if self.store.persistent and self.reply_channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self.layer.group_discard(self.replicas_group, self.reply_channel), 2
                 )
         await self.store.close()
-        self.metrics.connected.set(0)
         self._release_client_id()
 
     def _release_client_id(self) -> None:
@@ -335,10 +326,8 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         return self._pending.qsize() + len(self.buffer)
 
     def readiness(self) -> list[str]:
-        reasons = []
-        if not self.connection.connected:
-            reasons.append(f"not connected to {self.settings.broker}: {self.connection.last_error}")
-        else:
+        reasons = self.connection.readiness()
+        if self.connection.connected:
             waiting = [f for f, s in self._filters.items() if not s.settled.is_set()]
             if waiting:
                 reasons.append(f"waiting for SUBACK of {', '.join(map(repr, waiting[:5]))}")
@@ -361,19 +350,17 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
 
     # -- connection events (MqttListener) -----------------------------------------------------
 
-    def mqtt_connected(self, session_present: bool) -> None:
-        self.metrics.connected.set(1)
-        self._connected.set()
+    def client_connected(self, details: Mapping[str, Any]) -> None:
+        session_present = bool(details["session_present"])
         # a new connection: the broker sends the session's unacknowledged messages again
         self._deferring = False
         self._deferred = 0
         self._resuming = False
         self.log.info(
-            "%s: connected to %s as %r (%s session)",
+            "%s: %s session of client id %r",
             self.name,
-            self.settings.broker,
-            self.client_id,
             "resumed" if session_present else "new",
+            self.client_id,
         )
         for sub in self.table.subscriptions():
             self._send_subscribe(sub)
@@ -392,33 +379,12 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 self.connection.publish(
                     birth.topic, birth.payload.encode(), birth.qos, birth.retain
                 )
-        if not self.stopping:
-            self.buffer.put(
-                self.event(
-                    "connect",
-                    broker=self.settings.broker,
-                    client_id=self.client_id,
-                    session_present=session_present,
-                    protocol=self.settings.protocol,
-                )
-            )
         if self.store.persistent and self._store_loaded:
             self._spawn(self._resync_quietly())  # catch changes a replica made meanwhile
 
-    def mqtt_disconnected(self, reason: str) -> None:
-        self.metrics.connected.set(0)
-        self._connected.clear()
+    def client_disconnected(self, reason: str) -> None:
         for state in self._filters.values():
             state.reset()
-        if not self.stopping:
-            self.buffer.put(
-                self.event(
-                    "disconnect",
-                    broker=self.settings.broker,
-                    client_id=self.client_id,
-                    reason=reason,
-                )
-            )
 
     def _watch_suback(self, topic: str, future: asyncio.Future[list[ReasonCode]]) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -572,7 +538,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             return
         self._resuming = True  # until the new connection: whatever still comes is left there
         count = self._deferred
-        if self.connection.restart_session(
+        if self.connection.restart(
             f"resuming the session: the broker sends the {count} message(s) left with it again"
         ):
             self._resumes_metric.inc()
@@ -768,10 +734,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         return await asyncio.wait_for(awaitable, max(0.0, remaining))
 
     async def _wait_connected(self, deadline: float) -> None:
-        while not self.connection.connected:
-            self._connected.clear()
+        if not self.connection.connected:
             try:
-                await self._until(self._connected.wait(), deadline)
+                await self.connection.wait_connected(deadline - asyncio.get_running_loop().time())
             except TimeoutError:
                 raise CommandError(
                     f"not connected to {self.settings.broker} "

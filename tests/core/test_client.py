@@ -267,6 +267,30 @@ async def test_backoff_resets_only_after_a_stable_connection(
             assert backoff.attempts >= 3
 
 
+async def test_restart_reconnects_at_once(gateway: LineGateway, servers: list[LineServer]) -> None:
+    server = await LineServer(free_port()).start()
+    servers.append(server)
+    # a backoff of an hour: only a reconnect that skips it can finish within the test
+    client = LineClient(gateway, server.port, PASSWORD, backoff=Backoff(3600.0, 3600.0))
+    assert not client.restart("nothing to restart yet")
+    async with started(client):
+        # right after start(), before the client began to watch the connection
+        assert client.restart("fetching what was left")
+        assert client.state is ClientState.RESTARTING and not client.connected
+        assert client.readiness() == [
+            f"not connected to 127.0.0.1:{server.port}: fetching what was left"
+        ]
+        assert (await gateway.next_event())["type"] == "line.connect"
+        lost = await gateway.next_event()
+        assert (lost["type"], lost["reason"]) == ("line.disconnect", "fetching what was left")
+        assert (await gateway.next_event())["type"] == "line.connect"
+        assert client.connected and client.backoff.attempts == 0
+        assert client.restart("once more")  # from a connection being watched
+        assert (await gateway.next_event())["reason"] == "once more"
+        assert (await gateway.next_event())["type"] == "line.connect"
+    assert gateway.heard[-1] == "disconnected gateway stopped"
+
+
 async def test_the_watchdog_drops_a_silent_connection(
     gateway: LineGateway, servers: list[LineServer]
 ) -> None:
