@@ -300,7 +300,7 @@ class MqttConfig(Section):
     )
     persist_subscriptions: bool = Field(
         True,
-        description="Keep run-time subscriptions in Redis (when the layer is channels_redis) "
+        description="Keep run-time subscriptions in Redis (when the layer is a Redis one) "
         "so they survive a gateway restart and reach every replica.",
     )
 

@@ -18,7 +18,7 @@ from core.health import HealthServer
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
 from core.service import Backoff, EventBuffer, EventRefused, Gateway, handles
-from core.testing import RedisServer, metric, until
+from core.testing import RedisServer, inject_undecodable, metric, until
 
 
 class EchoConfig(GatewayConfig):
@@ -429,17 +429,11 @@ async def test_undecodable_command_is_logged_counted_and_skipped(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 14 item 2: raw bytes on the command channel must not kill the command loop."""
-    import time
-
-    import redis
-
     layer = resolve_layer(redis_server.url)
     gateway = EchoGateway(EchoConfig(name="poison"), layer)
     task = asyncio.create_task(gateway.run())
     await gateway.started.wait()
-    raw = redis.Redis.from_url(redis_server.url)
-    raw.zadd(layer.prefix + "poison.send", {b"R" * 12 + b"\xc1 not msgpack": time.time()})
-    raw.close()
+    inject_undecodable(layer, redis_server.url, "poison.send")
     await layer.send("poison.send", {"type": "echo.say", "text": "hi", "result_channel": "r"})
     assert (await asyncio.wait_for(layer.receive("r"), 15))["ok"]
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
