@@ -55,7 +55,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final
 
 import msgpack
@@ -140,11 +140,14 @@ end
 
 # KEYS: one stream per operation. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, then four
 # values per operation: 's', capacity, payload, channel ('' unless process-local) for a send;
+# 'oN', the same three, for a send that is part N of an ordered sequence (``send_many``): once
+# one send of a sequence found its stream full, the rest of that sequence is not added;
 # 'a', entry id, '', '' for an acknowledgement. Returns {results, {key, trimmed, …}}.
 _BATCH = (
     _ADD
     + """
 local results = {}
+local stopped = {}
 for i = 1, #KEYS do
     local key = KEYS[i]
     local base = 4 * i - 1
@@ -152,6 +155,17 @@ for i = 1, #KEYS do
     if op == 's' then
         trim(key)
         results[i] = add(key, tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3], ARGV[2])
+    elseif string.sub(op, 1, 1) == 'o' then
+        if stopped[op] then
+            results[i] = 0
+        else
+            trim(key)
+            results[i] = add(key, tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3],
+                ARGV[2])
+            if results[i] == 0 then
+                stopped[op] = true
+            end
+        end
     else
         redis.call('XACK', key, 'channels', ARGV[base + 1])
         results[i] = redis.call('XDEL', key, ARGV[base + 1])
@@ -309,12 +323,18 @@ class _Buffers(dict[str, deque[_Entry]]):
 
 @dataclasses.dataclass
 class _Op:
-    kind: str  # "send", "ack", "group", "call"
+    kind: str  # "send", "many", "ack", "group", "call"
     key: str = ""
+    #: send: (capacity, payload, target); ack: (entry id, "", ""); many: ((key, capacity,
+    #: payload, target), …); group: (payload, capacity)
     args: tuple[Any, ...] = ()
     #: queues this operation's commands on a pipeline; returns how many (the last one answers)
     call: Callable[[Any], int] | None = None
     future: asyncio.Future[Any] | None = None
+
+
+#: operations that go into the batch script
+_STREAM_OPS: Final = ("send", "many", "ack")
 
 
 class _Writer:
@@ -404,13 +424,19 @@ class _Writer:
     async def _execute(self, batch: list[_Op]) -> None:
         layer = self.layer
         pipe = self.client.pipeline(transaction=False)
-        stream_ops = [op for op in batch if op.kind in ("send", "ack")]
-        other_ops = [op for op in batch if op.kind not in ("send", "ack")]
+        stream_ops = [op for op in batch if op.kind in _STREAM_OPS]
+        other_ops = [op for op in batch if op.kind not in _STREAM_OPS]
         if stream_ops:
             argv: list[Any] = [layer._expiry_ms, layer.local_expiry]
-            for op in stream_ops:
-                argv += ["s" if op.kind == "send" else "a", *op.args]
-            keys = [op.key for op in stream_ops]
+            keys: list[str] = []
+            for number, op in enumerate(stream_ops):
+                if op.kind == "many":
+                    for key, *args in op.args:
+                        keys.append(key)
+                        argv += [f"o{number}", *args]
+                else:
+                    keys.append(op.key)
+                    argv += ["s" if op.kind == "send" else "a", *op.args]
             if other_ops:
                 pipe.eval(_BATCH, len(keys), *keys, *argv)
         spans: list[int] = []
@@ -448,9 +474,14 @@ class _Writer:
             else:
                 results, trims = reply
                 layer._count_trims(trims)
-                for op, result in zip(stream_ops, results, strict=True):
+                answers = iter(results)
+                for op in stream_ops:
+                    if op.kind == "many":  # how many were added: a prefix of the sequence
+                        answer: Any = sum(next(answers) for _ in op.args)
+                    else:
+                        answer = bool(next(answers))
                     if op.future is not None and not op.future.done():
-                        op.future.set_result(bool(result))
+                        op.future.set_result(answer)
         for op, span in zip(other_ops, spans, strict=True):
             answers = replies[position : position + span]
             position += span
@@ -790,6 +821,33 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         op = _Op("send", key, (self.get_capacity(channel), payload, target))
         if not await self._writer(index).submit(op):
             raise ChannelFull(channel)
+
+    async def send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> int:
+        """Append ``(channel, message)`` pairs in order; stop at the first channel that is full.
+
+        Returns how many were appended: always a prefix of ``messages``, so whatever is not
+        appended can be sent again later without overtaking anything. Pairs for one host go in
+        one round trip (one script call); with several hosts, each run of pairs for one host is
+        a round trip of its own, in order. A sender with several messages waiting (a gateway
+        draining its broker) uses this instead of one ``send`` per message.
+        """
+        runs: list[tuple[int, list[tuple[str, int, bytes, str]]]] = []
+        for channel, message in messages:
+            assert isinstance(message, dict), "message is not a dict"
+            self.require_valid_channel_name(channel)
+            index, key = self._where(channel)
+            payload = msgpack.packb(message, use_bin_type=True)
+            target = channel if "!" in channel else ""
+            if not runs or runs[-1][0] != index:
+                runs.append((index, []))
+            runs[-1][1].append((key, self.get_capacity(channel), payload, target))
+        added = 0
+        for index, run in runs:
+            count = await self._writer(index).submit(_Op("many", args=tuple(run)))
+            added += count
+            if count < len(run):
+                break
+        return added
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``, acknowledged as it is handed out (at-most-once)."""

@@ -73,6 +73,32 @@ async def test_channel_full_is_exact_for_concurrent_senders(layer: StreamsChanne
     assert all(isinstance(r, ChannelFull) for r in results[5:])
 
 
+async def test_send_many_appends_an_ordered_prefix(layer: StreamsChannelLayer) -> None:
+    """One call for many messages; it stops at the first full channel, so nothing overtakes."""
+    batch = [("a", {"type": "t.x", "n": n}) for n in range(4)]
+    batch += [("b", {"type": "t.x", "n": n}) for n in range(6)]  # b holds 5: the 6th is full
+    batch += [("a", {"type": "t.x", "n": 99})]  # room on a, but after the refused one
+    assert await layer.send_many(batch) == 9
+    assert [(await layer.receive("a"))["n"] for _ in range(4)] == [0, 1, 2, 3]
+    assert [(await layer.receive("b"))["n"] for _ in range(5)] == [0, 1, 2, 3, 4]
+    # the rest goes once there is room, in order, and concurrent sends keep their own answers
+    again, single = await asyncio.gather(layer.send_many(batch[9:]), layer.send("a", {"n": 7}))
+    assert again == 2 and single is None
+    assert [(await layer.receive(c))["n"] for c in ("b", "a", "a")] == [5, 99, 7]
+
+
+async def test_send_many_across_hosts_keeps_the_order(redis_server: RedisServer) -> None:
+    with RedisServer() as second:
+        layer = StreamsChannelLayer(hosts=[redis_server.url, second.url], capacity=2)
+        names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+        assert len({layer._where(name)[0] for name in names}) == 2  # both hosts are used
+        batch = [(name, {"type": "t.x", "n": i}) for i, name in enumerate(names * 3)]
+        assert await layer.send_many(batch) == 16  # the 17th finds alpha full (capacity 2)
+        for i, name in enumerate(names):
+            assert [(await layer.receive(name))["n"] for _ in range(2)] == [i, i + 8]
+        await layer.flush()
+
+
 async def test_channel_capacity_patterns(redis_server: RedisServer) -> None:
     layer = StreamsChannelLayer(
         hosts=[redis_server.url], capacity=3, channel_capacity={"big.*": 6, "tiny": 1}
