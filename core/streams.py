@@ -19,6 +19,9 @@ House rules:
   ``XADD``, so ``ChannelFull`` is exact and each caller gets its own answer. A thousand
   concurrent senders cost a few round trips, on one connection (redis-py 8's 100-connection
   pool limit cannot be reached).
+* **Ordered batches.** :meth:`StreamsChannelLayer.send_many` appends a run of messages in one
+  round trip and stops at the first full channel (a prefix is appended, never a message after
+  a refused one): ``core.service.Gateway.publish_many`` hands a gateway's backlog over that way.
 * **Receiving fetches a batch.** One fetch task per stream runs ``XREADGROUP COUNT batch BLOCK``
   while somebody waits on that stream and hands the entries out in order. What was fetched is in
   the group's pending-entry list (PEL) until acknowledged, so a process that dies with a fetched
