@@ -28,15 +28,16 @@ reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binar
 stops taking commands, lets ``drain()`` and in-flight commands finish within
 ``shutdown_grace`` seconds, cancels what is left and calls ``close()``.
 
-Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while
-the layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when
-the deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld
-MQTT ack, HTTP 503); :meth:`Gateway.publish_many` does the same for a run of events in order,
-one round trip for all of them on a layer with ``send_many`` (``core.streams``). Refusals that last are a *stall* (:mod:`core.stall`): /readyz answers 503
-with the reason, metrics count it, and one WARNING line marks its start and one its end. What
-no layer can ever take (over 1 MB as msgpack, not msgpack-safe) is refused at once with
-:class:`EventRefused`, logged and counted, never retried. Transports with no pushback put events
-in an :class:`EventBuffer`, which skips (logs, counts) a bad event and never stops.
+Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while the
+layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when the
+deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld MQTT ack,
+HTTP 503); :meth:`Gateway.publish_many` does the same for a run of events in order, one round trip
+for all of them on a layer with ``send_many`` (``core.streams``). Refusals that last are a *stall*
+(:mod:`core.stall`): /readyz answers 503 with the reason, metrics count it, and one WARNING line
+marks its start and one its end. What no layer can ever take (over 1 MB as msgpack, not msgpack-
+safe) is refused at once with :class:`EventRefused`, logged and counted, never retried. Transports
+with no pushback put events in an :class:`EventBuffer`, which skips (logs, counts) a bad event and
+never stops.
 
 Client-side transports build on :mod:`core.client` (reconnects), pace sends with
 :mod:`core.pacer` and keep their own Redis keys through :mod:`core.redis`.
@@ -429,7 +430,7 @@ class Gateway(Generic[C]):
         """
         channel = channel or self.config.route(message["type"])
         self._check_sendable(message, channel)
-        return await self._publish_checked([(channel, message)], timeout)
+        return await self._publish_checked([(channel, message)], timeout) == 1
 
     async def publish_many(
         self, items: Sequence[tuple[str | None, dict[str, Any]]], *, timeout: float | None = None
@@ -471,7 +472,7 @@ class Gateway(Generic[C]):
         ``timeout`` passed or the gateway stops). An error that is not an outage is raised, or
         with ``skip_unsendable`` logged, counted and the event skipped."""
         loop = asyncio.get_running_loop()
-        send_many = getattr(self.layer, "send_many", None)
+        send_many: Callable[..., Awaitable[int]] | None = getattr(self.layer, "send_many", None)
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
@@ -483,7 +484,7 @@ class Gateway(Generic[C]):
                 channel, message = pending[taken]
                 try:
                     wanted = len(pending) - taken if send_many is not None else 1
-                    if wanted > 1:
+                    if send_many is not None and wanted > 1:
                         added = await asyncio.wait_for(
                             send_many(pending[taken:]), min(10.0, attempt_limit)
                         )

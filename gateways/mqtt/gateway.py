@@ -42,9 +42,9 @@ from core.envelope import Command, CommandError
 from core.logs import clip
 from core.metrics import REGISTRY
 from core.service import (
+    HANDOFF_BATCH,
     LAYER_ERRORS,
     Backoff,
-    HANDOFF_BATCH,
     EventBuffer,
     Gateway,
     StartupError,
