@@ -256,7 +256,7 @@ class MqttConfig(Section):
         description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway.",
     )
     max_pending: int = Field(
-        1000,
+        20_000,
         ge=1,
         description="QoS 1/2 messages the gateway holds, unacknowledged, while the layer does "
         "not take them (the hold). Beyond it (a broker that ignores receive_maximum, or MQTT "
