@@ -1,13 +1,21 @@
-"""The Redis layer under concurrent senders: channels_redis' own layer vs ``core.layers``.
+"""Raw ``send`` → ``receive`` through every layer the suite ships, side by side in one run.
 
-``python -m bench.layer [--senders 10,50,100,1000] [--messages 3000] [--no-write]``
+``python -m bench.layer [--senders 1,10,100,1000] [--messages 3000] [--rounds 3] [--no-write]``
 
-For each number of sender tasks, one process runs that many tasks calling ``layer.send`` and
-one task calling ``layer.receive`` on the same channel at once (one event loop, as a worker
-that also sends would), on a private ``redis-server``; msgs/s is messages delivered ÷ time from
-the first send to the last receive. Errors are counted, not raised: with redis-py 8 the stock
-layer raises ``MaxConnectionsError`` from 100 concurrent callers on (issue 6). Each row uses a
-fresh layer; capacity is raised so the senders never see ``ChannelFull``.
+Layers, each fresh for each row: channels' in-memory layer, channels_redis' own
+``RedisChannelLayer``, ``core.layers.RedisChannelLayer`` (``redis://…?layer=channels_redis``)
+and ``core.streams.StreamsChannelLayer`` (``redis://``), the three Redis ones on one private
+``redis-server``. For each number of sender tasks, one process runs that many tasks calling
+``layer.send`` and one task calling ``layer.receive`` on the same channel at once (one event loop,
+as a worker that also sends would); msgs/s is messages delivered ÷ time from the first send to
+the last receive. Rounds are interleaved (round 1 of every row, then round 2, …) and the median is
+reported. Errors are counted, not raised: with redis-py 8 channels_redis raises
+``MaxConnectionsError`` from 100 concurrent callers on (issue 6). Capacity is raised so no sender
+sees ``ChannelFull``.
+
+Then the same with a ``core.worker.ConsumerWorker`` (a no-op consumer) receiving instead of a
+plain ``receive()`` loop, ``--worker-senders`` senders (the worker acknowledges after the handler
+on the streams layer).
 
 Writes the ``Redis layer under concurrency`` section of BENCHMARKS.md.
 """
@@ -16,12 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer as StockLayer
 
 from bench._common import (
@@ -32,28 +44,31 @@ from bench._common import (
     today,
     update_section,
 )
-from core.layers import REDIS_POOL_SIZE, RedisChannelLayer, _redis_host
+from core.layers import RedisChannelLayer, _redis_host
+from core.streams import StreamsChannelLayer
 from core.testing import RedisServer
+from core.worker import ConsumerWorker, RetryPolicy
 
 SECTION = "Redis layer under concurrency"
+CAPACITY = 1_000_000
 
 
 @dataclass
 class Row:
     layer: str
     senders: int
-    delivered: int
     messages: int
-    seconds: float
-    errors: int
-    first_error: str
+    rates: list[float] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
 
     @property
     def rate(self) -> float:
-        return self.delivered / self.seconds if self.seconds else 0.0
+        return statistics.median(self.rates) if self.rates else 0.0
 
 
-async def one_run(layer: Any, name: str, senders: int, messages: int) -> Row:
+async def one_run(layer: Any, senders: int, messages: int) -> tuple[int, float, list[str]]:
     per = max(1, messages // senders)
     total = per * senders
     errors: list[str] = []
@@ -81,67 +96,166 @@ async def one_run(layer: Any, name: str, senders: int, messages: int) -> Row:
     await asyncio.gather(*(sender() for _ in range(senders)))
     await receiving
     elapsed = time.perf_counter() - started
-    await layer.flush()
-    await layer.close_pools()
-    return Row(name, senders, received, total, elapsed, len(errors), errors[0] if errors else "")
+    if hasattr(layer, "flush"):
+        await layer.flush()
+    if hasattr(layer, "close_pools"):
+        await layer.close_pools()
+    return received, received / elapsed if elapsed else 0.0, errors
+
+
+async def worker_run(layer: Any, senders: int, messages: int) -> tuple[int, float, list[str]]:
+    """``senders`` tasks send while a ``ConsumerWorker`` (no-op consumer) receives, in one loop."""
+    per = max(1, messages // senders)
+    total = per * senders
+    errors: list[str] = []
+    handled = 0
+    done = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal handled
+        while True:
+            await receive()
+            handled += 1
+            if handled >= total:
+                done.set()
+
+    async def sender() -> None:
+        for n in range(per):
+            try:
+                await layer.send("bench-worker", {"type": "bench.x", "n": n})
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    worker = ConsumerWorker(
+        app, ["bench-worker"], layer, retry=RetryPolicy(dead_letter="log"), shutdown_grace=1
+    )
+    started = time.perf_counter()
+    running = asyncio.create_task(worker.arun())
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 60)
+    elapsed = time.perf_counter() - started
+    await worker.drain()
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    if hasattr(layer, "flush"):
+        await layer.flush()
+    return handled, handled / elapsed if elapsed else 0.0, errors
+
+
+def layers(url: str) -> dict[str, Callable[[], Any]]:
+    host = _redis_host(url)
+    return {
+        "memory": lambda: InMemoryChannelLayer(capacity=CAPACITY),
+        "channels_redis": lambda: StockLayer(hosts=[host], capacity=CAPACITY),
+        "core.layers (channels_redis)": lambda: RedisChannelLayer(hosts=[host], capacity=CAPACITY),
+        "core.streams": lambda: StreamsChannelLayer(hosts=[url], capacity=CAPACITY),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__)
-    parser.add_argument("--senders", default="10,50,100,1000")
+    parser.add_argument("--senders", default="1,10,100,1000")
     parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--worker-senders", type=int, default=100, help="senders for the ConsumerWorker rows"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.senders.split(",")]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    rows: list[Row] = []
+    rows: dict[tuple[str, int], Row] = {}
     with RedisServer() as server:
-        host = _redis_host(server.url)
-        for senders in counts:
-            for name, cls in (("channels_redis", StockLayer), ("core.layers", RedisChannelLayer)):
-                layer = cls(hosts=[host], capacity=1_000_000)
-                row = asyncio.run(one_run(layer, name, senders, args.messages))
-                rows.append(row)
+        makers = layers(server.url)
+        for round_ in range(args.rounds):
+            plan = [(name, n, False) for n in counts for name in makers]
+            plan += [
+                (name, args.worker_senders, True) for name in makers if name != "channels_redis"
+            ]
+            for name, senders, through_worker in plan:
+                label = f"{name} → ConsumerWorker" if through_worker else name
+                row = rows.setdefault(
+                    (label, senders),
+                    Row(label, senders, max(1, args.messages // senders) * senders),
+                )
+                run = worker_run if through_worker else one_run
+                delivered, rate, errors = asyncio.run(run(makers[name](), senders, args.messages))
+                row.rates.append(rate)
+                row.delivered.append(delivered)
+                row.errors += len(errors)
+                row.first_error = row.first_error or (errors[0] if errors else "")
                 print(
-                    f"{name:15} {senders:5} senders: {row.rate:8.0f} msg/s, "
-                    f"{row.delivered}/{row.messages} delivered, {row.errors} errors "
-                    f"{row.first_error[:60]}",
+                    f"round {round_ + 1} {label:45} {senders:5} senders: {rate:8.0f} msg/s, "
+                    f"{delivered}/{row.messages}, {len(errors)} errors {row.first_error[:50]}",
                     flush=True,
                 )
-    header = ["layer", "senders", "delivered", "msgs/s", "errors", "first error"]
-    table = [
-        [
-            r.layer,
-            str(r.senders),
-            f"{r.delivered}/{r.messages}",
-            f"{r.rate:,.0f}",
-            str(r.errors),
-            r.first_error[:60] or "—",
-        ]
-        for r in rows
+    end_load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    best_stock = max((r.rate for r in rows.values() if r.layer == "channels_redis"), default=0.0)
+    header = [
+        "path",
+        "senders",
+        "delivered (min)",
+        "msgs/s (median)",
+        "rounds",
+        "x channels_redis, same senders",
+        "x channels_redis at its best",
+        "errors",
+        "first error",
     ]
+    table = []
+    for (_label, senders), r in rows.items():
+        stock = rows.get(("channels_redis", senders))
+        same = f"{r.rate / stock.rate:.1f}x" if stock and stock.rate else "—"
+        table.append(
+            [
+                r.layer,
+                str(r.senders),
+                f"{min(r.delivered)}/{r.messages}",
+                f"{r.rate:,.0f}",
+                " / ".join(f"{x:,.0f}" for x in r.rates),
+                same,
+                f"{r.rate / best_stock:.1f}x" if best_stock else "—",
+                str(r.errors),
+                r.first_error[:60] or "—",
+            ]
+        )
     print(text_table(header, table))
+    streams_100 = rows.get(("core.streams", 100))
+    target = (
+        f"core.streams at 100 senders: {streams_100.rate:,.0f} msg/s = "
+        f"{streams_100.rate / best_stock:.1f}x channels_redis at its best ({best_stock:,.0f} msg/s)"
+        if streams_100 and best_stock
+        else ""
+    )
+    met = bool(streams_100 and best_stock and streams_100.rate >= 10 * best_stock)
+    verdict = "meets it" if met else "misses it in this run"
+    print(target, verdict)
     if not args.no_write:
         body = "\n".join(
             [
                 f"- Date: {today()}",
                 *machine_lines(),
                 f"- redis-py {redis.__version__}",
-                f"- Load average when the run started: {load}",
+                f"- Load average when the run started: {load}; when it ended: {end_load}",
                 f"- Command: `{command_line('bench.layer')}`",
                 f"- Workload: N sender tasks and one receiver in one event loop, "
-                f"{args.messages} small messages, one channel, a private redis-server.",
+                f"{args.messages} small messages, one channel, a private redis-server; "
+                f"{args.rounds} interleaved rounds, median reported.",
                 "",
                 markdown_table(header, table),
                 "",
+                f"Target (issue 13): {target}; the target is ≥ 10x: {verdict}. The machine is "
+                "shared: rates move a lot between rounds (see the rounds column), compare rows "
+                "of the same run.",
+                "",
                 "channels_redis' own layer gets redis-py's default pool: with redis-py 8 at most "
-                "100 connections, then `MaxConnectionsError` (here the receive failed first, so "
-                "nothing was delivered). Below 100 every sender keeps a round trip in flight, so "
-                "each of the receiver's round trips waits behind all of them; how much that costs "
-                "depends on the load of the machine (the issue measured 95 msg/s at 50 senders). "
-                f"`core.layers.RedisChannelLayer` sends through a waiting pool of "
-                f"{REDIS_POOL_SIZE} connections per host and receives on a pool of its own "
-                "(see `RedisChannelLayer.create_pool`).",
+                "100 connections, then `MaxConnectionsError`. `core.layers.RedisChannelLayer` "
+                "(`redis://…?layer=channels_redis`) sends through a waiting pool and receives on a "
+                "pool of its own, still a few round trips per message. `core.streams` "
+                "(`redis://`) coalesces every send and acknowledgement waiting at a moment into "
+                "one pipelined Lua call per host and fetches up to `batch` (100) entries per "
+                "`XREADGROUP`, on one writer connection and one fetch connection.",
             ]
         )
         update_section(SECTION, body)

@@ -1,7 +1,8 @@
 """MQTT gateway benchmark: broker → ``gateway-mqtt`` → Redis layer → consumer, against the raw
 layer, in one run on one machine.
 
-    python -m bench.mqtt [--count N] [--latency-count M] [--rate R] [--no-write]
+    python -m bench.mqtt [--count N] [--latency-count M] [--rate R]
+                         [--redis-layer streams|channels_redis] [--no-write]
 
 It starts a private ``redis-server`` and ``mosquitto`` on free ports (never the system ones)
 and stops them. Every actor is its own process, as in production: the ``gateway-mqtt`` binary
@@ -489,7 +490,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
     # see the module docstring (The broker) for why
     broker_config = ["max_queued_messages 0", "queue_qos0_messages true", "set_tcp_nodelay true"]
     with RedisServer() as redis, MosquittoServer(extra_config=broker_config) as broker:
-        url = redis.url + "?capacity=1000000"
+        url = redis.url + f"?capacity=1000000&layer={args.redis_layer}"
         raw = Row("raw layer send → receive", "-", args.count)
         rows = [raw]
         gateways = {}
@@ -642,6 +643,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--rate", type=float, default=DEFAULT_RATE, help="messages per second for the latency runs"
     )
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="throughput rounds")
+    parser.add_argument(
+        "--redis-layer",
+        choices=("streams", "channels_redis"),
+        default="streams",
+        help="which layer redis:// selects for every process (?layer=…)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     return parser.parse_args(argv)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -195,6 +196,7 @@ async def serve(
         if stop_task in done:
             log.info("signal received: draining")
         stop_task.cancel()
+        _exit_if_stuck(gateways)
         for gw in gateways:
             gw.stop()
         gateway_tasks = [t for t, name in tasks.items() if name != "worker"]
@@ -207,12 +209,65 @@ async def serve(
             if name == "worker":
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if gateways:
+            await _close_layer(gateways[0].layer)
         return exit_code
     finally:
+        faulthandler.cancel_dump_traceback_later()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         for server in health_servers:
             await server.stop()
+
+
+#: seconds past the longest shutdown_grace after which a stop that has not ended is a bug
+STOP_MARGIN = 15.0
+
+
+def _exit_if_stuck(gateways: Sequence[Gateway[Any]]) -> None:
+    """Make a stop that hangs (a bug) end by itself, with the evidence.
+
+    After every gateway's ``shutdown_grace`` plus :data:`STOP_MARGIN`, the stack of every
+    asyncio task still running is logged and the process exits with status 1, instead of
+    waiting for a SIGKILL that leaves nothing to go on. Should the event loop itself be stuck,
+    ``faulthandler`` writes every thread's stack a few seconds later and exits the same way.
+    """
+    grace = max((gw.config.shutdown_grace for gw in gateways), default=0.0)
+    asyncio.get_running_loop().call_later(grace + STOP_MARGIN, _stuck, grace + STOP_MARGIN)
+    faulthandler.dump_traceback_later(grace + STOP_MARGIN + 5, exit=True)
+
+
+def _awaiting(coro: Any) -> str:
+    """Where a coroutine waits: its frame, the frame of what it awaits, and so on inwards."""
+    lines = []
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        frame = coro.cr_frame
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = coro.cr_await
+    if coro is not None:
+        lines.append(f"  awaiting {coro!r}"[:200])
+    return "\n".join(lines)
+
+
+def _stuck(after: float) -> None:
+    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    log.error("stop not done after %.1f s; %d task(s) left, exiting with 1:", after, len(tasks))
+    for task in tasks:
+        log.error("task %s at:\n%s", task.get_name(), _awaiting(task.get_coro()))
+    logging.shutdown()
+    os._exit(EXIT_CRASH)
+
+
+async def _close_layer(layer: ChannelLayer) -> None:
+    """Close the layer's connections; on ``core.streams`` this writes the acknowledgements
+    still queued, so the commands this process took are not delivered again to the next."""
+    close = getattr(layer, "close_pools", None)
+    if close is None:
+        return
+    try:
+        await asyncio.wait_for(close(), 5)
+    except Exception as exc:
+        log.warning("layer: not closed cleanly (%s)", describe_error(exc))
 
 
 def _prepare(

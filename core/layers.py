@@ -1,15 +1,19 @@
 """Resolve a layer path (DESIGN §3) into a channel layer instance.
 
-| value                          | layer                                                  |
-|--------------------------------|--------------------------------------------------------|
-| ``redis://host:6379/0``        | ``channels_redis.core.RedisChannelLayer`` on that host |
-| ``rediss://…``                 | the same over TLS                                      |
-| ``memory://``                  | ``channels.layers.InMemoryChannelLayer`` (one process) |
-| ``django`` / ``django:ALIAS``  | ``channels.layers.get_channel_layer(ALIAS)``           |
-| ``package.module:attr``        | a layer instance or a zero-argument factory            |
+| value                            | layer                                                   |
+|----------------------------------|---------------------------------------------------------|
+| ``redis://host:6379/0``          | :class:`core.streams.StreamsChannelLayer` on that host  |
+| ``rediss://…``                   | the same over TLS                                       |
+| ``redis://…?layer=channels_redis`` | :class:`RedisChannelLayer` (channels_redis, patched)  |
+| ``redis+streams://…``            | the streams layer, explicitly (``rediss+streams://``)   |
+| ``memory://``                    | ``channels.layers.InMemoryChannelLayer`` (one process)  |
+| ``django`` / ``django:ALIAS``    | ``channels.layers.get_channel_layer(ALIAS)``            |
+| ``package.module:attr``          | a layer instance or a zero-argument factory             |
 
 Redis and memory URLs take ``capacity``, ``expiry`` (and, for Redis, ``prefix``) as query
-parameters: ``redis://localhost:6379/0?capacity=1000&expiry=120``.
+parameters: ``redis://localhost:6379/0?capacity=1000&expiry=120``. ``redis+streams://`` paths
+also take ``redelivery_timeout`` (seconds), ``batch`` and ``group_expiry``; their ``expiry``
+defaults to none (see core/streams.py).
 
 redis-py 8 gives every connection a 5 s socket timeout, so an idle ``receive()`` raises
 ``TimeoutError`` and kills a receive loop; the host dict therefore sets ``socket_timeout=None``
@@ -100,7 +104,7 @@ def _int_param(path: str, name: str, raw: str) -> int:
     return value
 
 
-def _redis_layer(path: str) -> ChannelLayer:
+def _redis_layer(path: str, *, streams: bool = False) -> ChannelLayer:
     try:
         parts = urlsplit(path)
     except ValueError as exc:  # "Invalid IPv6 URL" escaped as a traceback
@@ -113,15 +117,35 @@ def _redis_layer(path: str) -> ChannelLayer:
         raise LayerPathError.of(path, "bad port") from None
     options: dict[str, Any] = {}
     kept: list[tuple[str, str]] = []
-    for key, value in parse_qsl(parts.query):
-        if key in ("capacity", "expiry"):
+    query = parse_qsl(parts.query)
+    for key, value in query:
+        if key == "layer":
+            if value not in ("streams", "channels_redis"):
+                raise LayerPathError.of(path, "layer must be 'streams' or 'channels_redis'")
+            streams = value == "streams"
+    for key, value in query:
+        if key == "layer":
+            continue
+        if key in ("capacity", "expiry") or (streams and key in _STREAMS_INT_OPTIONS):
             options[key] = _int_param(path, key, value)
         elif key == "prefix":
             options[key] = value
         else:
             kept.append((key, value))  # redis-py URL options (ssl_cert_reqs, …)
+    if streams:
+        scheme = parts.scheme.lower().partition("+")[0]
+        address = urlunsplit(parts._replace(scheme=scheme, query=urlencode(kept)))
+        from core.streams import StreamsChannelLayer
+
+        return StreamsChannelLayer(hosts=[{"address": address}], **options)
     address = urlunsplit(parts._replace(query=urlencode(kept)))
     return RedisChannelLayer(hosts=[_redis_host(address)], **options)
+
+
+_STREAMS_INT_OPTIONS = ("redelivery_timeout", "batch", "group_expiry")
+
+#: what a plain ``redis://`` path gives: ``"streams"`` or ``"channels_redis"``
+REDIS_DEFAULT = "streams"
 
 
 class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
@@ -231,8 +255,23 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
             "BACKEND": "channels.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": layer.capacity, "expiry": layer.expiry},
         }
+    from core.streams import StreamsChannelLayer
+
+    if isinstance(layer, StreamsChannelLayer):
+        return {
+            "BACKEND": "core.streams.StreamsChannelLayer",
+            "CONFIG": {
+                "hosts": layer.hosts,
+                "capacity": layer.capacity,
+                "expiry": layer.expiry,
+                "prefix": layer.prefix,
+                "group_expiry": layer.group_expiry,
+                "redelivery_timeout": layer.redelivery_timeout,
+                "batch": layer.batch,
+            },
+        }
     if not isinstance(layer, RedisChannelLayer):
-        raise LayerPathError.of(path, "only redis:// and memory:// fit here")
+        raise LayerPathError.of(path, "only redis://, redis+streams:// and memory:// fit here")
     return {
         "BACKEND": "core.layers.RedisChannelLayer",
         "CONFIG": {
@@ -318,7 +357,9 @@ def resolve_layer(path: str) -> ChannelLayer:
     path = path.strip()
     scheme = path.partition("://")[0].lower() if "://" in path else ""
     if scheme in ("redis", "rediss"):
-        return _redis_layer(path)
+        return _redis_layer(path, streams=REDIS_DEFAULT == "streams")
+    if scheme in ("redis+streams", "rediss+streams"):
+        return _redis_layer(path, streams=True)
     if scheme == "memory":
         return _memory_layer(path)
     if scheme:
@@ -328,7 +369,8 @@ def resolve_layer(path: str) -> ChannelLayer:
     if ":" in path:
         return _import_layer(path)
     raise LayerPathError.of(
-        path, "expected redis://…, memory://, django[:ALIAS] or package.module:attr"
+        path,
+        "expected redis://…, redis+streams://…, memory://, django[:ALIAS] or package.module:attr",
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from core.service import LAYER_ERRORS, Backoff, describe_error
 from core.types import ChannelLayer, Message
@@ -45,8 +46,11 @@ class ChannelReader:
         label: str,
         on_layer: Callable[[bool], None] | None = None,
         count: Callable[[str], None] | None = None,
+        receive: Callable[[str], Any] | None = None,
     ) -> None:
         self.layer = layer
+        #: the layer call that receives (``layer.receive`` unless given, e.g. ``receive_with_ack``)
+        self._receive = receive if receive is not None else layer.receive
         self.channel = channel
         self.log = log
         self.label = label
@@ -67,13 +71,15 @@ class ChannelReader:
     async def receive(self) -> Message:
         """The next message on the channel; waits (and retries) as long as it takes.
 
-        Cancelling it loses nothing: channels_redis keeps a popped entry in its backup set until
-        the next receive, and the in-memory layer hands out nothing to a cancelled waiter.
+        Cancelling it loses nothing: core.streams keeps what it fetched buffered (and pending in
+        Redis, so it is redelivered if the process ends first), channels_redis keeps a popped
+        entry in its backup set until the next receive, and the in-memory layer hands out
+        nothing to a cancelled waiter.
         """
         bad_in_a_row = 0
         while True:
             try:
-                message = await self.layer.receive(self.channel)
+                message = await self._receive(self.channel)
             except asyncio.CancelledError:
                 raise
             except LAYER_ERRORS as exc:

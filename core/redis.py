@@ -75,7 +75,9 @@ def layer_redis(
 
     Connects lazily: nothing is opened until the first call.
     """
-    if not isinstance(layer, RedisChannelLayer):
+    from core.streams import StreamsChannelLayer
+
+    if not isinstance(layer, RedisChannelLayer | StreamsChannelLayer):
         return None
     host = dict(layer.hosts[0])
     address = host.pop("address", None)

@@ -28,14 +28,16 @@ reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binar
 stops taking commands, lets ``drain()`` and in-flight commands finish within
 ``shutdown_grace`` seconds, cancels what is left and calls ``close()``.
 
-Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while
-the layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when
-the deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld
-MQTT ack, HTTP 503). Refusals that last are a *stall* (:mod:`core.stall`): /readyz answers 503
-with the reason, metrics count it, and one WARNING line marks its start and one its end. What
-no layer can ever take (over 1 MB as msgpack, not msgpack-safe) is refused at once with
-:class:`EventRefused`, logged and counted, never retried. Transports with no pushback put events
-in an :class:`EventBuffer`, which skips (logs, counts) a bad event and never stops.
+Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while the
+layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when the
+deadline passed so the caller can push back in its transport's own way (SMTP 451, withheld MQTT ack,
+HTTP 503); :meth:`Gateway.publish_many` does the same for a run of events in order, one round trip
+for all of them on a layer with ``send_many`` (``core.streams``). Refusals that last are a *stall*
+(:mod:`core.stall`): /readyz answers 503 with the reason, metrics count it, and one WARNING line
+marks its start and one its end. What no layer can ever take (over 1 MB as msgpack, not msgpack-
+safe) is refused at once with :class:`EventRefused`, logged and counted, never retried. Transports
+with no pushback put events in an :class:`EventBuffer`, which skips (logs, counts) a bad event and
+never stops.
 
 Client-side transports build on :mod:`core.client` (reconnects), pace sends with
 :mod:`core.pacer` and keep their own Redis keys through :mod:`core.redis`.
@@ -45,10 +47,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
@@ -68,6 +71,7 @@ from core.stall import StallTracker
 from core.types import ChannelLayer
 
 __all__ = [
+    "HANDOFF_BATCH",
     "LAYER_ERRORS",
     "Backoff",
     "EventBuffer",
@@ -91,6 +95,8 @@ _COMMAND_MARK = "__gateway_command__"
 MAX_PENDING_RESULTS = 1000
 #: how long one result may wait for room on its channel
 RESULT_TIMEOUT = 30.0
+#: events one hand-off (:meth:`Gateway.publish_many`) carries at most
+HANDOFF_BATCH = 500
 #: seconds between two looks at readiness (for the "ready" / "not ready yet" log lines)
 READINESS_INTERVAL = 0.5
 
@@ -422,21 +428,82 @@ class Gateway(Generic[C]):
         Raises :class:`EventRefused` (logged and counted here) when no layer could ever take
         ``message``: over 1 MB as msgpack, or not msgpack-safe. Such an event is never retried.
         """
-        loop = asyncio.get_running_loop()
         channel = channel or self.config.route(message["type"])
         self._check_sendable(message, channel)
+        return await self._publish_checked([(channel, message)], timeout) == 1
+
+    async def publish_many(
+        self, items: Sequence[tuple[str | None, dict[str, Any]]], *, timeout: float | None = None
+    ) -> int:
+        """:meth:`publish` for several ``(channel or None, message)`` pairs, in order.
+
+        Returns how many pairs, from the front, are done: accepted by the layer, or refused for
+        good and skipped: :class:`EventRefused`'s cases, and an event the layer fails to send
+        with an error that is not an outage (``gateway_dropped{reason="unsendable"}``); both
+        logged and counted here. That is
+        ``len(items)`` unless ``timeout`` passed or the gateway stopped first; the rest was not
+        sent and can be published again later without overtaking anything.
+
+        A layer with ``send_many`` (``core.streams``: an ordered prefix in one round trip) takes
+        every pair in one call while it has room, so a gateway with a backlog (a broker's queued
+        messages, a burst) pays one Redis round trip for many events instead of one each. Other
+        layers get one ``send`` per pair, as :meth:`publish` does.
+        """
+        checked: list[tuple[int, str, dict[str, Any]]] = []
+        for position, (channel, message) in enumerate(items):
+            channel = channel or self.config.route(message["type"])
+            try:
+                self._check_sendable(message, channel)
+            except EventRefused:
+                continue
+            checked.append((position, channel, message))
+        pairs = [(c, m) for _, c, m in checked]
+        taken = await self._publish_checked(pairs, timeout, skip_unsendable=True)
+        return len(items) if taken == len(checked) else checked[taken][0]
+
+    async def _publish_checked(
+        self,
+        pending: list[tuple[str, dict[str, Any]]],
+        timeout: float | None,
+        *,
+        skip_unsendable: bool = False,
+    ) -> int:
+        """Send ``pending`` in order, retrying refusals; how many are done (all, unless
+        ``timeout`` passed or the gateway stops). An error that is not an outage is raised, or
+        with ``skip_unsendable`` logged, counted and the event skipped."""
+        loop = asyncio.get_running_loop()
+        send_many: Callable[..., Awaitable[int]] | None = getattr(self.layer, "send_many", None)
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
+        taken = 0
         try:
-            while True:
+            while taken < len(pending):
                 started = loop.time()
                 attempt_limit = 10.0 if deadline is None else max(0.001, deadline - started)
+                channel, message = pending[taken]
                 try:
-                    await asyncio.wait_for(
-                        self.layer.send(channel, message), min(10.0, attempt_limit)
-                    )
+                    wanted = len(pending) - taken if send_many is not None else 1
+                    if send_many is not None and wanted > 1:
+                        added = await asyncio.wait_for(
+                            send_many(pending[taken:]), min(10.0, attempt_limit)
+                        )
+                    else:
+                        await asyncio.wait_for(
+                            self.layer.send(channel, message), min(10.0, attempt_limit)
+                        )
+                        added = 1
+                    self.metrics.layer_latency.observe(loop.time() - started)
+                    self._accepted(pending[taken : taken + added])
+                    taken += added
+                    if added:
+                        backoff.reset()  # it moves: the next refusal waits the shortest time
+                    if added < wanted:  # send_many stopped at a full channel
+                        raise ChannelFull(pending[taken][0])
+                except asyncio.CancelledError:
+                    raise
                 except LAYER_ERRORS as exc:
+                    channel, message = pending[taken]
                     if not isinstance(exc, ChannelFull):
                         self._layer_ok = False
                     failures += 1
@@ -460,23 +527,44 @@ class Gateway(Generic[C]):
                     now = loop.time()
                     if (deadline is not None and now + delay > deadline) or self.stopping:
                         self.metrics.pushback.inc()
-                        return False
+                        return taken
                     await asyncio.sleep(delay)
-                    continue
-                break
+                except Exception as exc:
+                    if not skip_unsendable:
+                        raise
+                    if send_many is not None:
+                        send_many = None  # find the one that cannot be sent: one at a time
+                        continue
+                    self._unsendable(*pending[taken], exc)
+                    taken += 1
         finally:
             if failures:
                 self.stall.wait_ended()
-        self.metrics.layer_latency.observe(loop.time() - started)
-        self.metrics.event(message["type"])
+        return taken
+
+    def _unsendable(self, channel: str, message: dict[str, Any], exc: Exception) -> None:
+        self.metrics.dropped("unsendable")
+        self.log.error(
+            "%s: dropped %s %s: the layer cannot send it to %r (%s)",
+            self.name,
+            message.get("type"),
+            message.get("id"),
+            channel,
+            describe_error(exc),
+        )
+
+    def _accepted(self, sent: list[tuple[str, dict[str, Any]]]) -> None:
+        if not sent:
+            return
+        for _channel, message in sent:
+            self.metrics.event(message["type"])
+            self.stall.accepted()
         self._layer_ok = True
-        self.stall.accepted()
         if self._refusals:
             self.log.info(
                 "%s: layer accepts events again after %d refusals", self.name, self._refusals
             )
             self._refusals = 0
-        return True
 
     def _check_sendable(self, message: dict[str, Any], channel: str) -> None:
         # checked for every layer, so a memory:// test run refuses what Redis would
@@ -726,33 +814,15 @@ class EventBuffer:
         while True:
             await self._ready.wait()
             while self._queue:
-                message, channel = self._queue[0]
-                if not await self._publish(message, channel):
+                # everything waiting goes in one hand-off (one round trip on core.streams)
+                batch = [(c, m) for m, c in itertools.islice(self._queue, HANDOFF_BATCH)]
+                done = await self.gateway.publish_many(batch)
+                for _ in range(done):
+                    self._queue.popleft()
+                if done < len(batch):
                     return  # stopping: flush() accounts for what is left
-                self._queue.popleft()
             self._ready.clear()
             self._idle.set()
-
-    async def _publish(self, message: dict[str, Any], channel: str | None) -> bool:
-        """``publish()``; ``True`` also when the event is skipped because it can never be sent."""
-        gateway = self.gateway
-        try:
-            return await gateway.publish(message, channel=channel)
-        except EventRefused:
-            return True  # logged and counted by publish()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            gateway.metrics.dropped("unsendable")
-            gateway.log.error(
-                "%s: dropped %s %s: the layer cannot send it to %r (%s)",
-                gateway.name,
-                message.get("type"),
-                message.get("id"),
-                channel or gateway.config.route(str(message.get("type"))),
-                describe_error(exc),
-            )
-            return True
 
     async def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for the buffer to empty; stop; return how many were dropped."""

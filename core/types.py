@@ -3,8 +3,9 @@
 channels' ``BaseChannelLayer`` is untyped and has no common base with every layer a layer path
 can name (``package.module:attr`` may give any object with these methods), so core describes
 the part it relies on structurally. ``channels_redis.core.RedisChannelLayer``,
-``channels.layers.InMemoryChannelLayer`` and :class:`core.layers.RedisChannelLayer` all satisfy
-it; ``isinstance(obj, ChannelLayer)`` checks the method names only.
+``channels.layers.InMemoryChannelLayer``, :class:`core.layers.RedisChannelLayer` and
+:class:`core.streams.StreamsChannelLayer` all satisfy it; ``isinstance(obj, ChannelLayer)``
+checks the method names only.
 
 Groups are optional in channels (a layer may raise ``NotImplementedError``); they are in the
 protocol because both layers the suite ships with have them, and callers already treat

@@ -38,7 +38,19 @@ before ``"channels"`` in ``INSTALLED_APPS`` (Django picks the first app's comman
         "RETRY_MAX_DELAY": 30,        # seconds; backoff doubles from 0.5 s up to this
         "DEAD_LETTER": "channel",     # or "log"
         "TRANSIENT_ERRORS": ["myapp.errors.TryLater"],  # added to the defaults
+        "CONCURRENCY": {"sensors": 8},  # consumer instances per channel (default 1)
+        "ORDERING_KEY": {"sensors": "topic"},  # equal values stay in order (same instance)
     }
+
+With a concurrency above 1, a channel's messages go to that many consumer instances at once
+(each its own scope, like one channel per instance); with an ordering key, messages whose key
+has the same value always go to the same instance, so they are handled in the order they came.
+Messages without the key go to whichever instance is free.
+
+With a layer that has ``receive_with_ack`` (``core.streams``, ``redis://``), a message is
+acknowledged once its consumer asked for the next one (its handler returned), once it was
+dead-lettered, or once it was put back on its channel when draining; a worker that dies leaves
+its messages to the layer's redelivery.
 """
 
 from __future__ import annotations
@@ -49,8 +61,9 @@ import dataclasses
 import logging
 import random
 import signal
+import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from asgiref.compatibility import guarantee_single_callable
@@ -67,6 +80,25 @@ log = logging.getLogger("gateway.worker")
 
 #: ``type`` of the messages on a dead-letter channel; the failed message is under ``message``
 DEAD_LETTER_TYPE = "gateways.dead_letter"
+
+
+def concurrency_from_settings() -> tuple[dict[str, int], dict[str, str]]:
+    """``CONCURRENCY`` and ``ORDERING_KEY`` of Django's ``GATEWAYS_WORKER`` (empty without)."""
+    options: Mapping[str, Any] = {}
+    with contextlib.suppress(ImportError):
+        from django.conf import settings
+
+        if settings.configured:
+            options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
+    try:
+        concurrency = {str(c): int(n) for c, n in dict(options.get("CONCURRENCY") or {}).items()}
+        ordering = {str(c): str(k) for c, k in dict(options.get("ORDERING_KEY") or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            "GATEWAYS_WORKER: CONCURRENCY must map channels to integers and ORDERING_KEY "
+            f"channels to message keys ({exc})"
+        ) from None
+    return concurrency, ordering
 
 
 def default_transient_errors() -> tuple[type[BaseException], ...]:
@@ -125,6 +157,7 @@ class RetryPolicy:
                 if settings.configured:
                     options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
         known = {"MAX_ATTEMPTS", "RETRY_MAX_DELAY", "DEAD_LETTER", "TRANSIENT_ERRORS"}
+        known |= {"CONCURRENCY", "ORDERING_KEY"}  # read by concurrency_from_settings()
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"GATEWAYS_WORKER: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -154,12 +187,16 @@ class _Delivery:
     message: dict[str, Any]
     attempt: int = 1
     not_before: float = 0.0
+    #: the layer's acknowledgement token (layers with ``receive_with_ack``), else ``None``
+    token: Any = None
 
 
 class _Inbox:
     """One consumer instance's ``receive``: one message at a time, and what it holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, done: Callable[[_Delivery], None]) -> None:
+        #: called with each delivery the consumer finished (asked for the next one after it)
+        self.done = done
         self.queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=1)
         self.idle = asyncio.Event()
         #: the delivery the consumer took last and has not finished (it has not asked again)
@@ -167,7 +204,9 @@ class _Inbox:
         self.future: asyncio.Future[Any] | None = None
 
     async def get(self) -> dict[str, Any]:
-        self.current = None  # asking for the next message means the last one is done
+        if self.current is not None:  # asking for the next message means the last one is done
+            self.done(self.current)
+        self.current = None
         self.idle.set()
         delivery = await self.queue.get()
         self.idle.clear()
@@ -200,11 +239,22 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         *args: Any,
         shutdown_grace: float = 30.0,
         retry: RetryPolicy | None = None,
+        concurrency: Mapping[str, int] | None = None,
+        ordering_key: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.shutdown_grace = shutdown_grace
         self.retry = retry if retry is not None else RetryPolicy.from_settings()
+        if concurrency is None and ordering_key is None:
+            concurrency, ordering_key = concurrency_from_settings()
+        #: consumer instances per channel (1 unless given): messages of one channel in parallel
+        self.concurrency = {c: int(n) for c, n in (concurrency or {}).items()}
+        if any(n < 1 for n in self.concurrency.values()):
+            raise ValueError("concurrency must be at least 1")
+        #: per channel, the message key whose equal values stay in order (one instance each)
+        self.ordering_key = dict(ordering_key or {})
+        self._slot_channel: dict[str, str] = {}
         self.metrics = GatewayMetrics("worker")
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
@@ -216,8 +266,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         inbox = self._inboxes.get(channel)
         if inbox is not None and inbox.future is not None and not inbox.future.done():
             return inbox
-        inbox = self._inboxes[channel] = _Inbox()
-        scope = {"type": "channel", "channel": channel}
+        inbox = self._inboxes[channel] = _Inbox(self._acknowledge)
+        scope = {"type": "channel", "channel": self._channel_of(channel)}
         instance = guarantee_single_callable(self.application)  # type: ignore[no-untyped-call]
         inbox.future = asyncio.ensure_future(
             instance(
@@ -249,6 +299,25 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self._listeners = [asyncio.create_task(self.listener(c)) for c in self.channels]
         await asyncio.gather(*self._listeners)
 
+    def _channel_of(self, slot: str) -> str:
+        """The channel a consumer slot serves (a slot is the channel, or ``CHANNEL#lane``)."""
+        return self._slot_channel.get(slot, slot)
+
+    async def _receive_unacked(self, channel: str) -> tuple[Any, None]:
+        return await self.channel_layer.receive(channel), None
+
+    def _acknowledge(self, delivery: _Delivery) -> None:
+        """Tell the layer ``delivery`` is done with (handled, dead-lettered or put back).
+
+        Only layers with ``receive_with_ack`` (core.streams) get told; a failed acknowledgement
+        means the message is delivered again after the layer's ``redelivery_timeout``.
+        """
+        if delivery.token is None:
+            return
+        token, delivery.token = delivery.token, None
+        future = asyncio.ensure_future(self.channel_layer.ack(token))
+        future.add_done_callback(_log_failed_ack)
+
     def _count(self, kind: str) -> None:
         if kind == "undecodable":
             self.metrics.dropped("undecodable")
@@ -256,8 +325,17 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             self.metrics.retry(kind)
 
     async def listener(self, channel: str) -> None:
+        if self.concurrency.get(channel, 1) > 1:
+            await self._lanes(channel, self.concurrency[channel], self.ordering_key.get(channel))
+            return
+        acked = getattr(self.channel_layer, "receive_with_ack", None)
         reader = ChannelReader(
-            self.channel_layer, channel, log=log, label="worker", count=self._count
+            self.channel_layer,
+            channel,
+            log=log,
+            label="worker",
+            count=self._count,
+            receive=acked if acked is not None else self._receive_unacked,
         )
         receiving: asyncio.Task[Any] | None = None
         try:
@@ -275,16 +353,88 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if not receiving.done():
                     continue
-                message, receiving = receiving.result(), None
+                (message, token), receiving = receiving.result(), None
                 if not isinstance(message, dict) or not message.get("type"):
                     self.metrics.dropped("no_type")
                     log.warning("skipped a message without 'type' on %r", channel)
+                    self._acknowledge(_Delivery({}, token=token))
                     continue
-                await self._deliver(channel, [_Delivery(message)])
+                await self._deliver(channel, [_Delivery(message, token=token)])
         finally:
             if receiving is not None:
                 receiving.cancel()  # loses nothing: see ChannelReader.receive
                 await asyncio.gather(receiving, return_exceptions=True)
+
+    def _reader(self, channel: str) -> ChannelReader:
+        acked = getattr(self.channel_layer, "receive_with_ack", None)
+        return ChannelReader(
+            self.channel_layer,
+            channel,
+            log=log,
+            label="worker",
+            count=self._count,
+            receive=acked if acked is not None else self._receive_unacked,
+        )
+
+    async def _lanes(self, channel: str, lanes: int, key: str | None) -> None:
+        """Receive ``channel`` for ``lanes`` consumer instances at once.
+
+        A message whose ``key`` has a value goes to the lane that value hashes to, so messages
+        with equal values are handled one after the other, in order; one without goes to a free
+        lane. Each lane holds at most one message besides the one its consumer handles.
+        """
+        reader = self._reader(channel)
+        queues: list[asyncio.Queue[_Delivery]] = []
+        feeders: list[asyncio.Task[None]] = []
+        for lane in range(lanes):
+            slot = f"{channel}#{lane}"
+            self._slot_channel[slot] = channel
+            queues.append(asyncio.Queue(maxsize=1))
+            feeders.append(asyncio.create_task(self._feed(slot, queues[-1])))
+        turn = 0
+        try:
+            while True:
+                message, token = await reader.receive()
+                if not isinstance(message, dict) or not message.get("type"):
+                    self.metrics.dropped("no_type")
+                    log.warning("skipped a message without 'type' on %r", channel)
+                    self._acknowledge(_Delivery({}, token=token))
+                    continue
+                value = message.get(key) if key else None
+                if value is not None:
+                    lane = zlib.crc32(str(value).encode()) % lanes
+                else:
+                    free = [i for i, q in enumerate(queues) if q.empty()]
+                    lane = free[turn % len(free)] if free else turn % lanes
+                    turn += 1
+                await queues[lane].put(_Delivery(message, token=token))
+        finally:
+            for task in feeders:
+                task.cancel()
+            await asyncio.gather(*feeders, return_exceptions=True)
+            waiting = [q.get_nowait() for q in queues if not q.empty()]
+            if waiting:
+                await asyncio.shield(self._put_back(channel, waiting))
+
+    async def _feed(self, slot: str, queue: asyncio.Queue[_Delivery]) -> None:
+        """One lane: hand what the lane's queue gets to the slot's consumer, in order."""
+        while True:
+            if self._dead_instance(slot) is not None:
+                await self._deliver(slot, await self._salvage(slot))
+                continue
+            getting = asyncio.ensure_future(queue.get())
+            waits: list[asyncio.Future[Any]] = [getting]
+            inbox = self._inboxes.get(slot)
+            if inbox is not None and inbox.future is not None:
+                waits.append(inbox.future)
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getting.done():
+                    getting.cancel()
+                    await asyncio.gather(getting, return_exceptions=True)
+            if getting.done() and not getting.cancelled():
+                await self._deliver(slot, [getting.result()])
 
     async def _deliver(self, channel: str, deliveries: list[_Delivery]) -> None:
         """Hand ``deliveries`` to the channel's consumer, one at a time, in order.
@@ -321,7 +471,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             elif put is not None and not put.cancelled() and pending:
                 pending.popleft()  # it reached the consumer
             if pending:
-                await asyncio.shield(self._put_back(channel, list(pending)))
+                await asyncio.shield(self._put_back(self._channel_of(channel), list(pending)))
             raise
 
     async def _salvage(self, channel: str) -> list[_Delivery]:
@@ -343,7 +493,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         failed, inbox.current = inbox.current, None
         salvaged: list[_Delivery] = []
         if failed is not None and error is not None:
-            salvaged += await self._failed(channel, failed, error)
+            salvaged += await self._failed(self._channel_of(channel), failed, error)
         elif error is not None:
             log.warning("consumer on %r failed while idle: %s", channel, describe_error(error))
         if rescued:
@@ -375,7 +525,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 delay,
             )
             when = asyncio.get_running_loop().time() + delay
-            return [_Delivery(delivery.message, delivery.attempt + 1, when)]
+            return [_Delivery(delivery.message, delivery.attempt + 1, when, delivery.token)]
         reason = (
             f"{delivery.attempt} attempt(s) failed"
             if transient
@@ -389,15 +539,18 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             reason,
             exc_info=error if not transient else None,
         )
-        await self._dead_letter(channel, delivery, error)
+        if await self._dead_letter(channel, delivery, error):
+            self._acknowledge(delivery)
         return []
 
-    async def _dead_letter(self, channel: str, delivery: _Delivery, error: BaseException) -> None:
+    async def _dead_letter(self, channel: str, delivery: _Delivery, error: BaseException) -> bool:
+        """Dead-letter ``delivery``; ``False`` if it could not be sent (the layer redelivers it
+        later when it acknowledges deliveries)."""
         self.metrics.dropped("dead_letter")
         what = _describe(delivery.message)
         if self.retry.dead_letter == "log":
             log.error("gave up on %s from %r (dead_letter: log)", what, channel)
-            return
+            return True
         target = f"{channel}.dead"
         letter = {
             "type": DEAD_LETTER_TYPE,
@@ -416,8 +569,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 target,
                 describe_error(exc),
             )
-            return
+            return False
         log.error("gave up on %s from %r: sent to %r", what, channel, target)
+        return True
 
     async def _put_back(self, channel: str, deliveries: list[_Delivery]) -> None:
         """Return undelivered messages to their channel (stopping): the next worker gets them."""
@@ -432,6 +586,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     describe_error(exc),
                 )
             else:
+                self._acknowledge(delivery)
                 log.info("stopping: put %s back on %r", _describe(delivery.message), channel)
 
     # -- stopping -----------------------------------------------------------------------------
@@ -456,7 +611,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 left.append(inbox.queue.get_nowait())
             inbox.current = None
             if left:
-                await self._put_back(channel, left)
+                await self._put_back(self._channel_of(channel), left)
 
     async def _consumers_idle(self) -> None:
         for inbox in list(self._inboxes.values()):
@@ -494,3 +649,12 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
 
     def run(self) -> None:
         asyncio.run(self.serve())
+
+
+def _log_failed_ack(future: asyncio.Future[Any]) -> None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None:
+        log.warning(
+            "acknowledgement failed (%s); the layer delivers the message again later",
+            describe_error(error),
+        )

@@ -59,6 +59,7 @@ IMPURE = {
     "redis",
     "core.service",
     "core.layers",
+    "core.streams",
     "core.client",
     "core.redis",
     "core.cli",

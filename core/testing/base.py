@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -318,6 +319,12 @@ class Server:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # a hung stop is a bug to find: keep what the process said last next to the failure
+            print(
+                f"{self.name}: no exit {timeout:.0f} s after signal {sig}; SIGKILL. Last output:\n"
+                f"{self.tail()}",
+                file=sys.stderr,
+            )
             self.send_signal(signal.SIGKILL)
             try:
                 code = self.proc.wait(timeout=_KILL_TIMEOUT)

@@ -260,3 +260,29 @@ class GatewayProcess(ManagedProcess):
     def stop(self) -> int | None:
         """SIGTERM (SIGKILL after a timeout); the exit status (None if never started)."""
         return self.server.stop() if self.server is not None else None
+
+
+def inject_undecodable(layer: Any, redis_url: str, channel: str) -> None:
+    """Write bytes that are not msgpack straight into ``channel`` of a Redis ``layer``.
+
+    In the format of the layer it is: an entry of the channel's stream for
+    :class:`core.streams.StreamsChannelLayer`, a member of the channel's sorted set for
+    channels_redis (which strips a 12-byte random prefix first; 0xc1 is never valid msgpack).
+    """
+    import time
+
+    import redis
+
+    from core.streams import GROUP, StreamsChannelLayer
+
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        if isinstance(layer, StreamsChannelLayer):
+            key = f"{layer.prefix}:stream:{channel}"
+            with contextlib.suppress(redis.exceptions.ResponseError):  # BUSYGROUP
+                raw.xgroup_create(key, GROUP, id="0", mkstream=True)
+            raw.xadd(key, {"m": b"\xc1\xc1 not msgpack"})
+        else:
+            raw.zadd(layer.prefix + channel, {b"R" * 12 + b"\xc1\xc1 not msgpack": time.time()})
+    finally:
+        raw.close()

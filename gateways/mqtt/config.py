@@ -260,7 +260,7 @@ class MqttConfig(Section):
         description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway.",
     )
     max_pending: int = Field(
-        1000,
+        20_000,
         ge=1,
         description="QoS 1/2 messages the gateway holds, unacknowledged, while the layer does "
         "not take them (the hold). Beyond it (a broker that ignores receive_maximum, or MQTT "
@@ -304,7 +304,7 @@ class MqttConfig(Section):
     )
     persist_subscriptions: bool = Field(
         True,
-        description="Keep run-time subscriptions in Redis (when the layer is channels_redis) "
+        description="Keep run-time subscriptions in Redis (when the layer is a Redis one) "
         "so they survive a gateway restart and reach every replica.",
     )
 

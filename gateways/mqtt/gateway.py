@@ -42,10 +42,10 @@ from core.envelope import Command, CommandError
 from core.logs import clip
 from core.metrics import REGISTRY
 from core.service import (
+    HANDOFF_BATCH,
     LAYER_ERRORS,
     Backoff,
     EventBuffer,
-    EventRefused,
     Gateway,
     StartupError,
     describe_error,
@@ -221,6 +221,8 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         self.replicas_group = f"{config.name}.gateways"
         #: the hold: received QoS 1/2 messages not yet taken by the layer, unacknowledged
         self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
+        #: QoS 1/2 messages received and not acknowledged yet (queued or being handed off)
+        self._held = 0
         self._held_bytes = 0
         #: beyond the hold: QoS 1 messages are left with the broker until the session resumes
         self._deferring = False
@@ -323,7 +325,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             self._id_lock = None
 
     def held_messages(self) -> int:
-        return self._pending.qsize() + len(self.buffer)
+        return self._held + len(self.buffer)
 
     def readiness(self) -> list[str]:
         reasons = self.connection.readiness()
@@ -472,13 +474,14 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             return
         # QoS 2 is held even beyond the limit: after PUBREC it is ours, the broker never
         # sends it again (only a broker ignoring receive_maximum gets it past the hold)
+        self._held += 1
         self._held_bytes += inbound.size
         self._pending.put_nowait(
             _Pending(events, inbound.mid, inbound.qos, generation, inbound.size, inbound.id)
         )
 
     def _hold_full(self, size: int) -> bool:
-        held = self._pending.qsize()
+        held = self._held
         if held == 0:
             return False  # one message always fits
         settings = self.settings
@@ -494,7 +497,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                     "the broker, unacknowledged, and are fetched again by resuming the session "
                     "once the layer took the held ones",
                     self.name,
-                    self._pending.qsize(),
+                    self._held,
                     self._held_bytes,
                 )
             self._deferred += 1
@@ -523,12 +526,17 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
 
     async def _handoff_loop(self) -> None:
         while True:
-            item = await self._pending.get()
+            # everything held goes in one hand-off: one layer round trip on core.streams
+            items = [await self._pending.get()]
+            while len(items) < HANDOFF_BATCH and not self._pending.empty():
+                items.append(self._pending.get_nowait())
             try:
-                await self._hand_off(item)
+                await self._hand_off(items)
             finally:
-                self._held_bytes -= item.size
-                self._pending.task_done()
+                for item in items:
+                    self._held -= 1
+                    self._held_bytes -= item.size
+                    self._pending.task_done()
             if self._deferring and self._pending.empty() and not self.stopping:
                 self._resume_session()
 
@@ -548,32 +556,24 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 count,
             )
 
-    async def _hand_off(self, item: _Pending) -> None:
-        for channel, event in item.events:
-            try:
-                if not await self.publish(event, channel=channel):
-                    return  # stopping: not acknowledged, so the broker delivers it again
-            except asyncio.CancelledError:
-                raise
-            except EventRefused:
-                pass  # logged and counted by publish(); acknowledged, or the broker resends it
-            except Exception as exc:
-                # not a layer outage (those are retried): this event can never be sent
-                self.metrics.dropped("unsendable")
-                self.log.error(
-                    "%s: cannot hand message %s on %s to %r (%s); acknowledging it so the broker "
-                    "does not resend it forever",
-                    self.name,
-                    clip(event["id"]),
-                    clip(event["topic"]),
-                    channel,
-                    describe_error(exc),
-                )
-        if item.id is not None:
-            self._recent[item.id] = None
-            if len(self._recent) > RECENT_IDS:
-                self._recent.popitem(last=False)
-        self.connection.ack(item.mid, item.qos, item.generation)
+    async def _hand_off(self, items: list[_Pending]) -> None:
+        """Publish the items' events in order; acknowledge each item whose events are all in.
+
+        An event no layer can take is skipped (logged and counted by ``publish_many``) and its
+        message acknowledged, so the broker does not send it again forever. When the gateway
+        stops first, what is not in stays unacknowledged: the broker delivers it again.
+        """
+        done = await self.publish_many([pair for item in items for pair in item.events])
+        position = 0
+        for item in items:
+            position += len(item.events)
+            if position > done:
+                return
+            if item.id is not None:
+                self._recent[item.id] = None
+                if len(self._recent) > RECENT_IDS:
+                    self._recent.popitem(last=False)
+            self.connection.ack(item.mid, item.qos, item.generation)
 
     # -- subscriptions ------------------------------------------------------------------------
 

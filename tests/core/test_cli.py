@@ -152,6 +152,33 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path, redis_server: RedisServer) -
     assert any("stopped" in line for line in gateway.output)
 
 
+STUCK = """
+import asyncio, os, signal
+from channels.layers import InMemoryChannelLayer
+from core import cli
+from tests.core.test_service import EchoConfig, EchoGateway
+
+class Stuck(EchoGateway):
+    async def close(self):
+        await asyncio.Event().wait()  # a bug: close never returns
+
+cli.STOP_MARGIN = 0.5
+gateway = Stuck(EchoConfig(name="stuck", shutdown_grace=0.5), InMemoryChannelLayer())
+loop = asyncio.new_event_loop()
+loop.call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
+loop.run_until_complete(cli.serve([gateway]))
+"""
+
+
+def test_a_stop_that_hangs_ends_with_every_stack() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 1, done.stderr
+    assert "stop not done after 1.0 s" in done.stderr, done.stderr
+    assert "in close\n  " in done.stderr and "in wait" in done.stderr, done.stderr
+
+
 def test_gateways_run_with_app_on_memory_layer(tmp_path: Path) -> None:
     """The embedded default: gateway and consumers in one process, no Redis."""
     env = {"GATEWAYS_LOG_LEVEL": "INFO", "TMPDIR": str(tmp_path)}

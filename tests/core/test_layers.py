@@ -16,6 +16,7 @@ from core.layers import (
     is_memory_layer,
     resolve_layer,
 )
+from core.streams import StreamsChannelLayer
 from core.testing import RedisServer
 
 # for the import-path form
@@ -50,8 +51,17 @@ def test_memory() -> None:
     assert resolve_layer("memory://?capacity=5&expiry=9").capacity == 5
 
 
-def test_redis_options_and_timeout_trap() -> None:
-    layer = resolve_layer("redis://127.0.0.1:6390/2?capacity=1000&expiry=30&prefix=gw")
+def test_redis_selects_the_streams_layer() -> None:
+    layer = resolve_layer("redis://127.0.0.1:6390/2?capacity=1000&prefix=gw&batch=7")
+    assert isinstance(layer, StreamsChannelLayer)
+    assert (layer.capacity, layer.expiry, layer.prefix, layer.batch) == (1000, None, "gw", 7)
+    assert layer.hosts == [{"address": "redis://127.0.0.1:6390/2"}]
+    assert isinstance(resolve_layer("redis+streams://h/0?layer=streams"), StreamsChannelLayer)
+
+
+def test_channels_redis_options_and_timeout_trap() -> None:
+    path = "redis://127.0.0.1:6390/2?capacity=1000&expiry=30&prefix=gw&layer=channels_redis"
+    layer = resolve_layer(path)
     assert isinstance(layer, RedisChannelLayer)
     assert (layer.capacity, layer.expiry, layer.prefix) == (1000, 30, "gw")
     host = layer.hosts[0]
@@ -75,6 +85,7 @@ def test_import_path_instance_and_factory() -> None:
         ("redis://", "no host"),
         ("redis://localhost:notaport/0", "bad port"),
         ("redis://localhost/0?capacity=lots", "capacity must be an integer"),
+        ("redis://localhost/0?layer=pubsub", "layer must be 'streams' or 'channels_redis'"),
         ("memory://somehost", "takes no host"),
         ("memory://?bogus=1", "unknown option 'bogus'"),
         ("no.such.module:layer", "No module named"),
@@ -108,6 +119,9 @@ def test_describe_hides_password() -> None:
 
 def test_channel_layer_settings_for_django() -> None:
     entry = channel_layer_settings("redis://127.0.0.1:6390/1?capacity=50")
+    assert entry["BACKEND"] == "core.streams.StreamsChannelLayer"
+    assert entry["CONFIG"]["capacity"] == 50 and entry["CONFIG"]["redelivery_timeout"] == 30
+    entry = channel_layer_settings("redis://127.0.0.1:6390/1?capacity=50&layer=channels_redis")
     assert entry["BACKEND"] == "core.layers.RedisChannelLayer"
     assert entry["CONFIG"]["hosts"][0]["socket_timeout"] is None
     assert entry["CONFIG"]["capacity"] == 50
@@ -116,13 +130,16 @@ def test_channel_layer_settings_for_django() -> None:
         channel_layer_settings("tests.core.test_layers:CUSTOM")
 
 
-async def test_idle_receive_outlives_redis_py_socket_timeout(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("which", ["streams", "channels_redis"])
+async def test_idle_receive_outlives_redis_py_socket_timeout(
+    redis_server: RedisServer, which: str
+) -> None:
     """redis-py 8 would raise TimeoutError after 5 s of an idle receive(); ours keeps waiting."""
-    layer = resolve_layer(redis_server.url)
+    layer = resolve_layer(f"{redis_server.url}?layer={which}")
     receiving = asyncio.create_task(layer.receive("idle"))
     await asyncio.sleep(6.5)
     assert not receiving.done(), receiving.exception() if receiving.done() else None
-    sender = resolve_layer(redis_server.url)
+    sender = resolve_layer(f"{redis_server.url}?layer={which}")
     await sender.send("idle", {"type": "late.message", "n": 1})
     message = await asyncio.wait_for(receiving, 10)
     assert message == {"type": "late.message", "n": 1}
@@ -139,10 +156,11 @@ async def test_django_alias(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLi
         resolve_layer("django:missing")
 
 
+@pytest.mark.parametrize("which", ["streams", "channels_redis"])
 @pytest.mark.parametrize("senders", [100, 1000])
-async def test_many_concurrent_senders(redis_server: RedisServer, senders: int) -> None:
+async def test_many_concurrent_senders(redis_server: RedisServer, senders: int, which: str) -> None:
     """Issue 6 item 11: redis-py 8's 100-connection pool raised MaxConnectionsError here."""
-    layer = resolve_layer(redis_server.url + "?capacity=100000")
+    layer = resolve_layer(f"{redis_server.url}?capacity=100000&layer={which}")
     per = 3
     received: list[tuple[int, int]] = []
 

@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis
 from redis import exceptions as redis_errors
 
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
-from core.testing import RedisServer, until
+from core.testing import RedisServer, inject_undecodable, until
 from core.worker import DEAD_LETTER_TYPE, ConsumerWorker, RetryPolicy
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -32,9 +31,10 @@ def app_of(handle: Handler) -> Any:
     return app
 
 
-@pytest.fixture
-async def layer(redis_server: RedisServer) -> AsyncIterator[Any]:
-    layer = resolve_layer(redis_server.url)
+@pytest.fixture(params=["", "?layer=channels_redis"])
+async def layer(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Both Redis layers: core.streams' (``redis://``) and channels_redis'."""
+    layer = resolve_layer(redis_server.url + request.param)
     yield layer
     await layer.flush()
     await layer.close_pools()
@@ -142,11 +142,8 @@ async def test_undecodable_entry_is_logged_counted_and_skipped(
         "gateway_dropped_total", {"gateway": "worker", "reason": "undecodable"}
     )
     worker, task = await run_worker(layer, "junk", handle, RetryPolicy(**FAST))
-    # bytes that are not msgpack, straight into the channel's sorted set (issue 14 item 2);
-    # channels_redis strips a 12-byte random prefix first, 0xc1 is never valid msgpack
-    raw = redis.Redis.from_url(redis_server.url)
-    raw.zadd(layer.prefix + "junk", {b"R" * 12 + b"\xc1\xc1 not msgpack": time.time()})
-    raw.close()
+    # bytes that are not msgpack, straight into the channel in Redis (issue 14 item 2)
+    inject_undecodable(layer, redis_server.url, "junk")
     await layer.send("junk", {"type": "t.x", "id": "after"})
     await until(lambda: handled == ["after"], 15, "the message after the junk")
     lines = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
@@ -176,3 +173,53 @@ def test_policy_from_settings() -> None:
         RetryPolicy.from_settings({"RETRIES": 1})
     with pytest.raises(ValueError, match="dead_letter"):
         RetryPolicy.from_settings({"DEAD_LETTER": "drop"})
+
+
+async def test_concurrency_keeps_order_per_key(layer: Any) -> None:
+    """Four consumer instances on one channel; messages with the same ``topic`` stay in order."""
+    handled: list[tuple[str, int]] = []
+    busy = 0
+    most = 0
+    instances: set[int] = set()
+
+    async def handle(message: dict[str, Any]) -> None:
+        nonlocal busy, most
+        instances.add(id(asyncio.current_task()))
+        busy += 1
+        most = max(most, busy)
+        # work that takes longer for some messages: without the key, order would break
+        for _ in range(message["n"] % 5):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.001 * (message["n"] % 3))
+        busy -= 1
+        handled.append((message["topic"], message["n"]))
+
+    worker = ConsumerWorker(
+        app_of(handle),
+        ["lanes"],
+        layer,
+        retry=RetryPolicy(dead_letter="log", **FAST),
+        shutdown_grace=2,
+        concurrency={"lanes": 4},
+        ordering_key={"lanes": "topic"},
+    )
+    task = asyncio.create_task(worker.arun())
+    topics = [f"t/{k}" for k in range(8)]
+    sent = 0
+    for n in range(160):
+        while True:
+            try:
+                await layer.send("lanes", {"type": "t.x", "topic": topics[n % 8], "n": n})
+                break
+            except Exception:  # ChannelFull: the worker is behind
+                await asyncio.sleep(0.01)
+        sent += 1
+    deadline = time.monotonic() + 30
+    while len(handled) < sent:
+        assert time.monotonic() < deadline, len(handled)
+        await asyncio.sleep(0.02)
+    for topic in topics:
+        numbers = [n for t, n in handled if t == topic]
+        assert numbers == sorted(numbers) and len(numbers) == 20, (topic, numbers)
+    assert most > 1 and len(instances) == 4  # really in parallel, on four instances
+    await stop(worker, task)

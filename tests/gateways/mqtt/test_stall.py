@@ -148,7 +148,8 @@ async def test_qos1_stall_longer_than_keepalives_loses_nothing(
     extra = [] if inflight is None else [f"max_inflight_messages {inflight}"]
     broker = start_service(MosquittoServer(extra_config=BROKER + extra))
     url = f"{redis_server.url}?capacity={CAPACITY}"
-    config = integration(broker, url, protocol=protocol)
+    # a hold smaller than COUNT, so a broker without flow control overflows it
+    config = integration(broker, url, protocol=protocol, max_pending=1000)
     gateway = GatewayProcess.from_config(tmp_path, config).start()
     try:
         await publish(broker.port, range(COUNT), protocol=5 if protocol == "5" else 3)
