@@ -51,7 +51,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
@@ -79,6 +79,7 @@ __all__ = [
     "Gateway",
     "StartupError",
     "describe_error",
+    "describe_tasks",
     "handles",
     "send_command",
 ]
@@ -183,6 +184,25 @@ class Backoff:
 def describe_error(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def describe_tasks(tasks: Iterable[asyncio.Task[Any]]) -> str:
+    """Where each unfinished task waits: its coroutine's frame, then what that awaits, inwards
+    (``Task.get_stack`` shows the outermost frame only). For hung-stop diagnostics."""
+    blocks = []
+    for task in tasks:
+        if task.done():
+            continue
+        lines = [f"task {task.get_name()}:"]
+        coro: Any = task.get_coro()
+        while coro is not None and getattr(coro, "cr_frame", None) is not None:
+            code = coro.cr_frame.f_code
+            lines.append(f"  {code.co_filename}:{coro.cr_frame.f_lineno} in {code.co_name}")
+            coro = coro.cr_await
+        if coro is not None:
+            lines.append(f"  awaiting {coro!r}"[:200])
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 class Gateway(Generic[C]):
