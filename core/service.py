@@ -78,6 +78,7 @@ __all__ = [
     "EventRefused",
     "Gateway",
     "StartupError",
+    "cancel_and_wait",
     "describe_error",
     "describe_tasks",
     "handles",
@@ -184,6 +185,25 @@ class Backoff:
 def describe_error(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any], every: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until every one is done, cancelling again each ``every`` s.
+
+    One cancellation can be lost: redis-py turns a cancel that meets its own timeout into a
+    ``TimeoutError`` that a retry loop catches as an outage (seen: a scheduler's lease loop went
+    on sleeping and its stop hung), and on Python 3.11 ``wait_for`` returns a result that raced
+    the cancel. A task that swallowed one must not hang a stop. Outcomes are retrieved and
+    dropped, as ``gather(..., return_exceptions=True)`` does.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 def describe_tasks(tasks: Iterable[asyncio.Task[Any]]) -> str:
@@ -345,9 +365,7 @@ class Gateway(Generic[C]):
         finally:
             stopping.cancel()
             watcher.cancel()
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_and_wait(*loops)
             await self._shutdown()
 
     async def _probe_layer(self) -> bool:
@@ -410,10 +428,7 @@ class Gateway(Generic[C]):
                 len(self._commands),
                 len(self._results),
             )
-        leftovers = [*self._commands, *self._results]
-        for task in leftovers:
-            task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
+        await cancel_and_wait(*self._commands, *self._results)
         await self.close()
         self.log.info("%s stopped", self.name)
 
@@ -849,8 +864,7 @@ class EventBuffer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         left = len(self._queue)
         if left:
