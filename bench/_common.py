@@ -38,6 +38,7 @@ __all__ = [
     "markdown_table",
     "percentile",
     "program_version",
+    "scrape_metrics",
     "text_table",
     "today",
     "update_section",
@@ -208,6 +209,22 @@ async def wait_http_ok(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
 
 
+async def scrape_metrics(url: str) -> dict[str, float]:
+    """A Prometheus ``/metrics`` page as {metric name: value summed over its labels}."""
+
+    def text() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    values: dict[str, float] = {}
+    for line in (await asyncio.to_thread(text)).splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(\{.*\})? ([-+\w.]+)", line.strip())
+        if match and not line.startswith("#"):
+            with contextlib.suppress(ValueError):
+                values[match[1]] = values.get(match[1], 0.0) + float(match[3])
+    return values
+
+
 class GatewayProcess:
     """One gateway binary (``python -m gateways.<protocol>.cli --config FILE``) in its own
     process, its YAML written from ``config`` (a health port is added), its output in a log.
@@ -256,6 +273,10 @@ class GatewayProcess:
             await wait_http_ok(f"http://127.0.0.1:{self.health}/readyz", timeout)
         except TimeoutError:
             raise RuntimeError(f"{self.protocol} gateway not ready; see {self.log}") from None
+
+    async def metrics(self) -> dict[str, float]:
+        """The gateway's ``/metrics``, summed over labels (see :func:`scrape_metrics`)."""
+        return await scrape_metrics(f"http://127.0.0.1:{self.health}/metrics")
 
     async def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, then wait for the exit (SIGKILL after ``timeout``); the exit code."""
