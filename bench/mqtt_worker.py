@@ -95,6 +95,8 @@ TIMEOUT = 600.0
 STALL = 30.0
 #: a default-broker burst ends this long after the publisher finished and nothing moved
 QUIET = 5.0
+#: once as many messages as were sent were handled, wait this long for stragglers
+SETTLE = 2.0
 #: the issue's targets (issue 13, "Targets")
 TARGET_RATE = 5000.0
 TARGET_P99 = 0.005
@@ -361,17 +363,17 @@ async def watch(
     idle: float,
     until: Callable[[], bool] = lambda: True,
 ) -> None:
-    """Return once the workers handled ``expected`` messages, or nothing moved for ``idle``
-    seconds after ``until()`` became true (and at least one message came). Samples CPU at
-    the first and every later movement."""
+    """Return once the workers handled ``expected`` messages and then nothing more for
+    :data:`SETTLE` seconds (a duplicate counts too, so the last distinct ones may still be on
+    their way), or nothing moved for ``idle`` seconds after ``until()`` became true (and at
+    least one message came). Samples CPU at the first and every later movement."""
     total = sum(w.count for w in workers)
-    still_since = time.monotonic()
-    started = still_since
-    while total < expected:
+    still_since = started = time.monotonic()
+    while True:
         for w in workers:
             w.moved.clear()
         waits = [asyncio.create_task(w.moved.wait()) for w in workers]
-        _, pending = await asyncio.wait(waits, timeout=0.5)
+        _, pending = await asyncio.wait(waits, timeout=0.25)
         for task in pending:
             task.cancel()
         now_total = sum(w.count for w in workers)
@@ -379,13 +381,16 @@ async def watch(
             total, still_since = now_total, time.monotonic()
             sample.take()
             continue
+        still = time.monotonic() - still_since
+        if total >= expected and still > SETTLE:
+            return
         if any(w.proc is not None and w.proc.returncode is not None for w in workers):
             raise RuntimeError("a worker exited during the measurement")
         if time.monotonic() - started > TIMEOUT:
             raise RuntimeError(f"no end after {TIMEOUT:.0f} s")
-        if until() and total and time.monotonic() - still_since > idle:
+        if until() and total and still > idle:
             return
-        if until() and not total and time.monotonic() - still_since > STALL * 2:
+        if until() and not total and still > STALL * 2:
             return
 
 
@@ -985,6 +990,11 @@ def verdict(rows: list[Row]) -> list[str]:
                     f"{r.redelivered} of the handlings were layer redeliveries "
                     f"(`__delivery__` > 1); the gateway counted {r.gateway_duplicates} MQTT "
                     f"redeliveries of messages it had handed off ({r.resumes} session resumes)."
+                )
+            if r.stale:
+                lines.append(
+                    f"- {row.key}, round {i + 1}: {r.stale} message(s) of the previous round "
+                    "were handled in this one (left in Redis when that round's workers stopped)."
                 )
             if r.error:
                 lines.append(f"- ERROR in {row.key}, round {i + 1}: {r.error}")
