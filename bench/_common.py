@@ -6,31 +6,43 @@ section (:func:`update_section`), so benchmarks written by different people can 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import fcntl
+import json
 import math
 import os
 import platform
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BENCHMARKS_MD",
     "REPO_ROOT",
+    "GatewayProcess",
     "command_line",
     "cpu_seconds",
+    "load_average",
     "machine",
     "machine_lines",
     "markdown_table",
     "percentile",
+    "program_version",
+    "scrape_metrics",
     "text_table",
     "today",
     "update_section",
+    "wait_http_ok",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +82,24 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def program_version(*argv: str) -> str:
+    """The first line ``argv`` prints that names a version (``redis-server --version``,
+    ``mosquitto -h``), or ``"unknown"``."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in (done.stdout + done.stderr).splitlines():
+        if re.search(r"\bv(ersion)?[ =]?\d", line):
+            return line.strip()
+    return "unknown"
 
 
 def machine_lines() -> list[str]:
@@ -160,3 +190,107 @@ def update_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(new, encoding="utf-8")
         os.replace(tmp, path)
+
+
+async def wait_http_ok(url: str, timeout: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200 (a gateway's ``/readyz``); ``TimeoutError`` after
+    ``timeout`` seconds."""
+
+    def status() -> int:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if await asyncio.to_thread(status) == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+async def scrape_metrics(url: str) -> dict[str, float]:
+    """A Prometheus ``/metrics`` page as {metric name: value summed over its labels}."""
+
+    def text() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    values: dict[str, float] = {}
+    for line in (await asyncio.to_thread(text)).splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(\{.*\})? ([-+\w.]+)", line.strip())
+        if match and not line.startswith("#"):
+            with contextlib.suppress(ValueError):
+                values[match[1]] = values.get(match[1], 0.0) + float(match[3])
+    return values
+
+
+class GatewayProcess:
+    """One gateway binary (``python -m gateways.<protocol>.cli --config FILE``) in its own
+    process, its YAML written from ``config`` (a health port is added), its output in a log.
+
+    :meth:`start` / :meth:`ready` / :meth:`stop` can be repeated (a persistent MQTT session is
+    made by one start-ready-stop, then drained by the next start).
+    """
+
+    def __init__(self, protocol: str, config: dict[str, Any], tmp: Path, name: str) -> None:
+        from core.testing import free_port
+
+        self.protocol = protocol
+        #: the integration's YAML as given (``name`` is its inbound channel)
+        self.settings = config
+        self.health = free_port()
+        self.config = tmp / f"{name}.yaml"
+        self.log = tmp / f"{name}.log"
+        self.config.write_text(json.dumps({**config, "health": {"port": self.health}}))
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                f"gateways.{self.protocol}.cli",
+                "--config",
+                str(self.config),
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=log,
+            )
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Wait for ``/readyz`` (for MQTT: connected and subscribed)."""
+        try:
+            await wait_http_ok(f"http://127.0.0.1:{self.health}/readyz", timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{self.protocol} gateway not ready; see {self.log}") from None
+
+    async def metrics(self) -> dict[str, float]:
+        """The gateway's ``/metrics``, summed over labels (see :func:`scrape_metrics`)."""
+        return await scrape_metrics(f"http://127.0.0.1:{self.health}/metrics")
+
+    async def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait for the exit (SIGKILL after ``timeout``); the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+                raise RuntimeError(
+                    f"the {self.protocol} gateway did not stop within {timeout:.0f} s of "
+                    f"SIGTERM (killed); see {self.log}"
+                ) from None
+        return int(self.proc.returncode or 0)

@@ -30,7 +30,7 @@ from core.layers import (
     resolve_layer,
 )
 from core.logs import setup_logging
-from core.service import Gateway, StartupError, describe_error
+from core.service import Gateway, StartupError, describe_error, describe_tasks
 from core.types import ChannelLayer
 
 __all__ = [
@@ -237,23 +237,14 @@ def _exit_if_stuck(gateways: Sequence[Gateway[Any]]) -> None:
     faulthandler.dump_traceback_later(grace + STOP_MARGIN + 5, exit=True)
 
 
-def _awaiting(coro: Any) -> str:
-    """Where a coroutine waits: its frame, the frame of what it awaits, and so on inwards."""
-    lines = []
-    while coro is not None and getattr(coro, "cr_frame", None) is not None:
-        frame = coro.cr_frame
-        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        coro = coro.cr_await
-    if coro is not None:
-        lines.append(f"  awaiting {coro!r}"[:200])
-    return "\n".join(lines)
-
-
 def _stuck(after: float) -> None:
     tasks = [t for t in asyncio.all_tasks() if not t.done()]
-    log.error("stop not done after %.1f s; %d task(s) left, exiting with 1:", after, len(tasks))
-    for task in tasks:
-        log.error("task %s at:\n%s", task.get_name(), _awaiting(task.get_coro()))
+    log.error(
+        "stop not done after %.1f s; %d task(s) left, exiting with 1:\n%s",
+        after,
+        len(tasks),
+        describe_tasks(tasks),
+    )
     logging.shutdown()
     os._exit(EXIT_CRASH)
 

@@ -51,7 +51,7 @@ import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
@@ -78,7 +78,9 @@ __all__ = [
     "EventRefused",
     "Gateway",
     "StartupError",
+    "cancel_and_wait",
     "describe_error",
+    "describe_tasks",
     "handles",
     "send_command",
 ]
@@ -183,6 +185,44 @@ class Backoff:
 def describe_error(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any], every: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until every one is done, cancelling again each ``every`` s.
+
+    One cancellation can be lost: redis-py turns a cancel that meets its own timeout into a
+    ``TimeoutError`` that a retry loop catches as an outage (seen: a scheduler's lease loop went
+    on sleeping and its stop hung), and on Python 3.11 ``wait_for`` returns a result that raced
+    the cancel. A task that swallowed one must not hang a stop. Outcomes are retrieved and
+    dropped, as ``gather(..., return_exceptions=True)`` does.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
+
+
+def describe_tasks(tasks: Iterable[asyncio.Task[Any]]) -> str:
+    """Where each unfinished task waits: its coroutine's frame, then what that awaits, inwards
+    (``Task.get_stack`` shows the outermost frame only). For hung-stop diagnostics."""
+    blocks = []
+    for task in tasks:
+        if task.done():
+            continue
+        lines = [f"task {task.get_name()}:"]
+        coro: Any = task.get_coro()
+        while coro is not None and getattr(coro, "cr_frame", None) is not None:
+            code = coro.cr_frame.f_code
+            lines.append(f"  {code.co_filename}:{coro.cr_frame.f_lineno} in {code.co_name}")
+            coro = coro.cr_await
+        if coro is not None:
+            lines.append(f"  awaiting {coro!r}"[:200])
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 class Gateway(Generic[C]):
@@ -325,9 +365,7 @@ class Gateway(Generic[C]):
         finally:
             stopping.cancel()
             watcher.cancel()
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_and_wait(*loops)
             await self._shutdown()
 
     async def _probe_layer(self) -> bool:
@@ -390,10 +428,7 @@ class Gateway(Generic[C]):
                 len(self._commands),
                 len(self._results),
             )
-        leftovers = [*self._commands, *self._results]
-        for task in leftovers:
-            task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
+        await cancel_and_wait(*self._commands, *self._results)
         await self.close()
         self.log.info("%s stopped", self.name)
 
@@ -829,8 +864,7 @@ class EventBuffer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         left = len(self._queue)
         if left:

@@ -11,6 +11,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
+# Hypothesis imports its optimiser lazily, deep inside a running property test; pytest rewrites
+# the asserts of a plugin's modules as they are imported, and CPython 3.11.7 then fails to
+# parse it there ("SystemError: AST constructor recursion depth mismatch"; seen in 3 of 9 runs
+# of tests/gateways/scheduler alone). Imported here, at the top of the stack, it parses once.
+import hypothesis.internal.conjecture.optimiser  # noqa: F401
 import pytest
 
 from core.testing import (

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.metrics import REGISTRY
-from core.service import Gateway
+from core.service import Gateway, describe_tasks
 from core.testing.base import HOST, OUTPUT_LINES, WAIT, ManagedProcess, Server, free_port
 from core.types import ChannelLayer, Message
 
@@ -146,7 +146,13 @@ async def run_gateway(
     finally:
         started.cancel()
         gateway.stop()
-        await asyncio.wait_for(asyncio.gather(task, started, return_exceptions=True), timeout)
+        done, _ = await asyncio.wait({task, started}, timeout=timeout)
+        if task not in done:
+            # a hung stop is a bug to find: say where everything waits, then clean up
+            stacks = describe_tasks(asyncio.all_tasks())
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise TimeoutError(f"{gateway.name} did not stop within {timeout:g} s:\n{stacks}")
     task.result()  # run() must end cleanly after stop()
 
 

@@ -24,7 +24,14 @@ from typing import Any
 
 from core.envelope import new_event
 from core.layers import import_object
-from core.service import LAYER_ERRORS, Backoff, EventRefused, Gateway, StartupError
+from core.service import (
+    LAYER_ERRORS,
+    Backoff,
+    EventRefused,
+    Gateway,
+    StartupError,
+    cancel_and_wait,
+)
 from core.types import ChannelLayer
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.connection import UvicornServer
@@ -296,9 +303,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
                     )
                     await self._close(sock, 1013, "try again later")
         finally:
-            for task in (outbound, idle):
-                task.cancel()
-            await asyncio.gather(outbound, idle, return_exceptions=True)
+            await cancel_and_wait(outbound, idle)
 
     async def _disconnected(self, sock: _Socket, channel: str, event: dict[str, Any]) -> None:
         sock.closing = True

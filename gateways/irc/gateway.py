@@ -32,7 +32,7 @@ from irc.client import Event
 
 from core.envelope import Command, CommandError
 from core.pacer import Pacer
-from core.service import EventBuffer, Gateway, handles
+from core.service import EventBuffer, Gateway, cancel_and_wait, handles
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.connection import IrcConnection, NotConnected
@@ -144,9 +144,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         await self.buffer.flush(1.0)
 
     async def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     # -- client listener ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from core.service import (
     EventBuffer,
     Gateway,
     StartupError,
+    cancel_and_wait,
     describe_error,
     handles,
 )
@@ -305,9 +306,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
 
     async def close(self) -> None:
         self._accepting = False
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         await self.buffer.flush(0)
         self._report_hold_drops()  # drops of the last second are not left unlogged at exit
         await self.connection.close()  # with the will first when will.on_stop

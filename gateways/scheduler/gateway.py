@@ -40,7 +40,7 @@ from core.clock import LOOP_CLOCK, Clock
 from core.envelope import Command, CommandError, check_payload
 from core.metrics import REGISTRY
 from core.redis import layer_redis
-from core.service import Backoff, EventRefused, Gateway, StartupError, handles
+from core.service import Backoff, EventRefused, Gateway, StartupError, cancel_and_wait, handles
 from core.types import ChannelLayer
 from gateways.scheduler.config import SchedulerGatewayConfig
 from gateways.scheduler.connection import (
@@ -210,9 +210,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             await asyncio.wait(set(self._runs))
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._runs]:
-            task.cancel()
-        await asyncio.gather(*self._loops, *self._runs, return_exceptions=True)
+        await cancel_and_wait(*self._loops, *self._runs)
         if self.token is not None:
             token, self.token = self.token, None
             _LEADER.labels(self.name).set(0)

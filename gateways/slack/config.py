@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from core.config import GatewayConfig, Section, read_secret_files
+from core.config import GatewayConfig, Section
 
 __all__ = [
     "DedupConfig",
@@ -115,6 +115,7 @@ class RetryConfig(Section):
 class SlackConfig(Section):
     """``slack:`` — one Slack app in one workspace."""
 
+    secret_files: ClassVar[tuple[str, ...]] = ("bot_token", "app_token", "signing_secret")
     bot_token: SecretStr = Field(
         description="Bot token (xoxb-…) for the Web API; or bot_token_file. Never logged."
     )
@@ -183,11 +184,6 @@ class SlackConfig(Section):
         ge=1,
         description="slack.connect / slack.disconnect events waiting for the layer.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _secret_files(cls, data: Any) -> Any:
-        return read_secret_files(data, "bot_token", "app_token", "signing_secret")
 
     _check_urls = field_validator("api_url", "response_url_prefix")(_url)
 

@@ -51,7 +51,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from core.client import ClientListener, ConnectFailed, ReconnectingClient
-from core.service import Backoff, EventBuffer, Gateway, describe_error
+from core.service import Backoff, EventBuffer, Gateway, cancel_and_wait, describe_error
 from gateways.slack.config import SlackConfig
 from gateways.slack.translate import (
     Control,
@@ -328,9 +328,8 @@ class SocketModeConnection(ReconnectingClient):
         socket, self._socket = self._socket, None
         readers, self._readers = set(self._readers), set()
         handlers, self._in_flight = set(self._in_flight), set()
-        for task in (*readers, *handlers):
-            task.cancel()  # an envelope not acknowledged yet is redelivered by Slack
-        await asyncio.gather(*readers, *handlers, return_exceptions=True)
+        # an envelope not acknowledged yet is redelivered by Slack
+        await cancel_and_wait(*readers, *handlers)
         if socket is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(socket.close(), 2)

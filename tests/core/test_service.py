@@ -17,7 +17,7 @@ from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
 from core.health import HealthServer
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
-from core.service import Backoff, EventBuffer, EventRefused, Gateway, handles
+from core.service import Backoff, EventBuffer, EventRefused, Gateway, cancel_and_wait, handles
 from core.testing import RedisServer, inject_undecodable, metric, until
 
 
@@ -351,6 +351,26 @@ async def test_stop_cancels_after_grace(caplog: pytest.LogCaptureFixture) -> Non
     await asyncio.wait_for(task, 5)
     assert gateway.sent == [] and gateway.closed
     assert "cancelling 1 command(s)" in caplog.text
+
+
+async def test_cancel_and_wait_ends_a_task_that_swallowed_the_cancel() -> None:
+    cancels = 0
+
+    async def stubborn() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels == 1:
+                    continue  # as a retry loop does when the cancel came as a timeout error
+                raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task, every=0.05), 5)
+    assert task.cancelled() and cancels == 2
 
 
 def test_backoff_is_capped_jittered_and_resets() -> None:
