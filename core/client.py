@@ -66,7 +66,14 @@ import enum
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
-from core.service import Backoff, EventBuffer, Gateway, StartupError, describe_error
+from core.service import (
+    Backoff,
+    EventBuffer,
+    Gateway,
+    StartupError,
+    cancel_and_wait,
+    describe_error,
+)
 
 __all__ = [
     "STABLE_AFTER",
@@ -285,8 +292,7 @@ class ReconnectingClient:
         if self._state is not ClientState.CLOSED:
             self._fire(ClientEvent.CLOSE)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)  # a retry loop: a lost cancel must not hang it
             self._task = None
         with contextlib.suppress(Exception):
             await self._disconnect()
