@@ -50,12 +50,16 @@ returns ``False`` when the deadline passed: the one push-back contract, which ea
 turns into its own (SMTP 451, a withheld PUBACK, HTTP 503). A transport that cannot push back
 puts events in an ``EventBuffer`` (bounded; every drop counted and logged). An event no
 layer can take (over 1 MB, not msgpack-safe) raises ``EventRefused``, logged and counted once.
+With several events waiting (a broker's backlog), ``await self.publish_many(pairs)`` hands them
+over in order, one Redis round trip for all on ``core.streams``, and says how many are in.
+Stop background tasks with ``cancel_and_wait(*tasks)``: it cancels again until they are done.
 
 Which piece for what (each module's docstring is its reference):
 
 ====================  ===========================================================================
 ``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``Backoff``,
-                      ``StartupError``, ``send_command`` (layer send, retried).
+                      ``StartupError``, ``cancel_and_wait``, ``send_command`` (layer send,
+                      retried).
 ``core.client``       ``ReconnectingClient``: subclass it in ``connection.py`` for a transport
                       that dials out (IRC, Slack Socket Mode, MQTT): hooks ``_connect`` /
                       ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``, ``_hang_up``);
@@ -71,6 +75,8 @@ Which piece for what (each module's docstring is its reference):
 ``core.types``        ``ChannelLayer``: the layer as a typed ``Protocol`` (never ``Any``).
 ``core.cli``          ``gateway_main``: the whole ``cli.py``.
 ``core.layers``       layer paths (``redis://``, ``memory://``, ``django``, ``mod:attr``).
+``core.streams``      the ``redis://`` layer: Redis Streams, batched, acknowledged, redelivered.
+``core.worker``       ``ConsumerWorker``: acknowledges after the handler, retries, dead letters.
 ``core.metrics``      ``self.metrics``: Prometheus series by integration (``core.health``).
 ====================  ===========================================================================
 
