@@ -8,10 +8,10 @@ and ``core.streams.StreamsChannelLayer`` (``redis://``), the three Redis ones on
 ``redis-server``. For each number of sender tasks, one process runs that many tasks calling
 ``layer.send`` and one task calling ``layer.receive`` on the same channel at once (one event loop,
 as a worker that also sends would); msgs/s is messages delivered ÷ time from the first send to
-the last receive. Rounds are interleaved (round 1 of every row, then round 2, …) and the median is
-reported. Errors are counted, not raised: with redis-py 8 channels_redis raises
-``MaxConnectionsError`` from 100 concurrent callers on (issue 6). Capacity is raised so no sender
-sees ``ChannelFull``.
+the last receive. Every row runs in a fresh process of its own. Rounds are interleaved (round 1
+of every row, then round 2, …) and the median is reported. Errors are counted, not raised:
+with redis-py 8 channels_redis raises ``MaxConnectionsError`` from 100 concurrent callers on
+(issue 6). Capacity is raised so no sender sees ``ChannelFull``.
 
 Then the same with a ``core.worker.ConsumerWorker`` (a no-op consumer) receiving instead of a
 plain ``receive()`` loop, ``--worker-senders`` senders (the worker acknowledges after the handler
@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,7 +156,33 @@ def layers(url: str) -> dict[str, Callable[[], Any]]:
     }
 
 
+def run_isolated(
+    url: str, name: str, senders: int, messages: int, through_worker: bool
+) -> tuple[int, float, list[str]]:
+    """One row in a process of its own, so no row pays for what an earlier one left behind
+    (garbage, connections of a layer that failed, tasks of its pool)."""
+    argv = [sys.executable, "-m", "bench.layer", "_row", url, name, str(senders), str(messages)]
+    if through_worker:
+        argv.append("worker")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        return 0, 0.0, [f"row process exited {done.returncode}: {done.stderr.strip()[-200:]}"]
+    delivered, rate, errors = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(delivered), float(rate), list(errors)
+
+
+def _row(argv: list[str]) -> int:
+    url, name, senders, messages, *worker = argv
+    run = worker_run if worker else one_run
+    result = asyncio.run(run(layers(url)[name](), int(senders), int(messages)))
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_row"]:
+        return _row(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__)
     parser.add_argument("--senders", default="1,10,100,1000")
     parser.add_argument("--messages", type=int, default=3000)
@@ -179,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                     (label, senders),
                     Row(label, senders, max(1, args.messages // senders) * senders),
                 )
-                run = worker_run if through_worker else one_run
-                delivered, rate, errors = asyncio.run(run(makers[name](), senders, args.messages))
+                delivered, rate, errors = run_isolated(
+                    server.url, name, senders, args.messages, through_worker
+                )
                 row.rates.append(rate)
                 row.delivered.append(delivered)
                 row.errors += len(errors)
