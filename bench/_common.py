@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +294,35 @@ class GatewayProcess:
                     f"SIGTERM (killed); see {self.log}"
                 ) from None
         return int(self.proc.returncode or 0)
+
+
+def publish_paced(
+    port: int,
+    topic: str,
+    count: int,
+    qos: int,
+    rate: float,
+    payload: Callable[[int, float], bytes],
+    timeout: float = 120.0,
+) -> float:
+    """Publish ``count`` messages with paho (MQTT 5, 1,000 in flight), ``rate`` a second (0:
+    flat out), each ``payload(n, time.monotonic())``; wait for every PUBACK. Seconds taken."""
+    from paho.mqtt.client import Client, MQTTv5
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = Client(CallbackAPIVersion.VERSION2, client_id="", protocol=MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    started = time.monotonic()
+    infos = []
+    for n in range(count):
+        if rate:
+            time.sleep(max(0.0, started + n / rate - time.monotonic()))
+        infos.append(client.publish(topic, payload(n, time.monotonic()), qos))
+    for info in infos:
+        info.wait_for_publish(timeout)
+    took = time.monotonic() - started
+    client.disconnect()
+    client.loop_stop()
+    return took

@@ -76,6 +76,7 @@ from bench._common import (
     machine_lines,
     markdown_table,
     percentile,
+    publish_paced,
     text_table,
     today,
     update_section,
@@ -164,23 +165,7 @@ async def _sender(url: str, count: int, rate: float) -> None:
 
 
 def _publisher(port: int, topic: str, count: int, qos: int, rate: float) -> None:
-    from paho.mqtt.client import Client, MQTTv5
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = Client(CallbackAPIVersion.VERSION2, client_id="", protocol=MQTTv5)
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    started = time.monotonic()
-    infos = []
-    for n in range(count):
-        if rate:
-            time.sleep(max(0.0, started + n / rate - time.monotonic()))
-        infos.append(client.publish(topic, reading(time.monotonic()), qos))
-    for info in infos:
-        info.wait_for_publish(TIMEOUT)
-    client.disconnect()
-    client.loop_stop()
+    publish_paced(port, topic, count, qos, rate, lambda _n, now: reading(now), TIMEOUT)
 
 
 def helper_entry(name: str, argv: list[str]) -> int:

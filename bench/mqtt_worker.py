@@ -82,6 +82,7 @@ from bench._common import (
     markdown_table,
     percentile,
     program_version,
+    publish_paced,
     text_table,
     today,
     update_section,
@@ -114,24 +115,8 @@ def payload(tag: str, n: int, stamp: float, size: int = PAYLOAD_SIZE) -> bytes:
 
 
 def _publisher(port: int, topic: str, tag: str, count: int, rate: float) -> None:
-    from paho.mqtt.client import Client, MQTTv5
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = Client(CallbackAPIVersion.VERSION2, client_id="", protocol=MQTTv5)
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    started = time.monotonic()
-    infos = []
-    for n in range(count):
-        if rate:
-            time.sleep(max(0.0, started + n / rate - time.monotonic()))
-        infos.append(client.publish(topic, payload(tag, n, time.monotonic()), 1))
-    for info in infos:
-        info.wait_for_publish(TIMEOUT)
-    print(f"published {count} in {time.monotonic() - started:.3f} s", flush=True)
-    client.disconnect()
-    client.loop_stop()
+    took = publish_paced(port, topic, count, 1, rate, lambda n, now: payload(tag, n, now), TIMEOUT)
+    print(f"published {count} in {took:.3f} s", flush=True)
 
 
 def _subscriber(

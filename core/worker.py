@@ -328,15 +328,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         if self.concurrency.get(channel, 1) > 1:
             await self._lanes(channel, self.concurrency[channel], self.ordering_key.get(channel))
             return
-        acked = getattr(self.channel_layer, "receive_with_ack", None)
-        reader = ChannelReader(
-            self.channel_layer,
-            channel,
-            log=log,
-            label="worker",
-            count=self._count,
-            receive=acked if acked is not None else self._receive_unacked,
-        )
+        reader = self._reader(channel)
         receiving: asyncio.Task[Any] | None = None
         try:
             while True:
