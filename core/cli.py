@@ -163,6 +163,7 @@ async def serve(
     ]
     tasks: dict[asyncio.Task[Any], str] = {}
     exit_code = EXIT_OK
+    stuck: asyncio.TimerHandle | None = None
     try:
         for server in health_servers:
             try:
@@ -196,7 +197,7 @@ async def serve(
         if stop_task in done:
             log.info("signal received: draining")
         stop_task.cancel()
-        _exit_if_stuck(gateways)
+        stuck = _exit_if_stuck(gateways)
         for gw in gateways:
             gw.stop()
         gateway_tasks = [t for t, name in tasks.items() if name != "worker"]
@@ -213,7 +214,9 @@ async def serve(
             await _close_layer(gateways[0].layer)
         return exit_code
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        if stuck is not None:  # the stop ended: a loop that goes on must not be killed later
+            stuck.cancel()
+            faulthandler.cancel_dump_traceback_later()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         for server in health_servers:
@@ -224,17 +227,18 @@ async def serve(
 STOP_MARGIN = 15.0
 
 
-def _exit_if_stuck(gateways: Sequence[Gateway[Any]]) -> None:
+def _exit_if_stuck(gateways: Sequence[Gateway[Any]]) -> asyncio.TimerHandle:
     """Make a stop that hangs (a bug) end by itself, with the evidence.
 
     After every gateway's ``shutdown_grace`` plus :data:`STOP_MARGIN`, the stack of every
     asyncio task still running is logged and the process exits with status 1, instead of
     waiting for a SIGKILL that leaves nothing to go on. Should the event loop itself be stuck,
     ``faulthandler`` writes every thread's stack a few seconds later and exits the same way.
+    The caller cancels both (the handle returned, and faulthandler's) once the stop is done.
     """
     grace = max((gw.config.shutdown_grace for gw in gateways), default=0.0)
-    asyncio.get_running_loop().call_later(grace + STOP_MARGIN, _stuck, grace + STOP_MARGIN)
     faulthandler.dump_traceback_later(grace + STOP_MARGIN + 5, exit=True)
+    return asyncio.get_running_loop().call_later(grace + STOP_MARGIN, _stuck, grace + STOP_MARGIN)
 
 
 def _stuck(after: float) -> None:

@@ -179,6 +179,31 @@ def test_a_stop_that_hangs_ends_with_every_stack() -> None:
     assert "in close\n  " in done.stderr and "in wait" in done.stderr, done.stderr
 
 
+DONE_IN_TIME = """
+import asyncio, os, signal
+from channels.layers import InMemoryChannelLayer
+from core import cli
+from tests.core.test_service import EchoConfig, EchoGateway
+
+cli.STOP_MARGIN = 0.5
+gateway = EchoGateway(EchoConfig(name="prompt", shutdown_grace=0.5), InMemoryChannelLayer())
+loop = asyncio.new_event_loop()
+loop.call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
+code = loop.run_until_complete(cli.serve([gateway]))
+loop.run_until_complete(asyncio.sleep(8))  # the loop goes on past grace + margin (+ 5)
+print("alive", code)
+"""
+
+
+def test_a_stop_that_ended_leaves_no_watchdog_behind() -> None:
+    # the watchdog armed for the stop must not kill a process whose loop outlives serve()
+    done = subprocess.run(
+        [sys.executable, "-c", DONE_IN_TIME], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "alive 0" in done.stdout and "stop not done" not in done.stderr
+
+
 def test_gateways_run_with_app_on_memory_layer(tmp_path: Path) -> None:
     """The embedded default: gateway and consumers in one process, no Redis."""
     env = {"GATEWAYS_LOG_LEVEL": "INFO", "TMPDIR": str(tmp_path)}
