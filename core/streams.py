@@ -59,7 +59,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 from channels.exceptions import ChannelFull
@@ -770,9 +770,11 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             master = options.pop("master_name")
             sentinels = options.pop("sentinels")
             sentinel_kwargs = options.pop("sentinel_kwargs", None)
-            sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+            # redis-py types these constructors from 8.2 on and not before: called through Any,
+            # so the same line type-checks against every redis-py this package allows
+            sentinel = cast(Any, Sentinel)(sentinels, sentinel_kwargs=sentinel_kwargs)
             self._state().sentinels.append(sentinel)  # its clients are closed with the pools
-            return SentinelConnectionPool(master, sentinel, **options)  # type: ignore[no-untyped-call]
+            return cast(Any, SentinelConnectionPool)(master, sentinel, **options)
         return aioredis.ConnectionPool(**options)
 
     def _state(self) -> _LoopState:

@@ -64,7 +64,7 @@ import signal
 import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
@@ -268,7 +268,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             return inbox
         inbox = self._inboxes[channel] = _Inbox(self._acknowledge)
         scope = {"type": "channel", "channel": self._channel_of(channel)}
-        instance = guarantee_single_callable(self.application)  # type: ignore[no-untyped-call]
+        # asgiref's annotations of this function changed between releases: called through Any
+        instance = cast(Any, guarantee_single_callable)(self.application)
         inbox.future = asyncio.ensure_future(
             instance(
                 scope=scope,

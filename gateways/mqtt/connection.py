@@ -61,6 +61,7 @@ from core.client import ClientListener, ClientState, ConnectFailed, Reconnecting
 from core.logs import clip
 from core.service import Backoff, EventBuffer, Gateway, describe_error
 from gateways.mqtt.config import MqttConfig
+from gateways.mqtt.translate import new_properties
 
 __all__ = [
     "ConnectionLost",
@@ -253,7 +254,7 @@ class MqttConnection(ReconnectingClient):
         settings = self.settings
         if not settings.mqtt5:
             return None
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props = new_properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = settings.session_expiry_seconds
         props.ReceiveMaximum = settings.receive_maximum
         # the broker never sends a packet this large (MQTT 5 §3.1.2.11.4): refused at the source
@@ -684,7 +685,7 @@ class MqttConnection(ReconnectingClient):
             options = SubscribeOptions(qos, no_local, retain_as_published, retain_handling)
             props = None
             if identifier is not None and self.subscription_identifiers:
-                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                props = new_properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = identifier
             rc, mid = client.subscribe(filter_, options=options, properties=props)
         else:

@@ -35,7 +35,7 @@ import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
@@ -58,6 +58,7 @@ __all__ = [
     "encode_payload",
     "inbound_message",
     "message_id",
+    "new_properties",
     "parse_publish",
     "parse_subscribe",
     "parse_unsubscribe",
@@ -105,6 +106,16 @@ _STABLE_PROPERTIES: Final = (
     "correlation_data",
     "user_properties",
 )
+
+
+def new_properties(packet_type: int) -> Properties:
+    """Empty MQTT 5 properties for ``packet_type`` (``PacketTypes.PUBLISH`` …).
+
+    paho's ``Properties.__init__`` has no annotations (2.1, 2.2); called through ``Any`` here
+    once, so the rest of the code is typed whichever paho release annotates it.
+    """
+    properties: Properties = cast(Any, Properties)(packet_type)
+    return properties
 
 
 def _shown(text: str, limit: int = 80) -> str:
@@ -384,7 +395,7 @@ def publish_properties(spec: object) -> Properties | None:
         raise InvalidCommand(
             f"properties: unknown key(s) {', '.join(unknown)} (known: {', '.join(_PROPERTIES)})"
         )
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props = new_properties(PacketTypes.PUBLISH)
     empty = True
     for key, value in spec.items():
         if value is None:
@@ -783,7 +794,7 @@ def parse_publish(body: Mapping[str, Any], *, mqtt5: bool) -> Publish:
     if mqtt5 and not isinstance(value, str | bytes | bytearray | memoryview | None):
         # sent as JSON: say so, so `payload: auto` subscribers decode it
         if properties is None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties = new_properties(PacketTypes.PUBLISH)
         if not hasattr(properties, "ContentType"):
             properties.ContentType = "application/json"
     return Publish(
