@@ -106,7 +106,9 @@ class Resolver:
             self._resolver.nameservers = []
         if config.nameservers:
             self._resolver.nameservers = [_nameserver(e) for e in config.nameservers]
-        self._resolver.cache = dns.resolver.LRUCache(config.cache_size) if config.cache_size else None
+        self._resolver.cache = (
+            dns.resolver.LRUCache(config.cache_size) if config.cache_size else None
+        )
         # one try per server within the lookup's lifetime; dnspython retries within it
         self._resolver.timeout = config.timeout
 
@@ -429,6 +431,7 @@ class MailAuthenticator:
         self, client: str | None, mail_from: str | None, helo: str | None, deadline: float
     ) -> SpfVerdict:
         sender = (mail_from or "").strip()
+        identity: str | None
         if sender:
             domain = sender.rpartition("@")[2].lower() or None
             identity = sender

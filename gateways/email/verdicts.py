@@ -280,8 +280,8 @@ def parse_dmarc_record(text: bytes) -> DmarcRecord:
     except ValueError:
         pct = 100  # RFC 7489 6.3: an invalid value is ignored, the default applies
     return DmarcRecord(
-        policy=policy,  # type: ignore[arg-type]
-        subdomain_policy=sub if sub in policies else policy,  # type: ignore[arg-type]
+        policy=policy,
+        subdomain_policy=sub if sub in policies else policy,
         adkim="s" if tags.get(b"adkim") == b"s" else "r",
         aspf="s" if tags.get(b"aspf") == b"s" else "r",
         pct=pct,
@@ -391,8 +391,7 @@ def smtp_refusal(verdict: AuthVerdict) -> str | None:
     if verdict.mode != "enforce" or verdict.dmarc.disposition != "reject":
         return None
     return (
-        f"550 5.7.1 Unauthenticated mail from {verdict.dmarc.domain} is refused by its "
-        "DMARC policy"
+        f"550 5.7.1 Unauthenticated mail from {verdict.dmarc.domain} is refused by its DMARC policy"
     )
 
 
