@@ -336,6 +336,14 @@ def _parse_results(value: str) -> authres.AuthenticationResultsHeader | None:
         return None
 
 
+def _property(result: Any, ptype: str, name: str) -> str | None:
+    """A result's ``ptype.name`` value (authres parses unregistered methods generically)."""
+    for prop in getattr(result, "properties", None) or []:
+        if str(prop.type).lower() == ptype and str(prop.name).lower() == name:
+            return str(prop.value).lower().rstrip(".")
+    return None
+
+
 def relay_results(headers: Sequence[Sequence[str]], authserv_id: str) -> SpfVerdict | None:
     """The SPF verdict of the topmost ``Authentication-Results`` from ``authserv_id``.
 
@@ -350,8 +358,8 @@ def relay_results(headers: Sequence[Sequence[str]], authserv_id: str) -> SpfVerd
         if parsed is None or str(parsed.authserv_id).lower() != wanted:
             continue
         for res in parsed.results:
-            if res.method == "spf" and getattr(res, "smtp_mailfrom", None) is not None:
-                mailfrom = str(res.smtp_mailfrom)
+            mailfrom = _property(res, "smtp", "mailfrom") if res.method == "spf" else None
+            if mailfrom is not None:
                 domain = mailfrom.rpartition("@")[2].lower() or None
                 return SpfVerdict(
                     str(res.result).lower(), domain, mailfrom, f"as seen by {authserv_id}"
@@ -373,10 +381,9 @@ def trusted_arc_override(dmarc: DmarcVerdict, arc: ArcVerdict) -> DmarcVerdict:
     for res in parsed.results:
         result = str(res.result).lower()
         if res.method == "dmarc" and result == "pass":
-            from_ = str(getattr(res, "header_from", "") or "").lower()
-            vouched = vouched or from_ in ("", dmarc.domain)
+            vouched = vouched or _property(res, "header", "from") == dmarc.domain
         elif res.method == "dkim" and result == "pass":
-            vouched = vouched or _aligned(str(getattr(res, "header_d", "")), dmarc.domain, "r")
+            vouched = vouched or _aligned(_property(res, "header", "d"), dmarc.domain, "r")
     if not vouched:
         return dmarc
     reason = f"ARC sealer {arc.sealer} (trusted) saw a DMARC pass"
@@ -396,10 +403,10 @@ def smtp_refusal(verdict: AuthVerdict) -> str | None:
 
 
 def _comment(text: str | None) -> str | None:
-    # RFC 8601 comments are ctext: no parentheses or backslashes, no line breaks
+    # RFC 8601 comments are ctext: printable ASCII without parentheses or backslashes
     if not text:
         return None
-    return re.sub(r"[()\\\r\n]+", " ", text)[:200].strip() or None
+    return re.sub(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]+", " ", text)[:200].strip() or None
 
 
 def authentication_results(verdict: AuthVerdict) -> str:
