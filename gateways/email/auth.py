@@ -367,7 +367,6 @@ class MailAuthenticator:
         )
         key_names = sorted({s.key_name for s in (*dkim_sigs, *arc_sigs) if s is not None})
         relay = self.relay_for(client)
-        notes: list[str] = []
         if relay is not None:
             assert relay.authserv_id is not None  # config: networks need it
             believed = relay_results(headers, relay.authserv_id)
@@ -416,7 +415,6 @@ class MailAuthenticator:
             dmarc=dmarc,
             arc=arc,
             relay=relay.authserv_id if relay is not None else None,
-            notes=tuple(notes),
         )
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:

@@ -28,7 +28,7 @@ import email.utils
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import authres
@@ -186,7 +186,6 @@ class AuthVerdict:
     arc: ArcVerdict
     #: authserv_id of the trusted relay whose Authentication-Results were believed
     relay: str | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def quarantine(self) -> bool:
