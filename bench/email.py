@@ -48,6 +48,15 @@ gateway rows
 
 ratio = gateway mails/s ÷ raw msgs/s of the same layer (target ≥ 80 %).
 
+verify rows (``--verify``, memory:// only)
+    The in-process gateway row again with ``email.verify: report`` against a private DNS
+    server (``core.testing.dns``, on a free loopback port) that publishes SPF (allowing
+    127.0.0.1), a DKIM key and a DMARC record for customer.example; the mail is DKIM-signed
+    (rsa-sha256, 2048 bits; Message-ID not signed, so each client's copy keeps the signature).
+    Every mail thus gets SPF for MAIL FROM and HELO, one DKIM verification and DMARC: all pass,
+    the lookups answered from the resolver's cache after the first mail. Beside it the same row
+    with ``verify: off`` on the same signed mail, so the difference is the verification.
+
 ``--profile DIR`` runs the in-process gateway rows under cProfile, prints the top functions and
 keeps the ``.pstats`` files; it slows everything down, so it never writes BENCHMARKS.md.
 """
@@ -176,6 +185,16 @@ def sample_mail() -> bytes:
     msg.set_content(_TEXT)
     msg.add_alternative(_HTML, subtype="html")
     return msg.as_bytes()
+
+
+def signed_mail(key_pem: bytes) -> bytes:
+    """:func:`sample_mail` with a DKIM signature of customer.example over everything but the
+    Message-ID (which every client rewrites)."""
+    import dkim
+
+    raw = sample_mail()
+    headers = [b"from", b"to", b"cc", b"subject", b"date", b"in-reply-to", b"references"]
+    return dkim.sign(raw, b"bench", b"customer.example", key_pem, include_headers=headers) + raw
 
 
 def mail_with_id(template: bytes, message_id: str) -> bytes:
@@ -437,10 +456,12 @@ async def bench_raw(
 # -- SMTP clients (their own process) ---------------------------------------------------------
 
 
-async def _client_main(port: int, clients: int, per_client: int, warmup: int, out: str) -> None:
+async def _client_main(
+    port: int, clients: int, per_client: int, warmup: int, out: str, mail: bytes | None = None
+) -> None:
     import aiosmtplib
 
-    template = sample_mail()
+    template = mail or sample_mail()
     records: list[list[Any]] = []
     problems: list[str] = []
     retries = 0
@@ -499,12 +520,16 @@ def client_entry(argv: list[str]) -> int:
     for name in ("port", "clients", "per-client", "warmup"):
         parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--mail", default=None)
     a = parser.parse_args(argv)
-    asyncio.run(_client_main(a.port, a.clients, a.per_client, a.warmup, a.out))
+    mail = Path(a.mail).read_bytes() if a.mail else None
+    asyncio.run(_client_main(a.port, a.clients, a.per_client, a.warmup, a.out, mail))
     return 0
 
 
-async def _run_clients(port: int, clients: int, per_client: int, tmp: Path) -> dict[str, Any]:
+async def _run_clients(
+    port: int, clients: int, per_client: int, tmp: Path, mail: Path | None = None
+) -> dict[str, Any]:
     out = tmp / f"clients-{port}.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -516,6 +541,7 @@ async def _run_clients(port: int, clients: int, per_client: int, tmp: Path) -> d
         f"--per-client={per_client}",
         f"--warmup={WARMUP_PER_CLIENT}",
         f"--out={out}",
+        *([f"--mail={mail}"] if mail is not None else []),
         cwd=REPO_ROOT,
     )
     try:
@@ -534,12 +560,13 @@ async def _run_clients(port: int, clients: int, per_client: int, tmp: Path) -> d
 # -- gateway runs -----------------------------------------------------------------------------
 
 
-def _config(name: str, port: int) -> EmailGatewayConfig:
+def _config(name: str, port: int, verify: Any = "off") -> EmailGatewayConfig:
     email = {
         "host": "127.0.0.1",
         "port": port,
         "hostname": "bench.local",
         "accept": ["example.com"],
+        "verify": verify,
     }
     return EmailGatewayConfig.model_validate({"gateway": "email", "name": name, "email": email})
 
@@ -591,7 +618,16 @@ def _consumer_for(
 
 
 async def bench_gateway_inprocess(
-    label: str, url: str, mails: int, clients: int, tmp: Path, profile: Path | None
+    label: str,
+    url: str,
+    mails: int,
+    clients: int,
+    tmp: Path,
+    profile: Path | None,
+    *,
+    verify: Any = "off",
+    mail: Path | None = None,
+    mode: str = "gateway, in-process",
 ) -> Result:
     layer = resolve_layer(url)
     name = "bench-mail-" + label.replace("://", "")
@@ -604,7 +640,7 @@ async def bench_gateway_inprocess(
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # as core.logs.setup_logging does
     per_client = mails // clients
     consumer = _consumer_for(label, url, layer, name, per_client * clients, tmp)
-    gateway = EmailGateway(_config(name, 0), layer)
+    gateway = EmailGateway(_config(name, 0, verify), layer)
     profiler = cProfile.Profile() if profile is not None else None
     running: asyncio.Task[None] | None = None
     try:
@@ -614,7 +650,7 @@ async def bench_gateway_inprocess(
         if profiler is not None:
             profiler.enable()
         cpu_started = time.process_time()
-        data = await _run_clients(gateway.server.port, clients, per_client, tmp)
+        data = await _run_clients(gateway.server.port, clients, per_client, tmp, mail)
         received = await consumer.finish(30)
         cpu = time.process_time() - cpu_started
         if profiler is not None:
@@ -633,7 +669,7 @@ async def bench_gateway_inprocess(
     where = "same event loop" if label.startswith("memory") else "its own process"
     notes = [f"{clients} SMTP clients in another process; consumer in {where}"]
     notes += _log_findings(log_path)
-    return _gateway_result(label, "gateway, in-process", data, received, notes, cpu)
+    return _gateway_result(label, mode, data, received, notes, cpu)
 
 
 def _gateway_binary() -> list[str]:
@@ -739,6 +775,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=Path,
         help="cProfile the in-process gateway rows into DIR (implies --no-write)",
     )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="add memory:// rows for a DKIM-signed mail with verify: report (DNS cached) and off",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
     args.layers = [x.strip() for x in args.layers.split(",") if x.strip()]
@@ -792,7 +833,37 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Result]:
         finally:
             if redis is not None:
                 await asyncio.to_thread(redis.stop)
+    if args.verify:
+        await _verify_rows(results, args, tmp)
     return results
+
+
+async def _verify_rows(results: list[Result], args: argparse.Namespace, tmp: Path) -> None:
+    """memory:// rows for a signed mail: verify off, then report against a cached DNS."""
+    from core.testing.dns import DnsServer, dkim_key
+
+    key = dkim_key()
+    mail = tmp / "signed.eml"
+    await asyncio.to_thread(mail.write_bytes, signed_mail(key.private_pem))
+    zone = DnsServer()
+    zone.txt("customer.example", "v=spf1 ip4:127.0.0.1 -all")
+    zone.txt("bench._domainkey.customer.example", key.txt)
+    zone.txt("_dmarc.customer.example", "v=DMARC1; p=reject")
+    verify = {"mode": "report", "dns": {"nameservers": [zone.nameserver]}}
+    with zone:
+        for title, setting in (("verify off", "off"), ("verify report, DNS cached", verify)):
+            work = bench_gateway_inprocess(
+                "memory://",
+                "memory://",
+                args.mails,
+                args.clients,
+                tmp,
+                None,
+                verify=setting,
+                mail=mail,
+                mode=f"gateway, in-process, signed mail, {title}",
+            )
+            await _step(results, "memory://", f"{title}, {args.mails} mails", work)
 
 
 HEADER = [

@@ -119,6 +119,22 @@ def test_translate_is_pure(proto: str) -> None:
     assert bad == []
 
 
+#: other pure modules beside translate.py (same rule)
+PURE_MODULES = ["email/verdicts.py"]
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_other_pure_modules_are_pure(module: str) -> None:
+    proto = module.split("/")[0]
+    path = ROOT / "gateways" / module
+    bad = [
+        where(path, i)
+        for i in imports(path)
+        if any(i.within(m) for m in IMPURE) or i.within("gateways") or does_io(proto, i)
+    ]
+    assert bad == []
+
+
 @pytest.mark.parametrize("proto", GATEWAYS)
 def test_a_gateway_never_imports_another(proto: str) -> None:
     bad = []

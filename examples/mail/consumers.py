@@ -1,7 +1,11 @@
-"""Stores every mail that reaches ``support-mail`` and answers it.
+"""Stores every mail that reaches ``support-mail`` and answers the ones a person wrote.
 
 The reply goes back through the gateway (``email.send`` on ``reply_channel``) with the threading
-headers set, and the gateway reports the outcome as ``email.result`` on this same channel.
+headers set, and the gateway reports the outcome as ``email.result`` on this same channel. Mail
+whose ``kind`` is not ``normal`` (a bounce, an auto-reply, list mail) is stored and never
+answered: two auto-responders answering each other is a mail loop (RFC 3834 2). Our replies carry
+``Auto-Submitted: auto-replied`` (the gateway sets it), so a well-behaved responder on the other
+side does not answer them either.
 """
 
 import asyncio
@@ -25,6 +29,8 @@ class MailConsumer(AsyncConsumer):
         if text is None and message.get("text_path"):
             # a body too large for the layer was stored like an attachment
             text = await asyncio.to_thread(Path(message["text_path"]).read_text, "utf-8")
+        auth = message.get("auth") or {}
+        kind = message.get("kind", "normal")
         mail, created = await Mail.objects.aget_or_create(
             event_id=message["id"],
             defaults={
@@ -33,6 +39,8 @@ class MailConsumer(AsyncConsumer):
                 "subject": message["subject"] or "",
                 "text": text or "",
                 "attachment_count": len(message["attachments"]),
+                "kind": kind,
+                "dmarc": (auth.get("dmarc") or {}).get("result", ""),
             },
         )
         if not created:
@@ -44,6 +52,9 @@ class MailConsumer(AsyncConsumer):
             **{"from": message["mail_from"], "subject": message["subject"] or ""},
             message_id=message["message_id"],
         )
+        if kind != "normal":
+            log.info("not answering %s: it is a %s", mail.message_id, kind)
+            return
         reply_to = message["reply_to"] or [message["from"] or message["mail_from"]]
         subject = message["subject"] or ""
         reply = {

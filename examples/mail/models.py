@@ -10,6 +10,10 @@ class Mail(models.Model):
     subject = models.TextField(blank=True)
     text = models.TextField(blank=True)
     attachment_count = models.PositiveIntegerField(default=0)
+    # email.receive's `kind`: only "normal" mail is answered (never a bounce or an auto-reply)
+    kind = models.CharField(max_length=20, default="normal")
+    # DMARC verdict of the sender (`auth.dmarc.result`), "" with verify: off
+    dmarc = models.CharField(max_length=20, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
     reply_message_id = models.CharField(max_length=255, blank=True)
     reply_error = models.TextField(blank=True)

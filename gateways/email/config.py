@@ -2,22 +2,64 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    FilePath,
+    IPvAnyNetwork,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section
 
-__all__ = ["AuthConfig", "EmailConfig", "EmailGatewayConfig", "RelayConfig", "TlsConfig"]
+__all__ = [
+    "AuthConfig",
+    "DkimSigningConfig",
+    "DnsConfig",
+    "EmailConfig",
+    "EmailGatewayConfig",
+    "ProxyProtocolConfig",
+    "RelayConfig",
+    "TlsConfig",
+    "TrustedRelay",
+    "VerifyConfig",
+]
+
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$"
+)
+_NAMESERVER = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\s]+))(?::(?P<port>\d{1,5}))?$"
+)
+
+
+def _domain(value: str, what: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    if not _DOMAIN.match(value):
+        raise ValueError(f"{value!r} is not a {what}")
+    return value
 
 
 class TlsConfig(Section):
-    """``email.tls``: offer STARTTLS with this certificate."""
+    """``email.tls``: offer STARTTLS with this certificate, and optionally implicit TLS."""
 
     cert_file: FilePath = Field(description="PEM certificate chain.")
     key_file: FilePath = Field(description="PEM private key.")
     required: bool = Field(False, description="Refuse MAIL until the client did STARTTLS.")
+    implicit_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also listen here with implicit TLS (SMTPS, port 465 style: TLS from the "
+        "first byte, no STARTTLS) on email.host; 0 picks a free one. AUTH is offered there at "
+        "once. PROXY protocol is not read on this port.",
+    )
 
 
 class AuthConfig(Section):
@@ -49,6 +91,53 @@ class AuthConfig(Section):
         return self
 
 
+class DkimSigningConfig(Section):
+    """``email.relay.dkim``: DKIM-sign every ``email.send`` (RFC 6376) before it leaves."""
+
+    domain: str = Field(
+        description="Signing domain (`d=`); publish the public key under "
+        "SELECTOR._domainkey.DOMAIN."
+    )
+    selector: str = Field(description="Selector (`s=`).")
+    private_key: SecretStr = Field(
+        description="The private key: PEM (RSA) for rsa-sha256, the base64 seed for "
+        "ed25519-sha256; prefer private_key_file."
+    )
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = Field(
+        "rsa-sha256", description="Signature algorithm."
+    )
+    headers: list[str] | None = Field(
+        None,
+        description="Header fields to sign; default: dkimpy's list (From, To, Cc, Subject, "
+        "Date, Message-ID, In-Reply-To, References, Reply-To, MIME and list headers …), "
+        "From always included.",
+    )
+
+    secret_files = ("private_key",)
+
+    @field_validator("domain")
+    @classmethod
+    def _check_domain(cls, value: str) -> str:
+        return _domain(value, "domain name")
+
+    @field_validator("selector")
+    @classmethod
+    def _check_selector(cls, value: str) -> str:
+        return _domain(value, "selector (DNS labels)")
+
+    @model_validator(mode="after")
+    def _check_key(self) -> DkimSigningConfig:
+        key = self.private_key.get_secret_value().strip()
+        if self.algorithm == "rsa-sha256":
+            if not re.match(r"^-----BEGIN (RSA )?PRIVATE KEY-----", key):
+                raise ValueError("private_key: not a PEM RSA private key (BEGIN PRIVATE KEY)")
+        elif not re.fullmatch(r"[A-Za-z0-9+/]{43}=", key):
+            raise ValueError("private_key: ed25519-sha256 needs the 32-byte seed in base64")
+        if self.headers is not None and "from" not in {h.lower() for h in self.headers}:
+            raise ValueError("headers: From must be signed (RFC 6376 5.4)")
+        return self
+
+
 class RelayConfig(Section):
     """``email.relay``: the SMTP server ``email.send`` hands mail to."""
 
@@ -67,6 +156,9 @@ class RelayConfig(Section):
     timeout: float = Field(30.0, gt=0, description="Seconds for each SMTP step.")
     retries: int = Field(5, ge=0, description="Retries after a 4xx or a connection failure.")
     retry_max_delay: float = Field(60.0, gt=0, description="Cap of the backoff between retries.")
+    dkim: DkimSigningConfig | None = Field(
+        None, description="DKIM-sign outgoing mail with this key and selector."
+    )
 
     secret_files = ("password",)
 
@@ -77,6 +169,114 @@ class RelayConfig(Section):
         if bool(self.username) != bool(self.password):
             raise ValueError("username and password go together")
         return self
+
+
+class DnsConfig(Section):
+    """``email.verify.dns``: the resolver of SPF, DKIM, DMARC and ARC lookups (dnspython)."""
+
+    nameservers: list[str] = Field(
+        default_factory=list,
+        description="Resolvers to ask, `ADDRESS` or `ADDRESS:PORT` (`[v6]:PORT`); empty: "
+        "those of /etc/resolv.conf.",
+    )
+    timeout: float = Field(
+        2.0, gt=0, description="Seconds for one lookup, retries included (capped by budget)."
+    )
+    budget: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds all lookups of one mail may take together; what is not "
+        "answered by then is a temperror verdict (the mail is still accepted).",
+    )
+    cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Answers kept (LRU, each for its DNS TTL); 0 turns the cache off.",
+    )
+
+    @field_validator("nameservers")
+    @classmethod
+    def _check_nameservers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            match = _NAMESERVER.match(entry.strip())
+            if match is None or (match["port"] and not 0 < int(match["port"]) < 65536):
+                raise ValueError(f"{entry!r} is not ADDRESS or ADDRESS:PORT")
+        return [entry.strip() for entry in value]
+
+
+class TrustedRelay(Section):
+    """One entry of ``email.verify.trusted_relays``: a hop whose own verdicts are believed."""
+
+    authserv_id: str | None = Field(
+        None,
+        description="The name the relay puts in its Authentication-Results header (needed "
+        "with networks).",
+    )
+    networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Addresses the relay connects from (an MTA in front of the gateway). Mail "
+        "from there: SPF is taken from the relay's top Authentication-Results with "
+        "authserv_id, not checked against the relay's own address.",
+    )
+    arc_domains: list[str] = Field(
+        default_factory=list,
+        description="ARC-Seal `d=` domains of the relay (a forwarder, a mailing list). When "
+        "the ARC chain passes and its newest seal is by one of them, a DMARC failure the "
+        "sealer's ARC-Authentication-Results show as a pass is overridden (trusted_forwarder).",
+    )
+
+    @field_validator("arc_domains")
+    @classmethod
+    def _check_arc_domains(cls, value: list[str]) -> list[str]:
+        return [_domain(v, "domain name") for v in value]
+
+    @model_validator(mode="after")
+    def _check(self) -> TrustedRelay:
+        if not self.networks and not self.arc_domains:
+            raise ValueError("give networks (with authserv_id) or arc_domains")
+        if self.networks and not self.authserv_id:
+            raise ValueError("networks needs authserv_id (whose Authentication-Results to use)")
+        return self
+
+
+class VerifyConfig(Section):
+    """``email.verify``: SPF, DKIM, DMARC and ARC verdicts on every mail (also ``verify: MODE``)."""
+
+    mode: Literal["off", "report", "enforce"] = Field(
+        "report",
+        description="off: no checks, `auth` is None; report: verdicts in `auth` and in an "
+        "Authentication-Results header, every mail accepted; enforce: as report, and a DMARC "
+        "failure whose policy is reject gets 550 5.7.1 at the end of DATA, quarantine sets "
+        "`auth.quarantine`.",
+    )
+    authserv_id: str | None = Field(
+        None,
+        description="The name in our Authentication-Results header; default: email.hostname "
+        "(the FQDN).",
+    )
+    trusted_relays: list[TrustedRelay] = Field(
+        default_factory=list, description="Relays whose own verdicts are believed."
+    )
+    dns: DnsConfig = Field(default_factory=DnsConfig, description="The resolver.")  # type: ignore[arg-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"mode": data} if isinstance(data, str) else data
+
+
+class ProxyProtocolConfig(Section):
+    """``email.proxy_protocol``: every connection starts with a PROXY v1/v2 header (HAProxy,
+    cloud load balancers), so ``peer`` and SPF see the client's address, not the balancer's."""
+
+    trusted: list[IPvAnyNetwork] = Field(
+        min_length=1,
+        description="Addresses the load balancer connects from; a connection from anywhere "
+        "else is closed (a PROXY header would let it claim any address).",
+    )
+    timeout: float = Field(
+        5.0, gt=0, description="Seconds to wait for the PROXY header before hanging up."
+    )
 
 
 class EmailConfig(Section):
@@ -132,6 +332,13 @@ class EmailConfig(Section):
     tls: TlsConfig | None = Field(None, description="STARTTLS certificate.")
     auth: AuthConfig | None = Field(None, description="SMTP AUTH users (requires tls).")
     relay: RelayConfig | None = Field(None, description="Outbound relay for email.send.")
+    verify: VerifyConfig = Field(
+        default_factory=VerifyConfig,  # type: ignore[arg-type]
+        description="Sender authentication (SPF, DKIM, DMARC, ARC); `verify: off` to skip.",
+    )
+    proxy_protocol: ProxyProtocolConfig | None = Field(
+        None, description="Read a PROXY protocol header first (behind a load balancer)."
+    )
 
     @property
     def size_limit(self) -> int:

@@ -61,7 +61,7 @@ def _authenticator(auth: AuthConfig) -> Callable[..., AuthResult]:
 class SmtpEnvelope:
     """One SMTP transaction as far as it got, as plain values (aiosmtpd's objects stay here)."""
 
-    #: the client's IP address
+    #: the client's IP address (behind a PROXY protocol balancer: the one its header names)
     peer: str | None
     #: MAIL FROM, once accepted
     mail_from: str | None
@@ -71,21 +71,32 @@ class SmtpEnvelope:
     smtputf8: bool
     #: the AUTH user name, when the session authenticated
     auth_user: str | None
-    #: the session runs over TLS (STARTTLS)
+    #: the session runs over TLS (STARTTLS, or the implicit TLS listener)
     tls: bool
     #: the mail as received after DATA (dot-unstuffed); empty before DATA
     content: bytes
+    #: the HELO/EHLO name the client gave
+    helo: str | None = None
+    #: the load balancer's address when the connection began with a PROXY header
+    proxy: str | None = None
 
     @classmethod
-    def of(cls, session: Any, envelope: Any) -> SmtpEnvelope:
+    def of(cls, server: Any, session: Any, envelope: Any) -> SmtpEnvelope:
+        peer = session.peer[0] if session.peer else None
+        proxy = None
+        data = session.proxy_data
+        if data is not None and data.valid and data.src_addr is not None:
+            proxy, peer = peer, str(data.src_addr)
         return cls(
-            peer=session.peer[0] if session.peer else None,
+            peer=peer,
             mail_from=envelope.mail_from,
             rcpt_to=tuple(envelope.rcpt_tos),
             smtputf8=bool(envelope.smtp_utf8),
             auth_user=session.auth_data if isinstance(session.auth_data, str) else None,
-            tls=session.ssl is not None,
+            tls=session.ssl is not None or getattr(server, "implicit_tls", False),
             content=envelope.original_content or b"",
+            helo=session.host_name,
+            proxy=proxy,
         )
 
 
@@ -105,6 +116,11 @@ class SmtpListener(Protocol):
 
     def smtp_error(self, error: Exception) -> str: ...
 
+    def smtp_proxy(self, balancer: str, client: str | None) -> bool:
+        """A PROXY header from ``balancer`` naming ``client`` (None: LOCAL/UNKNOWN, a health
+        check): True lets the session go on, False closes it."""
+        ...
+
 
 class SmtpHandler:
     """aiosmtpd's handler object: its ``handle_*`` hooks, each handed to the listener.
@@ -119,7 +135,7 @@ class SmtpHandler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        reply = self.listener.smtp_sender(address, SmtpEnvelope.of(session, envelope))
+        reply = self.listener.smtp_sender(address, SmtpEnvelope.of(server, session, envelope))
         if reply is not None:
             return reply
         envelope.mail_from = address
@@ -129,7 +145,7 @@ class SmtpHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        reply = self.listener.smtp_recipient(address, SmtpEnvelope.of(session, envelope))
+        reply = self.listener.smtp_recipient(address, SmtpEnvelope.of(server, session, envelope))
         if reply is not None:
             return reply
         envelope.rcpt_tos.append(address)
@@ -137,7 +153,12 @@ class SmtpHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        return await self.listener.smtp_data(SmtpEnvelope.of(session, envelope))
+        return await self.listener.smtp_data(SmtpEnvelope.of(server, session, envelope))
+
+    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, data: Any) -> bool:
+        balancer = session.peer[0] if session.peer else ""
+        client = str(data.src_addr) if data.valid and data.src_addr is not None else None
+        return self.listener.smtp_proxy(balancer, client)
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd calls this for an exception escaping any hook (or its own parsing)
@@ -147,10 +168,15 @@ class SmtpHandler:
 class _Protocol(SMTP):
     """aiosmtpd's protocol, registering itself with the server so shutdown can reach it."""
 
-    def __init__(self, owner: SmtpServer, handler: SmtpHandler, **kwargs: Any) -> None:
+    def __init__(
+        self, owner: SmtpServer, handler: SmtpHandler, implicit_tls: bool, **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._owner = owner
         self._turned_away = False
+        #: the implicit TLS listener's session: TLS from the first byte (aiosmtpd only knows
+        #: STARTTLS, so session.ssl stays None there)
+        self.implicit_tls = implicit_tls
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # called again after STARTTLS with the TLS transport: only the first call counts
@@ -198,6 +224,7 @@ class SmtpServer:
         self._on_refused = on_refused
         self._unreported = 0
         self._server: asyncio.Server | None = None
+        self._implicit: asyncio.Server | None = None
         self._tls: ssl.SSLContext | None = None
         if config.tls is not None:
             self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -210,8 +237,16 @@ class SmtpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
+    def implicit_port(self) -> int | None:
+        """The implicit TLS listener's port (None without ``email.tls.implicit_port``)."""
+        if self._implicit is None or not self._implicit.sockets:
+            return self.config.tls.implicit_port if self.config.tls is not None else None
+        return int(self._implicit.sockets[0].getsockname()[1])
+
+    @property
     def listening(self) -> bool:
-        return self._server is not None and self._server.is_serving()
+        servers = [s for s in (self._server, self._implicit) if s is not None]
+        return bool(servers) and all(s.is_serving() for s in servers)
 
     def turned_away(self) -> None:
         """Count a connection refused for the cap; one log line a second says how many."""
@@ -229,20 +264,29 @@ class SmtpServer:
             len(self.sessions),
         )
 
-    def _protocol(self) -> _Protocol:
+    def _protocol(self, implicit_tls: bool = False) -> _Protocol:
         cfg = self.config
+        proxy = cfg.proxy_protocol
         return _Protocol(
             self,
             self.handler,
+            implicit_tls,
             data_size_limit=cfg.size_limit,
             enable_SMTPUTF8=True,
             hostname=self.hostname,  # else aiosmtpd calls getfqdn() on the loop per connection
-            tls_context=self._tls,
-            require_starttls=cfg.tls is not None and cfg.tls.required,
+            # implicit TLS: no STARTTLS inside TLS, and AUTH at once (aiosmtpd would ask for
+            # STARTTLS before AUTH, which it cannot offer there)
+            tls_context=None if implicit_tls else self._tls,
+            require_starttls=not implicit_tls and cfg.tls is not None and cfg.tls.required,
             timeout=cfg.session_timeout,
             auth_required=cfg.auth is not None and cfg.auth.required,
-            auth_require_tls=True,
+            auth_require_tls=not implicit_tls,
             authenticator=_authenticator(cfg.auth) if cfg.auth is not None else None,
+            # a balancer in TCP mode sends its PROXY header before any TLS: only on the
+            # plain/STARTTLS listener
+            proxy_protocol_timeout=proxy.timeout
+            if proxy is not None and not implicit_tls
+            else None,
         )
 
     async def start(self) -> None:
@@ -252,10 +296,28 @@ class SmtpServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, self.config.host, self.config.port)
         log.info("SMTP server listening on %s:%d", self.config.host, self.port)
+        tls = self.config.tls
+        if tls is not None and tls.implicit_port is not None:
+            try:
+                self._implicit = await loop.create_server(
+                    lambda: self._protocol(implicit_tls=True),
+                    self.config.host,
+                    tls.implicit_port,
+                    ssl=self._tls,
+                )
+            except OSError:
+                self._server.close()
+                raise
+            log.info(
+                "SMTP server listening with implicit TLS on %s:%d",
+                self.config.host,
+                self.implicit_port,
+            )
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._implicit):
+            if server is not None:
+                server.close()
 
     async def close(self) -> None:
         """Close idle sessions and the listener. Sessions in DATA were drained before."""
@@ -263,9 +325,10 @@ class SmtpServer:
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in (self._server, self._implicit):
+            if server is not None:
+                await server.wait_closed()
+        self._server = self._implicit = None
 
 
 class RelayError(Exception):

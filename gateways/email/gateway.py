@@ -12,6 +12,8 @@ The gateway is the :class:`~gateways.email.connection.SmtpListener` of its SMTP 
 from __future__ import annotations
 
 import asyncio
+import email.policy
+import ipaddress
 import re
 import uuid
 from pathlib import Path
@@ -21,6 +23,7 @@ from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError, encoded_size
 from core.logs import clip
 from core.service import Backoff, EventRefused, Gateway, StartupError, handles
 from core.types import ChannelLayer
+from gateways.email.auth import DkimSigner, MailAuthenticator
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.connection import RelayError, SmtpEnvelope, SmtpRelay, SmtpServer
 from gateways.email.translate import (
@@ -31,6 +34,13 @@ from gateways.email.translate import (
     has_bare_lf,
     parse_mail,
     same_mailbox,
+)
+from gateways.email.verdicts import (
+    AuthVerdict,
+    authentication_results,
+    classify,
+    event_headers,
+    smtp_refusal,
 )
 
 __all__ = ["EmailGateway"]
@@ -53,6 +63,9 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             self.settings, self, on_refused=lambda: self.metrics.error("too_many_connections")
         )
         self.relay = SmtpRelay(self.settings.relay) if self.settings.relay is not None else None
+        #: sender authentication (email.verify); None with verify: off
+        self.authenticator: MailAuthenticator | None = None
+        self.signer: DkimSigner | None = None
         self._in_data = 0
         self._data_idle = asyncio.Event()
         self._data_idle.set()
@@ -68,12 +81,22 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 self.name,
                 relay.host,
             )
+        if relay is not None and relay.dkim is not None:
+            try:
+                self.signer = DkimSigner(relay.dkim)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
         try:
             await self.server.start()
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
             ) from exc
+        if self.settings.verify.mode != "off":
+            # after start(): the authserv-id defaults to the hostname, looked up there
+            self.authenticator = MailAuthenticator(self.settings.verify, self.server.hostname)
+            if self.authenticator.resolver.problem:
+                self.log.error("%s: %s", self.name, self.authenticator.resolver.problem)
         self.metrics.connected.set(1)
 
     async def drain(self) -> None:
@@ -82,6 +105,8 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
 
     async def close(self) -> None:
         await self.server.close()
+        if self.authenticator is not None:
+            self.authenticator.close()
         self.metrics.connected.set(0)
 
     def readiness(self) -> list[str]:
@@ -146,6 +171,23 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             if self._in_data == 0:
                 self._data_idle.set()
 
+    def smtp_proxy(self, balancer: str, client: str | None) -> bool:
+        proxy = self.settings.proxy_protocol
+        assert proxy is not None  # aiosmtpd reads PROXY headers only when configured
+        try:
+            address = ipaddress.ip_address(balancer)
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in proxy.trusted):
+            self.metrics.error("proxy_untrusted")
+            self.log.warning(
+                "%s: closed a connection from %s: not in email.proxy_protocol.trusted",
+                self.name,
+                clip(balancer),
+            )
+            return False
+        return True
+
     def smtp_error(self, error: Exception) -> str:
         self.metrics.error("smtp_session")
         self.log.error("%s: SMTP session error: %r", self.name, error, exc_info=error)
@@ -159,6 +201,26 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             self.log.warning("%s: refused mail from %s: bare LF line ending", self.name, peer)
             return "550 5.5.2 Bare LF line endings are not accepted (RFC 5321 2.3.8)"
         keys = parse_mail(raw)
+        kind = classify(
+            keys["headers"], envelope.mail_from, [a["content_type"] for a in keys["attachments"]]
+        )
+        verdict = None
+        if self.authenticator is not None:
+            verdict = await self._authenticate(envelope, keys)
+            refusal = smtp_refusal(verdict)
+            if refusal is not None:
+                self.metrics.error("dmarc_reject")
+                self.log.warning(
+                    "%s: answered 550 to %s for %s from %s: DMARC fail, policy reject",
+                    self.name,
+                    peer,
+                    clip(keys["message_id"]),
+                    clip(verdict.dmarc.domain),
+                )
+                return refusal
+            results = authentication_results(verdict)
+            keys["headers"] = event_headers(keys["headers"], results, verdict.authserv_id)
+            raw = _prepend_header("Authentication-Results", results, raw)
         if keys["defects"]:
             self.log.info(
                 "%s: mail from %s has MIME defects: %s",
@@ -175,8 +237,11 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             mail_from=envelope.mail_from,
             rcpt_to=list(envelope.rcpt_to),
             peer=peer,
+            proxy=envelope.proxy,
             auth_user=envelope.auth_user,
             tls=envelope.tls,
+            kind=kind,
+            auth=verdict.as_event() if verdict is not None else None,
             **keys,
         )
         if self.settings.attachment_store is not None and _too_large(event):
@@ -213,6 +278,25 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             len(raw),
         )
         return "250 2.0.0 OK: queued"
+
+    async def _authenticate(self, envelope: SmtpEnvelope, keys: dict[str, Any]) -> AuthVerdict:
+        assert self.authenticator is not None
+        verdict = await self.authenticator.check(
+            envelope.content,
+            keys["headers"],
+            client=envelope.peer,
+            helo=envelope.helo,
+            mail_from=envelope.mail_from,
+        )
+        results = [verdict.spf.result, verdict.dmarc.result, verdict.arc.result]
+        if "temperror" in [*results, *(d.result for d in verdict.dkim)]:
+            self.metrics.error("auth_temperror")
+            self.log.info(
+                "%s: mail from %s: some verdicts are temperror (DNS failed or too slow)",
+                self.name,
+                envelope.peer,
+            )
+        return verdict
 
     async def _store_large(
         self, attachments: list[dict[str, Any]], stored: list[Path]
@@ -264,12 +348,17 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         except InvalidMail as exc:
             raise CommandError(str(exc)) from None
         message_id = str(mail.message["Message-ID"])
+        message: Any = mail.message
+        if self.signer is not None:
+            flat = mail.message.as_bytes(policy=_SMTP_POLICY)
+            # RSA signing is a few ms of CPU: off the event loop
+            message = await asyncio.to_thread(self.signer.sign, flat)
         backoff = Backoff(1.0, relay_config.retry_max_delay)
         attempt = 0
         while True:
             try:
                 refused = await self.relay.send(
-                    mail.message,
+                    message,
                     mail.sender,
                     mail.recipients,
                     local_hostname=self.server.hostname,
@@ -293,6 +382,15 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 continue
             self.log.info("%s: sent %s to %s", self.name, message_id, ",".join(mail.recipients))
             return {"message_id": message_id, "refused": refused}
+
+
+_SMTP_POLICY = email.policy.SMTP
+
+
+def _prepend_header(name: str, value: str, raw: bytes) -> bytes:
+    """``raw`` with ``name: value`` on top, folded at its ``;`` (RFC 8601 style)."""
+    folded = ";\r\n\t".join(part.strip() for part in value.split(";"))
+    return f"{name}: {folded}\r\n".encode("utf-8", "replace") + raw
 
 
 def _too_large(event: dict[str, Any]) -> bool:

@@ -530,11 +530,17 @@ def build_mail(
             references.append(in_reply_to[0])
     if references:
         msg["References"] = " ".join(references)
-    for i, (name, value) in enumerate(_custom_headers(command.get("headers"))):
+    custom = _custom_headers(command.get("headers"))
+    for i, (name, value) in enumerate(custom):
         try:
             msg[name] = value
         except Exception as exc:  # the header registry: a second Sender, an unparsable address
             raise InvalidMail(f"headers[{i}]: {name}: {str(exc) or type(exc).__name__}") from None
+    if in_reply_to and not any(name.lower() == "auto-submitted" for name, _ in custom):
+        # RFC 3834 5: a reply sent by a program says so, so that the other side's
+        # auto-responder does not answer it (a mail loop); `Auto-Submitted: no` in headers
+        # marks a reply a person wrote
+        msg["Auto-Submitted"] = "auto-replied"
     text, html = command.get("text"), command.get("html")
     for key, body in (("text", text), ("html", html)):
         if body is not None and not isinstance(body, str):

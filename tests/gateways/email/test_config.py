@@ -292,3 +292,80 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     config = load(tmp_path, "accept: [example.com]")
     with pytest.raises(ValueError, match="frozen"):
         config.email.port = 25  # type: ignore[misc]
+
+
+def test_verify_defaults_and_shorthand(tmp_path: Path) -> None:
+    verify = load(tmp_path, "accept: [example.com]\n").email.verify
+    assert verify.mode == "report" and verify.trusted_relays == []
+    assert verify.dns.nameservers == [] and verify.dns.budget == 5.0
+    assert load(tmp_path, "accept: [example.com]\nverify: enforce\n").email.verify.mode == "enforce"
+    full = load(
+        tmp_path,
+        """
+        accept: [example.com]
+        verify:
+          mode: report
+          authserv_id: mx.example.com
+          dns: {nameservers: ["127.0.0.1:5353", "[::1]:53", "192.0.2.1"], timeout: 1, cache_size: 0}
+          trusted_relays:
+            - {networks: [10.0.0.0/8], authserv_id: edge.example.com}
+            - {arc_domains: [Lists.Example.ORG.]}
+        """,
+    ).email.verify
+    assert full.dns.nameservers == ["127.0.0.1:5353", "[::1]:53", "192.0.2.1"]
+    assert full.trusted_relays[1].arc_domains == ["lists.example.org"]
+
+
+def test_verify_errors(tmp_path: Path) -> None:
+    found = errors(
+        tmp_path,
+        """
+        accept: [example.com]
+        verify:
+          mode: strict
+          dns: {nameservers: ["host:99999", "a b"], budget: 0}
+          trusted_relays:
+            - {networks: [10.0.0.0/8]}
+            - {authserv_id: x.example}
+            - {networks: [not-a-net], authserv_id: y}
+        """,
+    )
+    text = "\n".join(found)
+    assert "email.verify.mode" in text
+    assert "email.verify.dns.nameservers" in text and "email.verify.dns.budget" in text
+    assert "email.verify.trusted_relays[0]" in text and "needs authserv_id" in text
+    assert "email.verify.trusted_relays[1]" in text and "arc_domains" in text
+    assert "email.verify.trusted_relays[2].networks" in text
+
+
+def test_dkim_signing_key_from_a_file(tmp_path: Path) -> None:
+    key = tmp_path / "dkim.pem"
+    key.write_text(f"-----BEGIN RSA PRIVATE KEY-----\n{SECRET}\n-----END RSA PRIVATE KEY-----\n")
+    relay = f"""
+        accept: [example.com]
+        relay:
+          host: relay.example.com
+          dkim: {{domain: Example.com, selector: s2026, private_key_file: {key}}}
+        """
+    dkim = load(tmp_path, relay).email.relay.dkim  # type: ignore[union-attr]
+    assert dkim is not None and dkim.domain == "example.com"
+    assert SECRET in dkim.private_key.get_secret_value() and SECRET not in repr(dkim)
+    key.write_text(SECRET)
+    (error,) = errors(tmp_path, relay)
+    assert "email.relay.dkim" in error and "not a PEM RSA private key" in error
+
+
+def test_proxy_protocol_and_implicit_tls(tmp_path: Path, certs: tuple[Path, Path]) -> None:
+    cert, key = certs
+    cfg = load(
+        tmp_path,
+        f"""
+        accept: [example.com]
+        tls: {{cert_file: {cert}, key_file: {key}, implicit_port: 465}}
+        proxy_protocol: {{trusted: [10.0.0.0/8, "2001:db8::/32"]}}
+        """,
+    ).email
+    assert cfg.tls is not None and cfg.tls.implicit_port == 465
+    assert cfg.proxy_protocol is not None and cfg.proxy_protocol.timeout == 5.0
+    found = errors(tmp_path, "accept: [example.com]\nproxy_protocol: {trusted: []}\n")
+    assert any("email.proxy_protocol.trusted" in e for e in found)

@@ -56,13 +56,19 @@ EVENT_KEYS = {
     "mail_from",
     "rcpt_to",
     "peer",
+    "proxy",
     "auth_user",
     "tls",
+    "kind",
+    "auth",
     *PARSED_KEYS,
 }
 
 
 def config(**email: Any) -> EmailGatewayConfig:
+    """An integration file; sender authentication off unless asked for (test_auth.py tests it
+    against its own DNS server: these tests must not depend on this machine's DNS)."""
+    email.setdefault("verify", "off")
     return EmailGatewayConfig.model_validate(
         {
             "gateway": "email",
@@ -243,6 +249,7 @@ async def test_mail_becomes_email_receive_with_every_key(gateway: EmailGateway) 
     assert event["mail_from"] == "bounces@example.org"
     assert event["rcpt_to"] == ["bob@example.com", "Support@Help.Example.org"]
     assert event["peer"] == HOST and event["auth_user"] is None and event["tls"] is False
+    assert event["proxy"] is None and event["kind"] == "normal" and event["auth"] is None
     assert event["subject"] == "Grüße" and event["from"] == "Jörg <jorg@example.org>"
     assert event["to"] == ["Bob <bob@example.com>"] and event["cc"] == ["support@help.example.org"]
     assert event["reply_to"] == ["tickets@example.org"]

@@ -236,7 +236,7 @@ def email_process(
         "gateway": "email",
         "name": "hostile",
         "layer": redis.url,
-        "email": {"port": smtp_port, "accept": ["example.com"], **email},
+        "email": {"port": smtp_port, "accept": ["example.com"], "verify": "off", **email},
     }
     prefix: list[str] = []
     if rlimit_nofile is not None:

@@ -949,3 +949,14 @@ def test_html_only_command_and_empty_body() -> None:
     assert html_only["text"] is None and html_only["html"] == "<p>x</p>\n"
     empty = parsed(wire(build(to="a@example.com")))
     assert empty["text"] == "\n" and empty["subject"] == ""
+
+
+def test_replies_say_auto_submitted_unless_the_command_says_otherwise() -> None:
+    # RFC 3834 5: an auto-responder on the other side must not answer our reply (a mail loop)
+    reply = build(to="a@example.com", in_reply_to="<m1@example.org>").message
+    assert reply["Auto-Submitted"] == "auto-replied"
+    human = build(
+        to="a@example.com", in_reply_to="<m1@example.org>", headers={"Auto-Submitted": "no"}
+    ).message
+    assert human.get_all("Auto-Submitted") == ["no"]
+    assert "Auto-Submitted" not in build(to="a@example.com").message  # not a reply
