@@ -189,7 +189,7 @@ class EmailConsumer(GatewayConsumer):
         event = self.current("reply")
         kind = event.get("kind", "normal")
         if kind != "normal":
-            log.info("not answering %s: it is a %s", event.get("message_id"), kind)
+            log.info("not answering %s (kind: %s)", event.get("message_id"), kind)
             return None
         return await self.email.send(
             event.get("reply_to") or [event.get("from") or event.get("mail_from")],
