@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -36,6 +37,7 @@ __all__ = [
     "HealthConfig",
     "ReconnectConfig",
     "Section",
+    "YamlType",
     "load_config",
     "peek_gateway",
     "read_secret_files",
@@ -51,6 +53,15 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 #: what channels accepts as a channel name (channels.layers.BaseChannelLayer.channel_name_regex)
 CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class YamlType:
+    """``Annotated`` metadata: what the configuration reference calls a type whose YAML form
+    is not its Python one, e.g. ``Annotated[float, BeforeValidator(parse_duration),
+    YamlType("duration")]`` (read from ``30s``, held as seconds). Pydantic ignores it."""
+
+    name: str
 
 
 class ConfigError(Exception):
@@ -113,9 +124,14 @@ class GatewayConfig(Section):
     """The keys every integration file has; each gateway adds its ``<proto>:`` section."""
 
     gateway: str = Field(description="Which gateway this file configures (email, mqtt, …).")
-    name: str = Field(description="Integration name; the default inbound channel.")
+    name: str = Field(
+        description="Integration name: the default inbound channel (NAME) and command channel "
+        "(NAME.send)."
+    )
     layer: str | None = Field(
-        None, description="Layer path (DESIGN §3); --layer and GATEWAYS_LAYER override it."
+        None,
+        description="Layer path: redis://…, memory://, django[:ALIAS] or module:attr (README, "
+        "Layer paths); --layer overrides it, GATEWAYS_LAYER stands in when it is absent.",
     )
     channel: str | None = Field(None, description="Inbound channel; default: the name.")
     # the YAML key is `command_channel`; the resolved name is the `command_channel` property
@@ -126,7 +142,9 @@ class GatewayConfig(Section):
         default_factory=dict,
         description="Per event type inbound channel, e.g. {mqtt.connect: ops}.",
     )
-    health: HealthConfig | None = Field(None, description="Health and metrics server.")
+    health: HealthConfig | None = Field(
+        None, description="Serve /healthz, /readyz and /metrics (Prometheus); off when absent."
+    )
     shutdown_grace: float = Field(
         10.0, gt=0, description="Seconds to drain in-flight work on SIGTERM before cancelling."
     )

@@ -6,6 +6,9 @@
 * ``config.py`` imports only core.config, pydantic and typing-level stdlib (and its own
   gateway's pure ``translate.py``, where YAML and commands share one validator).
 * Only ``connection.py`` imports the transport library's I/O parts and the stdlib's sockets.
+* ``consumers.py`` (the Django-side helpers, run in the worker) imports channels,
+  ``core.consumers`` and its own gateway's pure ``translate.py`` / ``config.py``, so it checks a
+  command with the gateway's own parser and never drags the gateway's I/O into the worker.
 
 A new gateway adds its transport library's I/O parts to ``TRANSPORT_IO``; the test fails until
 it does, so nobody forgets.
@@ -173,4 +176,31 @@ def test_only_connection_does_transport_io(proto: str) -> None:
         if path.name == "connection.py":
             continue
         bad += [where(path, item) for item in imports(path) if does_io(proto, item)]
+    assert bad == []
+
+
+#: what a gateway's consumers.py may import besides its own translate.py and config.py
+CONSUMERS_ALLOWED = {
+    *CONFIG_STDLIB,
+    "dataclasses",
+    "datetime",
+    "logging",
+    "math",
+    "time",
+    "uuid",
+    "channels",
+    "core.consumers",
+}
+
+
+@pytest.mark.parametrize("proto", GATEWAYS)
+def test_consumers_import_only_channels_and_their_own_pure_parts(proto: str) -> None:
+    path = ROOT / "gateways" / proto / "consumers.py"
+    assert path.is_file(), f"gateways/{proto}/consumers.py: every gateway has consumer helpers"
+    allowed = {*CONSUMERS_ALLOWED, f"gateways.{proto}.translate", f"gateways.{proto}.config"}
+    bad = [
+        where(path, i)
+        for i in imports(path)
+        if not any(i.within(module) for module in allowed) or does_io(proto, i)
+    ]
     assert bad == []

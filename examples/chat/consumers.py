@@ -12,7 +12,7 @@ from typing import Any
 from channels.consumer import AsyncConsumer
 from mail.models import Mail
 
-from core.consumers import send_command
+from gateways.irc.consumers import IrcCommands
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ class TicketBotConsumer(AsyncConsumer):
             state = "answered" if mail.reply_message_id else "open"
             text = f"{message['nick']}: #{mail.pk} {mail.subject!r} from {mail.mail_from} ({state})"
         target = message["nick"] if message["private"] else message["target"]
-        command = {"type": "irc.send", "target": target, "text": text}
+        irc = IrcCommands(self.channel_layer, message["reply_channel"], timeout=30)
         try:  # an exception escaping a consumer would lose what runworker has queued for it
-            await send_command(self.channel_layer, message["reply_channel"], command, timeout=30)
+            await irc.send(target, text)
         except Exception as exc:
             log.warning("could not answer %s: %r", message["id"], exc)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from channels.consumer import AsyncConsumer
 
-from core.consumers import send_command
+from gateways.email.consumers import EmailCommands
+from gateways.http_ws.consumers import HttpWsReplies
 from live.events import GROUP, show
 
 log = logging.getLogger("live")
@@ -35,17 +36,13 @@ class LiveConsumer(AsyncConsumer):
     """Serves the page, joins its sockets to the group, relays what people type."""
 
     async def http_request(self, message: dict[str, Any]) -> None:
-        await self.channel_layer.send(
-            message["reply_channel"],
-            {
-                "type": "http.response",
-                "status": 200,
-                "headers": [
-                    [b"content-type", b"text/html; charset=utf-8"],
-                    [b"cache-control", b"no-store"],
-                ],
-                "body": PAGE,
-            },
+        await HttpWsReplies(self.channel_layer, message["reply_channel"]).respond(
+            200,
+            PAGE,
+            headers=[
+                [b"content-type", b"text/html; charset=utf-8"],
+                [b"cache-control", b"no-store"],
+            ],
         )
 
     async def http_webhook(self, message: dict[str, Any]) -> None:
@@ -55,7 +52,7 @@ class LiveConsumer(AsyncConsumer):
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         reply = message["reply_channel"]
         await self.channel_layer.group_add(GROUP, reply)
-        await self.channel_layer.send(reply, {"type": "websocket.accept"})
+        await HttpWsReplies(self.channel_layer, reply).accept()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         await self.channel_layer.group_discard(GROUP, message["reply_channel"])
@@ -71,17 +68,16 @@ class LiveConsumer(AsyncConsumer):
             name = str(request.get("name") or "someone")[:40]
             await show(self.channel_layer, "web", request["say"][:2000], name=name)
         elif request.get("answer") == "mail" and isinstance(request.get("to"), str):
-            command = {
-                "type": "email.send",
-                "from": SUPPORT_ADDRESS,
-                "to": [request["to"]],
-                "subject": str(request.get("subject") or "Re:"),
-                "text": str(request.get("text") or ""),
-                "in_reply_to": request.get("in_reply_to") or None,
-                "result_channel": self.scope["channel"],
-            }
+            email = EmailCommands(self.channel_layer, MAIL_COMMANDS, timeout=10)
             try:
-                await send_command(self.channel_layer, MAIL_COMMANDS, command, timeout=10)
+                await email.send(
+                    [request["to"]],
+                    from_=SUPPORT_ADDRESS,
+                    subject=str(request.get("subject") or "Re:"),
+                    text=str(request.get("text") or ""),
+                    in_reply_to=request.get("in_reply_to") or None,
+                    result_channel=self.scope["channel"],
+                )
             except Exception as exc:
                 await show(self.channel_layer, "web", f"answer not sent: {exc!r}")
                 return

@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+from gateways.http_ws.consumers import websocket_send
+
 log = logging.getLogger("live")
 
 GROUP = "live"
@@ -22,6 +24,6 @@ async def show(layer: Any, source: str, summary: str, **details: Any) -> None:
     """Broadcast one event line (``source`` mail, mqtt, web, irc, slack, scheduler …)."""
     line = {"source": source, "summary": summary, "time": time.time(), **details}
     try:
-        await layer.group_send(GROUP, {"type": "websocket.send", "text": json.dumps(line)})
+        await layer.group_send(GROUP, websocket_send(json.dumps(line)))
     except Exception as exc:
         log.warning("live page not updated (%s): %r", source, exc)

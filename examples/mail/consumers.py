@@ -17,7 +17,7 @@ from channels.consumer import AsyncConsumer
 from django.conf import settings
 from live.events import show
 
-from core.consumers import send_command
+from gateways.email.consumers import EmailCommands
 from mail.models import Mail
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,19 @@ class MailConsumer(AsyncConsumer):
             return
         reply_to = message["reply_to"] or [message["from"] or message["mail_from"]]
         subject = message["subject"] or ""
-        reply = {
-            "type": "email.send",
-            "id": str(mail.pk),
-            "result_channel": self.scope["channel"],
-            "from": settings.SUPPORT_ADDRESS,
-            "to": reply_to,
-            "subject": subject if subject.lower().startswith("re:") else f"Re: {subject}",
-            "text": f"Thanks, we got your mail and filed it as #{mail.pk}.\n",
-            "in_reply_to": message["message_id"],
-            "references": message["references"],
-        }
+        email = EmailCommands(self.channel_layer, message["reply_channel"], timeout=60)
         # never let an exception escape a consumer: runworker would drop what it has queued
         try:
-            await send_command(self.channel_layer, message["reply_channel"], reply, timeout=60)
+            await email.send(
+                reply_to,
+                id=str(mail.pk),
+                result_channel=self.scope["channel"],
+                from_=settings.SUPPORT_ADDRESS,
+                subject=subject if subject.lower().startswith("re:") else f"Re: {subject}",
+                text=f"Thanks, we got your mail and filed it as #{mail.pk}.\n",
+                in_reply_to=message["message_id"],
+                references=message["references"],
+            )
         except Exception as exc:
             log.warning("could not queue the reply to %s: %r", mail.message_id, exc)
             await Mail.objects.filter(pk=mail.pk).aupdate(reply_error=f"not queued: {exc!r}")

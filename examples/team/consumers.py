@@ -7,12 +7,13 @@ slash command through its ``response_url`` (only the person who asked sees it).
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.consumer import AsyncConsumer
 from mail.models import Mail
 
-from core.consumers import send_command
+from gateways.slack.consumers import SlackCommands
 
 log = logging.getLogger(__name__)
 
@@ -20,17 +21,17 @@ TICKET = re.compile(r"^\s*#?(\d{1,18})\s*$")
 
 
 class SlackTeamConsumer(AsyncConsumer):
-    async def _command(self, message: dict[str, Any], command: dict[str, Any]) -> None:
+    async def _command(
+        self, message: dict[str, Any], command: Callable[[SlackCommands], Awaitable[object]]
+    ) -> None:
         try:  # an exception escaping a consumer would lose what runworker has queued for it
-            await send_command(self.channel_layer, message["reply_channel"], command, timeout=30)
+            await command(SlackCommands(self.channel_layer, message["reply_channel"], timeout=30))
         except Exception as exc:
             log.warning("could not answer %s: %r", message["id"], exc)
 
     async def slack_joined(self, message: dict[str, Any]) -> None:
         text = f"Welcome <@{message['user']}>! Type `/ticket 42` to look up support ticket 42."
-        await self._command(
-            message, {"type": "slack.send", "channel": message["channel"], "text": text}
-        )
+        await self._command(message, lambda slack: slack.send(message["channel"], text))
 
     async def slack_command(self, message: dict[str, Any]) -> None:
         if message["command"] != "/ticket" or not message["response_url"]:
@@ -47,12 +48,7 @@ class SlackTeamConsumer(AsyncConsumer):
                 text = f"#{mail.pk} {mail.subject!r} from {mail.mail_from} ({state})"
         await self._command(
             message,
-            {
-                "type": "slack.respond",
-                "response_url": message["response_url"],
-                "response_type": "ephemeral",
-                "text": text,
-            },
+            lambda slack: slack.respond(message["response_url"], text, response_type="ephemeral"),
         )
 
     async def slack_connect(self, message: dict[str, Any]) -> None:

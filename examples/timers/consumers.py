@@ -19,7 +19,8 @@ from channels.consumer import AsyncConsumer
 from django.conf import settings
 from mail.models import Mail
 
-from core.consumers import send_command
+from gateways.email.consumers import EmailCommands
+from gateways.scheduler.consumers import SchedulerCommands
 from timers.models import Fire
 
 log = logging.getLogger(__name__)
@@ -53,31 +54,19 @@ class TimerConsumer(AsyncConsumer):
         start = day.replace(hour=0, minute=0, second=0, microsecond=0)
         mails = [m async for m in Mail.objects.filter(received_at__gte=start).order_by("pk")]
         lines = [f"#{m.pk} {m.mail_from}: {m.subject or '(no subject)'}" for m in mails]
-        await send_command(
-            self.channel_layer,
-            "support-mail.send",
-            {
-                "type": "email.send",
-                "from": settings.SUPPORT_ADDRESS,
-                "to": [settings.DIGEST_ADDRESS],
-                "subject": f"Support digest {day.date().isoformat()}: {len(mails)} mail(s)",
-                "text": "\n".join(lines) + "\n" if lines else "No mail today.\n",
-            },
-            timeout=60,
+        await EmailCommands(self.channel_layer, "support-mail.send", timeout=60).send(
+            [settings.DIGEST_ADDRESS],
+            from_=settings.SUPPORT_ADDRESS,
+            subject=f"Support digest {day.date().isoformat()}: {len(mails)} mail(s)",
+            text="\n".join(lines) + "\n" if lines else "No mail today.\n",
         )
 
     async def ask_back(self, message: dict[str, Any], seconds: float) -> None:
-        await send_command(
-            self.channel_layer,
-            message["reply_channel"],
-            {
-                "type": "scheduler.add",
-                "schedule": f"follow-up.{message['id']}",
-                "in": seconds,
-                "channel": self.scope["channel"],
-                "message": {"note": f"follow-up of {message['schedule']}"},
-            },
-            timeout=60,
+        await SchedulerCommands(self.channel_layer, message["reply_channel"], timeout=60).add(
+            f"follow-up.{message['id']}",
+            in_=seconds,
+            channel=self.scope["channel"],
+            message={"note": f"follow-up of {message['schedule']}"},
         )
 
     async def scheduler_result(self, message: dict[str, Any]) -> None:

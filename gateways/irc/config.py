@@ -130,7 +130,8 @@ class IrcConfig(Section):
         "or nickserv_password_file.",
     )
     channels: list[Annotated[ChannelConfig, BeforeValidator(_channel_entry)]] = Field(
-        default_factory=list, description="Channels joined at every connect."
+        default_factory=list,
+        description='Channels joined at every connect: a name ("#ops") or {name, key}.',
     )
     rejoin_after_kick: bool = Field(default=True, description="Join again after being kicked.")
     rejoin_delay: float = Field(

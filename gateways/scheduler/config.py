@@ -13,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.config import GatewayConfig, Section
+from core.config import GatewayConfig, Section, YamlType
 from gateways.scheduler.translate import (
     Policy,
     Spec,
@@ -28,7 +28,9 @@ from gateways.scheduler.translate import (
 
 __all__ = ["ScheduleConfig", "SchedulerConfig", "SchedulerGatewayConfig"]
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[float, BeforeValidator(parse_duration), YamlType("duration")]
+#: read by the ``_instant`` validator below (it needs the schedule's ``timezone``)
+Instant = Annotated[float, YamlType("date-time")]
 ScheduleId = Annotated[str, AfterValidator(check_schedule_id)]
 
 
@@ -50,15 +52,15 @@ class ScheduleConfig(Section):
         description="Interval (30s, 5m, 1h, 1h30m or seconds), due at start + k x every "
         "(start default: the Unix epoch, so every: 1h is due on the hour UTC).",
     )
-    at: float | None = Field(
+    at: Instant | None = Field(
         default=None,
         description="One-shot: ISO 8601 date-time (naive = in timezone). Must be in the future "
         "when the file is loaded; remove it once it fired.",
     )
-    start: float | None = Field(
+    start: Instant | None = Field(
         default=None, description="ISO 8601 date-time: nothing is due before it."
     )
-    end: float | None = Field(default=None, description="ISO 8601 date-time: nothing after it.")
+    end: Instant | None = Field(default=None, description="ISO 8601 date-time: nothing after it.")
     jitter: Duration = Field(
         default=0.0,
         description="Each fire is delayed by a fixed pseudo-random part of this (the same on "
@@ -127,7 +129,8 @@ class SchedulerConfig(Section):
     """``scheduler:`` — the schedules and how they fire."""
 
     schedules: dict[ScheduleId, ScheduleConfig] = Field(
-        default_factory=dict, description="Schedule id → schedule (YAML schedules)."
+        default_factory=dict,
+        description="Schedule id (1-200 letters, digits, _ . : @ -) → schedule (YAML schedules).",
     )
     misfire: Policy = Field(
         default="once",

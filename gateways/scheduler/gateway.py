@@ -59,6 +59,8 @@ from gateways.scheduler.translate import (
     fire_message,
     jitter_offset,
     next_fire,
+    parse_list,
+    parse_remove,
     spec_from_command,
 )
 
@@ -554,9 +556,10 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
 
     @handles("scheduler.remove")
     async def handle_remove(self, command: Command) -> dict[str, Any]:
-        schedule = command.body.get("schedule")
-        if not isinstance(schedule, str) or not schedule:
-            raise CommandError("schedule: required (the id given to scheduler.add)")
+        try:
+            schedule = parse_remove(command.body)
+        except ScheduleError as exc:
+            raise CommandError(str(exc)) from None
         if schedule in self.yaml_ids:
             raise CommandError(f"schedule: {schedule!r} is a YAML schedule; edit the file")
         try:
@@ -570,9 +573,10 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
 
     @handles("scheduler.list")
     async def handle_list(self, command: Command) -> dict[str, Any]:
-        prefix = command.body.get("prefix", "")
-        if not isinstance(prefix, str):
-            raise CommandError("prefix: must be a string")
+        try:
+            prefix = parse_list(command.body)
+        except ScheduleError as exc:
+            raise CommandError(str(exc)) from None
         with contextlib.suppress(StoreUnavailable):
             await self._refresh_runtime()
         now = self.clock.wall()

@@ -65,6 +65,8 @@ __all__ = [
     "next_fire",
     "parse_duration",
     "parse_instant",
+    "parse_list",
+    "parse_remove",
     "spec_from_command",
     "wall_clock",
     "zone",
@@ -346,6 +348,22 @@ def spec_from_command(
     if spec.start is not None and spec.end is not None and spec.end <= spec.start:
         raise ScheduleError("end", "must be after start")
     return spec
+
+
+def parse_remove(body: Mapping[str, Any]) -> str:
+    """The schedule id a ``scheduler.remove`` names; :class:`ScheduleError` names the key."""
+    schedule = body.get("schedule")
+    if not isinstance(schedule, str) or not schedule:
+        raise ScheduleError("schedule", "required (the id given to scheduler.add)")
+    return schedule
+
+
+def parse_list(body: Mapping[str, Any]) -> str:
+    """The id prefix a ``scheduler.list`` asks for (``""``: all)."""
+    prefix = body.get("prefix", "")
+    if not isinstance(prefix, str):
+        raise ScheduleError("prefix", "must be a string")
+    return prefix
 
 
 def _pick(value: Any, default: Any) -> Any:

@@ -55,9 +55,9 @@ async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
         with sqlite3.connect(db) as conn:
             conn.execute(
                 "INSERT INTO mail_mail (event_id, message_id, mail_from, subject, text, "
-                "attachment_count, received_at, reply_message_id, reply_error) VALUES "
+                "attachment_count, received_at, reply_message_id, reply_error, kind, dmarc) VALUES "
                 "('e1', '<m1@x>', 'carol@example.org', 'Printer on fire', '', 0, "
-                "datetime('now'), '', '')"
+                "datetime('now'), '', '', 'normal', '')"
             )
         now = time.time()
         await layer.send(

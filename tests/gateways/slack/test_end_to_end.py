@@ -27,9 +27,9 @@ async def test_welcome_and_ticket_command(
     project = await asyncio.to_thread(example_project, tmp_path, redis_server.url, env=slack)
     project.execute(
         "INSERT INTO mail_mail (id, event_id, message_id, mail_from, subject, text, "
-        "attachment_count, received_at, reply_message_id, reply_error) VALUES "
+        "attachment_count, received_at, reply_message_id, reply_error, kind, dmarc) VALUES "
         "(42, 'e42', '<m42@x>', 'carol@example.org', 'Printer on fire', '', 0, "
-        "'2026-01-01 00:00:00', '', '')"
+        "'2026-01-01 00:00:00', '', '', 'normal', '')"
     )
     gateway = await asyncio.to_thread(project.gateway("slack.yaml").start)
     worker = project.worker("team-slack")

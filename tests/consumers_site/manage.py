@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""The consumer helpers' test site: ``python manage.py runworker irc-bot slack-bot …``."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "consumers_site.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
