@@ -88,6 +88,21 @@ class IrcSession:
         while await self.line(timeout=3600) is not None:
             pass
 
+    async def read_for(self, seconds: float) -> None:
+        """Read (and record) for ``seconds``, or until the client hangs up.
+
+        Not ``wait_for(read_all(), seconds)``: on Python 3.11 a cancel that meets a line
+        already read is lost, and a client that keeps writing is read for ever.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            try:
+                if await self.line(timeout=left) is None:
+                    return
+            except TimeoutError:
+                return
+
     def send(self, *lines: str | bytes) -> None:
         """Queue raw lines (CR LF added); :meth:`drain` waits until the client took them."""
         for line in lines:
