@@ -24,7 +24,9 @@ House rules (what the base class guarantees, so no gateway writes them again):
   ``/readyz`` says why; later refusals are retried too (an operator may fix the account).
 * **Reconnects** wait a capped, jittered :class:`core.service.Backoff` that is reset only once a
   connection stayed up ``stable_after`` seconds, so a server that accepts and drops at once
-  is not hammered. Each wait is logged with the reason and the delay, and counted in
+  is not hammered; a connection the subclass dropped because the peer misbehaved
+  (:meth:`ReconnectingClient.misbehaved`: a flood, a send buffer it never reads) never resets
+  it, however long it lasted. Each wait is logged with the reason and the delay, and counted in
   ``gateway_retries_total{kind="connect"}``.
 * **Silent connections**: with ``idle_timeout``, a connection from which nothing was heard
   (:meth:`ReconnectingClient.heard`) for that long is probed (``_probe``), and dropped when
@@ -182,6 +184,7 @@ class ReconnectingClient:
         self._state = ClientState.IDLE
         self._up = asyncio.Event()
         self._heard = 0.0
+        self._misbehaved = False
         self._task: asyncio.Task[None] | None = None
 
     # -- hooks --------------------------------------------------------------------------------
@@ -264,6 +267,12 @@ class ReconnectingClient:
         self.last_error = reason
         self._hang_up(reason)
         return True
+
+    def misbehaved(self) -> None:
+        """The current connection ends because the peer broke the rules (a flood, a buffer it
+        never reads): the backoff is not reset by how long it lasted, so a server that floods
+        after a quiet start is not reconnected to at once each time."""
+        self._misbehaved = True
 
     async def wait_connected(self, timeout: float) -> None:
         """Return once connected; ``TimeoutError`` after ``timeout`` s (for commands)."""
@@ -352,6 +361,7 @@ class ReconnectingClient:
             at_once = False  # a restart() skips the backoff
             if self._announced:
                 up_since = loop.time()
+                self._misbehaved = False
                 watchdog = None
                 if self.idle_timeout is not None:
                     watchdog = asyncio.create_task(self._watchdog(self.idle_timeout))
@@ -369,7 +379,7 @@ class ReconnectingClient:
                 at_once = self._state is ClientState.RESTARTING
                 self._fire(ClientEvent.LOST)
                 self._lost(reason)
-                if loop.time() - up_since >= self.stable_after:
+                if loop.time() - up_since >= self.stable_after and not self._misbehaved:
                     self.backoff.reset()
                 what = f"connection to {self.server} lost"
             if at_once:

@@ -803,7 +803,16 @@ class EventBuffer:
     One bad event never stops the buffer: an event :meth:`Gateway.publish` refuses (too large,
     not msgpack-safe) or that the layer rejects with an error other than an outage is logged,
     counted (``too_large``, ``unserialisable``, ``unsendable``) and skipped.
+
+    A transport that *can* stop reading (a TCP stream, IRC) checks :attr:`full` before it turns
+    input into an event and, when it is, pauses its reading until :meth:`wait_room` returns:
+    its peer is pushed back by TCP and nothing is dropped. :attr:`full` keeps
+    :data:`RESERVED` places free for the events no reader can hold back (a client's
+    ``<proto>.connect`` / ``.disconnect``).
     """
+
+    #: places a pausing reader leaves free (see above)
+    RESERVED = 2
 
     def __init__(self, gateway: Gateway[Any], capacity: int) -> None:
         self.gateway = gateway
@@ -813,11 +822,25 @@ class EventBuffer:
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
         self._unreported = 0
         self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        """``True`` while a reader that can pause should (at most :data:`RESERVED` places left;
+        all of them when the capacity is that small)."""
+        return len(self._queue) >= max(1, self.capacity - self.RESERVED)
+
+    async def wait_room(self) -> None:
+        """Return once :meth:`put` would keep an event (for a reader that paused meanwhile)."""
+        while self.full:
+            self._room.clear()
+            await self._room.wait()
 
     def start(self) -> None:
         if self._task is None:
@@ -854,6 +877,8 @@ class EventBuffer:
                 done = await self.gateway.publish_many(batch)
                 for _ in range(done):
                     self._queue.popleft()
+                if done:
+                    self._room.set()
                 if done < len(batch):
                     return  # stopping: flush() accounts for what is left
             self._ready.clear()
@@ -873,4 +898,5 @@ class EventBuffer:
                 "%s: dropped %d buffered event(s) at shutdown", self.gateway.name, left
             )
             self._queue.clear()
+        self._room.set()
         return left

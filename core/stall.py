@@ -73,6 +73,8 @@ class StallTracker:
         self._peak = 0
         self._channel = ""
         self._why = ""
+        #: what the transport does meanwhile, in the stall WARNING (a gateway says its own way)
+        self.pushback = "the transport is pushed back until the layer takes events again"
         metrics.held.set_function(self.held)
 
     def held(self) -> int:
@@ -161,13 +163,13 @@ class StallTracker:
         self.metrics.stalls.inc()
         self._account(now)
         self.log.warning(
-            "%s: stalled: %s on channel %r for %.1f s; holding %d message(s) back, the "
-            "transport is pushed back until the layer takes events again",
+            "%s: stalled: %s on channel %r for %.1f s; holding %d message(s) back, %s",
             self.name,
             self._why,
             self._channel,
             now - self._episode,
             self._peak,
+            self.pushback,
         )
 
     def _account(self, now: float) -> None:

@@ -29,6 +29,8 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.certs`     a throw-away CA and server certificates
 * :mod:`core.testing.services`  :class:`RedisServer`, :class:`MosquittoServer`,
   :class:`NgircdServer`, :class:`InspircdServer` (IRC with SASL), :class:`IrcLines`
+* :mod:`core.testing.irc`       :class:`ScriptedIrcServer`: a hostile IRC server whose
+  connections run a test's script (:class:`IrcSession`: raw lines, floods)
 * :mod:`core.testing.worker`    :class:`DjangoWorker`: a real ``manage.py runworker``
 * :mod:`core.testing.smtp`      :class:`SmtpSink`: the far side of ``email.send``
 * :mod:`core.testing.clock`     :class:`ManualClock`: an injectable clock that moves on demand
@@ -73,6 +75,7 @@ from core.testing.harness import (
     run_gateway,
     until,
 )
+from core.testing.irc import IrcSession, ScriptedIrcServer
 from core.testing.services import (
     InspircdServer,
     IrcLines,
@@ -98,10 +101,12 @@ __all__ = [
     "GatewayProcess",
     "InspircdServer",
     "IrcLines",
+    "IrcSession",
     "ManualClock",
     "MosquittoServer",
     "NgircdServer",
     "RedisServer",
+    "ScriptedIrcServer",
     "Server",
     "ServerError",
     "ServiceMissing",

@@ -7,7 +7,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 
 from core.config import GatewayConfig, ReconnectConfig, Section
-from gateways.irc.translate import InvalidCommand, check_channel, check_encoding, check_nick
+from gateways.irc.translate import (
+    InvalidCommand,
+    check_channel,
+    check_encoding,
+    check_nick,
+    check_username,
+)
 
 __all__ = [
     "ChannelConfig",
@@ -32,6 +38,7 @@ def _valid(check: Any) -> Any:
 
 Nick = Annotated[str, AfterValidator(_valid(check_nick))]
 ChannelName = Annotated[str, AfterValidator(_valid(check_channel))]
+UserName = Annotated[str, AfterValidator(_valid(check_username))]
 
 
 class TlsConfig(Section):
@@ -118,7 +125,11 @@ class IrcConfig(Section):
         default_factory=list,
         description="Nicks tried in order when nick is taken; then nick plus a digit suffix.",
     )
-    username: str | None = Field(default=None, description="USER name; default: the nick.")
+    username: UserName | None = Field(
+        default=None,
+        description="USER name; default: the nick's ASCII letters, digits, _, - and . "
+        "(acc[bot] registers as accbot: servers refuse brackets there).",
+    )
     realname: str | None = Field(default=None, description="Real name (GECOS); default: the nick.")
     password: SecretStr | None = Field(
         default=None, description="Server password (PASS); or password_file."
@@ -132,6 +143,14 @@ class IrcConfig(Section):
     channels: list[Annotated[ChannelConfig, BeforeValidator(_channel_entry)]] = Field(
         default_factory=list,
         description='Channels joined at every connect: a name ("#ops") or {name, key}.',
+    )
+    max_channels: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="Channels the gateway keeps joined (and rejoins after a reconnect) at most: "
+        "the YAML's plus those joined at run time. An irc.join beyond it is refused; a JOIN "
+        "the server makes for us beyond it is passed on but not rejoined (logged, counted).",
     )
     rejoin_after_kick: bool = Field(default=True, description="Join again after being kicked.")
     rejoin_delay: float = Field(
@@ -179,6 +198,11 @@ class IrcConfig(Section):
         external = self.sasl is not None and self.sasl.mechanism == "EXTERNAL"
         if external and (self.tls is None or self.tls.cert_file is None):
             raise ValueError("sasl: EXTERNAL needs tls.cert_file (the client certificate)")
+        if len(self.channels) > self.max_channels:
+            raise ValueError(
+                f"channels: {len(self.channels)} listed, more than max_channels "
+                f"({self.max_channels})"
+            )
         return self
 
     @property

@@ -14,9 +14,14 @@ are answered with an error — none is lost in silence. The result of a command 
 last line was written.
 
 Recovery: after every (re)connect the gateway joins every channel it should be in (the YAML's
-plus those joined at run time, minus those parted) before anything else in the outbox, rejoins
-after a kick (``rejoin_after_kick``), and takes back its configured nick when it frees (at once
-on the holder's QUIT or NICK, else every ``reclaim_interval``).
+plus those joined at run time, minus those parted; at most ``max_channels``) before anything
+else in the outbox, rejoins after a kick (``rejoin_after_kick``), and takes back the nick it
+should hold when it frees (at once on the holder's QUIT or NICK, else every
+``reclaim_interval``). Nicks and channel names are compared under the server's CASEMAPPING.
+
+What a server can make happen at full speed (unparsable lines, kicks, refused joins, joins it
+makes for us beyond ``max_channels``, renames) is logged once, then once per
+:class:`core.logs.RepeatFilter` interval with a count, and counted in metrics every time.
 """
 
 from __future__ import annotations
@@ -24,20 +29,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from irc.client import Event
 
 from core.envelope import Command, CommandError
+from core.logs import RepeatFilter
 from core.pacer import Pacer
 from core.service import EventBuffer, Gateway, cancel_and_wait, handles
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.connection import IrcConnection, NotConnected
 from gateways.irc.translate import (
+    Context,
     InvalidCommand,
+    fold,
     inbound,
     parse_join,
     parse_nick,
@@ -78,6 +86,48 @@ class _Channel:
     rejoin: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
+class _Channels:
+    """The channels the gateway should be in, found by name under the server's case mapping.
+
+    Keyed by the fold of the name; :meth:`use` re-keys when the mapping becomes known (the
+    server announces it after registration) or changes, keeping the first of two names that
+    become one.
+    """
+
+    def __init__(self) -> None:
+        self.mapping = "rfc1459"
+        self._by_key: dict[str, _Channel] = {}
+
+    def use(self, mapping: str) -> None:
+        if mapping == self.mapping:
+            return
+        self.mapping = mapping
+        old, self._by_key = self._by_key, {}
+        for channel in old.values():
+            self._by_key.setdefault(fold(channel.name, mapping), channel)
+
+    def get(self, name: str) -> _Channel | None:
+        return self._by_key.get(fold(name, self.mapping))
+
+    def add(self, name: str, key: str | None) -> _Channel:
+        channel = self._by_key.setdefault(fold(name, self.mapping), _Channel(name, key))
+        if key is not None:
+            channel.key = key
+        return channel
+
+    def pop(self, name: str) -> _Channel | None:
+        return self._by_key.pop(fold(name, self.mapping), None)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and fold(name, self.mapping) in self._by_key
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[_Channel]:
+        return iter(list(self._by_key.values()))
+
+
 class IrcGateway(Gateway[IrcGatewayConfig]):
     """One IRC identity; see the module docstring."""
 
@@ -98,14 +148,22 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             name=f"{self.name} flood control",
         )
         self.client = IrcConnection(self, settings, listener=self, events=self.buffer)
-        #: lower-cased name → channel we should be in (YAML + run-time joins - parts)
-        self.channels: dict[str, _Channel] = {}
+        #: channels we should be in (YAML + run-time joins - parts), at most max_channels
+        self.channels = _Channels()
         for channel in settings.channels:
             key = channel.key.get_secret_value() if channel.key else None
-            self._want(channel.name, key)
-        #: the nick to hold and reclaim (``irc.nick`` changes it)
-        self.wanted_nick = settings.nick
+            self.channels.add(channel.name, key)
+        self.stall.pushback = (
+            f"they wait in the event buffer (irc.buffer: {settings.buffer}); while it is full "
+            "the gateway stops reading from the IRC server (TCP pushback) until the layer "
+            "takes events again"
+        )
+        # a server can make some lines at full speed: one line, then a count every interval
+        if not any(isinstance(f, RepeatFilter) for f in self.log.filters):
+            self.log.addFilter(RepeatFilter(marked_only=True))
         self._outbox: deque[_Line] = deque()
+        #: texts of our own lines (NICK, JOIN) waiting in the outbox: never queued twice
+        self._queued_system: set[str] = set()
         self._outbox_ready = asyncio.Event()
         self._outbox_empty = asyncio.Event()
         self._outbox_empty.set()
@@ -136,7 +194,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
 
     async def close(self) -> None:
         await self._cancel_tasks()
-        for channel in self.channels.values():
+        for channel in self.channels:
             if channel.rejoin is not None:
                 channel.rejoin.cancel()
         await self.client.close()
@@ -150,19 +208,26 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
     # -- client listener ------------------------------------------------------------------------
 
     def client_connected(self, details: Mapping[str, Any]) -> None:
-        # joins go first, before lines that waited for the connection
-        joins = [self._join_line(c) for c in self.channels.values()]
+        # joins go first, before lines that waited for the connection; our own lines queued
+        # for the last connection (a JOIN, a NICK) are replaced by these
+        self._queued_system.clear()
+        self._outbox = deque(line for line in self._outbox if line.done is not None)
+        joins = [self._join_line(c) for c in self.channels]
         deadline = asyncio.get_running_loop().time() + self.settings.queue_timeout
         for text in reversed(joins):
             self._outbox.appendleft(_Line(text, deadline))
-        if joins:
+            self._queued_system.add(text)
+        if self._outbox:
             self._outbox_changed()
-        if not same_nick(self.client.nick, self.wanted_nick):
+        else:
+            self._outbox_empty.set()
+        wanted = self.client.wanted_nick
+        if not same_nick(self.client.nick, wanted, self.client.casemapping):
             self.log.warning(
                 "%s: registered as %s; %s is taken, will reclaim it",
                 self.name,
                 self.client.nick,
-                self.wanted_nick,
+                wanted,
             )
 
     def client_disconnected(self, reason: str) -> None:
@@ -180,10 +245,12 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             )
 
     def irc_event(self, event: Event) -> None:
-        own = self.client.nick
-        self._follow(event, own)
+        own, mapping = self.client.nick, self.client.casemapping
+        self.channels.use(mapping)
+        self._follow(event, own, mapping)
+        context = Context(own, mapping, self.settings.address)
         translated = inbound(
-            event.type, event.source, event.target, event.arguments, event.tags, own
+            event.type, event.source, event.target, event.arguments, event.tags, context
         )
         if translated is None:
             return
@@ -196,54 +263,83 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         )
         self.buffer.put(message)
 
-    def _follow(self, event: Event, own: str) -> None:
+    def _follow(self, event: Event, own: str, mapping: str) -> None:
         """Keep channels and nick up to date from what the server says."""
         kind = event.type
         source = event.source.nick if event.source else None
-        if kind == "join" and same_nick(source, own):
-            if event.target.lower() not in self.channels:
-                self._want(str(event.target), None)  # joined by a raw line or a server
-        elif kind == "part" and same_nick(source, own):
-            self.channels.pop(str(event.target).lower(), None)
-        elif kind == "kick" and event.arguments and same_nick(event.arguments[0], own):
+        wanted = self.client.wanted_nick
+        if kind == "join" and same_nick(source, own, mapping):
+            if str(event.target) not in self.channels:
+                self._adopt(str(event.target))  # joined by a raw line or a server
+        elif kind == "part" and same_nick(source, own, mapping):
+            self.channels.pop(str(event.target))
+        elif kind == "kick" and event.arguments and same_nick(event.arguments[0], own, mapping):
             self._kicked(str(event.target), event.arguments[1] if len(event.arguments) > 1 else "")
         elif kind in _JOIN_FAILED and len(event.arguments) >= 1:
             name = str(event.arguments[0])
-            if self.channels.pop(name.lower(), None) is not None:
-                self.log.warning("%s: cannot join %s: %s", self.name, name, event.arguments[-1])
-        elif kind in ("quit", "nick") and same_nick(source, self.wanted_nick):
-            if not same_nick(own, self.wanted_nick):
-                self._enqueue_system(f"NICK {self.wanted_nick}")  # it just became free
+            if self.channels.pop(name) is not None:
+                self.metrics.error("join_refused")
+                self.log.warning(
+                    "%s: cannot join %s: %s",
+                    self.name,
+                    name,
+                    event.arguments[-1],
+                    extra={"repeat": f"{self.name}:join_refused"},
+                )
+        elif kind in ("quit", "nick") and same_nick(source, wanted, mapping):
+            if not same_nick(own, wanted, mapping):
+                self._enqueue_system(f"NICK {wanted}")  # it just became free
         elif (
-            kind == "nick" and same_nick(event.target, self.wanted_nick) and same_nick(source, own)
+            kind == "nick"
+            and same_nick(event.target, own, mapping)
+            and same_nick(own, wanted, mapping)
+            and not same_nick(source, own, mapping)
         ):
-            self.log.info("%s: now using the nick %s", self.name, event.target)
+            self.log.info(
+                "%s: now using the nick %s",
+                self.name,
+                event.target,
+                extra={"repeat": f"{self.name}:nick"},
+            )
+
+    def _adopt(self, name: str) -> None:
+        if len(self.channels) >= self.settings.max_channels:
+            self.metrics.error("too_many_channels")
+            self.log.warning(
+                "%s: the server joined us to %s, but %d channels are kept already "
+                "(irc.max_channels); its events are passed on, it is not rejoined",
+                self.name,
+                name,
+                len(self.channels),
+                extra={"repeat": f"{self.name}:too_many_channels"},
+            )
+            return
+        self.channels.add(name, None)
 
     def _kicked(self, channel: str, reason: str) -> None:
-        wanted = self.channels.get(channel.lower())
-        self.log.warning("%s: kicked from %s (%s)", self.name, channel, reason)
+        wanted = self.channels.get(channel)
+        self.metrics.error("kicked")
+        self.log.warning(
+            "%s: kicked from %s (%s)",
+            self.name,
+            channel,
+            reason,
+            extra={"repeat": f"{self.name}:kicked"},
+        )
         if wanted is None:
             return
         if not self.settings.rejoin_after_kick:
-            self.channels.pop(channel.lower(), None)
+            self.channels.pop(channel)
             return
         if wanted.rejoin is not None:
             wanted.rejoin.cancel()
 
         def rejoin() -> None:
             wanted.rejoin = None
-            if self.channels.get(channel.lower()) is wanted:
+            if self.channels.get(wanted.name) is wanted:
                 self._enqueue_system(self._join_line(wanted))
 
         wanted.rejoin = asyncio.get_running_loop().call_later(self.settings.rejoin_delay, rejoin)
-
-    def _want(self, name: str, key: str | None) -> _Channel:
-        channel = self.channels.get(name.lower())
-        if channel is None:
-            channel = self.channels[name.lower()] = _Channel(name, key)
-        elif key is not None:
-            channel.key = key
-        return channel
 
     @staticmethod
     def _join_line(channel: _Channel) -> str:
@@ -256,10 +352,17 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         self._outbox_ready.set()
 
     def _enqueue_system(self, text: str) -> None:
-        """A line of our own (join, nick): never refused, it replaces nothing."""
+        """A line of our own (join, nick): never refused, never queued twice."""
+        if text in self._queued_system:
+            return
+        self._queued_system.add(text)
         deadline = asyncio.get_running_loop().time() + self.settings.queue_timeout
         self._outbox.append(_Line(text, deadline))
         self._outbox_changed()
+
+    def _left_outbox(self, line: _Line) -> None:
+        if line.done is None:
+            self._queued_system.discard(line.text)
 
     async def _send(self, lines: tuple[str, ...] | list[str]) -> None:
         """Queue ``lines`` together; return once the last was written. Raise CommandError."""
@@ -285,6 +388,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         self._outbox_empty.set()
 
     def _fail_line(self, line: _Line, reason: str) -> None:
+        self._left_outbox(line)
         self.metrics.dropped("not_sent")
         if line.done is not None and not line.done.done():
             line.done.set_exception(CommandError(reason))
@@ -313,6 +417,9 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                 with contextlib.suppress(TimeoutError):
                     await self.client.wait_connected(remaining)
                 continue
+            # while the server does not take what we send, our lines wait here, not in memory
+            # the socket cannot hand out (the connection drops itself past its limit)
+            await self.client.writable()
             await self.pacer.wait()
             try:
                 self.client.send(line.text)
@@ -324,19 +431,18 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                 continue
             if self._outbox and self._outbox[0] is line:
                 self._outbox.popleft()
+            self._left_outbox(line)
             if line.done is not None and not line.done.done():
                 line.done.set_result(None)
 
     async def _reclaim_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reclaim_interval)
-            line = f"NICK {self.wanted_nick}"
-            if (
-                self.client.connected
-                and not same_nick(self.client.nick, self.wanted_nick)
-                and all(queued.text != line for queued in self._outbox)
+            wanted = self.client.wanted_nick
+            if self.client.connected and not same_nick(
+                self.client.nick, wanted, self.client.casemapping
             ):
-                self._enqueue_system(line)
+                self._enqueue_system(f"NICK {wanted}")
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -361,7 +467,12 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             name, key = parse_join(command.body)
         except InvalidCommand as exc:
             raise CommandError(str(exc)) from None
-        channel = self._want(name, key)
+        self.channels.use(self.client.casemapping)
+        if name not in self.channels and len(self.channels) >= self.settings.max_channels:
+            raise CommandError(
+                f"already keeping {len(self.channels)} channels (irc.max_channels); part one first"
+            )
+        channel = self.channels.add(name, key)
         await self._send([self._join_line(channel)])
 
     @handles("irc.part")
@@ -371,7 +482,8 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             name, reason = parse_part(command.body)
         except InvalidCommand as exc:
             raise CommandError(str(exc)) from None
-        channel = self.channels.pop(name.lower(), None)
+        self.channels.use(self.client.casemapping)
+        channel = self.channels.pop(name)
         if channel is not None and channel.rejoin is not None:
             channel.rejoin.cancel()
         await self._send([f"PART {name} :{reason}" if reason else f"PART {name}"])
@@ -392,7 +504,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             nick = parse_nick(command.body)
         except InvalidCommand as exc:
             raise CommandError(str(exc)) from None
-        self.wanted_nick = nick
+        self.client.wanted_nick = nick  # registered with it after a reconnect, too
         await self._send([f"NICK {nick}"])
 
     @handles("irc.raw")

@@ -12,9 +12,15 @@ fields in, the gateway sends what comes out. House rules (RFC 1459/2812, IRCv3):
   boundaries, preferring a space in the second half of a chunk (that space is the separator);
   nothing is ever cut off.
 * **Formatting is kept** in ``text`` (mIRC codes, colours) and removed in ``plain``.
-* **IRCv3 tags**: ``msgid`` becomes the event ``id``, ``server-time`` its ``time``; every tag is
-  passed on in ``tags`` (valueless tags as ``""``).
-* **Nicks compare under RFC 1459 case mapping** (``[]\\~`` are the lower case of ``{}|^``).
+* **IRCv3 tags**: ``msgid`` gives the event ``id`` (:func:`event_id`: a UUID 5 of the configured
+  server and the msgid, so a server cannot make its ids collide with another network's),
+  ``server-time`` its ``time``; every tag is passed on in ``tags`` (valueless tags as ``""``).
+* **NUL never reaches an event**: IRC forbids it in a line and databases refuse it in text, so
+  it is removed from every string a server sends (:func:`inbound`).
+* **Nicks and channels compare under the server's CASEMAPPING** (ISUPPORT; :func:`fold`):
+  ``ascii`` folds A-Z only, ``rfc1459`` also ``[]\\~`` to ``{}|^``, ``strict-rfc1459`` ``[]\\``
+  to ``{}|``, ``rfc7613``/``rfc8265`` lower-case Unicode. A server that announces none, or one
+  we do not know, is taken as ``rfc1459`` (what RFC 1459 servers did before ISUPPORT).
 """
 
 from __future__ import annotations
@@ -22,28 +28,38 @@ from __future__ import annotations
 import base64
 import codecs
 import re
+import string
+import unicodedata
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
 
 from irc.client import NickMask, is_channel
-from irc.strings import lower as irc_lower
 
 __all__ = [
+    "CASEMAPPINGS",
     "KINDS",
     "MAX_LINE",
+    "Context",
     "InvalidCommand",
     "Outbound",
     "Send",
     "Translated",
     "cap_request",
+    "casemapping",
     "check_channel",
     "check_encoding",
     "check_nick",
     "check_target",
     "check_text",
+    "check_username",
+    "default_username",
+    "event_id",
+    "fold",
     "inbound",
+    "loggable",
     "nick_candidates",
     "parse_cap_ls",
     "parse_join",
@@ -55,6 +71,7 @@ __all__ = [
     "parse_tags",
     "parse_topic",
     "prefix_length",
+    "refused_for_configuration",
     "same_nick",
     "sasl_payload",
     "send_lines",
@@ -140,9 +157,103 @@ def check_encoding(value: str) -> str:
         raise InvalidCommand(f"unknown encoding {value!r}") from None
 
 
-def same_nick(a: str | None, b: str | None) -> bool:
-    """Whether two nicks are the same under RFC 1459 case mapping."""
-    return a is not None and b is not None and irc_lower(a) == irc_lower(b)
+def check_username(value: Any) -> str:
+    """A USER name as RFC 2812 §2.3.1 allows it: not empty, no space, ``@``, NUL, CR or LF.
+
+    Servers are stricter (ngircd takes only letters, digits, ``_``, ``-`` and ``.``); what one
+    refuses ends the start with exit code 3 (see ``connection.py``).
+    """
+    text = check_text(value, "username")
+    if " " in text or "@" in text:
+        raise InvalidCommand(f"not a valid user name: {text[:80]!r} (no space or '@')")
+    return text
+
+
+_NOT_USERNAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def default_username(nick: str) -> str:
+    """The USER name for ``nick`` when none is configured: its ASCII letters, digits, ``_``,
+    ``-`` and ``.`` (leading ``-``/``.`` dropped), ``gateway`` if nothing is left.
+
+    Those are what every server we test accepts: ngircd answers ``USER acc[bot]`` with
+    ``ERROR :Invalid user name`` (issue 21, item 8), InspIRCd ``USER ~acc`` with 468.
+    """
+    return _NOT_USERNAME.sub("", nick).lstrip("-.") or "gateway"
+
+
+# -- case mapping ----------------------------------------------------------------------------
+
+#: CASEMAPPING values (ISUPPORT) folded as announced; any other is folded as ``rfc1459``
+CASEMAPPINGS: Final = ("ascii", "rfc1459", "strict-rfc1459", "rfc7613", "rfc8265")
+_UPPER, _LOWER = string.ascii_uppercase, string.ascii_lowercase
+_TABLES: Final = {
+    "ascii": str.maketrans(_UPPER, _LOWER),
+    "rfc1459": str.maketrans(_UPPER + "[]\\~", _LOWER + "{}|^"),
+    "strict-rfc1459": str.maketrans(_UPPER + "[]\\", _LOWER + "{}|"),
+}
+
+
+def casemapping(value: object) -> str:
+    """The case mapping to fold by for a server's ``CASEMAPPING`` token (None: not announced)."""
+    name = str(value).lower() if isinstance(value, str) else ""
+    return name if name in CASEMAPPINGS else "rfc1459"
+
+
+def fold(text: str, mapping: str) -> str:
+    """``text`` in the lower case of ``mapping`` (a :data:`CASEMAPPINGS` value): two nicks or
+    two channel names are the same on that server when their folds are equal."""
+    table = _TABLES.get(mapping)
+    if table is not None:
+        return text.translate(table)
+    if mapping in ("rfc7613", "rfc8265"):  # PRECIS: width-mapped, lower-cased, NFC
+        return unicodedata.normalize("NFC", unicodedata.normalize("NFKC", text).lower())
+    return text.translate(_TABLES["rfc1459"])
+
+
+def same_nick(a: str | None, b: str | None, mapping: str) -> bool:
+    """Whether two nicks (or channel names) are the same under ``mapping``."""
+    return a is not None and b is not None and fold(a, mapping) == fold(b, mapping)
+
+
+# -- what the server says during registration and what we may log ------------------------------
+
+# the texts servers give when they close a registration for a reason only configuration fixes:
+# ngircd "Invalid user name" and "Access denied: Bad password?", InspIRCd "Your username is not
+# valid", and bans (K-, G-, Z-lines)
+_CONFIG_REFUSAL = re.compile(
+    r"invalid user ?name|user ?name is (?:not valid|invalid)|bad password|invalid password"
+    r"|password (?:incorrect|mismatch|required)|access denied|not authori[sz]ed|banned"
+    r"|\b[kgz]-?lined",
+    re.IGNORECASE,
+)
+
+
+def refused_for_configuration(text: str) -> bool:
+    """Whether a server's ``ERROR`` (or refusal numeric) text during registration names a
+    reason that retrying cannot fix: a user name, a password, a ban."""
+    return _CONFIG_REFUSAL.search(text) is not None
+
+
+_SECRET_ARGS = re.compile(r"^(?P<head>(?:PASS|OPER \S+|AUTHENTICATE) ).+$", re.IGNORECASE)
+_IDENTIFY = re.compile(r"^(?P<head>PRIVMSG NickServ :IDENTIFY ).+$", re.IGNORECASE)
+_JOIN_KEYS = re.compile(r"^(?P<head>JOIN \S+ ).+$", re.IGNORECASE)
+
+
+def loggable(line: str) -> str:
+    """``line`` as a log may show it: what follows ``PASS``, ``OPER <name>``, ``AUTHENTICATE``
+    (except a mechanism name, ``+`` and ``*``), NickServ ``IDENTIFY`` and a ``JOIN``'s channel
+    list (the keys) is ``***``. Redaction in the log formatter matches only the plain secret,
+    and the SASL payload is its base64 (issue 21, item 15)."""
+    if line.upper().startswith("AUTHENTICATE "):
+        argument = line[len("AUTHENTICATE ") :]
+        if argument in ("+", "*") or argument.upper() in ("PLAIN", "EXTERNAL"):
+            return line
+    for pattern in (_SECRET_ARGS, _IDENTIFY, _JOIN_KEYS):
+        match = pattern.match(line)
+        if match:
+            return f"{match.group('head')}***"
+    return line
 
 
 # -- inbound -----------------------------------------------------------------------------------
@@ -171,6 +282,29 @@ def parse_server_time(value: str | None) -> float | None:
     return stamp.timestamp()
 
 
+def event_id(server: str, msgid: str) -> str:
+    """The envelope ``id`` of an event the server tagged ``msgid``: the UUID 5 (RFC 4122, URL
+    namespace) of ``irc://<server>/<msgid>``, ``server`` the YAML's ``host:port``.
+
+    A server chooses its msgids; hashing them with the server we connect to keeps one server's
+    ids from colliding with another's (a de-duplicating consumer would drop the other
+    network's message), while two gateways on the same server still agree on an event's id.
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"irc://{server}/{msgid}"))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What translating one event needs to know of its connection."""
+
+    #: our nick now (``self``, ``private``)
+    own_nick: str
+    #: the server's CASEMAPPING (:func:`casemapping`)
+    casemapping: str = "rfc1459"
+    #: the configured server, ``host:port``: the scope of msgid-based ids (:func:`event_id`)
+    server: str = ""
+
+
 @dataclass(frozen=True)
 class Translated:
     """One inbound event: its ``irc.<event>`` name, its keys, and the envelope ``id``/``time``."""
@@ -186,25 +320,35 @@ def _who(source: str | None) -> dict[str, Any]:
     return {"nick": mask.nick or None, "user": mask.user, "host": mask.host}
 
 
+def _no_nul(value: str | None) -> str | None:
+    return None if value is None else str(value).replace("\0", "")
+
+
 def inbound(
     type_: str,
     source: str | None,
     target: str | None,
     arguments: Sequence[str],
     tags: Iterable[Mapping[str, Any]] | None,
-    own_nick: str,
+    context: Context,
 ) -> Translated | None:
     """The layer event for one of the library's events, or None for events we do not forward.
 
-    ``type_`` etc. are :class:`irc.client.Event`'s fields; ``own_nick`` is our current nick
-    (for ``self`` and ``private``).
+    ``type_`` etc. are :class:`irc.client.Event`'s fields; ``context`` says who we are on which
+    server. NUL is removed from every string first.
     """
-    tag_map = parse_tags(tags)
+    source, target = _no_nul(source), _no_nul(target)
+    clean_tags = [
+        {"key": _no_nul(str(t["key"])), "value": _no_nul(t.get("value"))} for t in tags or ()
+    ]
+    tag_map = parse_tags(clean_tags)
     msgid = tag_map.get("msgid") or None
+    event_key = event_id(context.server, msgid) if msgid is not None else None
     when = parse_server_time(tag_map.get("time"))
     who = _who(source)
-    own = same_nick(who["nick"], own_nick)
-    args = list(arguments)
+    own_nick, mapping = context.own_nick, context.casemapping
+    own = same_nick(who["nick"], own_nick, mapping)
+    args = [str(a).replace("\0", "") for a in arguments]
     first = args[0] if args else ""
     keys: dict[str, Any]
     if type_ in ("pubmsg", "privmsg", "pubnotice", "privnotice", "action"):
@@ -220,16 +364,16 @@ def inbound(
             "private": not is_channel(target or ""),
             "self": own,
         }
-        return Translated("receive", keys, msgid, when)
+        return Translated("receive", keys, event_key, when)
     if type_ == "join":
         keys = {**who, "channel": target, "self": own}
-        return Translated("joined", keys, msgid, when)
+        return Translated("joined", keys, event_key, when)
     if type_ == "part":
         keys = {**who, "channel": target, "reason": first or None, "self": own}
-        return Translated("parted", keys, msgid, when)
+        return Translated("parted", keys, event_key, when)
     if type_ == "quit":
         keys = {**who, "reason": first or None, "self": own}
-        return Translated("quit", keys, msgid, when)
+        return Translated("quit", keys, event_key, when)
     if type_ == "kick":
         kicked = first or None
         keys = {
@@ -237,29 +381,29 @@ def inbound(
             "by": who["nick"],
             "channel": target,
             "reason": args[1] if len(args) > 1 else None,
-            "self": same_nick(kicked, own_nick),
+            "self": same_nick(kicked, own_nick, mapping),
         }
-        return Translated("kicked", keys, msgid, when)
+        return Translated("kicked", keys, event_key, when)
     if type_ == "nick":
         # the library renamed us before this event: our old nick is the source, the new the target
-        keys = {**who, "new": target, "self": own or same_nick(target, own_nick)}
-        return Translated("nick", keys, msgid, when)
+        keys = {**who, "new": target, "self": own or same_nick(target, own_nick, mapping)}
+        return Translated("nick", keys, event_key, when)
     if type_ == "topic":
         keys = {**who, "channel": target, "topic": first, "plain": strip_formatting(first)}
-        return Translated("topic", keys, msgid, when)
+        return Translated("topic", keys, event_key, when)
     if type_ == "currenttopic" and len(args) >= 2:  # RPL_TOPIC (332) when we join
         topic = args[1]
         keys = {"nick": None, "user": None, "host": None, "channel": args[0], "topic": topic}
         keys["plain"] = strip_formatting(topic)
-        return Translated("topic", keys, msgid, when)
+        return Translated("topic", keys, event_key, when)
     if type_ == "invite":
         keys = {
             **who,
             "channel": first or None,
             "target": target,
-            "self": same_nick(target, own_nick),
+            "self": same_nick(target, own_nick, mapping),
         }
-        return Translated("invite", keys, msgid, when)
+        return Translated("invite", keys, event_key, when)
     return None
 
 

@@ -267,6 +267,29 @@ async def test_backoff_resets_only_after_a_stable_connection(
             assert backoff.attempts >= 3
 
 
+class MisbehavingClient(LineClient):
+    """Blames the peer for every loss, as the IRC client does for a flood."""
+
+    async def _wait_lost(self) -> str:
+        reason = await super()._wait_lost()
+        self.misbehaved()
+        return reason
+
+
+async def test_a_connection_dropped_for_misbehaving_never_resets_the_backoff(
+    gateway: LineGateway, servers: list[LineServer]
+) -> None:
+    server = await LineServer(free_port(), mode="flap").start()
+    servers.append(server)
+    backoff = Backoff(0.001, 10.0)
+    client = MisbehavingClient(gateway, server.port, PASSWORD, backoff=backoff, stable_after=0.0)
+    async with started(client):
+        for _ in range(3):
+            while (await gateway.next_event())["type"] != "line.disconnect":
+                pass
+        assert backoff.attempts >= 3  # "stable" by its length, but it misbehaved
+
+
 async def test_restart_reconnects_at_once(gateway: LineGateway, servers: list[LineServer]) -> None:
     server = await LineServer(free_port()).start()
     servers.append(server)

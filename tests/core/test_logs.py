@@ -98,3 +98,23 @@ def test_repeated_records_pass_once_per_interval_with_a_count() -> None:
     for n in range(RepeatFilter.MAX_KINDS + 1):  # memory stays bounded
         throttle.filter(record(f"kind {n}"))
     assert len(throttle._kinds) <= RepeatFilter.MAX_KINDS
+
+
+def test_marked_only_holds_back_named_kinds_and_passes_the_rest() -> None:
+    # a gateway's own logger: a peer can flood a few kinds of line, every other line must pass
+    throttle = RepeatFilter(interval=3600, marked_only=True)
+
+    def record(msg: str, repeat: str | None = None) -> logging.LogRecord:
+        made = logging.LogRecord("gateway.irc", logging.WARNING, __file__, 1, msg, None, None)
+        if repeat is not None:
+            made.repeat = repeat
+        return made
+
+    assert all(throttle.filter(record("cannot join %s")) for _ in range(10))  # unmarked
+    assert throttle.filter(record("skipped a line: %r", "ops:bad_line"))
+    assert not any(throttle.filter(record("skipped a line: %r", "ops:bad_line")) for _ in range(9))
+    assert throttle.filter(record("skipped a line: %r", "other:bad_line"))  # its own kind
+    throttle.interval = 0
+    again = record("skipped a line", "ops:bad_line")
+    assert throttle.filter(again)
+    assert again.getMessage().endswith("(9 more like this not logged)")

@@ -233,6 +233,29 @@ async def test_event_buffer_bounded_counted_and_ordered(caplog: pytest.LogCaptur
     assert await buffer.flush(1) == 0
 
 
+async def test_a_reader_that_can_pause_waits_for_room_instead_of_dropping() -> None:
+    # issue 21, item 5: IRC pauses its socket while the buffer is full; two places stay free
+    # for the client's connect/disconnect, which no reader holds back
+    layer = InMemoryChannelLayer(capacity=2)
+    gateway = EchoGateway(EchoConfig(name="room"), layer)
+    buffer = EventBuffer(gateway, capacity=6)
+    assert not buffer.full
+    for i in range(4):
+        buffer.put(gateway.event("n", n=i))
+    assert buffer.full  # 4 of 6: a pausing reader stops here
+    waiting = asyncio.create_task(buffer.wait_room())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    assert buffer.put(gateway.event("connect"))  # still taken: a reserved place
+    buffer.start()  # the layer takes two; the rest waits for the consumer below
+    received = [(await asyncio.wait_for(layer.receive("room"), 5)).get("n") for _ in range(5)]
+    await asyncio.wait_for(waiting, 5)
+    assert not buffer.full
+    assert received == [0, 1, 2, 3, None]
+    assert await buffer.flush(1) == 0
+    assert metric("gateway_dropped_total", gateway="room", reason="buffer_full") == 0
+
+
 @pytest.fixture(params=["memory", "streams"])
 async def any_layer(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """The in-memory layer, and core.streams on a real Redis (it takes events in batches)."""

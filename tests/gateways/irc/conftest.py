@@ -26,7 +26,8 @@ class Peer:
     async def connect(cls, port: int, nick: str, *channels: str) -> Peer:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         peer = cls(reader, writer)
-        await peer.send(f"NICK {nick}", f"USER {nick} 0 * :{nick}")
+        user = "".join(c for c in nick if c.isalnum()) or "peer"  # ngircd refuses [] there
+        await peer.send(f"NICK {nick}", f"USER {user} 0 * :{nick}")
         await peer.expect(" 001 ")
         for channel in channels:
             await peer.send(f"JOIN {channel}")
@@ -78,10 +79,14 @@ def irc_config(port: int, name: str = "ops", **irc: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def running(config: dict[str, Any]) -> AsyncIterator[tuple[IrcGateway, Any]]:
-    layer = InMemoryChannelLayer(capacity=1000)
+async def running(
+    config: dict[str, Any], *, ready: bool = True, capacity: int = 1000
+) -> AsyncIterator[tuple[IrcGateway, Any]]:
+    """The gateway in this process on an in-memory layer (``capacity`` per channel); with
+    ``ready`` the block starts once /readyz would answer 200."""
+    layer = InMemoryChannelLayer(capacity=capacity)
     gateway = IrcGateway(IrcGatewayConfig.model_validate(config), layer)
-    async with run_gateway(gateway):
+    async with run_gateway(gateway, ready=ready):
         yield gateway, layer
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import pytest
 
 from core.service import StartupError
-from core.testing import NgircdServer, command, metric
+from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, command, metric
 from tests.gateways.irc.conftest import Peer, irc_config, next_event, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,6 +21,7 @@ async def test_events_in_and_commands_out(ngircd_server: NgircdServer) -> None:
     async with running(irc_config(port, channels=["#ops"])) as (gateway, layer):
         connect = await next_event(layer, "irc.connect")
         assert connect["nick"] == "bot" and connect["server"] == f"127.0.0.1:{port}"
+        assert connect["reply_channel"] == gateway.reply_channel  # like every event (item 9)
         joined = await next_event(layer, "irc.joined", self=True)
         assert joined["channel"] == "#ops" and joined["reply_channel"] == gateway.reply_channel
         alice = await Peer.connect(port, "alice", "#ops")
@@ -336,3 +338,87 @@ async def test_watchdog_drops_a_silent_server_and_reconnects(ngircd_server: Ngir
         finally:
             ngircd_server.send_signal(signal.SIGCONT)
         await next_event(layer, "irc.connect")
+
+
+async def test_a_look_alike_nick_is_someone_else_on_an_ascii_server(
+    ngircd_server: NgircdServer,
+) -> None:
+    # issue 21, item 6: ngircd announces CASEMAPPING=ascii, so acc{gw} is not acc[gw]; its PART
+    # made the gateway forget the channel, and a reconnect did not rejoin it
+    port = ngircd_server.port
+    config = irc_config(port, nick="acc[gw]", username="accgw", channels=["#ops"])
+    async with running(config) as (gateway, layer):
+        await next_event(layer, "irc.joined", self=True)
+        assert gateway.client.casemapping == "ascii"
+        twin = await Peer.connect(port, "acc{gw}", "#ops")  # a second person under ascii
+        try:
+            assert (await next_event(layer, "irc.joined", nick="acc{gw}"))["self"] is False
+            await twin.send("PRIVMSG #ops :hello", "PART #ops :bye")
+            assert (await next_event(layer, "irc.receive", nick="acc{gw}"))["self"] is False
+            assert (await next_event(layer, "irc.parted", nick="acc{gw}"))["self"] is False
+            assert "#ops" in gateway.channels
+        finally:
+            await twin.close()
+        assert gateway.client.restart("test: reconnect")
+        await next_event(layer, "irc.connect")
+        assert (await next_event(layer, "irc.joined", self=True))["channel"] == "#ops"
+
+
+async def test_the_nick_set_by_command_survives_a_reconnect(
+    ngircd_server: NgircdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # issue 21, item 7: the gateway registered with the YAML's nick after every reconnect
+    port = ngircd_server.port
+    # a slow first retry, so alice is back in #ops before the gateway
+    config = irc_config(
+        port, channels=["#ops"], queue_timeout=30, reconnect={"initial": 3, "maximum": 3}
+    )
+    async with running(config) as (gateway, layer):
+        await next_event(layer, "irc.joined", self=True)
+        assert (await command(layer, "ops.send", {"type": "irc.nick", "nick": "renamed"}))["ok"]
+        assert (await next_event(layer, "irc.nick", self=True))["new"] == "renamed"
+        await asyncio.to_thread(ngircd_server.kill)
+        await next_event(layer, "irc.disconnect")
+        pending = asyncio.create_task(
+            command(layer, "ops.send", {"type": "irc.send", "target": "#ops", "text": "queued"})
+        )
+        await asyncio.to_thread(ngircd_server.start)
+        alice = await Peer.connect(port, "alice", "#ops")
+        try:
+            with caplog.at_level(logging.WARNING, "gateway.irc"):
+                connect = await next_event(layer, "irc.connect")
+            assert connect["nick"] == "renamed"
+            assert (await pending)["ok"]
+            line = await alice.expect("PRIVMSG #ops :queued")
+            assert line.startswith(":renamed!")  # sent under the nick set last
+            assert "is taken" not in caplog.text
+            assert gateway.client.nick == "renamed"
+        finally:
+            await alice.close()
+
+
+async def test_a_nick_with_brackets_registers_with_a_valid_user_name(
+    ngircd_server: NgircdServer,
+) -> None:
+    # issue 21, item 8: USER acc[bot] is "ERROR :Invalid user name" on ngircd
+    async with running(irc_config(ngircd_server.port, nick="acc[bot]", channels=["#ops"])) as (
+        _gateway,
+        layer,
+    ):
+        assert (await next_event(layer, "irc.connect"))["nick"] == "acc[bot]"
+        joined = await next_event(layer, "irc.joined", self=True)
+        assert (joined["nick"], joined["user"]) == ("acc[bot]", "~accbot")
+
+
+async def test_a_user_name_the_server_refuses_exits_3_once(
+    ngircd_server: NgircdServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # issue 21, item 8: the refusal was retried for ever (13 WARNING lines in 12 s, never exit 3)
+    config = {**irc_config(ngircd_server.port, username="acc[bot]"), "layer": redis_server.url}
+    process = GatewayProcess.from_config(tmp_path, config, ready_line=None).start()
+    await asyncio.to_thread(process.wait_for, "could not start", WAIT)
+    code = await asyncio.to_thread(process.wait, WAIT)
+    output = process.tail()
+    assert code == 3, output
+    assert "Invalid user name" in output
+    assert output.count("could not start") == 1 and "reconnecting" not in output

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.testing import WAIT, GatewayProcess, InspircdServer, RedisServer
+from gateways.irc.translate import sasl_payload
 from tests.gateways.irc.conftest import Peer, irc_config, next_event, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,3 +50,26 @@ async def test_sasl_bad_password_exits_3_without_retrying(
     assert "could not start" in output
     assert "wrong-password" not in output
     assert output.count("could not start") == 1 and "reconnecting" not in output  # no retry loop
+
+
+async def test_the_password_is_not_logged_at_debug_not_even_in_base64(
+    inspircd_server: InspircdServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # issue 21, item 15: "DEBUG irc.client_aio: RAW: AUTHENTICATE <base64 of the payload>"
+    password = "s3cret-pw-for-debug"
+    await asyncio.to_thread(inspircd_server.register, "botacct", password)
+    config = irc_config(inspircd_server.port, sasl={"username": "botacct", "password": password})
+    config = {**config, "layer": redis_server.url}
+    process = GatewayProcess.from_config(
+        tmp_path, config, extra_args=["--log-level", "debug"], output_lines=100_000
+    ).start()
+    try:
+        await process.wait_ready()
+    finally:
+        code = await asyncio.to_thread(process.stop)
+    output = "\n".join(process.output)
+    assert code == 0, process.tail()
+    assert "AUTHENTICATE ***" in output  # the line is logged at DEBUG, its payload masked
+    payload = sasl_payload("PLAIN", "botacct", password)
+    for secret in (password, *payload, "".join(payload)):
+        assert secret not in output
