@@ -45,6 +45,7 @@ class TimerConsumer(AsyncConsumer):
                 "note": str(message.get("note", "")),
                 "kind": "backfill" if message.get("backfill") else kind,
                 "run_id": message.get("run_id") or "",
+                "missed": int(message.get("missed") or 0),
                 "started_at": time.time(),
             },
         )

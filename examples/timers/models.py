@@ -13,6 +13,8 @@ class Fire(models.Model):
     #: scheduled, manual (scheduler.trigger) or backfill (scheduler.backfill)
     kind = models.CharField(max_length=20, default="scheduled")
     run_id = models.CharField(max_length=255, blank=True, default="")
+    #: due times of its schedule given up just before it (the fire's ``missed``)
+    missed = models.IntegerField(default=0)
     #: times this fire arrived (a redelivery is counted, and handled once)
     deliveries = models.IntegerField(default=1)
     #: when the handler began and ended (epoch seconds): the run the overlap policy sees

@@ -19,6 +19,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name="fire",
+            name="missed",
+            field=models.IntegerField(default=0),
+        ),
+        migrations.AddField(
+            model_name="fire",
             name="deliveries",
             field=models.IntegerField(default=1),
         ),

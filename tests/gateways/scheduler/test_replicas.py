@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from core.layers import resolve_layer
-from core.testing import WAIT, GatewayProcess, RedisServer, command, until
+from core.testing import GatewayProcess, RedisServer, command, until
 from gateways.scheduler.gateway import LOST_LEASE
-from tests.gateways.scheduler.conftest import cursor
+from tests.gateways.scheduler.conftest import cursor, role, start, tail, wait_role
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,32 +36,6 @@ def config(redis: RedisServer, name: str, schedules: dict[str, Any]) -> dict[str
         "shutdown_grace": 5,
         "scheduler": {"tick": 0.5, "schedules": schedules},
     }
-
-
-async def start(directory: Path, cfg: dict[str, Any]) -> GatewayProcess:
-    process = GatewayProcess.from_config(directory, cfg)
-    await asyncio.to_thread(process.start)
-    await process.wait_ready()
-    return process
-
-
-def tail(process: GatewayProcess) -> str:
-    return process.server.tail() if process.server is not None else ""
-
-
-async def role(process: GatewayProcess) -> str:
-    status, body = await asyncio.to_thread(process.get, "/readyz")
-    assert status == 200, body  # a standby is ready too
-    return "leader" if "role: leader" in body else "standby"
-
-
-async def wait_role(process: GatewayProcess, wanted: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while await role(process) != wanted:
-        if loop.time() > deadline:
-            raise TimeoutError(f"{process.path.name} never became {wanted}")
-        await asyncio.sleep(0.05)
 
 
 class Collector:
