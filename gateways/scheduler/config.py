@@ -211,7 +211,7 @@ class SchedulerConfig(Section):
         default=20, ge=0, le=1000, description="Fires kept per schedule in its run history."
     )
     backfill_limit: int = Field(
-        default=1000, ge=1, le=100_000, description="Most due times one scheduler.backfill fires."
+        default=1000, ge=1, le=10_000, description="Most due times one scheduler.backfill fires."
     )
     schedule_metrics: Literal["yaml", "all", "none"] = Field(
         default="yaml",

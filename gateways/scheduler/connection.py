@@ -19,9 +19,9 @@ lives in a store:
   back) go the other way round: the command stores them (idempotent per request id), the leader
   *claims* one (fenced, overlap policy applied), sends it, then *confirms* it. A claimed fire
   its leader never confirmed (it died in between) is sent again by the next leader, so a
-  trigger fires even when its leader is killed between the trigger and the send; a duplicate
-  needs a death in the instant between the layer taking the fire and the confirmation (it has
-  the same ``id``).
+  trigger fires even when its leader is killed between the trigger and the send. A duplicate
+  (with the same ``id``) needs the leader to die, or lose the store, in the instant between
+  the layer taking the fire and the confirmation.
 * :class:`SqliteStore` for every other layer: a local SQLite file, one process only (an
   exclusive ``flock`` on ``FILE.lock``; a second process exits 3). Its "lease" is always held.
 

@@ -85,7 +85,7 @@ from gateways.scheduler.translate import (
     spec_from_command,
 )
 
-__all__ = ["LOST_LEASE", "SchedulerGateway"]
+__all__ = ["LOST_LEASE", "OUTCOMES", "SchedulerGateway"]
 
 #: why a leader steps down when another process took the lease (its renewal or a commit found
 #: the fencing token replaced): one wording, whichever noticed first
@@ -93,6 +93,8 @@ LOST_LEASE = (
     "lost the lease: another process holds it now (this one was paused or cut off for longer "
     "than lease_ttl)"
 )
+#: what happened to a due time, in the run history and ``scheduler_schedule_fires_total``
+OUTCOMES = ("sent", "missed", "paused", "skipped-overlap", "buffered")
 #: queued fires read at once by the queue loop
 QUEUE_BATCH = 100
 #: runs past their deadline finished per lease tick
@@ -451,6 +453,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             if id_ not in stored:
                 entry = self.entries.pop(id_)
                 entry.generation += 1
+                self._forget_metrics(entry.spec)
         _SCHEDULES.labels(self.name).set(len(self.entries))
         if self.token is not None and added:
             await self._load_cursors(added)
@@ -603,6 +606,8 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         result = await self._commit(spec, commit, token, deadline)
         if result.code == -2:
             self.log.info("%s: schedule %s: paused meanwhile; not fired", self.name, spec.id)
+            # paused by another replica: out of the heap until the next refresh says otherwise
+            self.pauses.setdefault(spec.id, {"note": "", "since": now})
             return -2
         if result.code <= 0:
             return result.code
@@ -824,7 +829,16 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
                     task = asyncio.create_task(self._fire_queued(item, token))
                     self._runs.add(task)
                     task.add_done_callback(self._runs.discard)
-                    await task
+                    try:
+                        await task
+                    except StoreUnavailable:
+                        raise
+                    except Exception:  # a bug or a bad stored item: drop it, keep the loop
+                        self.metrics.error("queued_fire")
+                        self.log.exception(
+                            "%s: queued fire %s failed; dropped", self.name, item.qid
+                        )
+                        await self.store.confirm(item.qid)
             except StoreUnavailable as exc:
                 self._store_down(str(exc))
                 await self.clock.sleep(tick / 2)
@@ -904,6 +918,25 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
     def _exported(self, spec: Spec) -> bool:
         which = self.settings.schedule_metrics
         return which == "all" or (which == "yaml" and spec.source == "yaml")
+
+    def _forget_metrics(self, spec: Spec) -> None:
+        """Drop the per-schedule series of a schedule that is gone."""
+        if not self._exported(spec):
+            return
+        labels = (self.name, spec.id)
+        series: list[tuple[Counter | Gauge, tuple[str, ...]]] = [
+            (gauge, labels)
+            for gauge in (
+                _SCHEDULE_LAST_DUE,
+                _SCHEDULE_LAST_SENT,
+                _SCHEDULE_LATENESS,
+                _SCHEDULE_PAUSED,
+            )
+        ]
+        series += [(_SCHEDULE_FIRES, (*labels, outcome)) for outcome in OUTCOMES]
+        for metric, values in series:
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
 
     def _remember(self, spec: Spec, entry: dict[str, Any]) -> None:
         """Add a run-history entry (written to the store on the next lease tick)."""
@@ -1027,6 +1060,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
 
     @handles("scheduler.remove")
     async def handle_remove(self, command: Command) -> dict[str, Any]:
+        self._unknown_keys(command, {"schedule"})
         schedule = command.body.get("schedule")
         if not isinstance(schedule, str) or not schedule:
             raise CommandError("schedule: required (the id given to scheduler.add)")
@@ -1222,6 +1256,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
 
     @handles("scheduler.list")
     async def handle_list(self, command: Command) -> dict[str, Any]:
+        self._unknown_keys(command, {"prefix"})
         prefix = command.body.get("prefix", "")
         if not isinstance(prefix, str):
             raise CommandError("prefix: must be a string")
