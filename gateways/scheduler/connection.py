@@ -21,7 +21,8 @@ lives in a store:
   its leader never confirmed (it died in between) is sent again by the next leader, so a
   trigger fires even when its leader is killed between the trigger and the send. A duplicate
   (with the same ``id``) needs the leader to die, or lose the store, in the instant between
-  the layer taking the fire and the confirmation.
+  the layer taking the fire and the confirmation, or to be paused past its lease while the
+  layer pushes that fire back (``Gateway.publish`` retries are not fenced).
 * :class:`SqliteStore` for every other layer: a local SQLite file, one process only (an
   exclusive ``flock`` on ``FILE.lock``; a second process exits 3). Its "lease" is always held.
 

@@ -95,6 +95,8 @@ LOST_LEASE = (
 )
 #: what happened to a due time, in the run history and ``scheduler_schedule_fires_total``
 OUTCOMES = ("sent", "missed", "paused", "skipped-overlap", "buffered")
+#: schedules whose state is loaded (and specs parsed) between two turns of the event loop
+LOAD_BATCH = 500
 #: queued fires read at once by the queue loop
 QUEUE_BATCH = 100
 #: runs past their deadline finished per lease tick
@@ -384,12 +386,21 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         _LEADER.labels(self.name).set(1)
         _CHANGES.labels(self.name).inc()
         self.log.info("%s: leader now (fencing token %d)", self.name, token)
+        # loading every schedule's state can take longer than a lease (100,000 schedules, a
+        # slow store): it runs beside the lease loop, which keeps renewing meanwhile
+        task = asyncio.create_task(self._take_over(token), name=f"{self.name}-takeover")
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    async def _take_over(self, token: int) -> None:
         try:
             await self._refresh(force=True)
-            await self._load_cursors(list(self.entries.values()))
-        except StoreUnavailable:
-            self._step_down("the store failed while taking over")
-            raise
+            await self._load_cursors(list(self.entries.values()), token)
+        except StoreUnavailable as exc:
+            self._store_down(str(exc))
+            if self.token == token:
+                self._step_down("the store failed while taking over")
+            return
         self._wake.set()
         self._queue_wake.set()
 
@@ -404,24 +415,33 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             entry.cursor = None
             entry.generation += 1
 
-    async def _load_cursors(self, entries: list[_Entry]) -> None:
+    async def _load_cursors(self, entries: list[_Entry], token: int | None = None) -> None:
+        token = self.token if token is None else token
         now = self.clock.wall()
-        defaults = {e.spec.id: (now, fingerprint(e.spec)) for e in entries}
-        cursors = await self.store.cursors(defaults)
-        for entry in entries:
-            entry.cursor = cursors[entry.spec.id]
-            self._schedule(entry)
-            spec = entry.spec
-            past = spec.kind == "at" and spec.source == "yaml" and entry.fire_at is None
-            if past and spec.id not in self._past_logged:
-                self._past_logged.add(spec.id)
-                self.log.info(
-                    "%s: schedule %s: %s is past (it fired, or passed before the schedule was "
-                    "known): skipped",
-                    self.name,
-                    spec.id,
-                    describe(spec),
-                )
+        for start in range(0, len(entries), LOAD_BATCH):
+            chunk = entries[start : start + LOAD_BATCH]
+            defaults = {e.spec.id: (now, fingerprint(e.spec)) for e in chunk}
+            cursors = await self.store.cursors(defaults)
+            if self.token != token or token is None:
+                return  # stepped down meanwhile
+            for entry in chunk:
+                entry.cursor = cursors[entry.spec.id]
+                self._schedule(entry)
+                self._skipped_if_past(entry)
+            self._wake.set()
+
+    def _skipped_if_past(self, entry: _Entry) -> None:
+        spec = entry.spec
+        past = spec.kind == "at" and spec.source == "yaml" and entry.fire_at is None
+        if past and spec.id not in self._past_logged:
+            self._past_logged.add(spec.id)
+            self.log.info(
+                "%s: schedule %s: %s is past (it fired, or passed before the schedule was "
+                "known): skipped",
+                self.name,
+                spec.id,
+                describe(spec),
+            )
 
     async def _refresh(self, *, force: bool = False) -> None:
         """Bring run-time entries and pauses in line with the store when its counters moved."""
@@ -438,7 +458,9 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         stored = await self.store.runtime()
         self._version = version
         added: list[_Entry] = []
-        for id_, data in stored.items():
+        for index, (id_, data) in enumerate(stored.items()):
+            if index % LOAD_BATCH == LOAD_BATCH - 1:
+                await asyncio.sleep(0)  # 100,000 specs to parse: let the lease loop renew
             if id_ in self.entries or id_ in self.yaml_ids:
                 continue
             try:

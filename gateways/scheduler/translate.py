@@ -8,23 +8,27 @@ House rules:
 * **Due times are instants** (float epoch seconds), computed the same way by every replica:
   ``every`` is anchored at ``start`` (or the Unix epoch), so ``every: 1h`` is due on the hour
   in UTC on every process; ``cron`` is evaluated by cronsim in the schedule's zone.
-* **Daylight saving (cron).** A local time that does not exist (spring forward) fires once, at
-  the first valid instant after it (``30 2 * * *`` in Europe/Berlin on 2026-03-29 fires at 03:00
-  CEST); a local time that happens twice (fall back) fires once, at its first occurrence
-  (``30 2 * * *`` on 2026-10-25 fires at 02:30 CEST, not again at 02:30 CET). An expression with
-  a wildcard or stepped hour field (``0 * * * *``) names every hour, so it fires in both passes
-  of a repeated hour, like Vixie cron; the times such an expression names inside a skipped hour
-  fire once, at the first instant after the gap (``*/20 2 * * *`` fires at 03:00 on the day
-  02:00-03:00 does not exist; ``*/30 * * * *`` fires once at 03:00, its own due time).
-  cronsim handles 5-field expressions with a fixed minute and hour; the rest is wrapped here
-  (:func:`_seconds_split`, :func:`_skipped_match`). ``tests/gateways/scheduler/
-  test_translate.py`` pins it in two zones, both directions.
+* **Daylight saving (cron)**, one rule for 5 and 6 fields: cronsim only matches wall times;
+  each is read in the zone here (:class:`_WallReader`). A wall time that does not exist
+  (spring forward) fires once, at the first instant after the gap, and every time named in
+  one gap collapses into that one fire (``30 2 * * *``, ``*/30 30 2 * * *`` and
+  ``10 0 2 * * *`` in Europe/Berlin on 2027-03-28 all fire once at 03:00:00 CEST); a wall time
+  that happens twice (fall back) fires once, at its first occurrence (``30 2 * * *`` on
+  2026-10-25 fires at 02:30 CEST, not again at 02:30 CET), unless the minute or hour field
+  starts with ``*`` (``0 * * * *``): such an expression names times in every pass, so it
+  fires in both passes of the repeated hour, like Vixie cron. ``tests/gateways/scheduler/
+  test_translate.py`` pins it against an oracle written from zoneinfo alone.
 * **Cron fields**: five (minute hour day month weekday), or six with *seconds first* (cronsim's
   layout: ``*/10 * * * * *`` is every ten seconds). ``L`` (last day), ``#`` and ``?`` are
   cronsim's extensions. Day 31 skips short months; ``29 2`` fires in leap years only.
 * **The cursor.** What has been handled is one number per schedule: the latest due time that was
   fired or given up. Everything at or before it is done. :func:`catch_up` says, for a cursor and
-  a moment, which due times fire now and how many are given up (the misfire policy).
+  a moment, which due times fire now and which are given up (the misfire policy), and
+  :meth:`CatchUp.steps` the commits that carry that out (given-up due times go with the fire
+  after them, so it can say how many it follows). :func:`send_deadline` is the one rule for
+  how late a fire may reach the layer.
+* **Overlap.** :func:`overlap_action` is the table of what a fire does while runs of its
+  schedule have not finished; the Redis store runs the same table in Lua.
 * **Jitter** is a per-(schedule, due time) offset in ``[0, jitter)`` derived from a hash, so
   every replica, and a successor after a takeover, picks the same one.
 """
