@@ -16,6 +16,10 @@ process (log level WARNING), its state and lease in that Redis.
 * **takeover**: two schedulers (1,000 schedules, default ``tick: 1``, lease 1.5 s); the leader
   is SIGKILLed and the standby's ``/readyz`` polled every 10 ms until it says ``role: leader``;
   repeated, each time with a fresh standby.
+* **trigger**: ``scheduler.trigger`` sent on the command channel of a scheduler with 100 quiet
+  schedules, one at a time; the time from the send to the consumer receiving the
+  ``manual: true`` fire (the command stores it; the leader reads the queue, claims the fire,
+  sends it and confirms it).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ async def wait_leader(port: int, timeout: float = 60) -> float:
 
 async def lateness(url: str, tmp: Path, count: int, window: float) -> dict[str, Any]:
     path, port = write_config(tmp, url, "bench", count, window)
-    layer = resolve_layer(url)
+    layer: Any = resolve_layer(url)
     await layer.flush()
     server = start(path, f"scheduler-{count}")
     try:
@@ -123,13 +127,14 @@ async def lateness(url: str, tmp: Path, count: int, window: float) -> dict[str, 
         cpu = (cpu_seconds(server.pid or 0) - (cpu_start or 0)) / (time.monotonic() - cpu_wall)
     finally:
         server.stop()
+        await layer.close_pools()
     own = [m["fire_time"] - m["scheduled_time"] for _, m in got]
     e2e = [t - m["scheduled_time"] for t, m in got]
     return {"fires": len(got), "own": own, "e2e": e2e, "cpu": cpu}
 
 
 async def raw_layer(url: str, rate: float, seconds: float) -> list[float]:
-    layer = resolve_layer(url)
+    layer: Any = resolve_layer(url)
     count = int(rate * seconds)
     latencies: list[float] = []
 
@@ -149,11 +154,12 @@ async def raw_layer(url: str, rate: float, seconds: float) -> list[float]:
             "scheduled_local": "", "fire_time": time.time(), "missed": 0,
         })  # fmt: skip
     await consumer
+    await layer.close_pools()
     return latencies
 
 
 async def takeover(url: str, tmp: Path, rounds: int) -> list[float]:
-    layer = resolve_layer(url)
+    layer: Any = resolve_layer(url)
     await layer.flush()
     results = []
     path, port = write_config(tmp, url, "pair", 1000, 60)
@@ -170,14 +176,38 @@ async def takeover(url: str, tmp: Path, rounds: int) -> list[float]:
         leader.kill()
         leader, port = standby, standby_port
     leader.stop()
+    await layer.close_pools()
     return results
+
+
+async def trigger_latency(url: str, tmp: Path, count: int) -> list[float]:
+    layer: Any = resolve_layer(url)
+    await layer.flush()
+    path, port = write_config(tmp, url, "trig", 100, 3600)
+    server = start(path, "scheduler-trigger")
+    latencies: list[float] = []
+    try:
+        await wait_leader(port)
+        for index in range(count):
+            sent = time.time()
+            asked = {"type": "scheduler.trigger", "schedule": "s00000", "request_id": f"r{index}"}
+            await layer.send("trig.send", asked)
+            while not (await layer.receive("bench-fires")).get("manual"):
+                pass  # a scheduled fire of another schedule
+            latencies.append(time.time() - sent)
+    finally:
+        server.stop()
+        await layer.close_pools()
+    return latencies
 
 
 def ms(values: list[float], pct: float) -> str:
     return f"{percentile(values, pct) * 1000:.1f}"
 
 
-async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[list[str]], list[float]]:
+async def run(
+    args: argparse.Namespace, tmp: Path
+) -> tuple[list[list[str]], list[float], list[float]]:
     rows: list[list[str]] = []
     with RedisServer() as redis:
         url = redis.url + "?capacity=1000000"
@@ -193,7 +223,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[list[str]], lis
         rows.append(["raw layer, same rate as 1,000", f"{1000 / args.window:,.1f}",
                      str(len(raw)), "-", "-", ms(raw, 50), ms(raw, 99), "-"])  # fmt: skip
         times = await takeover(url, tmp, args.rounds)
-    return rows, times
+        triggered = await trigger_latency(url, tmp, args.triggers)
+    return rows, times, triggered
 
 
 HEADER = ["schedules", "fires/s", "fires measured", "scheduler p50 ms", "scheduler p99 ms",
@@ -204,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scheduler", description=__doc__)
     parser.add_argument("--window", type=float, default=30.0, help="every: and measured window")
     parser.add_argument("--rounds", type=int, default=5, help="takeovers measured")
+    parser.add_argument("--triggers", type=int, default=200, help="triggers measured")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     started = time.strftime("%Y-%m-%d %H:%M %z")
     with tempfile.TemporaryDirectory() as tmp:
-        rows, times = asyncio.run(run(args, Path(tmp)))
+        rows, times, triggered = asyncio.run(run(args, Path(tmp)))
     end_load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(text_table(HEADER, rows))
     takeover_line = (
@@ -218,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         f"max {max(times):.2f} s (bound: lease 1.5 s + half a tick = 2.0 s)."
     )
     print(takeover_line)
+    trigger_line = (
+        f"scheduler.trigger → its fire at a consumer, {len(triggered)} one after the other "
+        f"(100 quiet schedules): p50 {ms(triggered, 50)} ms, p99 {ms(triggered, 99)} ms."
+    )
+    print(trigger_line)
     if not args.no_write:
         body = "\n".join([
             f"- Date: {started}",
@@ -231,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             markdown_table(HEADER, rows),
             "",
             f"- {takeover_line}",
+            f"- {trigger_line}",
             "",
             "How to read it: see the docstring of `bench/scheduler.py`. *scheduler* lateness is "
             "`fire_time` - `scheduled_time` (wake-up + fenced commit in Redis + building the "

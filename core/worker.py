@@ -27,7 +27,9 @@ seen in tests/gateways/email/test_fault.py:
 * :meth:`ConsumerWorker.drain` (SIGTERM/SIGINT) stops receiving and lets the consumers finish
   what they hold; a message still waiting for a retry is put back on its channel.
 
-A message without ``type`` is logged and skipped instead of stopping its channel.
+A message without ``type`` is logged and skipped instead of stopping its channel. A
+``scheduler.fire`` whose schedule waits for its runs (``report_done: "worker"``) is reported
+to the scheduler with ``scheduler.done`` once its handler returned (:func:`completion_report`).
 
 ``gateways run --app`` uses it, and so does ``manage.py runworker`` when ``"gateways"`` is listed
 before ``"channels"`` in ``INSTALLED_APPS`` (Django picks the first app's command). Settings
@@ -266,7 +268,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         inbox = self._inboxes.get(channel)
         if inbox is not None and inbox.future is not None and not inbox.future.done():
             return inbox
-        inbox = self._inboxes[channel] = _Inbox(self._acknowledge)
+        inbox = self._inboxes[channel] = _Inbox(self._handled)
         scope = {"type": "channel", "channel": self._channel_of(channel)}
         # asgiref's annotations of this function changed between releases: called through Any
         instance = cast(Any, guarantee_single_callable)(self.application)
@@ -318,6 +320,16 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         token, delivery.token = delivery.token, None
         future = asyncio.ensure_future(self.channel_layer.ack(token))
         future.add_done_callback(_log_failed_ack)
+
+    def _handled(self, delivery: _Delivery) -> None:
+        """The consumer finished ``delivery`` (its handler returned): acknowledge it, and tell
+        the scheduler when it was a run it waits for (see :func:`completion_report`)."""
+        self._acknowledge(delivery)
+        report = completion_report(delivery.message)
+        if report is not None:
+            task = asyncio.ensure_future(send_command(self.channel_layer, *report, timeout=30))
+            _REPORTS.add(task)
+            task.add_done_callback(_report_sent)
 
     def _count(self, kind: str) -> None:
         if kind == "undecodable":
@@ -642,6 +654,34 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
 
     def run(self) -> None:
         asyncio.run(self.serve())
+
+
+#: scheduler.done reports on their way (a reference, so a pending task is not collected)
+_REPORTS: set[asyncio.Future[None]] = set()
+
+
+def completion_report(message: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(channel, scheduler.done)`` for a handled message whose schedule waits for its run to
+    finish (a ``scheduler.fire`` with ``report_done: "worker"``), else ``None``.
+
+    The scheduler's overlap policies (gateways/scheduler/README.md) are fed by these reports.
+    """
+    if message.get("type") != "scheduler.fire" or message.get("report_done") != "worker":
+        return None
+    run, channel = message.get("run_id"), message.get("reply_channel")
+    if not isinstance(run, str) or not isinstance(channel, str):
+        return None
+    return channel, {"type": "scheduler.done", "run_id": run, "schedule": message.get("schedule")}
+
+
+def _report_sent(future: asyncio.Future[None]) -> None:
+    _REPORTS.discard(future)
+    error = None if future.cancelled() else future.exception()
+    if error is not None:
+        log.warning(
+            "could not report a scheduler run as done (%s); it ends at its run_timeout",
+            describe_error(error),
+        )
 
 
 def _log_failed_ack(future: asyncio.Future[Any]) -> None:

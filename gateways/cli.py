@@ -1,6 +1,7 @@
 """``gateways run FILE… [--app module:application]``: several integrations in one process.
 
-``gateways schedules FILE…`` prints the next fire times of scheduler files
+``gateways schedules FILE…`` prints the next fire times of scheduler files;
+``gateways schedules list|pause|resume|trigger|backfill|done FILE …`` asks a running scheduler
 (:func:`gateways.scheduler.cli.schedules_main`).
 """
 
@@ -12,7 +13,10 @@ from collections.abc import Sequence
 from gateways import REGISTRY, exit_if_core_shadowed
 
 #: subcommands handled here rather than by core.cli.run_main (which lists them in --help)
-OTHERS = {"schedules": "print the next fire times of scheduler YAML files (FILE... [--count N])"}
+OTHERS = {
+    "schedules": "next fire times of scheduler YAML files (FILE... [--count N]); "
+    "list|pause|resume|trigger|backfill|done FILE ...: ask a running scheduler"
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,15 +15,18 @@ from pydantic import (
 
 from core.config import GatewayConfig, Section, YamlType
 from gateways.scheduler.translate import (
+    Overlap,
     Policy,
+    ReportDone,
     Spec,
     check_cron,
+    check_jitter,
     check_message,
+    check_overlap,
     check_schedule_id,
     check_timezone,
     parse_duration,
     parse_instant,
-    wall_clock,
 )
 
 __all__ = ["ScheduleConfig", "SchedulerConfig", "SchedulerGatewayConfig"]
@@ -54,8 +57,8 @@ class ScheduleConfig(Section):
     )
     at: Instant | None = Field(
         default=None,
-        description="One-shot: ISO 8601 date-time (naive = in timezone). Must be in the future "
-        "when the file is loaded; remove it once it fired.",
+        description="One-shot: ISO 8601 date-time (naive = in timezone). Once it is past (fired, "
+        "or passed before the schedule existed) it is skipped with one INFO line.",
     )
     start: Instant | None = Field(
         default=None, description="ISO 8601 date-time: nothing is due before it."
@@ -64,7 +67,7 @@ class ScheduleConfig(Section):
     jitter: Duration = Field(
         default=0.0,
         description="Each fire is delayed by a fixed pseudo-random part of this (the same on "
-        "every replica); keep it below the interval.",
+        "every replica); at most the interval (every, or the cron's shortest gap).",
     )
     channel: str | None = Field(
         default=None, description="Channel the fires go to; default: the integration's channel."
@@ -83,16 +86,44 @@ class ScheduleConfig(Section):
     misfire_grace: Duration | None = Field(
         default=None, description="Lateness still on time; default: scheduler.misfire_grace."
     )
+    overlap: Overlap | None = Field(
+        default=None,
+        description="While a run has not reported scheduler.done: allow, skip, buffer_one or "
+        "cancel_other; default: scheduler.overlap.",
+    )
+    run_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="A run that never reports is finished this long after it was sent; "
+        "default: scheduler.run_timeout.",
+    )
+    report_done: ReportDone = Field(
+        default="worker",
+        description="Who sends scheduler.done: worker (ConsumerWorker, after the handler "
+        "returned) or consumer (the consumer itself).",
+    )
 
     @field_validator("at", "start", "end", mode="before")
     @classmethod
     def _instant(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
-        instant = parse_instant(value, info.data.get("timezone") or "UTC")
-        if info.field_name == "at" and instant <= wall_clock():
-            raise ValueError("is in the past")
-        return instant
+        return parse_instant(value, info.data.get("timezone") or "UTC")
+
+    @field_validator("jitter")
+    @classmethod
+    def _jitter(cls, value: float, info: ValidationInfo) -> float:
+        return check_jitter(
+            value,
+            every=info.data.get("every"),
+            cron=info.data.get("cron"),
+            timezone=info.data.get("timezone") or "UTC",
+        )
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap(cls, value: Overlap | None, info: ValidationInfo) -> Overlap | None:
+        return None if value is None else check_overlap(value, info.data.get("message"))
 
     @field_validator("every")
     @classmethod
@@ -172,6 +203,24 @@ class SchedulerConfig(Section):
     list_limit: int = Field(
         default=1000, ge=1, le=10_000, description="Most schedules in one scheduler.list answer."
     )
+    overlap: Overlap = Field(
+        default="allow",
+        description="Default overlap policy (schedules whose message has no type of its own).",
+    )
+    run_timeout: Duration = Field(
+        default=3600.0, gt=0, description="Default run_timeout: a run that never reports done."
+    )
+    history_size: int = Field(
+        default=20, ge=0, le=1000, description="Fires kept per schedule in its run history."
+    )
+    backfill_limit: int = Field(
+        default=1000, ge=1, le=10_000, description="Most due times one scheduler.backfill fires."
+    )
+    schedule_metrics: Literal["yaml", "all", "none"] = Field(
+        default="yaml",
+        description="Which schedules get per-schedule series in /metrics: yaml (the file's), all "
+        "(also run-time ones: one series set each), none.",
+    )
 
     @property
     def lease_seconds(self) -> float:
@@ -182,6 +231,8 @@ class SchedulerConfig(Section):
             "misfire": self.misfire,
             "misfire_cap": self.misfire_cap,
             "misfire_grace": self.misfire_grace,
+            "overlap": self.overlap,
+            "run_timeout": self.run_timeout,
         }
 
     def specs(self, default_channel: str) -> list[Spec]:
@@ -210,6 +261,13 @@ class SchedulerConfig(Section):
                     ),
                     message=entry.message,
                     source="yaml",
+                    # the section's default reaches only schedules that can report runs
+                    overlap=entry.overlap
+                    or (self.overlap if not (entry.message or {}).get("type") else "allow"),
+                    run_timeout=(
+                        self.run_timeout if entry.run_timeout is None else entry.run_timeout
+                    ),
+                    report_done=entry.report_done,
                 )
             )
         return out

@@ -37,15 +37,29 @@ from core.consumers import (
     Validator,
     command,
 )
-from gateways.scheduler.translate import parse_list, parse_remove, spec_from_command
+from gateways.scheduler.translate import (
+    Overlap,
+    parse_backfill,
+    parse_done,
+    parse_list,
+    parse_remove,
+    parse_targets,
+    parse_trigger,
+    spec_from_command,
+)
 
 __all__ = [
     "VALIDATORS",
     "SchedulerCommands",
     "SchedulerConsumer",
     "scheduler_add",
+    "scheduler_backfill",
+    "scheduler_done",
     "scheduler_list",
+    "scheduler_pause",
     "scheduler_remove",
+    "scheduler_resume",
+    "scheduler_trigger",
 ]
 
 Duration = float | int | str | timedelta
@@ -69,6 +83,11 @@ VALIDATORS: dict[str, Validator] = {
     "scheduler.add": _check_add,
     "scheduler.remove": parse_remove,
     "scheduler.list": parse_list,
+    "scheduler.pause": parse_targets,
+    "scheduler.resume": parse_targets,
+    "scheduler.trigger": parse_trigger,
+    "scheduler.backfill": parse_backfill,
+    "scheduler.done": parse_done,
 }
 
 
@@ -142,6 +161,94 @@ def scheduler_list(
     """``scheduler.list`` of the schedules whose id starts with ``prefix``; the answer is in the
     result (``schedules``), so send it with ``wait=True`` or a ``result_channel``."""
     return _checked("scheduler.list", id, result_channel, prefix=prefix)
+
+
+def _targets(schedule: str | None, everything: bool) -> dict[str, Any]:
+    return {"all": True} if everything else {"schedule": schedule}
+
+
+def scheduler_pause(
+    schedule: str | None = None,
+    *,
+    all: bool = False,
+    note: str | None = None,
+    id: CommandId | None = None,
+    result_channel: str | None = None,
+) -> Message:
+    """``scheduler.pause`` of one schedule, or of every one with ``all=True``; ``note`` goes to
+    the log and to ``scheduler.list``. Due times passed while paused follow the schedule's
+    misfire policy on resume."""
+    keys = _targets(schedule, all)
+    return _checked("scheduler.pause", id, result_channel, note=note, **keys)
+
+
+def scheduler_resume(
+    schedule: str | None = None,
+    *,
+    all: bool = False,
+    note: str | None = None,
+    id: CommandId | None = None,
+    result_channel: str | None = None,
+) -> Message:
+    """``scheduler.resume`` of one schedule, or of every one with ``all=True``."""
+    keys = _targets(schedule, all)
+    return _checked("scheduler.resume", id, result_channel, note=note, **keys)
+
+
+def scheduler_trigger(
+    schedule: str,
+    *,
+    request_id: str | None = None,
+    overlap: Overlap | None = None,
+    id: CommandId | None = None,
+    result_channel: str | None = None,
+) -> Message:
+    """``scheduler.trigger``: fire ``schedule`` once now (``manual: true``), exactly once per
+    ``request_id`` across replicas."""
+    return _checked(
+        "scheduler.trigger",
+        id,
+        result_channel,
+        schedule=schedule,
+        request_id=request_id,
+        overlap=overlap,
+    )
+
+
+def scheduler_backfill(
+    schedule: str,
+    start: Instant,
+    end: Instant,
+    *,
+    request_id: str | None = None,
+    overlap: Overlap | None = None,
+    id: CommandId | None = None,
+    result_channel: str | None = None,
+) -> Message:
+    """``scheduler.backfill``: fire every due time of ``schedule`` from ``start`` to ``end``
+    (the ``from`` and ``to`` keys; past times only), oldest first, ``backfill: true``."""
+    keys = {"from": _instant(start), "to": _instant(end)}
+    return _checked(
+        "scheduler.backfill",
+        id,
+        result_channel,
+        schedule=schedule,
+        request_id=request_id,
+        overlap=overlap,
+        **keys,
+    )
+
+
+def scheduler_done(
+    run_id: str,
+    *,
+    schedule: str | None = None,
+    id: CommandId | None = None,
+    result_channel: str | None = None,
+) -> Message:
+    """``scheduler.done``: the run ``run_id`` (a fire's ``run_id``) finished (overlap policies
+    wait for it; ``ConsumerWorker`` sends it itself for ``report_done: worker``)."""
+    return _checked("scheduler.done", id, result_channel, run_id=run_id, schedule=schedule)
 
 
 class SchedulerCommands(Commands):
@@ -224,6 +331,72 @@ class SchedulerCommands(Commands):
     ) -> Message | None:
         """See :func:`scheduler_list`; the result has ``schedules`` and ``truncated``."""
         message = scheduler_list(prefix, id=id, result_channel=result_channel)
+        return await self.submit(message, wait=wait, timeout=timeout)
+
+    async def pause(
+        self,
+        schedule: str | None = None,
+        *,
+        all: bool = False,
+        note: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Message | None:
+        """See :func:`scheduler_pause`; the result has ``changed`` and ``schedules``."""
+        message = scheduler_pause(schedule, all=all, note=note)
+        return await self.submit(message, wait=wait, timeout=timeout)
+
+    async def resume(
+        self,
+        schedule: str | None = None,
+        *,
+        all: bool = False,
+        note: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Message | None:
+        """See :func:`scheduler_resume`; the result has ``changed`` and ``schedules``."""
+        message = scheduler_resume(schedule, all=all, note=note)
+        return await self.submit(message, wait=wait, timeout=timeout)
+
+    async def trigger(
+        self,
+        schedule: str,
+        *,
+        request_id: str | None = None,
+        overlap: Overlap | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Message | None:
+        """See :func:`scheduler_trigger`; the result has ``run_id`` and ``created``."""
+        message = scheduler_trigger(schedule, request_id=request_id, overlap=overlap)
+        return await self.submit(message, wait=wait, timeout=timeout)
+
+    async def backfill(
+        self,
+        schedule: str,
+        start: Instant,
+        end: Instant,
+        *,
+        request_id: str | None = None,
+        overlap: Overlap | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Message | None:
+        """See :func:`scheduler_backfill`."""
+        message = scheduler_backfill(schedule, start, end, request_id=request_id, overlap=overlap)
+        return await self.submit(message, wait=wait, timeout=timeout)
+
+    async def done(
+        self,
+        run_id: str,
+        *,
+        schedule: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Message | None:
+        """See :func:`scheduler_done`; the result has ``finished``."""
+        message = scheduler_done(run_id, schedule=schedule)
         return await self.submit(message, wait=wait, timeout=timeout)
 
 

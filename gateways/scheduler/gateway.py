@@ -3,23 +3,32 @@
 Roles. Every process runs a **lease loop**: a standby tries to take the lease every half tick,
 the leader renews it every third of a tick (and steps down when the store says it is no longer
 the holder, or when it could not renew for a whole lease). Only the leader fires. With a SQLite
-store (no Redis layer) the one process is always the leader.
+store (no Redis layer) the one process is always the leader. The lease loop also brings
+run-time schedules and pauses in line with the store when their counters moved, and on the
+leader finishes runs past their ``run_timeout`` and writes the run history.
 
 Firing. The leader keeps one entry per schedule (YAML ones, and run-time ones read from the
-store whenever its ``version`` changes) with its **cursor** (loaded from the store when it
-becomes leader; a schedule seen for the first time starts at *now*, so nothing in the past fires
-at a first start) and a heap of fire times. When an entry's time comes, one task (at most
-``max_in_flight`` at once, one per schedule) asks :func:`translate.catch_up` what to do, commits
-each fire with the fenced script of :mod:`connection` and only then sends it with
-:meth:`Gateway.publish`, retrying while the layer is full or down until the fire's misfire
-deadline (fire time + ``misfire_grace``); then it counts the fire as missed and logs it.
-Misfire-policy decisions are counted and logged the same way. Then the entry is rescheduled.
+store) with its **cursor** (loaded from the store when it becomes leader; a schedule seen for
+the first time starts at *now*, so nothing in the past fires at a first start) and a heap of
+fire times. When an entry's time comes, one task (at most ``max_in_flight`` at once, one per
+schedule) asks :func:`translate.catch_up` what to do and carries the plan out commit by commit
+(:meth:`CatchUp.steps`): each fire is committed with the fenced script of :mod:`connection`
+(which also refuses a paused schedule and applies the overlap policy) and only then sent with
+:meth:`Gateway.publish`, retrying while the layer is full or down until its send deadline
+(:func:`translate.send_deadline`); then it counts the fire as missed and logs it. Given-up due
+times are counted and logged only once their commit succeeded, so a leader that lost its lease
+counts nothing its successor handles. A paused schedule is not in the heap.
 
-Metrics (beside the core ones): ``scheduler_fires_total``, ``scheduler_misses_total{reason}``
-(``misfire``: given up by the policy, ``deadline``: the layer did not take it in time,
-``store``: the store could not commit it in time, ``refused``: the message can never be sent),
-``scheduler_lateness_seconds`` (histogram: send time - fire time), ``scheduler_leader``,
-``scheduler_schedules``, ``scheduler_leader_changes_total``.
+Queued fires (``scheduler.trigger``, ``scheduler.backfill``, a fire ``buffer_one`` held back
+until the running run finished) are taken by the **queue loop** of the leader, oldest first:
+claimed (fenced), sent, confirmed; a claimed fire the previous leader never confirmed is sent
+again.
+
+Runs. A fire of a schedule with an overlap policy other than ``allow`` is a run until a
+``scheduler.done`` with its ``run_id`` arrives (any replica takes it) or its ``run_timeout``
+passed; the policy decides what a due time does while a run is unfinished.
+
+Metrics: see the module's counters below and the README's table.
 """
 
 from __future__ import annotations
@@ -28,11 +37,13 @@ import asyncio
 import contextlib
 import heapq
 import json
+import math
 import os
 import platform
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -44,6 +55,9 @@ from core.service import Backoff, EventRefused, Gateway, StartupError, cancel_an
 from core.types import ChannelLayer
 from gateways.scheduler.config import SchedulerGatewayConfig
 from gateways.scheduler.connection import (
+    Commit,
+    Committed,
+    Queued,
     RedisStore,
     SqliteStore,
     StateStore,
@@ -51,33 +65,65 @@ from gateways.scheduler.connection import (
     dumps,
 )
 from gateways.scheduler.translate import (
+    Overlap,
     ScheduleError,
     Spec,
+    Step,
+    backfill_dues,
+    cancel_message,
     catch_up,
+    check_overlap,
     describe,
     fingerprint,
     fire_message,
     jitter_offset,
     next_fire,
+    parse_backfill,
+    parse_done,
+    parse_instant,
     parse_list,
     parse_remove,
+    parse_targets,
+    parse_trigger,
+    run_id,
+    send_deadline,
     spec_from_command,
 )
 
-__all__ = ["SchedulerGateway"]
+__all__ = ["LOST_LEASE", "OUTCOMES", "SchedulerGateway"]
+
+_T = TypeVar("_T")
+
+#: why a leader steps down when another process took the lease (its renewal or a commit found
+#: the fencing token replaced): one wording, whichever noticed first
+LOST_LEASE = (
+    "lost the lease: another process holds it now (this one was paused or cut off for longer "
+    "than lease_ttl)"
+)
+#: what happened to a due time, in the run history and ``scheduler_schedule_fires_total``
+OUTCOMES = ("sent", "missed", "paused", "skipped-overlap", "buffered")
+#: schedules whose state is loaded (and specs parsed) between two turns of the event loop
+LOAD_BATCH = 500
+#: queued fires read at once by the queue loop
+QUEUE_BATCH = 100
+#: runs past their deadline finished per lease tick
+EXPIRE_BATCH = 100
 
 _FIRES = Counter(
-    "scheduler_fires", "Due times fired (accepted by the layer)", ["gateway"], registry=REGISTRY
+    "scheduler_fires",
+    "Fires the layer accepted, by kind (scheduled, buffered, manual, backfill)",
+    ["gateway", "kind"],
+    registry=REGISTRY,
 )
 _MISSES = Counter(
     "scheduler_misses",
-    "Due times not fired, by reason (misfire, deadline, store, refused)",
+    "Due times not fired, by reason (misfire, paused, overlap, deadline, store, refused, removed)",
     ["gateway", "reason"],
     registry=REGISTRY,
 )
 _LATENESS = Histogram(
     "scheduler_lateness_seconds",
-    "Seconds between a fire's planned time (due + jitter) and the layer accepting it",
+    "Seconds between a scheduled fire's planned time (due + jitter) and the layer accepting it",
     ["gateway"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
@@ -89,10 +135,48 @@ _LEADER = Gauge(
     registry=REGISTRY,
 )
 _SCHEDULES = Gauge("scheduler_schedules", "Schedules known", ["gateway"], registry=REGISTRY)
+_PAUSED = Gauge("scheduler_paused", "Schedules paused", ["gateway"], registry=REGISTRY)
 _CHANGES = Counter(
     "scheduler_leader_changes",
     "Times this process became the leader",
     ["gateway"],
+    registry=REGISTRY,
+)
+_RUNS = Counter(
+    "scheduler_runs_finished",
+    "Runs (fires of schedules with an overlap policy) that ended: done, timeout, cancelled",
+    ["gateway", "how"],
+    registry=REGISTRY,
+)
+# per schedule (scheduler.schedule_metrics says for which): the run history as Prometheus sees it
+_SCHEDULE_FIRES = Counter(
+    "scheduler_schedule_fires",
+    "Due times of one schedule by outcome (sent, missed, paused, skipped-overlap, buffered)",
+    ["gateway", "schedule", "outcome"],
+    registry=REGISTRY,
+)
+_SCHEDULE_LAST_DUE = Gauge(
+    "scheduler_schedule_last_due_timestamp_seconds",
+    "Due time of the schedule's newest history entry",
+    ["gateway", "schedule"],
+    registry=REGISTRY,
+)
+_SCHEDULE_LAST_SENT = Gauge(
+    "scheduler_schedule_last_sent_timestamp_seconds",
+    "When the layer accepted the schedule's newest fire",
+    ["gateway", "schedule"],
+    registry=REGISTRY,
+)
+_SCHEDULE_LATENESS = Gauge(
+    "scheduler_schedule_last_lateness_seconds",
+    "Lateness of the schedule's newest fire (sent - fire time)",
+    ["gateway", "schedule"],
+    registry=REGISTRY,
+)
+_SCHEDULE_PAUSED = Gauge(
+    "scheduler_schedule_paused",
+    "1 while the schedule is paused",
+    ["gateway", "schedule"],
     registry=REGISTRY,
 )
 
@@ -106,6 +190,31 @@ class _Entry:
     generation: int = 0
     busy: bool = False
     fire_at: float | None = None
+
+
+def _record(
+    due: float,
+    outcome: str,
+    *,
+    kind: str = "scheduled",
+    run: str | None = None,
+    fire_at: float | None = None,
+    sent: float | None = None,
+    reason: str | None = None,
+    count: int = 1,
+) -> dict[str, Any]:
+    """One run-history entry (``scheduler.list``'s ``history``)."""
+    lateness = None if sent is None or fire_at is None else max(0.0, sent - fire_at)
+    return {
+        "due": due,
+        "sent": sent,
+        "lateness": lateness,
+        "outcome": outcome,
+        "reason": reason,
+        "kind": kind,
+        "run_id": run,
+        "count": count,
+    }
 
 
 class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
@@ -134,18 +243,27 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         }
         #: the fencing token while this process is the leader
         self.token: int | None = None
+        #: paused schedules (id → {note, since}) and when each was last resumed, as last read
+        self.pauses: dict[str, dict[str, Any]] = {}
+        self.resumed: dict[str, float] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._wake = asyncio.Event()
+        self._queue_wake = asyncio.Event()
         self._version = -1
+        self._state = -1
         self._refresh_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self._runs: set[asyncio.Task[None]] = set()
+        self._runs: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._store_problem: str | None = None
         self._dead: str | None = None
         self._renewed = 0.0
         self._firing = True
-        self.fires = _FIRES.labels(self.name)
+        #: queued fires sent but not yet confirmed in the store (confirmed before the next pass)
+        self._unconfirmed: set[str] = set()
+        #: history entries not yet written to the store, per schedule (oldest first)
+        self._history: dict[str, list[dict[str, Any]]] = {}
+        self._past_logged: set[str] = set()
         self.lateness = _LATENESS.labels(self.name)
         _SCHEDULES.labels(self.name).set(len(self.entries))
 
@@ -175,6 +293,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         self._loops = [
             asyncio.create_task(self._lease_loop(), name=f"{self.name}-lease"),
             asyncio.create_task(self._fire_loop(), name=f"{self.name}-fire"),
+            asyncio.create_task(self._queue_loop(), name=f"{self.name}-queue"),
         ]
         for task in self._loops:
             task.add_done_callback(self._loop_done)
@@ -202,14 +321,18 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             role = f"role: leader (fencing token {self.token})"
         else:
             role = "role: standby (another process holds the lease)"
-        return [role, f"schedules: {len(self.entries)}"]
+        return [role, f"schedules: {len(self.entries)}", f"paused: {len(self.pauses)}"]
 
     async def drain(self) -> None:
         # fires not yet committed are left to the next leader; committed ones are sent
         self._firing = False
         self._wake.set()
+        self._queue_wake.set()
         if self._runs:
             await asyncio.wait(set(self._runs))
+        if self.token is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._flush_history()
 
     async def close(self) -> None:
         await cancel_and_wait(*self._loops, *self._runs)
@@ -252,8 +375,11 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
                     self._store_up()
                     self._renewed = self.clock.monotonic()
                 else:
-                    self._step_down("another process holds the lease now")
-                await self._refresh_runtime()
+                    self._step_down(LOST_LEASE)
+                await self._refresh()
+                if self.token is not None:
+                    await self._expire_runs()
+                    await self._flush_history()
             except StoreUnavailable as exc:
                 self._store_down(str(exc))
                 if self.token is not None and self.clock.monotonic() - self._renewed > ttl:
@@ -266,13 +392,23 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
         _LEADER.labels(self.name).set(1)
         _CHANGES.labels(self.name).inc()
         self.log.info("%s: leader now (fencing token %d)", self.name, token)
+        # loading every schedule's state can take longer than a lease (100,000 schedules, a
+        # slow store): it runs beside the lease loop, which keeps renewing meanwhile
+        task = asyncio.create_task(self._take_over(token), name=f"{self.name}-takeover")
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    async def _take_over(self, token: int) -> None:
         try:
-            await self._refresh_runtime(force=True)
-            await self._load_cursors(list(self.entries.values()))
-        except StoreUnavailable:
-            self._step_down("the store failed while taking over")
-            raise
+            await self._refresh(force=True)
+            await self._load_cursors(list(self.entries.values()), token)
+        except StoreUnavailable as exc:
+            self._store_down(str(exc))
+            if self.token == token:
+                self._step_down("the store failed while taking over")
+            return
         self._wake.set()
+        self._queue_wake.set()
 
     def _step_down(self, why: str) -> None:
         if self.token is None:
@@ -285,49 +421,96 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             entry.cursor = None
             entry.generation += 1
 
-    async def _load_cursors(self, entries: list[_Entry]) -> None:
+    async def _load_cursors(self, entries: list[_Entry], token: int | None = None) -> None:
+        token = self.token if token is None else token
         now = self.clock.wall()
-        defaults = {e.spec.id: (now, fingerprint(e.spec)) for e in entries}
-        cursors = await self.store.cursors(defaults)
-        for entry in entries:
-            entry.cursor = cursors[entry.spec.id]
-            self._schedule(entry)
+        for start in range(0, len(entries), LOAD_BATCH):
+            chunk = entries[start : start + LOAD_BATCH]
+            defaults = {e.spec.id: (now, fingerprint(e.spec)) for e in chunk}
+            cursors = await self.store.cursors(defaults)
+            if self.token != token or token is None:
+                return  # stepped down meanwhile
+            for entry in chunk:
+                entry.cursor = cursors[entry.spec.id]
+                self._schedule(entry)
+                self._skipped_if_past(entry)
+            self._wake.set()
 
-    async def _refresh_runtime(self, *, force: bool = False) -> None:
-        """Bring run-time entries in line with the store when its version moved."""
+    def _skipped_if_past(self, entry: _Entry) -> None:
+        spec = entry.spec
+        past = spec.kind == "at" and spec.source == "yaml" and entry.fire_at is None
+        if past and spec.id not in self._past_logged:
+            self._past_logged.add(spec.id)
+            self.log.info(
+                "%s: schedule %s: %s is past (it fired, or passed before the schedule was "
+                "known): skipped",
+                self.name,
+                spec.id,
+                describe(spec),
+            )
+
+    async def _refresh(self, *, force: bool = False) -> None:
+        """Bring run-time entries and pauses in line with the store when its counters moved."""
         async with self._refresh_lock:
-            version = await self.store.version()
-            if version == self._version and not force:
-                return
-            stored = await self.store.runtime()
-            self._version = version
-            added: list[_Entry] = []
-            for id_, data in stored.items():
-                if id_ in self.entries or id_ in self.yaml_ids:
-                    continue
-                try:
-                    spec = Spec.from_json(json.loads(data))
-                except (ValueError, TypeError) as exc:
-                    self.metrics.error("bad_stored_schedule")
-                    self.log.error("%s: ignoring stored schedule %r: %s", self.name, id_, exc)
-                    continue
-                entry = self.entries[id_] = _Entry(spec)
-                added.append(entry)
-            for id_ in [i for i, e in self.entries.items() if e.spec.source == "runtime"]:
-                if id_ not in stored:
-                    entry = self.entries.pop(id_)
-                    entry.generation += 1
-            _SCHEDULES.labels(self.name).set(len(self.entries))
-            if self.token is not None and added:
-                await self._load_cursors(added)
+            version, state = await self.store.versions()
+            if version != self._version or force:
+                await self._load_runtime(version)
+            if state != self._state or force:
+                self._state = state
+                await self._load_pauses()
+                self._queue_wake.set()
+
+    async def _load_runtime(self, version: int) -> None:
+        stored = await self.store.runtime()
+        self._version = version
+        added: list[_Entry] = []
+        for index, (id_, data) in enumerate(stored.items()):
+            if index % LOAD_BATCH == LOAD_BATCH - 1:
+                await asyncio.sleep(0)  # 100,000 specs to parse: let the lease loop renew
+            if id_ in self.entries or id_ in self.yaml_ids:
+                continue
+            try:
+                spec = Spec.from_json(json.loads(data))
+            except (ValueError, TypeError) as exc:
+                self.metrics.error("bad_stored_schedule")
+                self.log.error("%s: ignoring stored schedule %r: %s", self.name, id_, exc)
+                continue
+            entry = self.entries[id_] = _Entry(spec)
+            added.append(entry)
+        for id_ in [i for i, e in self.entries.items() if e.spec.source == "runtime"]:
+            if id_ not in stored:
+                entry = self.entries.pop(id_)
+                entry.generation += 1
+                self._forget_metrics(entry.spec)
+        _SCHEDULES.labels(self.name).set(len(self.entries))
+        if self.token is not None and added:
+            await self._load_cursors(added)
+            self._wake.set()
+
+    async def _load_pauses(self) -> None:
+        pauses, resumed = await self.store.pauses()
+        before = set(self.pauses)
+        self.pauses, self.resumed = pauses, resumed
+        for id_ in before ^ set(pauses):
+            entry = self.entries.get(id_)
+            if entry is None:
+                continue
+            if id_ in pauses:
+                entry.generation += 1  # out of the heap
+            elif self.token is not None:
+                self._schedule(entry)  # due times passed while paused: the misfire policy
                 self._wake.set()
+        _PAUSED.labels(self.name).set(len(pauses))
+        for id_, entry in self.entries.items():
+            if self._exported(entry.spec):
+                _SCHEDULE_PAUSED.labels(self.name, id_).set(1 if id_ in pauses else 0)
 
     # -- firing -------------------------------------------------------------------------------
 
     def _schedule(self, entry: _Entry) -> None:
         entry.generation += 1
         entry.fire_at = None
-        if entry.cursor is None or self.token is None:
+        if entry.cursor is None or self.token is None or entry.spec.id in self.pauses:
             return
         upcoming = next_fire(entry.spec, entry.cursor)
         if upcoming is None:
@@ -379,129 +562,471 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
 
     async def _catch_up(self, entry: _Entry, token: int) -> None:
         spec = entry.spec
-        if entry.cursor is None or self.token != token:
+        if entry.cursor is None or self.token != token or spec.id in self.pauses:
             return
         decided = self.clock.wall()
         plan = catch_up(spec, entry.cursor, decided)
-        if plan.missed:
-            _MISSES.labels(self.name, "misfire").inc(plan.missed)
-            self.log.warning(
-                "%s: schedule %s: %s%d due time(s) more than %gs late given up (misfire: %s%s)",
-                self.name,
-                spec.id,
-                "at least " if plan.missed_at_least else "",
-                plan.missed,
-                spec.misfire_grace,
-                spec.misfire,
-                f", {len(plan.fire)} fired" if plan.fire else "",
-            )
         final = spec.one_shot and spec.source == "runtime"
-        given_up = not plan.fire and plan.cursor > entry.cursor
-        if given_up and await self._commit(spec, plan.cursor, token, decided, final=final) < 0:
-            return
-        for index, due in enumerate(plan.fire):
-            if not self._firing:
-                return  # stopping: not committed, so the next leader fires it
-            missed = plan.missed if index == 0 else 0
-            outcome = await self._fire(spec, due, token, decided, missed, final)
-            if outcome < 0:
-                return
-        entry.cursor = max(entry.cursor, plan.cursor)
+        given_up: dict[str, int] = {"misfire": 0, "paused": 0}
+        try:
+            for step in plan.steps():
+                if step.fire and not self._firing:
+                    return  # stopping: not committed, so the next leader fires it
+                outcome = await self._step(entry, step, token, decided, final, given_up)
+                if outcome < 0:
+                    return
+                entry.cursor = max(entry.cursor, step.due)
+        finally:
+            if given_up["misfire"] or given_up["paused"]:
+                self.log.warning(
+                    "%s: schedule %s: %s%d due time(s) given up (misfire: %s; more than %gs "
+                    "late: %d, passed while paused: %d)",
+                    self.name,
+                    spec.id,
+                    "at least " if plan.missed_at_least else "",
+                    given_up["misfire"] + given_up["paused"],
+                    spec.misfire,
+                    spec.misfire_grace,
+                    given_up["misfire"],
+                    given_up["paused"],
+                )
         if final and entry.cursor >= (spec.at or 0):
             self.entries.pop(spec.id, None)
             entry.generation += 1
             _SCHEDULES.labels(self.name).set(len(self.entries))
 
-    @staticmethod
-    def _deadline(spec: Spec, due: float, decided: float) -> float:
-        """Until when a fire may still be sent: ``misfire_grace`` after its fire time, or after
-        the moment it was decided for one the misfire policy picked late."""
-        return max(due + jitter_offset(spec, due), decided) + spec.misfire_grace
-
-    async def _commit(
-        self, spec: Spec, due: float, token: int, decided: float, *, final: bool
+    async def _step(
+        self,
+        entry: _Entry,
+        step: Step,
+        token: int,
+        decided: float,
+        final: bool,
+        given_up: dict[str, int],
     ) -> int:
-        """Commit ``due`` with the fencing token; retried while the store is unreachable.
+        """Commit one step of a catch-up and send its fire; 1 done, 0 nothing to do, -1 no
+        longer the leader, -2 paused meanwhile."""
+        spec = entry.spec
+        now = self.clock.wall()
+        run = run_id(spec.id, step.due)
+        if step.fire:
+            deadline = send_deadline(spec, step.due, decided if step.late else None)
+        else:
+            deadline = decided + spec.misfire_grace
+        buffered = ""
+        if spec.overlap == "buffer_one":
+            buffered = json.dumps(
+                {"qid": run, "schedule": spec.id, "due": step.due, "kind": "buffered"}
+            )
+        commit = Commit(
+            spec.id,
+            step.due,
+            step.fire,
+            len(step.given_up),
+            final,
+            spec.overlap,
+            spec.tracks_runs,
+            run,
+            now + spec.run_timeout,
+            now,
+            buffered,
+        )
+        result = await self._commit(spec, commit, token, deadline)
+        if result.code == -2:
+            self.log.info("%s: schedule %s: paused meanwhile; not fired", self.name, spec.id)
+            # paused by another replica: out of the heap until the next refresh says otherwise
+            self.pauses.setdefault(spec.id, {"note": "", "since": now})
+            return -2
+        if result.code <= 0:
+            return result.code
+        self._given_up(spec, step.given_up, given_up, final)
+        self._finished_runs(result.expired, "timeout")
+        if result.action == "giveup":
+            return 1
+        if result.action in ("skip", "buffer"):
+            self._overlapped(spec, step.due, result.action, "scheduled", run, final)
+            return 1
+        if result.action == "cancel":
+            await self._cancel(spec, run, result.cancelled, deadline)
+        fire_at = step.due + jitter_offset(spec, step.due)
+        return await self._send(
+            spec, step.due, run, deadline, missed=result.missed, kind="scheduled",
+            fire_at=fire_at, history=not final,
+        )  # fmt: skip
 
-        1: committed, 0: already done or given up, -1: no longer the leader (stepped down).
+    def _given_up(
+        self, spec: Spec, dues: tuple[float, ...], counts: dict[str, int], final: bool
+    ) -> None:
+        """Count (metric, log, history) due times a committed step gave up: those up to the
+        schedule's last resume passed while it was paused, the others misfired."""
+        until = self.resumed.get(spec.id, -math.inf)
+        paused = [d for d in dues if d <= until]
+        late = [d for d in dues if d > until]
+        for reason, outcome, group in (("paused", "paused", paused), ("misfire", "missed", late)):
+            if not group:
+                continue
+            counts[reason] += len(group)
+            _MISSES.labels(self.name, reason).inc(len(group))
+            if not final:
+                self._remember(spec, _record(max(group), outcome, reason=reason, count=len(group)))
+
+    def _overlapped(
+        self, spec: Spec, due: float, action: str, kind: str, run: str, final: bool = False
+    ) -> None:
+        if action == "skip":
+            _MISSES.labels(self.name, "overlap").inc()
+            self.log.info(
+                "%s: schedule %s: due %.3f skipped: a run has not finished (overlap: %s)",
+                self.name,
+                spec.id,
+                due,
+                spec.overlap,
+            )
+            outcome = "skipped-overlap"
+        else:
+            self.log.info(
+                "%s: schedule %s: due %.3f held back until the running run finished "
+                "(overlap: buffer_one)",
+                self.name,
+                spec.id,
+                due,
+            )
+            outcome = "buffered"
+        if not final:
+            self._remember(spec, _record(due, outcome, kind=kind, run=run))
+
+    def _finished_runs(self, runs: tuple[str, ...], how: str) -> None:
+        for run in runs:
+            _RUNS.labels(self.name, how).inc()
+            self.log.info(
+                "%s: run %s finished: %s",
+                self.name,
+                run,
+                "no scheduler.done within its run_timeout" if how == "timeout" else how,
+            )
+
+    async def _cancel(
+        self, spec: Spec, run: str, cancelled: tuple[str, ...], deadline: float
+    ) -> None:
+        """``overlap: cancel_other``: tell each unfinished run's consumer it was cancelled."""
+        for other in cancelled:
+            _RUNS.labels(self.name, "cancelled").inc()
+            message = cancel_message(
+                spec,
+                other,
+                by=run,
+                time=self.clock.wall(),
+                gateway=self.name,
+                reply_channel=self.config.command_channel,
+            )
+            try:
+                sent = await self.publish(
+                    message,
+                    channel=spec.channel,
+                    timeout=max(0.001, deadline - self.clock.wall()),
+                )
+            except EventRefused:
+                sent = False
+            self.log.info(
+                "%s: schedule %s: run %s cancelled for %s (overlap: cancel_other)%s",
+                self.name,
+                spec.id,
+                other,
+                run,
+                "" if sent else "; the scheduler.cancel could not be sent in time",
+            )
+
+    async def _commit(self, spec: Spec, commit: Commit, token: int, deadline: float) -> Committed:
+        """Commit with the fencing token; retried while the store is unreachable.
+
+        ``code`` -1 means no longer the leader (stepped down here).
         """
-        deadline = self._deadline(spec, due, decided)
         backoff = Backoff(0.05, 1.0)
         while True:
             try:
-                outcome = await self.store.advance(
-                    self.owner,
-                    token,
-                    spec.id,
-                    due,
-                    final=final,
-                    done_ttl=self.settings.remember_done,
+                result = await self.store.advance(
+                    self.owner, token, commit, done_ttl=self.settings.remember_done
                 )
             except StoreUnavailable as exc:
                 self._store_down(str(exc))
                 delay = backoff.next()
                 if not self._firing:
-                    return -1  # stopping: not committed, so the next leader handles it
+                    return Committed(-1)  # stopping: not committed, so the next leader does
                 if self.clock.wall() + delay > deadline or self.token != token:
                     _MISSES.labels(self.name, "store").inc()
                     self.log.warning(
                         "%s: schedule %s: due %.3f not fired: the state store stayed "
-                        "unreachable until its misfire deadline (counted missed)",
+                        "unreachable until its send deadline (counted missed)",
                         self.name,
                         spec.id,
-                        due,
+                        commit.due,
                     )
-                    return 0
+                    return Committed(0)
                 await self.clock.sleep(delay)
                 continue
             self._store_up()
-            if outcome < 0:
-                self._step_down("fenced: another process took the lease (this one paused?)")
-            elif outcome == 0:
+            if result.code == -1:
+                self._step_down(LOST_LEASE)
+            elif result.code == 0:
                 self.log.debug(
-                    "%s: schedule %s: due %.3f was handled already", self.name, spec.id, due
+                    "%s: schedule %s: due %.3f was handled already", self.name, spec.id, commit.due
                 )
-            return outcome
+            return result
 
-    async def _fire(
-        self, spec: Spec, due: float, token: int, decided: float, missed: int, final: bool
+    async def _send(
+        self,
+        spec: Spec,
+        due: float,
+        run: str,
+        deadline: float,
+        *,
+        missed: int,
+        kind: str,
+        fire_at: float,
+        history: bool = True,
     ) -> int:
-        committed = await self._commit(spec, due, token, decided, final=final)
-        if committed <= 0:
-            return committed
-        fire_at = due + jitter_offset(spec, due)
-        deadline = self._deadline(spec, due, decided)
+        """Send a committed (or claimed) fire until ``deadline``: 1 sent, 0 missed."""
+        now = self.clock.wall()
         message = fire_message(
             spec,
             due,
-            fire_time=self.clock.wall(),
+            fire_time=now,
             gateway=self.name,
             reply_channel=self.config.command_channel,
             missed=missed,
+            run=run,
+            manual=kind == "manual",
+            backfill=kind == "backfill",
         )
-        try:
-            accepted = await self.publish(
-                message, channel=spec.channel, timeout=max(0.001, deadline - self.clock.wall())
-            )
-        except EventRefused:
-            _MISSES.labels(self.name, "refused").inc()
-            return 0
+        record = history and spec.id in self.entries
+        if now > deadline:
+            accepted = False
+        else:
+            try:
+                accepted = await self.publish(
+                    message, channel=spec.channel, timeout=max(0.001, deadline - now)
+                )
+            except EventRefused:
+                _MISSES.labels(self.name, "refused").inc()
+                if record:
+                    self._remember(
+                        spec, _record(due, "missed", kind=kind, run=run, reason="refused")
+                    )
+                return 0
         if not accepted:
             _MISSES.labels(self.name, "deadline").inc()
             self.log.warning(
                 "%s: schedule %s: due %.3f missed: %r refused it (full or unreachable) until "
-                "its misfire deadline",
+                "its send deadline",
                 self.name,
                 spec.id,
                 due,
                 spec.channel,
             )
+            if record:
+                self._remember(spec, _record(due, "missed", kind=kind, run=run, reason="deadline"))
             return 0
-        self.fires.inc()
-        self.lateness.observe(max(0.0, self.clock.wall() - fire_at))
+        sent = self.clock.wall()
+        _FIRES.labels(self.name, kind).inc()
+        if kind == "scheduled":
+            self.lateness.observe(max(0.0, sent - fire_at))
+        if record:
+            self._remember(
+                spec, _record(due, "sent", kind=kind, run=run, fire_at=fire_at, sent=sent)
+            )
         return 1
 
+    # -- queued fires (trigger, backfill, buffer_one) -----------------------------------------
+
+    async def _queue_loop(self) -> None:
+        tick = self.settings.tick
+        while True:
+            await self._queue_wake.wait()
+            self._queue_wake.clear()
+            token = self.token
+            if token is None or not self._firing:
+                continue
+            try:
+                for qid in list(self._unconfirmed):
+                    await self.store.confirm(qid)
+                    self._unconfirmed.discard(qid)
+                items = await self.store.queue(QUEUE_BATCH)
+                for item in items:
+                    if self.token != token or not self._firing:
+                        break
+                    task = asyncio.create_task(self._fire_queued(item, token))
+                    self._runs.add(task)
+                    task.add_done_callback(self._runs.discard)
+                    try:
+                        await task
+                    except StoreUnavailable:
+                        raise
+                    except Exception:  # a bug or a bad stored item: drop it, keep the loop
+                        self.metrics.error("queued_fire")
+                        self.log.exception(
+                            "%s: queued fire %s failed; dropped", self.name, item.qid
+                        )
+                        await self.store.confirm(item.qid)
+            except StoreUnavailable as exc:
+                self._store_down(str(exc))
+                await self.clock.sleep(tick / 2)
+                self._queue_wake.set()
+                continue
+            if len(items) == QUEUE_BATCH:
+                self._queue_wake.set()
+
+    async def _fire_queued(self, item: Queued, token: int) -> None:
+        data = item.data
+        schedule, kind = str(data["schedule"]), str(data["kind"])
+        entry = self.entries.get(schedule)
+        if entry is None:
+            _MISSES.labels(self.name, "removed").inc()
+            self.log.warning(
+                "%s: queued fire %s dropped: schedule %s no longer exists",
+                self.name,
+                item.qid,
+                schedule,
+            )
+            await self.store.confirm(item.qid)
+            return
+        spec = entry.spec
+        now = self.clock.wall()
+        overlap: Overlap = data.get("overlap") or spec.overlap
+        result = await self.store.claim(
+            self.owner,
+            token,
+            item,
+            overlap,
+            track=spec.tracks_runs,
+            run_deadline=now + spec.run_timeout,
+            now=now,
+            consume_missed=kind == "buffered",
+        )
+        if result.code == -1:
+            self._step_down(LOST_LEASE)
+            return
+        if result.code == 0:
+            return
+        due = float(data["due"])
+        self._finished_runs(result.expired, "timeout")
+        if result.action in ("skip", "buffer"):
+            self._overlapped(spec, due, result.action, kind, item.qid)
+            return
+        deadline = now + spec.misfire_grace
+        if result.action == "cancel":
+            await self._cancel(spec, item.qid, result.cancelled, deadline)
+        if result.action == "resend":
+            self.log.info(
+                "%s: queued fire %s: its previous leader claimed it and did not confirm it; "
+                "sending it",
+                self.name,
+                item.qid,
+            )
+        fire_at = due + jitter_offset(spec, due) if kind == "buffered" else float(data["requested"])
+        self._unconfirmed.add(item.qid)
+        await self._send(
+            spec, due, item.qid, deadline, missed=result.missed, kind=kind, fire_at=fire_at
+        )
+        await self.store.confirm(item.qid)
+        self._unconfirmed.discard(item.qid)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def _expire_runs(self) -> None:
+        now = self.clock.wall()
+        runs = await self.store.expired_runs(now, EXPIRE_BATCH)
+        for schedule in sorted(set(runs.values())):
+            result = await self.store.finish(schedule, None, now)
+            self._finished_runs(result.expired, "timeout")
+            if result.released:
+                self._queue_wake.set()
+
+    # -- history ------------------------------------------------------------------------------
+
+    def _exported(self, spec: Spec) -> bool:
+        which = self.settings.schedule_metrics
+        return which == "all" or (which == "yaml" and spec.source == "yaml")
+
+    def _forget_metrics(self, spec: Spec) -> None:
+        """Drop the per-schedule series of a schedule that is gone."""
+        if not self._exported(spec):
+            return
+        labels = (self.name, spec.id)
+        series: list[tuple[Counter | Gauge, tuple[str, ...]]] = [
+            (gauge, labels)
+            for gauge in (
+                _SCHEDULE_LAST_DUE,
+                _SCHEDULE_LAST_SENT,
+                _SCHEDULE_LATENESS,
+                _SCHEDULE_PAUSED,
+            )
+        ]
+        series += [(_SCHEDULE_FIRES, (*labels, outcome)) for outcome in OUTCOMES]
+        for metric, values in series:
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
+
+    def _remember(self, spec: Spec, entry: dict[str, Any]) -> None:
+        """Add a run-history entry (written to the store on the next lease tick)."""
+        size = self.settings.history_size
+        if self._exported(spec):
+            labels = (self.name, spec.id)
+            _SCHEDULE_FIRES.labels(*labels, entry["outcome"]).inc(entry["count"])
+            _SCHEDULE_LAST_DUE.labels(*labels).set(entry["due"])
+            if entry["sent"] is not None:
+                _SCHEDULE_LAST_SENT.labels(*labels).set(entry["sent"])
+                _SCHEDULE_LATENESS.labels(*labels).set(entry["lateness"] or 0.0)
+        if size <= 0:
+            return
+        pending = self._history.setdefault(spec.id, [])
+        pending.append(entry)
+        del pending[:-size]
+
+    async def _flush_history(self) -> None:
+        if not self._history:
+            return
+        pending, self._history = self._history, {}
+        try:
+            await self.store.push_history(
+                {k: [json.dumps(e) for e in v] for k, v in pending.items()},
+                self.settings.history_size,
+            )
+        except StoreUnavailable:
+            for key, entries in pending.items():  # keep them for the next tick (bounded)
+                merged = entries + self._history.get(key, [])
+                self._history[key] = merged[-self.settings.history_size :]
+            raise
+
     # -- commands -----------------------------------------------------------------------------
+
+    def _known(self, schedule: Any, key: str = "schedule") -> Spec:
+        if not isinstance(schedule, str) or not schedule:
+            raise CommandError(f"{key}: required (a schedule id)")
+        entry = self.entries.get(schedule)
+        if entry is None:
+            raise CommandError(f"{key}: no schedule {schedule!r}")
+        return entry.spec
+
+    @staticmethod
+    def _parsed(parse: Callable[[Mapping[str, Any]], _T], command: Command) -> _T:
+        """``parse(command.body)`` (translate's check, shared with the consumer helpers)."""
+        try:
+            return parse(command.body)
+        except ScheduleError as exc:
+            raise CommandError(str(exc)) from None
+
+    @staticmethod
+    def _overlap_of(overlap: Overlap | None, spec: Spec) -> Overlap:
+        if overlap is None:
+            return spec.overlap
+        try:
+            return check_overlap(overlap, spec.message)
+        except ValueError as exc:
+            raise CommandError(f"overlap: {exc}") from None
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._refresh()
 
     @handles("scheduler.add")
     async def handle_add(self, command: Command) -> dict[str, Any]:
@@ -544,8 +1069,7 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             self.log.info(
                 "%s: added schedule %s: %s → %s", self.name, spec.id, describe(spec), spec.channel
             )
-            with contextlib.suppress(StoreUnavailable):
-                await self._refresh_runtime()
+            await self._refresh_quietly()
         upcoming = next_fire(spec, cursor)
         return {
             "schedule": spec.id,
@@ -564,12 +1088,170 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             raise CommandError(f"schedule: {schedule!r} is a YAML schedule; edit the file")
         try:
             removed = await self.store.remove(schedule)
-            await self._refresh_runtime()
+            await self._refresh()
         except StoreUnavailable as exc:
             raise CommandError(f"state store unreachable: {exc}") from None
         if removed:
             self.log.info("%s: removed schedule %s", self.name, schedule)
         return {"schedule": schedule, "removed": removed}
+
+    async def _targets(self, command: Command) -> tuple[list[str], str]:
+        schedule, note = self._parsed(parse_targets, command)  # checked before any I/O
+        await self._refresh_quietly()
+        if schedule is None:
+            return sorted(self.entries), note
+        return [self._known(schedule).id], note
+
+    def _changed(self, changed: list[str]) -> dict[str, Any]:
+        limit = self.settings.list_limit
+        return {
+            "changed": len(changed),
+            "schedules": changed[:limit],
+            "truncated": len(changed) > limit,
+        }
+
+    @handles("scheduler.pause")
+    async def handle_pause(self, command: Command) -> dict[str, Any]:
+        targets, note = await self._targets(command)
+        now = self.clock.wall()
+        try:
+            changed = await self.store.pause(targets, note, now)
+            await self._refresh()
+        except StoreUnavailable as exc:
+            raise CommandError(f"state store unreachable: {exc}") from None
+        self.log.info(
+            "%s: paused %d schedule(s)%s%s",
+            self.name,
+            len(changed),
+            f" ({', '.join(changed[:5])}{', …' if len(changed) > 5 else ''})" if changed else "",
+            f": {note}" if note else "",
+        )
+        return self._changed(changed)
+
+    @handles("scheduler.resume")
+    async def handle_resume(self, command: Command) -> dict[str, Any]:
+        targets, note = await self._targets(command)
+        now = self.clock.wall()
+        try:
+            changed = await self.store.resume(targets, now)
+            await self._refresh()
+        except StoreUnavailable as exc:
+            raise CommandError(f"state store unreachable: {exc}") from None
+        self.log.info(
+            "%s: resumed %d schedule(s)%s%s",
+            self.name,
+            len(changed),
+            f" ({', '.join(changed[:5])}{', …' if len(changed) > 5 else ''})" if changed else "",
+            f": {note}" if note else "",
+        )
+        return self._changed(changed)
+
+    @handles("scheduler.trigger")
+    async def handle_trigger(self, command: Command) -> dict[str, Any]:
+        control = self._parsed(parse_trigger, command)
+        await self._refresh_quietly()
+        spec = self._known(control.schedule)
+        request = control.request_id or uuid.uuid4().hex
+        overlap = self._overlap_of(control.overlap, spec)
+        now = self.clock.wall()
+        qid = run_id(spec.id, now, request=request)
+        item = {
+            "qid": qid,
+            "schedule": spec.id,
+            "due": now,
+            "requested": now,
+            "kind": "manual",
+            "overlap": overlap,
+        }
+        created = await self._enqueue(f"trigger:{spec.id}:{request}", [(qid, item)])
+        if created:
+            self.log.info("%s: schedule %s: triggered (%s)", self.name, spec.id, qid)
+        return {"schedule": spec.id, "run_id": qid, "request_id": request, "created": created}
+
+    @handles("scheduler.backfill")
+    async def handle_backfill(self, command: Command) -> dict[str, Any]:
+        control = self._parsed(parse_backfill, command)
+        await self._refresh_quietly()
+        spec = self._known(control.schedule)
+        request = control.request_id or uuid.uuid4().hex
+        overlap = self._overlap_of(control.overlap, spec)
+        now = self.clock.wall()
+        # checked by parse_backfill; read again in the schedule's own zone (naive date-times)
+        window = {
+            "from": parse_instant(control.start, spec.timezone),
+            "to": parse_instant(control.end, spec.timezone),
+        }
+        if window["to"] > now:
+            raise CommandError(
+                "to: is in the future: a backfill fires past due times (the schedule fires "
+                "the coming ones itself)"
+            )
+        if window["from"] > window["to"]:
+            raise CommandError("from: must not be after to")
+        try:
+            dues = backfill_dues(spec, window["from"], window["to"], self.settings.backfill_limit)
+        except ScheduleError as exc:
+            raise CommandError(str(exc)) from None
+        items = [
+            (
+                qid := run_id(spec.id, due, request=request, backfill=True),
+                {
+                    "qid": qid,
+                    "schedule": spec.id,
+                    "due": due,
+                    "requested": now,
+                    "kind": "backfill",
+                    "overlap": overlap,
+                },
+            )
+            for due in dues
+        ]
+        created = await self._enqueue(f"backfill:{spec.id}:{request}", items) if items else False
+        if created:
+            self.log.info(
+                "%s: schedule %s: backfill of %d due time(s) queued (request %s)",
+                self.name,
+                spec.id,
+                len(dues),
+                request,
+            )
+        return {
+            "schedule": spec.id,
+            "request_id": request,
+            "created": created,
+            "count": len(dues),
+            "first": dues[0] if dues else None,
+            "last": dues[-1] if dues else None,
+        }
+
+    async def _enqueue(self, request: str, items: list[tuple[str, dict[str, Any]]]) -> bool:
+        try:
+            created = await self.store.enqueue(
+                request, [(q, json.dumps(i)) for q, i in items], self.settings.remember_done
+            )
+        except StoreUnavailable as exc:
+            raise CommandError(f"state store unreachable: {exc}") from None
+        if created and self.leader:
+            self._queue_wake.set()
+        return created
+
+    @handles("scheduler.done")
+    async def handle_done(self, command: Command) -> dict[str, Any]:
+        run = self._parsed(parse_done, command)
+        now = self.clock.wall()
+        try:
+            schedule = await self.store.run_schedule(run)
+            if schedule is None:
+                return {"run_id": run, "schedule": None, "finished": False}
+            result = await self.store.finish(schedule, run, now)
+        except StoreUnavailable as exc:
+            raise CommandError(f"state store unreachable: {exc}") from None
+        if result.removed:
+            _RUNS.labels(self.name, "done").inc()
+        self._finished_runs(result.expired, "timeout")
+        if result.released and self.leader:
+            self._queue_wake.set()
+        return {"run_id": run, "schedule": schedule, "finished": result.removed}
 
     @handles("scheduler.list")
     async def handle_list(self, command: Command) -> dict[str, Any]:
@@ -577,16 +1259,23 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             prefix = parse_list(command.body)
         except ScheduleError as exc:
             raise CommandError(str(exc)) from None
-        with contextlib.suppress(StoreUnavailable):
-            await self._refresh_runtime()
+        await self._refresh_quietly()
         now = self.clock.wall()
         ids = sorted(i for i in self.entries if i.startswith(prefix))
         limit = self.settings.list_limit
+        shown = ids[:limit]
+        try:
+            details = await self.store.details(shown, self.settings.history_size)
+        except StoreUnavailable as exc:
+            raise CommandError(f"state store unreachable: {exc}") from None
         rows = []
-        for id_ in ids[:limit]:
+        for id_ in shown:
             entry = self.entries[id_]
             spec = entry.spec
+            detail = details[id_]
             upcoming = next_fire(spec, entry.cursor if entry.cursor is not None else now)
+            pending = list(reversed(self._history.get(id_, [])))
+            history = (pending + detail.history)[: self.settings.history_size]
             rows.append(
                 {
                     "schedule": id_,
@@ -595,8 +1284,18 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
                     "channel": spec.channel,
                     "what": describe(spec),
                     "timezone": spec.timezone,
-                    "next_fire": None if upcoming is None else upcoming[1],
-                    "last_due": entry.cursor,
+                    "next_fire": None if upcoming is None or detail.paused else upcoming[1],
+                    "last_due": detail.last_due,
+                    "paused": detail.paused is not None,
+                    "pause_note": None if detail.paused is None else detail.paused["note"],
+                    "paused_at": None if detail.paused is None else detail.paused["since"],
+                    "overlap": spec.overlap,
+                    "running": [
+                        {"run_id": run, "timeout_at": deadline}
+                        for run, deadline in sorted(detail.running.items())
+                    ],
+                    "buffered": detail.buffered,
+                    "history": history,
                 }
             )
         return {

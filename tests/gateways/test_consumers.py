@@ -118,6 +118,18 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "in": "10m", "every_": 1}),
     ("scheduler", {"type": "scheduler.remove"}),
     ("scheduler", {"type": "scheduler.list", "prefix": 3}),
+    ("scheduler", {"type": "scheduler.remove", "schedule": "a", "shedule": "b"}),
+    ("scheduler", {"type": "scheduler.pause"}),
+    ("scheduler", {"type": "scheduler.pause", "schedule": "nightly", "all": True}),
+    ("scheduler", {"type": "scheduler.resume", "all": "yes"}),
+    ("scheduler", {"type": "scheduler.pause", "all": True, "note": 5}),
+    ("scheduler", {"type": "scheduler.trigger", "schedule": "nightly", "request_id": "a b"}),
+    ("scheduler", {"type": "scheduler.trigger", "schedule": "nightly", "overlap": "never"}),
+    ("scheduler", {"type": "scheduler.trigger"}),
+    ("scheduler", {"type": "scheduler.backfill", "schedule": "nightly", "from": "2026-01-01"}),
+    ("scheduler", {"type": "scheduler.backfill", "schedule": "nightly", "from": "x", "to": 0}),
+    ("scheduler", {"type": "scheduler.done"}),
+    ("scheduler", {"type": "scheduler.done", "run_id": "r", "extra": 1}),
 ]
 
 
@@ -147,6 +159,11 @@ TAKEN: list[tuple[str, dict[str, Any]]] = [
     ("slack", {"type": "slack.respond", "response_url": "https://elsewhere/", "text": "x"}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "at": 0, "misfire_grace": 1e12}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "cron": "*/10 * * * * *"}),
+    ("scheduler", {"type": "scheduler.pause", "all": True, "note": "deploy"}),
+    ("scheduler", {"type": "scheduler.resume", "schedule": "nightly"}),
+    ("scheduler", {"type": "scheduler.trigger", "schedule": "nightly", "request_id": "r-1"}),
+    ("scheduler", {"type": "scheduler.backfill", "schedule": "n", "from": 0, "to": "2026-01-01"}),
+    ("scheduler", {"type": "scheduler.done", "run_id": "r", "schedule": "nightly"}),
 ]
 
 

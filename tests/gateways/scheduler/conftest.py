@@ -1,5 +1,6 @@
 """Helpers for the scheduler tests: an in-process scheduler on a real Redis layer, a clock whose
-wall time can be moved (downtime without waiting), and the gateway's Redis keys."""
+wall time can be moved (downtime without waiting), the gateway's Redis keys, and
+``gateway-scheduler`` processes with their role."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from redis import asyncio as aioredis
 
 from core.clock import Clock, LoopClock
 from core.layers import resolve_layer
-from core.testing import WAIT, run_gateway
+from core.testing import WAIT, GatewayProcess, run_gateway
 from gateways.scheduler.config import SchedulerGatewayConfig
 from gateways.scheduler.gateway import SchedulerGateway
 
@@ -74,3 +76,29 @@ async def cursor(redis_url: str, name: str, schedule: str) -> float | None:
 async def receive(layer: Any, channel: str, timeout: float = WAIT) -> dict[str, Any]:
     message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), timeout)
     return message
+
+
+async def start(directory: Path, cfg: dict[str, Any]) -> GatewayProcess:
+    process = GatewayProcess.from_config(directory, cfg)
+    await asyncio.to_thread(process.start)
+    await process.wait_ready()
+    return process
+
+
+def tail(process: GatewayProcess) -> str:
+    return process.server.tail() if process.server is not None else ""
+
+
+async def role(process: GatewayProcess) -> str:
+    status, body = await asyncio.to_thread(process.get, "/readyz")
+    assert status == 200, body  # a standby is ready too
+    return "leader" if "role: leader" in body else "standby"
+
+
+async def wait_role(process: GatewayProcess, wanted: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while await role(process) != wanted:
+        if loop.time() > deadline:
+            raise TimeoutError(f"{process.path.name} never became {wanted}")
+        await asyncio.sleep(0.05)

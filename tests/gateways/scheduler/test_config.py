@@ -91,3 +91,30 @@ scheduler:
     assert "scheduler.schedules.c.message: type must be a string like email.send" in errors
     assert "scheduler.schedules.bad id.[key]: " in errors
     assert "scheduler.schedules.d: end must be after start" in errors
+
+
+def test_a_past_at_loads_and_jitter_overlap_errors_name_their_key(tmp_path: Path) -> None:
+    # a fired one-shot stays in the file: a restart must load it (the gateway skips it)
+    config = load(tmp_path, "scheduler:\n  schedules:\n    once: {at: 2001-01-01T00:00:00Z}\n")
+    (spec,) = config.scheduler.specs("timers")
+    assert spec.at == datetime.fromisoformat("2001-01-01T00:00:00+00:00").timestamp()
+    with pytest.raises(ConfigError) as info:
+        load(
+            tmp_path,
+            """
+scheduler:
+  overlap: skip
+  schedules:
+    a: {every: 1m, jitter: 90s}
+    b: {cron: "*/5 * * * *", jitter: 6m}
+    c: {every: 1m, overlap: skip, message: {type: mqtt.publish, topic: t}}
+    d: {every: 1m, overlap: often}
+    typed: {every: 1m, message: {type: mqtt.publish, topic: t}}
+""",
+        )
+    errors = "\n".join(info.value.errors)
+    assert "scheduler.schedules.a.jitter: 90 s is longer than the interval" in errors
+    assert "scheduler.schedules.b.jitter: 360 s is longer than the shortest" in errors
+    assert "scheduler.schedules.c.overlap: skip needs runs" in errors
+    assert "scheduler.schedules.d.overlap: " in errors
+    assert "typed" not in errors  # the section's default overlap does not reach typed messages

@@ -4,11 +4,14 @@ misfire policies, commands, pushback from a full channel."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -136,7 +139,7 @@ async def test_commands_list_remove_and_refuse(redis_server: RedisServer) -> Non
         gone = await command(layer, send, {"type": "scheduler.remove", "schedule": "poll"})
         assert gone["ok"] and gone["removed"] is False
         await until(lambda: "poll" not in gw.entries, what="entry dropped")
-        unknown = await command(layer, send, {"type": "scheduler.pause"})
+        unknown = await command(layer, send, {"type": "scheduler.frobnicate"})
         assert unknown["ok"] is False
 
 
@@ -266,3 +269,178 @@ async def test_a_changed_yaml_schedule_starts_again_at_now(redis_server: RedisSe
         assert isinstance(value, float) and abs(value - clock.wall()) < 5
     assert metric("scheduler_fires_total", gateway=name) == 0
     assert metric("scheduler_misses_total", gateway=name) == 0
+
+
+# -- issue 22 ---------------------------------------------------------------------------------
+
+
+async def test_missed_counts_what_skip_gave_up_before_the_next_fire(
+    redis_server: RedisServer,
+) -> None:
+    name = "missed-skip"
+    schedules = {"tick": {"every": "10s", "misfire": "skip", "misfire_grace": "1s"}}
+    config = scheduler_config(name, schedules)
+    clock = ShiftedClock()
+    async with running(config, redis_server.url, clock) as (gw, _):
+        await until(lambda: gw.entries["tick"].cursor, what="cursor stored")
+    # down for about 100 s, back 4 s after a due time: ~10 due times misfired, none on time
+    later = clock.wall() + 100
+    clock.offset += math.floor(later / 10) * 10 + 4 - clock.wall()
+    async with running(config, redis_server.url, clock) as (gw, layer):
+        fire = await receive(layer, name, timeout=30)  # the next due time, on time
+        given_up = metric("scheduler_misses_total", gateway=name, reason="misfire")
+        assert given_up >= 9
+        assert fire["missed"] == given_up
+
+
+class GatedLayer(InMemoryChannelLayer):  # type: ignore[misc]
+    """An in-memory layer that refuses every send to ``gated`` while ``closed``, and records
+    when each attempt was made."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__(capacity=1000)
+        self.gated = gated
+        self.closed = True
+        self.attempts: list[tuple[float, dict[str, Any]]] = []
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        if channel == self.gated:
+            self.attempts.append((time.time(), message))
+            if self.closed:
+                raise ChannelFull(channel)
+        await super().send(channel, message)
+
+
+def gated_gateway(path: Path, name: str, schedules: dict[str, Any], **settings: Any) -> Any:
+    config = scheduler_config(name, schedules, state_file=str(path), **settings)
+    layer = GatedLayer("slow")
+    return SchedulerGateway(SchedulerGatewayConfig.model_validate(config), layer)
+
+
+async def test_a_pushed_back_fire_is_tried_only_until_its_own_fire_time_plus_the_grace(
+    tmp_path: Path,
+) -> None:
+    name = "grace-limit"
+    schedules = {"beat": {"every": "1s", "channel": "slow", "misfire_grace": "3s"}}
+    gateway = gated_gateway(tmp_path / "state.sqlite3", name, schedules)
+    async with run_gateway(gateway):
+        await until(
+            lambda: metric("scheduler_misses_total", gateway=name, reason="deadline") >= 3,
+            timeout=60,
+            what="three fires missed their deadline",
+        )
+        attempts = list(gateway.layer.attempts)
+        gateway.layer.closed = False
+        fire = await receive(gateway.layer, "slow")
+    # a fire waiting behind a pushed-back one keeps its own deadline: no attempt after it
+    # (0.25 s: the event loop's own lateness on a busy machine)
+    late = [(t, m["scheduled_time"]) for t, m in attempts if t > m["scheduled_time"] + 3.25]
+    assert late == []
+    assert len({m["scheduled_time"] for _, m in attempts}) >= 4
+    assert fire["type"] == "scheduler.fire"
+
+
+async def test_list_shows_last_due_only_once_a_due_time_was_handled(
+    redis_server: RedisServer,
+) -> None:
+    name = "last-due"
+    schedules = {"beat": {"every": "1s"}}
+    async with running(scheduler_config(name, schedules), redis_server.url) as (gw, layer):
+        send = f"{name}.send"
+        added = await command(
+            layer, send, {"type": "scheduler.add", "schedule": "later", "in": "1h"}
+        )
+        assert added["ok"]
+        fire = await receive(layer, name)
+        await until(lambda: gw.entries["beat"].cursor == fire["scheduled_time"], what="cursor")
+        listed = await command(layer, send, {"type": "scheduler.list"})
+        rows = {r["schedule"]: r for r in listed["schedules"]}
+        assert rows["later"]["last_due"] is None  # never fired: no due time handled yet
+        assert rows["later"]["next_fire"] == added["next_fire"]
+        assert rows["beat"]["last_due"] >= fire["scheduled_time"]
+
+
+async def test_a_past_yaml_at_is_skipped_with_one_info_line(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = "past-at"
+    schedules = {"new-year": {"at": "2001-01-01T00:00:00Z"}, "beat": {"every": "1s"}}
+    caplog.set_level(logging.INFO, logger="gateway.scheduler")
+    async with running(scheduler_config(name, schedules), redis_server.url) as (_, layer):
+        fires = [await receive(layer, name) for _ in range(2)]
+        assert {f["schedule"] for f in fires} == {"beat"}
+        listed = await command(layer, f"{name}.send", {"type": "scheduler.list"})
+        rows = {r["schedule"]: r for r in listed["schedules"]}
+        assert rows["new-year"]["next_fire"] is None
+    lines = [r.getMessage() for r in caplog.records if "new-year" in r.getMessage()]
+    assert lines == [
+        f"{name}: schedule new-year: at 2001-01-01T00:00:00+00:00 is past (it fired, or passed "
+        "before the schedule was known): skipped"
+    ]
+    assert all(r.levelno == logging.INFO for r in caplog.records if "new-year" in r.getMessage())
+
+
+async def test_controls_on_sqlite_pause_trigger_backfill_overlap_and_run_timeout(
+    tmp_path: Path,
+) -> None:
+    """The same commands on the single-process SQLite store (no Redis)."""
+    name = "controls-local"
+    schedules = {
+        "job": {"every": "1h", "channel": "slow", "overlap": "skip", "run_timeout": "2s"},
+        "other": {"every": "1h", "channel": "slow", "overlap": "buffer_one"},
+    }
+    gateway = gated_gateway(tmp_path / "state.sqlite3", name, schedules)
+    gateway.layer.closed = False
+    layer, send = gateway.layer, f"{name}.send"
+    async with run_gateway(gateway):
+        paused = await command(layer, send, {"type": "scheduler.pause", "all": True, "note": "x"})
+        assert paused["ok"] and paused["changed"] == 2
+        first = await command(layer, send, {
+            "type": "scheduler.trigger", "schedule": "job", "request_id": "r1"})  # fmt: skip
+        again = await command(layer, send, {
+            "type": "scheduler.trigger", "schedule": "job", "request_id": "r1"})  # fmt: skip
+        assert first["created"] is True and again["created"] is False  # idempotent
+        fire = await receive(layer, "slow")  # a trigger fires even while paused
+        assert (fire["run_id"], fire["manual"], fire["report_done"]) == (
+            "job@manual:r1", True, "worker")  # fmt: skip
+        # a second trigger while the first run is unfinished: overlap skip skips it
+        await command(layer, send, {"type": "scheduler.trigger", "schedule": "job"})
+        listed = await command(layer, send, {"type": "scheduler.list", "prefix": "job"})
+        (row,) = listed["schedules"]
+        assert row["paused"] and row["pause_note"] == "x" and row["next_fire"] is None
+        assert [r["run_id"] for r in row["running"]] == ["job@manual:r1"]
+        await until(
+            lambda: metric("scheduler_misses_total", gateway=name, reason="overlap") == 1,
+            what="the second trigger skipped",
+        )
+        # nobody reports done: the run ends at its run_timeout, then a trigger fires again
+        await until(
+            lambda: metric("scheduler_runs_finished_total", gateway=name, how="timeout") == 1,
+            what="the run timed out",
+        )
+        await command(layer, send, {"type": "scheduler.trigger", "schedule": "job"})
+        assert (await receive(layer, "slow"))["manual"] is True
+        # buffer_one: a backfill of three while the first runs: one held back, one skipped
+        now = time.time()
+        backfill = await command(layer, send, {
+            "type": "scheduler.backfill", "schedule": "other", "from": now - 3 * 3600 - 1,
+            "to": now})  # fmt: skip
+        assert backfill["ok"] and backfill["count"] == 3
+        first_run = await receive(layer, "slow")
+        assert first_run["backfill"] is True
+        await until(
+            lambda: metric("scheduler_misses_total", gateway=name, reason="overlap") == 2,
+            what="the third backfilled due time skipped",
+        )
+        done = await command(layer, send, {"type": "scheduler.done", "run_id": first_run["run_id"]})
+        assert done["finished"] is True and done["schedule"] == "other"
+        held = await receive(layer, "slow")  # the held back one, once the first finished
+        assert held["scheduled_time"] == first_run["scheduled_time"] + 3600
+        unknown = await command(layer, send, {"type": "scheduler.done", "run_id": "nope"})
+        assert unknown["ok"] and unknown["finished"] is False
+        resumed = await command(layer, send, {"type": "scheduler.resume", "schedule": "job"})
+        assert resumed["changed"] == 1
+        history = (await command(layer, send, {"type": "scheduler.list"}))["schedules"]
+        outcomes = {r["schedule"]: [h["outcome"] for h in r["history"]] for r in history}
+        assert outcomes["job"][:3] == ["sent", "skipped-overlap", "sent"]
+        assert sorted(outcomes["other"]) == ["buffered", "sent", "sent", "skipped-overlap"]

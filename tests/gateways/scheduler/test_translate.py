@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -17,6 +17,7 @@ from gateways.scheduler.translate import (
     DEFAULT_TYPE,
     ScheduleError,
     Spec,
+    backfill_dues,
     catch_up,
     check_cron,
     due_times,
@@ -24,8 +25,11 @@ from gateways.scheduler.translate import (
     jitter_offset,
     next_due,
     next_fire,
+    overlap_action,
     parse_duration,
     parse_instant,
+    run_id,
+    send_deadline,
     spec_from_command,
 )
 
@@ -139,10 +143,11 @@ def test_times_named_inside_a_skipped_hour_fire_once_after_the_gap() -> None:
 
 
 def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
-    # cronsim leaves 6-field expressions without DST handling; translate wraps them
+    # cronsim leaves 6-field expressions without DST handling; translate reads every
+    # expression's wall times itself: a skipped time fires at the first instant after the gap
     spec = cron("15 30 2 * * *", "Europe/Berlin")
     spring = fires(spec, local(BERLIN, 2026, 3, 28, 12), 2)
-    assert iso(spring) == ["2026-03-29T03:00:15+02:00", "2026-03-30T02:30:15+02:00"]
+    assert iso(spring) == ["2026-03-29T03:00:00+02:00", "2026-03-30T02:30:15+02:00"]
     fall = fires(spec, local(BERLIN, 2026, 10, 24, 12), 2)
     assert iso(fall) == ["2026-10-25T02:30:15+02:00", "2026-10-26T02:30:15+01:00"]
     several = fires(cron("*/20 30 1 * * *", "America/New_York"), local(NEW_YORK, 2026, 11, 1), 4)
@@ -152,6 +157,146 @@ def test_six_fields_with_a_fixed_time_get_the_same_dst_rules() -> None:
         "2026-11-01T01:30:40-04:00",
         "2026-11-02T01:30:00-05:00",
     ]
+
+
+# -- an independent oracle: the README's DST rules, from zoneinfo alone (no cronsim) ----------
+
+
+def _field(text: str, low: int, high: int) -> set[int]:
+    """The values a cron field names (numbers, ranges, steps, lists, '*')."""
+    values: set[int] = set()
+    for part in text.split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            first, last = low, high
+        elif "-" in base:
+            first, last = (int(x) for x in base.split("-"))
+        else:
+            first = last = int(base)
+            if step:
+                last = high
+        values.update(range(first, last + 1, int(step or 1)))
+    return values
+
+
+def oracle(expr: str, zone_name: str, day: date) -> list[float]:
+    """Due instants of ``expr`` whose wall time falls on local ``day``: a wall time that exists
+    once is that instant; one that happens twice is its first occurrence, and also its second
+    when the minute or hour field starts with '*'; one that does not exist collapses into the
+    first instant after the gap (found by scanning the day's UTC minutes for the offset
+    change). Only the time fields are matched: the days in these tests are every day."""
+    tz = ZoneInfo(zone_name)
+    fields = expr.split()
+    if len(fields) == 5:
+        fields = ["0", *fields]
+    seconds = sorted(_field(fields[0], 0, 59))
+    minutes, hours = _field(fields[1], 0, 59), _field(fields[2], 0, 23)
+    both = fields[1].startswith("*") or fields[2].startswith("*")
+    midnight = datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
+    transition = None
+    for minute in range(1, 30 * 60):
+        here = datetime.fromtimestamp(midnight + 60 * minute, tz).utcoffset()
+        before = datetime.fromtimestamp(midnight + 60 * (minute - 1), tz).utcoffset()
+        if here != before:
+            transition = midnight + 60 * minute
+            break
+    out: set[float] = set()
+    for hour in sorted(hours):
+        for minute in sorted(minutes):
+            for second in seconds:
+                naive = datetime(day.year, day.month, day.day, hour, minute, second)
+                first = naive.replace(tzinfo=tz, fold=0)
+                second_pass = naive.replace(tzinfo=tz, fold=1)
+                roundtrip = first.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
+                if roundtrip != naive:  # does not exist
+                    assert transition is not None
+                    out.add(transition)
+                elif first.utcoffset() != second_pass.utcoffset():  # happens twice
+                    out.add(first.timestamp())
+                    if both:
+                        out.add(second_pass.timestamp())
+                else:
+                    out.add(first.timestamp())
+    return sorted(out)
+
+
+#: the 2027 DST days: (zone, spring forward, fall back)
+DST_2027 = [
+    ("Europe/Berlin", date(2027, 3, 28), date(2027, 10, 31)),
+    ("America/New_York", date(2027, 3, 14), date(2027, 11, 7)),
+]
+DST_CRONS = [
+    # 5 fields
+    "30 2 * * *",
+    "0 2 * * *",
+    "0 3 * * *",
+    "59 1 * * *",
+    "*/20 2 * * *",
+    "*/30 * * * *",
+    "0 * * * *",
+    "15 */2 * * *",
+    "0,30 1-3 * * *",
+    "*/15 1 * * *",
+    "45 2,3 * * *",
+    "0 1 * * *",
+    "30 1 * * *",
+    "5-10 2 * * *",
+    # 6 fields, seconds first
+    "*/30 30 2 * * *",
+    "15,45 30 2 * * *",
+    "10 0 2 * * *",
+    "15 */20 2 * * *",
+    "0 30 1 * * *",
+    "*/20 30 1 * * *",
+    "30 * 2 * * *",
+    "0 0 * * * *",
+    "*/10 59 1 * * *",
+    "0 */30 * * * *",
+    "59 59 1 * * *",
+    "0 0 3 * * *",
+    "* 0 2 * * *",
+    "30 15 1-2 * * *",
+]
+
+
+@pytest.mark.parametrize("expr", DST_CRONS)
+@pytest.mark.parametrize(("zone_name", "spring", "fall"), DST_2027)
+def test_dst_days_match_the_zoneinfo_oracle(
+    expr: str, zone_name: str, spring: date, fall: date
+) -> None:
+    spec = cron(expr, zone_name)
+    tz = ZoneInfo(zone_name)
+    for day in (spring, fall):
+        start = datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
+        end = (datetime(day.year, day.month, day.day, tzinfo=tz) + timedelta(days=1)).timestamp()
+        expected = oracle(expr, zone_name, day)
+        forward, cursor = [], start - 0.5
+        while (due := next_due(spec, cursor)) is not None and due < end:
+            forward.append(due)
+            cursor = due
+        assert forward == expected, (day, [datetime.fromtimestamp(t, tz) for t in forward])
+        backward = list(reversed(list(due_times(spec, start - 0.5, end - 0.5))))
+        assert backward == expected, day
+
+
+@pytest.mark.parametrize(
+    ("expr", "zone_name", "day", "expected"),
+    [
+        # issue 22: each fired twice, or kept its seconds, or fired at another time in the gap
+        ("*/30 30 2 * * *", "Europe/Berlin", date(2027, 3, 28), "2027-03-28T03:00:00+02:00"),
+        ("15,45 30 2 * * *", "Europe/Berlin", date(2027, 3, 28), "2027-03-28T03:00:00+02:00"),
+        ("10 0 2 * * *", "Europe/Berlin", date(2027, 3, 28), "2027-03-28T03:00:00+02:00"),
+        ("15 */20 2 * * *", "America/New_York", date(2027, 3, 14), "2027-03-14T03:00:00-04:00"),
+    ],
+)
+def test_a_six_field_time_in_the_gap_fires_once_at_the_first_instant_after_it(
+    expr: str, zone_name: str, day: date, expected: str
+) -> None:
+    tz = ZoneInfo(zone_name)
+    start = datetime(day.year, day.month, day.day, tzinfo=tz).timestamp()
+    got = fires(cron(expr, zone_name, start=start), start, 2)
+    assert got[0].isoformat() == expected
+    assert got[1].date() > day  # no second fire that day: the next one is the next day's
 
 
 @pytest.mark.parametrize(
@@ -448,6 +593,10 @@ def test_fire_messages() -> None:
         "scheduled_local": "1970-01-01T01:30:00+01:00",
         "fire_time": 1800.25,
         "missed": 0,
+        "run_id": "s@1800.000",
+        "report_done": None,
+        "manual": False,
+        "backfill": False,
         "digest": "daily",
     }
     own = every(60, message={"type": "mqtt.publish", "topic": "t", "payload": "x"})
@@ -461,3 +610,119 @@ def test_fire_messages() -> None:
 def test_spec_json_round_trip() -> None:
     spec = add(cron="0 7 * * *", message={"a": [1, 2]})
     assert Spec.from_json(spec.to_json()) == spec
+
+
+# -- the rules of issue 22: missed, the send deadline, jitter, overlap ---------------------------
+
+
+def test_given_up_due_times_go_with_the_fire_after_them() -> None:
+    # skip: 0 … 540 misfired, 600 on time: one commit fires 600 carrying the ten given up
+    plan = catch_up(every(60, misfire="skip", misfire_grace=10), -1.0, 605.0)
+    assert plan.given_up == tuple(float(60 * k) for k in range(10))
+    (step,) = plan.steps()
+    assert (step.due, step.fire, len(step.given_up), step.late) == (600.0, True, 10, False)
+    # nothing on time: one commit moves the cursor past all eleven, firing none
+    plan = catch_up(every(60, misfire="skip", misfire_grace=10), -1.0, 630.0)
+    (step,) = plan.steps()
+    assert (step.due, step.fire, len(step.given_up)) == (600.0, False, 11)
+    # once: the newest misfired one fires (picked late), after the ten before it
+    plan = catch_up(every(60, misfire="once", misfire_grace=10), -1.0, 630.0)
+    (step,) = plan.steps()
+    assert (step.due, step.fire, len(step.given_up), step.late) == (600.0, True, 10, True)
+
+
+def test_the_send_deadline_is_the_grace_after_the_fire_time_however_late_it_was_decided() -> None:
+    spec = every(1, misfire_grace=4)
+    # an on-time fire decided 3 s late (its schedule was busy) keeps its own deadline
+    plan = catch_up(spec, 100.0, 104.0)
+    assert [s.late for s in plan.steps()] == [False] * 4
+    assert send_deadline(spec, 101.0) == 105.0
+    # a fire the misfire policy picked among misfired ones gets the grace from the decision
+    assert send_deadline(spec, 50.0, picked=104.0) == 108.0
+    jittered = every(60, jitter=30, misfire_grace=4)
+    assert send_deadline(jittered, 60.0) == 60.0 + jitter_offset(jittered, 60.0) + 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"every": "1m", "jitter": "2m"}, "120 s is longer than the interval (every: 60 s)"),
+        (
+            {"cron": "*/5 * * * *", "jitter": "10m"},
+            "shortest interval of cron '*/5 * * * *' (300 s)",
+        ),
+        ({"cron": "0 9 * * mon-fri", "jitter": "25h"}, "(86400 s)"),
+    ],
+)
+def test_jitter_longer_than_the_interval_is_refused_naming_the_key(
+    body: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ScheduleError) as info:
+        add(**body)
+    assert info.value.key == "jitter" and message in info.value.reason
+    assert add(every="1m", jitter="1m").jitter == 60.0  # up to the interval is fine
+    assert add(**{"in": "1h", "jitter": "2h"}).jitter == 7200.0  # a one-shot has no interval
+
+
+def test_overlap_needs_a_scheduler_fire() -> None:
+    assert add(every="1m", overlap="skip").tracks_runs
+    with pytest.raises(ScheduleError) as info:
+        add(every="1m", overlap="skip", message={"type": "mqtt.publish", "topic": "t"})
+    assert info.value.key == "overlap" and "use allow" in info.value.reason
+    typed = spec_from_command(
+        {"schedule": "m", "every": 60, "message": {"type": "mqtt.publish"}},
+        now=0,
+        default_channel="c",
+        defaults={"overlap": "skip"},
+    )
+    assert typed.overlap == "allow"  # the section's default reaches only scheduler.fire ones
+    with pytest.raises(ScheduleError) as info:
+        add(every="1m", overlap="sometimes")
+    assert info.value.key == "overlap"
+
+
+@pytest.mark.parametrize(
+    ("policy", "running", "buffered", "action"),
+    [
+        ("allow", 3, False, "fire"),
+        ("skip", 0, False, "fire"),
+        ("skip", 1, False, "skip"),
+        ("buffer_one", 1, False, "buffer"),
+        ("buffer_one", 1, True, "skip"),
+        ("buffer_one", 0, True, "fire"),
+        ("cancel_other", 2, False, "cancel"),
+        ("cancel_other", 0, False, "fire"),
+    ],
+)
+def test_overlap_actions(policy: str, running: int, buffered: bool, action: str) -> None:
+    assert overlap_action(policy, running, buffered) == action  # type: ignore[arg-type]
+
+
+def test_backfill_dues_are_oldest_first_and_bounded() -> None:
+    spec = every(60)
+    assert backfill_dues(spec, 0.0, 300.0, 10) == [0.0, 60.0, 120.0, 180.0, 240.0, 300.0]
+    assert backfill_dues(spec, 1.0, 59.0, 10) == []
+    with pytest.raises(ScheduleError) as info:
+        backfill_dues(spec, 0.0, 3600.0, 10)
+    assert info.value.key == "from" and "backfill_limit" in info.value.reason
+
+
+def test_run_ids_and_the_fire_keys_of_manual_fires() -> None:
+    assert run_id("s", 60.0) == "s@60.000"
+    assert run_id("s", 60.0, request="r1") == "s@manual:r1"
+    assert run_id("s", 60.0, request="r1", backfill=True) == "s@60.000:backfill:r1"
+    spec = every(60, overlap="skip")
+    message = fire_message(
+        spec, 60.0, fire_time=61.0, gateway="g", reply_channel="r", run="s@manual:r1", manual=True
+    )
+    assert (message["id"], message["run_id"], message["manual"], message["backfill"]) == (
+        "s@manual:r1",
+        "s@manual:r1",
+        True,
+        False,
+    )
+    assert message["report_done"] == "worker"
+    assert (
+        fire_message(every(60), 60.0, fire_time=61, gateway="g", reply_channel="r")["report_done"]
+        is None
+    )  # overlap: allow waits for no report
