@@ -462,10 +462,12 @@ async def test_full_layer_is_451_then_accepted_on_retry() -> None:
 async def test_a_fault_of_ours_is_451_never_5xx(
     gateway: EmailGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(raw: bytes) -> dict[str, Any]:
+    async def broken(raw: bytes, *, wait: float) -> Any:
         raise RuntimeError("bug in the parser")
 
-    monkeypatch.setattr("gateways.email.gateway.parse_mail", broken)
+    # on the loop, around the parser processes (a bug in parse_mail itself, in a parser
+    # process, is tests/gateways/email/test_parser_pool.py's)
+    monkeypatch.setattr(gateway.parsers, "parse", broken)
     errors = metric("gateway_errors_total", kind="smtp_session")
 
     def session() -> tuple[int, int]:
