@@ -63,7 +63,7 @@ log = logging.getLogger("gateway.email")
 
 #: CPU seconds past cpu_limit after which the kernel ends a child (SIGXCPU): a parse the CPU
 #: timer could not interrupt (stuck in C code)
-HARD_CPU_MARGIN = 3
+HARD_CPU_MARGIN = 1
 #: seconds a new child may take to import and say it is ready
 START_TIMEOUT = 60.0
 #: seconds a closing child may take to exit after its stdin closed
