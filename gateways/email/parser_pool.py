@@ -6,19 +6,22 @@ whole gateway (every session, /healthz) for 10-20 s (issue 21). And an ordinary 
 about 1 ms of CPU to parse, which on the loop capped throughput at one core. So every mail goes
 to one of a few child processes (:class:`ParserPool`, ``email.parser``):
 
-* the parent writes the mail's bytes to a free child's stdin (a 4-byte length, then the bytes)
-  and reads one msgpack frame back: the ``email.receive`` keys, or why there are none. Nothing
-  is pickled; the keys are msgpack-safe already, as the layer needs them;
+* the parent writes the mail's bytes to a child's stdin (a 4-byte length, then the bytes) and
+  reads one msgpack frame back per mail, in order: the ``email.receive`` keys, or why there are
+  none. Nothing is pickled; the keys are msgpack-safe already, as the layer needs them. A child
+  holds at most :data:`PIPELINE` mails (the one it parses and the next), so under load neither
+  side sleeps between two mails: a wake-up per pipe write is most of what the pipes cost;
 * a child first checks the header caps (:func:`translate.header_limit_exceeded`), then parses
-  under a CPU timer (``ITIMER_PROF`` at ``cpu_limit``): past it the parse is abandoned, the
-  child answers "over the CPU limit" and exits, and a fresh one takes its place. ``RLIMIT_CPU``
-  a few seconds later is the kernel's backstop for a parse stuck in C code: ``SIGXCPU`` ends
-  the child, which counts as over the limit too;
-* a child that dies, or has not answered after ``timeout`` wall-clock seconds (it is killed), is
-  replaced; the mail it had gets 451 (the mail is not known to be at fault), no other mail is
-  touched. A child that dies while idle is replaced as well;
-* mails wait for a free child in arrival order, at most ``max_queued`` of them and each at most
-  the caller's ``wait``; past either the caller gets :class:`ParsersBusy` (SMTP 451, pushback).
+  under a CPU timer (``ITIMER_PROF`` at ``cpu_limit``): past it the parse is abandoned and the
+  child answers "over the CPU limit" and goes on with the next mail. ``RLIMIT_CPU`` a second
+  later is the kernel's backstop for a parse stuck in C code: ``SIGXCPU`` ends the child, which
+  counts as over the limit too;
+* a child that dies, or has not answered a mail within ``timeout`` wall-clock seconds (it is
+  killed), is replaced; the mail it was parsing gets 451 (the mail is not known to be at fault),
+  the one written behind it goes back to the front of the queue. A child that dies while idle
+  is replaced as well;
+* mails wait for a child in arrival order, at most ``max_queued`` of them and each at most the
+  caller's ``wait``; past either the caller gets :class:`ParsersBusy` (SMTP 451, pushback).
 
 The children ignore SIGINT and SIGTERM (Ctrl-C and ``systemctl stop`` reach the whole process
 group: the parent drains first and then closes their stdin) and exit at end of input, also when
@@ -128,8 +131,8 @@ def _write_frame(sink: BinaryIO, answer: list[Any]) -> None:
         payload = msgpack.packb(answer, use_bin_type=True)
     except Exception:  # keys that are not msgpack-safe: a bug of parse_mail
         payload = msgpack.packb(["error", traceback.format_exc()], use_bin_type=True)
-    sink.write(len(payload).to_bytes(_HEADER_BYTES, "big"))
-    sink.write(payload)
+    # one write, so the parent wakes once per answer
+    sink.write(len(payload).to_bytes(_HEADER_BYTES, "big") + payload)
     sink.flush()
 
 
@@ -186,9 +189,6 @@ def child_main(
             armed[0] = False
             signal.setitimer(signal.ITIMER_PROF, 0)
         _write_frame(sink, answer)
-        if answer[0] == "cpu":
-            # interrupted anywhere in the stdlib's parser: a fresh process for the next mail
-            return
 
 
 #: the child's command line: the parent's sys.path (as multiprocessing's spawn does), then in
@@ -198,14 +198,11 @@ _BOOT = (
 )
 
 
-# -- the parent: a child seen from the event loop -----------------------------------------------
+# -- the parent: children seen from the event loop ----------------------------------------------
 
 
 class _ChildLost(Exception):
-    def __init__(self, kind: OutcomeKind, detail: str) -> None:
-        super().__init__(detail)
-        self.kind: OutcomeKind = kind
-        self.detail = detail
+    """A child's output is not a well-formed answer: it is out of step, and is replaced."""
 
 
 def _describe_exit(code: int | None) -> str:
@@ -218,12 +215,27 @@ def _describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
+@dataclass(eq=False)
+class _Job:
+    """One mail on its way through the pool."""
+
+    raw: bytes
+    future: asyncio.Future[ParseOutcome]
+    #: seconds it may wait in the queue (again after its parser was lost)
+    wait: float
+    queue_timer: asyncio.TimerHandle | None = None
+
+
 class _Child:
-    """One parser process and its two pipes."""
+    """One parser process: its pipes, the mails written to it and not answered yet, in order
+    (the first is the one it parses), and the wall-clock timer of that first one."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.pid = process.pid
+        self.pending: deque[_Job] = deque()
+        self.deadline: asyncio.TimerHandle | None = None
+        self.timed_out = False
 
     @property
     def alive(self) -> bool:
@@ -236,16 +248,17 @@ class _Child:
         payload = await stdout.readexactly(int.from_bytes(head, "big"))
         answer = msgpack.unpackb(payload, raw=False)
         if not isinstance(answer, list) or not answer:
-            raise _ChildLost("died", f"parser process {self.pid} answered {type(answer).__name__}")
+            raise _ChildLost(f"answered {type(answer).__name__}, not a list")
         return answer
 
-    async def exchange(self, raw: bytes) -> list[Any]:
+    def send(self, job: _Job) -> None:
         stdin = self.process.stdin
         assert stdin is not None
-        stdin.write(len(raw).to_bytes(_HEADER_BYTES, "big"))
-        stdin.write(raw)
-        await stdin.drain()
-        return await self.read_answer()
+        # one write: one system call for the length and the mail, and no wake-up at all while
+        # the child still parses the mail before. aiosmtpd holds every mail in memory anyway,
+        # so the transport may buffer what the pipe does not take at once.
+        stdin.write(len(job.raw).to_bytes(_HEADER_BYTES, "big") + job.raw)
+        self.pending.append(job)
 
     async def exit_status(self) -> str:
         """How the process ended; waits for it a little (its pipes close just before)."""
@@ -254,8 +267,12 @@ class _Child:
         return _describe_exit(self.process.returncode)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        # os.kill, not Process.kill(): Popen.send_signal() polls first and so reaps a child
+        # that just died, and asyncio's child watcher then reports exit status 255 instead of
+        # the signal. A zombie ignores the signal; its pid is not reused until it is reaped.
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
     async def close(self) -> None:
         """End of input, so the child exits once it finished what it has; killed after a while."""
@@ -269,6 +286,11 @@ class _Child:
             await self.process.wait()
 
 
+#: mails written to one child at a time: the one it parses and the next, so that it never waits
+#: for the parent between two mails (the wake-ups are what the pipes cost: issue 21's profile)
+PIPELINE = 2
+
+
 class ParserPool:
     """``processes`` parser children, a bounded queue of mails waiting for one, and their care.
 
@@ -276,6 +298,10 @@ class ParserPool:
     :meth:`close` at the end. ``metrics`` counts in ``gateway_errors_total`` the kinds
     ``parser_died`` (a child ended unasked) and ``parser_timeout`` (a child killed after
     ``timeout``); the caller counts what it answers.
+
+    Each child holds at most :data:`PIPELINE` mails; the rest wait in the pool's queue, in
+    arrival order. When a child is lost, the mail it was parsing gets ``died`` / ``timeout``
+    (``cpu`` for SIGXCPU) and the mails written behind it go back to the front of the queue.
     """
 
     def __init__(
@@ -301,11 +327,9 @@ class ParserPool:
         }
         # tests run a child with another work function ("module:function")
         self._boot = _BOOT if work is None else _boot_with(work)
-        self._children: set[_Child] = set()
-        self._idle: deque[_Child] = deque()
-        self._waiters: deque[asyncio.Future[_Child]] = deque()
-        self._jobs: set[asyncio.Task[ParseOutcome]] = set()
-        self._care: set[asyncio.Task[None]] = set()  # watchers and replacements
+        self._children: list[_Child] = []
+        self._queue: deque[_Job] = deque()
+        self._care: set[asyncio.Task[None]] = set()  # readers, losses and replacements
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -325,17 +349,22 @@ class ParserPool:
         log.info("%s: %d parser process(es) started", self.name, len(children))
 
     async def close(self) -> None:
-        """Close every child (end of input; killed after a while) and forget queued mails."""
+        """Close every child (end of input; killed after a while); mails still waiting get
+        :class:`ParsersBusy`."""
         self._closing = True
-        for task in [*self._care, *self._jobs]:
+        for task in self._care:
             task.cancel()
-        for waiter in self._waiters:
-            waiter.cancel()
-        self._waiters.clear()
-        children, self._children = list(self._children), set()
-        self._idle.clear()
+        children, self._children = self._children, []
+        jobs = [*self._queue, *(job for child in children for job in child.pending)]
+        self._queue.clear()
+        for child in children:
+            child.pending.clear()
+            if child.deadline is not None:
+                child.deadline.cancel()
+        for job in jobs:
+            self._fail(job, ParsersBusy("shutting down"))
         await asyncio.gather(*(child.close() for child in children), return_exceptions=True)
-        await asyncio.gather(*self._care, *self._jobs, return_exceptions=True)
+        await asyncio.gather(*self._care, return_exceptions=True)
 
     def readiness(self) -> list[str]:
         if self._closing or self._children:
@@ -349,103 +378,170 @@ class ParserPool:
 
     @property
     def queued(self) -> int:
-        """Mails waiting for a free parser."""
-        return sum(not waiter.done() for waiter in self._waiters)
+        """Mails waiting for a parser."""
+        return sum(not job.future.done() for job in self._queue)
 
     # -- parsing ---------------------------------------------------------------------------
 
     async def parse(self, raw: bytes, *, wait: float) -> ParseOutcome:
-        """Parse ``raw`` in a child. Raises :class:`ParsersBusy` when no child takes it within
-        ``wait`` seconds or the queue is full. A caller that is cancelled (its SMTP client left)
-        does not disturb the child: the answer is read and dropped, the child reused."""
-        child = await self._acquire(wait)
-        job = asyncio.create_task(self._run(child, raw))
-        self._jobs.add(job)
-        job.add_done_callback(_forget_job(self._jobs))
-        return await asyncio.shield(job)
-
-    async def _run(self, child: _Child, raw: bytes) -> ParseOutcome:
-        try:
-            answer = await asyncio.wait_for(child.exchange(raw), self.config.timeout)
-        except TimeoutError:
-            child.kill()
-            await child.exit_status()
-            self._replace(child)
-            self._count("parser_timeout")
-            return ParseOutcome(
-                "timeout",
-                detail=f"parser process {child.pid} did not answer within "
-                f"{self.config.timeout:g} s (email.parser.timeout); killed",
-            )
-        except asyncio.CancelledError:
-            child.kill()  # the pool is closing
-            raise
-        except Exception as exc:
-            # end of its output, a broken pipe, or bytes that are no answer: gone or out of step
-            if not isinstance(exc, asyncio.IncompleteReadError | ConnectionError):
-                child.kill()
-            status = await child.exit_status()
-            self._replace(child)
-            if child.process.returncode == -signal.SIGXCPU:
-                return ParseOutcome("cpu", detail=f"parser process {child.pid} {status}")
-            self._count("parser_died")
-            reason = exc.detail if isinstance(exc, _ChildLost) else status
-            if not isinstance(exc, asyncio.IncompleteReadError | ConnectionError | _ChildLost):
-                reason = f"{status} after a garbled answer ({type(exc).__name__}: {exc})"
-            return ParseOutcome("died", detail=f"parser process {child.pid} {reason}")
-        return self._outcome(child, answer)
-
-    def _outcome(self, child: _Child, answer: list[Any]) -> ParseOutcome:
-        kind = answer[0]
-        if kind == "cpu":
-            self._replace(child)  # it exits after this answer
-            used = float(answer[1]) if len(answer) > 1 else math.nan
-            return ParseOutcome("cpu", detail=f"stopped after {used:.1f} s of CPU")
-        self._release(child)
-        if kind == "parsed":
-            return ParseOutcome("parsed", keys=answer[1])
-        if kind == "limit":
-            return ParseOutcome("limit", limit=LimitExceeded(*answer[1:4]))
-        return ParseOutcome("error", detail=str(answer[1]) if len(answer) > 1 else "")
-
-    # -- the queue -------------------------------------------------------------------------
-
-    async def _acquire(self, wait: float) -> _Child:
+        """Parse ``raw`` in a child. Raises :class:`ParsersBusy` when the queue is full or no
+        child took the mail within ``wait`` seconds. A caller that is cancelled (its SMTP client
+        left) does not disturb the child: the answer is read and dropped."""
         if self._closing:
             raise ParsersBusy("shutting down")
-        while self._idle:
-            child = self._idle.popleft()
-            if child.alive:
-                return child
-        if self.queued >= self.config.max_queued:
+        job = _Job(raw, asyncio.get_running_loop().create_future(), wait)
+        child = None if self.queued else self._free_child()
+        if child is not None:
+            self._send(child, job)
+        elif self.queued >= self.config.max_queued:
             raise ParsersBusy(
                 f"{self.config.max_queued} mails already wait for a parser "
                 "(email.parser.max_queued)"
             )
-        waiter: asyncio.Future[_Child] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(wait):
-                return await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self._release(waiter.result())  # handed over just as we gave up
-            if isinstance(exc, TimeoutError):
-                raise ParsersBusy(f"no parser free within {wait:g} s") from None
-            raise
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+        else:
+            self._enqueue(job)
+        return await job.future
 
-    def _release(self, child: _Child) -> None:
-        if self._closing or child not in self._children or not child.alive:
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(child)
+    def _free_child(self) -> _Child | None:
+        """The child with the fewest mails, if one has room."""
+        best: _Child | None = None
+        for child in self._children:
+            if len(child.pending) < PIPELINE and (
+                best is None or len(child.pending) < len(best.pending)
+            ):
+                best = child
+        return best
+
+    def _send(self, child: _Child, job: _Job) -> None:
+        if job.queue_timer is not None:
+            job.queue_timer.cancel()
+            job.queue_timer = None
+        if not child.pending:
+            self._arm(child)
+        child.send(job)
+
+    def _enqueue(self, job: _Job, *, front: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        job.queue_timer = loop.call_later(job.wait, self._waited_too_long, job)
+        if front:
+            self._queue.appendleft(job)
+        else:
+            self._queue.append(job)
+
+    def _waited_too_long(self, job: _Job) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(job)
+        self._fail(job, ParsersBusy(f"no parser free within {job.wait:g} s"))
+
+    def _pump(self) -> None:
+        """Hand queued mails to children with room, in arrival order."""
+        while self._queue:
+            child = self._free_child()
+            if child is None:
                 return
-        self._idle.append(child)
+            job = self._queue.popleft()
+            if job.future.done():  # its caller left
+                if job.queue_timer is not None:
+                    job.queue_timer.cancel()
+                continue
+            self._send(child, job)
+
+    @staticmethod
+    def _fail(job: _Job, error: Exception) -> None:
+        if job.queue_timer is not None:
+            job.queue_timer.cancel()
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    @staticmethod
+    def _answer(job: _Job, outcome: ParseOutcome) -> None:
+        if not job.future.done():
+            job.future.set_result(outcome)
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _arm(self, child: _Child) -> None:
+        """Start the wall-clock timer of the mail the child parses now."""
+        if child.deadline is not None:
+            child.deadline.cancel()
+        loop = asyncio.get_running_loop()
+        child.deadline = loop.call_later(self.config.timeout, self._hung, child)
+
+    def _hung(self, child: _Child) -> None:
+        child.timed_out = True
+        child.kill()  # its reader sees the end of the output: _lost does the rest
+
+    async def _read(self, child: _Child) -> None:
+        try:
+            while True:
+                answer = await child.read_answer()
+                if not child.pending:
+                    raise _ChildLost("answered a mail it was never given")
+                job = child.pending.popleft()
+                if child.deadline is not None:
+                    child.deadline.cancel()
+                    child.deadline = None
+                if child.pending:
+                    self._arm(child)
+                self._answer(job, self._outcome(answer))
+                self._pump()
+        except Exception as exc:  # end of output, or bytes that are no answer
+            self._care_for(self._lost(child, exc))
+
+    @staticmethod
+    def _outcome(answer: list[Any]) -> ParseOutcome:
+        kind = answer[0]
+        if kind == "parsed":
+            return ParseOutcome("parsed", keys=answer[1])
+        if kind == "limit":
+            return ParseOutcome("limit", limit=LimitExceeded(*answer[1:4]))
+        if kind == "cpu":
+            used = float(answer[1]) if len(answer) > 1 else math.nan
+            return ParseOutcome("cpu", detail=f"stopped after {used:.1f} s of CPU")
+        return ParseOutcome("error", detail=str(answer[1]) if len(answer) > 1 else "")
+
+    async def _lost(self, child: _Child, error: Exception) -> None:
+        """The child's output ended (it died or was killed) or went out of step: blame the mail
+        it was parsing, queue the ones behind it again, start another child."""
+        if self._closing or child not in self._children:
+            return
+        self._children.remove(child)
+        if child.deadline is not None:
+            child.deadline.cancel()
+        blamed = child.pending.popleft() if child.pending else None
+        behind, child.pending = list(child.pending), deque()
+        for job in reversed(behind):
+            if not job.future.done():
+                self._enqueue(job, front=True)
+        self._care_for(self._respawn())
+        self._pump()
+        if child.alive:
+            child.kill()
+        status = await child.exit_status()
+        if isinstance(error, _ChildLost):
+            status = f"{status} after a garbled answer ({error})"
+        if blamed is None:
+            self._count("parser_died")
+            log.warning(
+                "%s: parser process %d ended while idle (%s); starting another",
+                self.name,
+                child.pid,
+                status,
+            )
+        elif child.timed_out:
+            self._count("parser_timeout")
+            detail = (
+                f"parser process {child.pid} did not answer within {self.config.timeout:g} s "
+                "(email.parser.timeout); killed"
+            )
+            self._answer(blamed, ParseOutcome("timeout", detail=detail))
+        elif child.process.returncode == -signal.SIGXCPU:
+            self._answer(blamed, ParseOutcome("cpu", detail=f"parser process {child.pid} {status}"))
+        else:
+            self._count("parser_died")
+            self._answer(
+                blamed, ParseOutcome("died", detail=f"parser process {child.pid} {status}")
+            )
 
     # -- children ---------------------------------------------------------------------------
 
@@ -476,40 +572,14 @@ class ParserPool:
         return child
 
     def _adopt(self, child: _Child) -> None:
-        self._children.add(child)
-        self._care_for(self._watch(child))
-        self._release(child)
+        self._children.append(child)
+        self._care_for(self._read(child))
+        self._pump()
 
     def _care_for(self, work: Any) -> None:
-        task = asyncio.create_task(work)
+        task: asyncio.Task[None] = asyncio.create_task(work)
         self._care.add(task)
         task.add_done_callback(self._care.discard)
-
-    async def _watch(self, child: _Child) -> None:
-        """Replace a child that ends while idle (out of memory, killed by an operator)."""
-        await child.process.wait()
-        if self._closing or child not in self._children or child not in self._idle:
-            return  # closing, already replaced, or busy: _run sees it
-        self._idle.remove(child)
-        self._count("parser_died")
-        log.warning(
-            "%s: parser process %d ended while idle (%s); starting another",
-            self.name,
-            child.pid,
-            _describe_exit(child.process.returncode),
-        )
-        self._replace(child)
-
-    def _replace(self, child: _Child) -> None:
-        if child not in self._children:
-            return
-        self._children.discard(child)
-        with contextlib.suppress(ValueError):
-            self._idle.remove(child)
-        if child.alive:
-            child.kill()
-        if not self._closing:
-            self._care_for(self._respawn())
 
     async def _respawn(self) -> None:
         delay = 0.5
@@ -535,15 +605,6 @@ class ParserPool:
     def _count(self, kind: str) -> None:
         if self.metrics is not None:
             self.metrics.error(kind)
-
-
-def _forget_job(jobs: set[asyncio.Task[ParseOutcome]]) -> Callable[[asyncio.Task[Any]], None]:
-    def forget(job: asyncio.Task[Any]) -> None:
-        jobs.discard(job)
-        if not job.cancelled():
-            job.exception()  # retrieved: its caller may have left (the SMTP client hung up)
-
-    return forget
 
 
 def _boot_with(work: str) -> str:
