@@ -3,8 +3,9 @@
 CPython's header parser takes time quadratic in the RFC 2047 encoded words of a header and in
 the groups of an address header: one mail under the advertised SIZE, from any client, froze the
 whole gateway (every session, /healthz) for 10-20 s (issue 21). And an ordinary mail costs
-about 1 ms of CPU to parse, which on the loop capped throughput at one core. So every mail goes
-to one of a few child processes (:class:`ParserPool`, ``email.parser``):
+0.7 ms of CPU to parse (bench/email.py's), which on the loop left every other mail waiting and
+capped the gateway at one core. So every mail goes to one of a few child processes
+(:class:`ParserPool`, ``email.parser``):
 
 * the parent writes the mail's bytes to a child's stdin (a 4-byte length, then the bytes) and
   reads one msgpack frame back per mail, in order: the ``email.receive`` keys, or why there are
