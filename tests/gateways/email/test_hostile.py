@@ -524,6 +524,21 @@ async def test_over_limit_raw_hands_the_mail_on_unparsed(parser: dict[str, Any])
     assert ("CPU limit" in defect) == ("cpu_limit" in parser)
 
 
+async def test_a_large_mail_handed_on_raw_goes_to_the_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    raw = hostile_mail(b"Subject: " + b"=?a?q?b?= " * 6 + b"\r\nX-Pad: " + b"p" * 900)
+    parser = {"max_encoded_words": 5, "over_limit": "raw"}
+    cfg = config(parser=parser, attachment_store=str(store), max_inline_attachment=500)
+    async with running(cfg) as gw:
+        code, _ = await asyncio.to_thread(smtplib_send, gw.server.port, raw)
+        assert code == 250
+        event = await receive(gw)
+    (attachment,) = event["attachments"]
+    assert attachment["content"] is None and attachment["size"] == len(raw)
+    assert Path(attachment["path"]).parent == store
+    assert await asyncio.to_thread(Path(attachment["path"]).read_bytes) == raw
+
+
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as found:
         return [int(child) for child in found.read().split()]
