@@ -248,6 +248,8 @@ class Result:
     cpu_all: float = math.nan
     #: msgs/s ÷ bare aiosmtpd's in the same round (the median over rounds in the table)
     versus_bare: float = math.nan
+    #: CPU seconds per message of the gateway's event loop process alone (parsers excluded)
+    cpu_loop: float = math.nan
 
     @property
     def raw(self) -> bool:
@@ -714,6 +716,9 @@ def _log_findings(path: Path) -> list[str]:
     return [f"gateway logged {len(odd)} WARNING/ERROR line(s), first: `{odd[0][20:180]}`"]
 
 
+_OTHERS = (("consumer", "consumer"), ("redis", "redis-server"))
+
+
 def _gateway_result(
     label: str,
     mode: str,
@@ -738,13 +743,14 @@ def _gateway_result(
     parts = parts or {}
     others = parts.get("consumer", 0.0) + parts.get("redis", 0.0)
     result.cpu_all = result.cpu + float(data["cpu"]) + others
-    result.notes.append(
-        f"CPU ms per mail: clients {1000 * float(data['cpu']):.2f}, gateway "
-        f"{1000 * result.cpu:.2f} (event loop {1000 * (result.cpu - parts.get('parsers', 0)):.2f}"
-        f", parsers {1000 * parts.get('parsers', 0):.2f}), consumer "
-        f"{1000 * parts.get('consumer', math.nan):.2f}, redis-server "
-        f"{1000 * parts.get('redis', math.nan):.2f}"
-    )
+    result.cpu_loop = result.cpu - parts.get("parsers", 0.0)
+    shares = [
+        f"clients {1000 * float(data['cpu']):.2f}",
+        f"gateway {1000 * result.cpu:.2f} (event loop {1000 * result.cpu_loop:.2f}, "
+        f"parsers {1000 * parts.get('parsers', 0.0):.2f})",
+    ]
+    shares += [f"{name} {1000 * parts[key]:.2f}" for key, name in _OTHERS if key in parts]
+    result.notes.append("CPU ms per mail: " + ", ".join(shares))
     missing = len(data["records"]) - len(latencies)
     if missing:
         result.notes.append(f"{missing} acknowledged mail(s) never reached the consumer")
@@ -1210,6 +1216,21 @@ def verdict(
             f"{r.mode.split(', ')[1].split(' ')[0]}: {r.rate:,.0f}/s" for r in processes
         )
         lines.append(f"- By parser processes: {steps}.")
+    bare = next((r for r in results if r.layer == "smtp"), None)
+    if processes and bare is not None and not math.isnan(bare.cpu_all):
+        cheapest = min(processes, key=lambda r: r.cpu_all)
+        needed = nproc / (0.5 * bare.rate)
+        lines.append(
+            f"- CPU bound: the gateway path costs {cheapest.cpu_all * 1000:.2f} ms of CPU per "
+            f"mail over all its processes (bare aiosmtpd and its clients: "
+            f"{bare.cpu_all * 1000:.2f} ms), so {nproc} CPU(s) carry at most "
+            f"{nproc / cheapest.cpu_all:,.0f} mails/s of it; 0.5x of this run's bare aiosmtpd "
+            f"({0.5 * bare.rate:,.0f}/s) would need at most {needed * 1000:.2f} ms. Of the "
+            f"gateway's own share, the event loop's process takes "
+            f"{cheapest.cpu_loop * 1000:.2f} ms per mail (one CPU: "
+            f"{1 / cheapest.cpu_loop:,.0f} mails/s); parsing scales with parser processes and "
+            "CPUs."
+        )
     gateway_cpu = [
         r.cpu for r in results if not r.raw and r.layer != "smtp" and not math.isnan(r.cpu)
     ]
