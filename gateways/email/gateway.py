@@ -257,7 +257,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 "%s: parsing the mail from %s failed; answered 451:\n%s",
                 self.name,
                 peer,
-                outcome.detail.rstrip(),
+                _cut(outcome.detail.rstrip(), 4000),
             )
             return "451 4.3.0 Local error, try again later"
         if outcome.limit is not None:
@@ -362,6 +362,15 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 continue
             self.log.info("%s: sent %s to %s", self.name, message_id, ",".join(mail.recipients))
             return {"message_id": message_id, "refused": refused}
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` with its middle left out past ``limit`` characters: a traceback's message may
+    quote what the sender wrote, at any length."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit // 4], text[-limit * 3 // 4 :]
+    return f"{head}\n… ({len(text) - len(head) - len(tail)} characters left out) …\n{tail}"
 
 
 def _too_large(event: dict[str, Any]) -> bool:
