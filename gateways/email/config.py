@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section
+from gateways.email.translate import MailLimits
 
 __all__ = [
     "AuthConfig",
@@ -23,6 +24,7 @@ __all__ = [
     "DnsConfig",
     "EmailConfig",
     "EmailGatewayConfig",
+    "ParserConfig",
     "ProxyProtocolConfig",
     "RelayConfig",
     "TlsConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "VerifyConfig",
 ]
 
+_LIMITS = MailLimits()
 _DOMAIN = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$"
@@ -279,6 +282,78 @@ class ProxyProtocolConfig(Section):
     )
 
 
+class ParserConfig(Section):
+    """``email.parser``: the processes that parse inbound mail, and what is too costly to parse.
+
+    Mail is never parsed on the event loop: CPython's header parser is quadratic in some inputs
+    (one mail froze the gateway for 10-20 s, issue 21). Each mail goes to one of ``processes``
+    child processes; the header caps are checked there before parsing, and the parse runs under
+    a CPU limit.
+    """
+
+    processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Parser processes; default min(4, CPUs). Each parses one mail at a time.",
+    )
+    max_queued: int = Field(
+        default=64,
+        ge=0,
+        description="Mails waiting for a free parser; one more gets 451 4.3.2 at once, and a "
+        "mail that waited accept_timeout gets it too.",
+    )
+    cpu_limit: float = Field(
+        default=2.0,
+        gt=0,
+        description="CPU seconds one mail may take to parse (ordinary mail: about 1 ms); past "
+        "it the mail is over the limit (over_limit).",
+    )
+    timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Wall-clock seconds a parser may take for one mail; then it is killed and "
+        "replaced, and the mail gets 451 4.3.0. Must be above cpu_limit.",
+    )
+    max_header_fields: int = Field(
+        default=_LIMITS.max_header_fields,
+        ge=1,
+        description="Header fields of a mail (its own header block); more: over the limit.",
+    )
+    max_header_length: int = Field(
+        default=_LIMITS.max_header_length,
+        ge=1000,
+        description="Bytes of one header field, name and folded lines included; longer: over "
+        "the limit.",
+    )
+    max_encoded_words: int = Field(
+        default=_LIMITS.max_encoded_words,
+        ge=1,
+        description="RFC 2047 encoded words (=?charset?q?…?=) in one header field; more: over "
+        "the limit.",
+    )
+    over_limit: Literal["reject", "raw"] = Field(
+        default="reject",
+        description="A mail over a cap or over cpu_limit: reject answers 552 5.3.4 (header "
+        "fields, length) or 554 5.6.0 (encoded words, CPU); raw hands it on unparsed, as one "
+        "message/rfc822 attachment with a defect.",
+    )
+
+    @property
+    def limits(self) -> MailLimits:
+        return MailLimits(
+            max_header_fields=self.max_header_fields,
+            max_header_length=self.max_header_length,
+            max_encoded_words=self.max_encoded_words,
+        )
+
+    @model_validator(mode="after")
+    def _timeout_above_cpu_limit(self) -> ParserConfig:
+        if self.timeout <= self.cpu_limit:
+            raise ValueError("timeout must be above cpu_limit (a parse takes at least its CPU)")
+        return self
+
+
 class EmailConfig(Section):
     """``email:`` — the SMTP server that receives mail, and the relay that sends it."""
 
@@ -303,7 +378,10 @@ class EmailConfig(Section):
     )
     max_recipients: int = Field(100, gt=0, description="RCPT TO per message; more get 452.")
     accept_timeout: float = Field(
-        10.0, gt=0, description="Seconds to wait for the layer before answering 451."
+        10.0,
+        gt=0,
+        description="Seconds to wait for a free parser, and then for the layer, before "
+        "answering 451.",
     )
     session_timeout: float = Field(
         60.0,
@@ -338,6 +416,9 @@ class EmailConfig(Section):
     )
     proxy_protocol: ProxyProtocolConfig | None = Field(
         None, description="Read a PROXY protocol header first (behind a load balancer)."
+    )
+    parser: ParserConfig = Field(
+        default_factory=ParserConfig, description="Parser processes and the caps they check."
     )
 
     @property

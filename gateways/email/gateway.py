@@ -5,6 +5,10 @@ SMTP answers follow the layer, not our hopes: ``250`` only once the layer accept
 outside ``email.accept``, ``552`` for mail over the size limit. A fault of ours is never a 5xx:
 an unexpected exception in a hook is logged with its traceback and answered ``451``.
 
+Mail is parsed in the parser processes of :mod:`gateways.email.parser_pool`, never on the
+event loop; their answers (parsed, over a cap, over the CPU limit, lost) become SMTP replies
+here.
+
 The gateway is the :class:`~gateways.email.connection.SmtpListener` of its SMTP server: the
 ``smtp_*`` methods below decide, the server's handler only carries aiosmtpd's hooks to them.
 """
@@ -15,6 +19,7 @@ import asyncio
 import email.policy
 import ipaddress
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,14 +31,15 @@ from core.types import ChannelLayer
 from gateways.email.auth import DkimSigner, MailAuthenticator
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.connection import RelayError, SmtpEnvelope, SmtpRelay, SmtpServer
+from gateways.email.parser_pool import ParserPool, ParsersBusy, ParserStartError
 from gateways.email.translate import (
     InvalidMail,
     accepts_recipient,
     build_mail,
     envelope_address_refusal,
     has_bare_lf,
-    parse_mail,
     same_mailbox,
+    unparsed_mail,
 )
 from gateways.email.verdicts import (
     AuthVerdict,
@@ -66,6 +72,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         #: sender authentication (email.verify); None with verify: off
         self.authenticator: MailAuthenticator | None = None
         self.signer: DkimSigner | None = None
+        self.parsers = ParserPool(self.settings.parser, self.metrics, name=self.name)
         self._in_data = 0
         self._data_idle = asyncio.Event()
         self._data_idle.set()
@@ -87,8 +94,13 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             except ValueError as exc:
                 raise StartupError(str(exc)) from None
         try:
+            await self.parsers.start()
+        except ParserStartError as exc:
+            raise StartupError(f"cannot start the parser processes: {exc}") from exc
+        try:
             await self.server.start()
         except OSError as exc:
+            await self.parsers.close()
             raise StartupError(
                 f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
             ) from exc
@@ -107,10 +119,12 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         await self.server.close()
         if self.authenticator is not None:
             self.authenticator.close()
+        await self.parsers.close()
         self.metrics.connected.set(0)
 
     def readiness(self) -> list[str]:
-        return [] if self.server.listening else ["SMTP server not listening"]
+        reasons = [] if self.server.listening else ["SMTP server not listening"]
+        return reasons + self.parsers.readiness()
 
     # -- SMTP listener (the server's handler calls these; None accepts an address) -------------
 
@@ -194,13 +208,17 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         return "451 4.3.0 Local error, try again later"
 
     async def _receive(self, envelope: SmtpEnvelope, stored: list[Path]) -> str:
+        received = time.time()
         raw = envelope.content
         peer = envelope.peer
         if has_bare_lf(raw) and self.settings.bare_lf == "reject":
             self.metrics.error("bare_lf")
             self.log.warning("%s: refused mail from %s: bare LF line ending", self.name, peer)
             return "550 5.5.2 Bare LF line endings are not accepted (RFC 5321 2.3.8)"
-        keys = parse_mail(raw)
+        keys_or_reply = await self._parse(raw, peer)
+        if isinstance(keys_or_reply, str):
+            return keys_or_reply
+        keys = keys_or_reply
         kind = classify(
             keys["headers"], envelope.mail_from, [a["content_type"] for a in keys["attachments"]]
         )
@@ -234,6 +252,7 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         event = self.event(
             "receive",
             id=keys["message_id"] or None,
+            time=received,
             mail_from=envelope.mail_from,
             rcpt_to=list(envelope.rcpt_to),
             peer=peer,
@@ -297,6 +316,56 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
                 envelope.peer,
             )
         return verdict
+
+    async def _parse(self, raw: bytes, peer: str | None) -> dict[str, Any] | str:
+        """The ``email.receive`` keys of ``raw`` from a parser process, or the SMTP reply."""
+        try:
+            outcome = await self.parsers.parse(raw, wait=self.settings.accept_timeout)
+        except ParsersBusy as exc:
+            self.metrics.pushback.inc()
+            self.log.info("%s: answered 451 to %s: %s", self.name, peer, exc)
+            return "451 4.3.2 All parsers busy, try again later"
+        if outcome.kind == "parsed":
+            assert outcome.keys is not None
+            return outcome.keys
+        if outcome.kind in ("died", "timeout"):
+            # not known to be the mail's fault: the sender retries, the pool has a new parser
+            self.log.error(
+                "%s: answered 451 to %s (%d bytes): %s", self.name, peer, len(raw), outcome.detail
+            )
+            return "451 4.3.0 Local error, try again later"
+        if outcome.kind == "error":
+            # a bug of ours in parse_mail: the child's traceback, then the usual 451
+            self.metrics.error("smtp_session")
+            self.log.error(
+                "%s: parsing the mail from %s failed; answered 451:\n%s",
+                self.name,
+                peer,
+                _cut(outcome.detail.rstrip(), 4000),
+            )
+            return "451 4.3.0 Local error, try again later"
+        if outcome.limit is not None:
+            kind, detail = "mail_limit", outcome.limit.detail
+            reply = outcome.limit.reply
+        else:
+            kind = "parse_cpu_limit"
+            limit = self.settings.parser.cpu_limit
+            detail = f"over the CPU limit of {limit:g} s ({outcome.detail})"
+            reply = f"554 5.6.0 Message too complex to parse within {limit:g} s of CPU"
+        self.metrics.error(kind)
+        if self.settings.parser.over_limit == "raw":
+            self.log.warning(
+                "%s: mail from %s (%d bytes) not parsed, handed on raw: %s",
+                self.name,
+                peer,
+                len(raw),
+                detail,
+            )
+            return unparsed_mail(raw, f"NotParsed: {detail}")
+        self.log.warning(
+            "%s: refused mail from %s (%d bytes): %s", self.name, peer, len(raw), detail
+        )
+        return reply
 
     async def _store_large(
         self, attachments: list[dict[str, Any]], stored: list[Path]
@@ -391,6 +460,15 @@ def _prepend_header(name: str, value: str, raw: bytes) -> bytes:
     """``raw`` with ``name: value`` on top, folded at its ``;`` (RFC 8601 style)."""
     folded = ";\r\n\t".join(part.strip() for part in value.split(";"))
     return f"{name}: {folded}\r\n".encode("utf-8", "replace") + raw
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` with its middle left out past ``limit`` characters: a traceback's message may
+    quote what the sender wrote, at any length."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit // 4], text[-limit * 3 // 4 :]
+    return f"{head}\n… ({len(text) - len(head) - len(tail)} characters left out) …\n{tail}"
 
 
 def _too_large(event: dict[str, Any]) -> bool:

@@ -24,13 +24,17 @@ from typing import Any
 
 __all__ = [
     "InvalidMail",
+    "LimitExceeded",
+    "MailLimits",
     "OutgoingMail",
     "accepts_recipient",
     "build_mail",
     "envelope_address_refusal",
     "has_bare_lf",
+    "header_limit_exceeded",
     "parse_mail",
     "same_mailbox",
+    "unparsed_mail",
 ]
 
 # SMTPUTF8 allows UTF-8 headers; raise_on_defect=False is the default and what we want
@@ -112,6 +116,130 @@ def same_mailbox(address: str) -> str:
     """A key under which two spellings of one recipient compare equal (the domain's case)."""
     local, at, domain = address.strip().rpartition("@")
     return f"{local}{at}{domain.lower()}" if at else address.strip()
+
+
+@dataclass(frozen=True)
+class MailLimits:
+    """Caps on a mail's own header block, checked before it is parsed (issue 21).
+
+    CPython's header parser takes time quadratic in the RFC 2047 encoded words of one header
+    (20,000 of them: 10 s) and in the addresses or groups of one address header (30,000 empty
+    groups ``a:;``: 2 s), and a mail of 512 KiB holds that many. These caps refuse such a mail
+    for the price of a scan; ordinary mail is far below them. The defaults are the YAML's
+    (``email.parser``).
+    """
+
+    #: header fields (Received, DKIM-Signature … included); ordinary mail has 10 to 100
+    max_header_fields: int = 1000
+    #: bytes of one header field, its name and folded lines included (Postfix's
+    #: header_size_limit); a To of 1,000 addresses is ~40 KiB
+    max_header_length: int = 100 * 1024
+    #: RFC 2047 encoded words in one header field; a subject has a few, a To of 100 named
+    #: recipients some 200
+    max_encoded_words: int = 1000
+
+
+@dataclass(frozen=True)
+class LimitExceeded:
+    """Why a mail was not parsed: which cap, in words, and the SMTP reply that refuses it."""
+
+    #: ``header_fields``, ``header_length`` or ``encoded_words``
+    kind: str
+    #: for the log, the reply and the defect: ``header field 'To' is 120004 bytes (limit …)``
+    detail: str
+    reply: str
+
+
+# one header field's first line, as the stdlib's feedparser sees it (its headerRE); a line
+# that is neither this nor a continuation ends the header block there
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]*:")
+_ENCODED_WORD = re.compile(rb"=\?[^?\s]*\?[bBqQ]\?[^?\s]*\?=")
+_PRINTABLE = re.compile(rb"[^\x21-\x7e]")
+
+
+def _field_name(raw: bytes, start: int) -> str:
+    """The name of the field at ``start``, fit for a log line and an SMTP reply: printable
+    ASCII, at most 40 characters (the sender chose it)."""
+    name = raw[start : start + 41].split(b":", 1)[0][:40]
+    return _PRINTABLE.sub(b"?", name).decode("ascii")
+
+
+def header_limit_exceeded(raw: bytes, limits: MailLimits) -> LimitExceeded | None:
+    """The first cap of ``limits`` the top-level header block of ``raw`` exceeds, or ``None``.
+
+    One pass over the lines of the header block, which ends where the stdlib's parser ends it;
+    nothing is decoded, nothing copied. Headers of MIME parts are left to the CPU limit.
+    """
+    spans: list[tuple[int, int]] = []  # (start, end) of each field, its last line break excluded
+    position, end = 0, len(raw)
+    while position < end:
+        newline = raw.find(b"\n", position)
+        stop = end if newline < 0 else newline + 1
+        content_end = newline - (newline > position and raw[newline - 1] == 0x0D)
+        if newline < 0:
+            content_end = end
+        if content_end == position:
+            break  # the empty line after the header block
+        first = raw[position]
+        if first in (0x20, 0x09):  # a folded line continues the field before it
+            if spans:
+                spans[-1] = (spans[-1][0], content_end)
+        elif _FIELD_START.match(raw, position) or raw.startswith(b"From ", position):
+            if len(spans) == limits.max_header_fields:
+                return LimitExceeded(
+                    "header_fields",
+                    f"more than {limits.max_header_fields} header fields",
+                    f"552 5.3.4 Message header has more than {limits.max_header_fields} fields",
+                )
+            spans.append((position, content_end))
+        else:
+            break  # the parser ends the headers here (MissingHeaderBodySeparatorDefect)
+        if spans and spans[-1][1] - spans[-1][0] > limits.max_header_length:
+            name = _field_name(raw, spans[-1][0])
+            return LimitExceeded(
+                "header_length",
+                f"header field {name!r} is longer than {limits.max_header_length} bytes",
+                f"552 5.3.4 Header field {name} is longer than {limits.max_header_length} bytes",
+            )
+        position = stop
+    for field_start, field_end in spans:
+        words = len(_ENCODED_WORD.findall(raw, field_start, field_end))
+        if words > limits.max_encoded_words:
+            name = _field_name(raw, field_start)
+            return LimitExceeded(
+                "encoded_words",
+                f"header field {name!r} has {words} RFC 2047 encoded words "
+                f"(limit {limits.max_encoded_words})",
+                f"554 5.6.0 Header field {name} has more than {limits.max_encoded_words} "
+                "encoded words",
+            )
+    return None
+
+
+def unparsed_mail(raw: bytes, defect: str) -> dict[str, Any]:
+    """The ``email.receive`` keys of a mail handed on without parsing (``over_limit: raw``).
+
+    Every parsed key is empty; the mail as received is the one attachment, of type
+    ``message/rfc822`` (stored like any attachment when it is large), and ``defect`` says why.
+    """
+    return {
+        "message_id": None,
+        "subject": None,
+        "from": None,
+        "to": [],
+        "cc": [],
+        "reply_to": [],
+        "date": None,
+        "in_reply_to": None,
+        "references": [],
+        "headers": [],
+        "text": None,
+        "html": None,
+        "attachments": [
+            {"filename": None, "content_type": "message/rfc822", "size": len(raw), "content": raw}
+        ],
+        "defects": [defect],
+    }
 
 
 def _bare_cr_in_headers(raw: bytes, defects: list[str]) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from core.config import ConfigError, load_config
 from core.logs import redact
-from gateways.email.config import EmailGatewayConfig
+from gateways.email.config import EmailGatewayConfig, ParserConfig
+from gateways.email.translate import MailLimits
 
 SECRET = "hunter2-very-secret"
 
@@ -369,3 +371,62 @@ def test_proxy_protocol_and_implicit_tls(tmp_path: Path, certs: tuple[Path, Path
     assert cfg.proxy_protocol is not None and cfg.proxy_protocol.timeout == 5.0
     found = errors(tmp_path, "accept: [example.com]\nproxy_protocol: {trusted: []}\n")
     assert any("email.proxy_protocol.trusted" in e for e in found)
+
+
+def test_parser_defaults_and_keys(tmp_path: Path) -> None:
+    parser = load(tmp_path, "accept: [example.com]").email.parser
+    assert parser.processes is None  # min(4, CPUs), decided by the pool
+    assert (parser.max_queued, parser.cpu_limit, parser.timeout) == (64, 2.0, 30.0)
+    assert parser.over_limit == "reject"
+    assert parser.limits == MailLimits()
+    assert (parser.max_header_fields, parser.max_header_length) == (1000, 100 * 1024)
+    assert parser.max_encoded_words == 1000
+    parser = load(
+        tmp_path,
+        """\
+        accept: [example.com]
+        parser:
+          processes: 3
+          max_queued: 0
+          cpu_limit: 0.5
+          timeout: 5
+          max_header_fields: 200
+          max_header_length: 20000
+          max_encoded_words: 50
+          over_limit: raw
+        """,
+    ).email.parser
+    assert parser.processes == 3 and parser.max_queued == 0 and parser.over_limit == "raw"
+    assert parser.limits == MailLimits(200, 20000, 50)
+
+
+def test_parser_errors_name_their_key(tmp_path: Path) -> None:
+    problems = errors(
+        tmp_path,
+        """\
+        accept: [example.com]
+        parser: {processes: 0, over_limit: drop, max_encoded_words: 0, colour: blue}
+        """,
+    )
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "email.parser.colour",
+        "email.parser.max_encoded_words",
+        "email.parser.over_limit",
+        "email.parser.processes",
+    ]
+    (problem,) = errors(tmp_path, "accept: [example.com]\nparser: {cpu_limit: 10, timeout: 10}")
+    assert problem.startswith("email.parser: ") and "timeout must be above cpu_limit" in problem
+
+
+def test_the_readme_documents_every_parser_key_with_its_default() -> None:
+    readme = (Path(__file__).parents[3] / "gateways" / "email" / "README.md").read_text()
+    section = readme.split("## Parsing", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.MULTILINE))
+    defaults = ParserConfig()
+    assert set(rows) == set(ParserConfig.model_fields)
+    for key, documented in rows.items():
+        value = getattr(defaults, key)
+        expected = "min(4, CPUs)" if key == "processes" else f"`{value}`"
+        if isinstance(value, int | float) and key != "processes":
+            expected = str(value)
+        assert documented.strip() == expected, key

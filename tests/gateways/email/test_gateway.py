@@ -38,6 +38,7 @@ from core.service import StartupError
 from core.testing import Certs, RedisServer, SmtpSink, make_certs, run_gateway
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.gateway import EmailGateway
+from gateways.email.parser_pool import ParserPool
 from tests.conftest import service
 from tests.gateways.email.test_translate import PARSED_KEYS
 
@@ -469,10 +470,12 @@ async def test_full_layer_is_451_then_accepted_on_retry() -> None:
 async def test_a_fault_of_ours_is_451_never_5xx(
     gateway: EmailGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(raw: bytes) -> dict[str, Any]:
+    async def broken(raw: bytes, *, wait: float) -> Any:
         raise RuntimeError("bug in the parser")
 
-    monkeypatch.setattr("gateways.email.gateway.parse_mail", broken)
+    # on the loop, around the parser processes (a bug in parse_mail itself, in a parser
+    # process, is tests/gateways/email/test_parser_pool.py's)
+    monkeypatch.setattr(gateway.parsers, "parse", broken)
     errors = metric("gateway_errors_total", kind="smtp_session")
 
     def session() -> tuple[int, int]:
@@ -490,6 +493,23 @@ async def test_a_fault_of_ours_is_451_never_5xx(
     assert any(r.exc_info and "bug in the parser" in str(r.exc_info[1]) for r in caplog.records)
     assert metric("gateway_errors_total", kind="smtp_session") == errors + 1
     assert (await receive(gateway))["subject"] == "second"
+
+
+async def test_a_bug_in_parse_mail_is_451_with_the_parsers_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = EmailGateway(config(), InMemoryChannelLayer())
+    gw.parsers = ParserPool(
+        gw.settings.parser, gw.metrics, name=NAME, work="tests.gateways.email.parser_work:broken"
+    )
+    errors = metric("gateway_errors_total", kind="smtp_session")
+    with caplog.at_level(logging.ERROR, logger="gateway.email"):
+        async with run_gateway(gw):
+            code, _ = await asyncio.to_thread(smtplib_send, gw.server.port, mail("x"))
+    assert code == 451
+    logged = [r.getMessage() for r in caplog.records if "parsing the mail" in r.getMessage()]
+    assert len(logged) == 1 and "RuntimeError: bug in the parser" in logged[0]
+    assert metric("gateway_errors_total", kind="smtp_session") == errors + 1
 
 
 def big_mail(size: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Hostile SMTP input from issue 14, against the gateway in process and as a real process.
+"""Hostile SMTP input from issues 14 and 21, against the gateway in process and as a process.
 
 Each test sends the input the issue names (raw bytes on a socket where a client library would
 clean them up) and checks the answer the sender gets and what consumers see.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import smtplib
 import socket
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 
 from core.envelope import MAX_MESSAGE_BYTES
-from core.testing import ROOT, GatewayProcess, RedisServer, free_port
+from core.testing import ROOT, GatewayProcess, RedisServer, free_port, until
 from gateways.email.config import EmailConfig
 from tests.gateways.email.test_gateway import (
     HOST,
@@ -32,6 +34,7 @@ from tests.gateways.email.test_gateway import (
     receive,
     running,
     sentinel_is_next,
+    smtplib_send,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -284,7 +287,11 @@ def send_raw_mail(port: int, data: bytes, done: threading.Event) -> tuple[int, b
 async def test_rfc2231_mail_does_not_freeze_other_sessions(
     tmp_path: Path, redis_server: RedisServer, processes: list[GatewayProcess]
 ) -> None:
-    gateway, smtp_port = email_process(tmp_path, redis_server)
+    # its 450 KB Content-Type is over the header cap (issue 21): let it through to the parser,
+    # whose defect line is what this test is about
+    gateway, smtp_port = email_process(
+        tmp_path, redis_server, parser={"max_header_length": 1_000_000}
+    )
     processes.append(gateway.start())
     # 450,000 letters: the quadratic redaction needed some twenty minutes for this line
     hostile = rfc2231_mail(450_000)
@@ -356,3 +363,200 @@ async def test_readyz_recovers_when_redis_is_back_without_traffic(
     # no mail, no command: only the gateway's own probe can see that Redis is back
     await gateway.wait_ready(60)
     assert await asyncio.to_thread(send_mail, smtp_port) == 250
+
+
+# -- issue 21, item 1: a mail the header parser needs seconds for froze the whole gateway -------
+
+
+def folded(name: bytes, tokens: list[bytes]) -> bytes:
+    """A header field of ``tokens`` folded into lines of at most 76 bytes, as mailers send."""
+    lines, line = [], name + b":"
+    for token in tokens:
+        if len(line) + 1 + len(token) > 76:
+            lines.append(line)
+            line = b""
+        line += b" " + token
+    return b"\r\n".join([*lines, line])
+
+
+#: the issue's two mails, both under the advertised SIZE: 20,000 RFC 2047 encoded words in the
+#: Subject (5.5 s of CPU in CPython 3.11's header parser), 30,000 empty groups in To (1.2 s)
+ENCODED_WORDS = folded(b"Subject", [b"=?utf-8?q?a?="] * 20_000)
+EMPTY_GROUPS = folded(b"To", [b"a:;"] * 30_000)
+#: caps high enough that both mails reach a parser process, whose CPU limit stops them
+LIFTED = {"max_encoded_words": 10**6, "max_header_length": 10**7, "cpu_limit": 0.25}
+
+
+def hostile_mail(header: bytes) -> bytes:
+    return (
+        b"From: a@example.org\r\nMessage-ID: <hostile@example.org>\r\n" + header + b"\r\n\r\nx\r\n"
+    )
+
+
+def banner(port: int, timeout: float) -> bytes:
+    """A second client's first bytes, read with a client timeout of ``timeout`` seconds."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        return sock.recv(100)
+
+
+@pytest.mark.parametrize(
+    ("header", "parser", "code"),
+    [
+        # refused by the header length cap (both are over 100 KiB), before parsing
+        (ENCODED_WORDS, {}, 552),
+        (EMPTY_GROUPS, {}, 552),
+        (ENCODED_WORDS, LIFTED, 554),  # parsed until the CPU limit
+        (EMPTY_GROUPS, LIFTED, 554),
+    ],
+    ids=["encoded-words", "empty-groups", "encoded-words-cpu-limit", "empty-groups-cpu-limit"],
+)
+async def test_a_hostile_header_does_not_freeze_the_gateway(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    processes: list[GatewayProcess],
+    header: bytes,
+    parser: dict[str, Any],
+    code: int,
+) -> None:
+    gateway, smtp_port = email_process(tmp_path, redis_server, parser={"processes": 1, **parser})
+    processes.append(gateway.start())
+    await gateway.wait_ready(60)
+    hostile = hostile_mail(header)
+    assert len(hostile) < 512 * 1024  # under the advertised SIZE
+    dot_sent = threading.Event()
+    sending = asyncio.create_task(asyncio.to_thread(send_raw_mail, smtp_port, hostile, dot_sent))
+    await asyncio.to_thread(dot_sent.wait, 60)
+    # while the gateway handles that mail: the client timeouts are what is under test
+    health = asyncio.to_thread(gateway.get, "/healthz", 0.5)
+    greeting = asyncio.to_thread(banner, smtp_port, 1.0)
+    (status, _), first = await asyncio.gather(health, greeting)
+    assert status == 200 and first.startswith(b"220 ")
+    reply, text = await sending
+    assert reply == code, text
+    assert await asyncio.to_thread(smtp_session, smtp_port) == 250
+
+
+def send_in_thread(port: int, data: bytes) -> asyncio.Task[tuple[int, bytes]]:
+    done = threading.Event()
+    return asyncio.create_task(asyncio.to_thread(send_raw_mail, port, data, done))
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+async def test_a_lost_parser_costs_its_mail_451_and_no_other_mail(
+    how: signal.Signals, caplog: pytest.LogCaptureFixture
+) -> None:
+    parser = {"processes": 1, "timeout": 2.0, **LIFTED, "cpu_limit": 1.5}
+    died = metric("gateway_errors_total", kind="parser_died")
+    timeouts = metric("gateway_errors_total", kind="parser_timeout")
+    with caplog.at_level(logging.ERROR, "gateway.email"):
+        async with running(config(parser=parser)) as gw:
+            (pid,) = gw.parsers.pids
+            slow = send_in_thread(gw.server.port, hostile_mail(ENCODED_WORDS))
+            await until(lambda: gw._in_data == 1, 30, "the slow mail in a parser")
+            ordinary = send_in_thread(gw.server.port, mail("waits behind it"))
+            await until(lambda: gw._in_data == 2, 30, "the next mail behind it")
+            os.kill(pid, how)
+            reply, text = await slow
+            assert (reply, text[:5]) == (451, b"4.3.0")
+            assert (await ordinary)[0] == 250
+            assert (await receive(gw))["subject"] == "waits behind it"
+            assert pid not in gw.parsers.pids
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    if how == signal.SIGKILL:
+        assert metric("gateway_errors_total", kind="parser_died") == died + 1
+        assert any("killed by SIGKILL" in r.getMessage() for r in caplog.records)
+    else:
+        assert metric("gateway_errors_total", kind="parser_timeout") == timeouts + 1
+        assert any("email.parser.timeout" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_full_parser_queue_is_451_then_the_retry_is_taken() -> None:
+    parser = {"processes": 1, "max_queued": 0, **LIFTED, "cpu_limit": 1.0}
+    async with running(config(parser=parser)) as gw:
+        pushback = metric("gateway_pushback_total")
+        # one slow mail in the parser, one written behind it: no room for a third
+        slow = [send_in_thread(gw.server.port, hostile_mail(ENCODED_WORDS)) for _ in range(2)]
+        await until(lambda: gw._in_data == 2, 30, "two slow mails in the parser")
+        code, text = await asyncio.to_thread(smtplib_send, gw.server.port, mail("no room"))
+        assert (code, text) == (451, b"4.3.2 All parsers busy, try again later")
+        assert metric("gateway_pushback_total") == pushback + 1
+        assert [(await s)[0] for s in slow] == [554, 554]  # over the CPU limit
+        code, _ = await asyncio.to_thread(smtplib_send, gw.server.port, mail("retried"))
+        assert code == 250
+        assert (await receive(gw))["subject"] == "retried"
+
+
+async def test_mail_over_a_cap_gets_the_documented_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cases = [
+        (b"".join(b"X-%d: v\r\n" % i for i in range(1001)), b"552 5.3.4 Message header has"),
+        (folded(b"X-Long", [b"y" * 70] * 1500) + b"\r\n", b"552 5.3.4 Header field X-Long is"),
+        (b"Subject: " + b"\r\n ".join([b"=?utf-8?q?a?="] * 1001) + b"\r\n", b"554 5.6.0 Header"),
+    ]
+    limits = metric("gateway_errors_total", kind="mail_limit")
+    with caplog.at_level(logging.WARNING, "gateway.email"):
+        async with running(config()) as gw:
+            for header, reply in cases:
+                raw = b"From: a@example.org\r\n" + header + b"\r\nbody\r\n"
+                code, text = await asyncio.to_thread(smtplib_send, gw.server.port, raw)
+                assert str(code).encode() + b" " + text[: len(reply) - 4] == reply
+            await sentinel_is_next(gw)
+    assert metric("gateway_errors_total", kind="mail_limit") == limits + 3
+    refused = [r.getMessage() for r in caplog.records if "refused mail from" in r.getMessage()]
+    assert len(refused) == 3 and "more than 1000 header fields" in refused[0]
+
+
+@pytest.mark.parametrize("parser", [{"max_encoded_words": 5}, LIFTED], ids=["cap", "cpu-limit"])
+async def test_over_limit_raw_hands_the_mail_on_unparsed(parser: dict[str, Any]) -> None:
+    raw = hostile_mail(ENCODED_WORDS if "cpu_limit" in parser else b"Subject: " + b"=?a?q?b?= " * 6)
+    async with running(config(parser={**parser, "over_limit": "raw"})) as gw:
+        code, _ = await asyncio.to_thread(smtplib_send, gw.server.port, raw)
+        assert code == 250
+        event = await receive(gw)
+    assert event["attachments"] == [
+        {"filename": None, "content_type": "message/rfc822", "size": len(raw), "content": raw}
+    ]
+    assert event["subject"] is None and event["headers"] == [] and event["text"] is None
+    (defect,) = event["defects"]
+    assert defect.startswith("NotParsed: ")
+    assert ("CPU limit" in defect) == ("cpu_limit" in parser)
+
+
+async def test_a_large_mail_handed_on_raw_goes_to_the_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    raw = hostile_mail(b"Subject: " + b"=?a?q?b?= " * 6 + b"\r\nX-Pad: " + b"p" * 900)
+    parser = {"max_encoded_words": 5, "over_limit": "raw"}
+    cfg = config(parser=parser, attachment_store=str(store), max_inline_attachment=500)
+    async with running(cfg) as gw:
+        code, _ = await asyncio.to_thread(smtplib_send, gw.server.port, raw)
+        assert code == 250
+        event = await receive(gw)
+    (attachment,) = event["attachments"]
+    assert attachment["content"] is None and attachment["size"] == len(raw)
+    assert Path(attachment["path"]).parent == store
+    assert await asyncio.to_thread(Path(attachment["path"]).read_bytes) == raw
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as found:
+        return [int(child) for child in found.read().split()]
+
+
+async def test_parser_processes_end_with_the_gateway_process(
+    tmp_path: Path, redis_server: RedisServer, processes: list[GatewayProcess]
+) -> None:
+    gateway, smtp_port = email_process(tmp_path, redis_server, parser={"processes": 2})
+    processes.append(gateway.start())
+    await gateway.wait_ready(60)
+    assert await asyncio.to_thread(send_mail, smtp_port) == 250
+    assert gateway.pid is not None
+    parsers = children(gateway.pid)
+    assert len(parsers) == 2
+    gateway.kill()  # SIGKILL: no drain, no close; the parsers see the end of their input
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in parsers)
+
+    await until(gone, 30, "the parser processes gone")

@@ -21,13 +21,16 @@ from hypothesis import strategies as st
 from core.envelope import check_payload
 from gateways.email.translate import (
     InvalidMail,
+    MailLimits,
     OutgoingMail,
     accepts_recipient,
     build_mail,
     envelope_address_refusal,
     has_bare_lf,
+    header_limit_exceeded,
     parse_mail,
     same_mailbox,
+    unparsed_mail,
 )
 
 PARSED_KEYS = {
@@ -581,6 +584,131 @@ def test_parse_mail_never_raises(
 @given(st.binary(max_size=2000))
 def test_parse_mail_never_raises_on_any_bytes(raw: bytes) -> None:
     parsed(raw)
+
+
+# -- header caps (issue 21): refused before the quadratic parser sees them -----------------------
+
+LIMITS = MailLimits()
+
+
+def with_header(*lines: bytes) -> bytes:
+    return b"From: a@example.org\r\nTo: bob@example.com\r\n" + b"".join(lines) + b"\r\nbody\r\n"
+
+
+def encoded_words(count: int, sep: bytes = b" ") -> bytes:
+    return sep.join(b"=?utf-8?q?a?=" for _ in range(count))
+
+
+def test_ordinary_mail_is_under_every_cap() -> None:
+    assert header_limit_exceeded(PLAIN, LIMITS) is None
+    named = [f"Jörg Müller {i} <j{i}@example.com>" for i in range(100)]
+    mail = build(
+        to=named, cc=named, subject="Grüße " * 30, references=[f"<r{i}@x.org>" for i in range(200)]
+    )
+    assert header_limit_exceeded(wire(mail), LIMITS) is None
+
+
+def test_the_issues_mails_are_over_a_cap() -> None:
+    # 20,000 encoded words in a subject: 10 s of CPU in the parser
+    over = header_limit_exceeded(
+        with_header(b"Subject: " + encoded_words(20_000) + b"\r\n"), LIMITS
+    )
+    assert over is not None and over.kind == "header_length"
+    assert over.reply == "552 5.3.4 Header field Subject is longer than 102400 bytes"
+    # under the length cap, the words are counted
+    raw = with_header(b"Subject: " + encoded_words(1001, b"\r\n ") + b"\r\n")
+    over = header_limit_exceeded(raw, LIMITS)
+    assert over is not None and over.kind == "encoded_words"
+    assert over.reply == "554 5.6.0 Header field Subject has more than 1000 encoded words"
+    assert "1001 RFC 2047 encoded words" in over.detail
+    # 40,000 empty groups: a:; each
+    over = header_limit_exceeded(with_header(b"To: " + b"a:;" * 40_000 + b"\r\n"), LIMITS)
+    assert over is not None and over.kind == "header_length" and "'To'" in over.detail
+
+
+@pytest.mark.parametrize(
+    ("limits", "raw", "kind"),
+    [
+        (
+            MailLimits(max_encoded_words=3),
+            with_header(b"Subject: " + encoded_words(3) + b"\r\n"),
+            None,
+        ),
+        (
+            MailLimits(max_encoded_words=3),
+            with_header(b"Subject: " + encoded_words(4) + b"\r\n"),
+            "encoded_words",
+        ),
+        # words are counted per field, not per mail
+        (
+            MailLimits(max_encoded_words=3),
+            with_header(*(b"X-%d: " % i + encoded_words(3) + b"\r\n" for i in range(5))),
+            None,
+        ),
+        (MailLimits(max_header_fields=4), with_header(b"A: 1\r\n", b"B: 2\r\n"), None),
+        (
+            MailLimits(max_header_fields=4),
+            with_header(b"A: 1\r\n", b"B: 2\r\n", b"C: 3\r\n"),
+            "header_fields",
+        ),
+        # a field's folded lines belong to it; its last line break does not count
+        (MailLimits(max_header_length=1000), with_header(b"X: " + b"y" * 997 + b"\r\n"), None),
+        (
+            MailLimits(max_header_length=1000),
+            with_header(b"X: " + b"y" * 998 + b"\r\n"),
+            "header_length",
+        ),
+        (
+            MailLimits(max_header_length=1000),
+            with_header(b"X: " + b"\r\n ".join([b"y" * 99] * 10) + b"\r\n"),
+            "header_length",
+        ),
+        # the body is not the header block: header-like lines after the empty line are free
+        (MailLimits(max_header_fields=4), b"A: 1\r\n\r\n" + b"B: 2\r\n" * 10, None),
+        # nor after the first line the parser does not take for a header
+        (MailLimits(max_header_fields=4), b"A: 1\r\nno colon here\r\n" + b"B: 2\r\n" * 10, None),
+        (MailLimits(max_header_fields=4), b"A: 1\nB: 2\nC: 3\nD: 4\nE: 5\n\n", "header_fields"),
+        (MailLimits(max_header_fields=1), b"", None),
+        (MailLimits(max_header_fields=1), b" leading continuation\r\nA: 1\r\n\r\n", None),
+    ],
+)
+def test_header_caps(limits: MailLimits, raw: bytes, kind: str | None) -> None:
+    over = header_limit_exceeded(raw, limits)
+    assert (over and over.kind) == kind
+
+
+def test_a_hostile_header_name_stays_out_of_the_reply() -> None:
+    # a header name is printable ASCII (else the parser ends the header block there), but long;
+    # an mbox "From " line, which the parser skips as a header, can hold anything
+    for raw, name in [
+        (b"X-" + b"n" * 100 + b": " + encoded_words(5) + b"\r\n\r\n", "X-" + "n" * 38),
+        (
+            b"From \xff\x00\r" + b"n" * 100 + b" " + encoded_words(5) + b"\r\n\r\n",
+            "From????" + "n" * 32,
+        ),
+    ]:
+        over = header_limit_exceeded(raw, MailLimits(max_encoded_words=1))
+        assert over is not None
+        assert over.reply.split()[4] == name
+        assert over.reply.isascii() and "\r" not in over.reply and "\n" not in over.reply
+
+
+@PROPERTY
+@given(st.binary(max_size=3000))
+def test_header_limit_exceeded_never_raises(raw: bytes) -> None:
+    header_limit_exceeded(raw, MailLimits(max_header_fields=3, max_encoded_words=1))
+
+
+def test_unparsed_mail_has_every_key_and_the_mail_as_one_attachment() -> None:
+    raw = with_header(b"Subject: " + encoded_words(5) + b"\r\n")
+    keys = unparsed_mail(raw, "NotParsed: too many words")
+    assert set(keys) == PARSED_KEYS
+    check_payload(keys)
+    assert keys["attachments"] == [
+        {"filename": None, "content_type": "message/rfc822", "size": len(raw), "content": raw}
+    ]
+    assert keys["defects"] == ["NotParsed: too many words"]
+    assert keys["headers"] == [] and keys["text"] is None and keys["message_id"] is None
 
 
 # -- outbound: build_mail → wire → parse_mail ------------------------------------------------
