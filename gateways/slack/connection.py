@@ -18,15 +18,17 @@ the Events API's HTTP server.
   (fixed delay, forever, also after ``invalid_auth``), queue frames without a bound and hide a
   lost connection from the caller, which would fight :mod:`core.client`.
 * :class:`EventsApiServer` — an aiohttp server on the configured path: bodies over the limit are
-  413 before they are read; the signature (slack_sdk's ``SignatureVerifier``) and timestamp are
-  checked before anything else (401); ``url_verification`` is answered; the gateway decides 200
-  or 503 for the rest.
+  413 before they are read; the signature (slack_sdk's ``SignatureVerifier``, over the body's
+  bytes) and timestamp are checked before anything else (401); a signed body that cannot be
+  read is 400; ``url_verification`` is answered; the gateway decides 200 or 503 for the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Mapping
@@ -430,6 +432,27 @@ class SocketModeConnection(ReconnectingClient):
         self._replacing = asyncio.create_task(replace(), name=f"{self.name}-replace")
 
 
+class _BytesSignatureVerifier(SignatureVerifier):
+    """slack_sdk's ``SignatureVerifier``, over the body's bytes as Slack signs them.
+
+    slack_sdk decodes a bytes body as UTF-8 before hashing it: a correctly signed body that is
+    not UTF-8 raised ``UnicodeDecodeError`` and was answered 401 "invalid signature" instead of
+    400 (issue 21, item 13). Its ``is_valid`` also refuses any timestamp more than 300 s off,
+    whatever ``events_api.max_age`` says; :func:`check_timestamp` is the one age check here.
+    """
+
+    def generate_signature(self, *, timestamp: str, body: str | bytes) -> str | None:
+        raw = body if isinstance(body, bytes) else body.encode()
+        base = b"v0:" + timestamp.encode() + b":" + raw
+        return "v0=" + hmac.new(self.signing_secret.encode(), base, hashlib.sha256).hexdigest()
+
+    def signed(self, body: bytes, timestamp: str, signature: str) -> bool:
+        """``signature`` is Slack's HMAC of ``v0:{timestamp}:{body}`` (constant time)."""
+        expected = self.generate_signature(timestamp=timestamp, body=body) or ""
+        # bytes: a header with non-ASCII characters is a mismatch, not a TypeError
+        return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape"))
+
+
 def _describe(parsed: Envelope | Control | Unknown) -> str:
     if isinstance(parsed, Envelope):
         return f"{parsed.type} envelope {parsed.envelope_id}"
@@ -446,7 +469,7 @@ class EventsApiServer:
         self.settings = settings
         self.listener = listener
         self.log = log
-        self.verifier = SignatureVerifier(settings.signing_secret.get_secret_value())
+        self.verifier = _BytesSignatureVerifier(settings.signing_secret.get_secret_value())
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
@@ -489,13 +512,13 @@ class EventsApiServer:
         problem = check_timestamp(stamp, time.time(), options.max_age)
         if problem is None and signature is None:
             problem = "missing X-Slack-Signature"
-        if problem is None:
-            try:
-                valid = self.verifier.is_valid(body, stamp, signature)
-            except (ValueError, UnicodeDecodeError):
-                valid = False
-            if not valid:
-                problem = "bad X-Slack-Signature"
+        if (
+            problem is None
+            and stamp is not None
+            and signature is not None
+            and not self.verifier.signed(body, stamp, signature)
+        ):
+            problem = "bad X-Slack-Signature"
         if problem is not None:
             self.listener.slack_bad_input(f"unsigned request from {request.remote}: {problem}")
             return web.Response(status=401, text="invalid request signature")

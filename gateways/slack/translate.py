@@ -161,8 +161,10 @@ def parse_http_body(body: bytes, content_type: str) -> tuple[str, dict[str, Any]
     """
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidPayload("body is not UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidPayload(
+            f"body is not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})"
+        ) from None
     if content_type.startswith("application/x-www-form-urlencoded"):
         form = {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
         if "payload" in form:
