@@ -7,8 +7,11 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
   Slack's JSON (``{"ok": true, …}`` / ``{"ok": false, "error": "channel_not_found"}``) for
   ``auth.test``, ``apps.connections.open`` (app token only; the URL points at this server's
   own Socket Mode endpoint), ``chat.postMessage``, ``chat.update``, ``chat.delete``,
-  ``reactions.add`` and ``reactions.remove``. :meth:`FakeSlack.rate_limit` makes the next
-  calls of a method answer ``429`` with ``Retry-After``.
+  ``reactions.add``, ``reactions.remove`` and ``conversations.info`` (public channels
+  ``C0GENERAL`` and ``C0RANDOM``; private ``C0SECRET``, created "after March 2021", and the
+  older ``G0LEGACY``; the group DM ``G0MPDM`` and the DM ``D0ALICE``).
+  :meth:`FakeSlack.rate_limit` makes the next calls of a method answer ``429`` with
+  ``Retry-After``.
 * **Socket Mode** ``GET /socket/<ticket>`` (WebSocket): ``hello`` on connect; :meth:`send_event`,
   :meth:`send_slash_command`, :meth:`send_interactive` (:meth:`send_envelope`: any) push the
   documented envelopes and record acknowledgements by ``envelope_id``; :meth:`send_disconnect`
@@ -100,7 +103,15 @@ class FakeSlack:
     ) -> None:
         self.bot_token = bot_token
         self.app_token = app_token
-        self.channels = set(channels)
+        #: conversation id → its flags in conversations.info (Slack's conversation object)
+        self.conversations: dict[str, dict[str, bool]] = {
+            **{channel: _conversation("public") for channel in channels},
+            "C0SECRET": _conversation("private"),
+            "G0LEGACY": _conversation("legacy_private"),
+            "G0MPDM": _conversation("mpim"),
+            "D0ALICE": _conversation("im"),
+        }
+        self.channels = set(self.conversations)
         self.port: int | None = None
         #: every Web API call, in order
         self.calls: list[SlackCall] = []
@@ -302,6 +313,13 @@ class FakeSlack:
         self.reactions.discard(key)
         return _slack_ok()
 
+    def _m_conversations_info(self, args: dict[str, Any]) -> web.Response:
+        channel = self._channel(args)
+        if channel is None:
+            return _slack_error("channel_not_found")
+        return _slack_ok(channel={"id": channel, "name": channel.lower(), "created": 1360782804,
+                                  **self.conversations[channel]})  # fmt: skip
+
     # -- response_url -------------------------------------------------------------------------
 
     def response_url(self) -> str:
@@ -446,6 +464,18 @@ class FakeSlack:
 
     async def wait_ack(self, envelope_id: str, timeout: float = WAIT) -> None:
         await self.wait_for(lambda: envelope_id in self.acks, timeout, f"ack of {envelope_id}")
+
+
+def _conversation(kind: str) -> dict[str, bool]:
+    """The type flags of a conversation object: private channels created before March 2021
+    are ``is_group`` (ids starting with G), later ones ``is_channel`` and ``is_private``."""
+    return {
+        "is_channel": kind in ("public", "private"),
+        "is_group": kind == "legacy_private",
+        "is_im": kind == "im",
+        "is_mpim": kind == "mpim",
+        "is_private": kind != "public",
+    }
 
 
 def _slack_ok(**keys: Any) -> web.Response:

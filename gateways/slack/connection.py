@@ -183,15 +183,25 @@ class SlackWebApi:
         return self._client
 
     async def call(
-        self, method: str, args: Mapping[str, Any] | None = None, *, token: str | None = None
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        read: bool = False,
     ) -> dict[str, Any]:
-        """``method`` with JSON ``args``: Slack's answer, or :class:`SlackApiFailed` (ok: false)."""
+        """``method`` with JSON ``args`` (``read``: a GET with them in the query string, as
+        Slack's read methods such as ``conversations.info`` want them): Slack's answer, or
+        :class:`SlackApiFailed` (ok: false)."""
         client = self._web()
         body = dict(args or {})
         if token is not None:
             body["token"] = token  # slack_sdk sends it as the Bearer token instead
         try:
-            response = await client.api_call(method, json=body)
+            if read:
+                response = await client.api_call(method, http_verb="GET", params=body)
+            else:
+                response = await client.api_call(method, json=body)
         except SlackApiError as exc:
             data = exc.response.data
             error = data.get("error") if isinstance(data, dict) else None

@@ -19,7 +19,7 @@ from core.testing import RedisServer, metric, run_gateway, until
 from core.testing.slack import BOT_ID, BOT_USER, FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
-from tests.gateways.slack.conftest import next_event, running, slack_config
+from tests.gateways.slack.conftest import gateway_process, next_event, running, slack_config
 
 MESSAGE = {
     "type": "message",
@@ -427,3 +427,43 @@ async def test_redis_killed_mid_stream_loses_nothing(
         await asyncio.wait_for(consumer, 60)
     assert sorted(seen) == [f"Ev{i:04d}" for i in range(count)]
     assert [k for k, n in seen.items() if n > 1] == []
+
+
+def member(kind: str, channel: str, letter: str) -> dict[str, Any]:
+    return {"type": kind, "user": "U0ALICE", "channel": channel, "channel_type": letter,
+            "team": "T0TEAM", "event_ts": "1700000000.000300"}  # fmt: skip
+
+
+async def test_channel_type_is_one_vocabulary_on_every_event(
+    tmp_path: Path, redis_server: RedisServer, fake_slack: FakeSlack
+) -> None:
+    """Issue 21, item 14: slack.joined / slack.left carried Slack's letter ("C"), slack.message
+    the word ("channel"). The letter is only the id's first one: C0SECRET is private."""
+    layer = resolve_layer(redis_server.url)
+    cases = [
+        (member("member_joined_channel", "C0GENERAL", "C"), "slack.joined", "channel"),
+        (member("member_joined_channel", "C0SECRET", "C"), "slack.joined", "group"),
+        (member("member_joined_channel", "G0LEGACY", "G"), "slack.joined", "group"),
+        (member("member_joined_channel", "G0MPDM", "G"), "slack.joined", "mpim"),
+        (member("member_left_channel", "C0SECRET", "C"), "slack.left", "group"),
+        # what a message said about a channel is known without asking Slack
+        (message("hi", channel="C0LEARNT", channel_type="group"), "slack.message", "group"),
+        (member("member_joined_channel", "C0LEARNT", "C"), "slack.joined", "group"),
+        (message("hi", channel="C0GENERAL"), "slack.message", "channel"),
+        # a channel Slack will not describe: None (logged, counted), asked once a minute
+        (member("member_joined_channel", "C0NOWHERE", "C"), "slack.joined", None),
+        (member("member_left_channel", "C0NOWHERE", "C"), "slack.left", None),
+    ]
+    async with gateway_process(tmp_path, slack_config(fake_slack), redis_server.url) as gateway:
+        for i, (event, type_, expected) in enumerate(cases):
+            envelope_id = await fake_slack.send_event(event, f"Ev{i:04d}")
+            got = await next_event(layer, type_, id=f"Ev{i:04d}")
+            assert got["channel_type"] == expected, (event, got)
+            await fake_slack.wait_ack(envelope_id)
+        asked = [c.args["channel"] for c in fake_slack.calls_of("conversations.info")]
+        assert sorted(asked) == ["C0GENERAL", "C0NOWHERE", "C0SECRET", "G0LEGACY", "G0MPDM"]
+        assert gateway.metric("gateway_errors_total", kind="channel_type_lookup") == 1
+        gateway.wait_for(
+            "channel_type of C0NOWHERE unknown (conversations.info: channel_not_found)"
+        )
+    await layer.close_pools()
