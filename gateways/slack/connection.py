@@ -51,6 +51,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.frames import CloseCode
 
 from core.client import ClientListener, ConnectFailed, ReconnectingClient
 from core.service import Backoff, EventBuffer, Gateway, cancel_and_wait, describe_error
@@ -75,6 +76,9 @@ __all__ = [
     "SlackWebApi",
     "SocketModeConnection",
 ]
+
+#: the close code websockets sends when a frame is over ``max_size`` (slack.max_frame_size)
+TOO_BIG = CloseCode.MESSAGE_TOO_BIG
 
 #: Web API error codes that mean "this token will not work": no retry loop on start-up
 FATAL_ERRORS = frozenset(
@@ -116,6 +120,9 @@ class SlackListener(ClientListener, Protocol):
 
     def slack_bad_input(self, problem: str) -> None:
         """Something Slack (or someone claiming to be Slack) sent was refused."""
+
+    def slack_frame_too_large(self, problem: str) -> None:
+        """A Socket Mode frame over ``max_frame_size`` closed the connection (1009)."""
 
 
 class _CountingRateLimit(AsyncRateLimitErrorRetryHandler):
@@ -306,8 +313,14 @@ class SocketModeConnection(ReconnectingClient):
         if not isinstance(url, str):
             raise ConnectFailed("apps.connections.open answered without a url")
         try:
+            # websockets' max_size defaults to 1 MiB, the layer's own limit: an envelope whose
+            # event was over it closed the connection (1009) on every redelivery instead of
+            # being acknowledged as too_large (issue 21, item 11)
             socket = await connect(
-                url, ping_interval=None, max_size=2**20, open_timeout=self.connect_timeout
+                url,
+                ping_interval=None,
+                max_size=self.settings.max_frame_size,
+                open_timeout=self.connect_timeout,
             )
         except (OSError, WebSocketException, TimeoutError) as exc:
             raise ConnectFailed(f"WebSocket: {describe_error(exc)}") from None
@@ -396,6 +409,8 @@ class SocketModeConnection(ReconnectingClient):
                     self.listener.slack_bad_input(parsed.problem)
         except ConnectionClosed as exc:
             reason = f"WebSocket closed: {describe_error(exc)}"
+            if exc.rcvd is None and exc.sent is not None and exc.sent.code == TOO_BIG:
+                self.listener.slack_frame_too_large(exc.sent.reason)
         except OSError as exc:
             reason = describe_error(exc)
         if socket is self._socket:

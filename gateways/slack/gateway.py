@@ -291,6 +291,17 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         self.metrics.error("bad_input")
         self.log.warning("%s: refused: %s", self.name, problem)
 
+    def slack_frame_too_large(self, problem: str) -> None:
+        self.metrics.error("frame_too_large")
+        self.log.error(
+            "%s: Slack sent a frame over slack.max_frame_size (%d bytes: %s); the connection is "
+            "closed with 1009 and Slack redelivers that envelope on the next one (until it gives "
+            "up): raise max_frame_size to take it",
+            self.name,
+            self.settings.max_frame_size,
+            problem,
+        )
+
     async def slack_envelope(self, envelope: Envelope) -> bool:
         """Socket Mode: ``True`` = acknowledge (the layer took it, or it can never be taken)."""
         try:

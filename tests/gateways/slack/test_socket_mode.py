@@ -467,3 +467,41 @@ async def test_channel_type_is_one_vocabulary_on_every_event(
             "channel_type of C0NOWHERE unknown (conversations.info: channel_not_found)"
         )
     await layer.close_pools()
+
+
+async def test_an_envelope_over_1_mib_is_acknowledged_as_too_large(
+    tmp_path: Path, redis_server: RedisServer, fake_slack: FakeSlack
+) -> None:
+    """Issue 21, item 11: websockets' 1 MiB frame limit closed the connection (1009) on every
+    redelivery of an envelope over it; the README's too_large path could not be reached."""
+    layer = resolve_layer(redis_server.url)
+    config = slack_config(fake_slack, max_frame_size=3 * 2**20)
+    async with gateway_process(tmp_path, config, redis_server.url) as gateway:
+        # an event over the layer's 1 MiB, in a 1.5 MB frame: read, acknowledged, counted
+        big = await fake_slack.send_event(message("x" * 1_500_000), "Ev0BIG")
+        await fake_slack.wait_ack(big)
+        gateway.wait_for("refused slack.message Ev0BIG")
+        # a 2 MB frame whose event is small (slack.message has no blocks): delivered
+        blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": "y" * 2_000_000}}]
+        wide = await fake_slack.send_event(message("small", blocks=blocks), "Ev0WIDE")
+        assert (await next_event(layer, "slack.message", id="Ev0WIDE"))["text"] == "small"
+        await fake_slack.wait_ack(wide)
+        assert gateway.metric("gateway_dropped_total", reason="too_large") == 1
+        assert fake_slack.connections_opened == 1 and fake_slack.close_codes == []
+
+        # over max_frame_size: 1009 (logged, counted) on each delivery until Slack gives up …
+        fake_slack.max_retries = 1
+        huge = await fake_slack.send_event(message("z" * 4_000_000), "Ev0HUGE")
+        await fake_slack.wait_for(lambda: huge in fake_slack.abandoned, what="Slack giving up")
+        assert fake_slack.close_codes == [1009, 1009]
+        gateway.wait_for("Slack sent a frame over slack.max_frame_size (3145728 bytes")
+        await until(
+            lambda: gateway.metric("gateway_errors_total", kind="frame_too_large") == 2,
+            what="two frames counted",
+        )
+        # … and the next connection goes on
+        await fake_slack.wait_for(lambda: fake_slack.open_sockets, what="a new connection")
+        after = await fake_slack.send_event(message("after"), "Ev0AFTER")
+        assert (await next_event(layer, "slack.message", id="Ev0AFTER"))["text"] == "after"
+        await fake_slack.wait_ack(after)
+    await layer.close_pools()
