@@ -73,7 +73,8 @@ class DedupConfig(Section):
     max_entries: int = Field(
         default=100_000,
         ge=1,
-        description="Ids kept in memory (non-Redis layers); the oldest is forgotten first.",
+        description="Ids kept in memory (non-Redis layers); the oldest is forgotten first. "
+        "With the window in Redis: ids remembered in memory whose done mark Redis did not take.",
     )
     redis: bool = Field(
         default=True,

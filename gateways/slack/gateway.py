@@ -176,11 +176,20 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         # a "pending" mark outlives the hand-off it guards (at most ack_timeout)
         pending_for = settings.ack_timeout + 2.0
         self.dedup: DedupWindow = (
-            RedisDedupWindow(redis, settings.dedup.window, pending_for, self.metrics, self.log)
+            RedisDedupWindow(
+                redis,
+                settings.dedup.window,
+                pending_for,
+                self.metrics,
+                self.log,
+                settings.dedup.max_entries,
+            )
             if redis is not None
             else DedupWindow(settings.dedup.window, settings.dedup.max_entries, pending_for)
         )
         self.channel_types = ChannelTypes(self._lookup_channel_type)
+        #: event id → the outcome of its hand-off running in this process (True: layer took it)
+        self._handing_over: dict[str, asyncio.Future[bool]] = {}
         self.client: SocketModeConnection | None = None
         self.server: EventsApiServer | None = None
         if settings.transport == "socket_mode":
@@ -368,31 +377,82 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         return True
 
     async def _deliver(self, inbound: Inbound, key: str | None) -> bool:
+        """Hand ``inbound`` to the layer unless it was delivered before; ``True``: acknowledge.
+
+        ``key`` (the event id) is claimed in the de-dup window, and also kept in this process
+        while its hand-off runs: a delivery that finds it there follows that hand-off's outcome
+        instead of publishing again. The window alone did not do: with Redis down a claim
+        leaves no mark, so a redelivery that Slack sent meanwhile (it redelivers what is not
+        acknowledged within 3 s) was published beside the original once Redis was back
+        (issue 21, item 12: 64 envelopes, 4-8 duplicates in 6 of 6 runs).
+        """
         if self.settings.ignore_self and inbound.event == "message" and inbound.keys.get("self"):
             return True
-        claim = Claim.NEW if key is None else await self.dedup.claim(key)
+        if key is None:
+            return await self._hand_over(inbound, None)
+        running = self._handing_over.get(key)
+        if running is not None:
+            return await self._follow(key, running)
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._handing_over[key] = outcome
+        accepted = False
+        try:
+            accepted = await self._hand_over(inbound, key)
+        finally:
+            del self._handing_over[key]
+            outcome.set_result(accepted)  # False when cancelled (the connection went away)
+        return accepted
+
+    async def _follow(self, key: str, running: asyncio.Future[bool]) -> bool:
+        """Another delivery of ``key`` is being handed over by this process: its outcome is
+        this one's (it ends within ``ack_timeout``), so both are acknowledged, or neither."""
+        try:
+            accepted = await asyncio.wait_for(asyncio.shield(running), self.settings.ack_timeout)
+        except TimeoutError:
+            accepted = False
+        if accepted:
+            self.metrics.dropped("duplicate")
+            self.log.debug("%s: %s delivered meanwhile; acknowledged again", self.name, key)
+        else:
+            self.metrics.retry("duplicate_in_flight")
+            self.log.debug("%s: %s not taken meanwhile; not acknowledged", self.name, key)
+        return accepted
+
+    async def _hand_over(self, inbound: Inbound, key: str | None) -> bool:
+        loop = asyncio.get_running_loop()
+        # ack_timeout bounds the whole hand-off: de-dup claim, channel_type lookup, layer
+        deadline = loop.time() + self.settings.ack_timeout
+        claim = Claim.NEW
+        if key is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    claim = await self.dedup.claim(key)
+            except TimeoutError:  # as when that Redis cannot answer: unchecked
+                self.metrics.error("dedup_unavailable")
         if claim is Claim.DONE:
             self.metrics.dropped("duplicate")
             self.log.info("%s: %s already delivered; acknowledged again", self.name, key)
             return True
         if claim is Claim.PENDING:
-            # another delivery of it is being handed over and may still fail: no ack yet
+            # another replica hands it over now, and may still fail: no ack yet
             self.metrics.retry("duplicate_in_flight")
             self.log.info("%s: %s is being delivered meanwhile; not acknowledged", self.name, key)
             return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.ack_timeout
         keys = inbound.keys
         if inbound.event in ("joined", "left"):
-            kind = await self.channel_types.get(keys.get("channel"), LOOKUP_TIMEOUT)
+            timeout = min(LOOKUP_TIMEOUT, max(0.0, deadline - loop.time()))
+            kind = await self.channel_types.get(keys.get("channel"), timeout)
             keys = {**keys, "channel_type": kind}
         message = self.event(inbound.event, id=inbound.id, **keys)
         try:
             accepted = await self.publish(message, timeout=max(0.0, deadline - loop.time()))
         except EventRefused:
             accepted = True  # logged and counted by publish(); Slack would resend it forever
-        if key is not None:
-            await (self.dedup.done(key) if accepted else self.dedup.release(key))
+        if key is not None and accepted:
+            # the layer has it: a cancel now (the socket went away) must not lose the mark
+            await asyncio.shield(self.dedup.done(key))
+        elif key is not None:
+            await self.dedup.release(key)
         return accepted
 
     # -- commands -----------------------------------------------------------------------------
