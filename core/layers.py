@@ -382,7 +382,9 @@ def is_memory_layer(layer: ChannelLayer) -> bool:
 
 
 def describe_layer(path: str) -> str:
-    """The layer path with any password replaced, for logs and error messages.
+    """The layer path with any password replaced, for logs and error messages: the userinfo's,
+    and the value of every password-like query parameter (``?password=…``, which redis-py
+    accepts; :data:`core.logs.SECRET_PARAMETERS` lists which).
 
     Read by hand rather than with ``urlsplit``: a password with a raw ``/`` in it
     (``redis://:pa/ss@host``) is no password to ``urlsplit``, which then found "no host" and
@@ -392,9 +394,9 @@ def describe_layer(path: str) -> str:
     authority = rest.split("?", 1)[0].split("#", 1)[0]
     userinfo, at, _ = authority.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    if not sep or not at or not colon:
-        return path
-    return f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
+    if sep and at and colon:
+        path = f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
+    return redact(path)
 
 
 async def probe_layer(layer: ChannelLayer) -> str | None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,3 +354,39 @@ def test_django_settings_mistake_is_one_line_exit_2(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gateways: ") and fragment in lines[0], lines
+
+
+def test_password_query_parameters_never_shown(tmp_path: Path, start_service: Any) -> None:
+    """Issue 21, item 16: redis-py takes ``?password=…`` in the URL, and the layer path was
+    logged whole at INFO on every start; errors and --check-config showed it too."""
+    redis = start_service(RedisServer(extra_args=["--requirepass", "S3cretQ"]))
+    layer = f"redis://127.0.0.1:{redis.port}/0?password=S3cretQ&capacity=100"
+    gateway = Server(
+        [
+            "gateway-email",
+            "--config",
+            str(email_yaml(tmp_path, port=free_port())),
+            "--layer",
+            layer,
+        ],
+        "ready: events",  # authenticated with the password from the query string
+        cwd=ROOT,
+    )
+    assert gateway.stop(signal.SIGTERM) == 0
+    output = "\n".join(gateway.output)
+    assert "S3cret" not in output
+    assert f"layer redis://127.0.0.1:{redis.port}/0?password=***&capacity=100" in output
+    for bad in (
+        "redis://h:6379/0?password=S3cretA&capacity=abc",
+        "redis://h:6379/0?capacity=abc&ssl_password=S3cretB&x_api-key=S3cretC",
+        "redis://u:S3cretD@h:6379/0?token=S3cretE&layer=bogus",
+        "memory://?secret=S3cretF",
+    ):
+        for extra in ([], ["--check-config"]):
+            result = run(
+                "gateway-email", "--config", str(email_yaml(tmp_path)), "--layer", bad, *extra
+            )
+            assert result.returncode == 2, result.stderr
+            assert "S3cret" not in result.stderr + result.stdout, result.stderr
+            assert len(result.stderr.splitlines()) == 1 and "=***" in result.stderr
+
