@@ -335,14 +335,28 @@ def import_object(path: str) -> Any:
     return target
 
 
+def _raised(exc: BaseException) -> str:
+    """``Type: message`` on one line, cut to 300 characters (it goes into a one-line error)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split()).removesuffix(":")
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
 def _import_layer(path: str) -> ChannelLayer:
+    attr = path.partition(":")[2]
+    # whatever the module or the factory raises (issue 21, item 17: a RuntimeError at import
+    # was a 40-line traceback, exit 1, the path in clear) is one line and exit 2; SystemExit
+    # too, so a module that calls sys.exit() cannot choose the binary's exit code
     try:
         target = import_object(path)
     except ValueError as exc:
         raise LayerPathError.of(path, str(exc)) from None
-    attr = path.partition(":")[2]
+    except (Exception, SystemExit) as exc:
+        raise LayerPathError.of(path, f"importing it raised {_raised(exc)}") from None
     if callable(target) and not hasattr(target, "send"):
-        target = target()
+        try:
+            target = target()
+        except (Exception, SystemExit) as exc:
+            raise LayerPathError.of(path, f"{attr}() raised {_raised(exc)}") from None
     if not all(hasattr(target, name) for name in ("send", "receive", "new_channel")):
         raise LayerPathError.of(path, f"{attr} is not a channel layer")
     # groups are optional in channels (core.types): the three checked above are what is needed
