@@ -153,7 +153,8 @@ class SlackConfig(Section):
         default=2.5,
         gt=0,
         lt=3,
-        description="Seconds an envelope may wait for the layer; not taken by then, it is not "
+        description="Seconds an envelope may wait for the de-dup window, its channel_type "
+        "and the layer; not taken by then, it is not "
         "acknowledged (Socket Mode: Slack redelivers) or answered 503 (Events API). Slack "
         "wants an answer within 3 s.",
     )
