@@ -278,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                 "(the machine is shared with other benchmarks and test runs)",
                 f"- Command: `{command_line('bench.slack')}`",
                 f"- Workload: {args.count} `events_api` envelopes (a `message` event each) "
-                f"flat out, {args.latency_count} at each steady rate; private redis-server, "
-                "the de-dup window in it; the local Slack of `core.testing.slack`.",
+                f"flat out, a burst of {args.burst}, {args.latency_count} at each steady rate; "
+                "private redis-server, the de-dup window in it; the local Slack of "
+                "`core.testing.slack`"
+                + (f"; {len(args.outages)} Redis outage runs (below)." if args.outages else "."),
                 "",
                 markdown_table(header, rows),
                 "",
