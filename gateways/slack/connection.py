@@ -352,8 +352,11 @@ class SocketModeConnection(ReconnectingClient):
             self._replacing = None
         socket, self._socket = self._socket, None
         readers, self._readers = set(self._readers), set()
-        handlers, self._in_flight = set(self._in_flight), set()
-        # an envelope not acknowledged yet is redelivered by Slack
+        # An envelope not acknowledged yet is redelivered by Slack. Its hand-off is left to end
+        # (within ack_timeout) unless the gateway stops: cancelled, a layer send whose reply was
+        # on its way had still added the event, and the redelivery added it again; finishing,
+        # it marks the id done or lets the redelivery follow it (SlackGateway._deliver).
+        handlers = set(self._in_flight) if self.gateway.stopping else set()
         await cancel_and_wait(*readers, *handlers)
         if socket is not None:
             with contextlib.suppress(Exception):
@@ -398,7 +401,7 @@ class SocketModeConnection(ReconnectingClient):
                 self.heard()
                 parsed = parse_envelope(frame)
                 if isinstance(parsed, Envelope):
-                    await slots.acquire()
+                    await self._slot(slots)
                     task = asyncio.create_task(self._handle(socket, parsed, slots))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
@@ -415,6 +418,32 @@ class SocketModeConnection(ReconnectingClient):
             reason = describe_error(exc)
         if socket is self._socket:
             self._resolve_lost(reason)
+
+    async def _slot(self, slots: asyncio.Semaphore) -> None:
+        """Wait for a free handling slot, feeding the watchdog meanwhile.
+
+        While the reader waits, frames wait unread in the socket and, once websockets' queue is
+        full, so do the answers to our pings: that silence is our backlog (the layer slow or
+        down), not a dead server. The watchdog judged it one and dropped a working connection
+        in the middle of every Redis outage longer than 2 x ping_interval. It judges again once
+        a slot is free and the reader waits on the socket, so a connection that died meanwhile
+        is found at most one hand-off (ack_timeout) later.
+        """
+        if not slots.locked():
+            await slots.acquire()
+            return
+
+        async def feed() -> None:
+            while True:
+                self.heard()
+                await asyncio.sleep(self.settings.ping_interval / 2)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            await slots.acquire()
+        finally:
+            feeder.cancel()
+        self.heard()
 
     async def _handle(
         self, socket: ClientConnection, envelope: Envelope, slots: asyncio.Semaphore

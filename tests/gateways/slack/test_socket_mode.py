@@ -540,3 +540,6 @@ async def test_a_redis_outage_with_redeliveries_publishes_each_event_once(
             assert {k: n for k, n in seen.items() if n > 1} == {}
         # the redeliveries were absorbed, and counted as such
         assert gateway.metric("gateway_dropped_total", reason="duplicate") > 0
+        # the backlog behind max_in_flight is not mistaken for a silent Slack (ping_interval
+        # is 0.5 s here): one connection throughout
+        assert fake_slack.connections_opened == 1, fake_slack.close_codes
