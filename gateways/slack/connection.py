@@ -272,6 +272,8 @@ class SocketModeConnection(ReconnectingClient):
         self._socket: ClientConnection | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: readers waiting for a free handling slot now (see _slot)
+        self._slot_waits = 0
         self._lost_reason: asyncio.Future[str] | None = None
         self._replacing: asyncio.Task[None] | None = None
 
@@ -363,6 +365,9 @@ class SocketModeConnection(ReconnectingClient):
                 await asyncio.wait_for(socket.close(), 2)
 
     async def _probe(self) -> None:
+        if self._slot_waits:
+            self.heard()  # a reader waits for a free slot: see _slot
+            return
         socket = self._socket
         if socket is None:
             return
@@ -420,30 +425,23 @@ class SocketModeConnection(ReconnectingClient):
             self._resolve_lost(reason)
 
     async def _slot(self, slots: asyncio.Semaphore) -> None:
-        """Wait for a free handling slot, feeding the watchdog meanwhile.
+        """Wait for a free handling slot; meanwhile the watchdog counts the socket as heard.
 
         While the reader waits, frames wait unread in the socket and, once websockets' queue is
         full, so do the answers to our pings: that silence is our backlog (the layer slow or
         down), not a dead server. The watchdog judged it one and dropped a working connection
-        in the middle of every Redis outage longer than 2 x ping_interval. It judges again once
-        a slot is free and the reader waits on the socket, so a connection that died meanwhile
-        is found at most one hand-off (ack_timeout) later.
+        in the middle of every Redis outage longer than 2 x ping_interval (:meth:`_probe`). It
+        judges again once a slot is free and the reader waits on the socket, so a connection
+        that died meanwhile is found at most one hand-off (ack_timeout) later.
         """
         if not slots.locked():
             await slots.acquire()
             return
-
-        async def feed() -> None:
-            while True:
-                self.heard()
-                await asyncio.sleep(self.settings.ping_interval / 2)
-
-        feeder = asyncio.create_task(feed())
+        self._slot_waits += 1
         try:
             await slots.acquire()
         finally:
-            feeder.cancel()
-        self.heard()
+            self._slot_waits -= 1
 
     async def _handle(
         self, socket: ClientConnection, envelope: Envelope, slots: asyncio.Semaphore
