@@ -29,7 +29,7 @@ from core.layers import (
     is_memory_layer,
     resolve_layer,
 )
-from core.logs import setup_logging
+from core.logs import redact, setup_logging
 from core.service import Gateway, StartupError, describe_error, describe_tasks
 from core.types import ChannelLayer
 
@@ -331,7 +331,7 @@ def gateway_main(gateway_cls: GatewayClass, argv: Sequence[str] | None = None) -
         if serves_app and args.app:
             _serve_application(gateways, _import(args.app, "--app"))
     except (UsageError, LayerPathError) as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        print(redact(f"{parser.prog}: {exc}"), file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
         print(f"{args.config}: ok")
@@ -395,7 +395,7 @@ def run_main(
             specs, args, allow_memory=application is not None or args.check_config
         )
     except (UsageError, LayerPathError, ConfigError) as exc:
-        print(f"gateways: {exc}", file=sys.stderr)
+        print(redact(f"gateways: {exc}"), file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
         for path in args.files:

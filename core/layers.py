@@ -306,10 +306,13 @@ def _django_layer(path: str) -> ChannelLayer:
     if not os.environ.get("DJANGO_SETTINGS_MODULE"):
         raise LayerPathError.of(path, "DJANGO_SETTINGS_MODULE is not set")
     import django
+    from django.apps import apps
     from django.conf import settings
 
     try:
-        if not settings.configured or not getattr(django.apps.apps, "ready", False):
+        # django.apps must be imported by name: with settings configured by someone else, the
+        # submodule may not be loaded yet (AttributeError: module 'django' has no attribute 'apps')
+        if not settings.configured or not apps.ready:
             django.setup()
         from channels.layers import DEFAULT_CHANNEL_LAYER, get_channel_layer
 
@@ -335,14 +338,28 @@ def import_object(path: str) -> Any:
     return target
 
 
+def _raised(exc: BaseException) -> str:
+    """``Type: message`` on one line, cut to 300 characters (it goes into a one-line error)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split()).removesuffix(":")
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
 def _import_layer(path: str) -> ChannelLayer:
+    attr = path.partition(":")[2]
+    # whatever the module or the factory raises (issue 21, item 17: a RuntimeError at import
+    # was a 40-line traceback, exit 1, the path in clear) is one line and exit 2; SystemExit
+    # too, so a module that calls sys.exit() cannot choose the binary's exit code
     try:
         target = import_object(path)
     except ValueError as exc:
         raise LayerPathError.of(path, str(exc)) from None
-    attr = path.partition(":")[2]
+    except (Exception, SystemExit) as exc:
+        raise LayerPathError.of(path, f"importing it raised {_raised(exc)}") from None
     if callable(target) and not hasattr(target, "send"):
-        target = target()
+        try:
+            target = target()
+        except (Exception, SystemExit) as exc:
+            raise LayerPathError.of(path, f"{attr}() raised {_raised(exc)}") from None
     if not all(hasattr(target, name) for name in ("send", "receive", "new_channel")):
         raise LayerPathError.of(path, f"{attr} is not a channel layer")
     # groups are optional in channels (core.types): the three checked above are what is needed
@@ -382,7 +399,9 @@ def is_memory_layer(layer: ChannelLayer) -> bool:
 
 
 def describe_layer(path: str) -> str:
-    """The layer path with any password replaced, for logs and error messages.
+    """The layer path with any password replaced, for logs and error messages: the userinfo's,
+    and the value of every password-like query parameter (``?password=…``, which redis-py
+    accepts; :data:`core.logs.SECRET_PARAMETERS` lists which).
 
     Read by hand rather than with ``urlsplit``: a password with a raw ``/`` in it
     (``redis://:pa/ss@host``) is no password to ``urlsplit``, which then found "no host" and
@@ -392,9 +411,9 @@ def describe_layer(path: str) -> str:
     authority = rest.split("?", 1)[0].split("#", 1)[0]
     userinfo, at, _ = authority.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    if not sep or not at or not colon:
-        return path
-    return f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
+    if sep and at and colon:
+        path = f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
+    return redact(path)
 
 
 async def probe_layer(layer: ChannelLayer) -> str | None:

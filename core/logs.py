@@ -1,8 +1,10 @@
 """Logging: one line per event worth a person's attention, secrets redacted (DESIGN §8).
 
 Every secret the configuration loads is registered here; a filter on the root handler replaces
-any registered value, and the password part of any ``scheme://user:password@host`` URL, with
-``***`` before a record is written, whatever logger produced it.
+any registered value, the password part of any ``scheme://user:password@host`` URL, and the
+value of any password-like query parameter (:data:`SECRET_PARAMETERS`: ``?password=…``, which
+redis-py accepts in a layer path) with ``***`` before a record is written, whatever logger
+produced it.
 
 Log lines carry text that senders chose (a mail header, an MQTT topic, a MIME defect), so two
 rules keep one hostile input from stalling the process that logs it (issue 14, item 1):
@@ -17,7 +19,15 @@ import re
 import sys
 import time
 
-__all__ = ["MAX_LINE", "RepeatFilter", "clip", "redact", "register_secret", "setup_logging"]
+__all__ = [
+    "MAX_LINE",
+    "SECRET_PARAMETERS",
+    "RepeatFilter",
+    "clip",
+    "redact",
+    "register_secret",
+    "setup_logging",
+]
 
 #: characters of one formatted log line (message and traceback) before it is cut
 MAX_LINE = 16 * 1024
@@ -34,6 +44,53 @@ _secrets: set[str] = set()
 _URL_PASSWORD = re.compile(
     r"(?<![a-z0-9+.-])(?P<head>[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^/?#@\s]+@", re.IGNORECASE
 )
+
+
+#: a parameter ``name=value`` (in a URL's query, or ``password=x`` in a message) is a secret
+#: when its name, lower-cased with ``-`` read as ``_``, is one of ``exact``, contains one of
+#: ``within`` or ends with one of ``suffixes``; its value runs to the next ``&``, ``#`` or
+#: space (issue 21, item 16: ``redis://h/0?password=…``, which redis-py accepts, was logged)
+SECRET_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "exact": ("pass", "pwd", "pw", "key", "auth", "sig"),
+    "within": ("password", "passwd", "secret", "token", "credential", "signature", "apikey"),
+    "suffixes": ("_key", "_pass", "_pwd"),
+}
+#: every secret name contains one of these: a line without any is left alone at once
+_SECRET_HINTS = ("pass", "pw", "key", "auth", "sig", "secret", "token", "credential")
+# a name is a whole run of name characters: one try per run, so finding them is linear
+_PARAMETER = re.compile(r"(?<![\w.-])([\w.-]+)=")
+_VALUE_END = re.compile(r"[&#\s]")
+
+
+def _secret_parameter(name: str) -> bool:
+    name = name.lower().replace("-", "_")
+    return (
+        name in SECRET_PARAMETERS["exact"]
+        or any(part in name for part in SECRET_PARAMETERS["within"])
+        or name.endswith(SECRET_PARAMETERS["suffixes"])
+    )
+
+
+def _hide_parameters(text: str) -> str:
+    """``text`` with the value of every secret parameter replaced by ``***``.
+
+    Names are found without consuming values, so ``user=bob,password=x`` is caught too; a value
+    is scanned only from a secret name on, and names inside a hidden value are skipped: the
+    scans never overlap, linear in the line.
+    """
+    parts: list[str] = []
+    done = 0
+    for match in _PARAMETER.finditer(text):
+        start = match.end()
+        if match.start() < done or not _secret_parameter(match[1]):
+            continue
+        end_match = _VALUE_END.search(text, start)
+        end = end_match.start() if end_match else len(text)
+        if end == start or text.startswith("***", start):
+            continue  # empty, or hidden already
+        parts += [text[done:start], "***"]
+        done = end
+    return "".join([*parts, text[done:]]) if parts else text
 
 
 def clip(value: object, limit: int = CLIP) -> str:
@@ -55,8 +112,11 @@ def register_secret(value: str) -> None:
 
 
 def redact(text: str) -> str:
-    """``text`` with registered secrets and URL passwords replaced by ``***``."""
+    """``text`` with registered secrets, URL passwords and password-like query parameters
+    (:data:`SECRET_PARAMETERS`) replaced by ``***``."""
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    if "=" in text and any(hint in text.lower() for hint in _SECRET_HINTS):
+        text = _hide_parameters(text)
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "***")

@@ -101,6 +101,10 @@ RESULT_TIMEOUT = 30.0
 HANDOFF_BATCH = 500
 #: seconds between two looks at readiness (for the "ready" / "not ready yet" log lines)
 READINESS_INTERVAL = 0.5
+#: seconds a layer send that is under way when a publish() timeout passes may still take: cut
+#: short, it may have added the message anyway, and the transport's retry added it again (a
+#: Slack redelivery published twice when Redis came back in an event's last milliseconds)
+MIN_SEND_ATTEMPT = 0.25
 
 
 def _layer_errors() -> tuple[type[BaseException], ...]:
@@ -456,9 +460,11 @@ class Gateway(Generic[C]):
         The route is ``channel`` when given (a per-event target, e.g. an MQTT subscription's
         own channel), else ``config.route(message["type"])``. Returns ``True`` once the layer
         accepted it, ``False`` when ``timeout`` seconds passed first (``None``: keep trying until
-        :meth:`stop`, then give up). The first refusal of an episode and the recovery are logged
-        at INFO, once per episode for the whole gateway; refusals that last make a stall
-        (:attr:`stall`), with one WARNING when it starts and one when it ends.
+        :meth:`stop`, then give up); a send under way when ``timeout`` passes gets up to
+        :data:`MIN_SEND_ATTEMPT` s more, since one cut short may have added the message. The
+        first refusal of an episode and the recovery are logged at INFO, once per episode for
+        the whole gateway; refusals that last make a stall (:attr:`stall`), with one WARNING
+        when it starts and one when it ends.
 
         Raises :class:`EventRefused` (logged and counted here) when no layer could ever take
         ``message``: over 1 MB as msgpack, or not msgpack-safe. Such an event is never retried.
@@ -515,7 +521,9 @@ class Gateway(Generic[C]):
         try:
             while taken < len(pending):
                 started = loop.time()
-                attempt_limit = 10.0 if deadline is None else max(0.001, deadline - started)
+                attempt_limit = (
+                    10.0 if deadline is None else max(MIN_SEND_ATTEMPT, deadline - started)
+                )
                 channel, message = pending[taken]
                 try:
                     wanted = len(pending) - taken if send_many is not None else 1

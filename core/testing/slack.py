@@ -7,14 +7,21 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
   Slack's JSON (``{"ok": true, …}`` / ``{"ok": false, "error": "channel_not_found"}``) for
   ``auth.test``, ``apps.connections.open`` (app token only; the URL points at this server's
   own Socket Mode endpoint), ``chat.postMessage``, ``chat.update``, ``chat.delete``,
-  ``reactions.add`` and ``reactions.remove``. :meth:`FakeSlack.rate_limit` makes the next
-  calls of a method answer ``429`` with ``Retry-After``.
+  ``reactions.add``, ``reactions.remove`` and ``conversations.info`` (public channels
+  ``C0GENERAL`` and ``C0RANDOM``; private ``C0SECRET``, created "after March 2021", and the
+  older ``G0LEGACY``; the group DM ``G0MPDM`` and the DM ``D0ALICE``).
+  :meth:`FakeSlack.rate_limit` makes the next calls of a method answer ``429`` with
+  ``Retry-After``.
 * **Socket Mode** ``GET /socket/<ticket>`` (WebSocket): ``hello`` on connect; :meth:`send_event`,
   :meth:`send_slash_command`, :meth:`send_interactive` (:meth:`send_envelope`: any) push the
   documented envelopes and record acknowledgements by ``envelope_id``; :meth:`send_disconnect`
   asks the client to move; :meth:`go_silent` stops answering anything (pings included) without
   closing. Like Slack, envelopes not acknowledged are redelivered on the next connection
-  (``retry_attempt`` + 1), or when :meth:`redeliver` is called.
+  (``retry_attempt`` + 1), when :meth:`redeliver` is called, or, after :meth:`auto_redeliver`,
+  once they went unacknowledged for a while (Slack: about 3 s); after
+  :attr:`~FakeSlack.max_retries` redeliveries Slack gives up on one (:attr:`FakeSlack.abandoned`).
+  Frames of any size are sent (Slack documents no limit); :attr:`FakeSlack.close_codes` records
+  how each connection ended (``1009``: a frame was too big for the client).
 * **response_url** ``POST /hooks/<n>``: bodies recorded in :attr:`FakeSlack.responses`.
 * :class:`EventsApiClient` posts signed Events API requests (``X-Slack-Signature`` v0) the way
   Slack does, with knobs to get the signature, the timestamp or the headers wrong.
@@ -100,7 +107,15 @@ class FakeSlack:
     ) -> None:
         self.bot_token = bot_token
         self.app_token = app_token
-        self.channels = set(channels)
+        #: conversation id → its flags in conversations.info (Slack's conversation object)
+        self.conversations: dict[str, dict[str, bool]] = {
+            **{channel: _conversation("public") for channel in channels},
+            "C0SECRET": _conversation("private"),
+            "G0LEGACY": _conversation("legacy_private"),
+            "G0MPDM": _conversation("mpim"),
+            "D0ALICE": _conversation("im"),
+        }
+        self.channels = set(self.conversations)
         self.port: int | None = None
         #: every Web API call, in order
         self.calls: list[SlackCall] = []
@@ -118,6 +133,14 @@ class FakeSlack:
         self.reactions: set[tuple[str, str, str]] = set()
         self.sockets: list[_Socket] = []
         self.connections_opened = 0
+        #: the WebSocket close code of each connection that ended, in order
+        self.close_codes: list[int | None] = []
+        #: redeliveries of one envelope before Slack gives up on it (None: never)
+        self.max_retries: int | None = None
+        #: envelope_id → the envelope Slack gave up on after max_retries redeliveries
+        self.abandoned: dict[str, dict[str, Any]] = {}
+        #: envelope_id → time.monotonic() of its latest delivery
+        self._delivered: dict[str, float] = {}
         self._limits: dict[str, list[int]] = {}
         self._ts = itertools.count(1)
         self._hooks = itertools.count(1)
@@ -302,6 +325,13 @@ class FakeSlack:
         self.reactions.discard(key)
         return _slack_ok()
 
+    def _m_conversations_info(self, args: dict[str, Any]) -> web.Response:
+        channel = self._channel(args)
+        if channel is None:
+            return _slack_error("channel_not_found")
+        return _slack_ok(channel={"id": channel, "name": channel.lower(), "created": 1360782804,
+                                  **self.conversations[channel]})  # fmt: skip
+
     # -- response_url -------------------------------------------------------------------------
 
     def response_url(self) -> str:
@@ -333,9 +363,7 @@ class FakeSlack:
             }
         )
         # like Slack: what was not acknowledged is delivered again on the new connection
-        for envelope in list(self.pending.values()):
-            envelope["retry_attempt"] = int(envelope.get("retry_attempt", 0)) + 1
-            envelope["retry_reason"] = "timeout"
+        for envelope in self._again():
             await ws.send_json(envelope)
         self._notify()
         try:
@@ -354,6 +382,7 @@ class FakeSlack:
                         self._notify()
         finally:
             socket.closed.set()
+            self.close_codes.append(ws.close_code)
             self._notify()
         return ws
 
@@ -368,7 +397,7 @@ class FakeSlack:
         envelope_id = str(uuid.uuid4())
         envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload, **extra}
         self.pending[envelope_id] = envelope
-        self.sent_at[envelope_id] = time.monotonic()
+        self.sent_at[envelope_id] = self._delivered[envelope_id] = time.monotonic()
         await self._current().ws.send_json(envelope)
         return envelope_id
 
@@ -436,16 +465,63 @@ class FakeSlack:
         """The current socket stays open but says nothing and answers nothing (pings neither)."""
         self._current().silent = True
 
+    def _again(self, older_than: float | None = None) -> list[dict[str, Any]]:
+        """The unacknowledged envelopes to deliver again now (delivered over ``older_than`` s
+        ago), each with ``retry_attempt`` + 1; those over ``max_retries`` are abandoned."""
+        now = time.monotonic()
+        again = []
+        for envelope_id, envelope in list(self.pending.items()):
+            if older_than is not None and now - self._delivered[envelope_id] < older_than:
+                continue
+            attempt = int(envelope.get("retry_attempt", 0)) + 1
+            if self.max_retries is not None and attempt > self.max_retries:
+                self.abandoned[envelope_id] = self.pending.pop(envelope_id)
+                self._notify()
+                continue
+            envelope["retry_attempt"] = attempt
+            envelope["retry_reason"] = "timeout"
+            self._delivered[envelope_id] = now
+            again.append(envelope)
+        return again
+
     async def redeliver(self) -> None:
         """Send every unacknowledged envelope again (``retry_attempt`` + 1)."""
         socket = self._current()
-        for envelope in list(self.pending.values()):
-            envelope["retry_attempt"] = int(envelope.get("retry_attempt", 0)) + 1
-            envelope["retry_reason"] = "timeout"
+        for envelope in self._again():
             await socket.ws.send_json(envelope)
+
+    def auto_redeliver(self, after: float = 3.0) -> None:
+        """From now on, like Slack: an envelope unacknowledged ``after`` seconds after its latest
+        delivery is delivered again on the current connection (until :meth:`stop`)."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(after / 4)
+                sockets = self.open_sockets
+                if not sockets:
+                    continue
+                for envelope in self._again(older_than=after):
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await sockets[-1].ws.send_json(envelope)
+
+        task = asyncio.ensure_future(loop())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait_ack(self, envelope_id: str, timeout: float = WAIT) -> None:
         await self.wait_for(lambda: envelope_id in self.acks, timeout, f"ack of {envelope_id}")
+
+
+def _conversation(kind: str) -> dict[str, bool]:
+    """The type flags of a conversation object: private channels created before March 2021
+    are ``is_group`` (ids starting with G), later ones ``is_channel`` and ``is_private``."""
+    return {
+        "is_channel": kind in ("public", "private"),
+        "is_group": kind == "legacy_private",
+        "is_im": kind == "im",
+        "is_mpim": kind == "mpim",
+        "is_private": kind != "public",
+    }
 
 
 def _slack_ok(**keys: Any) -> web.Response:

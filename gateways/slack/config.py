@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from core.config import GatewayConfig, Section
+from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section
 
 __all__ = [
     "DedupConfig",
@@ -19,6 +19,9 @@ __all__ = [
 
 #: a layer message stays under 1 MiB (DESIGN §3); the envelope needs room too
 MAX_BODY = 1024 * 1024 - 64 * 1024
+#: Socket Mode frames: what is read by default, and at most
+FRAME_SIZE = 4 * 1024 * 1024
+MAX_FRAME_SIZE = 64 * 1024 * 1024
 
 
 def _url(value: str) -> str:
@@ -70,7 +73,8 @@ class DedupConfig(Section):
     max_entries: int = Field(
         default=100_000,
         ge=1,
-        description="Ids kept in memory (non-Redis layers); the oldest is forgotten first.",
+        description="Ids kept in memory (non-Redis layers); the oldest is forgotten first. "
+        "With the window in Redis: ids remembered in memory whose done mark Redis did not take.",
     )
     redis: bool = Field(
         default=True,
@@ -149,7 +153,8 @@ class SlackConfig(Section):
         default=2.5,
         gt=0,
         lt=3,
-        description="Seconds an envelope may wait for the layer; not taken by then, it is not "
+        description="Seconds an envelope may wait for the de-dup window, its channel_type "
+        "and the layer; not taken by then, it is not "
         "acknowledged (Socket Mode: Slack redelivers) or answered 503 (Events API). Slack "
         "wants an answer within 3 s.",
     )
@@ -159,6 +164,15 @@ class SlackConfig(Section):
         le=10_000,
         description="Socket Mode: envelopes handled at once per connection (their events may "
         "reach the layer in a different order; Slack does not promise an order either).",
+    )
+    max_frame_size: int = Field(
+        default=FRAME_SIZE,
+        gt=MAX_MESSAGE_BYTES,
+        le=MAX_FRAME_SIZE,
+        description="Socket Mode: bytes of the largest WebSocket frame (envelope) read. Above "
+        "the layer's 1 MiB event limit, so an envelope whose event is over that limit is still "
+        "read, acknowledged and counted as too_large; a larger frame closes the connection "
+        "(1009) and Slack redelivers it.",
     )
     ignore_self: bool = Field(
         default=True,

@@ -18,15 +18,17 @@ the Events API's HTTP server.
   (fixed delay, forever, also after ``invalid_auth``), queue frames without a bound and hide a
   lost connection from the caller, which would fight :mod:`core.client`.
 * :class:`EventsApiServer` — an aiohttp server on the configured path: bodies over the limit are
-  413 before they are read; the signature (slack_sdk's ``SignatureVerifier``) and timestamp are
-  checked before anything else (401); ``url_verification`` is answered; the gateway decides 200
-  or 503 for the rest.
+  413 before they are read; the signature (slack_sdk's ``SignatureVerifier``, over the body's
+  bytes) and timestamp are checked before anything else (401); a signed body that cannot be
+  read is 400; ``url_verification`` is answered; the gateway decides 200 or 503 for the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Mapping
@@ -49,6 +51,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.frames import CloseCode
 
 from core.client import ClientListener, ConnectFailed, ReconnectingClient
 from core.service import Backoff, EventBuffer, Gateway, cancel_and_wait, describe_error
@@ -73,6 +76,9 @@ __all__ = [
     "SlackWebApi",
     "SocketModeConnection",
 ]
+
+#: the close code websockets sends when a frame is over ``max_size`` (slack.max_frame_size)
+TOO_BIG = CloseCode.MESSAGE_TOO_BIG
 
 #: Web API error codes that mean "this token will not work": no retry loop on start-up
 FATAL_ERRORS = frozenset(
@@ -114,6 +120,9 @@ class SlackListener(ClientListener, Protocol):
 
     def slack_bad_input(self, problem: str) -> None:
         """Something Slack (or someone claiming to be Slack) sent was refused."""
+
+    def slack_frame_too_large(self, problem: str) -> None:
+        """A Socket Mode frame over ``max_frame_size`` closed the connection (1009)."""
 
 
 class _CountingRateLimit(AsyncRateLimitErrorRetryHandler):
@@ -181,15 +190,25 @@ class SlackWebApi:
         return self._client
 
     async def call(
-        self, method: str, args: Mapping[str, Any] | None = None, *, token: str | None = None
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        read: bool = False,
     ) -> dict[str, Any]:
-        """``method`` with JSON ``args``: Slack's answer, or :class:`SlackApiFailed` (ok: false)."""
+        """``method`` with JSON ``args`` (``read``: a GET with them in the query string, as
+        Slack's read methods such as ``conversations.info`` want them): Slack's answer, or
+        :class:`SlackApiFailed` (ok: false)."""
         client = self._web()
         body = dict(args or {})
         if token is not None:
             body["token"] = token  # slack_sdk sends it as the Bearer token instead
         try:
-            response = await client.api_call(method, json=body)
+            if read:
+                response = await client.api_call(method, http_verb="GET", params=body)
+            else:
+                response = await client.api_call(method, json=body)
         except SlackApiError as exc:
             data = exc.response.data
             error = data.get("error") if isinstance(data, dict) else None
@@ -253,6 +272,8 @@ class SocketModeConnection(ReconnectingClient):
         self._socket: ClientConnection | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: readers waiting for a free handling slot now (see _slot)
+        self._slot_waits = 0
         self._lost_reason: asyncio.Future[str] | None = None
         self._replacing: asyncio.Task[None] | None = None
 
@@ -294,8 +315,14 @@ class SocketModeConnection(ReconnectingClient):
         if not isinstance(url, str):
             raise ConnectFailed("apps.connections.open answered without a url")
         try:
+            # websockets' max_size defaults to 1 MiB, the layer's own limit: an envelope whose
+            # event was over it closed the connection (1009) on every redelivery instead of
+            # being acknowledged as too_large (issue 21, item 11)
             socket = await connect(
-                url, ping_interval=None, max_size=2**20, open_timeout=self.connect_timeout
+                url,
+                ping_interval=None,
+                max_size=self.settings.max_frame_size,
+                open_timeout=self.connect_timeout,
             )
         except (OSError, WebSocketException, TimeoutError) as exc:
             raise ConnectFailed(f"WebSocket: {describe_error(exc)}") from None
@@ -327,14 +354,20 @@ class SocketModeConnection(ReconnectingClient):
             self._replacing = None
         socket, self._socket = self._socket, None
         readers, self._readers = set(self._readers), set()
-        handlers, self._in_flight = set(self._in_flight), set()
-        # an envelope not acknowledged yet is redelivered by Slack
+        # An envelope not acknowledged yet is redelivered by Slack. Its hand-off is left to end
+        # (within ack_timeout) unless the gateway stops: cancelled, a layer send whose reply was
+        # on its way had still added the event, and the redelivery added it again; finishing,
+        # it marks the id done or lets the redelivery follow it (SlackGateway._deliver).
+        handlers = set(self._in_flight) if self.gateway.stopping else set()
         await cancel_and_wait(*readers, *handlers)
         if socket is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(socket.close(), 2)
 
     async def _probe(self) -> None:
+        if self._slot_waits:
+            self.heard()  # a reader waits for a free slot: see _slot
+            return
         socket = self._socket
         if socket is None:
             return
@@ -373,7 +406,7 @@ class SocketModeConnection(ReconnectingClient):
                 self.heard()
                 parsed = parse_envelope(frame)
                 if isinstance(parsed, Envelope):
-                    await slots.acquire()
+                    await self._slot(slots)
                     task = asyncio.create_task(self._handle(socket, parsed, slots))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
@@ -384,10 +417,31 @@ class SocketModeConnection(ReconnectingClient):
                     self.listener.slack_bad_input(parsed.problem)
         except ConnectionClosed as exc:
             reason = f"WebSocket closed: {describe_error(exc)}"
+            if exc.rcvd is None and exc.sent is not None and exc.sent.code == TOO_BIG:
+                self.listener.slack_frame_too_large(exc.sent.reason)
         except OSError as exc:
             reason = describe_error(exc)
         if socket is self._socket:
             self._resolve_lost(reason)
+
+    async def _slot(self, slots: asyncio.Semaphore) -> None:
+        """Wait for a free handling slot; meanwhile the watchdog counts the socket as heard.
+
+        While the reader waits, frames wait unread in the socket and, once websockets' queue is
+        full, so do the answers to our pings: that silence is our backlog (the layer slow or
+        down), not a dead server. The watchdog judged it one and dropped a working connection
+        in the middle of every Redis outage longer than 2 x ping_interval (:meth:`_probe`). It
+        judges again once a slot is free and the reader waits on the socket, so a connection
+        that died meanwhile is found at most one hand-off (ack_timeout) later.
+        """
+        if not slots.locked():
+            await slots.acquire()
+            return
+        self._slot_waits += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._slot_waits -= 1
 
     async def _handle(
         self, socket: ClientConnection, envelope: Envelope, slots: asyncio.Semaphore
@@ -430,6 +484,27 @@ class SocketModeConnection(ReconnectingClient):
         self._replacing = asyncio.create_task(replace(), name=f"{self.name}-replace")
 
 
+class _BytesSignatureVerifier(SignatureVerifier):
+    """slack_sdk's ``SignatureVerifier``, over the body's bytes as Slack signs them.
+
+    slack_sdk decodes a bytes body as UTF-8 before hashing it: a correctly signed body that is
+    not UTF-8 raised ``UnicodeDecodeError`` and was answered 401 "invalid signature" instead of
+    400 (issue 21, item 13). Its ``is_valid`` also refuses any timestamp more than 300 s off,
+    whatever ``events_api.max_age`` says; :func:`check_timestamp` is the one age check here.
+    """
+
+    def generate_signature(self, *, timestamp: str, body: str | bytes) -> str | None:
+        raw = body if isinstance(body, bytes) else body.encode()
+        base = b"v0:" + timestamp.encode() + b":" + raw
+        return "v0=" + hmac.new(self.signing_secret.encode(), base, hashlib.sha256).hexdigest()
+
+    def signed(self, body: bytes, timestamp: str, signature: str) -> bool:
+        """``signature`` is Slack's HMAC of ``v0:{timestamp}:{body}`` (constant time)."""
+        expected = self.generate_signature(timestamp=timestamp, body=body) or ""
+        # bytes: a header with non-ASCII characters is a mismatch, not a TypeError
+        return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape"))
+
+
 def _describe(parsed: Envelope | Control | Unknown) -> str:
     if isinstance(parsed, Envelope):
         return f"{parsed.type} envelope {parsed.envelope_id}"
@@ -446,7 +521,7 @@ class EventsApiServer:
         self.settings = settings
         self.listener = listener
         self.log = log
-        self.verifier = SignatureVerifier(settings.signing_secret.get_secret_value())
+        self.verifier = _BytesSignatureVerifier(settings.signing_secret.get_secret_value())
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
@@ -489,13 +564,13 @@ class EventsApiServer:
         problem = check_timestamp(stamp, time.time(), options.max_age)
         if problem is None and signature is None:
             problem = "missing X-Slack-Signature"
-        if problem is None:
-            try:
-                valid = self.verifier.is_valid(body, stamp, signature)
-            except (ValueError, UnicodeDecodeError):
-                valid = False
-            if not valid:
-                problem = "bad X-Slack-Signature"
+        if (
+            problem is None
+            and stamp is not None
+            and signature is not None
+            and not self.verifier.signed(body, stamp, signature)
+        ):
+            problem = "bad X-Slack-Signature"
         if problem is not None:
             self.listener.slack_bad_input(f"unsigned request from {request.remote}: {problem}")
             return web.Response(status=401, text="invalid request signature")

@@ -16,11 +16,16 @@ time (Redis ``SET NX PX``, atomic across replicas) and says what it found:
   (``done`` for the whole window) or, when the layer did not take it,
   :meth:`DedupWindow.release` so Slack's redelivery goes through;
 * :attr:`Claim.DONE` — delivered before: acknowledge, do not publish again;
-* :attr:`Claim.PENDING` — another delivery of it is being handed over right now (a replica, a
-  second socket): do **not** acknowledge, since that hand-off may still fail; Slack retries.
+* :attr:`Claim.PENDING` — another delivery of it is being handed over right now (by a replica;
+  within one process the gateway sees it first): do **not** acknowledge, since that hand-off
+  may still fail; Slack retries.
 
 A ``pending`` mark left by a process that died expires after ``pending_for`` seconds. When
-Redis cannot answer, an id counts as new: a duplicate is better than a lost event.
+Redis cannot answer, an id counts as new: a duplicate is better than a lost event. Two things
+keep that from becoming a duplicate within one process: the gateway keeps the ids it is
+handing over in memory as well (a redelivery follows the hand-off in progress), and an id whose
+``done`` could not be written to Redis is remembered ``done`` in memory
+(:class:`RedisDedupWindow`, bounded by ``max_entries``).
 """
 
 from __future__ import annotations
@@ -79,9 +84,16 @@ class DedupWindow:
         self._seen.move_to_end(key)
         return Claim.NEW
 
+    def is_done(self, key: str) -> bool:
+        """``key`` is marked ``done`` (without touching it)."""
+        found = self._seen.get(key)
+        return found is not None and found[0] and found[1] > self.clock()
+
     async def done(self, key: str) -> None:
         self._seen[key] = (True, self.clock() + self.window)
         self._seen.move_to_end(key)
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
 
     async def release(self, key: str) -> None:
         self._seen.pop(key, None)
@@ -100,8 +112,11 @@ class RedisDedupWindow(DedupWindow):
         pending_for: float,
         metrics: GatewayMetrics,
         log: logging.Logger,
+        max_entries: int = 100_000,
     ) -> None:
         super().__init__(window, 1, pending_for)
+        #: ids delivered whose ``done`` mark Redis did not take (it went away meanwhile)
+        self.unwritten = DedupWindow(window, max_entries, pending_for)
         self.redis = redis
         self.metrics = metrics
         self.log = log
@@ -118,6 +133,8 @@ class RedisDedupWindow(DedupWindow):
         self._failing = True
 
     async def claim(self, key: str) -> Claim:
+        if self.unwritten.is_done(key):
+            return Claim.DONE
         try:
             for _ in range(2):  # a second try when the mark expired between SET and GET
                 new = await self.redis.call(
@@ -140,7 +157,8 @@ class RedisDedupWindow(DedupWindow):
         try:
             await self.redis.call("set", self._key(key), "done", px=_ms(self.window))
         except RedisUnavailable as exc:
-            self._unavailable(exc)  # the pending mark expires; a redelivery is published again
+            self._unavailable(exc)  # the pending mark expires; this process remembers it
+            await self.unwritten.done(key)
 
     async def release(self, key: str) -> None:
         try:

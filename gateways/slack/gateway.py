@@ -9,6 +9,10 @@ released from the de-dup window so the redelivery goes through. Events no layer 
 (over 1 MB) and payloads that cannot be read are acknowledged, logged and counted as dropped:
 Slack would otherwise resend them forever.
 
+``channel_type`` of ``slack.joined`` / ``slack.left`` (Slack sends only the id's letter) comes
+from :class:`ChannelTypes`: what the channel's message events said, else ``conversations.info``
+within :data:`LOOKUP_TIMEOUT`, taken out of the event's ``ack_timeout``.
+
 Replies need no particular connection (the Web API is plain HTTPS), so events carry the command
 channel as ``reply_channel`` and any replica may answer.
 
@@ -22,14 +26,25 @@ Slack's ``ts`` and ``channel``, or Slack's error code (``channel_not_found``) as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from core.envelope import Command, CommandError
 from core.pacer import Pacer
 from core.redis import layer_redis
-from core.service import Backoff, EventBuffer, EventRefused, Gateway, StartupError, handles
+from core.service import (
+    Backoff,
+    EventBuffer,
+    EventRefused,
+    Gateway,
+    StartupError,
+    cancel_and_wait,
+    describe_error,
+    handles,
+)
 from core.types import ChannelLayer
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.connection import (
@@ -47,6 +62,7 @@ from gateways.slack.translate import (
     Inbound,
     InvalidCommand,
     InvalidPayload,
+    channel_type_of,
     from_event_callback,
     from_interactive,
     from_slash_command,
@@ -57,7 +73,77 @@ from gateways.slack.translate import (
     parse_update,
 )
 
-__all__ = ["SlackGateway"]
+__all__ = ["ChannelTypes", "SlackGateway"]
+
+#: seconds a conversations.info lookup may take out of an event's ack_timeout
+LOOKUP_TIMEOUT: Final = 1.0
+#: seconds a channel's type is remembered; a failed lookup is tried again after FAILED_FOR
+KNOWN_FOR: Final = 3600.0
+FAILED_FOR: Final = 60.0
+#: channels remembered at once (the least recently used is forgotten first)
+MAX_CHANNELS: Final = 10_000
+
+
+class ChannelTypes:
+    """Conversation id → ``channel_type`` (``channel``, ``group``, ``im``, ``mpim``).
+
+    Learned for free from ``message`` events (:meth:`learn`), else asked of ``lookup``
+    (``conversations.info``) once per channel however many events wait for it (:meth:`get`).
+    A failed lookup is remembered as ``None`` for :data:`FAILED_FOR` seconds, so a burst of
+    joins to a channel the app may not read makes one call and one log line, not one each.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Awaitable[str | None]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lookup = lookup
+        self.clock = clock
+        #: channel → (channel_type or None, expiry on ``clock``); least recently used first
+        self._known: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        self._asking: dict[str, asyncio.Task[str | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def learn(self, channel: Any, kind: Any) -> None:
+        if isinstance(channel, str) and isinstance(kind, str):
+            self._remember(channel, kind, KNOWN_FOR)
+
+    def _remember(self, channel: str, kind: str | None, ttl: float) -> None:
+        self._known[channel] = (kind, self.clock() + ttl)
+        self._known.move_to_end(channel)
+        while len(self._known) > MAX_CHANNELS:
+            self._known.popitem(last=False)
+
+    async def get(self, channel: str | None, timeout: float) -> str | None:
+        """The type of ``channel``; ``None`` when it cannot be found out within ``timeout``."""
+        if channel is None:
+            return None
+        known = self._known.get(channel)
+        if known is not None and known[1] > self.clock():
+            self._known.move_to_end(channel)
+            return known[0]
+        task = self._asking.get(channel)
+        if task is None:
+            task = self._asking[channel] = asyncio.create_task(self._ask(channel))
+        try:
+            # shielded: one waiter's timeout must not cancel the lookup the others wait for
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            return None
+
+    async def _ask(self, channel: str) -> str | None:
+        try:
+            kind = await self.lookup(channel)  # None when it failed (the lookup logs why)
+        finally:
+            self._asking.pop(channel, None)
+        self._remember(channel, kind, KNOWN_FOR if kind is not None else FAILED_FOR)
+        return kind
+
+    async def close(self) -> None:
+        await cancel_and_wait(*self._asking.values())
 
 
 @dataclass
@@ -90,10 +176,20 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         # a "pending" mark outlives the hand-off it guards (at most ack_timeout)
         pending_for = settings.ack_timeout + 2.0
         self.dedup: DedupWindow = (
-            RedisDedupWindow(redis, settings.dedup.window, pending_for, self.metrics, self.log)
+            RedisDedupWindow(
+                redis,
+                settings.dedup.window,
+                pending_for,
+                self.metrics,
+                self.log,
+                settings.dedup.max_entries,
+            )
             if redis is not None
             else DedupWindow(settings.dedup.window, settings.dedup.max_entries, pending_for)
         )
+        self.channel_types = ChannelTypes(self._lookup_channel_type)
+        #: event id → the outcome of its hand-off running in this process (True: layer took it)
+        self._handing_over: dict[str, asyncio.Future[bool]] = {}
         self.client: SocketModeConnection | None = None
         self.server: EventsApiServer | None = None
         if settings.transport == "socket_mode":
@@ -186,6 +282,7 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
             await self.client.close()
         if self.server is not None:
             await self.server.stop()
+        await self.channel_types.close()
         await self.buffer.flush(1.0)
         await self.api.close()
         await self.dedup.close()
@@ -202,6 +299,17 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
     def slack_bad_input(self, problem: str) -> None:
         self.metrics.error("bad_input")
         self.log.warning("%s: refused: %s", self.name, problem)
+
+    def slack_frame_too_large(self, problem: str) -> None:
+        self.metrics.error("frame_too_large")
+        self.log.error(
+            "%s: Slack sent a frame over slack.max_frame_size (%d bytes: %s); the connection is "
+            "closed with 1009 and Slack redelivers that envelope on the next one (until it gives "
+            "up): raise max_frame_size to take it",
+            self.name,
+            self.settings.max_frame_size,
+            problem,
+        )
 
     async def slack_envelope(self, envelope: Envelope) -> bool:
         """Socket Mode: ``True`` = acknowledge (the layer took it, or it can never be taken)."""
@@ -229,12 +337,37 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
     def _translate(self, kind: str, payload: Mapping[str, Any]) -> Inbound:
         if kind in ("events_api", "event_callback"):
             own = (self.identity.get("user_id"), self.identity.get("bot_id"))
-            return from_event_callback(payload, own)
+            inbound = from_event_callback(payload, own)
+            if inbound.event == "message":
+                self.channel_types.learn(inbound.keys["channel"], inbound.keys["channel_type"])
+            return inbound
         if kind == "slash_commands":
             return from_slash_command(payload)
         if kind == "interactive":
             return from_interactive(payload)
         raise InvalidPayload(f"unknown payload type {kind!r}")
+
+    async def _lookup_channel_type(self, channel: str) -> str | None:
+        """``conversations.info`` → ``channel_type``; ``None`` (logged, counted) when it fails."""
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT * 5):  # a 429 waits its Retry-After
+                answer = await self.api.call("conversations.info", {"channel": channel}, read=True)
+        except (SlackApiFailed, SlackUnreachable, TimeoutError) as exc:
+            problem = exc.error if isinstance(exc, SlackApiFailed) else describe_error(exc)
+        else:
+            kind = channel_type_of(answer.get("channel"))
+            if kind is not None:
+                return kind
+            problem = "no conversation type in the answer"
+        self.metrics.error("channel_type_lookup")
+        self.log.warning(
+            "%s: channel_type of %s unknown (conversations.info: %s); None for %g s",
+            self.name,
+            channel,
+            problem,
+            FAILED_FOR,
+        )
+        return None
 
     def _unreadable(self, what: str, exc: Exception) -> bool:
         self.metrics.dropped("invalid_payload")
@@ -244,25 +377,82 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         return True
 
     async def _deliver(self, inbound: Inbound, key: str | None) -> bool:
+        """Hand ``inbound`` to the layer unless it was delivered before; ``True``: acknowledge.
+
+        ``key`` (the event id) is claimed in the de-dup window, and also kept in this process
+        while its hand-off runs: a delivery that finds it there follows that hand-off's outcome
+        instead of publishing again. The window alone did not do: with Redis down a claim
+        leaves no mark, so a redelivery that Slack sent meanwhile (it redelivers what is not
+        acknowledged within 3 s) was published beside the original once Redis was back
+        (issue 21, item 12: 64 envelopes, 4-8 duplicates in 6 of 6 runs).
+        """
         if self.settings.ignore_self and inbound.event == "message" and inbound.keys.get("self"):
             return True
-        claim = Claim.NEW if key is None else await self.dedup.claim(key)
+        if key is None:
+            return await self._hand_over(inbound, None)
+        running = self._handing_over.get(key)
+        if running is not None:
+            return await self._follow(key, running)
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._handing_over[key] = outcome
+        accepted = False
+        try:
+            accepted = await self._hand_over(inbound, key)
+        finally:
+            del self._handing_over[key]
+            outcome.set_result(accepted)  # False when cancelled (the connection went away)
+        return accepted
+
+    async def _follow(self, key: str, running: asyncio.Future[bool]) -> bool:
+        """Another delivery of ``key`` is being handed over by this process: its outcome is
+        this one's (it ends within ``ack_timeout``), so both are acknowledged, or neither."""
+        try:
+            accepted = await asyncio.wait_for(asyncio.shield(running), self.settings.ack_timeout)
+        except TimeoutError:
+            accepted = False
+        if accepted:
+            self.metrics.dropped("duplicate")
+            self.log.debug("%s: %s delivered meanwhile; acknowledged again", self.name, key)
+        else:
+            self.metrics.retry("duplicate_in_flight")
+            self.log.debug("%s: %s not taken meanwhile; not acknowledged", self.name, key)
+        return accepted
+
+    async def _hand_over(self, inbound: Inbound, key: str | None) -> bool:
+        loop = asyncio.get_running_loop()
+        # ack_timeout bounds the whole hand-off: de-dup claim, channel_type lookup, layer
+        deadline = loop.time() + self.settings.ack_timeout
+        claim = Claim.NEW
+        if key is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    claim = await self.dedup.claim(key)
+            except TimeoutError:  # as when that Redis cannot answer: unchecked
+                self.metrics.error("dedup_unavailable")
         if claim is Claim.DONE:
             self.metrics.dropped("duplicate")
             self.log.info("%s: %s already delivered; acknowledged again", self.name, key)
             return True
         if claim is Claim.PENDING:
-            # another delivery of it is being handed over and may still fail: no ack yet
+            # another replica hands it over now, and may still fail: no ack yet
             self.metrics.retry("duplicate_in_flight")
             self.log.info("%s: %s is being delivered meanwhile; not acknowledged", self.name, key)
             return False
-        message = self.event(inbound.event, id=inbound.id, **inbound.keys)
+        keys = inbound.keys
+        if inbound.event in ("joined", "left"):
+            timeout = min(LOOKUP_TIMEOUT, max(0.0, deadline - loop.time()))
+            kind = await self.channel_types.get(keys.get("channel"), timeout)
+            keys = {**keys, "channel_type": kind}
+        message = self.event(inbound.event, id=inbound.id, **keys)
         try:
-            accepted = await self.publish(message, timeout=self.settings.ack_timeout)
+            accepted = await self.publish(message, timeout=max(0.0, deadline - loop.time()))
         except EventRefused:
             accepted = True  # logged and counted by publish(); Slack would resend it forever
-        if key is not None:
-            await (self.dedup.done(key) if accepted else self.dedup.release(key))
+        if key is not None and accepted:
+            # the layer has it: a cancel now (the socket went away) must not lose the mark
+            await asyncio.shield(self.dedup.done(key))
+        elif key is not None:
+            await self.dedup.release(key)
         return accepted
 
     # -- commands -----------------------------------------------------------------------------

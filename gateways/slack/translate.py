@@ -20,6 +20,12 @@ House rules (Slack's documented wire format):
 * **Edits and deletes** are ``message`` events with a ``subtype``: ``message_changed`` carries
   the new message under ``message`` (``text`` is the new text, ``previous_text`` the old one),
   ``message_deleted`` the ``deleted_ts`` (``text`` is ``""``, ``previous_text`` the old one).
+* **channel_type** is one vocabulary on every event: ``channel`` (public), ``group`` (private),
+  ``im``, ``mpim``, as Slack's ``message`` events say it. ``member_joined_channel`` and
+  ``member_left_channel`` carry only the id's letter (``C``, ``G``), which does not tell a
+  private channel created since March 2021 from a public one, so :func:`from_event_callback`
+  leaves their ``channel_type`` ``None`` for the gateway to fill in (what earlier messages said,
+  or ``conversations.info``, read by :func:`channel_type_of`).
 * **Commands** are checked here (types, lengths, Slack's ``ts`` format) and become a
   :class:`ApiCall` (method name + arguments for slack_sdk's ``api_call``) or a
   :class:`Respond` (a POST to a ``response_url``).
@@ -45,6 +51,7 @@ __all__ = [
     "Respond",
     "Unknown",
     "ack",
+    "channel_type_of",
     "check_timestamp",
     "from_event_callback",
     "from_interactive",
@@ -161,8 +168,10 @@ def parse_http_body(body: bytes, content_type: str) -> tuple[str, dict[str, Any]
     """
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidPayload("body is not UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidPayload(
+            f"body is not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})"
+        ) from None
     if content_type.startswith("application/x-www-form-urlencoded"):
         form = {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
         if "payload" in form:
@@ -268,7 +277,8 @@ def from_event_callback(
         keys = {
             "channel": _str(event.get("channel")),
             "user": _str(event.get("user")),
-            "channel_type": _str(event.get("channel_type")),
+            # Slack's letter (C, G) is the id's first letter, not the type: the gateway fills it
+            "channel_type": None,
             "inviter": _str(event.get("inviter")),
         }
         name = "joined" if kind == "member_joined_channel" else "left"
@@ -287,6 +297,25 @@ def from_event_callback(
         }
         return Inbound("reaction", event_id, {**common, **keys})
     return Inbound("event", event_id, {**common, "event_type": _str(kind), "event": dict(event)})
+
+
+def channel_type_of(conversation: Any) -> str | None:
+    """A ``conversations.info`` conversation object → ``channel_type`` (``None``: not one).
+
+    ``is_group`` marks private channels created before March 2021, ``is_private`` every private
+    conversation, so both mean ``group``; DMs are checked first (they are private too).
+    """
+    if not isinstance(conversation, dict):
+        return None
+    if conversation.get("is_im") is True:
+        return "im"
+    if conversation.get("is_mpim") is True:
+        return "mpim"
+    if conversation.get("is_private") is True or conversation.get("is_group") is True:
+        return "group"
+    if conversation.get("is_channel") is True:
+        return "channel"
+    return None
 
 
 def from_slash_command(form: Mapping[str, Any]) -> Inbound:

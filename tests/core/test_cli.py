@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,3 +354,93 @@ def test_django_settings_mistake_is_one_line_exit_2(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gateways: ") and fragment in lines[0], lines
+
+
+def test_password_query_parameters_never_shown(tmp_path: Path, start_service: Any) -> None:
+    """Issue 21, item 16: redis-py takes ``?password=…`` in the URL, and the layer path was
+    logged whole at INFO on every start; errors and --check-config showed it too."""
+    redis = start_service(RedisServer(extra_args=["--requirepass", "S3cretQ"]))
+    layer = f"redis://127.0.0.1:{redis.port}/0?password=S3cretQ&capacity=100"
+    gateway = Server(
+        [
+            "gateway-email",
+            "--config",
+            str(email_yaml(tmp_path, port=free_port())),
+            "--layer",
+            layer,
+        ],
+        "ready: events",  # authenticated with the password from the query string
+        cwd=ROOT,
+    )
+    assert gateway.stop(signal.SIGTERM) == 0
+    output = "\n".join(gateway.output)
+    assert "S3cret" not in output
+    assert f"layer redis://127.0.0.1:{redis.port}/0?password=***&capacity=100" in output
+    for bad in (
+        "redis://h:6379/0?password=S3cretA&capacity=abc",
+        "redis://h:6379/0?capacity=abc&ssl_password=S3cretB&x_api-key=S3cretC",
+        "redis://u:S3cretD@h:6379/0?token=S3cretE&layer=bogus",
+        "memory://?secret=S3cretF",
+    ):
+        for extra in ([], ["--check-config"]):
+            result = run(
+                "gateway-email", "--config", str(email_yaml(tmp_path)), "--layer", bad, *extra
+            )
+            assert result.returncode == 2, result.stderr
+            assert "S3cret" not in result.stderr + result.stdout, result.stderr
+            assert len(result.stderr.splitlines()) == 1 and "=***" in result.stderr
+
+
+BINARIES = [
+    ("gateway-email", "email.yaml"),
+    ("gateway-irc", "irc.yaml"),
+    ("gateway-mqtt", "sensors.yaml"),
+    ("gateway-slack", "slack.yaml"),
+    ("gateway-http-ws", "web.yaml"),
+    ("gateway-scheduler", "scheduler.yaml"),
+    ("gateways run", "email.yaml"),
+]
+LAYER_MODULES = {
+    "badimport": 'raise RuntimeError("no redis://:S3cretG@db/0?password=S3cretH\\nat all")\n',
+    "badfactory": "def make():\n    raise ValueError('token=S3cretJ refused')\n",
+    "badsyntax": "def make(:\n",
+    "exits": "import sys\nsys.exit(7)\n",
+}
+
+
+@pytest.mark.parametrize(("binary", "example"), BINARIES)
+def test_a_layer_module_that_raises_is_one_line_exit_2(
+    tmp_path: Path, binary: str, example: str
+) -> None:
+    """Issue 21, item 17: ``--layer badmod:make`` whose module raised at import was a 40-line
+    traceback, exit 1, unredacted; the README says one line, exit 2, for every binary."""
+    for name, source in LAYER_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(source)
+    unset = ("PYTHONPATH", "GATEWAYS_LAYER", "DJANGO_SETTINGS_MODULE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(SLACK_BOT_TOKEN="xoxb-test", SLACK_APP_TOKEN="xapp-test")
+    expected = {
+        "badimport": "importing it raised RuntimeError: no redis://:***@db/0?password=*** at all",
+        "badfactory": "make() raised ValueError: token=*** refused",
+        "badsyntax": "importing it raised SyntaxError: ",
+        "exits": "importing it raised SystemExit: 7",
+    }
+    config = (
+        [str(EXAMPLES / example)]
+        if binary == "gateways run"
+        else ["--config", str(EXAMPLES / example)]
+    )
+    for name, fragment in expected.items():
+        result = subprocess.run(
+            [*binary.split(), *config, "--layer", f"{name}:make"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,  # the binaries import layer modules from the working directory
+        )
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2, result.stderr
+        assert len(lines) == 1, result.stderr
+        assert f"invalid layer path '{name}:make': {fragment}" in lines[0], lines[0]
+        assert "S3cret" not in result.stderr + result.stdout

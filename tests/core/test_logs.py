@@ -20,10 +20,14 @@ HOSTILE = {
     "scheme chars then ://": "x+y.z-" * 170_000 + "://",
     "password without @": "a://b:" + "c" * (1 << 20),
     "colons": "a:" * 500_000,
+    # issue 21, item 16: name=value pairs, secret names, names without "="
+    "parameters": "a=" * 500_000 + "password",
+    "secret names": "password" * 125_000 + "=",
+    "secret parameters": "?pw" * 333_333,
 }
 
 
-def test_redact_is_linear_on_hostile_lines() -> None:
+def test_redact_is_linear_on_hostile_lines() -> None:  # and changes nothing in them
     # In a child process so a quadratic regex fails this test (hours for 1 MiB) instead of
     # hanging the run; a linear one needs well under a second per line.
     code = (
@@ -118,3 +122,26 @@ def test_marked_only_holds_back_named_kinds_and_passes_the_rest() -> None:
     again = record("skipped a line", "ops:bad_line")
     assert throttle.filter(again)
     assert again.getMessage().endswith("(9 more like this not logged)")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        # issue 21, item 16: redis-py takes the password from the query string
+        ("redis://h:6379/0?password=S3cret&capacity=9", "redis://h:6379/0?password=***&capacity=9"),
+        (
+            "rediss://h/0?ssl_password=p;q&ssl_keyfile=/k",
+            "rediss://h/0?ssl_password=***&ssl_keyfile=/k",
+        ),
+        ("h/?X-Amz-Signature=abc#top", "h/?X-Amz-Signature=***#top"),
+        ("?Api-Key=a&key=&prefix=asgi", "?Api-Key=***&key=&prefix=asgi"),
+        ("ValueError: token=abc refused", "ValueError: token=*** refused"),
+        ("user=bob,password=a,b c", "user=bob,password=*** c"),
+        ("password=a=b&auth_token=c", "password=***&auth_token=***"),
+        ("'redis://h/0?pwd=***': bad", "'redis://h/0?pwd=***': bad"),  # hidden already
+        ("charset=utf-8; boundary=x", "charset=utf-8; boundary=x"),
+        ("keys=1 monkey=2 passage=3", "keys=1 monkey=2 passage=3"),
+    ],
+)
+def test_redact_secret_parameters(line: str, expected: str) -> None:
+    assert redact(line) == expected

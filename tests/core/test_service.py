@@ -600,3 +600,24 @@ async def test_gateways_sharing_a_redis_layer_all_get_their_reply_channel_comman
             gateway.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         await layer.close_pools()
+
+
+class SlowReplyLayer(InMemoryChannelLayer):  # type: ignore[misc]
+    """Takes a message at once and answers ``reply`` s later, as Redis does when busy."""
+
+    def __init__(self, reply: float) -> None:
+        super().__init__()
+        self.reply = reply
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        await super().send(channel, message)
+        await asyncio.sleep(self.reply)
+
+
+async def test_a_send_under_way_at_the_timeout_is_not_cut_short() -> None:
+    """A send cut off by publish()'s timeout had often added the message already: publish said
+    False, the transport retried (a Slack redelivery, an SMTP retry after 451) and the event
+    was published twice (issue 21, item 12, under load)."""
+    gateway = EchoGateway(EchoConfig(name="slow-reply"), SlowReplyLayer(reply=0.05))
+    assert await gateway.publish(gateway.event("late"), timeout=0.01)
+    assert (await gateway.layer.receive("slow-reply"))["type"] == "echo.late"

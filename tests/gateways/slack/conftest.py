@@ -1,17 +1,18 @@
-"""Helpers for the Slack gateway tests: the local Slack (core.testing.slack) and an in-process
-gateway. Redis comes from tests/conftest.py."""
+"""Helpers for the Slack gateway tests: the local Slack (core.testing.slack), an in-process
+gateway and a real ``gateway-slack`` process. Redis comes from tests/conftest.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from core.testing import WAIT, run_gateway
+from core.testing import ROOT, WAIT, GatewayProcess, run_gateway
 from core.testing.slack import FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
@@ -66,3 +67,18 @@ async def next_event(layer: Any, type_: str, on: str = "team", **keys: Any) -> d
         message: dict[str, Any] = await asyncio.wait_for(layer.receive(on), WAIT)
         if message["type"] == type_ and all(message.get(k) == v for k, v in keys.items()):
             return message
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    tmp_path: Path, config: dict[str, Any], layer: str, **options: Any
+) -> AsyncIterator[GatewayProcess]:
+    """``gateway-slack`` (``python -m gateways.slack.cli``) on ``config`` and ``layer``, started
+    once ready; SIGTERM at the end, which must exit 0 (``options``: GatewayProcess's)."""
+    process = GatewayProcess.from_config(tmp_path, {**config, "layer": layer}, cwd=ROOT, **options)
+    await asyncio.to_thread(process.start)
+    try:
+        yield process
+    finally:
+        code = await asyncio.to_thread(process.stop)
+    assert code == 0, process.tail()

@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,13 @@ from core.testing import RedisServer, free_port, metric, run_gateway
 from core.testing.slack import EventsApiClient, FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
-from tests.gateways.slack.conftest import SECRET, next_event, running, slack_config
+from tests.gateways.slack.conftest import (
+    SECRET,
+    gateway_process,
+    next_event,
+    running,
+    slack_config,
+)
 
 JOINED = {
     "type": "member_joined_channel",
@@ -177,3 +184,32 @@ async def test_a_taken_port_or_a_refused_token_cannot_start(fake_slack: FakeSlac
     with pytest.raises(StartupError, match="invalid_auth"):
         async with run_gateway(refused):
             pass
+
+
+async def test_a_signed_body_that_is_not_utf8_is_400_not_401(
+    tmp_path: Path, redis_server: RedisServer, fake_slack: FakeSlack
+) -> None:
+    """Issue 21, item 13: slack_sdk's verifier decoded the body as UTF-8 first, so a correctly
+    signed Latin-1 body was answered 401 "invalid signature"; the README says 400. And a
+    max_age over 300 s was cut to 300 by slack_sdk's own clock check."""
+    port = free_port()
+    config = events_config(fake_slack, port)
+    config["slack"]["events_api"]["max_age"] = 900
+    async with (
+        gateway_process(tmp_path, config, redis_server.url) as gateway,
+        client(port) as slack,
+    ):
+        latin1 = json.dumps({"type": "event_callback", "event": JOINED}).encode() + b"\xe9"
+        status, text = await slack.post(latin1)
+        assert (status, text) == (400, f"body is not UTF-8 (byte 0xe9 at offset {len(latin1) - 1})")
+        form = b"command=%2Fticket&text=caf\xe9"
+        assert (await slack.post(form, content_type="application/x-www-form-urlencoded"))[0] == 400
+        # the same body signed wrongly is still 401
+        assert (await slack.post(latin1, signature="v0=" + "0" * 64))[0] == 401
+        # 10 minutes old, within max_age: 200, not slack_sdk's 300 s
+        assert (await slack.event(JOINED, "Ev0OLDOK", timestamp=int(time.time()) - 600))[0] == 200
+        layer = resolve_layer(redis_server.url)
+        assert (await next_event(layer, "slack.joined"))["id"] == "Ev0OLDOK"
+        await layer.close_pools()
+        assert gateway.metric("gateway_errors_total", kind="bad_input") == 3
+        assert "body is not UTF-8" in gateway.wait_for("body is not UTF-8")

@@ -19,6 +19,7 @@ from gateways.slack.translate import (
     Respond,
     Unknown,
     ack,
+    channel_type_of,
     check_timestamp,
     from_event_callback,
     from_interactive,
@@ -341,6 +342,8 @@ def test_mentions_members_and_reactions() -> None:
         )
     )
     assert joined.event == "joined" and joined.keys["inviter"] == "U3"
+    # "C" is the id's letter, not a type (private channels have it too): the gateway fills it
+    assert joined.keys["channel_type"] is None
     left = from_event_callback(callback({"type": "member_left_channel", "user": "U2"}))
     assert left.event == "left" and left.keys["channel"] is None
     added = from_event_callback(
@@ -386,3 +389,19 @@ def test_interactive_fallbacks() -> None:
         parse_send({"channel": "C1", "text": "x", "reply_broadcast": False}).args["reply_broadcast"]
         is False
     )
+
+
+def test_channel_type_of_a_conversation_object() -> None:
+    flags = {"is_channel": False, "is_group": False, "is_im": False, "is_mpim": False}
+    cases = [
+        ({**flags, "is_channel": True, "is_private": False}, "channel"),
+        ({**flags, "is_channel": True, "is_private": True}, "group"),  # private since 2021
+        ({**flags, "is_group": True, "is_private": True}, "group"),  # private before (G…)
+        ({**flags, "is_mpim": True, "is_group": True, "is_private": True}, "mpim"),
+        ({**flags, "is_im": True, "is_private": True}, "im"),
+        (flags, None),
+        ("C1", None),
+        (None, None),
+    ]
+    for conversation, expected in cases:
+        assert channel_type_of(conversation) == expected, conversation
