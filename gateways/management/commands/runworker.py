@@ -16,7 +16,7 @@ from typing import Any
 from channels.management.commands.runworker import Command as ChannelsRunworker
 from django.core.management.base import CommandError, CommandParser
 
-from gateways import core_shadowed
+from gateways import require_own_core
 
 
 class Command(ChannelsRunworker):
@@ -38,9 +38,7 @@ class Command(ChannelsRunworker):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        problem = core_shadowed()
-        if problem is not None:  # a project app named "core" hides ours: say so in one line
-            raise CommandError(problem, returncode=2)
+        require_own_core()  # a project app named "core" hides ours: say so in one line
         from core.logs import setup_logging
         from core.worker import ConsumerWorker, RetryPolicy
 
