@@ -392,7 +392,8 @@ class Gateway(Generic[C]):
             if not self._layer_ok:
                 self._layer_ok = await self._probe_layer_quietly()
             self.stall.tick()
-            await self.layer_check.poll()  # every few seconds; returns at once in between
+            if self._layer_ok:  # every few seconds; returns at once in between
+                await self.layer_check.poll()
             reasons = self.ready_reasons(detail=False)
             if reasons != last:
                 if reasons:

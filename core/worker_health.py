@@ -256,7 +256,8 @@ class WorkerHealth:
         while True:
             self._layer_problem = await probe_layer(self.worker.channel_layer)
             self._probed = True
-            await self.layer_check.poll(self.worker.channels)
+            if self._layer_problem is None:
+                await self.layer_check.poll(self.worker.channels)
             reasons = self.ready_reasons()
             if reasons != last:
                 if reasons:
