@@ -66,6 +66,7 @@ from core.envelope import (
     parse_command,
     result_message,
 )
+from core.layer_check import StreamsReadCheck
 from core.metrics import GatewayMetrics
 from core.stall import StallTracker
 from core.types import ChannelLayer
@@ -273,6 +274,8 @@ class Gateway(Generic[C]):
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
         self._dead_loop: str | None = None
+        #: is anything reading what this gateway sends on its layer? (core/layer_check.py)
+        self.layer_check = StreamsReadCheck(config.name, layer, self.log)
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -324,6 +327,7 @@ class Gateway(Generic[C]):
             reasons.append(f"{self.name}: {stall}")
         if self._dead_loop is not None:
             reasons.append(f"{self.name}: command loop died: {self._dead_loop}")
+        reasons += [f"{self.name}: {reason}" for reason in self.layer_check.reasons()]
         return reasons
 
     async def run(self) -> None:
@@ -392,6 +396,8 @@ class Gateway(Generic[C]):
             if not self._layer_ok:
                 self._layer_ok = await self._probe_layer_quietly()
             self.stall.tick()
+            if self._layer_ok:  # every few seconds; returns at once in between
+                await self.layer_check.poll()
             reasons = self.ready_reasons(detail=False)
             if reasons != last:
                 if reasons:
@@ -599,9 +605,10 @@ class Gateway(Generic[C]):
     def _accepted(self, sent: list[tuple[str, dict[str, Any]]]) -> None:
         if not sent:
             return
-        for _channel, message in sent:
+        for channel, message in sent:
             self.metrics.event(message["type"])
             self.stall.accepted()
+            self.layer_check.sent(channel)
         self._layer_ok = True
         if self._refusals:
             self.log.info(

@@ -42,6 +42,7 @@ before ``"channels"`` in ``INSTALLED_APPS`` (Django picks the first app's comman
         "TRANSIENT_ERRORS": ["myapp.errors.TryLater"],  # added to the defaults
         "CONCURRENCY": {"sensors": 8},  # consumer instances per channel (default 1)
         "ORDERING_KEY": {"sensors": "topic"},  # equal values stay in order (same instance)
+        "HEALTH": {"port": 9102},  # /healthz /readyz /metrics: core/worker_health.py
     }
 
 With a concurrency above 1, a channel's messages go to that many consumer instances at once
@@ -75,6 +76,7 @@ from core.layers import import_object
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
 from core.service import LAYER_ERRORS, describe_error, send_command
+from core.worker_health import HealthSettings, WorkerHealth
 
 __all__ = ["DEAD_LETTER_TYPE", "ConsumerWorker", "RetryPolicy", "default_transient_errors"]
 
@@ -160,6 +162,7 @@ class RetryPolicy:
                     options = dict(getattr(settings, "GATEWAYS_WORKER", {}) or {})
         known = {"MAX_ATTEMPTS", "RETRY_MAX_DELAY", "DEAD_LETTER", "TRANSIENT_ERRORS"}
         known |= {"CONCURRENCY", "ORDERING_KEY"}  # read by concurrency_from_settings()
+        known |= {"HEALTH"}  # read by core.worker_health.HealthSettings.from_settings()
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"GATEWAYS_WORKER: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -243,6 +246,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         retry: RetryPolicy | None = None,
         concurrency: Mapping[str, int] | None = None,
         ordering_key: Mapping[str, str] | None = None,
+        health: HealthSettings | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -260,6 +264,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self.metrics = GatewayMetrics("worker")
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
+        #: metrics, readiness and the health server (core/worker_health.py); hooks marked "health"
+        self.health = WorkerHealth(self, health or HealthSettings.from_settings())
 
     # -- consumer instances -------------------------------------------------------------------
 
@@ -275,7 +281,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         inbox.future = asyncio.ensure_future(
             instance(
                 scope=scope,
-                receive=inbox.get,
+                receive=self.health.receiver(channel, inbox),  # health: inbox.get, observed
                 send=lambda message: self.application_send(scope, message),
             )
         )
@@ -488,6 +494,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         """
         inbox = self._inboxes.pop(channel)
         assert inbox.future is not None and inbox.future.done()
+        self.health.ended(channel)  # health: what it held, it did not finish
         details = self.application_instances.get(channel)
         if details is not None and details["future"] is inbox.future:
             del self.application_instances[channel]
@@ -520,6 +527,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         if transient and delivery.attempt < policy.max_attempts:
             delay = policy.delay(delivery.attempt)
             self.metrics.retry("handler")
+            self.health.retried(channel)
             log.warning(
                 "consumer on %r failed on %s, attempt %d of %d: %s; delivering it again in %.1f s",
                 channel,
@@ -552,6 +560,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         """Dead-letter ``delivery``; ``False`` if it could not be sent (the layer redelivers it
         later when it acknowledges deliveries)."""
         self.metrics.dropped("dead_letter")
+        self.health.dead_lettered(channel)
         what = _describe(delivery.message)
         if self.retry.dead_letter == "log":
             log.error("gave up on %s from %r (dead_letter: log)", what, channel)
@@ -653,7 +662,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 inbox.future.cancel()
 
     def run(self) -> None:
-        asyncio.run(self.serve())
+        asyncio.run(self.health.around(self.serve))  # health: the server and readiness around it
 
 
 #: scheduler.done reports on their way (a reference, so a pending task is not collected)

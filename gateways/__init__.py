@@ -2,9 +2,11 @@
 
 Add ``"gateways"`` to ``INSTALLED_APPS`` for ``manage.py rungateway FILE…``.
 
-This module imports nothing of ``core``: the entry points call :func:`core_shadowed` first, so
-that a Django project with a ``core`` package of its own gets one clear line instead of
-``No module named 'core.cli'`` (issue 6).
+This module imports nothing of ``core``: every entry point checks :func:`core_shadowed` first,
+so that a Django project with a ``core`` package of its own gets one clear line instead of
+``No module named 'core.cli'`` (issues 6 and 29): the binaries through :mod:`gateways.entry`
+(:func:`exit_if_core_shadowed`), ``manage.py rungateway`` / ``runworker`` through
+:func:`require_own_core`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ REGISTRY = {
     "scheduler": "gateways.scheduler.gateway:SchedulerGateway",
 }
 
-__all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed"]
+__all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed", "require_own_core"]
 
 _OURS = Path(__file__).resolve().parent.parent / "core"
 
@@ -65,3 +67,13 @@ def exit_if_core_shadowed(prog: str) -> None:
 
         print(f"{prog}: {problem}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def require_own_core() -> None:
+    """The management commands' form of :func:`exit_if_core_shadowed`: Django's
+    ``CommandError`` with :func:`core_shadowed`'s line and exit code 2."""
+    problem = core_shadowed()
+    if problem is not None:
+        from django.core.management.base import CommandError
+
+        raise CommandError(problem, returncode=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from gateways import REGISTRY, exit_if_core_shadowed
+from gateways import REGISTRY
 
 #: subcommands handled here rather than by core.cli.run_main (which lists them in --help)
 OTHERS = {
@@ -20,7 +20,6 @@ OTHERS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    exit_if_core_shadowed("gateways")  # before anything imports core
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["schedules"]:
         from gateways.scheduler.cli import schedules_main

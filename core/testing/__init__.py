@@ -38,7 +38,7 @@ The package, one module per concern (import from ``core.testing``; the names are
   Socket Mode on a loopback port, and a signing Events API client (import from that module)
 * :mod:`core.testing.harness`   :func:`run_gateway` (in this process), :class:`GatewayProcess`
   (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`receive`,
-  :func:`until`, :func:`metric`, :func:`inject_undecodable`
+  :func:`until`, :func:`metric`, :func:`http_get`, :func:`inject_undecodable`
 * :mod:`core.testing.example`   :func:`example_project`: ``examples/`` on a layer with a fresh,
   migrated database, and the gateways and workers that share its environment
 
@@ -68,6 +68,7 @@ from core.testing.harness import (
     STARTED_LINE,
     GatewayProcess,
     command,
+    http_get,
     inject_undecodable,
     metric,
     metric_from_text,
@@ -115,6 +116,7 @@ __all__ = [
     "example_project",
     "free_port",
     "free_ports",
+    "http_get",
     "inject_undecodable",
     "make_certs",
     "metric",

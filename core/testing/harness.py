@@ -236,13 +236,7 @@ class GatewayProcess(ManagedProcess):
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET ``path`` on the health port: (status, body)."""
-
-        url = f"http://{HOST}:{self.health_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                return int(response.status), response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(self.health_port, path, timeout)
 
     async def status(self, path: str = "/readyz") -> int:
         """The status of GET ``path`` (in a thread; a refused connection raises)."""
@@ -266,6 +260,19 @@ class GatewayProcess(ManagedProcess):
     def stop(self) -> int | None:
         """SIGTERM (SIGKILL after a timeout); the exit status (None if never started)."""
         return self.server.stop() if self.server is not None else None
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``path`` on ``port`` of the loopback address (a health server): (status, body).
+
+    Blocking; a refused connection raises ``OSError``.
+    """
+    url = f"http://{HOST}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def inject_undecodable(layer: Any, redis_url: str, channel: str) -> None:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from gateways import exit_if_core_shadowed
+from core.cli import gateway_main
+from gateways.email.gateway import EmailGateway
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    exit_if_core_shadowed("gateway-email")  # before anything imports core
-    from core.cli import gateway_main
-    from gateways.email.gateway import EmailGateway
-
     return gateway_main(EmailGateway, argv)
 
 

@@ -39,8 +39,11 @@ __all__ = [
 
 # SMTPUTF8 allows UTF-8 headers; raise_on_defect=False is the default and what we want
 _POLICY = email.policy.default
-# an attached message written back as it came: headers not refolded, CRLF line ends
-_AS_RECEIVED = _POLICY.clone(refold_source="none", linesep="\r\n")
+# an attached message written back as it came: headers not refolded, CRLF line ends; utf8
+# because Python 3.13 (not 3.11) refolds every non-ASCII header into RFC 2047 encoded words
+# otherwise, so an 8-bit Subject came out as =?unknown-8bit?b?…?= (issue 29); parsed from
+# bytes, non-ASCII is only ever surrogate escapes, which go back out as the bytes they were
+_AS_RECEIVED = _POLICY.clone(refold_source="none", linesep="\r\n", utf8=True)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
 # NUL and every line boundary of str.splitlines(): the policy refuses all of them in a header
@@ -293,15 +296,34 @@ def _text(value: Any) -> str:
     return str(value) if value is not None else ""
 
 
-def _header(msg: Message, name: str, defects: list[str]) -> str | None:
+def _header_value(msg: Message, name: str, source: Any, defects: list[str]) -> str:
+    """The decoded value of one header line, or its source text if it does not parse.
+
+    A Message-ID that does not parse: Python 3.11 raises for ``<`` and ``<>`` (IndexError)
+    where 3.13 returns a header with an InvalidHeaderDefect, and both return ``foo`` or
+    ``<a b@c>`` with a defect (``str()`` of the last is ``<a``). Either way the event carries
+    what the sender wrote and one defect naming the header, on every Python (issue 29).
+    """
     try:
-        value = msg.get(name)
-    except Exception as exc:  # the header registry raises on some malformed values
-        defects.append(f"{name}: {exc}")
-        # the source text: get_all() parses again and raised again ("Message-ID: <")
-        wanted = name.lower()
-        return next((_text(v) for k, v in msg.raw_items() if k.lower() == wanted), None)
-    return None if value is None else str(value)
+        value = msg.policy.header_fetch_parse(name, source)
+        broken = isinstance(value, email.headerregistry.MessageIDHeader) and bool(
+            getattr(value, "defects", ())
+        )
+    except Exception:  # the header registry raises on some malformed values
+        broken = True
+    if broken:
+        defects.append(f"{name}: malformed {_text(source)[:60]!r}")
+        return _text(source)
+    return str(value)
+
+
+def _header(msg: Message, name: str, defects: list[str]) -> str | None:
+    """The first ``name`` header decoded (:func:`_header_value`), ``None`` if there is none."""
+    wanted = name.lower()
+    for key, source in msg.raw_items():
+        if key.lower() == wanted:
+            return _header_value(msg, key, source, defects)
+    return None
 
 
 def _addresses(msg: Message, name: str, defects: list[str]) -> list[str]:
@@ -448,11 +470,7 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
     defects: list[str] = [*found, *(type(d).__name__ for d in msg.defects)]
     headers: list[list[str]] = []
     for name, value in msg.raw_items():
-        try:
-            headers.append([name, str(msg.policy.header_fetch_parse(name, value))])
-        except Exception as exc:
-            defects.append(f"{name}: {exc}")
-            headers.append([name, _text(value)])
+        headers.append([name, _header_value(msg, name, value, defects)])
     text = html = None
     body_parts: set[int] = set()
     for subtype in ("plain", "html"):

@@ -877,11 +877,21 @@ class SqliteStore:
                     f"{self.path}.lock); without a Redis layer only one may run"
                 ) from None
             self._lock_fd = fd
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            db.isolation_level = "DEFERRED"
+            db = None
+            try:
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                db.isolation_level = "DEFERRED"
+            except BaseException:
+                # not a half-open store: the connection closed (3.13 warns about one left to
+                # the collector) and the lock released, so open() can be tried again
+                if db is not None:
+                    db.close()
+                self._lock_fd = None
+                os.close(fd)
+                raise
             self._db = db
 
         try:

@@ -22,7 +22,7 @@ from core.layers import RedisChannelLayer
 ROOT = Path(__file__).resolve().parents[2]
 
 #: the range in pyproject.toml, as the versions it allows: [lower, upper)
-TESTED = ((4, 2), (4, 4))
+TESTED = ((4, 3), (4, 4))
 #: sha256 of upstream's source of each method we replace, as of 4.2.1 to 4.3.0 (identical)
 UPSTREAM_SOURCE = {
     "_brpop_with_clean": "363a120edcef61d5ea5d37cd2a55cae6a5e0d2f136c479d32e45ded43bbbcd7d",

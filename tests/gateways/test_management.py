@@ -7,11 +7,22 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from core.layers import resolve_layer
 from core.service import send_command
-from core.testing import EXAMPLES, ExampleProject, RedisServer, Server, example_project, free_port
+from core.testing import (
+    EXAMPLES,
+    ROOT,
+    ExampleProject,
+    RedisServer,
+    Server,
+    example_project,
+    free_port,
+)
+from gateways import entry
+from gateways.entry import BINARIES
 
 
 def example(redis: RedisServer, tmp_path: Path) -> ExampleProject:
@@ -122,6 +133,8 @@ def make_project_with_core_app(tmp_path: Path) -> Path:
 
 
 def test_a_project_core_app_is_named_in_one_line(tmp_path: Path) -> None:
+    """Every binary and both management commands: one line naming what shadows `core`, exit 2
+    (issue 29: four of the binaries printed a traceback)."""
     project = make_project_with_core_app(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
     expected = f"'core' is {project / 'core'}"
@@ -137,11 +150,13 @@ def test_a_project_core_app_is_named_in_one_line(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
         assert "No module named" not in result.stderr
-    # the binaries with the project on the path (what `--app` or PYTHONPATH=. would do)
-    for argv in (
-        ["gateway-email", "--config", "mail.yaml", "--layer", "memory://"],
-        ["gateways", "run", "mail.yaml", "--layer", "memory://"],
-    ):
+    # every console script, with the project on the path (what `--app` or PYTHONPATH=. would
+    # do); each is installed beside this interpreter
+    bin_dir = Path(sys.executable).parent
+    for binary in BINARIES:
+        argv = [str(bin_dir / binary), "--config", "mail.yaml", "--layer", "memory://"]
+        if binary == "gateways":
+            argv = [str(bin_dir / binary), "run", "mail.yaml", "--layer", "memory://"]
         result = subprocess.run(
             argv,
             cwd=project,
@@ -150,12 +165,22 @@ def test_a_project_core_app_is_named_in_one_line(tmp_path: Path) -> None:
             text=True,
             timeout=60,
         )
-        assert result.returncode == 2, result.stderr
+        assert result.returncode == 2, (binary, result.stderr)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: ") and expected in lines[0]
+        assert len(lines) == 1 and lines[0].startswith(f"{binary}: ") and expected in lines[0], (
+            binary,
+            lines,
+        )
     # run from the project directory without it on the path, the binaries work
     result = subprocess.run(
-        ["gateway-email", "--config", "mail.yaml", "--layer", "memory://", "--check-config"],
+        [
+            str(bin_dir / "gateway-email"),
+            "--config",
+            "mail.yaml",
+            "--layer",
+            "memory://",
+            "--check-config",
+        ],
         cwd=project,
         env=env,
         capture_output=True,
@@ -163,6 +188,16 @@ def test_a_project_core_app_is_named_in_one_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_console_script_goes_through_the_core_check() -> None:
+    """A binary added to pyproject.toml without gateways.entry would skip the check."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(BINARIES)
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert module == "gateways.entry", name
+        assert callable(getattr(entry, function)), name
 
 
 async def test_rungateway_prints_each_line_once(redis_server: RedisServer, tmp_path: Path) -> None:

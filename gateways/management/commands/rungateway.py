@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateways import REGISTRY, core_shadowed
+from gateways import REGISTRY, require_own_core
 
 
 class Command(BaseCommand):
@@ -29,9 +29,7 @@ class Command(BaseCommand):
         parser.add_argument("--log-level", default="INFO")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        problem = core_shadowed()
-        if problem is not None:  # a project app named "core" hides ours: say so in one line
-            raise CommandError(problem, returncode=2)
+        require_own_core()  # a project app named "core" hides ours: say so in one line
         from core.cli import run_main
 
         argv = ["run", *options["files"], "--layer", options["layer"]]

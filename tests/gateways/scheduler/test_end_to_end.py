@@ -6,6 +6,7 @@ command channel as the mqtt.publish the YAML wrote. Every process is real."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def fires(db: Path) -> list[tuple[str, str]]:
     try:
-        with sqlite3.connect(db) as conn:
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
             return list(conn.execute("SELECT schedule, note FROM timers_fire ORDER BY id"))
     except sqlite3.OperationalError:  # not migrated yet, or locked for a moment
         return []
@@ -52,7 +53,7 @@ async def test_fires_reach_the_worker_and_its_one_shot_comes_back(
         assert rows[0][1] == "follow-up of ask-back"
         assert any(schedule == "ask-back" for schedule, _ in fires(db))
         # the digest, fired by hand as the scheduler would at 18:00: the day's mail, mailed
-        with sqlite3.connect(db) as conn:
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
             conn.execute(
                 "INSERT INTO mail_mail (event_id, message_id, mail_from, subject, text, "
                 "attachment_count, received_at, reply_message_id, reply_error, kind, dmarc) VALUES "
