@@ -269,6 +269,7 @@ class Gateway(Generic[C]):
         self._results: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(self.command_concurrency)
         self._dead_loop: str | None = None
+        self._sized: set[str] = set()  # inbound channels given config.inbound_capacity
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -320,6 +321,9 @@ class Gateway(Generic[C]):
             reasons.append(f"{self.name}: {stall}")
         if self._dead_loop is not None:
             reasons.append(f"{self.name}: command loop died: {self._dead_loop}")
+        layer_problems = getattr(self.layer, "health_problems", None)
+        if layer_problems is not None:  # core.streams: data found lost in Redis
+            reasons += [f"{self.name}: {problem}" for problem in layer_problems()]
         return reasons
 
     async def run(self) -> None:
@@ -463,7 +467,7 @@ class Gateway(Generic[C]):
         Raises :class:`EventRefused` (logged and counted here) when no layer could ever take
         ``message``: over 1 MB as msgpack, or not msgpack-safe. Such an event is never retried.
         """
-        channel = channel or self.config.route(message["type"])
+        channel = self._inbound(channel or self.config.route(message["type"]))
         self._check_sendable(message, channel)
         return await self._publish_checked([(channel, message)], timeout) == 1
 
@@ -486,7 +490,7 @@ class Gateway(Generic[C]):
         """
         checked: list[tuple[int, str, dict[str, Any]]] = []
         for position, (channel, message) in enumerate(items):
-            channel = channel or self.config.route(message["type"])
+            channel = self._inbound(channel or self.config.route(message["type"]))
             try:
                 self._check_sendable(message, channel)
             except EventRefused:
@@ -495,6 +499,17 @@ class Gateway(Generic[C]):
         pairs = [(c, m) for _, c, m in checked]
         taken = await self._publish_checked(pairs, timeout, skip_unsendable=True)
         return len(items) if taken == len(checked) else checked[taken][0]
+
+    def _inbound(self, channel: str) -> str:
+        """``channel``, given ``config.inbound_capacity`` on a layer that takes one (core.streams)
+        the first time this gateway sends an event there."""
+        if channel not in self._sized:
+            self._sized.add(channel)
+            capacity = self.config.inbound_capacity
+            set_capacity = getattr(self.layer, "set_channel_capacity", None)
+            if capacity is not None and set_capacity is not None and "!" not in channel:
+                set_capacity(channel, capacity)
+        return channel
 
     async def _publish_checked(
         self,

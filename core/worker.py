@@ -69,6 +69,7 @@ from typing import Any, Literal, cast
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
 
+from core.dbclose import install as install_connection_closing
 from core.layers import import_object
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
@@ -194,9 +195,13 @@ class _Delivery:
 class _Inbox:
     """One consumer instance's ``receive``: one message at a time, and what it holds."""
 
-    def __init__(self, done: Callable[[_Delivery], None]) -> None:
+    def __init__(
+        self, done: Callable[[_Delivery], None], take: Callable[[_Delivery], bool]
+    ) -> None:
         #: called with each delivery the consumer finished (asked for the next one after it)
         self.done = done
+        #: called with each delivery as the consumer takes it; ``False``: skip it
+        self.take = take
         self.queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=1)
         self.idle = asyncio.Event()
         #: the delivery the consumer took last and has not finished (it has not asked again)
@@ -209,6 +214,8 @@ class _Inbox:
         self.current = None
         self.idle.set()
         delivery = await self.queue.get()
+        while not self.take(delivery):
+            delivery = await self.queue.get()
         self.idle.clear()
         self.current = delivery
         # a shallow copy: what the consumer changes in it does not travel to a retry
@@ -256,6 +263,10 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self.ordering_key = dict(ordering_key or {})
         self._slot_channel: dict[str, str] = {}
         self.metrics = GatewayMetrics("worker")
+        #: core.streams keeps what waits here before its handler claimed (see _hold)
+        self._layer_hold = getattr(self.channel_layer, "hold", None)
+        self._layer_release = getattr(self.channel_layer, "release", None)
+        install_connection_closing()
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
 
@@ -266,7 +277,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         inbox = self._inboxes.get(channel)
         if inbox is not None and inbox.future is not None and not inbox.future.done():
             return inbox
-        inbox = self._inboxes[channel] = _Inbox(self._acknowledge)
+        inbox = self._inboxes[channel] = _Inbox(self._acknowledge, self._take)
         scope = {"type": "channel", "channel": self._channel_of(channel)}
         # asgiref's annotations of this function changed between releases: called through Any
         instance = cast(Any, guarantee_single_callable)(self.application)
@@ -319,6 +330,28 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         future = asyncio.ensure_future(self.channel_layer.ack(token))
         future.add_done_callback(_log_failed_ack)
 
+    def _hold(self, delivery: _Delivery) -> _Delivery:
+        """``delivery`` waits in this process before a handler runs it (behind a busy consumer,
+        or for a retry): on core.streams its entry is kept claimed meanwhile, so the wait does
+        not count towards ``redelivery_timeout`` and no other worker takes it."""
+        if delivery.token is not None and self._layer_hold is not None:
+            self._layer_hold(delivery.token)
+        return delivery
+
+    def _take(self, delivery: _Delivery) -> bool:
+        """A consumer takes ``delivery`` now: its handler's time counts from here. ``False``
+        (skip it) when another worker claimed it meanwhile: that one delivers it."""
+        if delivery.token is None or self._layer_release is None:
+            return True
+        if self._layer_release(delivery.token):
+            return True
+        log.warning(
+            "not handing %s to its consumer: another worker claimed it while it waited here "
+            "(this process stalled for longer than the layer's redelivery_timeout)",
+            _describe(delivery.message),
+        )
+        return False
+
     def _count(self, kind: str) -> None:
         if kind == "undecodable":
             self.metrics.dropped("undecodable")
@@ -352,7 +385,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     log.warning("skipped a message without 'type' on %r", channel)
                     self._acknowledge(_Delivery({}, token=token))
                     continue
-                await self._deliver(channel, [_Delivery(message, token=token)])
+                await self._deliver(channel, [self._hold(_Delivery(message, token=token))])
         finally:
             if receiving is not None:
                 receiving.cancel()  # loses nothing: see ChannelReader.receive
@@ -400,7 +433,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     free = [i for i, q in enumerate(queues) if q.empty()]
                     lane = free[turn % len(free)] if free else turn % lanes
                     turn += 1
-                await queues[lane].put(_Delivery(message, token=token))
+                await queues[lane].put(self._hold(_Delivery(message, token=token)))
         finally:
             for task in feeders:
                 task.cancel()
@@ -518,7 +551,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 delay,
             )
             when = asyncio.get_running_loop().time() + delay
-            return [_Delivery(delivery.message, delivery.attempt + 1, when, delivery.token)]
+            retry = _Delivery(delivery.message, delivery.attempt + 1, when, delivery.token)
+            return [self._hold(retry)]
         reason = (
             f"{delivery.attempt} attempt(s) failed"
             if transient
@@ -639,6 +673,23 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         for inbox in self._inboxes.values():
             if inbox.future is not None:
                 inbox.future.cancel()
+        await asyncio.gather(
+            *(i.future for i in self._inboxes.values() if i.future is not None),
+            return_exceptions=True,
+        )
+        await self._close_layer()
+
+    async def _close_layer(self) -> None:
+        """Write the acknowledgements still queued (core.streams batches them for 10 ms; lost
+        with the event loop, their messages came back as duplicates after a restart) and hand
+        back what was fetched but not handled."""
+        close = getattr(self.channel_layer, "close_pools", None)
+        if close is None:
+            return
+        try:
+            await asyncio.wait_for(close(), 5)
+        except Exception as exc:
+            log.warning("layer: not closed cleanly (%s)", describe_error(exc))
 
     def run(self) -> None:
         asyncio.run(self.serve())
