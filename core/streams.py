@@ -434,11 +434,17 @@ class AckToken:
     index: int
     key: str
     entry_id: str
-    #: ``__delivery__``: how many times the message may have reached a handler (1 the first time)
+    #: 1 for a first delivery; 2 and up (Redis' delivery count) for a message claimed back
+    #: from a consumer that did not acknowledge it in time: ``redelivered``, see ``begin``
     delivery: int
     #: ``time.monotonic()`` when the entry was last claimed in Redis (fetched, claimed or
     #: refreshed): its idle time there counts from then
     claimed: float = 0.0
+
+    @property
+    def redelivered(self) -> bool:
+        """Claimed back from a consumer that did not acknowledge it in time."""
+        return self.delivery > 1
 
     @property
     def local(self) -> bool:
@@ -800,15 +806,17 @@ class _Reader:
                 self.buffers.pop(channel)
 
     def _count(self) -> int:
-        """Entries to fetch: what the waiting receivers take in PREFETCH_WINDOW at their last
-        pace, at least one each, at most ``batch``. A process-local stream takes ``batch``."""
+        """Entries to fetch: what the waiting receivers take in PREFETCH_WINDOW at the pace
+        they took the last fetch, at most twice that fetch (a worker asks for its next message
+        before its handler ran: the first two come fast whatever the handler), at least one
+        per waiting receiver, at most ``batch``. A process-local stream takes ``batch``."""
         layer = self.layer
         if self.local:
             return layer.batch
         wanted = sum(self.waiting.values())
         if self.last_count:
             pace = self.last_count / max(time.monotonic() - self.last_end, 1e-4)
-            wanted = max(wanted, int(pace * PREFETCH_WINDOW) + 1)
+            wanted = max(wanted, min(2 * self.last_count, int(pace * PREFETCH_WINDOW) + 1))
         return max(1, min(layer.batch, wanted))
 
     async def _fetch(self) -> list[_Entry]:
@@ -1238,12 +1246,28 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return added
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        """The next message on ``channel``, acknowledged as it is handed out (at-most-once)."""
-        message, token = await self.receive_with_ack(channel)
-        if not token.local:
-            runs = self._runs_key(token.key) if token.delivery > 1 else ""
-            self._writer(token.index).acknowledge(token.key, token.entry_id, runs)
-        return message
+        """The next message on ``channel``, acknowledged as it is handed out (at-most-once).
+
+        Handing it out is its handler's start: a redelivered message is counted
+        (:meth:`begin`) first.
+        """
+        index, key = self._place(channel)
+        reader = self._reader(index, key)
+        while True:
+            entry = await reader.get(channel)
+            token = AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
+            if token.redelivered:
+                try:
+                    delivery = await self.begin(token, entry.message)
+                except BaseException:
+                    reader.put_back(entry)  # a layer error or a cancel: it is not lost
+                    raise
+                if delivery is None:
+                    continue  # dead-lettered
+            if not token.local:
+                runs = self._runs_key(key) if token.redelivered else ""
+                self._writer(index).acknowledge(key, entry.entry_id, runs)
+            return entry.message
 
     def _place(self, channel: str) -> tuple[int, str]:
         """Where a receive on ``channel`` reads (checked once per channel name)."""
@@ -1265,26 +1289,41 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
         Until acknowledged the message stays pending in Redis; a handler that has not
         acknowledged it after ``redelivery_timeout`` gets it delivered again (to this or
-        another process). A caller that holds it a while before its handler runs says so with
-        :meth:`hold`. A redelivered message carries ``__delivery__``; one handed out
-        ``max_deliveries`` times is dead-lettered instead of returned.
+        another process). The caller says when its handler starts: :meth:`begin` (which counts
+        a redelivered message, ``token.redelivered``, sets its ``__delivery__`` and applies
+        ``max_deliveries``); and when it holds the message a while before that:
+        :meth:`hold`.
         """
         index, key = self._place(channel)
-        reader = self._reader(index, key)
-        while True:
-            entry = await reader.get(channel)
-            delivery = 1
-            if entry.delivery > 1:
-                try:
-                    counted = await self._count_handout(index, key, channel, entry)
-                except BaseException:
-                    reader.put_back(entry)  # a layer error or a cancel: it is not lost
-                    raise
-                if counted is None:
-                    continue  # dead-lettered
-                delivery = counted
-                entry.message[DELIVERY_KEY] = delivery
-            return entry.message, AckToken(index, key, entry.entry_id, delivery, entry.claimed)
+        entry = await self._reader(index, key).get(channel)
+        return entry.message, AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
+
+    async def begin(self, token: AckToken, message: dict[str, Any]) -> int | None:
+        """The handler of ``token``'s ``message`` starts now: its ``__delivery__``, or ``None``
+        when it must not run.
+
+        A first delivery is 1, at no cost. A redelivered message (``token.redelivered``) is
+        counted in Redis first, awaited, so a process that dies in the handler has counted it:
+        ``__delivery__`` is the number of times a handler took it, this one included, its
+        first delivery counting one (whether or not that process reached the handler), and it
+        is set on ``message``. When that would pass ``max_deliveries`` the message is
+        dead-lettered and acknowledged instead, and this returns ``None``.
+        """
+        if not token.redelivered:
+            return 1
+        runs = self._runs_key(token.key)
+
+        def call(pipe: Any) -> int:
+            pipe.eval(_HANDOUT, 1, runs, token.entry_id, self.local_expiry)
+            return 1
+
+        handed = int(await self._writer(token.index).submit(_Op("call", call=call)))
+        delivery = handed + 1  # the first delivery is not recorded (no round trip): it is one
+        if delivery > self.max_deliveries:
+            await self._give_up(token, message, handed)
+            return None
+        message[DELIVERY_KEY] = delivery
+        return delivery
 
     def ack(self, token: AckToken) -> asyncio.Future[Any]:
         """Acknowledge (and delete) a delivered message. Queued at once; await to know it
@@ -1299,7 +1338,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             done = loop.create_future()
             done.set_result(True)
             return done
-        runs = self._runs_key(token.key) if token.delivery > 1 else ""
+        runs = self._runs_key(token.key) if token.redelivered else ""
         return self._writer(token.index).submit(_Op("ack", token.key, (token.entry_id, runs, "")))
 
     def hold(self, token: AckToken) -> None:
@@ -1334,28 +1373,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # -- redelivery: hand-outs counted, the cap, dead letters ----------------------------------
 
-    async def _count_handout(self, index: int, key: str, channel: str, entry: _Entry) -> int | None:
-        """Record in Redis that a redelivered entry is handed out now (before its handler can
-        run, so a process that dies at once has counted it); its ``__delivery__``, or ``None``
-        when that passes ``max_deliveries`` and the message was dead-lettered instead."""
-        runs = self._runs_key(key)
-
-        def call(pipe: Any) -> int:
-            pipe.eval(_HANDOUT, 1, runs, entry.entry_id, self.local_expiry)
-            return 1
-
-        handed = int(await self._writer(index).submit(_Op("call", call=call)))
-        # the first delivery is not recorded (no round trip on the common path): it counts one
-        delivery = handed + 1
-        if delivery <= self.max_deliveries:
-            return delivery
-        await self._give_up(index, key, channel, entry, handed)
-        return None
-
-    async def _give_up(
-        self, index: int, key: str, channel: str, entry: _Entry, handed: int
-    ) -> None:
-        what = _describe(entry.message)
+    async def _give_up(self, token: AckToken, message: dict[str, Any], handed: int) -> None:
+        channel = token.key[len(self._stream_prefix) :]
+        what = _describe(message)
         reason = (
             f"handed to a receiver {handed} time(s) without an acknowledgement "
             f"(max_deliveries {self.max_deliveries}): its handler may kill its process"
@@ -1367,7 +1387,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 "channel": channel,
                 "error": reason,
                 "attempts": handed,
-                "message": entry.message,
+                "message": {k: v for k, v in message.items() if k != DELIVERY_KEY},
             }
             try:
                 await self._send_patiently(target, letter)
@@ -1390,7 +1410,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             reason,
             f"sent to {target!r}" if target else "dropped (a process-local channel)",
         )
-        self._writer(index).acknowledge(key, entry.entry_id, self._runs_key(key))
+        self._writer(token.index).acknowledge(token.key, token.entry_id, self._runs_key(token.key))
 
     async def _send_patiently(
         self, channel: str, message: dict[str, Any], timeout: float = 10.0

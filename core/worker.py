@@ -63,7 +63,7 @@ import random
 import signal
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, cast
 
 from asgiref.compatibility import guarantee_single_callable
@@ -196,7 +196,9 @@ class _Inbox:
     """One consumer instance's ``receive``: one message at a time, and what it holds."""
 
     def __init__(
-        self, done: Callable[[_Delivery], None], take: Callable[[_Delivery], bool]
+        self,
+        done: Callable[[_Delivery], None],
+        take: Callable[[_Delivery], bool | Awaitable[bool]],
     ) -> None:
         #: called with each delivery the consumer finished (asked for the next one after it)
         self.done = done
@@ -213,9 +215,11 @@ class _Inbox:
             self.done(self.current)
         self.current = None
         self.idle.set()
-        delivery = await self.queue.get()
-        while not self.take(delivery):
+        while True:
             delivery = await self.queue.get()
+            taken = self.take(delivery)
+            if taken if isinstance(taken, bool) else await taken:
+                break
         self.idle.clear()
         self.current = delivery
         # a shallow copy: what the consumer changes in it does not travel to a retry
@@ -338,19 +342,39 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             self._layer_hold(delivery.token)
         return delivery
 
-    def _take(self, delivery: _Delivery) -> bool:
+    def _take(self, delivery: _Delivery) -> bool | Awaitable[bool]:
         """A consumer takes ``delivery`` now: its handler's time counts from here. ``False``
-        (skip it) when another worker claimed it meanwhile: that one delivers it."""
-        if delivery.token is None or self._layer_release is None:
+        (skip it) when another worker claimed it meanwhile (that one delivers it), or when the
+        layer dead-lettered a redelivered message that reached ``max_deliveries``."""
+        token = delivery.token
+        if token is None or self._layer_release is None:
             return True
-        if self._layer_release(delivery.token):
+        if not self._layer_release(token):
+            log.warning(
+                "not handing %s to its consumer: another worker claimed it while it waited "
+                "here (this process stalled for longer than the layer's redelivery_timeout)",
+                _describe(delivery.message),
+            )
+            return False
+        if delivery.attempt == 1 and token.redelivered:
+            return self._begin(delivery)
+        return True
+
+    async def _begin(self, delivery: _Delivery) -> bool:
+        """A redelivered message's handler starts: counted by the layer before it runs."""
+        try:
+            counted = await self.channel_layer.begin(delivery.token, delivery.message)
+        except Exception as exc:
+            log.warning(
+                "could not count the hand-out of redelivered %s (%s); handing it over uncounted",
+                _describe(delivery.message),
+                describe_error(exc),
+            )
             return True
-        log.warning(
-            "not handing %s to its consumer: another worker claimed it while it waited here "
-            "(this process stalled for longer than the layer's redelivery_timeout)",
-            _describe(delivery.message),
-        )
-        return False
+        if counted is None:  # dead-lettered and acknowledged by the layer
+            delivery.token = None
+            return False
+        return True
 
     def _count(self, kind: str) -> None:
         if kind == "undecodable":
