@@ -126,6 +126,8 @@ PROBLEM_PERIOD: Final = 60.0
 REFRESH_CHUNK: Final = 500
 #: seconds between two WARNING lines about members a ``group_send`` could not reach, per group
 GROUP_FULL_REPORT: Final = 10.0
+#: the idle time (ms) an entry handed back at close gets: past any consumer's redelivery_timeout
+GIVE_BACK_IDLE_MS: Final = 365 * 86400 * 1000
 
 DROPPED = Counter(
     "gateway_layer_dropped",
@@ -362,7 +364,7 @@ return {seen, redis.call('EXPIRE', KEYS[1], ARGV[1])}
 )
 
 # Keep entries this consumer holds claimed (ARGV[3] idle ms 0: a refresh), or hand them back to
-# the group (ARGV[3] = redelivery_timeout: claimable at once), without counting a delivery.
+# the group (ARGV[3] = GIVE_BACK_IDLE_MS: claimable by the next claim), without counting a delivery.
 # Checked per entry first: one that another consumer owns now is left alone (and reported).
 # KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms, then entry ids.
 # Returns the ids another consumer owns.
@@ -1726,7 +1728,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if give_back:
-            idle = int(self.redelivery_timeout * 1000)
+            idle = GIVE_BACK_IDLE_MS
             for (index, key), items in state.tracked().items():
                 ids = [entry_id for entry_id, _ in items]
                 for start in range(0, len(ids), REFRESH_CHUNK):

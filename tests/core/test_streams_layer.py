@@ -4,6 +4,7 @@ under 1,000 senders, acknowledged delivery and redelivery, Redis crashes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import sys
@@ -331,6 +332,7 @@ async def test_redis_killed_and_restarted_loses_nothing_sent(
     await asyncio.wait_for(sending, 60)
     await asyncio.wait_for(consuming, 60)
     assert handled == set(sent) == set(range(300))
+    assert layer.health_problems() == []  # it persisted: restarted, nothing lost, no alarm
     await layer.flush()
 
 
@@ -397,4 +399,81 @@ async def test_worker_acknowledges_after_the_handler_returned(redis_server: Redi
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     raw.close()
+    await layer.flush()
+
+
+async def test_group_send_fans_out_per_process_and_reports_what_it_cannot_deliver(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One entry per process for its process-local members, however many; a member whose
+    channel is full is counted (``group_full``) and logged at WARNING, never silent."""
+    sockets = StreamsChannelLayer(hosts=[redis_server.url], capacity=2)
+    locals_ = [await sockets.new_channel() for _ in range(5)]
+    for channel in [*locals_, "full-worker"]:
+        await sockets.group_add("room", channel)
+    await sockets.send("full-worker", {"type": "t.x"})
+    await sockets.send("full-worker", {"type": "t.x"})
+    before = dropped("group_full")
+    await sockets.group_send("room", {"type": "t.room", "n": 1})
+    raw = redis.Redis.from_url(redis_server.url)
+    assert raw.xlen(sockets._stream_prefix + sockets.non_local_name(locals_[0])) == 1
+    for channel in locals_:
+        assert await asyncio.wait_for(sockets.receive(channel), 5) == {"type": "t.room", "n": 1}
+    assert dropped("group_full") - before == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "group_send to 'room' reached 5 of 6" in w and "'full-worker'" in w for w in warnings
+    )
+    # the process stream full too (nobody reads it): every member there is counted
+    await sockets.group_send("room", {"type": "t.room", "n": 2})
+    await sockets.group_send("room", {"type": "t.room", "n": 3})
+    await sockets.group_send("room", {"type": "t.room", "n": 4})
+    assert dropped("group_full") - before == 1 + 1 + 1 + 6
+    raw.close()
+    await sockets.flush()
+
+
+async def test_a_held_message_stays_claimed_and_a_closed_layer_hands_back_what_it_held(
+    redis_server: RedisServer,
+) -> None:
+    """``hold``: kept claimed past ``redelivery_timeout``, no other consumer takes it; at
+    ``close_pools`` it is handed back, claimable by the next fetch at once."""
+    first = StreamsChannelLayer(hosts=[redis_server.url], redelivery_timeout=1)
+    second = StreamsChannelLayer(hosts=[redis_server.url], redelivery_timeout=30)
+    await first.send("held", {"type": "t.x", "id": "h1"})
+    _, token = await first.receive_with_ack("held")
+    first.hold(token)
+    third = StreamsChannelLayer(hosts=[redis_server.url], redelivery_timeout=1)
+    with pytest.raises(TimeoutError):  # three redelivery timeouts of the holder
+        await asyncio.wait_for(third.receive("held"), 3)
+    await third.close_pools()
+    await first.close_pools()
+    again, token = await asyncio.wait_for(second.receive_with_ack("held"), 5)
+    assert again["id"] == "h1" and token.redelivered
+    await second.ack(token)
+    await second.flush()
+
+
+async def test_health_problems_clear_after_their_period(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import core.streams
+
+    monkeypatch.setattr(core.streams, "PROBLEM_PERIOD", 0.5)
+    layer = StreamsChannelLayer(hosts=[redis_server.url])
+    await layer.send("kept", {"type": "t.x"})
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.flushall()
+    raw.close()
+    before = REGISTRY.get_sample_value("gateway_layer_vanished_total", {"what": "dataset"}) or 0
+    await layer.send("kept", {"type": "t.x"})
+    assert [p for p in layer.health_problems() if "lost its data" in p]
+    assert REGISTRY.get_sample_value("gateway_layer_vanished_total", {"what": "dataset"}) == (
+        before + 1
+    )
+    assert [r for r in caplog.records if r.levelno == logging.ERROR and "is gone" in r.message]
+    await asyncio.sleep(0.6)
+    assert layer.health_problems() == []
+    await layer.send("kept", {"type": "t.x"})  # the new dataset is the known one now
+    assert layer.health_problems() == []
     await layer.flush()
