@@ -203,42 +203,53 @@ end
 """
 )
 
-# KEYS: one stream per operation. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, ARGV[3] the
-# host's marker key, ARGV[4] a new marker value, then four values per operation: 's',
-# capacity, payload, target for a send; 'oN', the same three, for a send that is part N of an
-# ordered sequence (``send_many``): once one send of a sequence found its stream full, the rest
-# of that sequence is not added; 'a', entry id, the stream's hand-out count hash ('' if none),
-# '' for an acknowledgement. Returns {results, {key, trimmed, …}, marker before}.
+# KEYS: one stream per record. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, ARGV[3] the
+# host's marker key, ARGV[4] a new marker value, then one record per key: 's', capacity,
+# payload, target for a send; 'oN' and the same three for a send that is part N of an ordered
+# sequence (``send_many``): once one send of a sequence found its stream full, the rest of that
+# sequence is not added; 'A', n, then n entry ids to acknowledge (and delete); 'a', entry id,
+# the stream's hand-out count hash, to acknowledge a redelivered entry.
+# Returns {results (a list of 1/0 for an 'A' record), {key, trimmed, …}, marker before}.
 _BATCH = (
     _ADD
     + """
 local seen = epoch(ARGV[3], ARGV[4])
 local results = {}
 local stopped = {}
+local at = 5
 for i = 1, #KEYS do
     local key = KEYS[i]
-    local base = 4 * i + 1
-    local op = ARGV[base]
-    if op == 's' then
+    local op = ARGV[at]
+    if op == 'A' then
+        local n = tonumber(ARGV[at + 1])
+        local done = {}
+        for j = 1, n do
+            local id = ARGV[at + 1 + j]
+            redis.call('XACK', key, 'channels', id)
+            done[j] = redis.call('XDEL', key, id)
+        end
+        results[i] = done
+        at = at + 2 + n
+    elseif op == 'a' then
+        redis.call('XACK', key, 'channels', ARGV[at + 1])
+        results[i] = redis.call('XDEL', key, ARGV[at + 1])
+        redis.call('HDEL', ARGV[at + 2], ARGV[at + 1])
+        at = at + 3
+    elseif op == 's' then
         trim(key)
-        results[i] = add(key, tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3], ARGV[2])
-    elseif string.sub(op, 1, 1) == 'o' then
+        results[i] = add(key, tonumber(ARGV[at + 1]), ARGV[at + 2], ARGV[at + 3], ARGV[2])
+        at = at + 4
+    else
         if stopped[op] then
             results[i] = 0
         else
             trim(key)
-            results[i] = add(key, tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3],
-                ARGV[2])
+            results[i] = add(key, tonumber(ARGV[at + 1]), ARGV[at + 2], ARGV[at + 3], ARGV[2])
             if results[i] == 0 then
                 stopped[op] = true
             end
         end
-    else
-        redis.call('XACK', key, 'channels', ARGV[base + 1])
-        results[i] = redis.call('XDEL', key, ARGV[base + 1])
-        if ARGV[base + 2] ~= '' then
-            redis.call('HDEL', ARGV[base + 2], ARGV[base + 1])
-        end
+        at = at + 4
     end
 end
 return {results, trims, seen}
@@ -318,9 +329,9 @@ return {#members, full, trims, seen, missed}
 _CLAIM = (
     _EPOCH
     + """
-local seen = epoch(ARGV[7], ARGV[8])
 local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
     'COUNT', ARGV[5])
+local seen = epoch(ARGV[7], ARGV[8])
 local out = {}
 local deleted = claimed[3] or {}
 for _, entry in ipairs(claimed[2]) do
@@ -559,6 +570,7 @@ class _Writer:
         self.acks: list[_Op] = []
         self.task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._batch: Any = None  # the batch script, registered (EVALSHA) on first use
 
     def acknowledge(self, key: str, entry_id: str, runs: str = "") -> None:
         """Queue an acknowledgement nobody waits for (a failure only delays it: redelivery)."""
@@ -633,22 +645,42 @@ class _Writer:
     async def _execute(self, batch: list[_Op]) -> None:
         layer = self.layer
         pipe = self.client.pipeline(transaction=False)
-        stream_ops = [op for op in batch if op.kind in _STREAM_OPS]
         other_ops = [op for op in batch if op.kind not in _STREAM_OPS]
         candidate = layer._candidate(self.index)
-        if stream_ops:
-            argv: list[Any] = [layer._expiry_ms, layer.local_expiry, layer._marker, candidate]
-            keys: list[str] = []
-            for number, op in enumerate(stream_ops):
-                if op.kind == "many":
-                    for key, *args in op.args:
-                        keys.append(key)
-                        argv += [f"o{number}", *args]
-                else:
-                    keys.append(op.key)
-                    argv += ["s" if op.kind == "send" else "a", *op.args]
-            if other_ops:
-                pipe.eval(_BATCH, len(keys), *keys, *argv)
+        # plain acknowledgements, per stream, first (a send after a receive sees the room it
+        # made); then every other stream operation in its order. ``records`` pairs each KEYS
+        # entry with the operations its answer goes to.
+        acks: dict[str, list[_Op]] = {}
+        rest: list[_Op] = []
+        for op in batch:
+            if op.kind == "ack" and not op.args[1]:
+                acks.setdefault(op.key, []).append(op)
+            elif op.kind in _STREAM_OPS:
+                rest.append(op)
+        argv: list[Any] = [layer._expiry_ms, layer.local_expiry, layer._marker, candidate]
+        keys: list[str] = []
+        records: list[list[_Op]] = []
+        for key, ops in acks.items():
+            keys.append(key)
+            argv += ["A", len(ops), *[op.args[0] for op in ops]]
+            records.append(ops)
+        for number, op in enumerate(rest):
+            if op.kind == "many":
+                for key, *args in op.args:
+                    keys.append(key)
+                    argv += [f"o{number}", *args]
+                    records.append([op])
+            elif op.kind == "send":
+                keys.append(op.key)
+                argv += ["s", *op.args]
+                records.append([op])
+            else:
+                keys.append(op.key)
+                argv += ["a", op.args[0], op.args[1]]
+                records.append([op])
+        stream_ops = bool(keys)
+        if stream_ops and other_ops:
+            pipe.eval(_BATCH, len(keys), *keys, *argv)
         spans: list[int] = []
         for op in other_ops:
             spans.append(1)
@@ -673,9 +705,11 @@ class _Writer:
                 spans[-1] = op.call(pipe)
         if other_ops:
             replies = await pipe.execute(raise_on_error=False)
-        else:  # the common case: one script call, without the pipeline's overhead
+        else:  # the common case: one script call (by its SHA), without a pipeline's overhead
+            if self._batch is None:
+                self._batch = self.client.register_script(_BATCH)
             try:
-                replies = [await self.client.eval(_BATCH, len(keys), *keys, *argv)]
+                replies = [await self._batch(keys=keys, args=argv)]
             except redis_errors.ResponseError as exc:
                 replies = [exc]
         position = 0
@@ -683,24 +717,28 @@ class _Writer:
             reply = replies[0]
             position = 1
             if isinstance(reply, Exception):
-                self._fail(stream_ops, reply)
+                self._fail([op for ops in records for op in ops], reply)
             else:
                 results, trims, seen = reply
                 layer._saw_epoch(self.index, seen, candidate)
                 layer._count_trims(trims)
-                answers = iter(results)
-                for op in stream_ops:
-                    if op.kind == "many":  # how many were added: a prefix of the sequence
-                        answer: Any = sum(next(answers) for _ in op.args)
+                added: dict[int, int] = {}  # send_many: how many of its sends went in
+                for ops, result in zip(records, results, strict=True):
+                    if isinstance(result, list):  # an "A" record: one answer per ack
+                        for op, one in zip(ops, result, strict=True):
+                            _answer(op, bool(one))
+                    elif ops[0].kind == "many":
+                        added[id(ops[0])] = added.get(id(ops[0]), 0) + int(result)
                     else:
-                        answer = bool(next(answers))
-                    if op.future is not None and not op.future.done():
-                        op.future.set_result(answer)
+                        _answer(ops[0], bool(result))
+                for op in rest:
+                    if op.kind == "many":  # how many were added: a prefix of the sequence
+                        _answer(op, added.get(id(op), 0))
         for op, span in zip(other_ops, spans, strict=True):
             answers = replies[position : position + span]
             position += span
             failed = [a for a in answers if isinstance(a, Exception)]
-            answer = failed[0] if failed else answers[-1]
+            answer: Any = failed[0] if failed else answers[-1]
             if op.kind == "group" and not failed:
                 members, full, trims, seen, missed = answer
                 layer._saw_epoch(self.index, seen, candidate)
@@ -712,6 +750,11 @@ class _Writer:
                 op.future.set_exception(answer)
             else:
                 op.future.set_result(answer)
+
+
+def _answer(op: _Op, answer: Any) -> None:
+    if op.future is not None and not op.future.done():
+        op.future.set_result(answer)
 
 
 class _Reader:
@@ -1300,6 +1343,19 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         entry = await self._reader(index, key).get(channel)
         return entry.message, AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
 
+    def receive_with_ack_nowait(self, channel: str) -> tuple[dict[str, Any], AckToken] | None:
+        """:meth:`receive_with_ack` for a message this process fetched already, at once;
+        ``None`` when there is none at hand (no wait, no Redis, never raises for Redis)."""
+        state = self._loops.get(asyncio.get_running_loop())
+        if state is None:
+            return None
+        index, key = self._place(channel)
+        reader = state.readers.get((index, key))
+        entry = reader.buffers.take(channel) if reader is not None else None
+        if entry is None:
+            return None
+        return entry.message, AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
+
     async def begin(self, token: AckToken, message: dict[str, Any]) -> int | None:
         """The handler of ``token``'s ``message`` starts now: its ``__delivery__``, or ``None``
         when it must not run.
@@ -1524,6 +1580,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """A script read host ``index``'s marker (``seen``; ``None``: it set ``candidate``)."""
         if seen:
             current = _text(seen)
+            if current == self._candidates.get(index):
+                # ours, set by a script whose reply never came back (it failed after setting it)
+                self._candidates.pop(index, None)
         else:
             current = candidate
             self._candidates.pop(index, None)  # used: the next script gets a new one

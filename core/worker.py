@@ -395,6 +395,10 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     await self._deliver(channel, await self._salvage(channel))
                     continue
                 if receiving is None:
+                    taken = reader.receive_nowait()  # fetched already: no task, no wait
+                    if taken is not None:
+                        await self._received(channel, *taken)
+                        continue
                     receiving = asyncio.create_task(reader.receive())
                 waits: list[asyncio.Future[Any]] = [receiving]
                 inbox = self._inboxes.get(channel)
@@ -404,16 +408,19 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 if not receiving.done():
                     continue
                 (message, token), receiving = receiving.result(), None
-                if not isinstance(message, dict) or not message.get("type"):
-                    self.metrics.dropped("no_type")
-                    log.warning("skipped a message without 'type' on %r", channel)
-                    self._acknowledge(_Delivery({}, token=token))
-                    continue
-                await self._deliver(channel, [self._hold(_Delivery(message, token=token))])
+                await self._received(channel, message, token)
         finally:
             if receiving is not None:
                 receiving.cancel()  # loses nothing: see ChannelReader.receive
                 await asyncio.gather(receiving, return_exceptions=True)
+
+    async def _received(self, channel: str, message: Any, token: Any) -> None:
+        if not isinstance(message, dict) or not message.get("type"):
+            self.metrics.dropped("no_type")
+            log.warning("skipped a message without 'type' on %r", channel)
+            self._acknowledge(_Delivery({}, token=token))
+            return
+        await self._deliver(channel, [self._hold(_Delivery(message, token=token))])
 
     def _reader(self, channel: str) -> ChannelReader:
         acked = getattr(self.channel_layer, "receive_with_ack", None)
@@ -424,6 +431,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             label="worker",
             count=self._count,
             receive=acked if acked is not None else self._receive_unacked,
+            receive_nowait=getattr(self.channel_layer, "receive_with_ack_nowait", None),
         )
 
     async def _lanes(self, channel: str, lanes: int, key: str | None) -> None:
@@ -505,6 +513,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     await asyncio.sleep(wait)
                 inbox = self._instance(channel)
                 assert inbox.future is not None
+                if not inbox.queue.full():  # room now: no task, no wait (the common case)
+                    inbox.queue.put_nowait(pending.popleft())
+                    continue
                 put = asyncio.ensure_future(inbox.queue.put(pending[0]))
                 await asyncio.wait([put, inbox.future], return_when=asyncio.FIRST_COMPLETED)
                 if not put.done():
