@@ -1260,7 +1260,13 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         index, key = self._where(channel)
         target = channel if "!" in channel else ""
         op = _Op("send", key, (self.get_capacity(channel), payload, target))
-        if not await self._writer(index).submit(op):
+        try:
+            added = await self._writer(index).submit(op)
+        except redis_errors.ResponseError as exc:
+            if _out_of_memory(exc):  # Redis at maxmemory: push back as for a full channel
+                raise ChannelFull(channel) from exc
+            raise
+        if not added:
             raise ChannelFull(channel)
 
     async def send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> int:
@@ -1284,7 +1290,12 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             runs[-1][1].append((key, self.get_capacity(channel), payload, target))
         added = 0
         for index, run in runs:
-            count = await self._writer(index).submit(_Op("many", args=tuple(run)))
+            try:
+                count = await self._writer(index).submit(_Op("many", args=tuple(run)))
+            except redis_errors.ResponseError as exc:
+                if _out_of_memory(exc):  # Redis at maxmemory: as a full channel
+                    break
+                raise
             added += count
             if count < len(run):
                 break
@@ -1842,6 +1853,11 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return
         runs = self._runs_key(key) if entry.delivery > 1 else ""
         self._writer(index).acknowledge(key, entry.entry_id, runs)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Redis at ``maxmemory`` (policy ``noeviction``) refuses writes with ``OOM …``."""
+    return isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

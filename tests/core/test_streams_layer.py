@@ -477,3 +477,21 @@ async def test_health_problems_clear_after_their_period(
     await layer.send("kept", {"type": "t.x"})  # the new dataset is the known one now
     assert layer.health_problems() == []
     await layer.flush()
+
+
+async def test_redis_at_maxmemory_pushes_back_like_a_full_channel(
+    start_service: Any,
+) -> None:
+    """A gateway's inbound channel may hold 100,000 messages: should Redis reach maxmemory
+    first (noeviction), a send is refused as ChannelFull (the gateway pushes back), not with an
+    error that would drop the event as unsendable."""
+    server = start_service(
+        RedisServer(extra_args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+    )
+    layer = StreamsChannelLayer(hosts=[server.url], capacity=1_000_000)
+    blob = {"type": "t.x", "body": b"x" * 10_000}
+    with pytest.raises(ChannelFull):
+        for _ in range(2000):
+            await layer.send("big", blob)
+    assert await layer.send_many([("big", blob)] * 5) == 0
+    await layer.flush()
