@@ -50,7 +50,16 @@ Messages without the key go to whichever instance is free.
 With a layer that has ``receive_with_ack`` (``core.streams``, ``redis://``), a message is
 acknowledged once its consumer asked for the next one (its handler returned), once it was
 dead-lettered, or once it was put back on its channel when draining; a worker that dies leaves
-its messages to the layer's redelivery.
+its messages to the layer's redelivery. While a message waits here before its handler (behind
+a busy consumer, or for a retry) the worker tells the layer (``hold``), which keeps it claimed
+so the wait never turns into a redelivery to another worker; as a consumer takes it the worker
+says so (``release``; for a redelivered message ``begin``, which counts the hand-out in Redis
+before the handler runs and dead-letters it past ``max_deliveries``). On SIGTERM the layer is
+closed after the drain: its queued acknowledgements are written.
+
+channels' ``AsyncConsumer`` hops to the sync thread before every handler to close old database
+connections; :mod:`core.dbclose` (installed by the worker) skips the hop when no connection is
+open to close.
 """
 
 from __future__ import annotations
