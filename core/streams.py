@@ -842,7 +842,7 @@ class _Reader:
         if len(self.buffers[entry.channel]) > self.layer.get_capacity(entry.channel):
             dropped = self.buffers.take(entry.channel)
             assert dropped is not None
-            self.layer._drop("local_overflow", dropped.channel, dropped)
+            self.layer._overflowed(dropped)
         if len(self.buffers) > 10_000:
             # channels nobody receives on any more: keep the map itself bounded
             stale = [c for c in self.buffers if c not in self.waiting][:1000]
@@ -1163,6 +1163,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._candidates: dict[int, str] = {}
         self._problems: dict[str, float] = {}
         self._group_reports: dict[str, _GroupReport] = {}
+        #: local_overflow drops since the last WARNING: [count, channels], None when not armed
+        self._overflows: list[Any] | None = None
 
     @property
     def _expiry_ms(self) -> int:
@@ -1829,6 +1831,40 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 _text(key),
                 self.expiry,
             )
+
+    def _overflowed(self, entry: _Entry) -> None:
+        """A process-local channel's buffer was full (nobody receives on it, or too slowly):
+        its oldest message is dropped. Counted each time; logged once, then summed up every
+        GROUP_FULL_REPORT seconds (a dead socket still in a room would log every broadcast)."""
+        DROPPED.labels("local_overflow").inc()
+        if self._overflows is not None:
+            self._overflows[0] += 1
+            self._overflows[1].add(entry.channel)
+            return
+        self._overflows = [0, set()]
+        asyncio.get_running_loop().call_later(GROUP_FULL_REPORT, self._report_overflows)
+        log.warning(
+            "layer: dropped message %s on %r: local_overflow (its buffer holds capacity=%d "
+            "messages nobody took)",
+            entry.entry_id,
+            entry.channel,
+            self.get_capacity(entry.channel),
+        )
+
+    def _report_overflows(self) -> None:
+        overflows, self._overflows = self._overflows, None
+        if overflows is None or not overflows[0]:
+            return
+        count, channels = overflows
+        log.warning(
+            "layer: dropped %d more message(s) on %d process-local channel(s) whose buffers were "
+            "full (local_overflow) over the last %.0f s",
+            count,
+            len(channels),
+            GROUP_FULL_REPORT,
+        )
+        self._overflows = [0, set()]
+        asyncio.get_running_loop().call_later(GROUP_FULL_REPORT, self._report_overflows)
 
     def _drop(
         self,

@@ -495,3 +495,28 @@ async def test_redis_at_maxmemory_pushes_back_like_a_full_channel(
             await layer.send("big", blob)
     assert await layer.send_many([("big", blob)] * 5) == 0
     await layer.flush()
+
+
+async def test_a_full_local_buffer_drops_the_oldest_counted_and_logged_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process-local channel nobody takes from (a socket gone, still in a room): what its
+    buffer cannot hold is dropped oldest first, each counted, logged once per 10 s."""
+    layer = StreamsChannelLayer(hosts=[redis_server.url], capacity=3)
+    idle, busy = await layer.new_channel(), await layer.new_channel()
+    before = dropped("local_overflow")
+    waiting = asyncio.create_task(layer.receive(busy))  # keeps the process stream read
+    for n in range(9):
+        while True:
+            try:
+                await layer.send(idle, {"type": "t.x", "n": n})
+                break
+            except ChannelFull:  # fetched and deleted from Redis a moment later
+                await asyncio.sleep(0.01)
+    await layer.send(busy, {"type": "t.x", "n": -1})
+    assert (await asyncio.wait_for(waiting, 5))["n"] == -1
+    assert [(await layer.receive(idle))["n"] for _ in range(3)] == [6, 7, 8]
+    assert dropped("local_overflow") - before == 6
+    lines = [r.getMessage() for r in caplog.records if "local_overflow" in r.getMessage()]
+    assert len(lines) == 1 and repr(idle) in lines[0]
+    await layer.flush()
