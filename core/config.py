@@ -148,6 +148,13 @@ class GatewayConfig(Section):
     shutdown_grace: float = Field(
         10.0, gt=0, description="Seconds to drain in-flight work on SIGTERM before cancelling."
     )
+    inbound_capacity: int | None = Field(
+        100_000,
+        gt=0,
+        description="Messages each channel this integration sends inbound events to may hold "
+        "on the streams layer (redis://) before the gateway pushes back; a burst waits in "
+        "Redis instead of at the transport. null: the layer's own capacity.",
+    )
 
     _check_names = field_validator("name", "channel", "command_channel_setting")(_channel_name)
 

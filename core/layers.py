@@ -12,8 +12,8 @@
 
 Redis and memory URLs take ``capacity``, ``expiry`` (and, for Redis, ``prefix``) as query
 parameters: ``redis://localhost:6379/0?capacity=1000&expiry=120``. ``redis+streams://`` paths
-also take ``redelivery_timeout`` (seconds), ``batch`` and ``group_expiry``; their ``expiry``
-defaults to none (see core/streams.py).
+also take ``redelivery_timeout`` (seconds), ``batch``, ``group_expiry`` and
+``max_deliveries``; their ``expiry`` defaults to none (see core/streams.py).
 
 redis-py 8 gives every connection a 5 s socket timeout, so an idle ``receive()`` raises
 ``TimeoutError`` and kills a receive loop; the host dict therefore sets ``socket_timeout=None``
@@ -142,7 +142,7 @@ def _redis_layer(path: str, *, streams: bool = False) -> ChannelLayer:
     return RedisChannelLayer(hosts=[_redis_host(address)], **options)
 
 
-_STREAMS_INT_OPTIONS = ("redelivery_timeout", "batch", "group_expiry")
+_STREAMS_INT_OPTIONS = ("redelivery_timeout", "batch", "group_expiry", "max_deliveries")
 
 #: what a plain ``redis://`` path gives: ``"streams"`` or ``"channels_redis"``
 REDIS_DEFAULT = "streams"
@@ -268,6 +268,7 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
                 "group_expiry": layer.group_expiry,
                 "redelivery_timeout": layer.redelivery_timeout,
                 "batch": layer.batch,
+                "max_deliveries": layer.max_deliveries,
             },
         }
     if not isinstance(layer, RedisChannelLayer):

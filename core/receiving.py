@@ -47,10 +47,13 @@ class ChannelReader:
         on_layer: Callable[[bool], None] | None = None,
         count: Callable[[str], None] | None = None,
         receive: Callable[[str], Any] | None = None,
+        receive_nowait: Callable[[str], Any] | None = None,
     ) -> None:
         self.layer = layer
         #: the layer call that receives (``layer.receive`` unless given, e.g. ``receive_with_ack``)
         self._receive = receive if receive is not None else layer.receive
+        #: the layer's call for what it has fetched already (``None``: nothing at hand)
+        self._receive_nowait = receive_nowait
         self.channel = channel
         self.log = log
         self.label = label
@@ -67,6 +70,14 @@ class ChannelReader:
     def _layer_state(self, ok: bool) -> None:
         if self.on_layer is not None:
             self.on_layer(ok)
+
+    def receive_nowait(self) -> Any:
+        """What the layer has fetched already for the channel, at once; ``None`` when nothing
+        (or the layer has no such call: ``receive_nowait`` not given). Never raises for
+        Redis: it reads no socket."""
+        if self._receive_nowait is None:
+            return None
+        return self._receive_nowait(self.channel)
 
     async def receive(self) -> Message:
         """The next message on the channel; waits (and retries) as long as it takes.

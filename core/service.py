@@ -276,6 +276,7 @@ class Gateway(Generic[C]):
         self._dead_loop: str | None = None
         #: is anything reading what this gateway sends on its layer? (core/layer_check.py)
         self.layer_check = StreamsReadCheck(config.name, layer, self.log)
+        self._sized: set[str] = set()  # inbound channels given config.inbound_capacity
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -328,6 +329,9 @@ class Gateway(Generic[C]):
         if self._dead_loop is not None:
             reasons.append(f"{self.name}: command loop died: {self._dead_loop}")
         reasons += [f"{self.name}: {reason}" for reason in self.layer_check.reasons()]
+        layer_problems = getattr(self.layer, "health_problems", None)
+        if layer_problems is not None:  # core.streams: data found lost in Redis
+            reasons += [f"{self.name}: {problem}" for problem in layer_problems()]
         return reasons
 
     async def run(self) -> None:
@@ -475,7 +479,7 @@ class Gateway(Generic[C]):
         Raises :class:`EventRefused` (logged and counted here) when no layer could ever take
         ``message``: over 1 MB as msgpack, or not msgpack-safe. Such an event is never retried.
         """
-        channel = channel or self.config.route(message["type"])
+        channel = self._inbound(channel or self.config.route(message["type"]))
         self._check_sendable(message, channel)
         return await self._publish_checked([(channel, message)], timeout) == 1
 
@@ -498,7 +502,7 @@ class Gateway(Generic[C]):
         """
         checked: list[tuple[int, str, dict[str, Any]]] = []
         for position, (channel, message) in enumerate(items):
-            channel = channel or self.config.route(message["type"])
+            channel = self._inbound(channel or self.config.route(message["type"]))
             try:
                 self._check_sendable(message, channel)
             except EventRefused:
@@ -507,6 +511,17 @@ class Gateway(Generic[C]):
         pairs = [(c, m) for _, c, m in checked]
         taken = await self._publish_checked(pairs, timeout, skip_unsendable=True)
         return len(items) if taken == len(checked) else checked[taken][0]
+
+    def _inbound(self, channel: str) -> str:
+        """``channel``, given ``config.inbound_capacity`` on a layer that takes one (core.streams)
+        the first time this gateway sends an event there."""
+        if channel not in self._sized:
+            self._sized.add(channel)
+            capacity = self.config.inbound_capacity
+            set_capacity = getattr(self.layer, "set_channel_capacity", None)
+            if capacity is not None and set_capacity is not None and "!" not in channel:
+                set_capacity(channel, capacity)
+        return channel
 
     async def _publish_checked(
         self,

@@ -5,48 +5,68 @@
 ``new_channel``, groups, ``flush``, ``capacity`` and ``channel_capacity`` with ``ChannelFull``,
 ``!`` process-local channels, several hosts, Sentinel hosts) and changes how Redis is used.
 
-House rules:
+What it promises (DESIGN §3, "The streams layer's contract"), and how:
 
-* **One stream per channel** (``{prefix}:stream:{channel}``), one consumer group
-  (:data:`GROUP`) on each, one consumer name per layer instance. Process-local channels
-  (``name.CLIENT!xyz``) share their process's stream ``{prefix}:stream:name.CLIENT!``, the target
-  channel in the entry's ``c`` field, like channels_redis' shared list. Channels are placed on a
-  host by a CRC32 ring of the non-local name (all channels, not only ``!`` ones: a stream has one
-  home, where its consumer group lives).
+* **A message stays in Redis until the handler that took it returned.** One stream per channel
+  (``{prefix}:stream:{channel}``) with one consumer group (:data:`GROUP`); a fetch
+  (``XREADGROUP``) puts entries in the group's pending-entry list (PEL), and only
+  :meth:`StreamsChannelLayer.ack` (``XACK`` + ``XDEL``) removes them, so a stream's length is
+  exactly what is waiting or in hand, and that is what ``capacity`` bounds.
+  :meth:`StreamsChannelLayer.receive` acknowledges as it hands a message out (channels'
+  at-most-once); :meth:`StreamsChannelLayer.receive_with_ack` leaves that to the caller
+  (``core.worker.ConsumerWorker`` acknowledges after the handler returned).
+* **A bad entry never blocks its fetch.** Every field of an entry is decoded inside one ``try``:
+  an entry whose ``c`` field is not UTF-8 or whose ``m`` field is not a msgpack dict
+  (``undecodable``), or whose ``c`` names a channel that does not belong to the stream
+  (``foreign``), is logged once (ERROR), counted in ``gateway_layer_dropped_total{reason}`` and
+  acknowledged; the rest of its fetch is delivered.
+* **Prefetch does not age into a redelivery.** A fetch takes what the stream's receivers will
+  use soon (:data:`PREFETCH_WINDOW` worth at the rate they took messages last, at least one per
+  waiting receiver, at most ``batch``), and while fetched entries wait in this process — in the
+  layer's buffers, or held by a caller between its receive and its handler
+  (:meth:`StreamsChannelLayer.hold`, e.g. a worker's retry backoff) — a refresh resets their
+  idle time in Redis (``XCLAIM … JUSTID``, which does not count as a delivery) every
+  :attr:`StreamsChannelLayer.refresh_interval`, after checking in the same Lua script that this
+  consumer still owns each one (an entry another consumer claimed meanwhile is dropped from
+  here, never handed out twice). Entries inside a running handler are not refreshed: a handler
+  that outlives ``redelivery_timeout`` is the one way to a duplicate.
+* **Redelivery.** Entries pending longer than ``redelivery_timeout`` (their process died) are
+  claimed (``XAUTOCLAIM``) by the next fetch of any consumer of the stream and delivered again
+  with ``__delivery__`` (:data:`DELIVERY_KEY`) set: the number of times the message may have
+  reached a handler, this time included (its first delivery counts as one; each later one counts
+  when it is handed to a receiver, recorded in Redis before it is handed out, not when it is only
+  fetched). When that number would pass ``max_deliveries`` the message is dead-lettered instead
+  (``{channel}.dead``, ``gateways.dead_letter``, as ``ConsumerWorker`` does): a message whose
+  handler kills its process does not crash-loop every worker for ever.
+* **Lost data is reported.** Each host keeps a marker key (``{prefix}:epoch``) that every write
+  and every claim look at; a marker that vanished or changed under this process means the data
+  there was lost (Redis restarted without persistence, ``FLUSHALL``, a failover to an empty
+  replica), and a stream or consumer group that vanished under a reader that had used it means
+  the same for that stream. Either is an ERROR line, ``gateway_layer_vanished_total{what}`` and
+  a reason in :meth:`StreamsChannelLayer.health_problems` (for ``/readyz``) for
+  :data:`PROBLEM_PERIOD` seconds.
+* **group_send reaches every member.** Normal channels get an entry each; the process-local
+  members (``name.CLIENT!xyz``) of one process share one entry on that process's stream, its
+  ``c`` field naming them all, fanned out in the receiving process (as channels_redis does), so
+  a room of 1,000 sockets on one process costs one entry, not 1,000 against one capacity. What
+  still cannot be delivered (a full channel) is counted (``reason="group_full"``, one per
+  member) and logged at WARNING.
+* **Process-local channels** live and die with their process: their stream
+  (``{prefix}:stream:name.CLIENT!``) is read by that layer instance only, with ``NOACK``, and each
+  entry is deleted as it is fetched into the per-channel buffers (capped at the channel's
+  capacity; what overflows is dropped, counted ``local_overflow`` and logged). Their capacity
+  bounds what waits in Redis for the process; the stream expires ``local_expiry`` seconds after
+  the last send or read (its process is gone).
 * **One writer per host and event loop.** ``send``, ``group_send``, acks and group edits go on a
-  queue; one task takes everything queued and runs it as *one* pipeline, the sends and acks of
-  a batch in one Lua script that checks each stream's length against its capacity before the
-  ``XADD``, so ``ChannelFull`` is exact and each caller gets its own answer. A thousand
-  concurrent senders cost a few round trips, on one connection (redis-py 8's 100-connection
-  pool limit cannot be reached).
-* **Ordered batches.** :meth:`StreamsChannelLayer.send_many` appends a run of messages in one
-  round trip and stops at the first full channel (a prefix is appended, never a message after
-  a refused one): ``core.service.Gateway.publish_many`` hands a gateway's backlog over that way.
-* **Receiving fetches a batch.** One fetch task per stream runs ``XREADGROUP COUNT batch BLOCK``
-  while somebody waits on that stream and hands the entries out in order. What was fetched is in
-  the group's pending-entry list (PEL) until acknowledged, so a process that dies with a fetched
-  batch in memory loses nothing: see redelivery.
-* **Acknowledgement.** :meth:`StreamsChannelLayer.receive` acknowledges an entry when it hands it
-  to its caller (at-most-once from there on: a caller that dies while handling it loses it, as
-  with every channels layer). :meth:`StreamsChannelLayer.receive_with_ack` hands out
-  ``(message, token)`` and leaves the entry pending until :meth:`StreamsChannelLayer.ack`;
-  ``core.worker.ConsumerWorker`` acknowledges after the consumer's handler returned. An
-  acknowledged entry is deleted (``XACK`` + ``XDEL``), so a stream's length is exactly what is
-  waiting or in hand, and that is what capacity bounds.
-* **Redelivery.** Entries pending for longer than ``redelivery_timeout`` seconds (their
-  consumer died, or holds them that long) are claimed (``XAUTOCLAIM``) by the next fetch of any
-  consumer of that stream and delivered again, with their ``id`` and every other key unchanged
-  and ``__delivery__`` set to the delivery count (2, 3, …). ``redelivery_timeout`` must exceed the
-  longest handler, or a slow handler's message is delivered twice.
-* **Nothing expires in silence.** ``expiry`` defaults to ``None``: capacity bounds a channel,
-  nothing is dropped for age. With ``expiry=N``, entries older than N s are trimmed at the next
-  send to their stream or dropped at fetch; either way they are counted
-  (``gateway_layer_dropped{reason="expired"}``) and logged. Other drops, counted and logged the
-  same way: entries that cannot be decoded (``undecodable``), entries for a process-local
-  channel nobody receives on beyond ``capacity`` (``local_overflow``), pending entries deleted
-  before their claim (``deleted_pending``).
-* A process-local stream nobody sent to for ``local_expiry`` seconds (a day) is removed by Redis
-  key expiry: its process is gone or did not read it for that long.
+  queue; one task runs everything queued as *one* pipeline, the sends and acks of a batch in one
+  Lua script that checks each stream's length against its capacity before the ``XADD``, so
+  ``ChannelFull`` is exact and each caller gets its own answer.
+  :meth:`StreamsChannelLayer.send_many` appends an ordered run in one round trip and stops at the
+  first full channel (``core.service.Gateway.publish_many`` hands a backlog over that way).
+* **Nothing expires in silence.** ``expiry`` defaults to ``None``; with ``expiry=N``, entries
+  older than N s are trimmed at the next send to their stream or dropped at fetch, counted
+  (``reason="expired"``) and logged. Pending entries deleted before their claim are counted
+  ``deleted_pending``.
 """
 
 from __future__ import annotations
@@ -58,7 +78,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, cast
 
 import msgpack
@@ -72,14 +92,22 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from core.metrics import REGISTRY
 
-__all__ = ["DELIVERY_KEY", "GROUP", "AckToken", "StreamsChannelLayer"]
+__all__ = [
+    "DELIVERY_KEY",
+    "GROUP",
+    "PROBLEM_PERIOD",
+    "AckToken",
+    "StreamsChannelLayer",
+]
 
 log = logging.getLogger("gateway.layer")
 
 #: the consumer group every stream has
 GROUP: Final = "channels"
-#: key set on a redelivered message: how many times it has been delivered (2, 3, …)
+#: key set on a redelivered message: how many times it may have reached a handler (2, 3, …)
 DELIVERY_KEY: Final = "__delivery__"
+#: ``type`` of a dead letter (the same as ``core.worker.DEAD_LETTER_TYPE``)
+DEAD_LETTER_TYPE: Final = "gateways.dead_letter"
 #: operations in one writer pipeline at most
 MAX_BATCH: Final = 1000
 #: acknowledgements waiting before they go without a send to carry them
@@ -90,6 +118,16 @@ ACK_DELAY: Final = 0.01
 CONNECT_TIMEOUT: Final = 3.0
 #: connections for fetches per host (one per stream being received at once)
 FETCH_POOL_SIZE: Final = 10_000
+#: a fetch takes what the stream's receivers used in this many seconds at their last pace
+PREFETCH_WINDOW: Final = 0.1
+#: seconds a lost stream or dataset stays among :meth:`StreamsChannelLayer.health_problems`
+PROBLEM_PERIOD: Final = 60.0
+#: entries one refresh or give-back script call handles at most
+REFRESH_CHUNK: Final = 500
+#: seconds between two WARNING lines about members a ``group_send`` could not reach, per group
+GROUP_FULL_REPORT: Final = 10.0
+#: the idle time (ms) an entry handed back at close gets: past any consumer's redelivery_timeout
+GIVE_BACK_IDLE_MS: Final = 365 * 86400 * 1000
 
 DROPPED = Counter(
     "gateway_layer_dropped",
@@ -102,11 +140,34 @@ REDELIVERED = Counter(
     "Messages claimed from a consumer that did not acknowledge them in time",
     registry=REGISTRY,
 )
+VANISHED = Counter(
+    "gateway_layer_vanished",
+    "Times the layer found its data gone in Redis (what=dataset: a host's marker key vanished "
+    "or changed, e.g. Redis restarted without persistence or FLUSHALL; what=stream: a stream "
+    "or its consumer group vanished under a reader)",
+    ["what"],
+    registry=REGISTRY,
+)
+
+# The marker of a host's dataset: read by every write and claim, created when missing; the value
+# it had (nil when it was created now) tells the caller whether the data it saw is still there.
+_EPOCH = """
+local function epoch(marker, candidate)
+    local seen = redis.call('GET', marker)
+    if not seen then
+        redis.call('SET', marker, candidate)
+    end
+    return seen
+end
+"""
 
 # One stream entry: create the stream and its group if missing, check capacity, append.
-# Used by the batch script and the group script; returns 1 when added, 0 when full.
-_ADD = """
-local function add(key, capacity, payload, channel, local_ttl)
+# Used by the batch script and the group script; returns 1 when added, 0 when full. ``target``
+# is '' for a normal channel, else the process-local channel(s), comma-separated.
+_ADD = (
+    _EPOCH
+    + """
+local function add(key, capacity, payload, target, local_ttl)
     local length = redis.call('XLEN', key)
     if length == 0 and redis.call('EXISTS', key) == 0 then
         redis.call('XGROUP', 'CREATE', key, 'channels', '0', 'MKSTREAM')
@@ -114,10 +175,10 @@ local function add(key, capacity, payload, channel, local_ttl)
     if length >= capacity then
         return 0
     end
-    if channel == '' then
+    if target == '' then
         redis.call('XADD', key, '*', 'm', payload)
     else
-        redis.call('XADD', key, '*', 'm', payload, 'c', channel)
+        redis.call('XADD', key, '*', 'm', payload, 'c', target)
         redis.call('EXPIRE', key, local_ttl)
     end
     return 1
@@ -140,93 +201,152 @@ local function trim(key)
     end
 end
 """
+)
 
-# KEYS: one stream per operation. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, then four
-# values per operation: 's', capacity, payload, channel ('' unless process-local) for a send;
-# 'oN', the same three, for a send that is part N of an ordered sequence (``send_many``): once
-# one send of a sequence found its stream full, the rest of that sequence is not added;
-# 'a', entry id, '', '' for an acknowledgement. Returns {results, {key, trimmed, …}}.
+# KEYS: one stream per record. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, ARGV[3] the
+# host's marker key, ARGV[4] a new marker value, then one record per key: 's', capacity,
+# payload, target for a send; 'oN' and the same three for a send that is part N of an ordered
+# sequence (``send_many``): once one send of a sequence found its stream full, the rest of that
+# sequence is not added; 'A', n, then n entry ids to acknowledge (and delete); 'a', entry id,
+# the stream's hand-out count hash, to acknowledge a redelivered entry.
+# Returns {results (a list of 1/0 for an 'A' record), {key, trimmed, …}, marker before}.
 _BATCH = (
     _ADD
     + """
+local seen = epoch(ARGV[3], ARGV[4])
 local results = {}
 local stopped = {}
+local at = 5
 for i = 1, #KEYS do
     local key = KEYS[i]
-    local base = 4 * i - 1
-    local op = ARGV[base]
-    if op == 's' then
+    local op = ARGV[at]
+    if op == 'A' then
+        local n = tonumber(ARGV[at + 1])
+        local done = {}
+        for j = 1, n do
+            local id = ARGV[at + 1 + j]
+            redis.call('XACK', key, 'channels', id)
+            done[j] = redis.call('XDEL', key, id)
+        end
+        results[i] = done
+        at = at + 2 + n
+    elseif op == 'a' then
+        redis.call('XACK', key, 'channels', ARGV[at + 1])
+        results[i] = redis.call('XDEL', key, ARGV[at + 1])
+        redis.call('HDEL', ARGV[at + 2], ARGV[at + 1])
+        at = at + 3
+    elseif op == 's' then
         trim(key)
-        results[i] = add(key, tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3], ARGV[2])
-    elseif string.sub(op, 1, 1) == 'o' then
+        results[i] = add(key, tonumber(ARGV[at + 1]), ARGV[at + 2], ARGV[at + 3], ARGV[2])
+        at = at + 4
+    else
         if stopped[op] then
             results[i] = 0
         else
             trim(key)
-            results[i] = add(key, tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 3],
-                ARGV[2])
+            results[i] = add(key, tonumber(ARGV[at + 1]), ARGV[at + 2], ARGV[at + 3], ARGV[2])
             if results[i] == 0 then
                 stopped[op] = true
             end
         end
-    else
-        redis.call('XACK', key, 'channels', ARGV[base + 1])
-        results[i] = redis.call('XDEL', key, ARGV[base + 1])
+        at = at + 4
     end
 end
-return {results, trims}
+return {results, trims, seen}
 """
 )
 
-# group_send on a single host without per-channel capacities: read the members and append to
-# each member's stream in one call. KEYS[1] group key; ARGV[1] expiry ms, ARGV[2] local TTL,
-# ARGV[3] stream key prefix, ARGV[4] payload, ARGV[5] capacity, ARGV[6] group expiry (s).
-# Returns {members, full, {key, trimmed, …}}.
+# group_send on a single host: read the members and append to each member's stream in one call;
+# the process-local members of one process share one entry naming them all. KEYS[1] group key;
+# ARGV[1] expiry ms, ARGV[2] local TTL, ARGV[3] marker key, ARGV[4] new marker value, ARGV[5]
+# stream key prefix, ARGV[6] payload, ARGV[7] capacity, ARGV[8] group expiry (s), then
+# (channel, capacity) pairs for channels with a capacity of their own.
+# Returns {members, members not reached, {key, trimmed, …}, marker before, {some not reached}}.
 _GROUP = (
     _ADD
     + """
+local seen = epoch(ARGV[3], ARGV[4])
+local own = {}
+for i = 9, #ARGV, 2 do
+    own[ARGV[i]] = tonumber(ARGV[i + 1])
+end
+local function capacity(channel)
+    return own[channel] or tonumber(ARGV[7])
+end
 local now = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, tonumber(now[1]) - tonumber(ARGV[6]))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, tonumber(now[1]) - tonumber(ARGV[8]))
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local full = 0
-for _, channel in ipairs(members) do
-    local bang = string.find(channel, '!', 1, true)
-    local key
-    local target = ''
-    if bang then
-        key = ARGV[3] .. string.sub(channel, 1, bang)
-        target = channel
-    else
-        key = ARGV[3] .. channel
-    end
-    trim(key)
-    if add(key, tonumber(ARGV[5]), ARGV[4], target, ARGV[2]) == 0 then
-        full = full + 1
+local missed = {}
+local function miss(channel)
+    if #missed < 10 then
+        table.insert(missed, channel)
     end
 end
-return {#members, full, trims}
+local locals = {}
+local order = {}
+for _, channel in ipairs(members) do
+    local bang = string.find(channel, '!', 1, true)
+    if bang then
+        local key = ARGV[5] .. string.sub(channel, 1, bang)
+        if not locals[key] then
+            locals[key] = {}
+            table.insert(order, key)
+        end
+        table.insert(locals[key], channel)
+    else
+        local key = ARGV[5] .. channel
+        trim(key)
+        if add(key, capacity(channel), ARGV[6], '', ARGV[2]) == 0 then
+            full = full + 1
+            miss(channel)
+        end
+    end
+end
+for _, key in ipairs(order) do
+    local targets = locals[key]
+    local room = 0
+    for _, channel in ipairs(targets) do
+        room = math.max(room, capacity(channel))
+    end
+    trim(key)
+    if add(key, room, ARGV[6], table.concat(targets, ','), ARGV[2]) == 0 then
+        full = full + #targets
+        for _, channel in ipairs(targets) do
+            miss(channel)
+        end
+    end
+end
+return {#members, full, trims, seen, missed}
 """
 )
 
 # Claim entries pending longer than ARGV[3] ms, with their delivery counts.
 # KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] start, ARGV[5]
-# count, ARGV[6] idle ms after which a consumer with nothing pending is deleted.
-# Returns {next start, {{id, fields, deliveries}, …}, deleted count}.
-_CLAIM = """
+# count, ARGV[6] idle ms after which a consumer with nothing pending is deleted, ARGV[7] marker
+# key, ARGV[8] new marker value.
+# Returns {next start, {{id, fields, deliveries}, …}, {deleted id, …}, marker before}.
+_CLAIM = (
+    _EPOCH
+    + """
 local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
     'COUNT', ARGV[5])
+local seen = epoch(ARGV[7], ARGV[8])
 local out = {}
+local deleted = claimed[3] or {}
 for _, entry in ipairs(claimed[2]) do
-    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
-    local count = 1
-    if pending[1] then
-        count = pending[1][4]
+    if entry[2] then
+        local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+        local count = 1
+        if pending[1] then
+            count = pending[1][4]
+        end
+        table.insert(out, {entry[1], entry[2], count})
+    else
+        -- Redis 6.2 lists an entry deleted before its claim with nil fields
+        redis.call('XACK', KEYS[1], ARGV[1], entry[1])
+        table.insert(deleted, entry[1])
     end
-    table.insert(out, {entry[1], entry[2], count})
-end
-local deleted = 0
-if claimed[3] then
-    deleted = #claimed[3]
 end
 -- consumers of processes long gone, holding nothing: forget them (a live one that reads again
 -- is created again by XREADGROUP; one with pending entries is kept for their claim)
@@ -239,7 +359,58 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
         redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
     end
 end
-return {claimed[1], out, deleted}
+return {claimed[1], out, deleted, seen}
+"""
+)
+
+# A process-local stream being read: keep it from expiring, look at the host's marker.
+# KEYS[1] stream; ARGV[1] TTL, ARGV[2] marker key, ARGV[3] new marker value. Returns the
+# marker before, and whether the stream exists.
+_TOUCH = (
+    _EPOCH
+    + """
+local seen = epoch(ARGV[2], ARGV[3])
+return {seen, redis.call('EXPIRE', KEYS[1], ARGV[1])}
+"""
+)
+
+# Keep entries this consumer holds claimed (ARGV[3] idle ms 0: a refresh), or hand them back to
+# the group (ARGV[3] = GIVE_BACK_IDLE_MS: claimable by the next claim), without counting a delivery.
+# Checked per entry first: one that another consumer owns now is left alone (and reported).
+# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms, then entry ids.
+# Returns the ids another consumer owns.
+_REFRESH = """
+local owned = {}
+local lost = {}
+for i = 4, #ARGV do
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+    if pending[1] then
+        if pending[1][2] == ARGV[2] then
+            table.insert(owned, ARGV[i])
+        else
+            table.insert(lost, ARGV[i])
+        end
+    end
+end
+if #owned > 0 then
+    local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+    for _, id in ipairs(owned) do
+        table.insert(args, id)
+    end
+    table.insert(args, 'IDLE')
+    table.insert(args, ARGV[3])
+    table.insert(args, 'JUSTID')
+    redis.call('XCLAIM', unpack(args))
+end
+return lost
+"""
+
+# Count one hand-out of a redelivered entry. KEYS[1] the stream's hand-out hash; ARGV[1] entry
+# id, ARGV[2] TTL. Returns the hand-outs counted so far (this one included).
+_HANDOUT = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return n
 """
 
 _DELETE_PREFIX = """
@@ -265,6 +436,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _describe(message: dict[str, Any]) -> str:
+    return f"{message.get('type')!s:.100} (id={message.get('id')!s:.200})"
+
+
 @dataclasses.dataclass(frozen=True)
 class AckToken:
     """What :meth:`StreamsChannelLayer.ack` needs to acknowledge one delivered message."""
@@ -272,55 +447,96 @@ class AckToken:
     index: int
     key: str
     entry_id: str
-    #: how many times this message has been delivered (1 the first time)
+    #: 1 for a first delivery; 2 and up (Redis' delivery count) for a message claimed back
+    #: from a consumer that did not acknowledge it in time: ``redelivered``, see ``begin``
     delivery: int
+    #: ``time.monotonic()`` when the entry was last claimed in Redis (fetched, claimed or
+    #: refreshed): its idle time there counts from then
+    claimed: float = 0.0
+
+    @property
+    def redelivered(self) -> bool:
+        """Claimed back from a consumer that did not acknowledge it in time."""
+        return self.delivery > 1
+
+    @property
+    def local(self) -> bool:
+        """A process-local channel's entry: deleted when fetched, nothing to acknowledge."""
+        return self.key.endswith("!")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Entry:
     entry_id: str
     channel: str
-    message: dict[str, Any] | None
+    message: dict[str, Any]
+    #: Redis' delivery count (fetches and claims): 1 for a first fetch, 2 and up once claimed
     delivery: int
-    error: str = ""
-    index: int = 0
-    key: str = ""
+    #: ``time.monotonic()`` of its last claim in Redis (see AckToken.claimed)
+    claimed: float
+
+
+class _Foreign(ValueError):
+    """An entry whose ``c`` field names a channel that is not this stream's."""
 
 
 class _Buffers(dict[str, deque[_Entry]]):
-    """Fetched entries not handed out yet, by channel; ``held`` has their (stream, id).
+    """Fetched entries not handed out yet, by channel.
 
     For process-local channels it is the layer's ``receive_buffer``, shaped like channels_redis'
     (``gateways/http_ws`` drops the buffers of its finished reply channels with ``pop``): popping
-    a channel here drops what it holds for good (acknowledged, counted, logged), or it would come
-    back at the next claim.
+    a channel here drops what it holds for good (counted, logged at DEBUG). For a normal stream
+    ``ids`` has the ids buffered, so an entry claimed back while it waits here is not taken twice.
     """
 
     def __init__(self, layer: StreamsChannelLayer) -> None:
         super().__init__()
         self.layer = layer
-        self.held: set[tuple[str, str]] = set()
+        self.ids: set[str] = set()
 
     def take(self, channel: str) -> _Entry | None:
         buffer = self.get(channel)
         if not buffer:
             return None
         entry = buffer.popleft()
-        self.held.discard((entry.key, entry.entry_id))
+        self.ids.discard(entry.entry_id)
         return entry
 
-    def put(self, entry: _Entry) -> bool:
-        if (entry.key, entry.entry_id) in self.held:
-            return False  # our own, claimed back while it waited here
+    def put(self, entry: _Entry, *, dedupe: bool) -> bool:
+        if dedupe:
+            if entry.entry_id in self.ids:
+                return False  # our own, claimed back while it waited here
+            self.ids.add(entry.entry_id)
         self.setdefault(entry.channel, deque()).append(entry)
-        self.held.add((entry.key, entry.entry_id))
         return True
+
+    def put_back(self, entry: _Entry, *, dedupe: bool) -> None:
+        """Return a taken entry to the front (its receiver was cancelled before it got it)."""
+        if dedupe:
+            self.ids.add(entry.entry_id)
+        self.setdefault(entry.channel, deque()).appendleft(entry)
+
+    def entries(self) -> Iterator[_Entry]:
+        for buffer in self.values():
+            yield from buffer
+
+    def remove(self, ids: set[str]) -> int:
+        """Drop the entries with these ids (another consumer owns them now); how many."""
+        removed = 0
+        for buffer in self.values():
+            kept = [entry for entry in buffer if entry.entry_id not in ids]
+            removed += len(buffer) - len(kept)
+            if len(kept) != len(buffer):
+                buffer.clear()
+                buffer.extend(kept)
+        self.ids -= ids
+        return removed
 
     def pop(self, channel: str, *default: Any) -> Any:
         entries = super().pop(channel, *default)
         for entry in entries or ():
-            self.held.discard((entry.key, entry.entry_id))
-            self.layer._drop("local_overflow", channel, entry, entry.index, entry.key, quiet=True)
+            self.ids.discard(entry.entry_id)
+            self.layer._drop("local_overflow", channel, entry, quiet=True)
         return entries
 
 
@@ -328,8 +544,8 @@ class _Buffers(dict[str, deque[_Entry]]):
 class _Op:
     kind: str  # "send", "many", "ack", "group", "call"
     key: str = ""
-    #: send: (capacity, payload, target); ack: (entry id, "", ""); many: ((key, capacity,
-    #: payload, target), …); group: (payload, capacity)
+    #: send: (capacity, payload, target); ack: (entry id, hand-out hash or "", ""); many:
+    #: ((key, capacity, payload, target), …); group: (payload,)
     args: tuple[Any, ...] = ()
     #: queues this operation's commands on a pipeline; returns how many (the last one answers)
     call: Callable[[Any], int] | None = None
@@ -343,8 +559,9 @@ _STREAM_OPS: Final = ("send", "many", "ack")
 class _Writer:
     """Everything one event loop writes to one host, batched into one pipeline per round trip."""
 
-    def __init__(self, layer: StreamsChannelLayer, client: aioredis.Redis) -> None:
+    def __init__(self, layer: StreamsChannelLayer, index: int, client: aioredis.Redis) -> None:
         self.layer = layer
+        self.index = index
         self.client = client
         self.queue: deque[_Op] = deque()
         #: acknowledgements wait for the next batch, or ACK_DELAY: nobody waits for them, and
@@ -353,10 +570,11 @@ class _Writer:
         self.acks: list[_Op] = []
         self.task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._batch: Any = None  # the batch script, registered (EVALSHA) on first use
 
-    def acknowledge(self, key: str, entry_id: str) -> None:
+    def acknowledge(self, key: str, entry_id: str, runs: str = "") -> None:
         """Queue an acknowledgement nobody waits for (a failure only delays it: redelivery)."""
-        self.acks.append(_Op("ack", key, (entry_id, "", "")))
+        self.acks.append(_Op("ack", key, (entry_id, runs, "")))
         self._acks_queued()
 
     def submit(self, op: _Op) -> asyncio.Future[Any]:
@@ -427,45 +645,71 @@ class _Writer:
     async def _execute(self, batch: list[_Op]) -> None:
         layer = self.layer
         pipe = self.client.pipeline(transaction=False)
-        stream_ops = [op for op in batch if op.kind in _STREAM_OPS]
         other_ops = [op for op in batch if op.kind not in _STREAM_OPS]
-        if stream_ops:
-            argv: list[Any] = [layer._expiry_ms, layer.local_expiry]
-            keys: list[str] = []
-            for number, op in enumerate(stream_ops):
-                if op.kind == "many":
-                    for key, *args in op.args:
-                        keys.append(key)
-                        argv += [f"o{number}", *args]
-                else:
-                    keys.append(op.key)
-                    argv += ["s" if op.kind == "send" else "a", *op.args]
-            if other_ops:
-                pipe.eval(_BATCH, len(keys), *keys, *argv)
+        candidate = layer._candidate(self.index)
+        # plain acknowledgements, per stream, first (a send after a receive sees the room it
+        # made); then every other stream operation in its order. ``records`` pairs each KEYS
+        # entry with the operations its answer goes to.
+        acks: dict[str, list[_Op]] = {}
+        rest: list[_Op] = []
+        for op in batch:
+            if op.kind == "ack" and not op.args[1]:
+                acks.setdefault(op.key, []).append(op)
+            elif op.kind in _STREAM_OPS:
+                rest.append(op)
+        argv: list[Any] = [layer._expiry_ms, layer.local_expiry, layer._marker, candidate]
+        keys: list[str] = []
+        records: list[list[_Op]] = []
+        for key, ops in acks.items():
+            keys.append(key)
+            argv += ["A", len(ops), *[op.args[0] for op in ops]]
+            records.append(ops)
+        for number, op in enumerate(rest):
+            if op.kind == "many":
+                for key, *args in op.args:
+                    keys.append(key)
+                    argv += [f"o{number}", *args]
+                    records.append([op])
+            elif op.kind == "send":
+                keys.append(op.key)
+                argv += ["s", *op.args]
+                records.append([op])
+            else:
+                keys.append(op.key)
+                argv += ["a", op.args[0], op.args[1]]
+                records.append([op])
+        stream_ops = bool(keys)
+        if stream_ops and other_ops:
+            pipe.eval(_BATCH, len(keys), *keys, *argv)
         spans: list[int] = []
         for op in other_ops:
             spans.append(1)
             if op.kind == "group":
-                payload, capacity = op.args
+                (payload,) = op.args
                 pipe.eval(
                     _GROUP,
                     1,
                     op.key,
                     layer._expiry_ms,
                     layer.local_expiry,
+                    layer._marker,
+                    candidate,
                     layer._stream_prefix,
                     payload,
-                    capacity,
+                    layer.capacity,
                     layer.group_expiry,
+                    *[v for pair in layer._own_capacity.items() for v in pair],
                 )
             else:
                 assert op.call is not None
                 spans[-1] = op.call(pipe)
         if other_ops:
             replies = await pipe.execute(raise_on_error=False)
-        else:  # the common case: one script call, without the pipeline's overhead
+        else:  # the common case: one script call (by its SHA), without a pipeline's overhead
+            if self._batch is None:
+                self._batch = self.client.register_script(_BATCH)
             try:
-                replies = [await self.client.eval(_BATCH, len(keys), *keys, *argv)]
+                replies = [await self._batch(keys=keys, args=argv)]
             except redis_errors.ResponseError as exc:
                 replies = [exc]
         position = 0
@@ -473,31 +717,44 @@ class _Writer:
             reply = replies[0]
             position = 1
             if isinstance(reply, Exception):
-                self._fail(stream_ops, reply)
+                self._fail([op for ops in records for op in ops], reply)
             else:
-                results, trims = reply
+                results, trims, seen = reply
+                layer._saw_epoch(self.index, seen, candidate)
                 layer._count_trims(trims)
-                answers = iter(results)
-                for op in stream_ops:
-                    if op.kind == "many":  # how many were added: a prefix of the sequence
-                        answer: Any = sum(next(answers) for _ in op.args)
+                added: dict[int, int] = {}  # send_many: how many of its sends went in
+                for ops, result in zip(records, results, strict=True):
+                    if isinstance(result, list):  # an "A" record: one answer per ack
+                        for op, one in zip(ops, result, strict=True):
+                            _answer(op, bool(one))
+                    elif ops[0].kind == "many":
+                        added[id(ops[0])] = added.get(id(ops[0]), 0) + int(result)
                     else:
-                        answer = bool(next(answers))
-                    if op.future is not None and not op.future.done():
-                        op.future.set_result(answer)
+                        _answer(ops[0], bool(result))
+                for op in rest:
+                    if op.kind == "many":  # how many were added: a prefix of the sequence
+                        _answer(op, added.get(id(op), 0))
         for op, span in zip(other_ops, spans, strict=True):
             answers = replies[position : position + span]
             position += span
             failed = [a for a in answers if isinstance(a, Exception)]
-            reply = failed[0] if failed else answers[-1]
+            answer: Any = failed[0] if failed else answers[-1]
+            if op.kind == "group" and not failed:
+                members, full, trims, seen, missed = answer
+                layer._saw_epoch(self.index, seen, candidate)
+                layer._count_trims(trims)
+                answer = (int(members), int(full), [_text(m) for m in missed])
             if op.future is None or op.future.done():
                 continue
-            if isinstance(reply, Exception):
-                op.future.set_exception(reply)
-                continue
-            if op.kind == "group":
-                layer._count_trims(reply[2])
-            op.future.set_result(reply)
+            if isinstance(answer, Exception):
+                op.future.set_exception(answer)
+            else:
+                op.future.set_result(answer)
+
+
+def _answer(op: _Op, answer: Any) -> None:
+    if op.future is not None and not op.future.done():
+        op.future.set_result(answer)
 
 
 class _Reader:
@@ -510,7 +767,10 @@ class _Reader:
         self.index = index
         self.key = key
         self.client = client
+        #: a process-local stream: read with NOACK, each entry deleted as it is fetched
         self.local = key.endswith("!")
+        #: the stream's channel (for a process-local stream, the part up to the "!")
+        self.channel = key[len(layer._stream_prefix) :]
         self.buffers = layer.receive_buffer if self.local else _Buffers(layer)
         self.waiting: dict[str, int] = {}
         self.changed = asyncio.Condition()
@@ -518,6 +778,11 @@ class _Reader:
         self.error: BaseException | None = None
         self.next_claim = 0.0
         self.claim_start = "0-0"
+        #: this reader has read the stream's group: a NOGROUP from now on means it vanished
+        self.seen_group = False
+        #: entries the last fetch took, and when it ended (the pace of the receivers)
+        self.last_count = 0
+        self.last_end = 0.0
 
     async def get(self, channel: str) -> _Entry:
         entry = self.buffers.take(channel)
@@ -536,15 +801,20 @@ class _Reader:
                         self.task = asyncio.get_running_loop().create_task(self._fetch_loop())
                     await self.changed.wait()
             except asyncio.CancelledError:
-                if self.waiting[channel] == 1 and len(self.waiting) == 1 and self.task is not None:
+                nobody = self.waiting[channel] == 1 and len(self.waiting) == 1
+                if nobody and self.task is not None and not self.local:
                     # nobody waits any more: a fetch left running would take messages another
-                    # consumer waits for, and hold them until redelivery_timeout
+                    # consumer waits for. (A process-local fetch runs on: its NOACK entries
+                    # would be lost with the reply, and nobody else reads that stream.)
                     self.task.cancel()
                 raise
             finally:
                 self.waiting[channel] -= 1
                 if not self.waiting[channel]:
                     del self.waiting[channel]
+
+    def put_back(self, entry: _Entry) -> None:
+        self.buffers.put_back(entry, dedupe=not self.local)
 
     def _wanted(self) -> bool:
         return any(not self.buffers.get(channel) for channel in self.waiting)
@@ -557,6 +827,8 @@ class _Reader:
                     for entry in entries:
                         self._buffer(entry)
                     self.changed.notify_all()
+                if entries and not self.local:
+                    self.layer._state().start_refresher(self.layer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -565,12 +837,12 @@ class _Reader:
                 self.changed.notify_all()
 
     def _buffer(self, entry: _Entry) -> None:
-        if not self.buffers.put(entry) or not self.local:
+        if not self.buffers.put(entry, dedupe=not self.local) or not self.local:
             return
         if len(self.buffers[entry.channel]) > self.layer.get_capacity(entry.channel):
             dropped = self.buffers.take(entry.channel)
             assert dropped is not None
-            self.layer._drop("local_overflow", dropped.channel, dropped, self.index, self.key)
+            self.layer._overflowed(dropped)
         if len(self.buffers) > 10_000:
             # channels nobody receives on any more: keep the map itself bounded
             stale = [c for c in self.buffers if c not in self.waiting][:1000]
@@ -578,36 +850,76 @@ class _Reader:
             for channel in stale:
                 self.buffers.pop(channel)
 
+    def _count(self) -> int:
+        """Entries to fetch: what the waiting receivers take in PREFETCH_WINDOW at the pace
+        they took the last fetch, at most twice that fetch (a worker asks for its next message
+        before its handler ran: the first two come fast whatever the handler), at least one
+        per waiting receiver, at most ``batch``. A process-local stream takes ``batch``."""
+        layer = self.layer
+        if self.local:
+            return layer.batch
+        wanted = sum(self.waiting.values())
+        if self.last_count:
+            pace = self.last_count / max(time.monotonic() - self.last_end, 1e-4)
+            wanted = max(wanted, min(2 * self.last_count, int(pace * PREFETCH_WINDOW) + 1))
+        return max(1, min(layer.batch, wanted))
+
     async def _fetch(self) -> list[_Entry]:
         layer = self.layer
         now = time.monotonic()
         if now >= self.next_claim:
             self.next_claim = now + layer.claim_interval
-            claimed = await self._claim()
-            if claimed:
-                return claimed
+            if self.local:
+                await self._touch()
+            else:
+                claimed = await self._claim()
+                if claimed:
+                    return claimed
         block = max(1, int((self.next_claim - time.monotonic()) * 1000))
         try:
             reply: Any = await self.client.xreadgroup(
-                GROUP, layer.consumer, {self.key: ">"}, count=layer.batch, block=block
+                GROUP,
+                layer.consumer,
+                {self.key: ">"},
+                count=self._count(),
+                block=block,
+                noack=self.local,
             )
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
+            self._gone(exc)
             await self._create_group()
             return []
+        fetched = time.monotonic()
+        self.seen_group = True
         entries: list[_Entry] = []
+        count = 0
+        writer = layer._writer(self.index) if self.local else None
         for _key, items in reply or []:
-            for entry_id, fields in items:
-                entry = self._decode(_text(entry_id), fields, 1)
-                if entry is not None:
-                    entries.append(entry)
+            for raw_id, fields in items:
+                count += 1
+                entry_id = _text(raw_id)
+                if writer is not None:  # NOACK: ours now; delete it, the buffer has it
+                    writer.acknowledge(self.key, entry_id)
+                entries += self._decode(entry_id, fields, 1, fetched)
+        self.last_count, self.last_end = count, time.monotonic()
         return entries
+
+    async def _touch(self) -> None:
+        """A process-local stream: renew its TTL, look at the host's marker."""
+        layer = self.layer
+        candidate = layer._candidate(self.index)
+        seen, _exists = await self.client.eval(
+            _TOUCH, 1, self.key, layer.local_expiry, layer._marker, candidate
+        )
+        layer._saw_epoch(self.index, seen, candidate)
 
     async def _claim(self) -> list[_Entry]:
         layer = self.layer
+        candidate = layer._candidate(self.index)
         try:
-            start, claimed, deleted = await self.client.eval(
+            start, claimed, deleted, seen = await self.client.eval(
                 _CLAIM,
                 1,
                 self.key,
@@ -617,27 +929,33 @@ class _Reader:
                 self.claim_start,
                 layer.batch,
                 int(layer.consumer_expiry * 1000),
+                layer._marker,
+                candidate,
             )
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
+            self._gone(exc)
             await self._create_group()
             return []
+        layer._saw_epoch(self.index, seen, candidate)
+        self.seen_group = True
         self.claim_start = _text(start)
         if deleted:
-            DROPPED.labels("deleted_pending").inc(deleted)
+            DROPPED.labels("deleted_pending").inc(len(deleted))
             log.error(
                 "layer: %d pending message(s) on stream %r were deleted before anyone "
                 "acknowledged them (expiry or a manual XDEL)",
-                deleted,
+                len(deleted),
                 self.key,
             )
+        now = time.monotonic()
         entries: list[_Entry] = []
         for entry_id, flat, count in claimed:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            entry = self._decode(_text(entry_id), fields, int(count))
-            if entry is not None:
-                entries.append(entry)
+            entries += self._decode(_text(entry_id), fields, max(2, int(count)), now)
+        if claimed and self.claim_start != "0-0":
+            self.next_claim = now  # more to claim: at the next fetch, not in claim_interval
         if entries:
             REDELIVERED.inc(len(entries))
             log.warning(
@@ -649,6 +967,18 @@ class _Reader:
             )
         return entries
 
+    def _gone(self, exc: Exception) -> None:
+        """NOGROUP (or a blocked read unblocked because the key went): report it if this reader
+        had used the stream's group; a brand-new channel gives the same answer."""
+        if not self.seen_group:
+            return
+        self.seen_group = False
+        self.layer._vanished(
+            "stream",
+            f"stream {self.key!r} or its consumer group vanished while this process read it "
+            f"({str(exc).split(chr(10))[0][:120]}): what was waiting there is lost",
+        )
+
     async def _create_group(self) -> None:
         try:
             await self.client.xgroup_create(self.key, GROUP, id="0", mkstream=True)
@@ -658,26 +988,66 @@ class _Reader:
         if self.local:
             await self.client.expire(self.key, self.layer.local_expiry)
 
-    def _decode(self, entry_id: str, fields: dict[Any, Any], delivery: int) -> _Entry | None:
+    def _decode(
+        self, entry_id: str, fields: dict[Any, Any], delivery: int, claimed: float
+    ) -> list[_Entry]:
+        """The entry's deliveries (one per target channel); a bad entry is dropped here."""
         layer = self.layer
-        raw_channel = fields.get(b"c")
-        channel = _text(raw_channel) if raw_channel else self.key[len(layer._stream_prefix) :]
-        if layer.expiry:
-            born = int(entry_id.partition("-")[0]) / 1000
-            if born < time.time() - layer.expiry:
-                entry = _Entry(entry_id, channel, None, delivery, "", self.index, self.key)
-                layer._drop("expired", channel, entry, self.index, self.key)
-                return None
         try:
+            raw_target = fields.get(b"c")
+            if raw_target is None:
+                if self.local:
+                    raise _Foreign("it names no process-local channel")
+                targets = [self.channel]
+            else:
+                # strict UTF-8: an entry written by someone else must not stop the fetch
+                text = raw_target.decode() if isinstance(raw_target, bytes) else str(raw_target)
+                targets = text.split(",")
+                for target in targets:
+                    ours = target.startswith(self.channel) if self.local else target == self.channel
+                    if not ours:
+                        raise _Foreign(f"it is addressed to {target[:200]!r}")
+            if layer.expiry:
+                born = int(entry_id.partition("-")[0]) / 1000
+                if born < time.time() - layer.expiry:
+                    entry = _Entry(entry_id, targets[0], {}, delivery, claimed)
+                    where = None if self.local else self.index
+                    layer._drop("expired", entry.channel, entry, index=where, key=self.key)
+                    return []
             message = msgpack.unpackb(fields[b"m"], raw=False)
             if not isinstance(message, dict):
                 raise ValueError(f"not a dict but {type(message).__name__}")
+        except _Foreign as exc:
+            self._bad(entry_id, delivery, "foreign", str(exc))
+            return []
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            return _Entry(entry_id, channel, None, delivery, error, self.index, self.key)
-        if delivery > 1:
-            message[DELIVERY_KEY] = delivery
-        return _Entry(entry_id, channel, message, delivery, "", self.index, self.key)
+            self._bad(entry_id, delivery, "undecodable", f"{type(exc).__name__}: {exc}")
+            return []
+        if len(targets) == 1:
+            return [_Entry(entry_id, targets[0], message, delivery, claimed)]
+        # a group_send to several process-local channels of this process: one copy each
+        return [_Entry(entry_id, t, dict(message), delivery, claimed) for t in targets]
+
+    def _bad(self, entry_id: str, delivery: int, reason: str, problem: str) -> None:
+        DROPPED.labels(reason).inc()
+        log.error(
+            "layer: dropped message %s on %r (%s): %s",
+            entry_id,
+            self.channel,
+            reason,
+            problem[:300],
+        )
+        if not self.local:  # a process-local entry is deleted as it is fetched
+            runs = self.layer._runs_key(self.key) if delivery > 1 else ""
+            self.layer._writer(self.index).acknowledge(self.key, entry_id, runs)
+
+
+@dataclasses.dataclass
+class _Held:
+    """An entry a caller holds between its receive and its handler (see ``hold``)."""
+
+    #: ``time.monotonic()`` of its last claim in Redis
+    claimed: float
 
 
 @dataclasses.dataclass
@@ -686,6 +1056,35 @@ class _LoopState:
     readers: dict[tuple[int, str], _Reader] = dataclasses.field(default_factory=dict)
     fetch_clients: dict[int, aioredis.Redis] = dataclasses.field(default_factory=dict)
     sentinels: list[Any] = dataclasses.field(default_factory=list)
+    #: entries held by callers, by (host, stream, entry id)
+    held: dict[tuple[int, str, str], _Held] = dataclasses.field(default_factory=dict)
+    #: held entries another consumer claimed meanwhile (``release`` answers False)
+    lost: set[tuple[int, str, str]] = dataclasses.field(default_factory=set)
+    refresher: asyncio.Task[None] | None = None
+
+    def start_refresher(self, layer: StreamsChannelLayer) -> None:
+        if self.refresher is None or self.refresher.done():
+            self.refresher = asyncio.get_running_loop().create_task(layer._refresh_loop(self))
+
+    def tracked(self) -> dict[tuple[int, str], list[tuple[str, float]]]:
+        """(entry id, last claim) of every entry this loop keeps claimed, by stream."""
+        out: dict[tuple[int, str], list[tuple[str, float]]] = {}
+        for reader in self.readers.values():
+            if not reader.local:
+                found = [(e.entry_id, e.claimed) for e in reader.buffers.entries()]
+                if found:
+                    out.setdefault((reader.index, reader.key), []).extend(found)
+        for (index, key, entry_id), held in self.held.items():
+            out.setdefault((index, key), []).append((entry_id, held.claimed))
+        return out
+
+
+@dataclasses.dataclass
+class _GroupReport:
+    """``group_send`` refusals of one group since its last WARNING line."""
+
+    members: int = 0
+    messages: int = 0
 
 
 class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -699,10 +1098,14 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
       ``group_expiry`` (86400 s): as channels_redis;
     * ``expiry`` (``None``: never): seconds after which a waiting message is dropped, counted
       and logged;
-    * ``redelivery_timeout`` (30 s): a message fetched but not acknowledged for this long is
-      delivered again to whichever consumer fetches next;
+    * ``redelivery_timeout`` (30 s): a message handed to a handler and not acknowledged for this
+      long is delivered again to whichever consumer fetches next (what waits in a process
+      before its handler is kept claimed: see the module docstring);
     * ``batch`` (100): entries one fetch takes at most;
-    * ``local_expiry`` (86400 s): TTL of a process-local stream, renewed by each send to it;
+    * ``max_deliveries`` (8): hand-outs of one message to a receiver (see ``__delivery__``)
+      after which the next claim dead-letters it to ``{channel}.dead`` instead;
+    * ``local_expiry`` (86400 s): TTL of a process-local stream, renewed by each send to it and
+      while its process reads it;
     * ``consumer_expiry`` (3600 s): a consumer (one per layer instance and stream) idle this long
       with nothing pending is removed from the stream's group, so dead processes do not pile up.
     """
@@ -721,17 +1124,23 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         batch: int = 100,
         local_expiry: int = 86400,
         consumer_expiry: float = 3600.0,
+        max_deliveries: int = 8,
     ) -> None:
         super().__init__(expiry=expiry, capacity=capacity)
-        if redelivery_timeout <= 0 or batch <= 0 or capacity <= 0:
-            raise ValueError("redelivery_timeout, batch and capacity must be positive")
+        if redelivery_timeout <= 0 or batch <= 0 or capacity <= 0 or max_deliveries <= 0:
+            raise ValueError(
+                "redelivery_timeout, batch, capacity and max_deliveries must be positive"
+            )
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
         self.prefix = prefix
         self.group_expiry = group_expiry
         self.redelivery_timeout = float(redelivery_timeout)
-        #: how often a fetching reader looks for messages to claim
+        #: how often a fetching reader looks for messages to claim (and at its host's marker)
         self.claim_interval = max(0.05, self.redelivery_timeout / 2)
+        #: how often entries waiting in this process are claimed again (their idle time reset)
+        self.refresh_interval = min(1.0, self.redelivery_timeout / 10)
         self.batch = batch
+        self.max_deliveries = int(max_deliveries)
         self.local_expiry = local_expiry
         #: seconds after which a stream's consumer (a process) holding nothing is forgotten
         self.consumer_expiry = consumer_expiry
@@ -742,9 +1151,20 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         #: this instance's consumer name in every stream's group
         self.consumer = f"{self.client_prefix}"
         self._stream_prefix = f"{prefix}:stream:"
+        #: the key whose value names the dataset of a host (see the module docstring)
+        self._marker = f"{prefix}:epoch"
         #: fetched messages of process-local channels not handed out yet, by channel
         self.receive_buffer = _Buffers(self)
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._own_capacity: dict[str, int] = {}
+        self._places: dict[str, tuple[int, str]] = {}
+        self._epochs: dict[int, str] = {}
+        self._retired: set[str] = set()
+        self._candidates: dict[int, str] = {}
+        self._problems: dict[str, float] = {}
+        self._group_reports: dict[str, _GroupReport] = {}
+        #: local_overflow drops since the last WARNING: [count, channels], None when not armed
+        self._overflows: list[Any] | None = None
 
     @property
     def _expiry_ms(self) -> int:
@@ -786,13 +1206,13 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             state = self._loops[loop] = _LoopState()
         return state
 
-    def _writer(self, index: int) -> _Writer:
-        state = self._state()
+    def _writer(self, index: int, state: _LoopState | None = None) -> _Writer:
+        state = state or self._state()
         writer = state.writers.get(index)
         if writer is None:
             # two connections: the writer's pipeline, and a spare while one reconnects
             client = aioredis.Redis(connection_pool=self._pool(index, 2, blocking=True))
-            writer = state.writers[index] = _Writer(self, client)
+            writer = state.writers[index] = _Writer(self, index, client)
         return writer
 
     def _reader(self, index: int, key: str) -> _Reader:
@@ -814,6 +1234,24 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         non_local = self.non_local_name(channel)
         return _ring_index(non_local, self.ring_size), self._stream_prefix + non_local
 
+    def _runs_key(self, key: str) -> str:
+        """The hash counting the hand-outs of the stream ``key``'s redelivered entries."""
+        return f"{self.prefix}:runs:{key[len(self._stream_prefix) :]}"
+
+    # -- capacities ----------------------------------------------------------------------------
+
+    def set_channel_capacity(self, channel: str, capacity: int) -> None:
+        """Give ``channel`` (an exact, non-local name) a capacity of its own, above
+        ``channel_capacity`` patterns and ``capacity``: a gateway's ``inbound_capacity``."""
+        self.require_valid_channel_name(channel)
+        if "!" in channel or capacity <= 0:
+            raise ValueError(f"{channel!r}: a capacity of its own needs a normal channel and n > 0")
+        self._own_capacity[channel] = int(capacity)
+
+    def get_capacity(self, channel: str) -> int:
+        own = self._own_capacity.get(channel)
+        return own if own is not None else int(super().get_capacity(channel))
+
     # -- the channel layer API -----------------------------------------------------------------
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
@@ -824,7 +1262,13 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         index, key = self._where(channel)
         target = channel if "!" in channel else ""
         op = _Op("send", key, (self.get_capacity(channel), payload, target))
-        if not await self._writer(index).submit(op):
+        try:
+            added = await self._writer(index).submit(op)
+        except redis_errors.ResponseError as exc:
+            if _out_of_memory(exc):  # Redis at maxmemory: push back as for a full channel
+                raise ChannelFull(channel) from exc
+            raise
+        if not added:
             raise ChannelFull(channel)
 
     async def send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> int:
@@ -848,47 +1292,361 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             runs[-1][1].append((key, self.get_capacity(channel), payload, target))
         added = 0
         for index, run in runs:
-            count = await self._writer(index).submit(_Op("many", args=tuple(run)))
+            try:
+                count = await self._writer(index).submit(_Op("many", args=tuple(run)))
+            except redis_errors.ResponseError as exc:
+                if _out_of_memory(exc):  # Redis at maxmemory: as a full channel
+                    break
+                raise
             added += count
             if count < len(run):
                 break
         return added
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        """The next message on ``channel``, acknowledged as it is handed out (at-most-once)."""
-        message, token = await self.receive_with_ack(channel)
-        self._writer(token.index).acknowledge(token.key, token.entry_id)
-        return message
+        """The next message on ``channel``, acknowledged as it is handed out (at-most-once).
+
+        Handing it out is its handler's start: a redelivered message is counted
+        (:meth:`begin`) first.
+        """
+        index, key = self._place(channel)
+        reader = self._reader(index, key)
+        while True:
+            entry = await reader.get(channel)
+            token = AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
+            if token.redelivered:
+                try:
+                    delivery = await self.begin(token, entry.message)
+                except BaseException:
+                    reader.put_back(entry)  # a layer error or a cancel: it is not lost
+                    raise
+                if delivery is None:
+                    continue  # dead-lettered
+            if not token.local:
+                runs = self._runs_key(key) if token.redelivered else ""
+                self._writer(index).acknowledge(key, entry.entry_id, runs)
+            return entry.message
+
+    def _place(self, channel: str) -> tuple[int, str]:
+        """Where a receive on ``channel`` reads (checked once per channel name)."""
+        place = self._places.get(channel)
+        if place is None:
+            self.require_valid_channel_name(channel)
+            if "!" in channel:
+                assert self.non_local_name(channel).endswith(self.client_prefix + "!"), (
+                    "Wrong client prefix"
+                )
+            place = self._where(channel)
+            if len(self._places) >= 10_000:
+                self._places.clear()  # reply channels come and go: keep the cache bounded
+            self._places[channel] = place
+        return place
 
     async def receive_with_ack(self, channel: str) -> tuple[dict[str, Any], AckToken]:
         """The next message on ``channel`` and the token to :meth:`ack` it with.
 
-        Until acknowledged the message stays pending in Redis; after ``redelivery_timeout``
-        it is delivered again (to this or another process). An entry that cannot be decoded is
-        acknowledged (dropped, counted) and raises ``ValueError``.
+        Until acknowledged the message stays pending in Redis; a handler that has not
+        acknowledged it after ``redelivery_timeout`` gets it delivered again (to this or
+        another process). The caller says when its handler starts: :meth:`begin` (which counts
+        a redelivered message, ``token.redelivered``, sets its ``__delivery__`` and applies
+        ``max_deliveries``); and when it holds the message a while before that:
+        :meth:`hold`.
         """
-        self.require_valid_channel_name(channel)
-        if "!" in channel:
-            assert self.non_local_name(channel).endswith(self.client_prefix + "!"), (
-                "Wrong client prefix"
-            )
-        index, key = self._where(channel)
+        index, key = self._place(channel)
         entry = await self._reader(index, key).get(channel)
-        token = AckToken(index, key, entry.entry_id, entry.delivery)
-        if entry.message is None:
-            # counted and dropped here, logged by the caller the error reaches (once)
-            self._drop("undecodable", channel, entry, index, key, quiet=True)
-            raise ValueError(f"undecodable entry {entry.entry_id} on {channel!r}: {entry.error}")
-        return entry.message, token
+        return entry.message, AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
+
+    def receive_with_ack_nowait(self, channel: str) -> tuple[dict[str, Any], AckToken] | None:
+        """:meth:`receive_with_ack` for a message this process fetched already, at once;
+        ``None`` when there is none at hand (no wait, no Redis, never raises for Redis)."""
+        state = self._loops.get(asyncio.get_running_loop())
+        if state is None:
+            return None
+        index, key = self._place(channel)
+        reader = state.readers.get((index, key))
+        entry = reader.buffers.take(channel) if reader is not None else None
+        if entry is None:
+            return None
+        return entry.message, AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
+
+    async def begin(self, token: AckToken, message: dict[str, Any]) -> int | None:
+        """The handler of ``token``'s ``message`` starts now: its ``__delivery__``, or ``None``
+        when it must not run.
+
+        A first delivery is 1, at no cost. A redelivered message (``token.redelivered``) is
+        counted in Redis first, awaited, so a process that dies in the handler has counted it:
+        ``__delivery__`` is the number of times a handler took it, this one included, its
+        first delivery counting one (whether or not that process reached the handler), and it
+        is set on ``message``. When that would pass ``max_deliveries`` the message is
+        dead-lettered and acknowledged instead, and this returns ``None``.
+        """
+        if not token.redelivered:
+            return 1
+        runs = self._runs_key(token.key)
+
+        def call(pipe: Any) -> int:
+            pipe.eval(_HANDOUT, 1, runs, token.entry_id, self.local_expiry)
+            return 1
+
+        handed = int(await self._writer(token.index).submit(_Op("call", call=call)))
+        delivery = handed + 1  # the first delivery is not recorded (no round trip): it is one
+        if delivery > self.max_deliveries:
+            await self._give_up(token, message, handed)
+            return None
+        message[DELIVERY_KEY] = delivery
+        return delivery
 
     def ack(self, token: AckToken) -> asyncio.Future[Any]:
         """Acknowledge (and delete) a delivered message. Queued at once; await to know it
-        reached Redis (``True``: it was still there)."""
-        return self._writer(token.index).submit(_Op("ack", token.key, (token.entry_id, "", "")))
+        reached Redis (``True``: it was still there). Ends a :meth:`hold`."""
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is not None and (state.held or state.lost):
+            ident = (token.index, token.key, token.entry_id)
+            state.held.pop(ident, None)
+            state.lost.discard(ident)
+        if token.local:
+            done = loop.create_future()
+            done.set_result(True)
+            return done
+        runs = self._runs_key(token.key) if token.redelivered else ""
+        return self._writer(token.index).submit(_Op("ack", token.key, (token.entry_id, runs, "")))
+
+    def hold(self, token: AckToken) -> None:
+        """Keep ``token``'s message claimed while the caller holds it before a handler runs
+        (it waits for a busy consumer, or for a retry after a backoff), so that waiting does
+        not count towards ``redelivery_timeout``. Until :meth:`release` or :meth:`ack`."""
+        if token.local:
+            return
+        state = self._state()
+        state.held[(token.index, token.key, token.entry_id)] = _Held(token.claimed)
+        state.start_refresher(self)
+
+    def release(self, token: AckToken) -> bool:
+        """End a :meth:`hold`: a handler takes the message now. ``False`` when another
+        consumer claimed it meanwhile (this process stalled for longer than
+        ``redelivery_timeout``): it delivers it, so this one must not."""
+        if token.local:
+            return True
+        state = self._loops.get(asyncio.get_running_loop())
+        if state is None:
+            return True
+        ident = (token.index, token.key, token.entry_id)
+        state.held.pop(ident, None)
+        if ident in state.lost:
+            state.lost.discard(ident)
+            return False
+        return True
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-local channel name, received on by this layer instance only."""
         return f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
+
+    # -- redelivery: hand-outs counted, the cap, dead letters ----------------------------------
+
+    async def _give_up(self, token: AckToken, message: dict[str, Any], handed: int) -> None:
+        channel = token.key[len(self._stream_prefix) :]
+        what = _describe(message)
+        reason = (
+            f"handed to a receiver {handed} time(s) without an acknowledgement "
+            f"(max_deliveries {self.max_deliveries}): its handler may kill its process"
+        )
+        target = None if "!" in channel else f"{channel}.dead"
+        if target is not None:
+            letter = {
+                "type": DEAD_LETTER_TYPE,
+                "channel": channel,
+                "error": reason,
+                "attempts": handed,
+                "message": {k: v for k, v in message.items() if k != DELIVERY_KEY},
+            }
+            try:
+                await self._send_patiently(target, letter)
+            except Exception as exc:
+                log.error(
+                    "layer: gave up on %s from %r (%s), and could not send it to %r either "
+                    "(%s); it stays pending and is claimed again later",
+                    what,
+                    channel,
+                    reason,
+                    target,
+                    f"{type(exc).__name__}: {exc}",
+                )
+                return
+        DROPPED.labels("max_deliveries").inc()
+        log.error(
+            "layer: gave up on %s from %r: %s; %s",
+            what,
+            channel,
+            reason,
+            f"sent to {target!r}" if target else "dropped (a process-local channel)",
+        )
+        self._writer(token.index).acknowledge(token.key, token.entry_id, self._runs_key(token.key))
+
+    async def _send_patiently(
+        self, channel: str, message: dict[str, Any], timeout: float = 10.0
+    ) -> None:
+        """``send``, retried while the channel is full or Redis unreachable, up to ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while True:
+            try:
+                await self.send(channel, message)
+                return
+            except (ChannelFull, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+    # -- keeping what waits here claimed -------------------------------------------------------
+
+    async def _refresh_loop(self, state: _LoopState) -> None:
+        """Every ``refresh_interval``: claim again (idle time 0) what this loop holds that was
+        last claimed over an interval ago. Ends when nothing is held (restarted on demand)."""
+        interval = self.refresh_interval
+        while True:
+            await asyncio.sleep(interval)
+            tracked = state.tracked()
+            if not tracked:
+                return
+            stale = time.monotonic() - interval
+            due = {
+                where: [entry_id for entry_id, claimed in items if claimed <= stale]
+                for where, items in tracked.items()
+            }
+            due = {where: ids for where, ids in due.items() if ids}
+            if due:
+                await self._refresh(state, due)
+
+    def _refresh_call(self, key: str, ids: list[str], idle_ms: int) -> Callable[[Any], int]:
+        def call(pipe: Any) -> int:
+            pipe.eval(_REFRESH, 1, key, GROUP, self.consumer, idle_ms, *ids)
+            return 1
+
+        return call
+
+    async def _refresh(self, state: _LoopState, due: dict[tuple[int, str], list[str]]) -> None:
+        started = time.monotonic()
+        calls: list[tuple[int, str, list[str], asyncio.Future[Any]]] = []
+        for (index, key), ids in due.items():
+            for start in range(0, len(ids), REFRESH_CHUNK):
+                chunk = ids[start : start + REFRESH_CHUNK]
+                op = _Op("call", call=self._refresh_call(key, chunk, 0))
+                calls.append((index, key, chunk, self._writer(index, state).submit(op)))
+        for index, key, chunk, future in calls:
+            try:
+                reply = await future
+            except Exception as exc:
+                # Redis unreachable or the stream gone: tried again next time; a reader reports
+                # an outage or a loss. What is held here is handed out either way.
+                log.debug("layer: could not refresh %d entries on %r: %s", len(chunk), key, exc)
+                continue
+            lost = {_text(entry_id) for entry_id in reply}
+            kept = set(chunk) - lost
+            reader = state.readers.get((index, key))
+            if reader is not None:
+                for entry in reader.buffers.entries():
+                    if entry.entry_id in kept:
+                        entry.claimed = started
+            for entry_id in kept:
+                held = state.held.get((index, key, entry_id))
+                if held is not None:
+                    held.claimed = started
+            if lost:
+                self._lost_claims(state, index, key, lost, reader)
+
+    def _lost_claims(
+        self,
+        state: _LoopState,
+        index: int,
+        key: str,
+        lost: set[str],
+        reader: _Reader | None,
+    ) -> None:
+        dropped = reader.buffers.remove(lost) if reader is not None else 0
+        for entry_id in lost:
+            if state.held.pop((index, key, entry_id), None) is not None:
+                state.lost.add((index, key, entry_id))
+        log.warning(
+            "layer: %d message(s) on stream %r waiting in this process were claimed by another "
+            "consumer (this process or Redis stalled for over redelivery_timeout=%ss); they are "
+            "not handed out here (%d dropped from the buffer, %d held by the worker)",
+            len(lost),
+            key,
+            self.redelivery_timeout,
+            dropped,
+            len(lost) - dropped,
+        )
+
+    # -- lost data -----------------------------------------------------------------------------
+
+    def _candidate(self, index: int) -> str:
+        """The marker value a script sets on host ``index`` if the marker is missing."""
+        candidate = self._candidates.get(index)
+        if candidate is None:
+            candidate = self._candidates[index] = uuid.uuid4().hex
+        return candidate
+
+    def _saw_epoch(self, index: int, seen: Any, candidate: str) -> None:
+        """A script read host ``index``'s marker (``seen``; ``None``: it set ``candidate``)."""
+        if seen:
+            current = _text(seen)
+            if current == self._candidates.get(index):
+                # ours, set by a script whose reply never came back (it failed after setting it)
+                self._candidates.pop(index, None)
+        else:
+            current = candidate
+            self._candidates.pop(index, None)  # used: the next script gets a new one
+        known = self._epochs.get(index)
+        if known == current or current in self._retired:
+            return  # the same dataset (or a late reply from before a loss already reported)
+        self._epochs[index] = current
+        if known is None:
+            return
+        if len(self._retired) > 100:
+            self._retired.clear()
+        self._retired.add(known)
+        host = self._host_name(index)
+        self._vanished(
+            "dataset",
+            f"the data on Redis {host} is gone: its marker key {self._marker!r} vanished or "
+            "changed under this process (Redis restarted without persistence, FLUSHALL or "
+            "FLUSHDB, or a failover to an empty replica); every message that was waiting, "
+            "pending or in flight there is lost",
+            f"Redis {host} lost its data (marker {self._marker!r} vanished)",
+        )
+
+    def _host_name(self, index: int) -> str:
+        host = self.hosts[index]
+        if "address" in host:
+            from core.layers import describe_layer  # it imports this module lazily
+
+            return describe_layer(str(host["address"]))
+        if "master_name" in host:
+            return f"sentinel master {host['master_name']!r}"
+        return f"host {index}"
+
+    def _vanished(self, what: str, text: str, reason: str | None = None) -> None:
+        VANISHED.labels(what).inc()
+        log.error("layer: %s", text)
+        if len(self._problems) >= 100:
+            self._problems.pop(next(iter(self._problems)))
+        self._problems[reason or text] = time.monotonic()
+
+    def health_problems(self) -> list[str]:
+        """What keeps this layer from being healthy, for ``/readyz`` (``[]``: nothing).
+
+        Data found lost in Redis (a host's dataset, or a stream under its reader; see the
+        module docstring) stays here for :data:`PROBLEM_PERIOD` seconds after it was last
+        seen, so a probe sees it without the process staying unready for ever; the ERROR line
+        and ``gateway_layer_vanished_total`` keep it for good.
+        """
+        now = time.monotonic()
+        for reason in [r for r, at in self._problems.items() if now - at > PROBLEM_PERIOD]:
+            del self._problems[reason]
+        return [f"layer: {reason} {now - at:.0f} s ago" for reason, at in self._problems.items()]
 
     # -- groups --------------------------------------------------------------------------------
 
@@ -924,21 +1682,26 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         await self._group_writer(group).submit(_Op("call", call=call))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to every member of ``group``; full members are skipped and logged."""
+        """Send ``message`` to every member of ``group``.
+
+        The process-local members of one process share one entry (see the module docstring).
+        A member whose channel is full does not get it: counted
+        (``gateway_layer_dropped_total{reason="group_full"}``) and logged at WARNING.
+        """
         self.require_valid_group_name(group)
         payload = msgpack.packb(message, use_bin_type=True)
         key = self._group_key(group)
         writer = self._group_writer(group)
         if self.ring_size == 1 and not self.channel_capacity:
-            members, full, _ = await writer.submit(_Op("group", key, (payload, self.capacity)))
+            members, full, missed = await writer.submit(_Op("group", key, (payload,)))
         else:
-            members, full = await self._group_send_sharded(writer, key, payload)
+            members, full, missed = await self._group_send_sharded(writer, key, payload)
         if full:
-            log.info("layer: %d of %d channels over capacity in group %s", full, members, group)
+            self._group_full(group, members, full, missed)
 
     async def _group_send_sharded(
         self, writer: _Writer, key: str, payload: bytes
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, list[str]]:
         horizon = time.time() - self.group_expiry
 
         def read(pipe: Any) -> int:
@@ -946,16 +1709,56 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             pipe.zrange(key, 0, -1)
             return 2
 
-        names = await writer.submit(_Op("call", call=read))
-        members = [_text(m) for m in names]
-        answers: list[Awaitable[Any]] = []
+        members = [_text(m) for m in await writer.submit(_Op("call", call=read))]
+        targets: dict[str, list[str]] = {}  # by stream: normal channels alone, locals together
         for channel in members:
-            index, stream = self._where(channel)
-            target = channel if "!" in channel else ""
-            op = _Op("send", stream, (self.get_capacity(channel), payload, target))
-            answers.append(self._writer(index).submit(op))
-        accepted = await asyncio.gather(*answers)
-        return len(members), sum(1 for ok in accepted if not ok)
+            targets.setdefault(self.non_local_name(channel), []).append(channel)
+        sends: list[tuple[list[str], Awaitable[Any]]] = []
+        for names in targets.values():
+            index, stream = self._where(names[0])
+            room = max(self.get_capacity(name) for name in names)
+            target = ",".join(names) if "!" in names[0] else ""
+            op = _Op("send", stream, (room, payload, target))
+            sends.append((names, self._writer(index).submit(op)))
+        accepted = await asyncio.gather(*(answer for _, answer in sends))
+        missed = [
+            name for (names, _), ok in zip(sends, accepted, strict=True) if not ok for name in names
+        ]
+        return len(members), len(missed), missed[:10]
+
+    def _group_full(self, group: str, members: int, full: int, missed: list[str]) -> None:
+        DROPPED.labels("group_full").inc(full)
+        report = self._group_reports.get(group)
+        if report is not None:  # logged less than GROUP_FULL_REPORT s ago: summed up later
+            report.members += full
+            report.messages += 1
+            return
+        self._group_reports[group] = _GroupReport()
+        asyncio.get_running_loop().call_later(GROUP_FULL_REPORT, self._report_group, group)
+        log.warning(
+            "layer: group_send to %r reached %d of %d member(s): %d channel(s) full (%s); the "
+            "message is lost for them",
+            group,
+            members - full,
+            members,
+            full,
+            ", ".join(repr(name) for name in missed) + (", …" if full > len(missed) else ""),
+        )
+
+    def _report_group(self, group: str) -> None:
+        report = self._group_reports.pop(group, None)
+        if report is None or not report.members:
+            return
+        log.warning(
+            "layer: group_send to %r: %d more member delivery(ies) refused (full channels) in "
+            "%d message(s) over the last %.0f s",
+            group,
+            report.members,
+            report.messages,
+            GROUP_FULL_REPORT,
+        )
+        self._group_reports[group] = _GroupReport()
+        asyncio.get_running_loop().call_later(GROUP_FULL_REPORT, self._report_group, group)
 
     # -- flush and close -----------------------------------------------------------------------
 
@@ -967,28 +1770,48 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             pipe.eval(_DELETE_PREFIX, 0, pattern)
             return 1
 
+        # this loop's fetches stop first: the streams they read vanishing is no loss to report
+        readers = [r.task for r in self._state().readers.values() if r.task is not None]
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         for index in range(self.ring_size):
             await self._writer(index).submit(_Op("call", call=delete))
-        await self.close_pools()
+        self._epochs.clear()  # deleted on purpose: a new marker is no loss to report
+        await self._close(give_back=False)
 
     async def close_pools(self) -> None:
         """Stop this event loop's fetches and writers and close their connections.
 
-        A fetch stopped here may leave entries pending: they are delivered again after
-        ``redelivery_timeout``.
+        What this process fetched and did not hand to a handler (its buffers, and entries
+        held with :meth:`hold`) is handed back to the group first, claimable by the next
+        fetch of any consumer at once; acknowledgements still queued are written.
         """
+        await self._close(give_back=True)
+
+    async def _close(self, *, give_back: bool) -> None:
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is None:
             return
         tasks = [r.task for r in state.readers.values() if r.task is not None]
+        if state.refresher is not None:
+            tasks.append(state.refresher)
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if give_back:
+            idle = GIVE_BACK_IDLE_MS
+            for (index, key), items in state.tracked().items():
+                ids = [entry_id for entry_id, _ in items]
+                for start in range(0, len(ids), REFRESH_CHUNK):
+                    chunk = ids[start : start + REFRESH_CHUNK]
+                    op = _Op("call", call=self._refresh_call(key, chunk, idle))
+                    self._writer(index, state).submit(op).add_done_callback(_retrieve)
         for writer in state.writers.values():
-            if writer.acks:
+            if writer.acks or writer.queue:
                 writer.kick()  # acknowledgements waiting for their delay go now
         writers = [w.task for w in state.writers.values() if w.task is not None]
         await asyncio.gather(*writers, return_exceptions=True)  # let queued writes finish
-        await asyncio.gather(*tasks, return_exceptions=True)
         for writer in state.writers.values():
             await writer.client.aclose(close_connection_pool=True)
         for client in state.fetch_clients.values():
@@ -1009,14 +1832,71 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 self.expiry,
             )
 
+    def _overflowed(self, entry: _Entry) -> None:
+        """A process-local channel's buffer was full (nobody receives on it, or too slowly):
+        its oldest message is dropped. Counted each time; logged once, then summed up every
+        GROUP_FULL_REPORT seconds (a dead socket still in a room would log every broadcast)."""
+        DROPPED.labels("local_overflow").inc()
+        if self._overflows is not None:
+            self._overflows[0] += 1
+            self._overflows[1].add(entry.channel)
+            return
+        self._overflows = [0, set()]
+        asyncio.get_running_loop().call_later(GROUP_FULL_REPORT, self._report_overflows)
+        log.warning(
+            "layer: dropped message %s on %r: local_overflow (its buffer holds capacity=%d "
+            "messages nobody took)",
+            entry.entry_id,
+            entry.channel,
+            self.get_capacity(entry.channel),
+        )
+
+    def _report_overflows(self) -> None:
+        overflows, self._overflows = self._overflows, None
+        if overflows is None or not overflows[0]:
+            return
+        count, channels = overflows
+        log.warning(
+            "layer: dropped %d more message(s) on %d process-local channel(s) whose buffers were "
+            "full (local_overflow) over the last %.0f s",
+            count,
+            len(channels),
+            GROUP_FULL_REPORT,
+        )
+        self._overflows = [0, set()]
+        asyncio.get_running_loop().call_later(GROUP_FULL_REPORT, self._report_overflows)
+
     def _drop(
-        self, reason: str, channel: str, entry: _Entry, index: int, key: str, *, quiet: bool = False
+        self,
+        reason: str,
+        channel: str,
+        entry: _Entry,
+        *,
+        quiet: bool = False,
+        index: int | None = None,
+        key: str = "",
     ) -> None:
+        """Count (and log) a dropped entry; with ``index``, acknowledge it in Redis too (a
+        process-local entry is deleted as it is fetched)."""
         DROPPED.labels(reason).inc()
         if not quiet:
             log.warning("layer: dropped message %s on %r: %s", entry.entry_id, channel, reason)
+        if index is None:
+            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # dropped outside a loop: it is claimed again, then dropped again
             return
-        self._writer(index).acknowledge(key, entry.entry_id)
+        runs = self._runs_key(key) if entry.delivery > 1 else ""
+        self._writer(index).acknowledge(key, entry.entry_id, runs)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Redis at ``maxmemory`` (policy ``noeviction``) refuses writes with ``OOM …``."""
+    return isinstance(exc, redis_errors.OutOfMemoryError) or str(exc).startswith("OOM")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Done-callback of a write nobody waits for: its failure only delays a redelivery."""
+    if not future.cancelled():
+        future.exception()

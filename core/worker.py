@@ -53,7 +53,16 @@ Messages without the key go to whichever instance is free.
 With a layer that has ``receive_with_ack`` (``core.streams``, ``redis://``), a message is
 acknowledged once its consumer asked for the next one (its handler returned), once it was
 dead-lettered, or once it was put back on its channel when draining; a worker that dies leaves
-its messages to the layer's redelivery.
+its messages to the layer's redelivery. While a message waits here before its handler (behind
+a busy consumer, or for a retry) the worker tells the layer (``hold``), which keeps it claimed
+so the wait never turns into a redelivery to another worker; as a consumer takes it the worker
+says so (``release``; for a redelivered message ``begin``, which counts the hand-out in Redis
+before the handler runs and dead-letters it past ``max_deliveries``). On SIGTERM the layer is
+closed after the drain: its queued acknowledgements are written.
+
+channels' ``AsyncConsumer`` hops to the sync thread before every handler to close old database
+connections; :mod:`core.dbclose` (installed by the worker) skips the hop when no connection is
+open to close.
 """
 
 from __future__ import annotations
@@ -66,12 +75,13 @@ import random
 import signal
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, cast
 
 from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
 
+from core.dbclose import install as install_connection_closing
 from core.layers import import_object
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
@@ -199,9 +209,15 @@ class _Delivery:
 class _Inbox:
     """One consumer instance's ``receive``: one message at a time, and what it holds."""
 
-    def __init__(self, done: Callable[[_Delivery], None]) -> None:
+    def __init__(
+        self,
+        done: Callable[[_Delivery], None],
+        take: Callable[[_Delivery], bool | Awaitable[bool]],
+    ) -> None:
         #: called with each delivery the consumer finished (asked for the next one after it)
         self.done = done
+        #: called with each delivery as the consumer takes it; ``False``: skip it
+        self.take = take
         self.queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=1)
         self.idle = asyncio.Event()
         #: the delivery the consumer took last and has not finished (it has not asked again)
@@ -213,7 +229,11 @@ class _Inbox:
             self.done(self.current)
         self.current = None
         self.idle.set()
-        delivery = await self.queue.get()
+        while True:
+            delivery = await self.queue.get()
+            taken = self.take(delivery)
+            if taken if isinstance(taken, bool) else await taken:
+                break
         self.idle.clear()
         self.current = delivery
         # a shallow copy: what the consumer changes in it does not travel to a retry
@@ -262,6 +282,10 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self.ordering_key = dict(ordering_key or {})
         self._slot_channel: dict[str, str] = {}
         self.metrics = GatewayMetrics("worker")
+        #: core.streams keeps what waits here before its handler claimed (see _hold)
+        self._layer_hold = getattr(self.channel_layer, "hold", None)
+        self._layer_release = getattr(self.channel_layer, "release", None)
+        install_connection_closing()
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
         #: metrics, readiness and the health server (core/worker_health.py); hooks marked "health"
@@ -274,7 +298,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         inbox = self._inboxes.get(channel)
         if inbox is not None and inbox.future is not None and not inbox.future.done():
             return inbox
-        inbox = self._inboxes[channel] = _Inbox(self._handled)
+        inbox = self._inboxes[channel] = _Inbox(self._handled, self._take)
         scope = {"type": "channel", "channel": self._channel_of(channel)}
         # asgiref's annotations of this function changed between releases: called through Any
         instance = cast(Any, guarantee_single_callable)(self.application)
@@ -337,6 +361,48 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             _REPORTS.add(task)
             task.add_done_callback(_report_sent)
 
+    def _hold(self, delivery: _Delivery) -> _Delivery:
+        """``delivery`` waits in this process before a handler runs it (behind a busy consumer,
+        or for a retry): on core.streams its entry is kept claimed meanwhile, so the wait does
+        not count towards ``redelivery_timeout`` and no other worker takes it."""
+        if delivery.token is not None and self._layer_hold is not None:
+            self._layer_hold(delivery.token)
+        return delivery
+
+    def _take(self, delivery: _Delivery) -> bool | Awaitable[bool]:
+        """A consumer takes ``delivery`` now: its handler's time counts from here. ``False``
+        (skip it) when another worker claimed it meanwhile (that one delivers it), or when the
+        layer dead-lettered a redelivered message that reached ``max_deliveries``."""
+        token = delivery.token
+        if token is None or self._layer_release is None:
+            return True
+        if not self._layer_release(token):
+            log.warning(
+                "not handing %s to its consumer: another worker claimed it while it waited "
+                "here (this process stalled for longer than the layer's redelivery_timeout)",
+                _describe(delivery.message),
+            )
+            return False
+        if delivery.attempt == 1 and token.redelivered:
+            return self._begin(delivery)
+        return True
+
+    async def _begin(self, delivery: _Delivery) -> bool:
+        """A redelivered message's handler starts: counted by the layer before it runs."""
+        try:
+            counted = await self.channel_layer.begin(delivery.token, delivery.message)
+        except Exception as exc:
+            log.warning(
+                "could not count the hand-out of redelivered %s (%s); handing it over uncounted",
+                _describe(delivery.message),
+                describe_error(exc),
+            )
+            return True
+        if counted is None:  # dead-lettered and acknowledged by the layer
+            delivery.token = None
+            return False
+        return True
+
     def _count(self, kind: str) -> None:
         if kind == "undecodable":
             self.metrics.dropped("undecodable")
@@ -356,6 +422,10 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     await self._deliver(channel, await self._salvage(channel))
                     continue
                 if receiving is None:
+                    taken = reader.receive_nowait()  # fetched already: no task, no wait
+                    if taken is not None:
+                        await self._received(channel, *taken)
+                        continue
                     receiving = asyncio.create_task(reader.receive())
                 waits: list[asyncio.Future[Any]] = [receiving]
                 inbox = self._inboxes.get(channel)
@@ -365,16 +435,19 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 if not receiving.done():
                     continue
                 (message, token), receiving = receiving.result(), None
-                if not isinstance(message, dict) or not message.get("type"):
-                    self.metrics.dropped("no_type")
-                    log.warning("skipped a message without 'type' on %r", channel)
-                    self._acknowledge(_Delivery({}, token=token))
-                    continue
-                await self._deliver(channel, [_Delivery(message, token=token)])
+                await self._received(channel, message, token)
         finally:
             if receiving is not None:
                 receiving.cancel()  # loses nothing: see ChannelReader.receive
                 await asyncio.gather(receiving, return_exceptions=True)
+
+    async def _received(self, channel: str, message: Any, token: Any) -> None:
+        if not isinstance(message, dict) or not message.get("type"):
+            self.metrics.dropped("no_type")
+            log.warning("skipped a message without 'type' on %r", channel)
+            self._acknowledge(_Delivery({}, token=token))
+            return
+        await self._deliver(channel, [self._hold(_Delivery(message, token=token))])
 
     def _reader(self, channel: str) -> ChannelReader:
         acked = getattr(self.channel_layer, "receive_with_ack", None)
@@ -385,6 +458,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             label="worker",
             count=self._count,
             receive=acked if acked is not None else self._receive_unacked,
+            receive_nowait=getattr(self.channel_layer, "receive_with_ack_nowait", None),
         )
 
     async def _lanes(self, channel: str, lanes: int, key: str | None) -> None:
@@ -418,7 +492,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     free = [i for i, q in enumerate(queues) if q.empty()]
                     lane = free[turn % len(free)] if free else turn % lanes
                     turn += 1
-                await queues[lane].put(_Delivery(message, token=token))
+                await queues[lane].put(self._hold(_Delivery(message, token=token)))
         finally:
             for task in feeders:
                 task.cancel()
@@ -466,6 +540,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                     await asyncio.sleep(wait)
                 inbox = self._instance(channel)
                 assert inbox.future is not None
+                if not inbox.queue.full():  # room now: no task, no wait (the common case)
+                    inbox.queue.put_nowait(pending.popleft())
+                    continue
                 put = asyncio.ensure_future(inbox.queue.put(pending[0]))
                 await asyncio.wait([put, inbox.future], return_when=asyncio.FIRST_COMPLETED)
                 if not put.done():
@@ -538,7 +615,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
                 delay,
             )
             when = asyncio.get_running_loop().time() + delay
-            return [_Delivery(delivery.message, delivery.attempt + 1, when, delivery.token)]
+            retry = _Delivery(delivery.message, delivery.attempt + 1, when, delivery.token)
+            return [self._hold(retry)]
         reason = (
             f"{delivery.attempt} attempt(s) failed"
             if transient
@@ -660,6 +738,23 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         for inbox in self._inboxes.values():
             if inbox.future is not None:
                 inbox.future.cancel()
+        await asyncio.gather(
+            *(i.future for i in self._inboxes.values() if i.future is not None),
+            return_exceptions=True,
+        )
+        await self._close_layer()
+
+    async def _close_layer(self) -> None:
+        """Write the acknowledgements still queued (core.streams batches them for 10 ms; lost
+        with the event loop, their messages came back as duplicates after a restart) and hand
+        back what was fetched but not handled."""
+        close = getattr(self.channel_layer, "close_pools", None)
+        if close is None:
+            return
+        try:
+            await asyncio.wait_for(close(), 5)
+        except Exception as exc:
+            log.warning("layer: not closed cleanly (%s)", describe_error(exc))
 
     def run(self) -> None:
         asyncio.run(self.health.around(self.serve))  # health: the server and readiness around it

@@ -458,3 +458,9 @@ class EmailGatewayConfig(GatewayConfig):
 
     gateway: Literal["email"]
     email: EmailConfig
+    inbound_capacity: int | None = Field(
+        1_000,
+        gt=0,
+        description="As for every gateway, but 1,000 by default: a mail is up to 1 MB on the "
+        "layer (up to 1 GB of Redis at this default), and SMTP senders retry a 451 anyway.",
+    )

@@ -57,7 +57,9 @@ async def full_redis_layer(redis_server: RedisServer) -> AsyncIterator[Any]:
 
 async def test_full_channel_pushes_back_with_503_and_1013(full_redis_layer: Any) -> None:
     port = free_port()
-    gateway = HttpWsGateway(config(port, publish_timeout=0.3), full_redis_layer)
+    # the layer's capacity (2), not the gateway's inbound_capacity: the channel fills up
+    settings = config(port, publish_timeout=0.3).model_copy(update={"inbound_capacity": None})
+    gateway = HttpWsGateway(settings, full_redis_layer)
     async with run_gateway(gateway):
         connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
         connect = await receive(full_redis_layer)  # the consumer takes the connect...

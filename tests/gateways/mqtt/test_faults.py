@@ -72,6 +72,7 @@ async def test_broker_killed_mid_stream_loses_no_qos1_message(
             subscriptions=[{"topic": "seq/#", "qos": 1}],
         ),
         "layer": url,
+        "inbound_capacity": None,  # the layer's capacity above, not 100,000
     }
     gateway = GatewayProcess.from_config(
         tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE
@@ -156,6 +157,7 @@ async def test_gateway_killed_mid_stream_loses_no_qos1_message(
             subscriptions=[{"topic": "seq/#", "qos": 1}],
         ),
         "layer": url,
+        "inbound_capacity": None,  # the layer's capacity above, not 100,000
     }
     first = GatewayProcess.from_config(tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE).start()
     second = GatewayProcess.from_config(tmp_path, config, cwd=ROOT, ready_line=STARTED_LINE)

@@ -44,7 +44,14 @@ def integration(broker: MosquittoServer, layer: str, **mqtt: Any) -> dict[str, A
         "subscriptions": [{"topic": "seq/#", "qos": 1}],
         **mqtt,
     }
-    return {"gateway": "mqtt", "name": "seq", "layer": layer, "mqtt": section}
+    # the layer's capacity (CAPACITY), not the default inbound_capacity: the channel fills up
+    return {
+        "gateway": "mqtt",
+        "name": "seq",
+        "layer": layer,
+        "inbound_capacity": None,
+        "mqtt": section,
+    }
 
 
 class Seen:

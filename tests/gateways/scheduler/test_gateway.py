@@ -149,7 +149,9 @@ async def test_a_full_channel_is_retried_until_the_deadline_then_missed(
 ) -> None:
     name = "pushback"
     schedules = {"beat": {"every": "1s", "channel": "slow", "misfire_grace": "1s"}}
-    async with running(scheduler_config(name, schedules), f"{redis_server.url}?capacity=1") as (
+    # the layer's capacity (1), not the gateway's inbound_capacity: the channel fills up
+    settings = {**scheduler_config(name, schedules), "inbound_capacity": None}
+    async with running(settings, f"{redis_server.url}?capacity=1") as (
         _gw,
         layer,
     ):
