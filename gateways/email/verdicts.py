@@ -8,7 +8,8 @@ The same goes for :func:`classify`, which says what kind of mail a message is fr
 House rules:
 
 * Every result word is one of RFC 8601's for its method (``pass``, ``fail``, ``softfail``,
-  ``neutral``, ``none``, ``temperror``, ``permerror``; ``policy`` is never produced).
+  ``neutral``, ``none``, ``temperror``, ``permerror``); ``policy`` only for a DKIM signature
+  the gateway chose not to verify (over ``max_signatures`` or the CPU limit).
 * DMARC follows RFC 7489 section 6.6: the RFC5322.From domain, the record at ``_dmarc.<domain>``
   or else at its organisational domain (the Public Suffix List, via ``publicsuffixlist``),
   identifier alignment (relaxed: same organisational domain; strict: same domain), ``sp`` for
