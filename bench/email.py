@@ -889,7 +889,8 @@ async def bench_gateway_inprocess(
         root.removeHandler(handler)
         handler.close()
     if profiler is not None and profile is not None:
-        _report_profile(profiler, profile / f"gateway-{label.replace('://', '')}.pstats")
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{label} {mode}".lower()).strip("-")
+        _report_profile(profiler, profile / f"{slug}.pstats")
     where = "same event loop" if label.startswith("memory") else "its own process"
     notes = [
         f"{clients} SMTP clients in another process; consumer in {where}; "
@@ -1319,7 +1320,7 @@ async def _verify_rows(results: list[Result], args: argparse.Namespace, tmp: Pat
                 args.mails,
                 args.clients,
                 tmp,
-                None,
+                args.profile,
                 verify=setting,
                 mail=mail,
                 mode=f"gateway, in-process, signed mail, {title}",
