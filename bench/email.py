@@ -953,7 +953,7 @@ async def bench_gateway_subprocess(
     config = tmp / f"{name}.yaml"
     config.write_text(
         f"gateway: email\nname: {name}\nemail:\n  host: 127.0.0.1\n  port: {port}\n"
-        "  hostname: bench.local\n  accept: [example.com]\n  verify: off\n"
+        "  hostname: bench.local\n  accept: [example.com]\n  verify: \"off\"\n"
         f"  parser: {{processes: {parsers}}}\n"
     )
     log_path = tmp / f"{name}.log"
