@@ -81,9 +81,12 @@ verify rows (``--verify``, memory:// only)
     the lookups answered from the resolver's cache after the first mail. Beside it the same row
     with ``verify: off`` on the same signed mail, so the difference is the verification.
 
-``--profile DIR`` runs the in-process gateway rows under cProfile (the event loop's process
-only: parsing is in the parser processes), prints the top functions and keeps the ``.pstats``
-files; it slows everything down, so it never writes BENCHMARKS.md.
+``--profile DIR`` runs the in-process gateway rows under cProfile with a CPU clock (the event
+loop's process only: parsing is in the parser processes; a pstats file per row) and, when
+``py-spy`` is installed, samples every Python process of the ``gateway-email`` rows without
+pausing them: the gateway with its parser processes and the ConsumerWorker (raw stacks kept in
+DIR, the top functions per process printed). It slows everything down, so it never writes
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -953,7 +956,7 @@ async def bench_gateway_subprocess(
     config = tmp / f"{name}.yaml"
     config.write_text(
         f"gateway: email\nname: {name}\nemail:\n  host: 127.0.0.1\n  port: {port}\n"
-        "  hostname: bench.local\n  accept: [example.com]\n  verify: \"off\"\n"
+        '  hostname: bench.local\n  accept: [example.com]\n  verify: "off"\n'
         f"  parser: {{processes: {parsers}}}\n"
     )
     log_path = tmp / f"{name}.log"
