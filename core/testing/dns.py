@@ -7,7 +7,10 @@ SPF, DKIM and DMARC records for their domains and point the gateway's resolver a
 and the TXT record that publishes it. Import from this module (dnslib is a test dependency).
 
 ``stop()`` makes the server go quiet (the port is closed: queries are refused or time out), which
-is how a test plays "DNS is down"; ``start()`` brings it back on the same port.
+is how a test plays "DNS is down"; ``start()`` brings it back on the same port. ``silent = True``
+plays a resolver that is down but reachable, the usual outage: queries are recorded and never
+answered, so clients wait out their timeout; ``ignore(name)`` does that for one name (a domain
+whose servers are broken).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dnslib import QTYPE, RCODE, RR
+from dnslib.dns import DNSError
 from dnslib.server import BaseResolver, DNSServer
 
 from core.testing.base import HOST, free_port
@@ -67,6 +71,8 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
         qtype = QTYPE[request.q.qtype]
         with self.server.lock:
             self.server.queries.append((name, qtype))
+            if self.server.silent or name in self.server.ignored:
+                raise DNSError("silent")  # dnslib's handler sends nothing for it
             if self.server.servfail:
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
@@ -98,6 +104,10 @@ class DnsServer:
         self.queries: list[tuple[str, str]] = []
         #: answer SERVFAIL to everything (a broken upstream) while True
         self.servfail = False
+        #: answer nothing at all (queries are still recorded) while True
+        self.silent = False
+        #: names never answered (queries recorded)
+        self.ignored: set[str] = set()
         self.lock = threading.Lock()
         self._servers: list[Any] = []
 
@@ -115,6 +125,12 @@ class DnsServer:
     def txt(self, name: str, *texts: str) -> DnsServer:
         """Publish TXT records, each split into 255-byte strings as DNS needs."""
         return self.add(name, "TXT", *(_txt_zone(t) for t in texts))
+
+    def ignore(self, name: str) -> DnsServer:
+        """Never answer queries for ``name`` (they are recorded): its servers are broken."""
+        with self.lock:
+            self.ignored.add(name.lower().rstrip("."))
+        return self
 
     def remove(self, name: str, qtype: str | None = None) -> None:
         with self.lock:

@@ -7,29 +7,35 @@ feeds them answers from the one asynchronous, cached resolver:
 
 * DNS: dnspython's asyncio resolver with its LRU cache (answers kept for their TTL). Every mail
   has a time budget for all its lookups together; what is not answered in time, or fails, is a
-  ``temperror`` verdict, and the mail is accepted all the same.
+  ``temperror`` verdict, and the mail is accepted all the same. A failed lookup is remembered
+  for ``dns.failure_ttl`` seconds, and when the resolvers themselves stop answering (a probe
+  of the root's NS records gets no answer either) every lookup fails at once until a probe
+  gets one: DNS down made every mail wait its lookups' timeout before its 250, holding SMTP
+  sessions and connection slots meanwhile. One WARNING and one count per outage.
 * SPF: spf3 (pyspf's maintained release). Its evaluation is synchronous and asks for DNS through
   the module function ``spf.DNSLookup``, the plug point pyspf's own tests replace too. Ours
   answers from the mail's lookups so far and notes what it lacks; the evaluation (microseconds)
   is replayed on the event loop once the missing names are resolved asynchronously, until it
-  asks for nothing new.
+  asks for nothing new. Names already in the resolver's cache are answered at once, so with a
+  warm cache the evaluation runs once.
 * DKIM and ARC: dkimpy. The selector keys are fetched first (their names are in the signature
-  headers), then dkimpy verifies against them in a worker thread
-  (:func:`verify_signatures`: plain arguments, so it can move to a process pool), which keeps
-  body hashing of a large mail off the event loop.
+  headers; at most ``max_signatures`` of them, at most ``max_arc_sets`` ARC sets), then a
+  parser process verifies against them (:mod:`gateways.email.signatures`), under the parser's
+  CPU limit: dkimpy's hashing holds the GIL and stalled the event loop from a thread.
 * DMARC: the record is fetched here; the evaluation is :func:`verdicts.evaluate_dmarc`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import ipaddress
 import logging
 import random
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,14 +44,22 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 import spf
 
 from gateways.email.config import DkimSigningConfig, DnsConfig, TrustedRelay, VerifyConfig
+from gateways.email.parser_pool import ParseOutcome
+from gateways.email.signatures import (
+    SignatureRequest,
+    decode_result,
+    over_cpu_limit,
+    prefer_order,
+)
 from gateways.email.verdicts import (
     ArcVerdict,
     AuthVerdict,
-    DkimVerdict,
     DmarcRecord,
     SpfVerdict,
     evaluate_dmarc,
@@ -58,7 +72,14 @@ from gateways.email.verdicts import (
     trusted_arc_override,
 )
 
-__all__ = ["DkimSigner", "DnsTempError", "MailAuthenticator", "Resolver", "verify_signatures"]
+__all__ = [
+    "DkimSigner",
+    "DnsTempError",
+    "MailAuthenticator",
+    "Resolver",
+    "SignatureVerifier",
+    "SignaturesLost",
+]
 
 log = logging.getLogger("gateway.email")
 
@@ -67,8 +88,10 @@ _DKIM_LOG = logging.getLogger("gateway.email.dkimpy")
 _DKIM_LOG.addHandler(logging.NullHandler())
 _DKIM_LOG.propagate = False
 
-#: DKIM's and ARC's minimum RSA key size (RFC 8301: 1024 bits)
-MIN_KEY_BITS = 1024
+#: seconds between two probes of resolvers that do not answer
+PROBE_INTERVAL = 5.0
+#: failed lookups remembered at most (each for dns.failure_ttl)
+MAX_FAILURES = 10_000
 #: SPF evaluations per identity: each round resolves at least one new name, and RFC 7208 allows
 #: 10 DNS mechanisms, 2 void lookups, 10 MX and 10 PTR names each
 _MAX_SPF_ROUNDS = 40
@@ -92,11 +115,31 @@ def _nameserver(entry: str) -> dns.nameserver.Do53Nameserver:
 
 
 class Resolver:
-    """dnspython's asyncio resolver with a cache; every lookup is capped by a deadline."""
+    """dnspython's asyncio resolver with a cache; every lookup is capped by a deadline.
 
-    def __init__(self, config: DnsConfig) -> None:
+    Temporary failures are remembered for ``failure_ttl`` seconds (RFC 2308 7.1 allows up to
+    five minutes), so a name whose servers are broken costs one timeout, not one per mail.
+    When a lookup fails, a probe asks the resolvers for the root's NS records (which a working
+    resolver always has): no answer to it either means the resolvers are down, and until a
+    probe (every :data:`PROBE_INTERVAL` s) gets an answer every lookup that is not cached fails
+    at once. ``on_outage(True)`` / ``on_outage(False)`` is called when that starts and ends.
+    """
+
+    def __init__(self, config: DnsConfig, on_outage: Callable[[bool], None] | None = None) -> None:
         self.timeout = config.timeout
+        self.failure_ttl = config.failure_ttl
         self.problem: str | None = None
+        self.on_outage = on_outage
+        #: loop time when the resolvers stopped answering; None while they answer
+        self.down_since: float | None = None
+        #: lookups failed at once during the current (or last) outage
+        self.failed_fast = 0
+        self._failures: OrderedDict[tuple[str, str], tuple[float, DnsTempError]] = OrderedDict()
+        #: records by (name, qtype) until their expiry (epoch seconds, as dnspython's cache):
+        #: a hit in dnspython's own cache still cost ~150 us of its resolution machinery
+        self._answers: OrderedDict[tuple[str, str], tuple[float, list[Any]]] = OrderedDict()
+        self._cache_size = config.cache_size
+        self._probe: asyncio.Task[None] | None = None
         try:
             self._resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
         except dns.resolver.NoResolverConfiguration as exc:
@@ -111,15 +154,73 @@ class Resolver:
         )
         # one try per server within the lookup's lifetime; dnspython retries within it
         self._resolver.timeout = config.timeout
+        # the probe: the same servers, no cache (a cached answer says nothing about them now)
+        self._prober = dns.asyncresolver.Resolver(configure=False)
+        self._prober.nameservers = self._resolver.nameservers
+        self._prober.timeout = config.timeout
+
+    @property
+    def nameservers(self) -> str:
+        return ", ".join(str(n) for n in self._resolver.nameservers) or "none"
+
+    def peek(self, name: str, qtype: str) -> list[Any] | DnsTempError | None:
+        """What :meth:`lookup` would give at once, without asking anyone: the cached records,
+        a remembered failure (or the resolvers being down), or None (it would ask)."""
+        remembered = self._failures.get((name.lower().rstrip("."), qtype))
+        if remembered is not None and remembered[0] > asyncio.get_running_loop().time():
+            return remembered[1]
+        cached = self.cached(name, qtype)
+        if cached is None and self.down_since is not None:
+            return DnsTempError(f"{name} {qtype}: the DNS resolvers do not answer")
+        return cached
+
+    def cached(self, name: str, qtype: str) -> list[Any] | None:
+        """The records of ``name`` if the cache holds an answer (no I/O), else None."""
+        hit = self._answers.get((name.lower().rstrip("."), qtype))
+        if hit is not None and hit[0] > time.time():
+            return hit[1]
+        cache = self._resolver.cache
+        if cache is None:
+            return None
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException:
+            return None
+        answer = cache.get((qname, dns.rdatatype.from_text(qtype), dns.rdataclass.IN))
+        if answer is None:
+            return None
+        return list(answer.rrset) if answer.rrset is not None else []
 
     async def lookup(self, name: str, qtype: str, deadline: float) -> list[Any]:
         """The records of ``name``; ``[]`` when there are none (NXDOMAIN, NODATA, a name that
         cannot exist). Raise :class:`DnsTempError` for everything that may pass."""
-        remaining = deadline - asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        remaining = deadline - now
         if remaining <= 0:
             raise DnsTempError(f"{name} {qtype}: the mail's DNS time budget is spent")
         if self.problem is not None:
             raise DnsTempError(self.problem)
+        key = (name.lower().rstrip("."), qtype)
+        hit = self._answers.get(key)
+        if hit is not None:
+            if hit[0] > time.time():
+                self._answers.move_to_end(key)
+                return hit[1]
+            del self._answers[key]
+        remembered = self._failures.get(key)
+        if remembered is not None:
+            if remembered[0] > now:
+                raise remembered[1]
+            del self._failures[key]
+        if self.down_since is not None:
+            cached = self.cached(name, qtype)
+            if cached is not None:
+                return cached
+            self.failed_fast += 1
+            raise DnsTempError(
+                f"{name} {qtype}: the DNS resolvers do not answer "
+                f"(for {now - self.down_since:.0f} s)"
+            )
         try:
             answer = await self._resolver.resolve(
                 name,
@@ -133,16 +234,70 @@ class Resolver:
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.BadEscape):
             return []
         except dns.exception.Timeout:
-            raise DnsTempError(f"{name} {qtype}: timed out") from None
+            raise self._failed(key, f"{name} {qtype}: timed out") from None
         except dns.resolver.NoNameservers:
-            raise DnsTempError(f"{name} {qtype}: no server answered (SERVFAIL)") from None
+            raise self._failed(key, f"{name} {qtype}: no server answered (SERVFAIL)") from None
         except dns.exception.DNSException as exc:
-            raise DnsTempError(f"{name} {qtype}: {exc}") from None
-        return list(answer.rrset) if answer.rrset is not None else []
+            raise self._failed(key, f"{name} {qtype}: {exc}") from None
+        records = list(answer.rrset) if answer.rrset is not None else []
+        if self._cache_size:
+            self._answers[key] = (answer.expiration, records)
+            self._answers.move_to_end(key)
+            if len(self._answers) > self._cache_size:
+                self._answers.popitem(last=False)
+        return records
 
     async def txt(self, name: str, deadline: float) -> list[bytes]:
         """Every TXT record of ``name``, its strings joined."""
         return [b"".join(r.strings) for r in await self.lookup(name, "TXT", deadline)]
+
+    def _failed(self, key: tuple[str, str], why: str) -> DnsTempError:
+        error = DnsTempError(why)
+        if self.failure_ttl > 0:
+            now = asyncio.get_running_loop().time()
+            self._failures[key] = (now + self.failure_ttl, error)
+            self._failures.move_to_end(key)
+            while len(self._failures) > MAX_FAILURES:
+                self._failures.popitem(last=False)
+        if self._probe is None and self.down_since is None:
+            self._probe = asyncio.create_task(self._watch())
+        return error
+
+    async def _watch(self) -> None:
+        """Probe until the resolvers answer; an outage starts with the first probe that gets
+        no answer and ends with the first that does."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not await self._resolvers_answer():
+                if self.down_since is None:
+                    self.down_since = loop.time()
+                    self.failed_fast = 0
+                    if self.on_outage is not None:
+                        self.on_outage(True)
+                await asyncio.sleep(PROBE_INTERVAL)
+            if self.down_since is not None:
+                self.down_since = None
+                self._failures.clear()  # what failed for the outage may answer now
+                if self.on_outage is not None:
+                    self.on_outage(False)
+        finally:
+            self._probe = None
+
+    async def _resolvers_answer(self) -> bool:
+        """Whether the resolvers answer at all (the root's NS records; NXDOMAIN counts)."""
+        try:
+            await self._prober.resolve(
+                ".", "NS", lifetime=self.timeout, raise_on_no_answer=False, search=False
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return True
+        except dns.exception.DNSException:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
 
 
 # -- SPF ----------------------------------------------------------------------------------------
@@ -152,6 +307,7 @@ class Resolver:
 class _SpfLookups:
     """The answers one mail's SPF evaluation has had, and the names it asked for in vain."""
 
+    resolver: Resolver
     known: dict[tuple[str, str], list[Any] | DnsTempError] = field(default_factory=dict)
     missing: set[tuple[str, str]] = field(default_factory=set)
 
@@ -167,8 +323,14 @@ def _spf_dns(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> 
     key = (name.lower().rstrip("."), qtype.upper())
     value = lookups.known.get(key)
     if value is None:
-        lookups.missing.add(key)
-        raise spf.TempError(f"DNS {name} {qtype}: not yet resolved")
+        # a warm cache answers here, so the evaluation need not run again after a lookup
+        peeked = lookups.resolver.peek(*key)
+        if peeked is None:
+            lookups.missing.add(key)
+            raise spf.TempError(f"DNS {name} {qtype}: not yet resolved")
+        value = lookups.known[key] = (
+            peeked if isinstance(peeked, DnsTempError) else _spf_records(key[0], key[1], peeked)
+        )
     if isinstance(value, DnsTempError):
         raise spf.TempError(f"DNS {value}")
     return value
@@ -192,7 +354,7 @@ def _spf_records(name: str, qtype: str, records: Sequence[Any]) -> list[Any]:
     return []
 
 
-# -- DKIM and ARC (in a worker) -----------------------------------------------------------------
+# -- DKIM and ARC (in a parser process) --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -220,96 +382,17 @@ def _signatures(values: Sequence[str]) -> list[_Signature | None]:
     return out
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("ascii", "replace")
+class SignaturesLost(Exception):
+    """The parser process checking a mail's signatures died, hung or failed (a bug of ours):
+    nothing is known about the mail, so it gets 451 like a lost parse."""
+
+    def __init__(self, outcome: ParseOutcome) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
 
 
-def verify_signatures(
-    raw: bytes, keys: Mapping[str, bytes | None], failed: frozenset[str], arc_sets: int
-) -> tuple[list[DkimVerdict], ArcVerdict]:
-    """Every DKIM signature of ``raw``, then its ARC chain, against the prefetched ``keys``.
-
-    ``keys`` maps ``selector._domainkey.domain`` to its TXT record (None: there is none);
-    ``failed`` holds the names whose lookup failed (→ ``temperror``). CPU only: the body is
-    canonicalised and hashed once per signature.
-    """
-
-    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
-        return keys.get(name.decode("ascii", "replace").lower().rstrip("."))
-
-    verdicts: list[DkimVerdict] = []
-    try:
-        signer = dkim.DKIM(raw, logger=_DKIM_LOG, minkey=MIN_KEY_BITS)
-    except dkim.DKIMException as exc:
-        return [DkimVerdict("permerror", None, None, str(exc))], ArcVerdict("permerror", arc_sets)
-    count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
-    for idx in range(count):
-        verdicts.append(_verify_one(signer, idx, keys, failed, lookup))
-    arc = _verify_arc(raw, keys, failed, arc_sets, lookup) if arc_sets else ArcVerdict("none")
-    return verdicts, arc
-
-
-def _verify_one(
-    signer: dkim.DKIM,
-    idx: int,
-    keys: Mapping[str, bytes | None],
-    failed: frozenset[str],
-    lookup: Any,
-) -> DkimVerdict:
-    try:
-        prep = signer.verify_headerprep(idx)
-    except dkim.ValidationError as exc:  # expired, or d= and i= disagree
-        return DkimVerdict("fail", _text(signer.domain), _text(signer.selector), str(exc))
-    except dkim.DKIMException as exc:
-        return DkimVerdict("permerror", None, None, str(exc))
-    if not prep:
-        return DkimVerdict("permerror", None, None, "unreadable signature")
-    sig = prep[0]
-    domain, selector = _text(sig[b"d"]), _text(sig[b"s"])
-    b = re.sub(rb"\s+", b"", sig.get(b"b", b""))[:8].decode("ascii", "replace") or None
-    name = f"{selector}._domainkey.{domain}".lower()
-    if name in failed:
-        return DkimVerdict("temperror", domain, selector, f"key lookup for {name} failed", b)
-    txt = keys.get(name)
-    if not txt:
-        return DkimVerdict("permerror", domain, selector, f"no key published at {name}", b)
-    try:
-        dkim.evaluate_pk(name.encode(), txt)
-        ok = signer.verify(idx, dnsfunc=lookup)
-    except dkim.ValidationError as exc:
-        return DkimVerdict("fail", domain, selector, str(exc), b)
-    except dkim.DKIMException as exc:
-        return DkimVerdict("permerror", domain, selector, str(exc), b)
-    if ok:
-        return DkimVerdict("pass", domain, selector, None, b)
-    return DkimVerdict("fail", domain, selector, "signature did not verify", b)
-
-
-def _verify_arc(
-    raw: bytes,
-    keys: Mapping[str, bytes | None],
-    failed: frozenset[str],
-    arc_sets: int,
-    lookup: Any,
-) -> ArcVerdict:
-    try:
-        cv, results, reason = dkim.ARC(raw, logger=_DKIM_LOG, minkey=MIN_KEY_BITS).verify(
-            dnsfunc=lookup
-        )
-    except Exception as exc:  # dkimpy raises more than DKIMException on mangled ARC sets
-        return ArcVerdict("fail", arc_sets, reason=f"{type(exc).__name__}: {exc}")
-    newest = results[0] if results else {}
-    sealer = _text(newest.get("as-domain"))
-    aar = _text(newest.get("aar-value"))
-    result = {dkim.CV_Pass: "pass", dkim.CV_None: "none"}.get(cv, "fail")
-    if result == "fail" and any(
-        f"{_text(r.get(k + '-selector'))}._domainkey.{_text(r.get(k + '-domain'))}".lower()
-        in failed
-        for r in results
-        for k in ("as", "ams")
-    ):
-        result, reason = "temperror", "an ARC key lookup failed"
-    return ArcVerdict(result, arc_sets, sealer, False, None if result == "pass" else reason, aar)
+#: checks a mail's signatures in a parser process (``ParserPool.verify`` with its wait)
+SignatureVerifier = Callable[[SignatureRequest], Awaitable[ParseOutcome]]
 
 
 # -- the authenticator --------------------------------------------------------------------------
@@ -318,12 +401,19 @@ def _verify_arc(
 class MailAuthenticator:
     """SPF, DKIM, DMARC and ARC for one gateway; :meth:`check` once per mail."""
 
-    def __init__(self, config: VerifyConfig, authserv_id: str) -> None:
+    def __init__(
+        self,
+        config: VerifyConfig,
+        authserv_id: str,
+        verifier: SignatureVerifier,
+        on_outage: Callable[[bool], None] | None = None,
+    ) -> None:
         self.config = config
         self.authserv_id = config.authserv_id or authserv_id
-        self.resolver = Resolver(config.dns)
+        self.resolver = Resolver(config.dns, on_outage)
+        #: where signatures are checked: a parser process (ParserPool.verify)
+        self.verifier = verifier
         self._trusted_arc = {d for r in config.trusted_relays for d in r.arc_domains}
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def relay_for(self, client: str | None) -> TrustedRelay | None:
         """The trusted relay ``client`` is, by its address."""
@@ -339,9 +429,7 @@ class MailAuthenticator:
         return None
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self.resolver.close()
 
     async def check(
         self,
@@ -353,7 +441,8 @@ class MailAuthenticator:
         mail_from: str | None,
     ) -> AuthVerdict:
         """The verdict on one mail (``headers`` as ``parse_mail`` decoded them). Never raises
-        for anything the mail or DNS does."""
+        for anything the mail or DNS does; raises ``ParsersBusy`` when no parser process took
+        the signature check in time and :class:`SignaturesLost` when the process was lost."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.dns.budget
         fields = mapping_of(headers)
@@ -362,10 +451,15 @@ class MailAuthenticator:
         arc_sets = len(fields.get("arc-seal", []))
         arc_sigs = (
             _signatures([*fields.get("arc-seal", []), *fields.get("arc-message-signature", [])])
-            if arc_sets
+            if 0 < arc_sets <= self.config.max_arc_sets
             else []
         )
-        key_names = sorted({s.key_name for s in (*dkim_sigs, *arc_sigs) if s is not None})
+        # the keys of the signatures that will be verified only: one lookup per signature
+        # was another way to keep a mail waiting
+        prefer = org_domain(author) if author else None
+        order = prefer_order([s.domain if s else None for s in dkim_sigs], prefer)
+        chosen = [dkim_sigs[i] for i in order[: self.config.max_signatures]]
+        key_names = sorted({s.key_name for s in (*chosen, *arc_sigs) if s is not None})
         relay = self.relay_for(client)
         if relay is not None:
             assert relay.authserv_id is not None  # config: networks need it
@@ -386,9 +480,24 @@ class MailAuthenticator:
             )
         found, failed = keys
         if dkim_sigs or arc_sets:
-            dkim_verdicts, arc = await loop.run_in_executor(
-                self._pool(), verify_signatures, raw, found, failed, arc_sets
+            request = SignatureRequest(
+                raw,
+                found,
+                failed,
+                arc_sets,
+                self.config.max_signatures,
+                self.config.max_arc_sets,
+                prefer,
             )
+            outcome = await self.verifier(request)
+            if outcome.kind == "verified":
+                assert outcome.keys is not None
+                dkim_verdicts, arc = decode_result(outcome.keys)
+            elif outcome.kind == "cpu":
+                signatures = [(s.domain, s.selector) if s else (None, None) for s in dkim_sigs]
+                dkim_verdicts, arc = over_cpu_limit(signatures, arc_sets, outcome.detail)
+            else:
+                raise SignaturesLost(outcome)
         else:
             dkim_verdicts, arc = [], ArcVerdict("none")
         if arc.result == "pass" and arc.sealer in self._trusted_arc:
@@ -417,14 +526,6 @@ class MailAuthenticator:
             relay=relay.authserv_id if relay is not None else None,
         )
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            # two: the machine's cores; hashing releases the GIL for large bodies
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="email-dkim"
-            )
-        return self._executor
-
     async def _spf_mailfrom(
         self, client: str | None, mail_from: str | None, helo: str | None, deadline: float
     ) -> SpfVerdict:
@@ -449,7 +550,7 @@ class MailAuthenticator:
         return SpfVerdict(result, domain, domain, why)
 
     async def _spf(self, client: str, sender: str, helo: str, deadline: float) -> tuple[str, str]:
-        lookups = _SpfLookups()
+        lookups = _SpfLookups(self.resolver)
         for _ in range(_MAX_SPF_ROUNDS):
             token = _SPF_LOOKUPS.set(lookups)
             try:

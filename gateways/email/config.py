@@ -196,6 +196,13 @@ class DnsConfig(Section):
         ge=0,
         description="Answers kept (LRU, each for its DNS TTL); 0 turns the cache off.",
     )
+    failure_ttl: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a failed lookup (timeout, SERVFAIL) is answered temperror from "
+        "memory instead of being asked again; 0: never remembered. While the resolvers do not "
+        "answer at all, every lookup fails at once (see the README).",
+    )
 
     @field_validator("nameservers")
     @classmethod
@@ -259,6 +266,20 @@ class VerifyConfig(Section):
     )
     trusted_relays: list[TrustedRelay] = Field(
         default_factory=list, description="Relays whose own verdicts are believed."
+    )
+    max_signatures: int = Field(
+        5,
+        ge=0,
+        description="DKIM signatures verified per mail (those of the From domain first, then "
+        "in header order); the others get `policy` (not verified). Each costs a body hash: "
+        "0.7 s of CPU for 10 MB of short lines.",
+    )
+    max_arc_sets: int = Field(
+        10,
+        ge=0,
+        le=50,
+        description="ARC sets (hops) a chain may have to be verified; a longer chain gets ARC "
+        "`fail` unverified (RFC 8617 allows 50). Each set costs a body hash.",
     )
     dns: DnsConfig = Field(default_factory=DnsConfig, description="The resolver.")  # type: ignore[arg-type]
 

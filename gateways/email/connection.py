@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -204,6 +205,29 @@ class _Protocol(SMTP):
             return
         self._owner.sessions.discard(self)
         super().connection_lost(error)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL and RCPT address with the stdlib's RFC 5322 header
+        # parser: 40 us each, 80 us of the event loop's CPU per mail (bench/email.py's
+        # profile). The common form, <dot-atom@dot-atom> and optional parameters, is taken
+        # apart here with the same result; anything else (quoted local parts, domain
+        # literals, comments, non-ASCII) goes to aiosmtpd's parser as before.
+        match = _PLAIN_PATH.fullmatch(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        address, rest = match.group(1), match.group(2) or ""
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
+
+
+#: ``<local@domain>`` with dot-atom parts (RFC 5322 atext), then nothing or a space and the
+#: parameters (an esmtp-keyword starts with a letter or digit, never a comment): the paths
+#: whose parse by ``get_angle_addr`` is the text between the brackets
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>(?: ([A-Za-z0-9][ -~]*))?"
+)
 
 
 class SmtpServer:

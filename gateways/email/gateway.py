@@ -28,10 +28,11 @@ from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError, encoded_size
 from core.logs import clip
 from core.service import Backoff, EventRefused, Gateway, StartupError, handles
 from core.types import ChannelLayer
-from gateways.email.auth import DkimSigner, MailAuthenticator
+from gateways.email.auth import PROBE_INTERVAL, DkimSigner, MailAuthenticator, SignaturesLost
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.connection import RelayError, SmtpEnvelope, SmtpRelay, SmtpServer
-from gateways.email.parser_pool import ParserPool, ParsersBusy, ParserStartError
+from gateways.email.parser_pool import ParseOutcome, ParserPool, ParsersBusy, ParserStartError
+from gateways.email.signatures import SignatureRequest
 from gateways.email.translate import (
     InvalidMail,
     accepts_recipient,
@@ -106,7 +107,12 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             ) from exc
         if self.settings.verify.mode != "off":
             # after start(): the authserv-id defaults to the hostname, looked up there
-            self.authenticator = MailAuthenticator(self.settings.verify, self.server.hostname)
+            self.authenticator = MailAuthenticator(
+                self.settings.verify,
+                self.server.hostname,
+                self._verify_signatures,
+                self._dns_outage,
+            )
             if self.authenticator.resolver.problem:
                 self.log.error("%s: %s", self.name, self.authenticator.resolver.problem)
         self.metrics.connected.set(1)
@@ -224,7 +230,14 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         )
         verdict = None
         if self.authenticator is not None:
-            verdict = await self._authenticate(envelope, keys)
+            try:
+                verdict = await self._authenticate(envelope, keys)
+            except ParsersBusy as exc:
+                self.metrics.pushback.inc()
+                self.log.info("%s: answered 451 to %s: %s", self.name, peer, exc)
+                return "451 4.3.2 All parsers busy, try again later"
+            except SignaturesLost as exc:
+                return self._lost(exc.outcome, "checking the signatures of", raw, peer)
             refusal = smtp_refusal(verdict)
             if refusal is not None:
                 self.metrics.error("dmarc_reject")
@@ -310,12 +323,38 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         results = [verdict.spf.result, verdict.dmarc.result, verdict.arc.result]
         if "temperror" in [*results, *(d.result for d in verdict.dkim)]:
             self.metrics.error("auth_temperror")
-            self.log.info(
-                "%s: mail from %s: some verdicts are temperror (DNS failed or too slow)",
-                self.name,
-                envelope.peer,
-            )
+            resolver = self.authenticator.resolver
+            if resolver.down_since is None:  # an outage is logged once, not once a mail
+                self.log.info(
+                    "%s: mail from %s: some verdicts are temperror (DNS failed or too slow)",
+                    self.name,
+                    envelope.peer,
+                )
         return verdict
+
+    async def _verify_signatures(self, request: SignatureRequest) -> ParseOutcome:
+        return await self.parsers.verify(request, wait=self.settings.accept_timeout)
+
+    def _dns_outage(self, started: bool) -> None:
+        assert self.authenticator is not None
+        resolver = self.authenticator.resolver
+        if started:
+            self.metrics.error("dns_outage")
+            self.log.warning(
+                "%s: the DNS resolvers (%s) do not answer: verdicts needing a lookup are "
+                "temperror at once (mail still accepted) until they do; asking again every "
+                "%.0f s",
+                self.name,
+                resolver.nameservers,
+                PROBE_INTERVAL,
+            )
+        else:
+            self.log.info(
+                "%s: the DNS resolvers answer again; %d lookups were answered temperror at once "
+                "meanwhile",
+                self.name,
+                resolver.failed_fast,
+            )
 
     async def _parse(self, raw: bytes, peer: str | None) -> dict[str, Any] | str:
         """The ``email.receive`` keys of ``raw`` from a parser process, or the SMTP reply."""
@@ -328,22 +367,8 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         if outcome.kind == "parsed":
             assert outcome.keys is not None
             return outcome.keys
-        if outcome.kind in ("died", "timeout"):
-            # not known to be the mail's fault: the sender retries, the pool has a new parser
-            self.log.error(
-                "%s: answered 451 to %s (%d bytes): %s", self.name, peer, len(raw), outcome.detail
-            )
-            return "451 4.3.0 Local error, try again later"
-        if outcome.kind == "error":
-            # a bug of ours in parse_mail: the child's traceback, then the usual 451
-            self.metrics.error("smtp_session")
-            self.log.error(
-                "%s: parsing the mail from %s failed; answered 451:\n%s",
-                self.name,
-                peer,
-                _cut(outcome.detail.rstrip(), 4000),
-            )
-            return "451 4.3.0 Local error, try again later"
+        if outcome.kind in ("died", "timeout", "error"):
+            return self._lost(outcome, "parsing", raw, peer)
         if outcome.limit is not None:
             kind, detail = "mail_limit", outcome.limit.detail
             reply = outcome.limit.reply
@@ -366,6 +391,25 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
             "%s: refused mail from %s (%d bytes): %s", self.name, peer, len(raw), detail
         )
         return reply
+
+    def _lost(self, outcome: ParseOutcome, doing: str, raw: bytes, peer: str | None) -> str:
+        """The reply to a mail whose parser process died, hung or hit a bug of ours."""
+        if outcome.kind == "error":
+            # a bug of ours: the child's traceback, then the usual 451
+            self.metrics.error("smtp_session")
+            self.log.error(
+                "%s: %s the mail from %s failed; answered 451:\n%s",
+                self.name,
+                doing,
+                peer,
+                _cut(outcome.detail.rstrip(), 4000),
+            )
+        else:
+            # not known to be the mail's fault: the sender retries, the pool has a new parser
+            self.log.error(
+                "%s: answered 451 to %s (%d bytes): %s", self.name, peer, len(raw), outcome.detail
+            )
+        return "451 4.3.0 Local error, try again later"
 
     async def _store_large(
         self, attachments: list[dict[str, Any]], stored: list[Path]

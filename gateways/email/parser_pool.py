@@ -7,11 +7,16 @@ whole gateway (every session, /healthz) for 10-20 s (issue 21). And an ordinary 
 capped the gateway at one core. So every mail goes to one of a few child processes
 (:class:`ParserPool`, ``email.parser``):
 
-* the parent writes the mail's bytes to a child's stdin (a 4-byte length, then the bytes) and
-  reads one msgpack frame back per mail, in order: the ``email.receive`` keys, or why there are
-  none. Nothing is pickled; the keys are msgpack-safe already, as the layer needs them. A child
-  holds at most :data:`PIPELINE` mails (the one it parses and the next), so under load neither
-  side sleeps between two mails: a wake-up per pipe write is most of what the pipes cost;
+* the parent writes a job to a child's stdin (a 4-byte length, a kind byte, then the mail's
+  bytes) and reads one msgpack frame back per job, in order: the ``email.receive`` keys, or
+  why there are none. Nothing is pickled; the keys are msgpack-safe already, as the layer needs
+  them. A child holds at most :data:`PIPELINE` jobs (the one it works on and the next), so
+  under load neither side sleeps between two mails: a wake-up per pipe write is most of what
+  the pipes cost;
+* the second kind of job checks a mail's DKIM and ARC signatures
+  (:mod:`gateways.email.signatures`) against keys the gateway resolved on its loop: dkimpy's
+  hashing and canonicalisation are Python holding the GIL, so in a thread they stalled the
+  event loop. It runs under the same CPU limit and the same care as a parse;
 * a child first checks the header caps (:func:`translate.header_limit_exceeded`), then parses
   under a CPU timer (``ITIMER_PROF`` at ``cpu_limit``): past it the parse is abandoned and the
   child answers "over the CPU limit" and goes on with the next mail. ``RLIMIT_CPU`` a second
@@ -40,6 +45,7 @@ import os
 import resource
 import signal
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +59,7 @@ from gateways.email.translate import LimitExceeded, MailLimits, header_limit_exc
 if TYPE_CHECKING:
     from core.metrics import GatewayMetrics
     from gateways.email.config import ParserConfig
+    from gateways.email.signatures import SignatureRequest
 
 __all__ = [
     "ParseOutcome",
@@ -61,6 +68,7 @@ __all__ = [
     "ParsersBusy",
     "child_main",
     "parse_within_limits",
+    "verify_within_limits",
 ]
 
 log = logging.getLogger("gateway.email")
@@ -77,7 +85,11 @@ CLOSE_TIMEOUT = 5.0
 TIMER_REPEAT = 0.1
 _HEADER_BYTES = 4
 
-OutcomeKind = Literal["parsed", "limit", "cpu", "error", "died", "timeout"]
+OutcomeKind = Literal["parsed", "verified", "limit", "cpu", "error", "died", "timeout"]
+
+#: the kind byte of a job: parse a mail, or check its signatures
+_PARSE = b"P"
+_VERIFY = b"V"
 
 
 class ParsersBusy(Exception):
@@ -92,8 +104,10 @@ class ParserStartError(Exception):
 class ParseOutcome:
     """What became of one mail in a parser.
 
-    ``parsed``: ``keys`` holds the ``email.receive`` keys. ``limit``: a header cap refused it
-    before parsing (``limit`` says which). ``cpu``: the parse went over ``cpu_limit``.
+    ``parsed``: ``keys`` holds the ``email.receive`` keys. ``verified``: ``keys`` holds the
+    signature verdicts (:func:`gateways.email.signatures.encode_result`). ``limit``: a header
+    cap refused it before parsing (``limit`` says which). ``cpu``: the job went over
+    ``cpu_limit``.
     ``error``: ``parse_mail`` raised (a bug of ours; ``detail`` is the child's traceback).
     ``died`` / ``timeout``: the child died, or was killed after ``timeout`` s; ``detail`` says
     how. The last two are not the mail's fault as far as anyone can tell.
@@ -122,9 +136,18 @@ def parse_within_limits(raw: bytes, limits: MailLimits) -> list[Any]:
     return ["parsed", parse_mail(raw)]
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def verify_within_limits(payload: bytes) -> list[Any]:
+    """A child's answer to a signature job (``payload``: a msgpack
+    :class:`~gateways.email.signatures.SignatureRequest`): ``["verified", result]``."""
+    # imported on the first signed mail: a gateway with verify off never loads dkimpy here
+    from gateways.email.signatures import (
+        SignatureRequest,
+        encode_result,
+        verify_request,
+    )
+
+    request = SignatureRequest.from_list(msgpack.unpackb(payload, raw=False))
+    return ["verified", encode_result(*verify_request(request))]
 
 
 def _write_frame(sink: BinaryIO, answer: list[Any]) -> None:
@@ -164,14 +187,14 @@ def child_main(
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     _write_frame(sink, ["ready", os.getpid()])
     while True:
-        head = source.read(_HEADER_BYTES)
-        if len(head) < _HEADER_BYTES:
+        head = source.read(_HEADER_BYTES + 1)
+        if len(head) < _HEADER_BYTES + 1:
             return  # the parent closed our stdin (or died)
-        size = int.from_bytes(head, "big")
+        size = int.from_bytes(head[:_HEADER_BYTES], "big")
         raw = source.read(size)
         if len(raw) < size:
             return
-        started = _cpu_seconds()
+        started = time.process_time()
         ceiling = math.ceil(started + cpu_limit) + HARD_CPU_MARGIN
         if hard == resource.RLIM_INFINITY or ceiling < hard:
             resource.setrlimit(resource.RLIMIT_CPU, (ceiling, hard))
@@ -179,10 +202,10 @@ def child_main(
         armed[0] = True
         signal.setitimer(signal.ITIMER_PROF, cpu_limit, TIMER_REPEAT)
         try:
-            answer = work(raw, limits)
+            answer = work(raw, limits) if head[-1:] == _PARSE else verify_within_limits(raw)
             armed[0] = False
         except _OverCpuLimit:
-            answer = ["cpu", _cpu_seconds() - started]
+            answer = ["cpu", time.process_time() - started]
         except Exception:
             armed[0] = False
             answer = ["error", traceback.format_exc()]
@@ -218,9 +241,10 @@ def _describe_exit(code: int | None) -> str:
 
 @dataclass(eq=False)
 class _Job:
-    """One mail on its way through the pool."""
+    """One job on its way through the pool: a mail to parse, or signatures to check."""
 
     raw: bytes
+    kind: bytes
     future: asyncio.Future[ParseOutcome]
     #: seconds it may wait in the queue (again after its parser was lost)
     wait: float
@@ -258,7 +282,7 @@ class _Child:
         # one write: one system call for the length and the mail, and no wake-up at all while
         # the child still parses the mail before. aiosmtpd holds every mail in memory anyway,
         # so the transport may buffer what the pipe does not take at once.
-        stdin.write(len(job.raw).to_bytes(_HEADER_BYTES, "big") + job.raw)
+        stdin.write(len(job.raw).to_bytes(_HEADER_BYTES, "big") + job.kind + job.raw)
         self.pending.append(job)
 
     async def exit_status(self) -> str:
@@ -388,9 +412,19 @@ class ParserPool:
         """Parse ``raw`` in a child. Raises :class:`ParsersBusy` when the queue is full or no
         child took the mail within ``wait`` seconds. A caller that is cancelled (its SMTP client
         left) does not disturb the child: the answer is read and dropped."""
+        return await self._submit(_PARSE, raw, wait)
+
+    async def verify(self, request: SignatureRequest, *, wait: float) -> ParseOutcome:
+        """Check a mail's DKIM and ARC signatures in a child (``verified``, or ``cpu`` /
+        ``error`` / ``died`` / ``timeout`` as for a parse); :class:`ParsersBusy` as
+        :meth:`parse`."""
+        payload = msgpack.packb(request.as_list(), use_bin_type=True)
+        return await self._submit(_VERIFY, payload, wait)
+
+    async def _submit(self, kind: bytes, payload: bytes, wait: float) -> ParseOutcome:
         if self._closing:
             raise ParsersBusy("shutting down")
-        job = _Job(raw, asyncio.get_running_loop().create_future(), wait)
+        job = _Job(payload, kind, asyncio.get_running_loop().create_future(), wait)
         child = None if self.queued else self._free_child()
         if child is not None:
             self._send(child, job)
@@ -492,8 +526,8 @@ class ParserPool:
     @staticmethod
     def _outcome(answer: list[Any]) -> ParseOutcome:
         kind = answer[0]
-        if kind == "parsed":
-            return ParseOutcome("parsed", keys=answer[1])
+        if kind in ("parsed", "verified"):
+            return ParseOutcome(kind, keys=answer[1])
         if kind == "limit":
             return ParseOutcome("limit", limit=LimitExceeded(*answer[1:4]))
         if kind == "cpu":

@@ -17,6 +17,7 @@ import email.headerregistry
 import email.policy
 import email.utils
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
@@ -391,15 +392,27 @@ def _decode(payload: bytes, charset: str | None) -> str:
     return payload.decode("utf-8", "replace")
 
 
+#: parsed header fields kept across messages (:class:`_HeaderFactory`), and the longest value
+#: kept: at most ~4 MB however hostile the mail
+HEADER_CACHE_SIZE = 2048
+HEADER_CACHE_VALUE = 1024
+
+
 class _HeaderFactory(email.headerregistry.HeaderRegistry):
     """The modern policy's header registry, made cheap for parsing one message.
 
     The stock registry builds a new class for every header it reads, and the parser reads the
     same Content-Type many times per message: that was ~90 % of the gateway's CPU per mail
-    (bench/email.py). Classes are cached for the process, parsed headers for one message.
+    (bench/email.py). Classes are cached for the process, parsed headers for one message, and
+    short ones also across messages: a support address gets the same To, Cc, From of its
+    regular senders, MIME-Version and part headers in mail after mail, and an address field
+    costs the header parser 40-60 us. Header objects are never changed once parsed (parse_mail
+    only reads them), so sharing them is safe; the cache is a plain LRU of the parsing
+    process (module state, but a pure function of the header's name and value).
     """
 
     _classes: dict[str, type[Any]] = {}
+    _shared: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def __init__(self) -> None:
         super().__init__()
@@ -415,8 +428,19 @@ class _HeaderFactory(email.headerregistry.HeaderRegistry):
     def __call__(self, name: str, value: str) -> Any:
         key = (name, value)
         header = self._parsed.get(key)
+        if header is not None:
+            return header
+        shared = self._shared
+        header = shared.get(key)
         if header is None:
-            header = self._parsed[key] = super().__call__(name, value)
+            header = super().__call__(name, value)
+            if len(value) <= HEADER_CACHE_VALUE:
+                shared[key] = header
+                if len(shared) > HEADER_CACHE_SIZE:
+                    shared.popitem(last=False)
+        else:
+            shared.move_to_end(key)
+        self._parsed[key] = header
         return header
 
 

@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import email.message
 import email.policy
+import logging
 import re
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import aiosmtplib
 import dkim
 import pytest
 
-from core.testing import Certs, SmtpSink
+from core.testing import Certs, GatewayProcess, RedisServer, SmtpSink, until
 from core.testing.dns import DkimKey, DnsServer, dkim_key
 from gateways.email.gateway import EmailGateway
 from tests.gateways.email.test_gateway import (
@@ -41,8 +43,12 @@ from tests.gateways.email.test_gateway import (
     running,
     swaks,
 )
+from tests.gateways.email.test_hostile import banner, email_process, send_raw_mail
+from tests.gateways.email.test_hostile import processes as processes_fixture
 
 pytestmark = pytest.mark.timeout(90)
+
+processes = processes_fixture  # gateway processes started by a test, killed after it
 
 AUTHSERV = "mx.example.com"
 
@@ -230,6 +236,112 @@ async def test_broken_body_hash_fails_dkim(zone: DnsServer, keys: dict[str, Dkim
         assert event["auth"]["dmarc"]["alignment"] == {"spf": True, "dkim": False}
 
 
+def spacey_body(size: int) -> str:
+    """Lines full of the whitespace relaxed canonicalisation rewrites: what costs dkimpy most."""
+    line = "a  b c d e f g h i j k l m n o p q r s t u v w x y z\t\n"
+    return line * (size // len(line))
+
+
+async def test_signature_checks_run_in_a_parser_process_under_its_cpu_limit(
+    zone: DnsServer, keys: dict[str, DkimKey]
+) -> None:
+    # 40 signatures over 400 KB of such lines: over a second of dkimpy's CPU. In a thread of
+    # the gateway it held the GIL (the event loop stalled meanwhile) with no limit at all; in a
+    # parser process the CPU limit stops it, and what was not verified is a verdict
+    raw = message(body=spacey_body(400_000))
+    signature = dkim.sign(raw, b"sel", b"good.test", keys["good.test"].private_pem,
+                          canonicalize=(b"relaxed", b"relaxed"))  # fmt: skip
+    limited = {"parser": {"cpu_limit": 0.2}, "verify_extra": {"max_signatures": 50}}
+    async with gateway_for(zone, **limited) as gw:
+        assert (await send(gw.server.port, signature * 40 + raw, "alice@good.test")).code == 250
+        auth = (await receive(gw))["auth"]
+        assert len(auth["dkim"]) == 40
+        for verdict in auth["dkim"]:
+            assert verdict["result"] == "policy" and verdict["domain"] == "good.test"
+            assert "email.parser.cpu_limit" in verdict["reason"]
+        # SPF still passes aligned: the mail is judged on what could be checked
+        assert auth["dmarc"]["result"] == "pass"
+        # the parser process goes on with the next mail
+        next_mail = signed(message(), "good.test", keys["good.test"])
+        assert (await send(gw.server.port, next_mail, "alice@good.test")).code == 250
+        assert [d["result"] for d in (await receive(gw))["auth"]["dkim"]] == ["pass"]
+
+
+async def test_only_max_signatures_are_verified_the_from_domains_first(
+    zone: DnsServer, keys: dict[str, DkimKey]
+) -> None:
+    raw = message(author="Alice <alice@good.test>")
+    ours = signed(raw, "good.test", keys["good.test"])[: -len(raw)]
+    theirs = signed(raw, "far.test", keys["far.test"])[: -len(raw)]
+    # four far.test signatures on top, good.test's (the aligned one) below them
+    async with gateway_for(zone, verify_extra={"max_signatures": 2}) as gw:
+        assert (await send(gw.server.port, theirs * 4 + ours + raw, "x@far.test")).code == 250
+        auth = (await receive(gw))["auth"]
+    results = [(d["domain"], d["result"]) for d in auth["dkim"]]
+    assert results == [
+        ("far.test", "pass"),
+        ("far.test", "policy"),
+        ("far.test", "policy"),
+        ("far.test", "policy"),
+        ("good.test", "pass"),
+    ]
+    assert "email.verify.max_signatures" in auth["dkim"][1]["reason"]
+    assert auth["dmarc"]["result"] == "pass" and auth["dmarc"]["alignment"]["dkim"] is True
+    # the keys of signatures that are not verified are not looked up either
+    assert len(zone.asked(["sel._domainkey.far.test"])) == 1
+
+
+async def test_an_arc_chain_over_max_arc_sets_fails_unverified(
+    zone: DnsServer, keys: dict[str, DkimKey]
+) -> None:
+    raw = forwarded(keys)
+    async with gateway_for(zone, verify_extra={"max_arc_sets": 0}) as gw:
+        assert (await send(gw.server.port, raw, "list@fwd.test", helo="fwd.test")).code == 250
+        arc = (await receive(gw))["auth"]["arc"]
+    assert arc["result"] == "fail" and arc["sets"] == 1
+    assert "email.verify.max_arc_sets" in arc["reason"]
+    assert zone.asked(["arc._domainkey.fwd.test"]) == []
+
+
+async def test_large_signed_mails_do_not_freeze_the_gateway(
+    tmp_path: Path,
+    zone: DnsServer,
+    keys: dict[str, DkimKey],
+    redis_server: RedisServer,
+    processes: list[GatewayProcess],
+) -> None:
+    # 10 MB of such lines with five signatures: seconds of dkimpy's CPU per mail, two at once
+    raw = message(body=spacey_body(10_000_000))
+    signature = dkim.sign(raw, b"sel", b"good.test", keys["good.test"].private_pem,
+                          canonicalize=(b"relaxed", b"relaxed"))  # fmt: skip
+    hostile = signature * 5 + raw
+    gateway, smtp_port = email_process(
+        tmp_path,
+        redis_server,
+        attachment_store=str(tmp_path / "store"),
+        verify={"mode": "report", "dns": {"nameservers": [zone.nameserver]}},
+        parser={"processes": 2, "cpu_limit": 30, "timeout": 120},
+    )
+    processes.append(gateway.start())
+    await gateway.wait_ready(60)
+    sent = [threading.Event(), threading.Event()]
+    sending = [
+        asyncio.create_task(asyncio.to_thread(send_raw_mail, smtp_port, hostile, done))
+        for done in sent
+    ]
+    await asyncio.to_thread(lambda: all(done.wait(120) for done in sent))
+    # while the gateway checks them: the client timeouts are what is under test
+    for _ in range(3):
+        health = asyncio.to_thread(gateway.get, "/healthz", 0.5)
+        greeting = asyncio.to_thread(banner, smtp_port, 1.0)
+        (status, _), first = await asyncio.gather(health, greeting)
+        assert status == 200 and first.startswith(b"220 ")
+        await asyncio.sleep(0.3)
+    for task in sending:
+        reply, text = await task
+        assert reply == 250, text
+
+
 def forwarded(keys: dict[str, DkimKey]) -> bytes:
     """far.test's signed mail, as a list at fwd.test passes it on: Subject tagged (which breaks
     far.test's signature), sealed with ARC over what fwd.test saw on arrival."""
@@ -291,6 +403,68 @@ async def test_dns_down_is_temperror_and_the_mail_is_accepted(
         forged = message(author="ceo@bank.test")
         assert (await send(gw.server.port, forged, "x@good.test")).code == 250
         assert (await receive(gw))["auth"]["dmarc"]["result"] == "temperror"
+
+
+async def test_a_name_whose_lookup_failed_is_not_asked_again_for_each_mail(
+    zone: DnsServer,
+) -> None:
+    # slow.test's servers are broken: its SPF lookup times out. Every mail from there waited
+    # that timeout again before its 250 (the failure was not remembered)
+    zone.ignore("slow.test")
+    async with gateway_for(zone) as gw:
+        outages = metric("gateway_errors_total", kind="dns_outage")
+        for n in range(3):
+            raw = message(author="ana@slow.test", subject=f"m{n}")
+            assert (await send(gw.server.port, raw, "ana@slow.test")).code == 250
+            auth = (await receive(gw))["auth"]
+            assert auth["spf"]["result"] == "temperror"
+            if n == 0:
+                asked = len(zone.asked(["slow.test"]))
+        assert asked >= 1 and len(zone.asked(["slow.test"])) == asked
+        # the resolver itself answers (its probe did): no outage, other domains are asked
+        assert metric("gateway_errors_total", kind="dns_outage") == outages
+        assert (await send(gw.server.port, message(), "alice@good.test")).code == 250
+        assert (await receive(gw))["auth"]["spf"]["result"] == "pass"
+
+
+async def test_dns_down_fails_lookups_at_once_and_is_logged_once(
+    zone: DnsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the resolver stops answering (the usual outage: queries time out). Each mail waited its
+    # lookups' timeout, holding its SMTP session; now the first mails find out, the rest fail
+    # at once until the resolver answers again
+    domains = [f"d{n}.test" for n in range(4)]
+    async with gateway_for(zone) as gw:
+        outages = metric("gateway_errors_total", kind="dns_outage")
+        temperrors = metric("gateway_errors_total", kind="auth_temperror")
+        zone.silent = True
+        with caplog.at_level(logging.INFO, "gateway.email"):
+            raw = message(author="ana@first.test")
+            assert (await send(gw.server.port, raw, "ana@first.test")).code == 250
+            assert (await receive(gw))["auth"]["dmarc"]["result"] == "temperror"
+            await until(lambda: "do not answer" in caplog.text, 30, "the outage found by the probe")
+            before = len(zone.asked())
+            for domain in domains:
+                raw = message(author=f"ana@{domain}")
+                assert (await send(gw.server.port, raw, f"ana@{domain}")).code == 250
+                auth = (await receive(gw))["auth"]
+                assert auth["spf"]["result"] == "temperror"
+                assert auth["dmarc"]["result"] == "temperror"
+            # none of them was asked for: at most the probe of the root
+            assert {q for q in zone.asked()[before:]} <= {("", "NS")}
+            assert not zone.asked([*domains, *(f"_dmarc.{d}" for d in domains)])
+            assert metric("gateway_errors_total", kind="dns_outage") == outages + 1
+            assert metric("gateway_errors_total", kind="auth_temperror") == temperrors + 5
+            warnings = [r for r in caplog.records if "do not answer" in r.getMessage()]
+            assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+            per_mail = [r for r in caplog.records if "some verdicts are temperror" in r.message]
+            assert len(per_mail) <= 1  # only the mail that found the outage
+            # the resolver answers again: the next probe ends the outage
+            zone.silent = False
+            await until(lambda: "answer again" in caplog.text, 30, "the outage's end")
+        assert (await send(gw.server.port, message(), "alice@good.test")).code == 250
+        assert (await receive(gw))["auth"]["dmarc"]["result"] == "pass"
+        assert metric("gateway_errors_total", kind="dns_outage") == outages + 1
 
 
 async def test_answers_are_cached(zone: DnsServer, keys: dict[str, DkimKey]) -> None:
