@@ -515,7 +515,8 @@ class Gateway(Generic[C]):
         try:
             while taken < len(pending):
                 started = loop.time()
-                attempt_limit = 10.0 if deadline is None else max(0.001, deadline - started)
+                # the attempt made at the deadline still gets a round trip's time
+                attempt_limit = 10.0 if deadline is None else max(0.05, deadline - started)
                 channel, message = pending[taken]
                 try:
                     wanted = len(pending) - taken if send_many is not None else 1
@@ -560,7 +561,11 @@ class Gateway(Generic[C]):
                     self._refusals += 1
                     delay = backoff.next()
                     now = loop.time()
-                    if (deadline is not None and now + delay > deadline) or self.stopping:
+                    if deadline is not None:
+                        # the last attempt is made at the deadline, not one backoff step before
+                        # it (publish_timeout: 2 s gave up after 1.1-1.8 s, issue 28)
+                        delay = min(delay, deadline - now)
+                    if (deadline is not None and delay <= 0) or self.stopping:
                         self.metrics.pushback.inc()
                         return taken
                     await asyncio.sleep(delay)

@@ -5,11 +5,14 @@ arguments as channels' command and adds bounded prefetch, retries across layer o
 redelivery of messages whose consumer failed for a transient reason, and a graceful drain on
 SIGTERM (see core/worker.py for why). ``--max-attempts`` and ``--dead-letter`` override the
 ``GATEWAYS_WORKER`` setting.
+
+Channels the application's ``ChannelNameRouter`` does not route host its ``websocket`` / ``http``
+entries for gateway-http-ws (``gateways.http_ws.consumers``): ``runworker rooms`` runs an unchanged
+Channels application for the sockets that gateway routes to ``rooms``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -54,5 +57,10 @@ class Command(ChannelsRunworker):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise CommandError(f"GATEWAYS_LOG_LEVEL={level.lower()!r} is not a log level", 2)
         setup_logging(level)  # one console handler, the gateways' format (UTC, redacted)
-        self.worker_class = functools.partial(ConsumerWorker, retry=policy)
+        from gateways.http_ws.consumers import host_unrouted
+
+        def worker(*, application: Any, **kwargs: Any) -> ConsumerWorker:
+            return ConsumerWorker(application=host_unrouted(application), retry=policy, **kwargs)
+
+        self.worker_class = worker
         super().handle(*args, **options)

@@ -109,7 +109,7 @@ async def test_idle_sockets_close_and_bad_answers_are_refused() -> None:
 async def test_connection_cap() -> None:
     layer = InMemoryChannelLayer()
     port = free_port()
-    gateway = HttpWsGateway(config(port, max_connections=1), layer)
+    gateway = HttpWsGateway(config(port, max_websockets=1), layer)
     async with run_gateway(gateway):
         connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
         connect = await receive(layer)
