@@ -24,7 +24,7 @@ from chat.consumers import TicketBotConsumer  # noqa: E402 - needs the app regis
 from live.consumers import LiveConsumer  # noqa: E402
 from live.echo import EchoConsumer  # noqa: E402
 from mail.consumers import MailConsumer  # noqa: E402
-from rooms.consumers import NextMessageConsumer  # noqa: E402
+from rooms.consumers import PostMessageConsumer  # noqa: E402
 from rooms.routing import websocket_urlpatterns  # noqa: E402
 from sensors.consumers import SensorConsumer  # noqa: E402
 from team.consumers import SlackTeamConsumer  # noqa: E402
@@ -35,8 +35,8 @@ application = ProtocolTypeRouter(
         "http": URLRouter(
             [
                 re_path(
-                    r"^chat/(?P<room_name>\w+)/next/$",
-                    AuthMiddlewareStack(NextMessageConsumer.as_asgi()),
+                    r"^chat/(?P<room_name>\w+)/messages/$",
+                    AuthMiddlewareStack(PostMessageConsumer.as_asgi()),
                 ),
                 re_path(r"", django_asgi_app),
             ]

@@ -9,8 +9,9 @@ claims, so the worker hosts ``example.asgi.application`` there) exactly as they 
 - :class:`WhoAmIConsumer`: a ``JsonWebsocketConsumer`` (sync, in a thread) behind
   ``AuthMiddlewareStack``: who the Django session says you are; ``{"later": x}`` comes back
   through ``self.channel_layer.send(self.channel_name, …)``.
-- :class:`NextMessageConsumer`: an ``AsyncHttpConsumer`` long poll
-  (``/chat/<room_name>/next/``): joins the room's group and answers with its next message.
+- :class:`PostMessageConsumer`: an ``AsyncHttpConsumer`` behind ``AuthMiddlewareStack``:
+  ``POST /chat/<room_name>/messages/`` (JSON ``{"message": …}``) says something in a room as the
+  signed-in user, through the room's group.
 """
 
 import json
@@ -74,23 +75,24 @@ class WhoAmIConsumer(JsonWebsocketConsumer):
         self.send_json({"later": event["text"]})
 
 
-class NextMessageConsumer(AsyncHttpConsumer):
+class PostMessageConsumer(AsyncHttpConsumer):
     async def handle(self, body):
-        room_name = self.scope["url_route"]["kwargs"]["room_name"]
-        self.room_group_name = f"chat_{room_name}"
-        await self.channel_layer.group_add(self.room_group_name, self.channel_name)
-        await self.send_headers(headers=[(b"Content-Type", b"application/json")])
-        # Headers are only sent after the first body event: keep the response open
-        await self.send_body(b"", more_body=True)
-
-    async def chat_message(self, event):
+        if self.scope["method"] != "POST":
+            await self.send_response(405, b"POST a message\n", headers=[(b"Allow", b"POST")])
+            return
+        headers = dict(self.scope["headers"])
+        if headers.get(b"content-type", b"").split(b";")[0] != b"application/json":
+            # a form on another site cannot send JSON without asking first (CORS): no CSRF
+            await self.send_response(415, b"send application/json\n")
+            return
         user = self.scope["user"]
-        answer = {
-            "message": event["message"],
-            "user": user.get_username() if user.is_authenticated else None,
-        }
-        # Send JSON and finish the response
-        await self.send_body(json.dumps(answer).encode("utf-8"))
-
-    async def disconnect(self):
-        await self.channel_layer.group_discard(self.room_group_name, self.channel_name)
+        name = user.get_username() if user.is_authenticated else "someone"
+        message = f"{name}: {json.loads(body)['message']}"
+        room_name = self.scope["url_route"]["kwargs"]["room_name"]
+        await self.channel_layer.group_send(
+            f"chat_{room_name}", {"type": "chat.message", "message": message}
+        )
+        await self.send_headers(status=202, headers=[(b"Content-Type", b"application/json")])
+        # the response in two parts, as a streamed one would go
+        await self.send_body(b'{"sent": ', more_body=True)
+        await self.send_body(json.dumps(message).encode() + b"}")

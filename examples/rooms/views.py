@@ -7,7 +7,7 @@ Served behind gateway-http-ws by the worker that hosts the ``rooms`` channel (``
 from django.contrib.auth import authenticate, login
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.middleware.csrf import get_token
-from django.utils.html import escape
+from django.utils.html import escape, json_script
 from django.utils.http import url_has_allowed_host_and_scheme
 
 PAGE = """<!doctype html>
@@ -19,13 +19,14 @@ PAGE = """<!doctype html>
 </html>
 """
 
-ROOM = """<p id="who">connecting…</p>
+ROOM = """{room_json}
+<p id="who">connecting…</p>
 <textarea id="chat-log" cols="100" rows="20" readonly></textarea><br>
 <input id="chat-message-input" type="text" size="100"><br>
 <input id="chat-message-submit" type="button" value="Send">
 <script>
 "use strict";
-const roomName = {room_json};
+const roomName = JSON.parse(document.getElementById("room-name").textContent);
 const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
 const chatSocket = new WebSocket(scheme + window.location.host + "/ws/chat/" + roomName + "/");
 const whoSocket = new WebSocket(scheme + window.location.host + "/ws/whoami/");
@@ -76,9 +77,7 @@ document.querySelector("#room-name-submit").onclick = function () {
 
 
 def room(request: HttpRequest, room_name: str) -> HttpResponse:
-    import json
-
-    body = ROOM.format(room_json=escape(json.dumps(room_name)))
+    body = ROOM.format(room_json=json_script(room_name, "room-name"))
     return HttpResponse(PAGE.format(title=f"Chat: {escape(room_name)}", body=body))
 
 
