@@ -492,12 +492,20 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         except EventRefused:
             await self._close(sock, 1009, "message too big for the layer")
             return
-        if not accepted:
-            # the layer is full or down: the client may retry later (RFC 6455 1013)
-            self.log.warning(
-                "%s: closing a WebSocket with 1013: layer did not take its message", self.name
-            )
-            await self._close(sock, 1013, "try again later")
+        if accepted:
+            return
+        if sock.hosted and sock.host == target:
+            # the worker's channel stays full: a worker that died fills it before its silence
+            # is noticed. Another worker takes the socket and gets this event in the replay;
+            # if the layer takes nothing at all, the re-bind closes the socket with 1013.
+            self.metrics.error("worker_full")
+            self._start_rebind(sock)
+            return
+        # the layer is full or down: the client may retry later (RFC 6455 1013)
+        self.log.warning(
+            "%s: closing a WebSocket with 1013: layer did not take its message", self.name
+        )
+        await self._close(sock, 1013, "try again later")
 
     async def _disconnected(self, sock: _Socket, event: dict[str, Any]) -> None:
         sock.closing = True
