@@ -61,8 +61,13 @@ from core.receiving import ChannelReader
 from core.service import LAYER_ERRORS, describe_error, send_command
 from gateways.http_ws.config import MAX_PAYLOAD
 from gateways.http_ws.translate import (
+    ABORT,
     ACCEPT,
+    ACK,
+    ALIVE,
     CLOSE,
+    HEARTBEAT,
+    RELEASE,
     SEND,
     InvalidEvent,
     InvalidReply,
@@ -86,8 +91,8 @@ BODY_PART = 512 * 1024
 APPLICATION_CLOSE_TIMEOUT = 10.0
 #: seconds a stopping worker gives its instances (the event in hand, requests in progress)
 RELEASE_GRACE = 10.0
-#: seconds between heartbeats until a gateway asks for another interval
-HEARTBEAT = 1.0
+#: seconds between heartbeats until a gateway says how often it wants them
+HEARTBEAT_INTERVAL = 1.0
 #: sockets and requests listed in one heartbeat at most (a message stays far under 1 MB)
 HEARTBEAT_BATCH = 2000
 #: sockets and requests one host holds at most; more are refused (503)
@@ -96,13 +101,6 @@ MAX_HELD = 100_000
 MAILBOX = 10_000
 #: seconds the host waits for room on a gateway's reply channel before it drops a message
 SEND_TIMEOUT = 30.0
-
-# the bridge's own messages (gateways/http_ws/README.md, "Hosted applications")
-RELEASE = "http_ws.release"
-ACK = "http_ws.ack"
-ABORT = "http_ws.abort"
-HEARTBEAT_TYPE = "http_ws.heartbeat"
-ALIVE = "http_ws.alive"
 
 
 def routed_channels(application: Any) -> frozenset[str] | None:
@@ -398,7 +396,8 @@ class _Host:
         self.channel = ""
         self.held: dict[str, _Held] = {}
         self.gateways: dict[str, _Gateway] = {}
-        self.interval = HEARTBEAT
+        #: seconds between heartbeats: the shortest any gateway asked for
+        self.interval: float | None = None
         self.metrics = GatewayMetrics("worker")
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -487,7 +486,7 @@ class _Host:
         timeout = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else 5.0
         beat = message.get("heartbeat")
         if isinstance(beat, int | float) and beat > 0:
-            self.interval = min(self.interval, float(beat))
+            self.interval = min(self.interval or float(beat), float(beat))
         if control not in self.gateways:
             now = asyncio.get_running_loop().time()
             self.gateways[control] = _Gateway(now, 2 * timeout)
@@ -638,7 +637,7 @@ class _Host:
     async def _heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval or HEARTBEAT_INTERVAL)
             held_by: dict[str, list[list[Any]]] = {}
             for held in self.held.values():
                 if held.gateway is not None and not (held.detached or held.discard):
@@ -649,7 +648,7 @@ class _Host:
             for control, entries in held_by.items():
                 for start in range(0, len(entries), HEARTBEAT_BATCH):
                     beat = {
-                        "type": HEARTBEAT_TYPE,
+                        "type": HEARTBEAT,
                         "host": self.channel,
                         "held": entries[start : start + HEARTBEAT_BATCH],
                     }

@@ -55,8 +55,14 @@ from core.types import ChannelLayer
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.connection import UvicornServer
 from gateways.http_ws.translate import (
+    ABORT,
     ACCEPT,
+    ACK,
+    ALIVE,
     CLOSE,
+    HEARTBEAT,
+    LOST,
+    RELEASE,
     InvalidReply,
     disconnect_keys,
     header,
@@ -87,14 +93,6 @@ SWEEP_INTERVAL = 30.0
 REPLAY_BYTES = 512 * 1024
 #: sockets (and requests) listed in one heartbeat answer at most
 GONE_BATCH = 2000
-
-#: messages between a worker's host (gateways/http_ws/consumers.py) and the gateway
-RELEASE = "http_ws.release"  # host → reply channel: "I stopped holding this socket"
-ACK = "http_ws.ack"  # host → reply channel: events handled up to ``acked``
-ABORT = "http_ws.abort"  # host → reply channel: the application failed mid-response
-HEARTBEAT = "http_ws.heartbeat"  # host → control channel: what it holds
-ALIVE = "http_ws.alive"  # control → host: heartbeat answered; ``gone``: what is not its
-LOST = "http_ws.lost"  # watchdog → reply channel: the host went silent
 
 
 @dataclass(eq=False)
@@ -749,15 +747,15 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
                     now - info.last_seen,
                     len(info.peers),
                 )
-                for reply in info.peers:
-                    # through the reply channel, behind what the worker sent before it died
-                    try:
-                        await send_command(
-                            self.layer, reply, {"type": LOST, "host": host}, timeout=5
-                        )
-                    except Exception as exc:
+                # through each reply channel, behind what the worker sent before it went quiet
+                lost = {"type": LOST, "host": host}
+                sends = [send_command(self.layer, reply, lost, timeout=5) for reply in info.peers]
+                for failed in await asyncio.gather(*sends, return_exceptions=True):
+                    if isinstance(failed, Exception):
                         self.log.warning(
-                            "%s: could not move %s: %s", self.name, reply, describe_error(exc)
+                            "%s: could not move a socket or request: %s",
+                            self.name,
+                            describe_error(failed),
                         )
 
     async def _idle_watch(self, sock: _Socket) -> None:

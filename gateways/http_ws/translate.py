@@ -27,8 +27,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "ABORT",
     "ACCEPT",
+    "ACK",
+    "ALIVE",
     "CLOSE",
+    "HEARTBEAT",
+    "LOST",
+    "RELEASE",
     "SEND",
     "InvalidEvent",
     "InvalidReply",
@@ -51,6 +57,20 @@ __all__ = [
 ]
 
 ACCEPT, SEND, CLOSE = "websocket.accept", "websocket.send", "websocket.close"
+# the bridge's own messages between a worker's host (consumers.py) and the gateway (README.md,
+# "Hosted applications")
+#: host → reply channel: the worker stopped holding this socket; re-bind it
+RELEASE = "http_ws.release"
+#: host → reply channel: the application handled the socket's events up to ``acked``
+ACK = "http_ws.ack"
+#: host → reply channel: the application failed in the middle of a response
+ABORT = "http_ws.abort"
+#: host → the gateway's control channel: what the host holds, and how far each got
+HEARTBEAT = "http_ws.heartbeat"
+#: control channel → host: heartbeat answered; ``gone``: what is not the host's any more
+ALIVE = "http_ws.alive"
+#: the gateway's watchdog → reply channel: the host went silent
+LOST = "http_ws.lost"
 #: what a close code may be on the wire (RFC 6455 7.4; 1005, 1006 and 1015 are never sent)
 _SENDABLE_CLOSE = range(3000, 5000)
 _SENDABLE_STANDARD = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
