@@ -7,9 +7,11 @@ Chat rows: ``--clients`` WebSockets at once, in rooms of ``--room-size``; each c
 through the room's group (``group_send`` through Redis, then ``chat_message`` → ``self.send``).
 msgs/s = messages sent ÷ wall time; p50/p99 are those round trips; deliveries/s counts every
 copy the room members got. HTTP rows: ``--clients`` keep-alive clients doing ``--requests`` GETs
-of ``/chat/`` (a Django view) each. Ratios are each row's figure ÷ Daphne's.
+of ``/chat/`` (a Django view) each. Every server runs for the whole benchmark and the rows are
+measured in turn, ``--rounds`` times (the median is reported), so load from outside falls on
+each row alike. Ratios are each row's figure ÷ Daphne's.
 
-    python -m bench.http_ws [--clients 50] [--messages 100] [--room-size 1] [--no-write]
+    python -m bench.http_ws [--clients 50] [--messages 100] [--room-size 1] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import websockets
@@ -63,8 +67,36 @@ class Row:
     p50: float
     p99: float
     http_rate: float
-    #: CPU ms per chat message of each server-side process (name → ms), chat run only
+    #: CPU ms per chat message of each server-side process (name → ms), chat runs only
     cpu: dict[str, float]
+
+
+@dataclass
+class Target:
+    """One way of serving the application, measured in every round."""
+
+    name: str
+    port: int
+    #: server-side processes whose CPU time is counted (name → pid)
+    pids: dict[str, int]
+    rates: list[float] = field(default_factory=list)
+    deliveries: list[float] = field(default_factory=list)
+    rtts: list[float] = field(default_factory=list)
+    http_rates: list[float] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    sent: int = 0
+
+    def row(self) -> Row:
+        cpu = {who: seconds * 1000 / self.sent for who, seconds in self.cpu_seconds.items()}
+        return Row(
+            self.name,
+            statistics.median(self.rates),
+            statistics.median(self.deliveries),
+            percentile(self.rtts, 50) * 1000,
+            percentile(self.rtts, 99) * 1000,
+            statistics.median(self.http_rates) if self.http_rates else 0.0,
+            cpu,
+        )
 
 
 async def chat_load(
@@ -122,22 +154,24 @@ async def http_load(base: str, clients: int, requests: int) -> float:
         await asyncio.gather(*(http.aclose() for http in pool))
 
 
-async def measure(name: str, port: int, args: argparse.Namespace, pids: dict[str, int]) -> Row:
-    before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+async def measure(target: Target, args: argparse.Namespace) -> None:
+    """One round of the chat and the HTTP load on ``target``."""
+    before = {who: cpu_seconds(pid) for who, pid in target.pids.items()}
     rate, deliveries, rtts = await chat_load(
-        f"ws://127.0.0.1:{port}", args.clients, args.messages, args.room_size
+        f"ws://127.0.0.1:{target.port}", args.clients, args.messages, args.room_size
     )
-    sent = args.clients * (args.messages + 1)
-    cpu = {who: (cpu_seconds(pid) - before[who]) * 1000 / sent for who, pid in pids.items()}
-    http_rate = (
-        await http_load(f"http://127.0.0.1:{port}", args.clients, args.requests)
-        if args.requests
-        else 0.0
-    )
-    p50, p99 = percentile(rtts, 50) * 1000, percentile(rtts, 99) * 1000
-    row = Row(name, rate, deliveries, p50, p99, http_rate, cpu)
-    print(f"{name}: {rate:,.0f} msgs/s (p50 {p50:.1f} ms), {http_rate:,.0f} req/s", flush=True)
-    return row
+    for who, pid in target.pids.items():
+        spent = cpu_seconds(pid) - before[who]
+        target.cpu_seconds[who] = target.cpu_seconds.get(who, 0.0) + spent
+    target.sent += args.clients * (args.messages + 1)
+    target.rates.append(rate)
+    target.deliveries.append(deliveries)
+    target.rtts += rtts
+    http_rate = 0.0
+    if args.requests:
+        http_rate = await http_load(f"http://127.0.0.1:{target.port}", args.clients, args.requests)
+        target.http_rates.append(http_rate)
+    print(f"  {target.name}: {rate:,.0f} msgs/s, {http_rate:,.0f} req/s", flush=True)
 
 
 async def wait_http(port: int, path: str = "/chat/") -> None:
@@ -153,15 +187,16 @@ async def wait_http(port: int, path: str = "/chat/") -> None:
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
-    rows = []
+    """Start every server at once, then measure them in turn, ``--rounds`` times: the
+    machine's other load falls on every row alike."""
+    targets: list[Target] = []
+    processes: list[Any] = []
     with RedisServer() as redis:
         assert redis.pid is not None
-        port = free_port()
-        env = {"WEB_PORT": str(port), "GATEWAYS_LOG_LEVEL": "WARNING"}
-        project = await asyncio.to_thread(example_project, tmp, redis.url, env=env)
-        penv = {**os.environ, "PYTHONUNBUFFERED": "1", **project.env}
+        project = await asyncio.to_thread(example_project, tmp, redis.url)
+        base_env = {**os.environ, "PYTHONUNBUFFERED": "1", **project.env}
+        examples = Path(base_env["PYTHONPATH"])
         app = "example.asgi:application"
-        examples = Path(penv["PYTHONPATH"])
         servers = {
             "Daphne, in-process": [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p"],
             "uvicorn, in-process": [
@@ -169,37 +204,49 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
                 "warning", "--no-access-log", "--lifespan", "off", "--port",
             ],
         }  # fmt: skip
-        for name, argv in servers.items():
-            port = free_port()
-            server = Server([*argv, str(port), app], None, cwd=examples, env=penv, name=name)
-            try:
-                await wait_http(port)
-                pids = {"server": server.pid, "redis-server": redis.pid}
-                rows.append(await measure(name, port, args, pids))
-            finally:
-                server.stop()
-        gateway = project.gateway("web.yaml", env={"GATEWAYS_LOG_LEVEL": "INFO"})
-        await asyncio.to_thread(gateway.start)
-        workers: list[DjangoWorker] = []
-        bridge = int(project.env["WEB_PORT"])
         try:
+            for name, argv in servers.items():
+                port = free_port()
+                server = Server([*argv, str(port), app], None, cwd=examples, env=base_env)
+                processes.append(server)
+                targets.append(
+                    Target(name, port, {"server": server.pid, "redis-server": redis.pid})
+                )
             for count in (1, 2):
-                worker = DjangoWorker(examples, ["rooms"], {**penv, "GATEWAYS_LOG_LEVEL": "INFO"})
-                workers.append(worker.start())
-                await asyncio.to_thread(worker.wait_for, "Running worker for channels", 60)
-                await asyncio.sleep(1)  # its listener is up: connects spread over every worker
-                await wait_http(bridge)
+                # each bridge on a database of its own: its workers take only its sockets
+                layer = f"{redis.url.rsplit('/', 1)[0]}/{count}"
+                port = free_port()
+                env = {
+                    **base_env,
+                    "EXAMPLE_LAYER": layer,
+                    "GATEWAYS_LAYER": layer,
+                    "WEB_PORT": str(port),
+                    "HEALTH_PORT": str(free_port()),
+                    "GATEWAYS_LOG_LEVEL": "INFO",
+                }
+                gateway = project.gateway("web.yaml", env=env)
+                processes.append(gateway)
+                await asyncio.to_thread(gateway.start)
                 pids = {"gateway": gateway.pid or 0}
-                for number, each in enumerate(workers, 1):
-                    pids[f"worker {number}"] = each.pid or 0
+                for number in range(1, count + 1):
+                    worker = DjangoWorker(examples, ["rooms"], env).start()
+                    processes.append(worker)
+                    await asyncio.to_thread(worker.wait_for, "Running worker for channels", 60)
+                    pids[f"worker {number}"] = worker.pid or 0
                 pids["redis-server"] = redis.pid
-                name = f"bridge, {count} worker{'s' if count > 1 else ''}"
-                rows.append(await measure(name, bridge, args, pids))
+                plural = "s" if count > 1 else ""
+                targets.append(Target(f"bridge, {count} worker{plural}", port, pids))
+            await asyncio.sleep(1)  # the last worker's listener is up: connects spread
+            for target in targets:
+                await wait_http(target.port)
+            for number in range(1, args.rounds + 1):
+                print(f"round {number} of {args.rounds}", flush=True)
+                for target in targets:
+                    await measure(target, args)
         finally:
-            for worker in workers:
-                worker.stop()
-            await asyncio.to_thread(gateway.stop)
-    return rows
+            for process in reversed(processes):
+                await asyncio.to_thread(process.stop)
+    return [target.row() for target in targets]
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
@@ -262,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--messages", type=int, default=100)
     parser.add_argument("--room-size", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="each row measured this often")
     parser.add_argument("--requests", type=int, default=50, help="0: no HTTP rows")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)

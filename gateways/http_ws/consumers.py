@@ -359,6 +359,8 @@ class _Held:
                 "code": message.get("code", 1005),
                 "reason": message.get("reason") or "",
             }
+            # the socket is gone at the gateway: what the instance sends now goes nowhere
+            self.detached = True
         if len(self.events) >= MAILBOX:
             self.host.metrics.dropped("mailbox_full")
             log.warning(
@@ -637,7 +639,8 @@ class _Host:
     async def _heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.interval or HEARTBEAT_INTERVAL)
+            interval = self.interval or HEARTBEAT_INTERVAL
+            await asyncio.sleep(interval)
             held_by: dict[str, list[list[Any]]] = {}
             for held in self.held.values():
                 if held.gateway is not None and not (held.detached or held.discard):
@@ -653,7 +656,8 @@ class _Host:
                         "held": entries[start : start + HEARTBEAT_BATCH],
                     }
                     try:
-                        await self.layer.send(control, beat)
+                        # a busy gateway's channel may be full for a moment: retry, briefly
+                        await send_command(self.layer, control, beat, timeout=interval)
                     except LAYER_ERRORS as exc:
                         # full or unreachable: a dead gateway's channel fills up too, so only
                         # an outage (not a full channel) pauses the silence check

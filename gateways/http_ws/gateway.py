@@ -86,9 +86,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: seconds sockets get to finish their closing handshake at shutdown
 CLOSE_WAIT = 3.0
-#: how often reply-channel buffers of finished connections are swept (channels_redis keeps a
-#: buffer for every ``!`` channel a message arrives on, also after its receiver left)
-SWEEP_INTERVAL = 30.0
+#: how often reply-channel buffers of finished connections are swept (both Redis layers keep a
+#: buffer for every ``!`` channel a message arrives on, also after its receiver left; on
+#: core.streams its entries also count against the process stream's capacity until dropped)
+SWEEP_INTERVAL = 2.0
 #: bytes of unconfirmed events a socket keeps for a replay (at least one event always fits)
 REPLAY_BYTES = 512 * 1024
 #: sockets (and requests) listed in one heartbeat answer at most
@@ -393,7 +394,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
             self._unbind(sock)
             self._peers.pop(reply, None)
             self._sockets.discard(sock)
-            self._live_channels.discard(reply)
+            self._finished(reply)
             sock.done.set()
 
     async def _handshake(self, sock: _Socket, scope: Scope) -> bool:
@@ -776,6 +777,13 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         sock.ready.set()
         await _send(sock.send, {"type": CLOSE, "code": code, "reason": reason})
 
+    def _finished(self, reply: str) -> None:
+        """Nobody receives on ``reply`` any more: drop what is buffered for it now."""
+        self._live_channels.discard(reply)
+        buffers = getattr(self.layer, "receive_buffer", None)
+        if isinstance(buffers, dict) and buffers.get(reply):
+            self.metrics.dropped("reply_to_closed", len(buffers.pop(reply, None) or ()))
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -927,7 +935,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
                 return
             await self._respond_from(reply, scope, send)
         finally:
-            self._live_channels.discard(reply)
+            self._finished(reply)
             self._peers.pop(reply, None)
             host = request.host if request is not None else None
             if host is not None and (info := self._hosts.get(host)) is not None:

@@ -335,3 +335,61 @@ async def test_websockets_and_requests_have_caps_of_their_own() -> None:
         await layer.send(request["reply_channel"], {"type": "http.response", "status": 200})
         assert (await pending).status_code == 200
         await first.close()
+
+
+async def test_a_silent_worker_loses_its_sockets_and_requests() -> None:
+    """The test plays the hosting workers (gateways/http_ws/README.md, "The bridge's own
+    messages"): a socket bound to a worker that stops sending heartbeats is re-bound to another
+    one with its unconfirmed events replayed; a request held by one is answered 502."""
+    layer = InMemoryChannelLayer()
+    port = free_port()
+    gateway = HttpWsGateway(config(port, worker_timeout=3, rebind_timeout=10), layer)
+    async with run_gateway(gateway), httpx.AsyncClient(timeout=10) as client:
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
+        connect = await receive(layer)
+        assert connect["rebind"] is False and connect["window"] == 32
+        reply, first = connect["reply_channel"], connect["id"]
+        hosted = {"bind": first, "host": "worker-a", "acked": 0}
+        await layer.send(reply, {"type": "websocket.accept", **hosted})
+        ws = await connecting
+        for text in ("one", "two"):
+            await ws.send(text)
+        got = [await receive(layer, "worker-a") for _ in range(2)]
+        assert [(e["text"], e["seq"], e["bind"], e["path"]) for e in got] == [
+            ("one", 1, first, "/ws"),
+            ("two", 2, first, "/ws"),
+        ]
+        await layer.send(reply, {"type": "http_ws.ack", **hosted, "acked": 1})
+        # a heartbeat naming a socket the gateway does not know: the answer says it is gone
+        beat = {"type": "http_ws.heartbeat", "host": "worker-a", "held": [["nope", "x", 0]]}
+        await layer.send(connect["control"], beat)
+        alive = await receive(layer, "worker-a")
+        assert alive["type"] == "http_ws.alive" and alive["gone"] == [["nope", "x"]]
+
+        # worker-a goes quiet: after worker_timeout the connect goes out again
+        again = await receive(layer, timeout=10)
+        assert again["rebind"] is True and again["seq"] == 1 and again["id"] != first
+        assert again["reply_channel"] == reply and again["path"] == "/ws"
+        rebound = {"bind": again["id"], "host": "worker-b", "acked": 1}
+        await layer.send(reply, {"type": "websocket.accept", **rebound})  # swallowed
+        replayed = await receive(layer, "worker-b")
+        assert (replayed["text"], replayed["seq"], replayed["bind"]) == ("two", 2, again["id"])
+        await ws.send("three")
+        assert (await receive(layer, "worker-b"))["seq"] == 3
+        # worker-a's late messages are not worker-b's socket's any more
+        await layer.send(reply, {"type": "websocket.send", "text": "stale", **hosted})
+        await layer.send(reply, {"type": "websocket.send", "text": "fresh", **rebound})
+        assert await asyncio.wait_for(ws.recv(), 10) == "fresh"
+
+        # a request whose worker (named by its heartbeat) goes quiet: 502, not a 504 later
+        pending = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/api/slow"))
+        request = await receive(layer)
+        while request["type"] != "http.request":  # worker-b went quiet too: its re-binds
+            request = await receive(layer)
+        held = [[request["reply_channel"], request["id"], 0]]
+        await layer.send(
+            connect["control"], {"type": "http_ws.heartbeat", "host": "worker-c", "held": held}
+        )
+        assert (await receive(layer, "worker-c"))["gone"] == []
+        assert (await pending).status_code == 502
+        await ws.close()
