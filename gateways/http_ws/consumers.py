@@ -555,13 +555,14 @@ class _Host:
             await send_command(self.layer, held.reply, message, timeout=SEND_TIMEOUT)
         except Exception as exc:
             self.metrics.dropped("reply_undelivered")
-            if not quiet:
-                log.warning(
-                    "%s: a %s for the gateway was not delivered: %s",
-                    held.describe(),
-                    message["type"],
-                    describe_error(exc),
-                )
+            # quiet: the last word of an ending instance, to a gateway that may be gone
+            log.log(
+                logging.INFO if quiet else logging.WARNING,
+                "%s: a %s for the gateway was not delivered: %s",
+                held.describe(),
+                message["type"],
+                describe_error(exc),
+            )
 
     def acknowledge(self, held: _Held) -> None:
         """Tell the gateway how far the application got (it frees its replay buffer)."""

@@ -122,7 +122,7 @@ class _Socket:
     unacked_bytes: int = 0
     #: set while the next event may go (bound, room in the replay buffer, or closing)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    #: set once a re-bind found a worker
+    #: set once the worker holding the socket got its replay (events may follow)
     rebound: asyncio.Event = field(default_factory=asyncio.Event)
     rebinder: asyncio.Task[None] | None = None
 
@@ -197,6 +197,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         self._host_grace = 0.0
         self._header_timeouts = _Tally(self._report_header_timeouts)
         self._rebinds = _Tally(self._report_rebinds)
+        self._stale = _Tally(self._report_stale)
 
     def serve_application(self, application: Any) -> None:
         """Serve every path that is not bridged with ``application`` (``--app``)."""
@@ -263,6 +264,13 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
             self.name,
             count,
             self.settings.header_timeout,
+        )
+
+    def _report_stale(self, count: int) -> None:
+        self.log.info(
+            "%s: dropped %d message(s) from workers that no longer hold their socket (stale_reply)",
+            self.name,
+            count,
         )
 
     def _report_rebinds(self, count: int) -> None:
@@ -567,6 +575,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         if message.get("bind") != sock.bind:
             # from a worker that no longer holds the socket (it was re-bound meanwhile)
             self.metrics.dropped("stale_reply")
+            self._stale.add()
             return False
         acked = message.get("acked")
         if isinstance(acked, int):
@@ -593,13 +602,16 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         if info is None:
             info = self._hosts[host] = _Host(asyncio.get_running_loop().time())
         info.peers.add(sock.reply_channel)
+        bind = sock.bind
         for _seq, _size, message in list(sock.unacked):
-            replayed = {**message, "bind": sock.bind}
-            if not await self._publish(replayed, host):
+            if not await self._publish({**message, "bind": bind}, host):
                 await self._close(sock, 1013, "try again later")
                 return
+            if sock.bind != bind:
+                return  # re-bound again meanwhile: that binding replays
         if sock.unacked:
             self.metrics.retry("replayed")
+        # only now may new events go: they must not overtake the replayed ones
         sock.rebound.set()
         self._update_ready(sock)
 
@@ -618,7 +630,8 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         room = not sock.unacked or (
             len(sock.unacked) < self.settings.replay_buffer and sock.unacked_bytes < REPLAY_BYTES
         )
-        if sock.closing or not sock.hosted or (sock.host is not None and room):
+        bound = sock.host is not None and sock.rebound.is_set()
+        if sock.closing or not sock.hosted or (bound and room):
             sock.ready.set()
         else:
             sock.ready.clear()

@@ -126,7 +126,8 @@ def sign_in(driver: Any, site: ChatSite) -> None:
     driver.find_element("id", "username").send_keys("alice")
     driver.find_element("id", "password").send_keys(PASSWORD)
     driver.find_element("id", "login").click()
-    WebDriverWait(driver, WAIT).until(lambda d: d.current_url.endswith("/chat/"))
+    # the page the login redirects to, loaded (a navigation started before it ends is undone)
+    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements("id", "room-name-input"))
 
 
 def type_message(driver: Any, handle: str, text: str) -> None:
