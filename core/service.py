@@ -540,7 +540,10 @@ class Gateway(Generic[C]):
                     raise
                 except LAYER_ERRORS as exc:
                     channel, message = pending[taken]
-                    if not isinstance(exc, ChannelFull):
+                    # an attempt cut short by the deadline (the last one gets 50 ms) says
+                    # nothing about the layer being down
+                    cut = isinstance(exc, TimeoutError) and loop.time() - started < 1.0
+                    if not isinstance(exc, ChannelFull) and not cut:
                         self._layer_ok = False
                     failures += 1
                     self.metrics.retry("layer_send")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Literal
 
 import pytest
+from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
 from core.config import GatewayConfig, HealthConfig
@@ -212,6 +213,22 @@ async def test_publish_keeps_trying_for_the_whole_timeout() -> None:
         started = loop.time()
         assert not await gateway.publish(gateway.event("b"), timeout=timeout)
         assert loop.time() - started >= timeout - 0.01
+
+
+class SlowFullLayer(InMemoryChannelLayer):  # type: ignore[misc]
+    """Full, and slow to say so: each refusal takes 0.1 s."""
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        await asyncio.sleep(0.1)
+        raise ChannelFull(channel)
+
+
+async def test_a_last_attempt_cut_by_the_deadline_is_not_an_outage() -> None:
+    """The attempt made at the deadline gets 50 ms; cut short there, it says nothing about
+    the layer being down (it marked it unreachable, which hid dead http_ws workers)."""
+    gateway = EchoGateway(EchoConfig(name="slow-full"), SlowFullLayer())
+    assert not await gateway.publish(gateway.event("b"), timeout=0.5)
+    assert "slow-full: layer unreachable" not in gateway.ready_reasons()
 
 
 async def test_publish_waits_until_layer_has_room() -> None:
