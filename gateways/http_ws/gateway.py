@@ -195,6 +195,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         #: where workers send heartbeats (this process's own channel)
         self.control_channel: str | None = None
         self._host_grace = 0.0
+        self._last_heartbeat = 0.0
         self._header_timeouts = _Tally(self._report_header_timeouts)
         self._rebinds = _Tally(self._report_rebinds)
         self._stale = _Tally(self._report_stale)
@@ -494,20 +495,26 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
             sock.unacked.append((sock.seq, size, message))
             sock.unacked_bytes += size
             self._update_ready(sock)
-        try:
-            accepted = await self._publish(message, target)
-        except EventRefused:
-            await self._close(sock, 1009, "message too big for the layer")
-            return
-        if accepted:
-            return
-        if sock.hosted and sock.host == target:
-            # the worker's channel stays full: a worker that died fills it before its silence
-            # is noticed. Another worker takes the socket and gets this event in the replay;
-            # if the layer takes nothing at all, the re-bind closes the socket with 1013.
-            self.metrics.error("worker_full")
-            self._start_rebind(sock)
-            return
+        while True:
+            try:
+                accepted = await self._publish(message, target)
+            except EventRefused:
+                await self._close(sock, 1009, "message too big for the layer")
+                return
+            if accepted or sock.closing:
+                return
+            if sock.hosted and self._layer_ok:
+                if sock.host != target:
+                    return  # re-bound meanwhile: the replay to the new worker carries it
+                self.metrics.retry("worker_full")
+                if self._silent(target):
+                    # a dead worker fills its channel before the watchdog gives up on it:
+                    # move the socket now (the replay carries this event); one socket at a
+                    # time, as each finds the channel full, not all of them at once
+                    self._start_rebind(sock)
+                    return
+                continue  # a busy worker: wait (the client is not read: TCP pushes back)
+            break
         # the layer is full or down: the client may retry later (RFC 6455 1013)
         self.log.warning(
             "%s: closing a WebSocket with 1013: layer did not take its message", self.name
@@ -615,6 +622,12 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         sock.rebound.set()
         self._update_ready(sock)
 
+    def _silent(self, host: str) -> bool:
+        """Whether ``host`` missed its last two heartbeats."""
+        info = self._hosts.get(host)
+        quiet = asyncio.get_running_loop().time() - info.last_seen if info else float("inf")
+        return quiet > self.settings.worker_timeout / 2
+
     def _unbind(self, sock: _Socket) -> None:
         if sock.host is not None and (info := self._hosts.get(sock.host)) is not None:
             info.peers.discard(sock.reply_channel)
@@ -709,6 +722,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
         if not isinstance(host, str):
             raise TypeError("host must be a string")
         now = asyncio.get_running_loop().time()
+        self._last_heartbeat = now
         info = self._hosts.get(host)
         if info is None:
             info = self._hosts[host] = _Host(now)
@@ -737,13 +751,15 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
 
     async def _watch_workers(self) -> None:
         """Re-bind the sockets (and fail the requests) of workers that stopped sending
-        heartbeats, unless the layer itself is what kept the heartbeats away."""
+        heartbeats, unless the layer itself is what kept the heartbeats away (it refuses
+        events and no worker's heartbeat got through lately)."""
         loop = asyncio.get_running_loop()
         timeout = self.settings.worker_timeout
         while True:
             await asyncio.sleep(timeout / 4)
             now = loop.time()
-            if not self._layer_ok:
+            if not self._layer_ok and now - self._last_heartbeat > timeout / 2:
+                # nothing gets through: the silence may be the layer's, not the workers'
                 self._host_grace = now
                 continue
             for host, info in list(self._hosts.items()):

@@ -80,11 +80,15 @@ async def test_a_deploy_and_a_crash_while_200_sockets_chat(
 
         # no message was lost: each one reached its room (the sender's own copy is replayed
         # with it when its worker stopped before handling it)
-        def all_heard() -> bool:
+        def unheard() -> list[str]:
             heard = {room: {m for c in group for m in c.heard} for room, group in members.items()}
-            return all(set(c.sent) <= heard[c.room] for c in chatters)
+            return [m for c in chatters for m in c.sent if m not in heard[c.room]]
 
-        await until(all_heard, WAIT, "every message sent to reach its room")
+        try:
+            await until(lambda: not unheard(), WAIT, "every message sent to reach its room")
+        except TimeoutError:
+            logs = "\n".join([gateway.tail(30), *(w.tail(10) for w in workers)])
+            raise AssertionError(f"never reached their rooms: {unheard()[:20]}\n{logs}") from None
         assert all(c.ws.close_code is None for c in chatters), "a socket was closed"
 
         # after the re-binds every socket works and nothing is lost: every member of each room
