@@ -53,6 +53,7 @@ HEADER = [
     "p99 ms",
     "deliveries/s",
     "CPU ms/msg",
+    "CPUs busy",
     "http req/s",
     "http ratio",
 ]
@@ -262,6 +263,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 f"{row.p99:.1f}",
                 f"{row.deliveries:,.0f}",
                 ", ".join(f"{who} {ms:.2f}" for who, ms in row.cpu.items()),
+                f"{sum(row.cpu.values()) * row.rate / 1000:.2f}",
                 f"{row.http_rate:,.0f}" if row.http_rate else "",
                 f"{row.http_rate / base.http_rate:.2f}x" if base.http_rate else "",
             ]
@@ -299,9 +301,13 @@ def markdown(
             "reply channel: two more layer hops per message, and the work split over processes "
             "(each bridge on a Redis database of its own). ratio = the row ÷ Daphne. *CPU "
             "ms/msg*: CPU time of each server-side process during the chat runs ÷ messages sent "
-            f"(warm-up included). The machine has {m['nproc']} CPU(s), shared by the clients, "
-            "the servers and redis-server, so a second worker adds throughput only where a "
-            "single worker's CPU is what limits it.",
+            "(warm-up included); *CPUs busy*: their sum times msgs/s, the server side's share of "
+            f"the machine. The machine has {m['nproc']} CPU(s), shared by the clients (about "
+            "0.08 ms of CPU per message), the servers and redis-server: an in-process row is "
+            "limited by its one process reaching one CPU, a bridge row by the whole machine "
+            "(gateway, workers, Redis and the clients together), so on a machine this small a "
+            "second worker spreads the work without adding throughput; with CPUs to spare "
+            "each bridge process runs at a fraction of one.",
             "",
             "Where the time goes (cProfile of the gateway and of one worker under this chat "
             "load): the bridge's own code is about 4 % of the gateway's CPU and 1 % of the "
