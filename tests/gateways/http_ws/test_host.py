@@ -146,8 +146,9 @@ def layer(monkeypatch: pytest.MonkeyPatch) -> InMemoryChannelLayer:
 class Worker:
     """A ConsumerWorker hosting ``application`` on the channel ``app``, in this process."""
 
-    def __init__(self, layer: Any) -> None:
-        self.worker = ConsumerWorker(host_unrouted(application), ["app"], layer, shutdown_grace=5)
+    def __init__(self, layer: Any, app: Any = None) -> None:
+        app = host_unrouted(application) if app is None else app
+        self.worker = ConsumerWorker(app, ["app"], layer, shutdown_grace=5)
         self.task = asyncio.create_task(self.worker.arun())
 
     async def stop(self) -> None:
@@ -300,3 +301,20 @@ async def test_a_stopping_worker_hands_its_sockets_to_another(
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 20)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+
+
+async def test_an_explicit_bridge_host_route(layer: InMemoryChannelLayer) -> None:
+    """``ChannelNameRouter({"app": BridgeHost(application)})``: another application than the
+    project's, on a channel of its choice; no automatic hosting needed."""
+    routed = ProtocolTypeRouter({"channel": ChannelNameRouter({"app": BridgeHost(application)})})
+    worker = Worker(layer, routed)
+    port = free_port()
+    try:
+        async with (
+            run_gateway(HttpWsGateway(config(port), layer)),
+            websockets.connect(f"ws://127.0.0.1:{port}/ws/lobby/") as ws,
+        ):
+            await ws.send("self")
+            assert await asyncio.wait_for(ws.recv(), 10) == "to me"
+    finally:
+        await worker.stop()
