@@ -407,4 +407,8 @@ def run_main(
         install_layer(layer)
         for gw in gateways:
             channels += gw.config.consumer_channels()
+            # http_ws: route channels without a consumer host the application (issue 28)
+            adapt = getattr(gw, "worker_application", None)
+            if adapt is not None:
+                application = adapt(application)
     return _execute(serve(gateways, application=application, worker_channels=sorted(set(channels))))

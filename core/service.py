@@ -542,6 +542,8 @@ class Gateway(Generic[C]):
         try:
             while taken < len(pending):
                 started = loop.time()
+                # the attempt made at the deadline still gets a round trip's time (and more:
+                # one cut short may have added the message anyway, see MIN_SEND_ATTEMPT)
                 attempt_limit = (
                     10.0 if deadline is None else max(MIN_SEND_ATTEMPT, deadline - started)
                 )
@@ -568,7 +570,10 @@ class Gateway(Generic[C]):
                     raise
                 except LAYER_ERRORS as exc:
                     channel, message = pending[taken]
-                    if not isinstance(exc, ChannelFull):
+                    # an attempt cut short by the deadline (the last one gets 50 ms) says
+                    # nothing about the layer being down
+                    cut = isinstance(exc, TimeoutError) and loop.time() - started < 1.0
+                    if not isinstance(exc, ChannelFull) and not cut:
                         self._layer_ok = False
                     failures += 1
                     self.metrics.retry("layer_send")
@@ -589,7 +594,11 @@ class Gateway(Generic[C]):
                     self._refusals += 1
                     delay = backoff.next()
                     now = loop.time()
-                    if (deadline is not None and now + delay > deadline) or self.stopping:
+                    if deadline is not None:
+                        # the last attempt is made at the deadline, not one backoff step before
+                        # it (publish_timeout: 2 s gave up after 1.1-1.8 s, issue 28)
+                        delay = min(delay, deadline - now)
+                    if (deadline is not None and delay <= 0) or self.stopping:
                         self.metrics.pushback.inc()
                         return taken
                     await asyncio.sleep(delay)

@@ -25,6 +25,8 @@ TIME_ZONE = "UTC"
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
     # before "channels": its runworker (bounded prefetch, survives Redis restarts, drains on
     # SIGTERM) replaces channels' own; it also adds manage.py rungateway
     "gateways",
@@ -33,6 +35,14 @@ INSTALLED_APPS = [
     "sensors",
     "live",
     "timers",
+    "rooms",
+]
+
+# the chat's login (examples/rooms): a session cookie that AuthMiddlewareStack reads on sockets
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
 ]
 
 DATABASES = {

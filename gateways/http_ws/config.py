@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 
@@ -112,11 +112,23 @@ class HttpWsConfig(Section):
     max_body_size: int = Field(
         256 * 1024, gt=0, le=MAX_PAYLOAD, description="Bytes per HTTP body; larger gets 413."
     )
-    max_connections: int = Field(
+    max_websockets: int = Field(
         1000,
         gt=0,
-        description="Open connections at once (WebSockets; all connections for HTTP); "
-        "more get 503.",
+        description="Open WebSockets at once (bridged and in-process); more get 503. HTTP has "
+        "its own cap, so webhooks keep working when this one is reached.",
+    )
+    max_requests: int = Field(
+        1000,
+        gt=0,
+        description="HTTP requests in progress at once (bridged, webhooks and in-process); "
+        "more get 503. Idle keep-alive connections do not count.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a new connection has to send its request line and headers (and a "
+        "kept-alive one, its next request's) before it is closed.",
     )
     idle_timeout: float = Field(
         300.0, gt=0, description="Seconds without a message either way before a socket closes."
@@ -138,12 +150,41 @@ class HttpWsConfig(Section):
     ping_interval: float = Field(
         20.0, gt=0, description="Seconds between WebSocket pings (dead peers are closed)."
     )
+    worker_timeout: float = Field(
+        5.0,
+        ge=1.0,
+        description="Seconds without a heartbeat from the worker hosting a socket before the "
+        "socket is re-bound to another worker (and its requests answered 502).",
+    )
+    rebind_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a socket whose worker stopped waits for another worker to take it "
+        "before it is closed with 1012.",
+    )
+    replay_buffer: int = Field(
+        32,
+        ge=2,
+        le=10_000,
+        description="Messages per socket kept until the worker hosting it confirms them, to "
+        "replay after a re-bind; the client is not read while it is full.",
+    )
     tls: TlsConfig | None = Field(None, description="Certificate for HTTPS / WSS.")
     forwarded_allow_ips: list[str] | None = Field(
         None,
         description="Trusted proxies whose X-Forwarded-For/-Proto set client and scheme; "
         "default none.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_connections" in data:
+            raise ValueError(
+                "max_connections was split into max_websockets (open sockets) and "
+                "max_requests (HTTP requests in progress): set those instead"
+            )
+        return data
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> HttpWsConfig:

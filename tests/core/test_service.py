@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Literal
 
 import pytest
+from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 
 from core.config import GatewayConfig, HealthConfig
@@ -199,6 +200,35 @@ async def test_publish_gives_up_when_layer_stays_full(caplog: pytest.LogCaptureF
     assert metric("gateway_backpressure_waits_total", gateway="full-layer") == 1
     # a full layer is not an unreachable one
     assert gateway.ready_reasons() == ["full-layer: starting"]
+
+
+async def test_publish_keeps_trying_for_the_whole_timeout() -> None:
+    """``publish_timeout: 2`` gave up after 1.1-1.8 s (issue 28): the backoff's next step did
+    not fit before the deadline, so it gave up early. The last attempt is made at the
+    deadline."""
+    gateway = EchoGateway(EchoConfig(name="deadline"), InMemoryChannelLayer(capacity=1))
+    assert await gateway.publish(gateway.event("a"), timeout=1)
+    loop = asyncio.get_running_loop()
+    for timeout in (0.5, 1.3):
+        started = loop.time()
+        assert not await gateway.publish(gateway.event("b"), timeout=timeout)
+        assert loop.time() - started >= timeout - 0.01
+
+
+class SlowFullLayer(InMemoryChannelLayer):  # type: ignore[misc]
+    """Full, and slow to say so: each refusal takes 0.1 s."""
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        await asyncio.sleep(0.1)
+        raise ChannelFull(channel)
+
+
+async def test_a_last_attempt_cut_by_the_deadline_is_not_an_outage() -> None:
+    """The attempt made at the deadline gets 50 ms; cut short there, it says nothing about
+    the layer being down (it marked it unreachable, which hid dead http_ws workers)."""
+    gateway = EchoGateway(EchoConfig(name="slow-full"), SlowFullLayer())
+    assert not await gateway.publish(gateway.event("b"), timeout=0.5)
+    assert "slow-full: layer unreachable" not in gateway.ready_reasons()
 
 
 async def test_publish_waits_until_layer_has_room() -> None:
@@ -452,10 +482,15 @@ async def test_layer_down_then_back(redis_server: RedisServer) -> None:
     assert "redis-down: layer unreachable" in gateway.ready_reasons()
     redis_server.restart()
     assert await gateway.publish(gateway.event("after"), timeout=15)
-    # reachable again; what remains is that it came back empty (no persistence here): the
-    # data it held is gone, and readiness says so for a while (core.streams.PROBLEM_PERIOD)
-    reasons = gateway.ready_reasons()
-    assert reasons and all("lost its data" in r or "vanished" in r for r in reasons), reasons
+
+    # the refusals lasted the whole second: a stall, over once the layer took events again;
+    # what remains is that Redis came back empty (no persistence here): the data it held is
+    # gone, and readiness says so for a while (core.streams.PROBLEM_PERIOD)
+    def only_the_loss() -> bool:
+        reasons = gateway.ready_reasons()
+        return bool(reasons) and all("lost its data" in r or "vanished" in r for r in reasons)
+
+    await until(only_the_loss, 10, "the stall to end, the data loss to remain")
     # the command loop survived the outage too
     await layer.send("redis-down.send", {"type": "echo.say", "text": "hi", "result_channel": "r"})
     assert (await asyncio.wait_for(layer.receive("r"), 15))["ok"]

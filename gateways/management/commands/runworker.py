@@ -7,11 +7,14 @@ SIGTERM (see core/worker.py for why). ``--max-attempts`` and ``--dead-letter`` o
 ``GATEWAYS_WORKER`` setting; ``--health-port`` / ``--health-host`` serve /healthz, /readyz and
 /metrics (core/worker_health.py; ``GATEWAYS_WORKER["HEALTH"]``), exit code 3 if the port is
 taken.
+
+Channels the application's ``ChannelNameRouter`` does not route host its ``websocket`` / ``http``
+entries for gateway-http-ws (``gateways.http_ws.host``): ``runworker rooms`` runs an unchanged
+Channels application for the sockets that gateway routes to ``rooms``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -71,7 +74,14 @@ class Command(ChannelsRunworker):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise CommandError(f"GATEWAYS_LOG_LEVEL={level.lower()!r} is not a log level", 2)
         setup_logging(level)  # one console handler, the gateways' format (UTC, redacted)
-        self.worker_class = functools.partial(ConsumerWorker, retry=policy, health=health)
+        from gateways.http_ws.host import host_unrouted
+
+        def worker(*, application: Any, **kwargs: Any) -> ConsumerWorker:
+            return ConsumerWorker(
+                application=host_unrouted(application), retry=policy, health=health, **kwargs
+            )
+
+        self.worker_class = worker
         try:
             super().handle(*args, **options)
         except StartupError as exc:  # the health port is taken

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.testing import (
+    EXAMPLES,
+    WAIT,
     DjangoWorker,
     ExampleProject,
     GatewayProcess,
     RedisServer,
+    Server,
     example_project,
     free_port,
 )
-from tests.conftest import service
+from tests.conftest import missing, service
 
 SECRET = "test-webhook-secret"
 
@@ -105,3 +114,153 @@ async def web(web_factory: type[Web]) -> AsyncIterator[Web]:
             WEB_MAX_BODY="4096",
         )
     )
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium; skipped locally (failed under CI) when it cannot start."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        missing("chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    except WebDriverException as exc:
+        missing(f"headless chromium cannot start: {exc.msg}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class ChatSite:
+    """The example's Channels application (examples/example/asgi.py) served one way: through
+    gateway-http-ws and ``runworker rooms`` workers (``bridge``), or by Daphne (``daphne``), on
+    one Redis, with the user ``alice`` (:data:`PASSWORD`) in its database."""
+
+    kind: str
+    project: ExampleProject
+    port: int
+    gateways: list[GatewayProcess]
+    workers: list[DjangoWorker]
+    server: Server | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def login(self) -> str:
+        """Sign in as alice through the login form; the session cookie's value."""
+        import httpx
+
+        with httpx.Client(base_url=self.http, timeout=30) as client:
+            client.get("/accounts/login/").raise_for_status()
+            form = {
+                "username": "alice",
+                "password": PASSWORD,
+                "csrfmiddlewaretoken": client.cookies["csrftoken"],
+                "next": "/chat/",
+            }
+            done = client.post("/accounts/login/", data=form)
+            assert done.status_code == 302, done.text
+            return str(client.cookies["sessionid"])
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for gateway in self.gateways:
+            gateway.stop()
+        if self.server is not None:
+            self.server.stop()
+
+
+def wait_page(port: int, path: str = "/chat/", timeout: float = 60) -> None:
+    """Until ``path`` answers 200 (a worker or Daphne has Django loaded)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing answers {path} on port {port}")
+        time.sleep(0.1)
+
+
+def start_worker(project: ExampleProject, *channels: str) -> DjangoWorker:
+    """``runworker CHANNEL…``, returned once it listens (so connects spread over workers)."""
+    worker = DjangoWorker(EXAMPLES, channels, {**project.env, "GATEWAYS_LOG_LEVEL": "INFO"})
+    worker.start()
+    worker.wait_for("Running worker for channels", WAIT)
+    time.sleep(0.5)  # from that line to the listener's first fetch
+    return worker
+
+
+def chat_project(directory: Path, redis: RedisServer, **env: str) -> ExampleProject:
+    """The example project on ``redis``, migrated, with the user alice."""
+    project = example_project(directory, redis.url, env=env)
+    argv = ["manage.py", "createsuperuser", "--noinput", "--username", "alice"]
+    subprocess.run(
+        [sys.executable, *argv, "--email", "alice@example.com"],
+        cwd=EXAMPLES,
+        env={**os.environ, **project.env, "DJANGO_SUPERUSER_PASSWORD": PASSWORD},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return project
+
+
+def serve_chat(kind: str, directory: Path, redis: RedisServer, workers: int = 2) -> ChatSite:
+    """Start the chat ``kind`` (bridge, daphne) on ``redis``; stopped by the caller."""
+    port = free_port()
+    project = chat_project(directory, redis, WEB_PORT=str(port))
+    site = ChatSite(kind, project, port, [], [])
+    try:
+        if kind == "daphne":
+            argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **project.env}
+            argv.append("example.asgi:application")
+            site.server = Server(argv, None, cwd=EXAMPLES, env=env, name="daphne")
+        else:
+            site.gateways.append(project.gateway("web.yaml").start())
+            site.workers += [start_worker(project, "rooms") for _ in range(workers)]
+        wait_page(port)
+    except BaseException:
+        site.stop()
+        raise
+    return site
+
+
+@pytest.fixture(scope="module", params=["bridge", "daphne"])
+def chat_site(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChatSite]:
+    """The chat through gateway-http-ws and two ``runworker rooms``, then the same under
+    Daphne: the tests that use it must pass on both (parity)."""
+    service("redis-server")
+    with RedisServer() as redis:
+        site = serve_chat(str(request.param), tmp_path_factory.mktemp(request.param), redis)
+        try:
+            yield site
+        finally:
+            site.stop()

@@ -24,7 +24,7 @@ def write(tmp_path: Path, section: dict) -> Path:
 
 def test_the_example_loads_and_lists_every_route_channel(capsys: pytest.CaptureFixture) -> None:
     config = load_config(EXAMPLES / "web.yaml", HttpWsGatewayConfig, env={})
-    assert config.consumer_channels() == ["echo", "live", "web"]
+    assert config.consumer_channels() == ["echo", "live", "rooms", "web"]
     assert main(["--config", str(EXAMPLES / "web.yaml"), "--check-config"]) == 0
     assert "ok" in capsys.readouterr().out
 

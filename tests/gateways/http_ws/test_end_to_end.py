@@ -52,9 +52,11 @@ async def test_handshake_refusals(web: Web) -> None:
     async with websockets.connect(f"{web.ws}/echo", origin=f"http://127.0.0.1:{web.port}") as ws:
         await ws.send("same origin")
         assert await ws.recv() == "same origin"
-    with pytest.raises(InvalidStatus) as unrouted:  # not bridged, and Django has no websocket
+    # not bridged: the in-process application (--app) answers, and its
+    # AllowedHostsOriginValidator refuses a client that sends no Origin
+    with pytest.raises(InvalidStatus) as unrouted:
         await websockets.connect(f"{web.ws}/nowhere")
-    assert unrouted.value.response.status_code == 500  # Django's router has no "websocket"
+    assert unrouted.value.response.status_code == 403
 
 
 async def test_message_over_the_limit_closes_1009(web: Web) -> None:
@@ -155,7 +157,7 @@ async def test_sigterm_closes_sockets_with_1001(web: Web) -> None:
 
 async def test_one_process_on_memory_layer(tmp_path: Path) -> None:
     """`gateways run web.yaml --app …` on memory://: the page, the echo consumer over the
-    in-process layer and the Django view, in one process with no Redis."""
+    in-process layer, the Django view and the hosted chat, in one process with no Redis."""
     port = free_port()
     env = {"WEB_PORT": str(port), "HEALTH_PORT": "0"}
     project = await asyncio.to_thread(example_project, tmp_path, env=env)
@@ -177,5 +179,10 @@ async def test_one_process_on_memory_layer(tmp_path: Path) -> None:
         async with websockets.connect(f"ws://127.0.0.1:{port}/echo") as ws:
             await ws.send("in one process")
             assert await ws.recv() == "in one process"
+        # the chat (rooms: no ChannelNameRouter entry) is hosted in the same process
+        origin = f"http://127.0.0.1:{port}"
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/one/", origin=origin) as ws:
+            await ws.send(json.dumps({"message": "hosted here"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30)) == {"message": "hosted here"}
     finally:
         assert await asyncio.to_thread(server.stop) == 0, server.tail()

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.layers import resolve_layer
 from core.service import StartupError
-from core.testing import Certs, RedisServer, free_port, run_gateway
+from core.testing import Certs, RedisServer, free_port, metric, run_gateway
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.gateway import HttpWsGateway
 
@@ -111,7 +111,7 @@ async def test_idle_sockets_close_and_bad_answers_are_refused() -> None:
 async def test_connection_cap() -> None:
     layer = InMemoryChannelLayer()
     port = free_port()
-    gateway = HttpWsGateway(config(port, max_connections=1), layer)
+    gateway = HttpWsGateway(config(port, max_websockets=1), layer)
     async with run_gateway(gateway):
         connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
         connect = await receive(layer)
@@ -226,3 +226,172 @@ async def test_generic_hmac_webhook() -> None:
         event = await receive(layer, "hooks")
         assert event["type"] == "http.webhook" and event["body"] == body
         assert event["query_string"] == b"x=1" and event["reply_channel"] == "web.send"
+
+
+async def test_events_carry_path_and_channel_and_a_failed_connect_is_500() -> None:
+    """Every event of a socket names its path and the route's channel, so consumers that keep
+    no state per socket (several runworker processes) know where it belongs."""
+    layer = InMemoryChannelLayer()
+    port = free_port()
+    gateway = HttpWsGateway(config(port, websocket=[{"path": "/ws/*", "channel": "rooms"}]), layer)
+    async with run_gateway(gateway):
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws/a?x=1"))
+        connect = await receive(layer, "rooms")
+        assert (connect["path"], connect["channel"], connect["raw_path"]) == (
+            "/ws/a",
+            "rooms",
+            b"/ws/a",
+        )
+        assert connect["server"] == ["127.0.0.1", port] and connect["http_version"] == "1.1"
+        await layer.send(connect["reply_channel"], {"type": "websocket.accept"})
+        ws = await connecting
+        await ws.send("hi")
+        event = await receive(layer, "rooms")
+        assert (event["type"], event["path"], event["channel"]) == (
+            "websocket.receive",
+            "/ws/a",
+            "rooms",
+        )
+        await ws.close()
+        event = await receive(layer, "rooms")
+        assert (event["type"], event["path"], event["channel"]) == (
+            "websocket.disconnect",
+            "/ws/a",
+            "rooms",
+        )
+
+        # a consumer that fails closes with 1011 before accepting: 500, not a plain refusal
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws/b"))
+        connect = await receive(layer, "rooms")
+        await layer.send(connect["reply_channel"], {"type": "websocket.close", "code": 1011})
+        with pytest.raises(InvalidStatus) as failed:
+            await connecting
+        assert failed.value.response.status_code == 500
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+async def test_request_heads_have_a_deadline() -> None:
+    """A connection that sends nothing, or its headers too slowly, is closed after
+    header_timeout (uvicorn has no such timeout: they stayed open for ever)."""
+    layer = InMemoryChannelLayer()
+    port = free_port()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"page"})
+
+    gateway = HttpWsGateway(config(port, header_timeout=0.5, keepalive_timeout=30), layer)
+    gateway.serve_application(app)
+    async with run_gateway(gateway):
+        assert await raw_request(port, b"") == b""  # nothing sent: closed, no answer
+        assert await raw_request(port, b"GET /page HTTP/1.1\r\nHost: x\r\n") == b""  # no blank line
+        # a complete head is served; on the kept-alive connection the next head is due again
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await asyncio.wait_for(reader.readuntil(b"page\r\n0\r\n\r\n"), 10)
+        assert response.startswith(b"HTTP/1.1 200")
+        writer.write(b"GET /page HTTP/1.1\r\n")  # and then nothing more
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    assert metric("gateway_errors_total", gateway="web", kind="header_timeout") >= 3
+
+
+async def test_websockets_and_requests_have_caps_of_their_own() -> None:
+    """The WebSocket cap does not shut out webhooks and pages, nor the request cap sockets."""
+    import hashlib
+    import hmac
+
+    layer = InMemoryChannelLayer()
+    port = free_port()
+    hook = {"path": "/hook", "channel": "hooks", "secret": "s"}
+    gateway = HttpWsGateway(config(port, max_websockets=1, max_requests=1, webhooks=[hook]), layer)
+    body = b"{}"
+    signature = "sha256=" + hmac.new(b"s", body, hashlib.sha256).hexdigest()
+    async with run_gateway(gateway), httpx.AsyncClient(timeout=10) as client:
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
+        connect = await receive(layer)
+        await layer.send(connect["reply_channel"], {"type": "websocket.accept"})
+        first = await connecting
+        with pytest.raises(InvalidStatus) as refused:  # the socket cap is reached...
+            await websockets.connect(f"ws://127.0.0.1:{port}/ws")
+        assert refused.value.response.status_code == 503
+        url = f"http://127.0.0.1:{port}/hook"
+        hooked = await client.post(url, content=body, headers={"X-Hub-Signature-256": signature})
+        assert hooked.status_code == 202  # ...and the webhook still gets in
+        wrong = await client.get(url)
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        # one request in progress reaches the request cap; sockets are not counted in it
+        pending = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/api/slow"))
+        request = await receive(layer)
+        second = await client.get(f"http://127.0.0.1:{port}/api/other")
+        assert second.status_code == 503 and second.headers["retry-after"] == "5"
+        await layer.send(request["reply_channel"], {"type": "http.response", "status": 200})
+        assert (await pending).status_code == 200
+        await first.close()
+
+
+async def test_a_silent_worker_loses_its_sockets_and_requests() -> None:
+    """The test plays the hosting workers (gateways/http_ws/README.md, "The bridge's own
+    messages"): a socket bound to a worker that stops sending heartbeats is re-bound to another
+    one with its unconfirmed events replayed; a request held by one is answered 502."""
+    layer = InMemoryChannelLayer()
+    port = free_port()
+    gateway = HttpWsGateway(config(port, worker_timeout=3, rebind_timeout=10), layer)
+    async with run_gateway(gateway), httpx.AsyncClient(timeout=10) as client:
+        connecting = asyncio.create_task(open_ws(f"ws://127.0.0.1:{port}/ws"))
+        connect = await receive(layer)
+        assert connect["rebind"] is False and connect["window"] == 32
+        reply, first = connect["reply_channel"], connect["id"]
+        hosted = {"bind": first, "host": "worker-a", "acked": 0}
+        await layer.send(reply, {"type": "websocket.accept", **hosted})
+        ws = await connecting
+        for text in ("one", "two"):
+            await ws.send(text)
+        got = [await receive(layer, "worker-a") for _ in range(2)]
+        assert [(e["text"], e["seq"], e["bind"], e["path"]) for e in got] == [
+            ("one", 1, first, "/ws"),
+            ("two", 2, first, "/ws"),
+        ]
+        await layer.send(reply, {"type": "http_ws.ack", **hosted, "acked": 1})
+        # a heartbeat naming a socket the gateway does not know: the answer says it is gone
+        beat = {"type": "http_ws.heartbeat", "host": "worker-a", "held": [["nope", "x", 0]]}
+        await layer.send(connect["control"], beat)
+        alive = await receive(layer, "worker-a")
+        assert alive["type"] == "http_ws.alive" and alive["gone"] == [["nope", "x"]]
+
+        # worker-a goes quiet: after worker_timeout the connect goes out again
+        again = await receive(layer, timeout=10)
+        assert again["rebind"] is True and again["seq"] == 1 and again["id"] != first
+        assert again["reply_channel"] == reply and again["path"] == "/ws"
+        rebound = {"bind": again["id"], "host": "worker-b", "acked": 1}
+        await layer.send(reply, {"type": "websocket.accept", **rebound})  # swallowed
+        replayed = await receive(layer, "worker-b")
+        assert (replayed["text"], replayed["seq"], replayed["bind"]) == ("two", 2, again["id"])
+        await ws.send("three")
+        assert (await receive(layer, "worker-b"))["seq"] == 3
+        # worker-a's late messages are not worker-b's socket's any more
+        await layer.send(reply, {"type": "websocket.send", "text": "stale", **hosted})
+        await layer.send(reply, {"type": "websocket.send", "text": "fresh", **rebound})
+        assert await asyncio.wait_for(ws.recv(), 10) == "fresh"
+
+        # a request whose worker (named by its heartbeat) goes quiet: 502, not a 504 later
+        pending = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/api/slow"))
+        request = await receive(layer)
+        while request["type"] != "http.request":  # worker-b went quiet too: its re-binds
+            request = await receive(layer)
+        held = [[request["reply_channel"], request["id"], 0]]
+        await layer.send(
+            connect["control"], {"type": "http_ws.heartbeat", "host": "worker-c", "held": held}
+        )
+        assert (await receive(layer, "worker-c"))["gone"] == []
+        assert (await pending).status_code == 502
+        await ws.close()

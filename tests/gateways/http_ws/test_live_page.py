@@ -5,44 +5,14 @@ other's lines. Every process is real: gateway-http-ws, gateway-email, Redis, run
 from __future__ import annotations
 
 import asyncio
-import shutil
 import smtplib
-from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
 
-import pytest
-
 from core.testing import SmtpSink, free_port
-from tests.conftest import missing
 from tests.gateways.http_ws.conftest import Web, start
 
 WAIT = 30
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """Headless Chromium; skipped locally (failed under CI) when it cannot start."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        missing("chromium and chromium-driver are not installed")
-    from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    except WebDriverException as exc:
-        missing(f"headless chromium cannot start: {exc.msg}")
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def wait_text(driver: Any, handle: str, needle: str) -> None:

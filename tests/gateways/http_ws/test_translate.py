@@ -14,7 +14,10 @@ from gateways.http_ws.translate import (
     ACCEPT,
     CLOSE,
     SEND,
+    InvalidEvent,
     InvalidReply,
+    asgi_scope,
+    body_parts,
     disconnect_keys,
     header,
     http_request_keys,
@@ -23,7 +26,10 @@ from gateways.http_ws.translate import (
     match_path,
     origin_allowed,
     receive_keys,
+    refusal_status,
+    response_head,
     signature_valid,
+    websocket_answer,
     websocket_connect_keys,
     websocket_reply,
 )
@@ -37,6 +43,10 @@ scopes = st.fixed_dictionaries(
         "query_string": st.binary(max_size=50),
         "headers": st.lists(st.tuples(header_bytes, st.binary(max_size=40)), max_size=5),
         "client": st.one_of(st.none(), st.tuples(st.just("127.0.0.1"), st.integers(1, 65535))),
+        "server": st.one_of(st.none(), st.tuples(st.just("10.0.0.1"), st.integers(1, 65535))),
+        "raw_path": st.one_of(st.none(), st.binary(max_size=50)),
+        "root_path": st.sampled_from(["", "/prefix"]),
+        "http_version": st.sampled_from(["1.0", "1.1"]),
         "subprotocols": st.lists(st.text(min_size=1, max_size=10), max_size=3),
         "method": st.sampled_from(["GET", "POST"]),
     }
@@ -231,3 +241,125 @@ def test_invalid_http_responses(message: dict) -> None:
         http_response_start(message)
     with pytest.raises(InvalidReply, match=r"expected http\.response\.body"):
         http_response_body({"type": "http.response"})
+
+
+@given(scopes, st.binary(max_size=200))
+def test_a_worker_rebuilds_the_scope_the_server_gave(scope: dict, body: bytes) -> None:
+    """websocket.connect / http.request → msgpack → asgi_scope(): the ASGI scope again, so a
+    hosted application routes, reads cookies and headers as under any server."""
+    for kind, keys in (
+        ("websocket", websocket_connect_keys(scope)),
+        ("http", http_request_keys(scope, body)),
+    ):
+        message = {"type": "websocket.connect" if kind == "websocket" else "http.request"}
+        message.update(msgpack.unpackb(msgpack.packb(keys), raw=False))
+        rebuilt = asgi_scope(message)
+        assert rebuilt["type"] == kind and rebuilt["asgi"]["version"] == "3.0"
+        for key in ("path", "raw_path", "query_string", "root_path", "http_version"):
+            assert rebuilt[key] == scope[key]
+        assert rebuilt["scheme"] == scope["scheme"]
+        assert rebuilt["headers"] == [tuple(pair) for pair in scope["headers"]]
+        for key in ("client", "server"):
+            assert rebuilt[key] == (tuple(scope[key]) if scope[key] else None)
+        if kind == "websocket":
+            assert rebuilt["subprotocols"] == scope["subprotocols"] and "method" not in rebuilt
+        else:
+            assert rebuilt["method"] == scope["method"] and "subprotocols" not in rebuilt
+
+
+def test_scope_defaults_and_a_webhook_is_an_http_scope() -> None:
+    minimal = asgi_scope({"type": "http.webhook", "path": "/hook", "method": "post"})
+    assert minimal == {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "scheme": "http",
+        "path": "/hook",
+        "raw_path": None,
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": None,
+        "server": None,
+        "method": "POST",
+    }
+    socket = asgi_scope({"type": "websocket.connect", "path": "/ws", "server": ["/run/s", None]})
+    assert socket["scheme"] == "ws" and socket["server"] == ("/run/s", None)
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"type": "websocket.receive", "path": "/"}, "does not open a connection"),
+        ({"type": "http.request"}, "path must be a string"),
+        ({"type": "http.request", "path": "/", "method": 1}, "method must be a string"),
+        ({"type": "http.request", "path": "/", "raw_path": "/"}, "raw_path must be bytes"),
+        ({"type": "http.request", "path": "/", "query_string": "a"}, "query_string must be"),
+        ({"type": "websocket.connect", "path": "/", "headers": [["a", "b"]]}, "headers must"),
+        ({"type": "websocket.connect", "path": "/", "headers": "x"}, "headers must"),
+        ({"type": "websocket.connect", "path": "/", "client": "x"}, "client must be"),
+        ({"type": "websocket.connect", "path": "/", "client": ["h", "1"]}, "port must be"),
+        ({"type": "websocket.connect", "path": "/", "client": ["h", True]}, "port must be"),
+        ({"type": "websocket.connect", "path": "/", "subprotocols": [1]}, "subprotocols"),
+        ({"type": "websocket.connect", "path": "/", "subprotocols": "x"}, "subprotocols"),
+    ],
+)
+def test_events_that_cannot_become_a_scope(message: dict, error: str) -> None:
+    with pytest.raises(InvalidEvent, match=error):
+        asgi_scope(message)
+
+
+def test_what_a_hosted_application_sends_on_a_socket() -> None:
+    accept = websocket_answer({"type": ACCEPT, "subprotocol": "v1", "headers": [(b"X-A", "b")]})
+    assert accept == {"type": ACCEPT, "subprotocol": "v1", "headers": [[b"x-a", b"b"]]}
+    assert websocket_answer({"type": ACCEPT}) == {
+        "type": ACCEPT,
+        "subprotocol": None,
+        "headers": [],
+    }
+    # ASGI lets the unused one of text and bytes be present as None
+    assert websocket_answer({"type": SEND, "text": "hi", "bytes": None}) == {
+        "type": SEND,
+        "text": "hi",
+    }
+    assert websocket_answer({"type": SEND, "bytes": bytearray(b"\x00")}) == {
+        "type": SEND,
+        "bytes": b"\x00",
+    }
+    assert websocket_answer({"type": CLOSE}) == {"type": CLOSE, "code": 1000, "reason": ""}
+    assert websocket_answer({"type": CLOSE, "code": 4001, "reason": "bye"})["code"] == 4001
+
+
+@pytest.mark.parametrize(
+    ("event", "error"),
+    [
+        ({"type": ACCEPT, "subprotocol": 1}, "subprotocol"),
+        ({"type": SEND}, "exactly one"),
+        ({"type": SEND, "text": "a", "bytes": b"b"}, "exactly one"),
+        ({"type": SEND, "text": b"a"}, "text must be"),
+        ({"type": SEND, "bytes": "a"}, "bytes must be"),
+        ({"type": CLOSE, "reason": "x" * 124}, "reason"),
+        ({"type": CLOSE, "code": 1005}, "cannot be sent"),
+        ({"type": "websocket.http.response.start"}, "unexpected ASGI message"),
+    ],
+)
+def test_what_a_hosted_application_may_not_send(event: dict, error: str) -> None:
+    with pytest.raises(InvalidReply, match=error):
+        websocket_answer(event)
+
+
+def test_response_head_and_body_parts() -> None:
+    head = response_head({"status": 201, "headers": [("Content-Type", b"text/plain")]})
+    assert head == (201, [[b"content-type", b"text/plain"]])
+    for bad in ({"status": 99}, {"status": True}, {"status": "200"}, {"status": 200, "headers": 1}):
+        with pytest.raises(InvalidReply):
+            response_head(bad)
+    assert body_parts(b"", 4) == [b""]
+    assert body_parts(b"abcd", 4) == [b"abcd"]
+    assert body_parts(memoryview(b"abcdefghij"), 4) == [b"abcd", b"efgh", b"ij"]
+    with pytest.raises(InvalidReply, match="body must be bytes"):
+        body_parts("text", 4)
+
+
+def test_refusal_status() -> None:
+    assert [refusal_status(c) for c in (1011, 1013, 1000, 4000)] == [500, 503, 403, 403]
