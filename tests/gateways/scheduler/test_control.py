@@ -253,10 +253,12 @@ async def test_a_trigger_fires_exactly_once_when_its_leader_is_killed_before_the
 ) -> None:
     url = f"{redis_server.url}?capacity=3"
     schedules = {"job": {"every": "1d", "channel": "timers"}}
+    # the layer's capacity of 3, not the gateway's own inbound_capacity (100,000), bounds timers
+    cfg = {**config(url, schedules), "inbound_capacity": None}
     async with (
         project_and_worker(tmp_path, redis_server, start_worker=False) as (project, _),
         client(url) as layer,
-        replicas(tmp_path, config(url, schedules)) as (first, second),
+        replicas(tmp_path, cfg) as (first, second),
     ):
         now = time.time()
         for index in range(3):  # the consumer's channel is full: the leader's send waits
