@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -137,8 +137,15 @@ def test_gateways_run_knows_the_example(capsys: pytest.CaptureFixture[str]) -> N
 def _keys(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for name, field in model.model_fields.items():
-        if hasattr(field.annotation, "model_fields"):
-            out += _keys(field.annotation, f"{prefix}{name}.")
+        # a section, or an optional one (`oauth: OAuthConfig | None`)
+        section = next(
+            (t for t in (field.annotation, *get_args(field.annotation)) if hasattr(t, "model_fields")),
+            None,
+        )
+        if section is not None:
+            out += _keys(section, f"{prefix}{name}.")
+        elif field.default_factory is not None:
+            out.append((f"{prefix}{name}", field.default_factory()))  # type: ignore[call-arg]
         else:
             out.append((f"{prefix}{name}", field.default))
     return out
@@ -157,5 +164,9 @@ def test_the_readme_documents_every_key_with_its_default() -> None:
                 str(default),
                 f"{default:g}" if not isinstance(default, str) else default,
             ), key
+        elif isinstance(default, list):
+            assert documented == ", ".join(f"`{v}`" for v in default).strip("`"), key
+        elif default is None:
+            assert documented.startswith(("required", "–")), key
         else:
             assert documented.startswith("required"), key

@@ -128,7 +128,7 @@ async def test_slash_commands_and_interactivity_over_http(fake_slack: FakeSlack)
             "team": {"id": "T0TEAM"},
         }
         assert (await slack.interactive(payload))[0] == 200
-        action = await next_event(layer, "slack.action")
+        action = await next_event(layer, "slack.shortcut")
         assert action["kind"] == "shortcut" and action["callback_id"] == "open_ticket"
         assert (await slack.post(b"command=", content_type="text/plain"))[0] == 400
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from core.envelope import check_payload
 from gateways.slack.translate import (
+    TYPED_EVENTS,
     ApiCall,
     Control,
     Envelope,
@@ -85,7 +86,10 @@ def test_any_event_callback_is_a_msgpack_safe_message_or_invalid(
         assert not isinstance(event, dict)
         return
     check_payload(inbound.keys)
-    assert inbound.event in {"message", "mention", "joined", "left", "reaction", "event"}
+    assert inbound.event in {"message", "mention", "joined", "left", "reaction", "event"} | set(
+        TYPED_EVENTS
+    )
+    assert "bot_access_token" not in str(inbound.keys)
 
 
 def callback(event: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +161,7 @@ def test_other_events_keep_their_raw_payload() -> None:
     assert inbound.event == "event" and inbound.id is None
     assert inbound.keys == {
         "team": None,
+        "enterprise": None,
         "event_time": None,
         "event_type": "team_join",
         "event": raw,
