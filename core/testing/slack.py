@@ -214,6 +214,8 @@ class FakeSlack:
         self.function_outcomes: dict[str, tuple[str, Any]] = {}
         #: envelope_id → the payload its (first) acknowledgement carried, None for none
         self.ack_payloads: dict[str, dict[str, Any] | None] = {}
+        #: every acknowledgement in order: (envelope_id, its payload or None)
+        self.acked_with: list[tuple[str, dict[str, Any] | None]] = []
         #: conversation id → its flags in conversations.info (Slack's conversation object)
         self.conversations: dict[str, dict[str, bool]] = {
             **{channel: _conversation("public") for channel in channels},
@@ -512,6 +514,11 @@ class FakeSlack:
         self._notify()
         return kept
 
+    def open_view(self, view: dict[str, Any], user: str = "U0ALICE", team: str = TEAM) -> str:
+        """A view open for ``user`` as if the app had opened it; its id."""
+        self._caller = team
+        return str(self._keep_view(view, user)["id"])
+
     def _m_views_open(self, args: dict[str, Any]) -> web.Response:
         view = self._view_arg(args, ("modal",))
         if view is None:
@@ -763,9 +770,9 @@ class FakeSlack:
                         self.acks.append(envelope_id)
                         self.acked_at.setdefault(envelope_id, time.monotonic())
                         payload = data.get("payload")
-                        self.ack_payloads.setdefault(
-                            envelope_id, payload if isinstance(payload, dict) else None
-                        )
+                        payload = payload if isinstance(payload, dict) else None
+                        self.ack_payloads.setdefault(envelope_id, payload)
+                        self.acked_with.append((envelope_id, payload))
                         self.pending.pop(envelope_id, None)
                         self._notify()
         finally:

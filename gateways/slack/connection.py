@@ -33,6 +33,7 @@ JSON body.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -278,9 +279,14 @@ class SlackWebApi:
                 retry_handlers=self._handlers,
                 logger=_QUIET,
             )
+        # slack_sdk's oauth_v2_access builds aiohttp's BasicAuth, deprecated since aiohttp 3.14
+        # (a DeprecationWarning on every install and refresh): the header is written here
+        credentials = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
         try:
-            response = await self._oauth.oauth_v2_access(
-                client_id=client_id, client_secret=client_secret, **args
+            response = await self._oauth.api_call(
+                "oauth.v2.access",
+                data=dict(args),
+                headers={"Authorization": f"Basic {credentials}"},
             )
         except SlackApiError as exc:
             data = exc.response.data

@@ -101,6 +101,7 @@ from gateways.slack.translate import (
     from_interactive,
     from_slash_command,
     own_ids,
+    parse_ack,
     parse_delete,
     parse_function_complete,
     parse_function_fail,
@@ -586,6 +587,8 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         if f"slack.{inbound.event}" in ANSWERABLE:
             keys = {**keys, "ack_channel": ack_channel}
         message = self.event(inbound.event, id=inbound.id, **keys)
+        # before the layer has it: a consumer's answer may come before publish() returns
+        self._remember(inbound, arrived)
         try:
             refused = False
             try:
@@ -600,7 +603,7 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
             if not accepted:
                 return None
             handed_over()
-            self._published(inbound, loop.time())
+            self._published(inbound)
             if ack_channel is None or refused:
                 return Ack()
             limit = arrived + self.settings.answers.timeout
@@ -616,15 +619,18 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
         """The install flow's GETs (``slack.oauth``): :class:`Workspaces`."""
         return await self.workspaces.oauth_request(request)
 
-    def _published(self, inbound: Inbound, now: float) -> None:
-        """What the gateway remembers of an event the layer took."""
+    def _remember(self, inbound: Inbound, arrived: float) -> None:
+        """What the gateway keeps of an event for the commands that answer it."""
         trigger = inbound.keys.get("trigger_id")
         if isinstance(trigger, str):
-            self._triggers.put(trigger, now)
+            self._triggers.put(trigger, arrived)
         if inbound.event == "function_executed" and inbound.secret:
             execution = inbound.keys.get("function_execution_id")
             if isinstance(execution, str):
                 self._function_tokens.put(execution, inbound.secret)
+
+    def _published(self, inbound: Inbound) -> None:
+        """What follows from an event the layer took."""
         if inbound.event == "event" and inbound.keys.get("event_type") in (
             "app_uninstalled",
             "tokens_revoked",
@@ -765,6 +771,7 @@ class SlackGateway(Gateway[SlackGatewayConfig]):
     @handles("slack.ack")
     async def handle_ack(self, command: Command) -> None:
         """``slack.ack`` is taken on an event's ``ack_channel`` only (see the module doc)."""
+        self._parse(parse_ack, command.body)  # what is wrong with it first, as the helpers say
         raise CommandError(
             "slack.ack answers one event: send it to that event's ack_channel (events in "
             "slack.answers.wait_for carry one), not to the command channel"
