@@ -95,7 +95,7 @@ class AnswersConfig(Section):
         ge=1,
         le=100_000,
         description="Events waiting for their answer at once; one more is acknowledged at once "
-        "with ack_channel None (logged, counted as answer_skipped).",
+        "with ack_channel None (logged; outcome skipped of gateway_slack_answers_total).",
     )
 
 

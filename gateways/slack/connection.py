@@ -73,6 +73,7 @@ from gateways.slack.translate import (
     Unknown,
     ack,
     check_timestamp,
+    is_ssl_check,
     parse_envelope,
     parse_http_body,
 )
@@ -667,6 +668,8 @@ class EventsApiServer:
         except web.HTTPRequestEntityTooLarge:
             self.listener.slack_bad_input(f"a body over {options.max_body_size} bytes")
             return web.Response(status=413, text="request body too large")
+        if is_ssl_check(body, request.headers.get("Content-Type", "")):
+            return web.Response(status=200)  # as Bolt does, before the signature
         stamp = request.headers.get("X-Slack-Request-Timestamp")
         signature = request.headers.get("X-Slack-Signature")
         problem = check_timestamp(stamp, time.time(), options.max_age)

@@ -84,6 +84,7 @@ __all__ = [
     "from_slash_command",
     "installation_from_oauth",
     "installation_key",
+    "is_ssl_check",
     "own_ids",
     "parse_ack",
     "parse_delete",
@@ -255,6 +256,15 @@ def check_timestamp(value: str | None, now: float, max_age: float) -> str | None
     if abs(now - stamp) > max_age:
         return f"X-Slack-Request-Timestamp is {now - stamp:.0f} s off (limit {max_age:g} s)"
     return None
+
+
+def is_ssl_check(body: bytes, content_type: str) -> bool:
+    """Slack's ``ssl_check=1`` form: it checks the Request URL's certificate and wants a 200
+    (sent unsigned to slash command URLs; nothing in it reaches the layer)."""
+    if not content_type.startswith("application/x-www-form-urlencoded") or len(body) > 1024:
+        return False
+    form = parse_qs(body.decode("utf-8", "replace"))
+    return form.get("ssl_check") == ["1"] and "command" not in form and "payload" not in form
 
 
 def parse_http_body(body: bytes, content_type: str) -> tuple[str, dict[str, Any]]:

@@ -231,7 +231,7 @@ def _keys(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def test_the_readme_documents_every_key_with_its_default() -> None:
     readme = (Path(__file__).resolve().parents[3] / "gateways/slack/README.md").read_text()
-    rows = dict(re.findall(r"^\| `([a-z_.]+)`(?: / `[a-z_]+`)? \| ([^|]+) \|", readme, re.M))
+    rows = dict(re.findall(r"^\| `([a-z_.]+)`(?: / `[a-z_.]+`)? \| ([^|]+) \|", readme, re.M))
     for key, default in _keys(SlackConfig):
         assert key in rows, f"{key} is not in the README's table"
         documented = rows[key].strip().strip("`")
