@@ -731,3 +731,38 @@ def test_installations_from_oauth_answers() -> None:
         Installation.from_json("[1]")
     url = authorize_url("https://slack.com/oauth/v2/authorize", "1.2", ["a:b", "c"], "s", None)
     assert url == "https://slack.com/oauth/v2/authorize?client_id=1.2&scope=a%3Ab%2Cc&state=s"
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=8), st.sampled_from(
+    [None, "slack.view_submission", "slack.options", "slack.command", "slack.message"]
+))  # fmt: skip
+def test_any_answer_is_a_payload_or_a_clear_refusal(
+    body: dict[str, Any], event: str | None
+) -> None:
+    try:
+        payload = parse_ack(body, event)
+    except InvalidCommand:
+        return
+    if payload is not None:
+        check_payload(payload)
+        json.dumps(payload)
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=8), json_values)
+def test_any_interaction_is_a_msgpack_safe_message(payload: dict[str, Any], kind: Any) -> None:
+    payload["type"] = kind if not isinstance(kind, bool) else "view_submission"
+    inbound = from_interactive(payload)
+    check_payload(inbound.keys)
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=8))
+def test_any_view_command_is_a_call_or_a_clear_refusal(body: dict[str, Any]) -> None:
+    for parse in (parse_views_open, parse_views_push, parse_views_update, parse_views_publish):
+        try:
+            call = parse(body)
+        except InvalidCommand:
+            continue
+        check_payload(call.args)
