@@ -133,9 +133,9 @@ MAX_TRIGGERS: Final = 10_000
 FUNCTION_TOKEN_FOR: Final = 3600.0
 MAX_FUNCTION_TOKENS: Final = 10_000
 
-#: Slack tokens as they look (xoxb-…, xoxe.xoxb-…, xoxe-…, xapp-…): never in a log line, also
-#: not those of installations (registered secrets are the config's only)
-_TOKEN = re.compile(r"\b(?:xox[a-z]|xapp|xoxe(?:\.xox[a-z])?)-[A-Za-z0-9-]+")
+#: Slack tokens as they look (xoxb-…, xoxe.xoxb-…, xoxe-…, xapp-…, a workflow step's xwfp-…):
+#: never in a log line, also not those of installations (registered secrets are the config's)
+_TOKEN = re.compile(r"\b(?:xox[a-z]|xapp|xwfp|xoxe(?:\.xox[a-z])?)-[A-Za-z0-9-]+")
 
 
 class _TokenFilter(logging.Filter):
@@ -143,7 +143,7 @@ class _TokenFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "xox" in message or "xapp" in message:
+        if "xox" in message or "xapp" in message or "xwfp" in message:
             record.msg = _TOKEN.sub("***", message)
             record.args = None
         return True

@@ -84,9 +84,6 @@ class InstallationStore:
             if i.bot_token_expires_at is not None and i.bot_token_expires_at < before
         ]
 
-    async def count(self) -> int:
-        return len(self._installations)
-
     async def issue_state(self, state: str, ttl: float) -> None:
         now = self.clock()
         while self._states:
@@ -173,12 +170,6 @@ class RedisInstallationStore(InstallationStore):
             except InvalidPayload:
                 continue
         return found
-
-    async def count(self) -> int:
-        count = 0
-        async for _ in self.redis.client.scan_iter(match=self._key("installation:*"), count=500):
-            count += 1
-        return count
 
     async def issue_state(self, state: str, ttl: float) -> None:
         await self.redis.call("set", self._key(f"state:{state}"), b"1", px=_ms(ttl))

@@ -299,3 +299,22 @@ async def test_socket_mode_serves_only_the_install_flow_over_http(fake_slack: Fa
         )
         assert sent["ok"] is True
         assert fake_slack.calls_of("chat.postMessage")[-1].team == team.id
+
+
+def test_anything_shaped_like_a_slack_token_is_hidden_in_the_gateways_log_lines(
+    fake_slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Installation tokens are not in the config, so the log redactor does not know them: the
+    gateway's loggers hide every Slack-token-shaped word (bot, rotating, refresh, app, step)."""
+    from gateways.slack.config import SlackGatewayConfig
+    from gateways.slack.gateway import SlackGateway
+
+    caplog.set_level(logging.DEBUG)
+    SlackGateway(
+        SlackGatewayConfig.model_validate(slack_config(fake_slack)), resolve_layer("memory://")
+    )
+    tokens = ["xoxb-1-abc", "xoxe.xoxb-1-T1-def", "xoxe-1-T1-ghi", "xapp-1-A1-jkl", "xwfp-T1-mno"]
+    for name in ("gateway.slack", "gateway.slack.sdk", "gateway.slack.oauth"):
+        logging.getLogger(name).warning("answer %s", {"access_token": tokens})
+    assert not [token for token in tokens if token in caplog.text]
+    assert caplog.text.count("***") == 3 * len(tokens)
