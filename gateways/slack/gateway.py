@@ -9,27 +9,21 @@ released from the de-dup window so the redelivery goes through. Events no layer 
 (over 1 MB) and payloads that cannot be read are acknowledged, logged and counted as dropped:
 Slack would otherwise resend them forever.
 
-**Answers inside the acknowledgement** (``slack.answers``): an event in ``answers.wait_for``
-that Slack lets answer (a Socket Mode envelope with ``accepts_response_payload``; any such
-request over HTTP) is published with an ``ack_channel`` of its own (``layer.new_channel()``,
-read by this process only). The gateway waits there until ``answers.timeout`` after the
-event's arrival for the consumer's ``slack.ack``, checks it against the event
-(``translate.parse_ack``) and acknowledges with it; nothing by then (or something invalid), it
-acknowledges empty, logs and counts it, so Slack never retries because of a slow consumer. A
-redelivery that arrives while the first delivery waits follows it (:meth:`SlackGateway._deliver`)
-and is acknowledged with the same answer; one that comes after is answered from a short memory
-of answers (:data:`ANSWER_MEMORY`). Answers that come too late are swept from the layer's
-buffers and counted (``gateway_slack_answers_total{outcome="late"}``).
+**Answers inside the acknowledgement** (``slack.answers``, :mod:`gateways.slack.answers`): an
+event in ``answers.wait_for`` that Slack lets answer (a Socket Mode envelope with
+``accepts_response_payload``; any such request over HTTP) is published with an ``ack_channel``
+of its own; once the layer took it, the gateway waits there until ``answers.timeout`` after the
+event's arrival for the consumer's ``slack.ack`` and acknowledges with it, or empty (logged,
+counted) so Slack never retries because of a slow consumer. A redelivery that arrives while the
+first delivery waits follows it (:meth:`SlackGateway._deliver`) and is acknowledged with the
+same answer; one that comes after is answered from a short memory of answers.
 
-**Many workspaces** (``slack.oauth``): installations live in an installation store
-(``installations``: the layer's Redis, else memory) filled by the OAuth install flow on the HTTP
-listener (install path → Slack's authorize page with a single-use state, also set as a cookie;
-redirect path → ``oauth.v2.access``). Every event carries ``team`` / ``enterprise``; a command
-names them to go out with that installation's bot token (consumers' helpers copy them from the
-event they answer). Rotating tokens are refreshed (``oauth.v2.access`` with
-``grant_type=refresh_token``) when less than ``oauth.refresh_before`` is left: before a command
-uses one, and by a background check, under a lock in the store so two replicas never spend the
-same refresh token. ``app_uninstalled`` and ``tokens_revoked`` remove the installation.
+**Many workspaces** (``slack.oauth``, :mod:`gateways.slack.workspaces`): installations live
+in an installation store (:mod:`gateways.slack.installations`: the layer's Redis, else memory)
+filled by the OAuth install flow on the HTTP listener. Every event carries ``team`` /
+``enterprise``; a command names them to go out with that installation's bot token (consumers'
+helpers copy them from the event they answer), refreshed before it expires (token rotation).
+``app_uninstalled`` and ``tokens_revoked`` remove the installation.
 
 ``channel_type`` of ``slack.joined`` / ``slack.left`` (Slack sends only the id's letter) comes
 from :class:`ChannelTypes`: what the channel's message events said, else ``conversations.info``
