@@ -170,9 +170,10 @@ async def test_a_rotating_token_is_refreshed_before_it_expires(
     redis_server: RedisServer, fake_slack: FakeSlack
 ) -> None:
     team = fake_slack.add_team("T0ONE", "One")
-    fake_slack.rotation = 4.0  # tokens expire 4 s after they are issued
+    fake_slack.rotation = 6.0  # tokens expire 6 s after they are issued
     port = free_port()
-    config = oauth_config(fake_slack, port, oauth={"refresh_before": 3.0})
+    # refreshed once less than 5 s are left: a window of 5 s for a check every 1.25 s
+    config = oauth_config(fake_slack, port, oauth={"refresh_before": 5.0})
     refreshes = metric("gateway_slack_token_refreshes_total", gateway="team", outcome="ok")
     async with running(config, resolve_layer(redis_server.url)) as (gateway, layer):
         assert (await install(port, fake_slack, team.id))[0] == 200
