@@ -23,6 +23,31 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
   Frames of any size are sent (Slack documents no limit); :attr:`FakeSlack.close_codes` records
   how each connection ended (``1009``: a frame was too big for the client).
 * **response_url** ``POST /hooks/<n>``: bodies recorded in :attr:`FakeSlack.responses`.
+* **Acknowledgements with an answer**: an envelope's acknowledgement ``{"envelope_id",
+  "payload"}`` is recorded in :attr:`FakeSlack.ack_payloads`. Slash commands are sent with
+  ``accepts_response_payload: true``, so are ``view_submission`` and ``block_suggestion``
+  payloads (whose answers Slack only takes there); other interactivity ``false``.
+* **Views**: ``views.open`` / ``views.push`` take a ``trigger_id`` this fake issued
+  (:meth:`FakeSlack.trigger`; every slash command and interaction it sends carries a fresh one)
+  once, within 3 s (``invalid_trigger_id``, ``exchanged_trigger_id``, ``expired_trigger_id``);
+  ``views.update`` a known ``view_id`` / ``external_id`` (``not_found``, ``hash_conflict``);
+  ``views.publish`` a ``user_id`` and a ``home`` view. Views are in :attr:`FakeSlack.views`,
+  Home tabs in :attr:`FakeSlack.home_views`.
+* **Many workspaces**: :meth:`FakeSlack.add_team` adds a workspace with its own bot user; every
+  bot token belongs to one (:attr:`FakeSlack.tokens`) and each call is recorded with it
+  (:attr:`SlackCall.team`). The OAuth v2 flow: ``GET /oauth/v2/authorize`` plays the user
+  who approves the install into the workspace :meth:`FakeSlack.install_into` names (or denies
+  it) and redirects to the ``redirect_uri`` with a ``code`` (single use, 10 minutes) and the
+  ``state``; ``oauth.v2.access`` takes the client credentials as HTTP Basic authentication (or
+  form fields) and exchanges the code for a bot token, or with ``grant_type=refresh_token`` a
+  refresh token for a new token pair (the refresh token is then revoked). With
+  :attr:`FakeSlack.rotation` set, tokens expire that many seconds after they were issued
+  (``token_expired``), and come with a refresh token.
+* **Workflow functions**: :meth:`FakeSlack.function_executed` builds a ``function_executed``
+  event with its own ``bot_access_token``; ``functions.completeSuccess`` /
+  ``functions.completeError`` take it (or the workspace's bot token) once per execution
+  (``function_execution_not_found``, ``execution_not_in_running_state``); outcomes are in
+  :attr:`FakeSlack.function_outcomes`.
 * :class:`EventsApiClient` posts signed Events API requests (``X-Slack-Signature`` v0) the way
   Slack does, with knobs to get the signature, the timestamp or the headers wrong.
 """
@@ -30,11 +55,13 @@ The gateway knows it only by its base URL (``slack.api_url: {fake.api_url}``):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
 import itertools
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -46,22 +73,58 @@ from aiohttp import ClientSession, WSMsgType, web
 
 from core.testing.base import HOST, WAIT, free_port
 
-__all__ = ["EventsApiClient", "FakeSlack", "SlackCall", "event_callback", "sign"]
+__all__ = [
+    "ANSWERED_IN_ACK",
+    "EventsApiClient",
+    "FakeSlack",
+    "SlackCall",
+    "Team",
+    "Token",
+    "event_callback",
+    "sign",
+]
 
 BOT_USER = "U0BOT"
 BOT_ID = "B0BOT"
 TEAM = "T0TEAM"
 APP = "A0APP"
+#: interactivity whose answer only the acknowledgement can carry: sent accepting one
+ANSWERED_IN_ACK = frozenset({"view_submission", "block_suggestion"})
+
+
+#: seconds a trigger_id can be exchanged for a view; an OAuth code, exchanged for a token
+TRIGGER_FOR = 3.0
+CODE_FOR = 600.0
 
 
 @dataclass
 class SlackCall:
-    """One Web API call as the fake received it."""
+    """One Web API call as the fake received it (``team``: whose token it carried)."""
 
     method: str
     args: dict[str, Any]
     token: str | None
     content_type: str
+    team: str | None = None
+
+
+@dataclass
+class Team:
+    """A workspace the app can be installed in, with its bot user."""
+
+    id: str
+    name: str
+    bot_user: str
+    bot_id: str
+
+
+@dataclass
+class Token:
+    """A bot token: its workspace and when it expires (epoch seconds; ``None``: never)."""
+
+    team: str
+    expires_at: float | None = None
+    refresh_token: str | None = None
 
 
 @dataclass
@@ -71,18 +134,31 @@ class _Socket:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def event_callback(event: Mapping[str, Any], event_id: str | None = None) -> dict[str, Any]:
-    """The documented ``event_callback`` wrapper around one event."""
+def event_callback(
+    event: Mapping[str, Any],
+    event_id: str | None = None,
+    *,
+    team: str = TEAM,
+    bot_user: str = BOT_USER,
+) -> dict[str, Any]:
+    """The documented ``event_callback`` wrapper around one event, for workspace ``team``
+    (whose installation's bot user is ``bot_user``)."""
     return {
         "token": "verification-token",
-        "team_id": TEAM,
+        "team_id": team,
         "api_app_id": APP,
         "event": dict(event),
         "type": "event_callback",
         "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
         "event_time": int(time.time()),
         "authorizations": [
-            {"enterprise_id": None, "team_id": TEAM, "user_id": BOT_USER, "is_bot": True}
+            {
+                "enterprise_id": None,
+                "team_id": team,
+                "user_id": bot_user,
+                "is_bot": True,
+                "is_enterprise_install": False,
+            }
         ],
         "is_ext_shared_channel": False,
         "event_context": "4-eyJldCI6Im1lc3NhZ2UifQ",
@@ -104,9 +180,42 @@ class FakeSlack:
         bot_token: str = "xoxb-test-token",
         app_token: str = "xapp-test-token",
         channels: tuple[str, ...] = ("C0GENERAL", "C0RANDOM"),
+        client_id: str = "1111.2222",
+        client_secret: str = "fake-client-secret",
     ) -> None:
         self.bot_token = bot_token
         self.app_token = app_token
+        #: the app's OAuth credentials (Basic Information)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        #: workspaces by id; the default one holds ``bot_token``
+        self.teams: dict[str, Team] = {TEAM: Team(TEAM, "Example", BOT_USER, BOT_ID)}
+        #: every bot token and its workspace
+        self.tokens: dict[str, Token] = {bot_token: Token(TEAM)}
+        #: seconds tokens issued from now on live (token rotation; None: they do not expire)
+        self.rotation: float | None = None
+        #: where the authorize page sends the browser when the app gave no redirect_uri
+        self.redirect_url: str | None = None
+        #: (team, installing user, approve?) of the next install at the authorize page
+        self._next_install: tuple[str, str, bool] | None = None
+        #: OAuth code → (team, user, redirect_uri, scopes, expiry, used)
+        self._codes: dict[str, list[Any]] = {}
+        #: refresh tokens handed out and not used yet → the token they refresh
+        self._refresh_tokens: dict[str, str] = {}
+        #: trigger_id → [issued at (monotonic), team, user, exchanged?]
+        self.triggers: dict[str, list[Any]] = {}
+        #: view id → the view as Slack keeps it (with ``user``)
+        self.views: dict[str, dict[str, Any]] = {}
+        #: (team, user) → the Home tab view published last
+        self.home_views: dict[tuple[str, str], dict[str, Any]] = {}
+        #: function_execution_id → {"token", "team", "state"}
+        self.function_executions: dict[str, dict[str, Any]] = {}
+        #: function_execution_id → ("success", outputs) or ("error", error)
+        self.function_outcomes: dict[str, tuple[str, Any]] = {}
+        #: envelope_id → the payload its (first) acknowledgement carried, None for none
+        self.ack_payloads: dict[str, dict[str, Any] | None] = {}
+        #: every acknowledgement in order: (envelope_id, its payload or None)
+        self.acked_with: list[tuple[str, dict[str, Any] | None]] = []
         #: conversation id → its flags in conversations.info (Slack's conversation object)
         self.conversations: dict[str, dict[str, bool]] = {
             **{channel: _conversation("public") for channel in channels},
@@ -142,6 +251,8 @@ class FakeSlack:
         #: envelope_id → time.monotonic() of its latest delivery
         self._delivered: dict[str, float] = {}
         self._limits: dict[str, list[int]] = {}
+        #: the workspace of the call being answered
+        self._caller = TEAM
         self._ts = itertools.count(1)
         self._hooks = itertools.count(1)
         self._changed = asyncio.Event()
@@ -162,6 +273,11 @@ class FakeSlack:
         return f"{self.base_url}/api/"
 
     @property
+    def authorize_url(self) -> str:
+        """What the gateway's ``slack.oauth.authorize_url`` is set to."""
+        return f"{self.base_url}/oauth/v2/authorize"
+
+    @property
     def hooks_url(self) -> str:
         """What the gateway's ``slack.response_url_prefix`` is set to."""
         return f"{self.base_url}/hooks/"
@@ -169,6 +285,7 @@ class FakeSlack:
     async def start(self, port: int | None = None) -> FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/oauth/v2/authorize", self._authorize)
         app.router.add_get("/socket/{ticket}", self._socket)
         app.router.add_post("/hooks/{n}", self._hook)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -230,7 +347,10 @@ class FakeSlack:
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             token = header[len("Bearer ") :]
-        call = SlackCall(method, args, token, content_type)
+        if method == "oauth.v2.access":
+            return self._oauth_access(args, header)
+        found = self.tokens.get(token or "")
+        call = SlackCall(method, args, token, content_type, found.team if found else None)
         if self.delay is not None:  # the request is still on its way
             await asyncio.sleep(self.delay(call))
         self.calls.append(call)
@@ -252,22 +372,28 @@ class FakeSlack:
                 return _slack_error("invalid_auth")
             ticket = uuid.uuid4().hex
             return _slack_ok(url=f"ws://{HOST}:{self.port}/socket/{ticket}")
-        if token != self.bot_token:
+        if method.startswith("functions.complete"):
+            return self._m_functions_complete(method, args, token)
+        if found is None:
             return _slack_error("invalid_auth")
+        if found.expires_at is not None and found.expires_at <= time.time():
+            return _slack_error("token_expired")
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             return _slack_error("unknown_method")
+        self._caller = found.team
         result: web.Response = handler(args)
         return result
 
     def _m_auth_test(self, args: dict[str, Any]) -> web.Response:
+        team = self.teams[self._caller]
         return _slack_ok(
-            url="https://example.slack.com/",
-            team="Example",
+            url=f"https://{team.name.lower()}.slack.com/",
+            team=team.name,
             user="gatewaybot",
-            team_id=TEAM,
-            user_id=BOT_USER,
-            bot_id=BOT_ID,
+            team_id=team.id,
+            user_id=team.bot_user,
+            bot_id=team.bot_id,
             is_enterprise_install=False,
         )
 
@@ -332,6 +458,271 @@ class FakeSlack:
         return _slack_ok(channel={"id": channel, "name": channel.lower(), "created": 1360782804,
                                   **self.conversations[channel]})  # fmt: skip
 
+    # -- views ----------------------------------------------------------------------------------
+
+    def trigger(self, user: str = "U0ALICE", team: str = TEAM) -> str:
+        """A new ``trigger_id`` for ``user`` (what an interaction of theirs carries)."""
+        trigger = f"{next(self._ts)}.{int(time.time())}.{secrets.token_hex(8)}"
+        self.triggers[trigger] = [time.monotonic(), team, user, False]
+        return trigger
+
+    def _exchange(self, args: dict[str, Any]) -> tuple[list[Any] | None, str | None]:
+        """The trigger of a views.open / views.push, or the error Slack answers."""
+        trigger = args.get("trigger_id")
+        found = self.triggers.get(trigger) if isinstance(trigger, str) else None
+        if found is None or found[1] != self._caller:
+            return None, "invalid_trigger_id"
+        if found[3]:
+            return None, "exchanged_trigger_id"
+        if time.monotonic() - found[0] > TRIGGER_FOR:
+            return None, "expired_trigger_id"
+        found[3] = True
+        return found, None
+
+    def _view_arg(self, args: dict[str, Any], kinds: tuple[str, ...]) -> dict[str, Any] | None:
+        view = args.get("view")
+        if isinstance(view, str):  # "A view payload. This must be a JSON-encoded string."
+            with contextlib.suppress(ValueError):
+                view = json.loads(view)
+        if not isinstance(view, dict) or view.get("type") not in kinds:
+            return None
+        if not isinstance(view.get("blocks"), list):
+            return None
+        return view
+
+    def _keep_view(
+        self, view: dict[str, Any], user: str, view_id: str | None = None
+    ) -> dict[str, Any]:
+        kept: dict[str, Any] = {
+            "id": view_id or f"V{secrets.token_hex(5).upper()}",
+            "team_id": self._caller,
+            "type": view["type"],
+            "blocks": view["blocks"],
+            "private_metadata": view.get("private_metadata", ""),
+            "callback_id": view.get("callback_id", ""),
+            "state": {"values": {}},
+            "hash": f"{time.time():.6f}.{secrets.token_hex(4)}",
+            "clear_on_close": view.get("clear_on_close", False),
+            "notify_on_close": view.get("notify_on_close", False),
+            "external_id": view.get("external_id", ""),
+            "app_id": APP,
+            "bot_id": self.teams[self._caller].bot_id,
+            **{k: view[k] for k in ("title", "submit", "close") if k in view},
+        }
+        kept["root_view_id"] = kept["id"]
+        self.views[kept["id"]] = {**kept, "user": user}
+        self._notify()
+        return kept
+
+    def open_view(self, view: dict[str, Any], user: str = "U0ALICE", team: str = TEAM) -> str:
+        """A view open for ``user`` as if the app had opened it; its id."""
+        self._caller = team
+        return str(self._keep_view(view, user)["id"])
+
+    def _m_views_open(self, args: dict[str, Any]) -> web.Response:
+        view = self._view_arg(args, ("modal",))
+        if view is None:
+            return _slack_error("invalid_arguments")
+        trigger, error = self._exchange(args)
+        if trigger is None:
+            return _slack_error(error or "invalid_trigger_id")
+        return _slack_ok(view=self._keep_view(view, trigger[2]))
+
+    def _m_views_push(self, args: dict[str, Any]) -> web.Response:
+        return self._m_views_open(args)
+
+    def _m_views_update(self, args: dict[str, Any]) -> web.Response:
+        view = self._view_arg(args, ("modal", "home"))
+        if view is None:
+            return _slack_error("invalid_arguments")
+        found = None
+        if isinstance(args.get("view_id"), str):
+            found = self.views.get(args["view_id"])
+        elif isinstance(args.get("external_id"), str):
+            found = next(
+                (v for v in self.views.values() if v["external_id"] == args["external_id"]), None
+            )
+        if found is None or found["team_id"] != self._caller:
+            return _slack_error("not_found")
+        if args.get("hash") is not None and args["hash"] != found["hash"]:
+            return _slack_error("hash_conflict")
+        return _slack_ok(view=self._keep_view(view, found["user"], found["id"]))
+
+    def _m_views_publish(self, args: dict[str, Any]) -> web.Response:
+        view = self._view_arg(args, ("home",))
+        user = args.get("user_id")
+        if view is None or not isinstance(user, str):
+            return _slack_error("invalid_arguments")
+        kept = self._keep_view(view, user)
+        self.home_views[(self._caller, user)] = kept
+        return _slack_ok(view=kept)
+
+    # -- workflow functions -------------------------------------------------------------------
+
+    def function_executed(
+        self, callback_id: str, inputs: Mapping[str, Any], *, team: str = TEAM
+    ) -> dict[str, Any]:
+        """A documented ``function_executed`` event (for :meth:`send_event` or
+        :meth:`EventsApiClient.event`), with a ``bot_access_token`` of its own."""
+        execution = f"Fx{secrets.token_hex(5).upper()}"
+        token = f"xwfp-{team}-{secrets.token_hex(12)}"
+        self.function_executions[execution] = {"token": token, "team": team, "state": "running"}
+        return {
+            "type": "function_executed",
+            "function": {
+                "id": f"Fn{secrets.token_hex(5).upper()}",
+                "callback_id": callback_id,
+                "title": callback_id.replace("_", " ").title(),
+                "description": "",
+                "type": "app",
+                "input_parameters": [],
+                "output_parameters": [],
+                "app_id": APP,
+                "date_created": 1694727597,
+                "date_updated": 1698947481,
+                "date_deleted": 0,
+            },
+            "inputs": dict(inputs),
+            "function_execution_id": execution,
+            "workflow_execution_id": f"Wx{secrets.token_hex(5).upper()}",
+            "event_ts": f"{time.time():.6f}",
+            "bot_access_token": token,
+        }
+
+    def _m_functions_complete(self, method: str, args: dict[str, Any], token: Any) -> web.Response:
+        execution = self.function_executions.get(str(args.get("function_execution_id")))
+        bot = self.tokens.get(token or "")
+        if execution is None:
+            return _slack_error("function_execution_not_found")
+        if token != execution["token"] and (bot is None or bot.team != execution["team"]):
+            return _slack_error("access_denied")
+        if execution["state"] != "running":
+            return _slack_error("execution_not_in_running_state")
+        execution["state"] = "completed"
+        outcome = (
+            ("success", args.get("outputs"))
+            if method == "functions.completeSuccess"
+            else ("error", args.get("error"))
+        )
+        self.function_outcomes[str(args["function_execution_id"])] = outcome
+        self._notify()
+        return _slack_ok()
+
+    # -- many workspaces: OAuth ----------------------------------------------------------------
+
+    def add_team(self, team_id: str, name: str) -> Team:
+        """A workspace the app can be installed in (not installed yet)."""
+        number = len(self.teams) + 1
+        team = self.teams[team_id] = Team(team_id, name, f"U0BOT{number}", f"B0BOT{number}")
+        return team
+
+    def install_into(self, team: str, *, user: str = "U0ADMIN", approve: bool = True) -> None:
+        """The next visit of the authorize page is ``user`` installing the app into ``team``
+        (``approve=False``: they cancel; Slack redirects with ``error=access_denied``)."""
+        self._next_install = (team, user, approve)
+
+    def tokens_of(self, team: str) -> list[str]:
+        """The bot tokens issued for ``team`` (also expired ones), oldest first."""
+        return [token for token, found in self.tokens.items() if found.team == team]
+
+    def _issue(self, team: str) -> tuple[str, Token]:
+        """A new bot token for ``team`` (expiring, with a refresh token, under rotation)."""
+        if self.rotation is None:
+            token = f"xoxb-{team}-{secrets.token_hex(12)}"
+            found = Token(team)
+        else:
+            token = f"xoxe.xoxb-1-{team}-{secrets.token_hex(12)}"
+            refresh = f"xoxe-1-{team}-{secrets.token_hex(12)}"
+            found = Token(team, time.time() + self.rotation, refresh)
+            self._refresh_tokens[refresh] = token
+        self.tokens[token] = found
+        return token, found
+
+    async def _authorize(self, request: web.Request) -> web.Response:
+        query = request.query
+        redirect = query.get("redirect_uri") or self.redirect_url
+        if query.get("client_id") != self.client_id or not redirect:
+            return web.Response(status=400, text="invalid client_id or redirect_uri")
+        if self._next_install is None:
+            return web.Response(status=400, text="fake Slack: call install_into() first")
+        team, user, approve = self._next_install
+        self._next_install = None
+        answer: dict[str, str] = {"state": query.get("state", "")}
+        if approve:
+            code = f"{next(self._ts)}.{secrets.token_hex(16)}"
+            self._codes[code] = [
+                team,
+                user,
+                query.get("redirect_uri"),
+                query.get("scope", ""),
+                time.monotonic() + CODE_FOR,
+                False,
+            ]
+            answer["code"] = code
+        else:
+            answer["error"] = "access_denied"
+        separator = "&" if "?" in redirect else "?"
+        raise web.HTTPFound(f"{redirect}{separator}{urlencode(answer)}")
+
+    def _client(self, args: dict[str, Any], header: str) -> str | None:
+        """Why the client credentials are refused (``None``: they are the app's)."""
+        client_id, secret = args.get("client_id"), args.get("client_secret")
+        if header.startswith("Basic "):
+            with contextlib.suppress(ValueError):
+                decoded = base64.b64decode(header[len("Basic ") :]).decode()
+                client_id, _, secret = decoded.partition(":")
+        if client_id != self.client_id:
+            return "invalid_client_id"
+        if secret != self.client_secret:
+            return "bad_client_secret"
+        return None
+
+    def _oauth_access(self, args: dict[str, Any], header: str) -> web.Response:
+        self.calls.append(SlackCall("oauth.v2.access", dict(args), None, "", None))
+        self._notify()
+        refused = self._client(args, header)
+        if refused is not None:
+            return _slack_error(refused)
+        if args.get("grant_type") == "refresh_token":
+            old = self._refresh_tokens.pop(str(args.get("refresh_token")), None)
+            if old is None:
+                return _slack_error("invalid_refresh_token")
+            team = self.tokens[old].team
+            token, found = self._issue(team)
+            return self._token_answer(team, token, found, {})
+        if args.get("grant_type") not in (None, "authorization_code"):
+            return _slack_error("invalid_grant_type")
+        code = self._codes.get(str(args.get("code")))
+        if code is None or code[5] or code[4] < time.monotonic():
+            return _slack_error("invalid_code")
+        if code[2] is not None and args.get("redirect_uri") != code[2]:
+            return _slack_error("bad_redirect_uri")
+        code[5] = True
+        team = code[0]
+        token, found = self._issue(team)
+        return self._token_answer(
+            team, token, found, {"scope": code[3], "authed_user": {"id": code[1]}}
+        )
+
+    def _token_answer(
+        self, team: str, token: str, found: Token, extra: dict[str, Any]
+    ) -> web.Response:
+        answer: dict[str, Any] = {
+            "access_token": token,
+            "token_type": "bot",
+            "scope": "chat:write,commands",
+            "bot_user_id": self.teams[team].bot_user,
+            "app_id": APP,
+            "team": {"id": team, "name": self.teams[team].name},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            **extra,
+        }
+        if found.refresh_token is not None and found.expires_at is not None:
+            answer["refresh_token"] = found.refresh_token
+            answer["expires_in"] = round(found.expires_at - time.time())
+        return _slack_ok(**answer)
+
     # -- response_url -------------------------------------------------------------------------
 
     def response_url(self) -> str:
@@ -378,6 +769,10 @@ class FakeSlack:
                     if isinstance(envelope_id, str):
                         self.acks.append(envelope_id)
                         self.acked_at.setdefault(envelope_id, time.monotonic())
+                        payload = data.get("payload")
+                        payload = payload if isinstance(payload, dict) else None
+                        self.ack_payloads.setdefault(envelope_id, payload)
+                        self.acked_with.append((envelope_id, payload))
                         self.pending.pop(envelope_id, None)
                         self._notify()
         finally:
@@ -401,24 +796,34 @@ class FakeSlack:
         await self._current().ws.send_json(envelope)
         return envelope_id
 
-    async def send_event(self, event: Mapping[str, Any], event_id: str | None = None) -> str:
-        """An ``events_api`` envelope around ``event``; returns its ``envelope_id``."""
+    async def send_event(
+        self, event: Mapping[str, Any], event_id: str | None = None, *, team: str = TEAM
+    ) -> str:
+        """An ``events_api`` envelope around ``event`` in workspace ``team``; returns its
+        ``envelope_id``."""
         return await self.send_envelope(
             "events_api",
-            event_callback(event, event_id),
+            event_callback(event, event_id, team=team, bot_user=self.teams[team].bot_user),
             accepts_response_payload=False,
             retry_attempt=0,
             retry_reason="",
         )
 
-    async def send_slash_command(
-        self, command: str, text: str = "", *, user: str = "U0ALICE", channel: str = "C0GENERAL"
-    ) -> str:
-        """A ``slash_commands`` envelope; returns its ``envelope_id``."""
-        payload = {
+    def slash_command(
+        self,
+        command: str,
+        text: str = "",
+        *,
+        user: str = "U0ALICE",
+        channel: str = "C0GENERAL",
+        team: str = TEAM,
+    ) -> dict[str, str]:
+        """The documented fields of a slash command (a form over HTTP, a Socket Mode payload),
+        with a fresh ``trigger_id`` and ``response_url``."""
+        return {
             "token": "verification-token",
-            "team_id": TEAM,
-            "team_domain": "example",
+            "team_id": team,
+            "team_domain": self.teams[team].name.lower(),
             "channel_id": channel,
             "channel_name": "general",
             "user_id": user,
@@ -428,14 +833,117 @@ class FakeSlack:
             "api_app_id": APP,
             "is_enterprise_install": "false",
             "response_url": self.response_url(),
-            "trigger_id": f"{next(self._ts)}.1.{uuid.uuid4().hex[:8]}",
+            "trigger_id": self.trigger(user, team),
         }
+
+    async def send_slash_command(
+        self,
+        command: str,
+        text: str = "",
+        *,
+        user: str = "U0ALICE",
+        channel: str = "C0GENERAL",
+        team: str = TEAM,
+    ) -> str:
+        """A ``slash_commands`` envelope; returns its ``envelope_id``."""
+        payload = self.slash_command(command, text, user=user, channel=channel, team=team)
         return await self.send_envelope("slash_commands", payload, accepts_response_payload=True)
 
-    async def send_interactive(self, payload: Mapping[str, Any]) -> str:
-        """An ``interactive`` envelope; returns its ``envelope_id``."""
+    async def send_interactive(
+        self, payload: Mapping[str, Any], *, accepts_response_payload: bool | None = None
+    ) -> str:
+        """An ``interactive`` envelope; returns its ``envelope_id``. ``accepts_response_payload``
+        defaults to what Slack sends for the payload's type (true for ``view_submission`` and
+        ``block_suggestion``, whose answers only an acknowledgement carries)."""
+        if accepts_response_payload is None:
+            accepts_response_payload = payload.get("type") in ANSWERED_IN_ACK
         return await self.send_envelope(
-            "interactive", dict(payload), accepts_response_payload=False
+            "interactive", dict(payload), accepts_response_payload=accepts_response_payload
+        )
+
+    def _interaction(self, kind: str, user: str, team: str, **keys: Any) -> dict[str, Any]:
+        """The fields every documented interaction payload has."""
+        return {
+            "type": kind,
+            "team": {"id": team, "domain": self.teams[team].name.lower()},
+            "user": {"id": user, "username": "alice", "name": "alice", "team_id": team},
+            "api_app_id": APP,
+            "token": "verification-token",
+            "is_enterprise_install": False,
+            "enterprise": None,
+            **keys,
+        }
+
+    def view_submission(
+        self,
+        view_id: str,
+        values: Mapping[str, Any],
+        *,
+        user: str = "U0ALICE",
+        team: str = TEAM,
+    ) -> dict[str, Any]:
+        """A ``view_submission`` of the view ``view_id`` (as opened through this fake) with the
+        inputs' ``state.values``."""
+        view = {k: v for k, v in self.views[view_id].items() if k != "user"}
+        view["state"] = {"values": dict(values)}
+        return self._interaction(
+            "view_submission",
+            user,
+            team,
+            trigger_id=self.trigger(user, team),
+            view=view,
+            response_urls=[],
+        )
+
+    def block_suggestion(
+        self,
+        action_id: str,
+        value: str,
+        *,
+        block_id: str = "block",
+        view_id: str | None = None,
+        user: str = "U0ALICE",
+        team: str = TEAM,
+    ) -> dict[str, Any]:
+        """A ``block_suggestion`` (an external select asks for options; ``value`` is what the
+        user typed), in the view ``view_id`` if given."""
+        keys: dict[str, Any] = {"action_id": action_id, "block_id": block_id, "value": value}
+        if view_id is not None:
+            keys["view"] = {k: v for k, v in self.views[view_id].items() if k != "user"}
+            keys["container"] = {"type": "view", "view_id": view_id}
+        return self._interaction("block_suggestion", user, team, **keys)
+
+    def block_actions(
+        self,
+        actions: list[dict[str, Any]],
+        *,
+        channel: str | None = "C0GENERAL",
+        view_id: str | None = None,
+        user: str = "U0ALICE",
+        team: str = TEAM,
+    ) -> dict[str, Any]:
+        """A ``block_actions`` payload (a button pressed …) in a message or in a view."""
+        keys: dict[str, Any] = {"trigger_id": self.trigger(user, team), "actions": actions}
+        if view_id is not None:
+            keys["view"] = {k: v for k, v in self.views[view_id].items() if k != "user"}
+            keys["container"] = {"type": "view", "view_id": view_id}
+        else:
+            keys["channel"] = {"id": channel, "name": "general"}
+            keys["container"] = {"type": "message", "message_ts": "1700000000.000100"}
+            keys["response_url"] = self.response_url()
+        return self._interaction("block_actions", user, team, **keys)
+
+    def shortcut(
+        self, callback_id: str, *, user: str = "U0ALICE", team: str = TEAM
+    ) -> dict[str, Any]:
+        """A global ``shortcut`` payload."""
+        return self._interaction(
+            "shortcut",
+            user,
+            team,
+            callback_id=callback_id,
+            trigger_id=self.trigger(user, team),
+            action_ts=f"{time.time():.6f}",
         )
 
     async def send_disconnect(
@@ -576,10 +1084,17 @@ class EventsApiClient:
             return response.status, await response.text()
 
     async def event(
-        self, event: Mapping[str, Any], event_id: str | None = None, **kw: Any
+        self,
+        event: Mapping[str, Any],
+        event_id: str | None = None,
+        *,
+        team: str = TEAM,
+        bot_user: str = BOT_USER,
+        **kw: Any,
     ) -> tuple[int, str]:
-        """An ``event_callback`` around ``event``."""
-        return await self.post(json.dumps(event_callback(event, event_id)).encode(), **kw)
+        """An ``event_callback`` around ``event`` in workspace ``team``."""
+        body = event_callback(event, event_id, team=team, bot_user=bot_user)
+        return await self.post(json.dumps(body).encode(), **kw)
 
     async def slash_command(self, fields: Mapping[str, str], **kw: Any) -> tuple[int, str]:
         return await self.post(

@@ -9,8 +9,10 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section
 
 __all__ = [
+    "AnswersConfig",
     "DedupConfig",
     "EventsApiConfig",
+    "OAuthConfig",
     "PacingConfig",
     "RetryConfig",
     "SlackConfig",
@@ -28,6 +30,12 @@ def _url(value: str) -> str:
     if not value.startswith(("https://", "http://")):
         raise ValueError("must be an http:// or https:// URL")
     return value if value.endswith("/") else value + "/"
+
+
+def _path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise ValueError("must start with / and contain no spaces")
+    return value
 
 
 class EventsApiConfig(Section):
@@ -53,12 +61,123 @@ class EventsApiConfig(Section):
         "older or further in the future is 401 (replay protection).",
     )
 
-    @field_validator("path")
+    _check_path = field_validator("path")(_path)
+
+
+#: events whose acknowledgement can carry a consumer's answer (translate.ANSWERABLE)
+AnswerableEvent = Literal["slack.command", "slack.view_submission", "slack.options"]
+
+
+def _default_answered() -> list[AnswerableEvent]:
+    return ["slack.view_submission", "slack.options"]
+
+
+class AnswersConfig(Section):
+    """``slack.answers``: acknowledgements that wait for a consumer's ``slack.ack``."""
+
+    timeout: float = Field(
+        default=2.5,
+        gt=0,
+        lt=3,
+        description="Seconds from an envelope's arrival the gateway waits for the consumer's "
+        "slack.ack; none by then, it acknowledges empty (logged, counted) so Slack does not "
+        "retry. Slack wants the acknowledgement within 3 s.",
+    )
+    wait_for: list[AnswerableEvent] = Field(
+        default_factory=_default_answered,
+        description="Events whose acknowledgement waits for an answer (they carry an "
+        "ack_channel): slack.view_submission (response_action), slack.options (external "
+        "select options), slack.command (an immediate message). Others are acknowledged at "
+        "once.",
+    )
+    max_waiting: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Events waiting for their answer at once; one more is acknowledged at once "
+        "with ack_channel None (logged; outcome skipped of gateway_slack_answers_total).",
+    )
+
+
+class OAuthConfig(Section):
+    """``slack.oauth``: one app installed in many workspaces (Slack's OAuth v2 install flow).
+
+    Installations (bot tokens) are kept in the layer's Redis (in memory on other layers);
+    commands name their workspace with ``team`` (and ``enterprise``).
+    """
+
+    secret_files: ClassVar[tuple[str, ...]] = ("client_secret",)
+    client_id: str = Field(min_length=1, description="The app's Client ID (Basic Information).")
+    client_secret: SecretStr = Field(
+        description="The app's Client Secret; or client_secret_file. Never logged."
+    )
+    scopes: list[str] = Field(
+        min_length=1, description="Bot token scopes the install asks for (chat:write, …)."
+    )
+    install_path: str = Field(
+        default="/slack/install",
+        description="GET here starts an install: a state is issued and the browser is sent to "
+        "Slack's authorize page.",
+    )
+    redirect_path: str = Field(
+        default="/slack/oauth_redirect",
+        description="The Redirect URL path Slack sends the browser back to (code and state).",
+    )
+    redirect_uri: str | None = Field(
+        default=None,
+        description="The full public Redirect URL (https://your.host/slack/oauth_redirect), "
+        "sent to Slack with the install; needed when the app has several Redirect URLs.",
+    )
+    authorize_url: str = Field(
+        default="https://slack.com/oauth/v2/authorize",
+        description="Slack's authorize page (a local stand-in only changes this and api_url).",
+    )
+    state_ttl: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="Seconds an install's state stays valid; it is single use.",
+    )
+    success_url: str | None = Field(
+        default=None,
+        description="Where the browser goes after an install; default: a short page.",
+    )
+    failure_url: str | None = Field(
+        default=None,
+        description="Where the browser goes when an install failed (?error=reason); default: "
+        "a short page with the reason.",
+    )
+    refresh_before: float = Field(
+        default=7200.0,
+        gt=0,
+        description="Token rotation: a bot token is refreshed (oauth.v2.access, grant_type "
+        "refresh_token) when it has less than this many seconds left, before it is used and "
+        "by a background check.",
+    )
+
+    _check_paths = field_validator("install_path", "redirect_path")(_path)
+
+    @field_validator("scopes")
     @classmethod
-    def _path(cls, value: str) -> str:
-        if not value.startswith("/") or any(c.isspace() for c in value):
-            raise ValueError("must start with / and contain no spaces")
+    def _scopes(cls, value: list[str]) -> list[str]:
+        if any(not scope or "," in scope or any(c.isspace() for c in scope) for scope in value):
+            raise ValueError("each scope is one word such as chat:write")
         return value
+
+    @field_validator("authorize_url", "redirect_uri", "success_url", "failure_url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> OAuthConfig:
+        if self.install_path == self.redirect_path:
+            raise ValueError("install_path and redirect_path must differ")
+        if not self.client_secret.get_secret_value():
+            raise ValueError("client_secret: must not be empty")
+        return self
 
 
 class DedupConfig(Section):
@@ -117,11 +236,13 @@ class RetryConfig(Section):
 
 
 class SlackConfig(Section):
-    """``slack:`` — one Slack app in one workspace."""
+    """``slack:`` — one Slack app, in one workspace (``bot_token``) or many (``oauth``)."""
 
     secret_files: ClassVar[tuple[str, ...]] = ("bot_token", "app_token", "signing_secret")
-    bot_token: SecretStr = Field(
-        description="Bot token (xoxb-…) for the Web API; or bot_token_file. Never logged."
+    bot_token: SecretStr | None = Field(
+        default=None,
+        description="Bot token (xoxb-…) for the Web API, one workspace; or bot_token_file. "
+        "Required unless oauth is set (then each installation has its own). Never logged.",
     )
     app_token: SecretStr | None = Field(
         default=None,
@@ -138,7 +259,17 @@ class SlackConfig(Section):
         "Slack posts to.",
     )
     events_api: EventsApiConfig = Field(
-        default_factory=EventsApiConfig, description="The HTTP listener (events_api only)."
+        default_factory=EventsApiConfig,
+        description="The HTTP listener (events_api; with socket_mode only for oauth's paths).",
+    )
+    oauth: OAuthConfig | None = Field(
+        default=None,
+        description="Many workspaces: the OAuth install flow on the HTTP listener, an "
+        "installation store, token rotation. Off when absent (one workspace, bot_token).",
+    )
+    answers: AnswersConfig = Field(
+        default_factory=AnswersConfig,
+        description="Answers inside the acknowledgement (slack.ack).",
     )
     api_url: str = Field(
         default="https://slack.com/api/",
@@ -207,8 +338,17 @@ class SlackConfig(Section):
             raise ValueError("app_token: required for socket_mode (or app_token_file)")
         if self.transport == "events_api" and not _set(self.signing_secret):
             raise ValueError("signing_secret: required for events_api (or signing_secret_file)")
-        if not self.bot_token.get_secret_value():
-            raise ValueError("bot_token: must not be empty")
+        if self.oauth is None and not _set(self.bot_token):
+            raise ValueError("bot_token: required (or bot_token_file), unless oauth is set")
+        if self.oauth is not None and self.bot_token is not None:
+            raise ValueError("bot_token: not used with oauth (each installation has its own token)")
+        if self.oauth is not None and self.events_api.path in (
+            self.oauth.install_path,
+            self.oauth.redirect_path,
+        ):
+            raise ValueError(
+                "oauth: install_path and redirect_path must differ from events_api.path"
+            )
         if self.reconnect_maximum < self.reconnect_initial:
             raise ValueError("reconnect_maximum must not be below reconnect_initial")
         return self

@@ -20,18 +20,27 @@ the Events API's HTTP server.
 * :class:`EventsApiServer` — an aiohttp server on the configured path: bodies over the limit are
   413 before they are read; the signature (slack_sdk's ``SignatureVerifier``, over the body's
   bytes) and timestamp are checked before anything else (401); a signed body that cannot be
-  read is 400; ``url_verification`` is answered; the gateway decides 200 or 503 for the rest.
+  read is 400; ``url_verification`` is answered; the gateway decides the rest: 200 (with a JSON
+  answer when a consumer gave one, :class:`~gateways.slack.translate.Ack`) or 503. With
+  ``slack.oauth`` it also serves the install flow's two GET paths (the gateway answers them as
+  :class:`HttpAnswer`); in Socket Mode it serves only those.
+
+Acknowledgements carry a consumer's answer where Slack takes one: the Socket Mode frame
+``{"envelope_id", "payload"}`` (an envelope with ``accepts_response_payload``), the HTTP 200's
+JSON body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -57,12 +66,14 @@ from core.client import ClientListener, ConnectFailed, ReconnectingClient
 from core.service import Backoff, EventBuffer, Gateway, cancel_and_wait, describe_error
 from gateways.slack.config import SlackConfig
 from gateways.slack.translate import (
+    Ack,
     Control,
     Envelope,
     InvalidPayload,
     Unknown,
     ack,
     check_timestamp,
+    is_ssl_check,
     parse_envelope,
     parse_http_body,
 )
@@ -70,6 +81,8 @@ from gateways.slack.translate import (
 __all__ = [
     "FATAL_ERRORS",
     "EventsApiServer",
+    "HttpAnswer",
+    "OAuthRequest",
     "SlackApiFailed",
     "SlackListener",
     "SlackUnreachable",
@@ -96,6 +109,12 @@ FATAL_ERRORS = frozenset(
 )
 
 
+#: slack_sdk writes request and response bodies at DEBUG when its logger's own level allows it;
+#: oauth.v2.access's bodies hold the client secret and tokens, so its client logs at INFO at most
+_QUIET = logging.getLogger("gateway.slack.oauth")
+_QUIET.setLevel(logging.INFO)
+
+
 class SlackApiFailed(Exception):
     """Slack answered ``ok: false``; ``error`` is its error code (``channel_not_found``)."""
 
@@ -109,14 +128,41 @@ class SlackUnreachable(Exception):
     """No answer from Slack (connection refused, timed out) after the retries."""
 
 
+@dataclass(frozen=True)
+class OAuthRequest:
+    """A GET of the OAuth install flow, as the gateway sees it."""
+
+    path: str
+    query: Mapping[str, str]
+    cookies: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What the gateway answers an :class:`OAuthRequest` with (``location``: a redirect)."""
+
+    status: int
+    text: str = ""
+    content_type: str = "text/html"
+    location: str | None = None
+    cookies: Mapping[str, str] = field(default_factory=dict)
+
+
 class SlackListener(ClientListener, Protocol):
     """What the gateway hears from the Slack side (on the event loop)."""
 
-    async def slack_envelope(self, envelope: Envelope) -> bool:
-        """A Socket Mode envelope; ``True`` acknowledges it (the layer took it)."""
+    async def slack_envelope(
+        self, envelope: Envelope, handed_over: Callable[[], None]
+    ) -> Ack | None:
+        """A Socket Mode envelope; an :class:`Ack` acknowledges it (the layer took it), ``None``
+        leaves it to Slack's redelivery. ``handed_over()`` frees its handling slot once the
+        layer has it (waiting for a consumer's answer takes no slot)."""
 
-    async def slack_request(self, kind: str, payload: dict[str, Any], retry: int) -> bool:
-        """A verified Events API request; ``True`` answers 200, ``False`` 503."""
+    async def slack_request(self, kind: str, payload: dict[str, Any], retry: int) -> Ack | None:
+        """A verified Events API request; an :class:`Ack` answers 200, ``None`` 503."""
+
+    async def slack_oauth(self, request: OAuthRequest) -> HttpAnswer:
+        """A GET of ``slack.oauth``'s install or redirect path."""
 
     def slack_bad_input(self, problem: str) -> None:
         """Something Slack (or someone claiming to be Slack) sent was refused."""
@@ -165,6 +211,7 @@ class SlackWebApi:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
         self._client: AsyncWebClient | None = None
+        self._oauth: AsyncWebClient | None = None
         retry = settings.retry
         self._handlers: list[AsyncRetryHandler] = [
             AsyncConnectionErrorRetryHandler(
@@ -179,8 +226,10 @@ class SlackWebApi:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.settings.timeout)
             )
+            bot_token = self.settings.bot_token
             self._client = AsyncWebClient(
-                token=self.settings.bot_token.get_secret_value(),
+                # None with slack.oauth: each call names its installation's token
+                token=bot_token.get_secret_value() if bot_token is not None else None,
                 base_url=self.settings.api_url,
                 session=self._session,
                 timeout=int(self.settings.timeout),
@@ -218,6 +267,39 @@ class SlackWebApi:
         data = response.data
         return dict(data) if isinstance(data, dict) else {}
 
+    async def oauth_access(self, client_id: str, client_secret: str, **args: str) -> dict[str, Any]:
+        """``oauth.v2.access`` (the client credentials as HTTP Basic authentication, as Slack
+        asks): an authorization ``code``, or ``grant_type=refresh_token``. Its own client, whose
+        logger never writes bodies (they hold tokens) whatever the log level."""
+        self._web()
+        if self._oauth is None:
+            self._oauth = AsyncWebClient(
+                base_url=self.settings.api_url,
+                session=self._session,
+                timeout=int(self.settings.timeout),
+                retry_handlers=self._handlers,
+                logger=_QUIET,
+            )
+        # slack_sdk's oauth_v2_access builds aiohttp's BasicAuth, deprecated since aiohttp 3.14
+        # (a DeprecationWarning on every install and refresh): the header is written here
+        credentials = base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+        try:
+            response = await self._oauth.api_call(
+                "oauth.v2.access",
+                data=dict(args),
+                headers={"Authorization": f"Basic {credentials}"},
+            )
+        except SlackApiError as exc:
+            data = exc.response.data
+            error = data.get("error") if isinstance(data, dict) else None
+            raise SlackApiFailed(
+                "oauth.v2.access", str(error or f"HTTP {exc.response.status_code}")
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SlackUnreachable(f"oauth.v2.access: {describe_error(exc)}") from None
+        data = response.data
+        return dict(data) if isinstance(data, dict) else {}
+
     async def respond(self, url: str, body: dict[str, Any]) -> None:
         """POST ``body`` to a ``response_url``; :class:`SlackApiFailed` unless Slack says 200."""
         self._web()
@@ -239,7 +321,7 @@ class SlackWebApi:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-        self._session = self._client = None
+        self._session = self._client = self._oauth = None
 
 
 class SocketModeConnection(ReconnectingClient):
@@ -280,14 +362,16 @@ class SocketModeConnection(ReconnectingClient):
     # -- ReconnectingClient hooks -------------------------------------------------------------
 
     async def _connect(self) -> Mapping[str, Any]:
-        try:
-            identity = await self.api.call("auth.test")
-        except SlackApiFailed as exc:
-            raise ConnectFailed(
-                f"auth.test: {exc.error}", fatal=exc.error in FATAL_ERRORS
-            ) from None
-        except SlackUnreachable as exc:
-            raise ConnectFailed(str(exc)) from None
+        identity: dict[str, Any] = {}
+        if self.settings.bot_token is not None:  # slack.oauth: no one bot token to test
+            try:
+                identity = await self.api.call("auth.test")
+            except SlackApiFailed as exc:
+                raise ConnectFailed(
+                    f"auth.test: {exc.error}", fatal=exc.error in FATAL_ERRORS
+                ) from None
+            except SlackUnreachable as exc:
+                raise ConnectFailed(str(exc)) from None
         self.identity = identity
         self._lost_reason = asyncio.get_running_loop().create_future()
         self._socket = await self._open_socket()
@@ -446,15 +530,25 @@ class SocketModeConnection(ReconnectingClient):
     async def _handle(
         self, socket: ClientConnection, envelope: Envelope, slots: asyncio.Semaphore
     ) -> None:
+        held = True
+
+        def handed_over() -> None:
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+
         try:
-            if await self.listener.slack_envelope(envelope):
-                await socket.send(ack(envelope.envelope_id))
+            answer = await self.listener.slack_envelope(envelope, handed_over)
+            if answer is not None:
+                payload = answer.payload if envelope.accepts_response_payload else None
+                await socket.send(ack(envelope.envelope_id, payload))
         except (ConnectionClosed, OSError):
             pass  # not acknowledged: Slack redelivers it on the next connection
         except Exception:
             self.log.exception("%s: error handling envelope %s", self.name, envelope.envelope_id)
         finally:
-            slots.release()
+            handed_over()
 
     async def drain(self) -> None:
         """Wait for the envelopes being handled now (their acks go out)."""
@@ -514,14 +608,25 @@ def _describe(parsed: Envelope | Control | Unknown) -> str:
 
 
 class EventsApiServer:
-    """The Events API Request URL: signed POSTs in, 200 / 401 / 413 / 503 out."""
+    """The Events API Request URL: signed POSTs in, 200 / 401 / 413 / 503 out; and, with
+    ``slack.oauth``, the install flow's GETs (``events=False``: only those, for Socket Mode)."""
 
-    def __init__(self, settings: SlackConfig, listener: SlackListener, log: logging.Logger) -> None:
-        assert settings.signing_secret is not None
+    def __init__(
+        self,
+        settings: SlackConfig,
+        listener: SlackListener,
+        log: logging.Logger,
+        *,
+        events: bool = True,
+    ) -> None:
         self.settings = settings
         self.listener = listener
         self.log = log
-        self.verifier = _BytesSignatureVerifier(settings.signing_secret.get_secret_value())
+        self.events = events
+        self.verifier: _BytesSignatureVerifier | None = None
+        if events:
+            assert settings.signing_secret is not None
+            self.verifier = _BytesSignatureVerifier(settings.signing_secret.get_secret_value())
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
 
@@ -529,7 +634,11 @@ class EventsApiServer:
         """Listen; ``OSError`` when the port is taken."""
         options = self.settings.events_api
         app = web.Application(client_max_size=options.max_body_size)
-        app.router.add_post(options.path, self._handle)
+        if self.events:
+            app.router.add_post(options.path, self._handle)
+        if self.settings.oauth is not None:
+            app.router.add_get(self.settings.oauth.install_path, self._oauth)
+            app.router.add_get(self.settings.oauth.redirect_path, self._oauth)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -559,11 +668,14 @@ class EventsApiServer:
         except web.HTTPRequestEntityTooLarge:
             self.listener.slack_bad_input(f"a body over {options.max_body_size} bytes")
             return web.Response(status=413, text="request body too large")
+        if is_ssl_check(body, request.headers.get("Content-Type", "")):
+            return web.Response(status=200)  # as Bolt does, before the signature
         stamp = request.headers.get("X-Slack-Request-Timestamp")
         signature = request.headers.get("X-Slack-Signature")
         problem = check_timestamp(stamp, time.time(), options.max_age)
         if problem is None and signature is None:
             problem = "missing X-Slack-Signature"
+        assert self.verifier is not None
         if (
             problem is None
             and stamp is not None
@@ -582,9 +694,41 @@ class EventsApiServer:
         if kind == "url_verification":
             return web.json_response({"challenge": payload.get("challenge")})
         retry = request.headers.get("X-Slack-Retry-Num", "0")
-        accepted = await self.listener.slack_request(
+        answer = await self.listener.slack_request(
             kind, payload, int(retry) if retry.isdigit() else 0
         )
-        if not accepted:
+        if answer is None:
             return web.Response(status=503, text="not taken now; retry later")
+        if answer.payload is not None:
+            return web.json_response(answer.payload)
         return web.Response(status=200)
+
+    async def _oauth(self, request: web.Request) -> web.StreamResponse:
+        answer = await self.listener.slack_oauth(
+            OAuthRequest(request.path, dict(request.query), dict(request.cookies))
+        )
+        headers = {"Cache-Control": "no-store"}
+        if answer.location is not None:
+            headers["Location"] = answer.location
+        response = web.Response(
+            status=answer.status,
+            text=answer.text,
+            content_type=answer.content_type,
+            headers=headers,
+        )
+        oauth = self.settings.oauth
+        secure = bool(oauth and (oauth.redirect_uri or "").startswith("https://"))
+        for name, value in answer.cookies.items():
+            if value:
+                response.set_cookie(
+                    name,
+                    value,
+                    max_age=int(oauth.state_ttl) if oauth else None,
+                    path="/",
+                    httponly=True,
+                    secure=secure,
+                    samesite="Lax",
+                )
+            else:
+                response.del_cookie(name, path="/")
+        return response

@@ -35,11 +35,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from core.metrics import GatewayMetrics
 from core.redis import LayerRedis, RedisUnavailable
 
-__all__ = ["Claim", "DedupWindow", "RedisDedupWindow"]
+__all__ = ["Claim", "DedupWindow", "RedisDedupWindow", "TtlMemory"]
 
 
 class Claim(enum.Enum):
@@ -172,3 +173,36 @@ class RedisDedupWindow(DedupWindow):
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+class TtlMemory:
+    """Key → value for a while (``ttl`` s on ``clock``), at most ``size`` (oldest forgotten)."""
+
+    def __init__(self, ttl: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._items: dict[str, tuple[Any, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, key: str, value: Any) -> None:
+        self._items.pop(key, None)
+        self._items[key] = (value, self.clock() + self.ttl)
+        while len(self._items) > self.size:
+            del self._items[next(iter(self._items))]
+
+    def get(self, key: str) -> Any:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        if found[1] <= self.clock():
+            del self._items[key]
+            return None
+        return found[0]
+
+    def forget(self, matches: Any) -> None:
+        """Drop every entry whose value ``matches(value)``."""
+        for key in [k for k, (v, _) in self._items.items() if matches(v)]:
+            del self._items[key]

@@ -26,9 +26,28 @@ House rules (Slack's documented wire format):
   private channel created since March 2021 from a public one, so :func:`from_event_callback`
   leaves their ``channel_type`` ``None`` for the gateway to fill in (what earlier messages said,
   or ``conversations.info``, read by :func:`channel_type_of`).
-* **Commands** are checked here (types, lengths, Slack's ``ts`` format) and become a
-  :class:`ApiCall` (method name + arguments for slack_sdk's ``api_call``) or a
+* **Interactivity** payloads become one typed event per documented ``type``
+  (:data:`INTERACTIVE`: ``block_actions`` → ``slack.block_actions``, ``block_suggestion`` →
+  ``slack.options``, ``view_submission``, ``view_closed``, ``shortcut``, ``message_action``);
+  any other type stays the generic ``slack.action``. ``event_callback`` events with a documented
+  payload of their own are typed too (:data:`TYPED_EVENTS`: ``app_home_opened``, the assistant
+  thread events, ``function_executed``); the rest is ``slack.event``.
+* **Workspaces**: every inbound event carries ``team`` and ``enterprise`` (Enterprise Grid) as
+  Slack gave them (:func:`route_of`), so a command can name the workspace whose token it needs.
+  ``function_executed``'s ``bot_access_token`` is a secret: it is kept out of the event
+  (:attr:`Inbound.secret`).
+* **Answers inside the acknowledgement**: a Socket Mode envelope with
+  ``accepts_response_payload: true`` is acknowledged ``{"envelope_id", "payload"}``
+  (:func:`ack`), an HTTP request with a JSON body; :func:`parse_ack` checks what a consumer's
+  ``slack.ack`` carries against the event it answers (``response_action`` for
+  ``view_submission``, ``options`` / ``option_groups`` for ``block_suggestion``, an immediate
+  message for a slash command).
+* **Commands** are checked here (types, lengths, Slack's ``ts`` format, view objects) and become
+  a :class:`ApiCall` (method name + arguments for slack_sdk's ``api_call``) or a
   :class:`Respond` (a POST to a ``response_url``).
+* **OAuth**: :func:`authorize_url` is where the install flow sends the browser;
+  :func:`installation_from_oauth` and :func:`refreshed` read ``oauth.v2.access``'s answers into
+  an :class:`Installation` (its tokens left out of its ``repr``).
 """
 
 from __future__ import annotations
@@ -36,41 +55,96 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 __all__ = [
     "ACK_TYPES",
+    "ANSWERABLE",
+    "INTERACTIVE",
+    "TYPED_EVENTS",
+    "Ack",
     "ApiCall",
     "Control",
     "Envelope",
     "Inbound",
+    "Installation",
     "InvalidCommand",
     "InvalidPayload",
     "Respond",
+    "Route",
     "Unknown",
     "ack",
+    "authorize_url",
     "channel_type_of",
     "check_timestamp",
     "from_event_callback",
     "from_interactive",
     "from_slash_command",
+    "installation_from_oauth",
+    "installation_key",
+    "is_ssl_check",
+    "own_ids",
+    "parse_ack",
     "parse_delete",
     "parse_envelope",
+    "parse_function_complete",
+    "parse_function_fail",
     "parse_http_body",
     "parse_react",
     "parse_respond",
+    "parse_route",
     "parse_send",
     "parse_update",
+    "parse_views_open",
+    "parse_views_publish",
+    "parse_views_push",
+    "parse_views_update",
+    "refreshed",
+    "route_of",
 ]
 
 #: Socket Mode envelope types that carry a payload and want an acknowledgement
 ACK_TYPES: Final = frozenset({"events_api", "slash_commands", "interactive"})
 #: chat.postMessage's documented limit for ``text``
 MAX_TEXT: Final = 40_000
-#: Block Kit: at most 50 blocks in a message
+#: Block Kit: at most 50 blocks in a message, 100 in a view (modal or Home tab)
 MAX_BLOCKS: Final = 50
+MAX_VIEW_BLOCKS: Final = 100
+#: a modal's title, submit and close texts (plain_text); a view's private_metadata, callback_id
+MAX_MODAL_TEXT: Final = 24
+MAX_METADATA: Final = 3000
+MAX_ID: Final = 255
+#: external select answers: options (or option groups) per answer, and their texts
+MAX_OPTIONS: Final = 100
+MAX_OPTION_TEXT: Final = 75
+MAX_OPTION_VALUE: Final = 150
+#: interactivity payload type → the event it becomes (``slack.<event>``); others: slack.action
+INTERACTIVE: Final = {
+    "block_actions": "block_actions",
+    "block_suggestion": "options",
+    "view_submission": "view_submission",
+    "view_closed": "view_closed",
+    "shortcut": "shortcut",
+    "message_action": "message_action",
+}
+#: event_callback event types with a typed event of their own (besides message & co)
+TYPED_EVENTS: Final = frozenset(
+    {
+        "app_home_opened",
+        "assistant_thread_started",
+        "assistant_thread_context_changed",
+        "function_executed",
+    }
+)
+#: events whose acknowledgement can carry an answer, and the keys of ``slack.ack`` for each
+ANSWERABLE: Final = {
+    "slack.view_submission": ("response_action", "errors", "view"),
+    "slack.options": ("options", "option_groups"),
+    "slack.command": ("text", "blocks", "response_type"),
+}
+_ANSWER_KEYS: Final = {key: event for event, keys in ANSWERABLE.items() for key in keys}
 _TS = re.compile(r"^\d{1,12}\.\d{1,9}$")
 _FILE_KEYS = ("id", "name", "title", "mimetype", "filetype", "size", "url_private", "permalink")
 
@@ -88,21 +162,35 @@ class InvalidPayload(ValueError):
 
 @dataclass(frozen=True)
 class Inbound:
-    """One layer message: ``slack.<event>`` with ``keys``; ``id`` also serves de-duplication."""
+    """One layer message: ``slack.<event>`` with ``keys``; ``id`` also serves de-duplication.
+
+    ``secret`` is what the event carried that must not reach the layer: ``function_executed``'s
+    ``bot_access_token`` (the gateway keeps it for that execution's ``slack.function_*``).
+    """
 
     event: str
     id: str | None
     keys: dict[str, Any] = field(default_factory=dict)
+    secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Envelope:
-    """A Socket Mode envelope that carries a payload and is acknowledged by ``envelope_id``."""
+    """A Socket Mode envelope that carries a payload and is acknowledged by ``envelope_id``;
+    ``accepts_response_payload``: the acknowledgement may carry an answer (:func:`ack`)."""
 
     type: str
     envelope_id: str
     payload: dict[str, Any]
     retry_attempt: int = 0
+    accepts_response_payload: bool = False
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Acknowledge: with ``payload`` (an answer, :func:`parse_ack`) or empty (``None``)."""
+
+    payload: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,12 +227,22 @@ def parse_envelope(text: str | bytes) -> Envelope | Control | Unknown:
     if not isinstance(payload, dict):
         return Unknown(f"{kind} envelope {envelope_id} without a payload object")
     retry = data.get("retry_attempt")
-    return Envelope(kind, envelope_id, payload, retry if isinstance(retry, int) else 0)
+    return Envelope(
+        kind,
+        envelope_id,
+        payload,
+        retry if isinstance(retry, int) and not isinstance(retry, bool) else 0,
+        data.get("accepts_response_payload") is True,
+    )
 
 
-def ack(envelope_id: str) -> str:
-    """The Socket Mode acknowledgement of one envelope."""
-    return json.dumps({"envelope_id": envelope_id})
+def ack(envelope_id: str, payload: Mapping[str, Any] | None = None) -> str:
+    """The Socket Mode acknowledgement of one envelope, with an answer when ``payload`` is given
+    (only for an envelope that ``accepts_response_payload``)."""
+    frame: dict[str, Any] = {"envelope_id": envelope_id}
+    if payload is not None:
+        frame["payload"] = dict(payload)
+    return json.dumps(frame)
 
 
 def check_timestamp(value: str | None, now: float, max_age: float) -> str | None:
@@ -158,6 +256,15 @@ def check_timestamp(value: str | None, now: float, max_age: float) -> str | None
     if abs(now - stamp) > max_age:
         return f"X-Slack-Request-Timestamp is {now - stamp:.0f} s off (limit {max_age:g} s)"
     return None
+
+
+def is_ssl_check(body: bytes, content_type: str) -> bool:
+    """Slack's ``ssl_check=1`` form: it checks the Request URL's certificate and wants a 200
+    (sent unsigned to slash command URLs; nothing in it reaches the layer)."""
+    if not content_type.startswith("application/x-www-form-urlencoded") or len(body) > 1024:
+        return False
+    form = parse_qs(body.decode("utf-8", "replace"))
+    return form.get("ssl_check") == ["1"] and "command" not in form and "payload" not in form
 
 
 def parse_http_body(body: bytes, content_type: str) -> tuple[str, dict[str, Any]]:
@@ -244,6 +351,87 @@ def _message_keys(event: Mapping[str, Any], own: tuple[str | None, str | None]) 
     }
 
 
+#: (enterprise id, team id) of a workspace; either may be ``None``
+Route = tuple[str | None, str | None]
+
+
+def _authorization(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The first of an ``event_callback``'s ``authorizations`` (the installation it is for)."""
+    found = body.get("authorizations")
+    if isinstance(found, list) and found and isinstance(found[0], dict):
+        first: Mapping[str, Any] = found[0]
+        return first
+    return {}
+
+
+def route_of(kind: str, payload: Mapping[str, Any]) -> Route:
+    """The workspace a payload comes from: ``(enterprise_id, team_id)``, as Slack gave them.
+
+    ``kind`` as :func:`parse_http_body` says it (``event_callback``, ``events_api``,
+    ``slash_commands``, ``interactive``). An org-wide install's events name the enterprise and
+    the workspace inside it; a team install's only the team.
+    """
+    if kind in ("event_callback", "events_api"):
+        enterprise = _str(payload.get("enterprise_id")) or _str(
+            _authorization(payload).get("enterprise_id")
+        )
+        team = _str(payload.get("team_id")) or _str(_authorization(payload).get("team_id"))
+        return enterprise, team
+    if kind == "slash_commands":
+        return _str(payload.get("enterprise_id")), _str(payload.get("team_id"))
+    team = _id_of(payload.get("team"))
+    user = payload.get("user")
+    if team is None and isinstance(user, dict):
+        team = _str(user.get("team_id"))
+    return _id_of(payload.get("enterprise")), team
+
+
+def own_ids(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(bot user id, bot id) of the installation an ``event_callback`` was sent to, as far as
+    its ``authorizations`` say (the bot user only: Slack names no bot id there)."""
+    found = _authorization(body)
+    if found.get("is_bot") is True:
+        return _str(found.get("user_id")), None
+    return None, None
+
+
+def _dict(value: Any) -> dict[str, Any] | None:
+    return dict(value) if isinstance(value, dict) else None
+
+
+def _typed_event(kind: str, event: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The keys of an event in :data:`TYPED_EVENTS`, and its secret (see :class:`Inbound`)."""
+    if kind == "app_home_opened":
+        view = _dict(event.get("view"))
+        return {
+            "user": _str(event.get("user")),
+            "channel": _str(event.get("channel")),
+            "tab": _str(event.get("tab")),
+            "view": view,
+            "view_id": _str(view.get("id")) if view else None,
+            "event_ts": _str(event.get("event_ts")),
+        }, None
+    if kind in ("assistant_thread_started", "assistant_thread_context_changed"):
+        thread = _dict(event.get("assistant_thread")) or {}
+        return {
+            "user": _str(thread.get("user_id")),
+            "channel": _str(thread.get("channel_id")),
+            "thread_ts": _str(thread.get("thread_ts")),
+            "context": _dict(thread.get("context")) or {},
+            "event_ts": _str(event.get("event_ts")),
+        }, None
+    # function_executed
+    function = _dict(event.get("function")) or {}
+    return {
+        "function_execution_id": _str(event.get("function_execution_id")),
+        "workflow_execution_id": _str(event.get("workflow_execution_id")),
+        "callback_id": _str(function.get("callback_id")),
+        "function": function,
+        "inputs": _dict(event.get("inputs")) or {},
+        "event_ts": _str(event.get("event_ts")),
+    }, _str(event.get("bot_access_token"))
+
+
 def from_event_callback(
     body: Mapping[str, Any], own: tuple[str | None, str | None] = (None, None)
 ) -> Inbound:
@@ -256,7 +444,8 @@ def from_event_callback(
     if not isinstance(event, dict):
         raise InvalidPayload("event_callback without an event object")
     event_id = _str(body.get("event_id"))
-    common: dict[str, Any] = {"team": _str(body.get("team_id")), "event_time": None}
+    enterprise, team = route_of("event_callback", body)
+    common: dict[str, Any] = {"team": team, "enterprise": enterprise, "event_time": None}
     event_time = body.get("event_time")
     if isinstance(event_time, int | float) and not isinstance(event_time, bool):
         common["event_time"] = event_time
@@ -296,6 +485,9 @@ def from_event_callback(
             "ts": _str(item.get("ts")),
         }
         return Inbound("reaction", event_id, {**common, **keys})
+    if kind in TYPED_EVENTS:
+        keys, secret = _typed_event(kind, event)
+        return Inbound(kind, event_id, {**common, **keys}, secret)
     return Inbound("event", event_id, {**common, "event_type": _str(kind), "event": dict(event)})
 
 
@@ -321,6 +513,7 @@ def channel_type_of(conversation: Any) -> str | None:
 def from_slash_command(form: Mapping[str, Any]) -> Inbound:
     """A slash command (form fields over HTTP, the same keys in a Socket Mode payload)."""
     trigger_id = _str(form.get("trigger_id"))
+    enterprise, team = route_of("slash_commands", form)
     keys = {
         "command": _str(form.get("command")),
         "text": _str(form.get("text")) or "",
@@ -328,7 +521,8 @@ def from_slash_command(form: Mapping[str, Any]) -> Inbound:
         "user_name": _str(form.get("user_name")),
         "channel": _str(form.get("channel_id")),
         "channel_name": _str(form.get("channel_name")),
-        "team": _str(form.get("team_id")),
+        "team": team,
+        "enterprise": enterprise,
         "response_url": _str(form.get("response_url")),
         "trigger_id": trigger_id,
         "api_app_id": _str(form.get("api_app_id")),
@@ -342,8 +536,54 @@ def _id_of(value: Any) -> str | None:
     return _str(value.get("id")) if isinstance(value, dict) else None
 
 
+def _values(view: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A view's ``state.values`` (block_id → action_id → the element's value)."""
+    state = view.get("state") if view else None
+    values = state.get("values") if isinstance(state, dict) else None
+    return dict(values) if isinstance(values, dict) else {}
+
+
+def _interactive_keys(kind: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys a typed interactivity event adds to those every one carries."""
+    view = _dict(payload.get("view"))
+    view_keys = {
+        "view_id": _str(view.get("id")) if view else None,
+        "private_metadata": _str(view.get("private_metadata")) if view else None,
+    }
+    if kind == "block_actions":
+        container = _dict(payload.get("container")) or {}
+        state = _dict(payload.get("state"))
+        return {
+            **view_keys,
+            "message_ts": _str(container.get("message_ts")),
+            "values": _values(view) if view else _values({"state": state} if state else None),
+        }
+    if kind == "view_submission":
+        return {
+            **view_keys,
+            "values": _values(view),
+            "hash": _str(view.get("hash")) if view else None,
+            "external_id": _str(view.get("external_id")) if view else None,
+        }
+    if kind == "view_closed":
+        return {**view_keys, "is_cleared": payload.get("is_cleared") is True}
+    if kind == "message_action":
+        message = _dict(payload.get("message"))
+        return {"message_ts": _str(message.get("ts")) if message else None, "message": message}
+    if kind == "block_suggestion":
+        return {
+            "view_id": view_keys["view_id"],
+            "action_id": _str(payload.get("action_id")),
+            "block_id": _str(payload.get("block_id")),
+            "value": _str(payload.get("value")) or "",
+        }
+    return {}  # shortcut: callback_id and trigger_id, which every one carries
+
+
 def from_interactive(payload: Mapping[str, Any]) -> Inbound:
-    """An interactivity payload (block_actions, view_submission, shortcut, …)."""
+    """An interactivity payload: ``slack.block_actions``, ``slack.view_submission``,
+    ``slack.view_closed``, ``slack.shortcut``, ``slack.message_action``, ``slack.options``
+    (``block_suggestion``), or ``slack.action`` for any other ``type``."""
     response_url = _str(payload.get("response_url"))
     urls = payload.get("response_urls")
     if response_url is None and isinstance(urls, list) and urls and isinstance(urls[0], dict):
@@ -354,18 +594,29 @@ def from_interactive(payload: Mapping[str, Any]) -> Inbound:
         callback_id = _str(view.get("callback_id"))
     actions = payload.get("actions")
     trigger_id = _str(payload.get("trigger_id"))
+    user = payload.get("user")
+    enterprise, team = route_of("interactive", payload)
+    kind = _str(payload.get("type"))
     keys = {
-        "kind": _str(payload.get("type")),
-        "user": _id_of(payload.get("user")),
+        "kind": kind,
+        "user": _id_of(user),
+        "user_name": _str(user.get("username") or user.get("name"))
+        if isinstance(user, dict)
+        else None,
         "channel": _id_of(payload.get("channel")),
-        "team": _id_of(payload.get("team")),
+        "team": team,
+        "enterprise": enterprise,
         "response_url": response_url,
         "trigger_id": trigger_id,
         "callback_id": callback_id,
         "actions": actions if isinstance(actions, list) else [],
         "payload": dict(payload),
     }
-    return Inbound("action", trigger_id, keys)
+    event = INTERACTIVE.get(kind or "")
+    if event is None:
+        return Inbound("action", trigger_id, keys)
+    assert kind is not None
+    return Inbound(event, trigger_id, {**keys, **_interactive_keys(kind, payload)})
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -495,3 +746,361 @@ def parse_respond(body: Mapping[str, Any], allowed_prefix: str) -> Respond:
     if thread_ts is not None:
         out["thread_ts"] = thread_ts
     return Respond(url, out)
+
+
+def _identifier(value: Any, key: str, limit: int = MAX_ID) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise InvalidCommand(f"{key!r} must be a non-empty string of at most {limit} characters")
+    if any(c.isspace() for c in value):
+        raise InvalidCommand(f"{key!r} must contain no spaces")
+    return value
+
+
+def parse_route(body: Mapping[str, Any]) -> Route:
+    """The workspace a command names (``enterprise``, ``team``; each optional): whose token it
+    goes out with when the app is installed in several (``slack.oauth``)."""
+    route = []
+    for key in ("enterprise", "team"):
+        value = body.get(key)
+        route.append(None if value is None else _identifier(value, key, 64))
+    return route[0], route[1]
+
+
+# -- views ------------------------------------------------------------------------------------
+
+
+def _plain_text(value: Any, key: str, limit: int) -> dict[str, Any]:
+    if (
+        not isinstance(value, dict)
+        or value.get("type") != "plain_text"
+        or not isinstance(value.get("text"), str)
+        or not value["text"]
+    ):
+        raise InvalidCommand(f"{key!r} must be a plain_text object with a text")
+    if len(value["text"]) > limit:
+        raise InvalidCommand(f"{key!r} is {len(value['text'])} characters (Slack's limit: {limit})")
+    return dict(value)
+
+
+def _view(value: Any, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """A view object (modal or Home tab) as Slack's view reference describes it."""
+    if not isinstance(value, dict):
+        raise InvalidCommand("'view' must be a view object")
+    kind = value.get("type")
+    if kind not in kinds:
+        raise InvalidCommand(f"'view' must be of type {' or '.join(map(repr, kinds))}")
+    blocks = value.get("blocks")
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        raise InvalidCommand("'view.blocks' must be a list of Block Kit objects")
+    if len(blocks) > MAX_VIEW_BLOCKS:
+        raise InvalidCommand(
+            f"'view.blocks' has {len(blocks)} blocks (Slack's limit: {MAX_VIEW_BLOCKS})"
+        )
+    if kind == "modal":
+        _plain_text(value.get("title"), "view.title", MAX_MODAL_TEXT)
+        for key in ("submit", "close"):
+            if value.get(key) is not None:
+                _plain_text(value[key], f"view.{key}", MAX_MODAL_TEXT)
+        if value.get("submit") is None and any(b.get("type") == "input" for b in blocks):
+            raise InvalidCommand("'view.submit' is required with an input block")
+    for key, limit in (("callback_id", MAX_ID), ("external_id", MAX_ID)):
+        if value.get(key) is not None:
+            _identifier(value[key], f"view.{key}", limit)
+    metadata = value.get("private_metadata")
+    if metadata is not None and (not isinstance(metadata, str) or len(metadata) > MAX_METADATA):
+        raise InvalidCommand(f"'view.private_metadata' must be a string of at most {MAX_METADATA}")
+    return dict(value)
+
+
+def _trigger(body: Mapping[str, Any]) -> dict[str, str]:
+    """``trigger_id`` or ``interactivity_pointer``: exactly one (Slack takes either)."""
+    given = {k: body[k] for k in ("trigger_id", "interactivity_pointer") if body.get(k) is not None}
+    if len(given) != 1:
+        raise InvalidCommand("exactly one of 'trigger_id' and 'interactivity_pointer' is required")
+    ((key, value),) = given.items()
+    return {key: _identifier(value, key)}
+
+
+def parse_views_open(body: Mapping[str, Any]) -> ApiCall:
+    """``slack.views_open``: a modal ``view`` for the user of ``trigger_id`` (valid for 3 s
+    after the interaction that gave it) or ``interactivity_pointer``."""
+    return ApiCall("views.open", {**_trigger(body), "view": _view(body.get("view"), ("modal",))})
+
+
+def parse_views_push(body: Mapping[str, Any]) -> ApiCall:
+    """``slack.views_push``: a modal ``view`` on top of the open one (a stack of at most 3)."""
+    return ApiCall("views.push", {**_trigger(body), "view": _view(body.get("view"), ("modal",))})
+
+
+def _hash(body: Mapping[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    if body.get("hash") is not None:
+        args["hash"] = _identifier(body["hash"], "hash")
+    return args
+
+
+def parse_views_update(body: Mapping[str, Any]) -> ApiCall:
+    """``slack.views_update``: replace the view ``view_id`` or ``external_id`` (exactly one);
+    ``hash`` (optional) makes Slack refuse it when the view changed meanwhile."""
+    given = {k: body[k] for k in ("view_id", "external_id") if body.get(k) is not None}
+    if len(given) != 1:
+        raise InvalidCommand("exactly one of 'view_id' and 'external_id' is required")
+    ((key, value),) = given.items()
+    args = {key: _identifier(value, key), "view": _view(body.get("view"), ("modal", "home"))}
+    return ApiCall("views.update", _hash(body, args))
+
+
+def parse_views_publish(body: Mapping[str, Any]) -> ApiCall:
+    """``slack.views_publish``: the Home tab ``view`` of ``user_id``; ``hash`` optional."""
+    args = {
+        "user_id": _identifier(body.get("user_id"), "user_id"),
+        "view": _view(body.get("view"), ("home",)),
+    }
+    return ApiCall("views.publish", _hash(body, args))
+
+
+# -- workflow functions -----------------------------------------------------------------------
+
+
+def parse_function_complete(body: Mapping[str, Any]) -> ApiCall:
+    """``slack.function_complete``: the custom function ``function_execution_id`` succeeded
+    with ``outputs`` (an object matching the function's output parameters)."""
+    outputs = body.get("outputs")
+    if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
+        raise InvalidCommand("'outputs' must be an object")
+    execution = _identifier(body.get("function_execution_id"), "function_execution_id")
+    return ApiCall(
+        "functions.completeSuccess", {"function_execution_id": execution, "outputs": outputs}
+    )
+
+
+def parse_function_fail(body: Mapping[str, Any]) -> ApiCall:
+    """``slack.function_fail``: the custom function failed; ``error`` is shown to the user."""
+    execution = _identifier(body.get("function_execution_id"), "function_execution_id")
+    error = body.get("error")
+    if not isinstance(error, str) or not error.strip():
+        raise InvalidCommand("'error' must be a non-empty string")
+    return ApiCall("functions.completeError", {"function_execution_id": execution, "error": error})
+
+
+# -- answers inside the acknowledgement --------------------------------------------------------
+
+
+def _option(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidCommand(f"{key!r} must be an option object")
+    # a select menu's options are plain_text (mrkdwn is for checkboxes and radio buttons)
+    _plain_text(value.get("text"), f"{key}.text", MAX_OPTION_TEXT)
+    option_value = value.get("value")
+    if not isinstance(option_value, str) or len(option_value) > MAX_OPTION_VALUE:
+        raise InvalidCommand(f"{key}.value must be a string of at most {MAX_OPTION_VALUE}")
+    return dict(value)
+
+
+def _options(value: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise InvalidCommand(f"{key!r} must be a list")
+    if len(value) > MAX_OPTIONS:
+        raise InvalidCommand(f"{key!r} has {len(value)} entries (Slack's limit: {MAX_OPTIONS})")
+    return [_option(option, f"{key}[{i}]") for i, option in enumerate(value)]
+
+
+def _options_answer(body: Mapping[str, Any]) -> dict[str, Any]:
+    if body.get("options") is not None and body.get("option_groups") is not None:
+        raise InvalidCommand("give 'options' or 'option_groups', not both")
+    if body.get("options") is not None:
+        return {"options": _options(body["options"], "options")}
+    groups = body["option_groups"]
+    if not isinstance(groups, list) or len(groups) > MAX_OPTIONS:
+        raise InvalidCommand(f"'option_groups' must be a list of at most {MAX_OPTIONS} groups")
+    checked = []
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise InvalidCommand(f"'option_groups[{i}]' must be an option group object")
+        _plain_text(group.get("label"), f"option_groups[{i}].label", MAX_OPTION_TEXT)
+        _options(group.get("options"), f"option_groups[{i}].options")
+        checked.append(dict(group))
+    return {"option_groups": checked}
+
+
+def _view_answer(body: Mapping[str, Any]) -> dict[str, Any]:
+    action = body.get("response_action")
+    if action == "errors":
+        errors = body.get("errors")
+        if (
+            not isinstance(errors, dict)
+            or not errors
+            or not all(isinstance(k, str) and k for k in errors)
+            or not all(isinstance(v, str) and v for v in errors.values())
+        ):
+            raise InvalidCommand("'errors' must map block_id to an error text")
+        if body.get("view") is not None:
+            raise InvalidCommand("response_action 'errors' takes no 'view'")
+        return {"response_action": "errors", "errors": dict(errors)}
+    if action in ("update", "push"):
+        if body.get("errors") is not None:
+            raise InvalidCommand(f"response_action {action!r} takes no 'errors'")
+        return {"response_action": action, "view": _view(body.get("view"), ("modal",))}
+    if action == "clear":
+        if body.get("errors") is not None or body.get("view") is not None:
+            raise InvalidCommand("response_action 'clear' takes neither 'errors' nor 'view'")
+        return {"response_action": "clear"}
+    raise InvalidCommand("'response_action' must be 'errors', 'update', 'push' or 'clear'")
+
+
+def parse_ack(body: Mapping[str, Any], event: str | None = None) -> dict[str, Any] | None:
+    """``slack.ack``: what the acknowledgement of ``event`` (its type, ``slack.view_submission``
+    …; ``None``: any answerable one) carries; ``None`` for an empty acknowledgement.
+
+    * ``slack.view_submission``: ``response_action`` ``errors`` (with ``errors``: block_id →
+      text), ``update`` / ``push`` (with a modal ``view``) or ``clear``;
+    * ``slack.options`` (``block_suggestion``): ``options`` or ``option_groups`` (≤ 100);
+    * ``slack.command``: an immediate message, ``text`` and/or ``blocks`` and
+      ``response_type`` (``ephemeral``, Slack's default, or ``in_channel``).
+    """
+    given = {_ANSWER_KEYS[k] for k in _ANSWER_KEYS if body.get(k) is not None}
+    if not given:
+        return None
+
+    def keys_for(kind: str) -> str:
+        return ", ".join(repr(k) for k in ANSWERABLE[kind] if body.get(k) is not None)
+
+    if len(given) > 1:
+        parts = [f"{keys_for(kind)} answer a {kind}" for kind in sorted(given)]
+        raise InvalidCommand("an answer is for one kind of event: " + "; ".join(parts))
+    (kind,) = given
+    if event is not None and kind != event:
+        keys = ", ".join(repr(k) for k in ANSWERABLE.get(event, ()))
+        raise InvalidCommand(
+            f"a {event} is answered with {keys or 'nothing'}, not with {keys_for(kind)}"
+        )
+    if kind == "slack.view_submission":
+        return _view_answer(body)
+    if kind == "slack.options":
+        return _options_answer(body)
+    answer = _content(body, required=True)
+    response_type = body.get("response_type")
+    if response_type is not None:
+        if response_type not in ("ephemeral", "in_channel"):
+            raise InvalidCommand("'response_type' must be 'ephemeral' or 'in_channel'")
+        answer["response_type"] = response_type
+    return answer
+
+
+# -- OAuth ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Installation:
+    """The app installed in one workspace (or org-wide in an enterprise): what
+    ``oauth.v2.access`` answered. Tokens stay out of ``repr``.
+
+    ``bot_token_expires_at`` (epoch seconds) and ``bot_refresh_token`` are set when the app
+    uses token rotation.
+    """
+
+    team_id: str | None
+    enterprise_id: str | None
+    is_enterprise_install: bool
+    bot_token: str = field(repr=False)
+    bot_user_id: str | None = None
+    bot_id: str | None = None
+    bot_scopes: str = ""
+    bot_refresh_token: str | None = field(default=None, repr=False)
+    bot_token_expires_at: float | None = None
+    team_name: str | None = None
+    enterprise_name: str | None = None
+    app_id: str | None = None
+    installer_user_id: str | None = None
+    installed_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """Where the store keeps it (:func:`installation_key`)."""
+        return installation_key(
+            self.enterprise_id, None if self.is_enterprise_install else self.team_id
+        )
+
+    def expires_in(self, now: float) -> float | None:
+        """Seconds the bot token has left at ``now`` (``None``: it does not expire)."""
+        return None if self.bot_token_expires_at is None else self.bot_token_expires_at - now
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Installation:
+        """What :meth:`to_json` wrote; :class:`InvalidPayload` for anything else."""
+        try:
+            data = json.loads(text)
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise InvalidPayload(f"not an installation: {type(exc).__name__}") from None
+
+
+def installation_key(enterprise_id: str | None, team_id: str | None) -> str:
+    """``{enterprise id or -}:{team id or -}``: an org-wide install is ``E…:-``, a workspace
+    ``-:T…`` (``E…:T…`` inside an enterprise)."""
+    return f"{enterprise_id or '-'}:{team_id or '-'}"
+
+
+def authorize_url(
+    base: str, client_id: str, scopes: list[str], state: str, redirect_uri: str | None
+) -> str:
+    """Slack's OAuth v2 authorize URL for the "Add to Slack" redirect."""
+    query = {"client_id": client_id, "scope": ",".join(scopes), "state": state}
+    if redirect_uri is not None:
+        query["redirect_uri"] = redirect_uri
+    return f"{base}?{urlencode(query)}"
+
+
+def _expiry(answer: Mapping[str, Any], now: float) -> float | None:
+    expires_in = answer.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        return now + float(expires_in)
+    return None
+
+
+def installation_from_oauth(answer: Mapping[str, Any], now: float) -> Installation:
+    """``oauth.v2.access``'s answer to an authorization code → :class:`Installation`.
+
+    Raises :class:`InvalidPayload` when it holds no bot token (the app asked for no bot
+    scopes) or names no workspace.
+    """
+    token = _str(answer.get("access_token"))
+    if answer.get("token_type") not in (None, "bot") or not token:
+        raise InvalidPayload("oauth.v2.access gave no bot token (are bot scopes requested?)")
+    team, enterprise = _dict(answer.get("team")) or {}, _dict(answer.get("enterprise")) or {}
+    is_enterprise = answer.get("is_enterprise_install") is True
+    if not _str(team.get("id")) and not (is_enterprise and _str(enterprise.get("id"))):
+        raise InvalidPayload("oauth.v2.access names no workspace")
+    user = _dict(answer.get("authed_user")) or {}
+    return Installation(
+        team_id=_str(team.get("id")),
+        enterprise_id=_str(enterprise.get("id")),
+        is_enterprise_install=is_enterprise,
+        bot_token=token,
+        bot_user_id=_str(answer.get("bot_user_id")),
+        bot_scopes=_str(answer.get("scope")) or "",
+        bot_refresh_token=_str(answer.get("refresh_token")),
+        bot_token_expires_at=_expiry(answer, now),
+        team_name=_str(team.get("name")),
+        enterprise_name=_str(enterprise.get("name")),
+        app_id=_str(answer.get("app_id")),
+        installer_user_id=_str(user.get("id")),
+        installed_at=now,
+    )
+
+
+def refreshed(installation: Installation, answer: Mapping[str, Any], now: float) -> Installation:
+    """``installation`` with the tokens of ``oauth.v2.access``'s answer to
+    ``grant_type=refresh_token`` (a new access token and a new refresh token: the old refresh
+    token is revoked). :class:`InvalidPayload` when either is missing."""
+    token, refresh = _str(answer.get("access_token")), _str(answer.get("refresh_token"))
+    if not token or not refresh:
+        raise InvalidPayload("oauth.v2.access (refresh_token) gave no access or refresh token")
+    return replace(
+        installation,
+        bot_token=token,
+        bot_refresh_token=refresh,
+        bot_token_expires_at=_expiry(answer, now),
+    )

@@ -76,6 +76,8 @@ def test_every_gateway_has_its_helpers() -> None:
 
 
 HOOK = "https://hooks.slack.com/commands/1"
+MODAL = {"type": "modal", "title": {"type": "plain_text", "text": "Ticket"}, "blocks": []}
+HOME = {"type": "home", "blocks": []}
 
 #: commands every gateway refuses before doing anything (one per check the helpers reuse)
 REFUSED: list[tuple[str, dict[str, Any]]] = [
@@ -109,6 +111,16 @@ REFUSED: list[tuple[str, dict[str, Any]]] = [
     ("slack", {"type": "slack.react", "channel": "C1", "ts": "1.2", "name": "a:b"}),
     ("slack", {"type": "slack.respond", "response_url": HOOK, "text": "x", "response_type": "dm"}),
     ("slack", {"type": "slack.respond", "response_url": HOOK}),
+    ("slack", {"type": "slack.send", "channel": "C1", "text": "hi", "team": "T 1"}),
+    ("slack", {"type": "slack.views_open", "view": MODAL}),
+    ("slack", {"type": "slack.views_open", "trigger_id": "1.2.a", "view": {**MODAL, "title": 1}}),
+    ("slack", {"type": "slack.views_push", "trigger_id": "1.2.a", "view": HOME}),
+    ("slack", {"type": "slack.views_update", "view_id": "V1", "external_id": "e", "view": MODAL}),
+    ("slack", {"type": "slack.views_publish", "user_id": "U1", "view": MODAL}),
+    ("slack", {"type": "slack.function_complete", "function_execution_id": "Fx1"}),
+    ("slack", {"type": "slack.function_fail", "function_execution_id": "Fx1", "error": ""}),
+    ("slack", {"type": "slack.ack", "options": "all of them"}),
+    ("slack", {"type": "slack.ack", "response_action": "close"}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "cron": "99 * * * *"}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "in": "10m", "every": "1h"}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "in": "10m", "timezone": "Mars/X"}),
@@ -157,6 +169,13 @@ TAKEN: list[tuple[str, dict[str, Any]]] = [
     ("email", {"type": "email.send", "bcc": ["b@example.com"], "from": "me@example.com"}),
     ("slack", {"type": "slack.send", "channel": "C1", "blocks": [{"type": "divider"}]}),
     ("slack", {"type": "slack.respond", "response_url": "https://elsewhere/", "text": "x"}),
+    ("slack", {"type": "slack.send", "channel": "C1", "text": "hi", "team": "T1"}),
+    ("slack", {"type": "slack.views_open", "trigger_id": "1.2.a", "view": MODAL}),
+    ("slack", {"type": "slack.views_publish", "user_id": "U1", "view": HOME, "hash": "1.2"}),
+    ("slack", {"type": "slack.views_update", "external_id": "home-1", "view": HOME}),
+    ("slack", {"type": "slack.function_complete", "function_execution_id": "F", "outputs": {}}),
+    ("slack", {"type": "slack.ack", "response_action": "errors", "errors": {"b": "bad"}}),
+    ("slack", {"type": "slack.ack"}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "at": 0, "misfire_grace": 1e12}),
     ("scheduler", {"type": "scheduler.add", "schedule": "a", "cron": "*/10 * * * * *"}),
     ("scheduler", {"type": "scheduler.pause", "all": True, "note": "deploy"}),

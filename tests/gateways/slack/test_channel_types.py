@@ -17,7 +17,7 @@ class Lookup:
         self.release = asyncio.Event()
         self.release.set()
 
-    async def __call__(self, channel: str) -> str | None:
+    async def __call__(self, channel: str, route: tuple[str | None, str | None]) -> str | None:
         self.asked.append(channel)
         await self.release.wait()
         return self.answers.get(channel)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -122,6 +122,80 @@ slack:
         assert any(line.startswith(key) for line in lines), (key, lines)
 
 
+def test_oauth_answers_and_their_errors(tmp_path: Path) -> None:
+    (tmp_path / "client").write_text("client-secret-from-file\n")
+    path = write(
+        tmp_path,
+        f"""
+gateway: slack
+name: team
+slack:
+  transport: events_api
+  signing_secret: s3cret
+  oauth:
+    client_id: "1111.2222"
+    client_secret_file: {tmp_path / "client"}
+    scopes: [chat:write, commands]
+  answers: {{timeout: 1.5, wait_for: [slack.command]}}
+""",
+    )
+    slack = load_config(path, SlackGatewayConfig).slack
+    assert slack.bot_token is None and slack.oauth is not None
+    assert slack.oauth.client_secret.get_secret_value() == "client-secret-from-file"
+    assert (slack.oauth.install_path, slack.oauth.redirect_path) == (
+        "/slack/install",
+        "/slack/oauth_redirect",
+    )
+    assert (slack.oauth.state_ttl, slack.oauth.refresh_before) == (600.0, 7200.0)
+    assert (slack.answers.timeout, slack.answers.wait_for) == (1.5, ["slack.command"])
+    assert "client-secret-from-file" not in repr(slack)
+    assert SlackConfig.model_validate(
+        {"bot_token": "xoxb-1", "app_token": "xapp-1"}
+    ).answers.wait_for == ["slack.view_submission", "slack.options"]
+
+    path = write(
+        tmp_path,
+        """
+gateway: slack
+name: team
+slack:
+  bot_token: xoxb-1
+  transport: events_api
+  signing_secret: s3cret
+  events_api: {path: /slack/install}
+  oauth:
+    client_id: "1"
+    client_secret: x
+    scopes: [chat:write]
+  answers: {timeout: 3, wait_for: [slack.message]}
+""",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path, SlackGatewayConfig)
+    lines = error.value.errors
+    assert any(line.startswith("slack.answers.timeout:") for line in lines), lines
+    assert any(line.startswith("slack.answers.wait_for[0]:") for line in lines), lines
+    bad = {"bot_token": "xoxb-1", "transport": "events_api", "signing_secret": "s"}
+    oauth = {"client_id": "1", "client_secret": "x", "scopes": ["chat:write"]}
+    cases = [
+        ({**bad, "oauth": oauth}, "bot_token: not used with oauth"),
+        (
+            {**bad, "bot_token": None, "oauth": oauth, "events_api": {"path": "/slack/install"}},
+            "must differ from events_api.path",
+        ),
+        ({"transport": "events_api", "signing_secret": "s"}, "bot_token: required"),
+        ({**bad, "bot_token": None, "oauth": {**oauth, "scopes": []}}, "at least 1 item"),
+        ({**bad, "bot_token": None, "oauth": {**oauth, "scopes": ["a b"]}}, "one word"),
+        ({**bad, "bot_token": None,
+          "oauth": {**oauth, "install_path": "/x", "redirect_path": "/x"}}, "must differ"),
+        ({**bad, "bot_token": None, "oauth": {**oauth, "redirect_uri": "ftp://x"}}, "http"),
+        ({**bad, "bot_token": None, "oauth": {**oauth, "client_secret": ""}}, "must not be empty"),
+    ]  # fmt: skip
+    for section, error_text in cases:
+        with pytest.raises(ValueError, match=error_text):
+            SlackConfig.model_validate(section)
+
+
 def test_gateways_run_knows_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     from gateways.cli import main
 
@@ -137,8 +211,19 @@ def test_gateways_run_knows_the_example(capsys: pytest.CaptureFixture[str]) -> N
 def _keys(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for name, field in model.model_fields.items():
-        if hasattr(field.annotation, "model_fields"):
-            out += _keys(field.annotation, f"{prefix}{name}.")
+        # a section, or an optional one (`oauth: OAuthConfig | None`)
+        section = next(
+            (
+                t
+                for t in (field.annotation, *get_args(field.annotation))
+                if hasattr(t, "model_fields")
+            ),
+            None,
+        )
+        if section is not None:
+            out += _keys(section, f"{prefix}{name}.")
+        elif field.default_factory is not None:
+            out.append((f"{prefix}{name}", field.default_factory()))  # type: ignore[call-arg]
         else:
             out.append((f"{prefix}{name}", field.default))
     return out
@@ -146,7 +231,7 @@ def _keys(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def test_the_readme_documents_every_key_with_its_default() -> None:
     readme = (Path(__file__).resolve().parents[3] / "gateways/slack/README.md").read_text()
-    rows = dict(re.findall(r"^\| `([a-z_.]+)`(?: / `[a-z_]+`)? \| ([^|]+) \|", readme, re.M))
+    rows = dict(re.findall(r"^\| `([a-z_.]+)`(?: / `[a-z_.]+`)? \| ([^|]+) \|", readme, re.M))
     for key, default in _keys(SlackConfig):
         assert key in rows, f"{key} is not in the README's table"
         documented = rows[key].strip().strip("`")
@@ -157,5 +242,9 @@ def test_the_readme_documents_every_key_with_its_default() -> None:
                 str(default),
                 f"{default:g}" if not isinstance(default, str) else default,
             ), key
+        elif isinstance(default, list):
+            assert documented == ", ".join(f"`{v}`" for v in default).strip("`"), key
+        elif default is None:
+            assert documented.startswith(("required", "\N{EN DASH}")), key
         else:
             assert documented.startswith("required"), key

@@ -128,7 +128,7 @@ async def test_slash_commands_and_interactivity_over_http(fake_slack: FakeSlack)
             "team": {"id": "T0TEAM"},
         }
         assert (await slack.interactive(payload))[0] == 200
-        action = await next_event(layer, "slack.action")
+        action = await next_event(layer, "slack.shortcut")
         assert action["kind"] == "shortcut" and action["callback_id"] == "open_ticket"
         assert (await slack.post(b"command=", content_type="text/plain"))[0] == 400
 
@@ -213,3 +213,20 @@ async def test_a_signed_body_that_is_not_utf8_is_400_not_401(
         await layer.close_pools()
         assert gateway.metric("gateway_errors_total", kind="bad_input") == 3
         assert "body is not UTF-8" in gateway.wait_for("body is not UTF-8")
+
+
+async def test_ssl_check_is_answered_and_goes_nowhere(fake_slack: FakeSlack) -> None:
+    """Slack checks a slash command URL's certificate with an ``ssl_check=1`` form and wants a
+    200 (Bolt answers it before the signature, so does the gateway); nothing reaches the layer."""
+    port = free_port()
+    async with running(events_config(fake_slack, port)) as (_, layer), client(port) as slack:
+        form = "application/x-www-form-urlencoded"
+        unsigned = ("X-Slack-Signature", "X-Slack-Request-Timestamp")
+        assert await slack.post(b"ssl_check=1&token=x", content_type=form, omit=unsigned) == (
+            200,
+            "",
+        )
+        # a slash command that says ssl_check too is still a slash command: signed or 401
+        sneaky = b"ssl_check=1&command=%2Fticket&text=42"
+        assert (await slack.post(sneaky, content_type=form, omit=unsigned))[0] == 401
+        await only_marker_follows(slack, layer)

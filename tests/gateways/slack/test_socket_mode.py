@@ -238,7 +238,7 @@ async def test_every_envelope_type_is_delivered_then_acknowledged(fake_slack: Fa
                         "actions": [{"action_id": "approve", "type": "button", "value": "42"}],
                     }
                 ),
-                "slack.action",
+                "slack.block_actions",
                 {
                     "kind": "block_actions",
                     "user": "U0ALICE",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -11,26 +12,42 @@ from hypothesis import strategies as st
 
 from core.envelope import check_payload
 from gateways.slack.translate import (
+    TYPED_EVENTS,
     ApiCall,
     Control,
     Envelope,
+    Installation,
     InvalidCommand,
     InvalidPayload,
     Respond,
     Unknown,
     ack,
+    authorize_url,
     channel_type_of,
     check_timestamp,
     from_event_callback,
     from_interactive,
     from_slash_command,
+    installation_from_oauth,
+    installation_key,
+    own_ids,
+    parse_ack,
     parse_delete,
     parse_envelope,
+    parse_function_complete,
+    parse_function_fail,
     parse_http_body,
     parse_react,
     parse_respond,
+    parse_route,
     parse_send,
     parse_update,
+    parse_views_open,
+    parse_views_publish,
+    parse_views_push,
+    parse_views_update,
+    refreshed,
+    route_of,
 )
 
 #: no deadline: the machine is shared, a slow example is not a failure
@@ -85,7 +102,10 @@ def test_any_event_callback_is_a_msgpack_safe_message_or_invalid(
         assert not isinstance(event, dict)
         return
     check_payload(inbound.keys)
-    assert inbound.event in {"message", "mention", "joined", "left", "reaction", "event"}
+    assert inbound.event in {"message", "mention", "joined", "left", "reaction", "event"} | set(
+        TYPED_EVENTS
+    )
+    assert "bot_access_token" not in str(inbound.keys)
 
 
 def callback(event: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +177,7 @@ def test_other_events_keep_their_raw_payload() -> None:
     assert inbound.event == "event" and inbound.id is None
     assert inbound.keys == {
         "team": None,
+        "enterprise": None,
         "event_time": None,
         "event_type": "team_join",
         "event": raw,
@@ -405,3 +426,343 @@ def test_channel_type_of_a_conversation_object() -> None:
     ]
     for conversation, expected in cases:
         assert channel_type_of(conversation) == expected, conversation
+
+
+# -- issue 26: typed events, answers, views, workflow functions, OAuth -------------------------
+
+MODAL = {
+    "type": "modal",
+    "title": {"type": "plain_text", "text": "Look up"},
+    "submit": {"type": "plain_text", "text": "Go"},
+    "blocks": [{"type": "input", "block_id": "ticket", "element": {}, "label": {}}],
+}
+
+
+def test_envelopes_say_whether_they_take_an_answer() -> None:
+    frame = {
+        "envelope_id": "e1",
+        "type": "interactive",
+        "accepts_response_payload": True,
+        "payload": {"type": "view_submission"},
+    }
+    assert parse_envelope(json.dumps(frame)).accepts_response_payload is True  # type: ignore[union-attr]
+    frame.update(accepts_response_payload="yes", retry_attempt=True)
+    parsed = parse_envelope(json.dumps(frame))
+    assert isinstance(parsed, Envelope)
+    assert parsed.accepts_response_payload is False and parsed.retry_attempt == 0
+    assert json.loads(ack("e1", {"options": []})) == {
+        "envelope_id": "e1",
+        "payload": {"options": []},
+    }
+
+
+def test_interactivity_is_typed_by_its_documented_type() -> None:
+    view = {
+        "id": "V1",
+        "callback_id": "form",
+        "private_metadata": "42",
+        "hash": "1.2",
+        "state": {"values": {"ticket": {"number": {"value": "42"}}}},
+    }
+    common = {"user": {"id": "U1", "username": "alice"}, "team": {"id": "T1"}, "trigger_id": "t"}
+    submission = from_interactive({"type": "view_submission", "view": view, **common})
+    assert submission.event == "view_submission"
+    assert submission.keys["values"] == {"ticket": {"number": {"value": "42"}}}
+    assert (submission.keys["view_id"], submission.keys["hash"]) == ("V1", "1.2")
+    assert submission.keys["private_metadata"] == "42" and submission.keys["user_name"] == "alice"
+    assert (submission.keys["team"], submission.keys["enterprise"]) == ("T1", None)
+    options = from_interactive(
+        {"type": "block_suggestion", "action_id": "a", "block_id": "b", "value": "pr", **common}
+    )
+    assert options.event == "options" and options.keys["value"] == "pr"
+    closed = from_interactive({"type": "view_closed", "view": view, "is_cleared": True})
+    assert closed.event == "view_closed" and closed.keys["is_cleared"] is True
+    actions = from_interactive(
+        {
+            "type": "block_actions",
+            "container": {"message_ts": "1.2"},
+            "state": {"values": {"b": {}}},
+            "actions": [{"action_id": "go"}],
+        }
+    )
+    assert actions.event == "block_actions" and actions.keys["values"] == {"b": {}}
+    assert actions.keys["message_ts"] == "1.2" and actions.keys["view_id"] is None
+    in_view = from_interactive({"type": "block_actions", "view": view})
+    assert in_view.keys["view_id"] == "V1" and in_view.keys["values"]["ticket"]
+    message = from_interactive({"type": "message_action", "message": {"ts": "3.4"}})
+    assert message.event == "message_action" and message.keys["message_ts"] == "3.4"
+    assert from_interactive({"type": "shortcut", "callback_id": "s"}).event == "shortcut"
+    legacy = from_interactive({"type": "dialog_submission", "user": {"team_id": "T9"}})
+    assert legacy.event == "action" and legacy.keys["team"] == "T9"
+    grid = from_interactive({"type": "shortcut", "enterprise": {"id": "E1"}, "team": None})
+    assert (grid.keys["enterprise"], grid.keys["team"]) == ("E1", None)
+
+
+def test_documented_events_are_typed_and_secrets_stay_out() -> None:
+    home = from_event_callback(
+        callback(
+            {
+                "type": "app_home_opened",
+                "user": "U1",
+                "channel": "D1",
+                "tab": "home",
+                "view": {"id": "V1", "type": "home"},
+                "event_ts": "1.2",
+            }
+        )
+    )
+    assert home.event == "app_home_opened"
+    assert (home.keys["user"], home.keys["tab"], home.keys["view_id"]) == ("U1", "home", "V1")
+    thread = from_event_callback(
+        callback(
+            {
+                "type": "assistant_thread_started",
+                "assistant_thread": {
+                    "user_id": "U1",
+                    "context": {"channel_id": "C1", "team_id": "T1", "enterprise_id": None},
+                    "channel_id": "D1",
+                    "thread_ts": "1.5",
+                },
+                "event_ts": "1.6",
+            }
+        )
+    )
+    assert thread.event == "assistant_thread_started"
+    assert (thread.keys["channel"], thread.keys["thread_ts"]) == ("D1", "1.5")
+    assert thread.keys["context"]["channel_id"] == "C1"
+    step = from_event_callback(
+        callback(
+            {
+                "type": "function_executed",
+                "function": {"callback_id": "sample_function", "id": "Fn1"},
+                "inputs": {"user_id": "U1"},
+                "function_execution_id": "Fx1",
+                "workflow_execution_id": "Wx1",
+                "event_ts": "1.7",
+                "bot_access_token": "abcd-1325532282098",
+            }
+        )
+    )
+    assert step.event == "function_executed" and step.secret == "abcd-1325532282098"
+    assert "abcd-1325532282098" not in json.dumps(step.keys) + repr(step)
+    assert (step.keys["callback_id"], step.keys["inputs"]) == ("sample_function", {"user_id": "U1"})
+    grid = dict(callback({"type": "team_join"}), enterprise_id=None)
+    grid["authorizations"] = [
+        {"enterprise_id": "E1", "team_id": "T1", "user_id": "U0", "is_bot": True}
+    ]
+    assert route_of("event_callback", grid) == ("E1", "T1")
+    assert own_ids(grid) == ("U0", None) and own_ids({"authorizations": "x"}) == (None, None)
+    assert route_of("slash_commands", {"team_id": "T2", "enterprise_id": "E2"}) == ("E2", "T2")
+
+
+@pytest.mark.parametrize(
+    ("event", "body", "payload"),
+    [
+        ("slack.view_submission", {}, None),
+        (
+            "slack.view_submission",
+            {"errors": {"ticket": "bad"}, "response_action": "errors"},
+            {"response_action": "errors", "errors": {"ticket": "bad"}},
+        ),
+        (
+            "slack.view_submission",
+            {"response_action": "update", "view": MODAL},
+            {"response_action": "update", "view": MODAL},
+        ),
+        ("slack.view_submission", {"response_action": "clear"}, {"response_action": "clear"}),
+        (
+            "slack.options",
+            {"options": [{"text": {"type": "plain_text", "text": "A"}, "value": "a"}]},
+            {"options": [{"text": {"type": "plain_text", "text": "A"}, "value": "a"}]},
+        ),
+        (
+            "slack.options",
+            {"option_groups": [{"label": {"type": "plain_text", "text": "G"}, "options": []}]},
+            {"option_groups": [{"label": {"type": "plain_text", "text": "G"}, "options": []}]},
+        ),
+        (
+            "slack.command",
+            {"text": "hi", "response_type": "in_channel"},
+            {"text": "hi", "response_type": "in_channel"},
+        ),
+        (None, {"text": "hi"}, {"text": "hi"}),
+    ],
+)
+def test_answers_as_slack_documents_them(
+    event: str | None, body: dict[str, Any], payload: dict[str, Any] | None
+) -> None:
+    assert parse_ack(body, event) == payload
+
+
+@pytest.mark.parametrize(
+    ("event", "body", "error"),
+    [
+        ("slack.view_submission", {"options": []}, "a slack.view_submission is answered with"),
+        ("slack.command", {"errors": {"a": "b"}}, "a slack.command is answered with"),
+        (None, {"text": "x", "options": []}, "an answer is for one kind of event"),
+        ("slack.view_submission", {"response_action": "errors"}, "'errors' must map block_id"),
+        ("slack.view_submission", {"errors": {"a": ""}, "response_action": "errors"}, "map"),
+        (None, {"response_action": "errors", "errors": {"a": "b"}, "view": MODAL}, "no 'view'"),
+        (None, {"response_action": "push", "errors": {"a": "b"}}, "takes no 'errors'"),
+        (None, {"response_action": "update", "view": {"type": "home", "blocks": []}}, "modal"),
+        (None, {"response_action": "clear", "view": MODAL}, "takes neither"),
+        (None, {"response_action": "close"}, "must be 'errors', 'update', 'push' or 'clear'"),
+        (None, {"options": [], "option_groups": []}, "not both"),
+        (None, {"options": "a"}, "must be a list"),
+        (None, {"options": [{}] * 101}, "Slack's limit: 100"),
+        (None, {"options": [1]}, "must be an option object"),
+        (None, {"options": [{"text": {"type": "mrkdwn", "text": "a"}}]}, "plain_text"),
+        (None, {"options": [{"text": {"type": "plain_text", "text": "a" * 76}}]}, "limit: 75"),
+        (None, {"options": [{"text": {"type": "plain_text", "text": "a"}, "value": 1}]}, "value"),
+        (None, {"option_groups": "x"}, "list of at most 100"),
+        (None, {"option_groups": [1]}, "option group object"),
+        (None, {"text": "x", "response_type": "dm"}, "'ephemeral' or 'in_channel'"),
+        (None, {"blocks": []}, "'text' or 'blocks' is required"),
+    ],
+)
+def test_answers_that_slack_would_refuse(
+    event: str | None, body: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(InvalidCommand, match=re.escape(error)):
+        parse_ack(body, event)
+
+
+def test_views_become_web_api_calls() -> None:
+    opened = parse_views_open({"trigger_id": "1.2.a", "view": MODAL})
+    assert opened == ApiCall("views.open", {"trigger_id": "1.2.a", "view": MODAL})
+    pushed = parse_views_push({"interactivity_pointer": "1.2.b", "view": MODAL})
+    assert pushed == ApiCall("views.push", {"interactivity_pointer": "1.2.b", "view": MODAL})
+    home = {"type": "home", "blocks": [], "private_metadata": "x", "external_id": "h1"}
+    assert parse_views_publish({"user_id": "U1", "view": home, "hash": "1.2"}) == ApiCall(
+        "views.publish", {"user_id": "U1", "view": home, "hash": "1.2"}
+    )
+    assert parse_views_update({"external_id": "h1", "view": home}).args == {
+        "external_id": "h1",
+        "view": home,
+    }
+    done = parse_function_complete({"function_execution_id": "Fx1", "outputs": {"a": 1}})
+    assert done == ApiCall(
+        "functions.completeSuccess", {"function_execution_id": "Fx1", "outputs": {"a": 1}}
+    )
+    failed = parse_function_fail({"function_execution_id": "Fx1", "error": "no"})
+    assert failed.method == "functions.completeError" and failed.args["error"] == "no"
+    assert parse_route({"team": "T1"}) == (None, "T1") and parse_route({}) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "error"),
+    [
+        (parse_views_open, {"view": MODAL}, "exactly one of 'trigger_id'"),
+        (parse_views_open, {"trigger_id": "a b", "view": MODAL}, "no spaces"),
+        (parse_views_open, {"trigger_id": "t", "view": "x"}, "'view' must be a view object"),
+        (parse_views_open, {"trigger_id": "t", "view": {"type": "home", "blocks": []}}, "'modal'"),
+        (parse_views_open, {"trigger_id": "t", "view": {**MODAL, "blocks": "x"}}, "view.blocks"),
+        (parse_views_open, {"trigger_id": "t", "view": {**MODAL, "blocks": [{}] * 101}}, "100"),
+        (parse_views_open, {"trigger_id": "t", "view": {**MODAL, "title": None}}, "view.title"),
+        (
+            parse_views_open,
+            {
+                "trigger_id": "t",
+                "view": {**MODAL, "title": {"type": "plain_text", "text": "x" * 25}},
+            },
+            "limit: 24",
+        ),
+        (parse_views_open, {"trigger_id": "t", "view": {**MODAL, "close": "x"}}, "view.close"),
+        (parse_views_open, {"trigger_id": "t", "view": {**MODAL, "submit": None}}, "submit"),
+        (parse_views_open, {"trigger_id": "t", "view": {**MODAL, "callback_id": "x" * 256}}, "255"),
+        (
+            parse_views_open,
+            {"trigger_id": "t", "view": {**MODAL, "private_metadata": "x" * 3001}},
+            "private_metadata",
+        ),
+        (parse_views_update, {"view": MODAL, "view_id": "V1", "external_id": "e"}, "exactly one"),
+        (parse_views_update, {"view": MODAL, "view_id": "V1", "hash": 3}, "'hash'"),
+        (parse_views_publish, {"view": {"type": "home", "blocks": []}}, "'user_id'"),
+        (parse_function_complete, {"function_execution_id": "Fx1"}, "'outputs'"),
+        (parse_function_complete, {"outputs": {}}, "'function_execution_id'"),
+        (parse_function_fail, {"function_execution_id": "Fx1", "error": " "}, "'error'"),
+        (parse_route, {"team": "T 1"}, "'team'"),
+        (parse_route, {"enterprise": 5}, "'enterprise'"),
+    ],
+)
+def test_bad_views_and_functions_name_the_key(parse: Any, body: dict[str, Any], error: str) -> None:
+    with pytest.raises(InvalidCommand, match=re.escape(error)):
+        parse(body)
+
+
+def test_installations_from_oauth_answers() -> None:
+    answer = {
+        "ok": True,
+        "access_token": "xoxe.xoxb-1-abc",
+        "token_type": "bot",
+        "scope": "chat:write,commands",
+        "bot_user_id": "U0BOT",
+        "app_id": "A1",
+        "team": {"name": "One", "id": "T1"},
+        "enterprise": None,
+        "authed_user": {"id": "U1"},
+        "is_enterprise_install": False,
+        "refresh_token": "xoxe-1-def",
+        "expires_in": 43200,
+    }
+    installed = installation_from_oauth(answer, 1000.0)
+    assert (installed.team_id, installed.key, installed.installer_user_id) == ("T1", "-:T1", "U1")
+    assert installed.bot_token_expires_at == 44200.0 and installed.expires_in(1200.0) == 43000.0
+    assert "xoxe" not in repr(installed)
+    assert Installation.from_json(installed.to_json()) == installed
+    later = refreshed(installed, {"access_token": "xoxe.xoxb-2", "refresh_token": "xoxe-2"}, 5.0)
+    assert (later.bot_token, later.bot_refresh_token, later.bot_token_expires_at) == (
+        "xoxe.xoxb-2",
+        "xoxe-2",
+        None,
+    )
+    org = installation_from_oauth(
+        {**answer, "team": None, "enterprise": {"id": "E1"}, "is_enterprise_install": True}, 0.0
+    )
+    assert org.key == "E1:-" and installation_key("E1", "T1") == "E1:T1"
+    plain = installation_from_oauth({k: v for k, v in answer.items() if k != "expires_in"}, 0)
+    assert plain.expires_in(10.0) is None
+    for bad in ({**answer, "token_type": "user"}, {**answer, "team": None}):
+        with pytest.raises(InvalidPayload):
+            installation_from_oauth(bad, 0.0)
+    with pytest.raises(InvalidPayload):
+        refreshed(installed, {"access_token": "x"}, 0.0)
+    with pytest.raises(InvalidPayload):
+        Installation.from_json("[1]")
+    url = authorize_url("https://slack.com/oauth/v2/authorize", "1.2", ["a:b", "c"], "s", None)
+    assert url == "https://slack.com/oauth/v2/authorize?client_id=1.2&scope=a%3Ab%2Cc&state=s"
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=8), st.sampled_from(
+    [None, "slack.view_submission", "slack.options", "slack.command", "slack.message"]
+))  # fmt: skip
+def test_any_answer_is_a_payload_or_a_clear_refusal(
+    body: dict[str, Any], event: str | None
+) -> None:
+    try:
+        payload = parse_ack(body, event)
+    except InvalidCommand:
+        return
+    if payload is not None:
+        check_payload(payload)
+        json.dumps(payload)
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=8), json_values)
+def test_any_interaction_is_a_msgpack_safe_message(payload: dict[str, Any], kind: Any) -> None:
+    payload["type"] = kind if not isinstance(kind, bool) else "view_submission"
+    inbound = from_interactive(payload)
+    check_payload(inbound.keys)
+
+
+@PROPERTY
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=8))
+def test_any_view_command_is_a_call_or_a_clear_refusal(body: dict[str, Any]) -> None:
+    for parse in (parse_views_open, parse_views_push, parse_views_update, parse_views_publish):
+        try:
+            call = parse(body)
+        except InvalidCommand:
+            continue
+        check_payload(call.args)
