@@ -57,9 +57,11 @@ Stop background tasks with ``cancel_and_wait(*tasks)``: it cancels again until t
 Which piece for what (each module's docstring is its reference):
 
 ====================  ===========================================================================
-``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``Backoff``,
-                      ``StartupError``, ``cancel_and_wait``, ``send_command`` (layer send,
-                      retried).
+``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``EventRefused``.
+``core.retry``        ``LAYER_ERRORS`` (what is an outage), ``Backoff``, ``StartupError``,
+                      ``send_command`` (layer send, retried), ``cancel_and_wait``,
+                      ``describe_error``; shared with the consumer side, so it never imports
+                      ``core.service``.
 ``core.client``       ``ReconnectingClient``: subclass it in ``connection.py`` for a transport
                       that dials out (IRC, Slack Socket Mode, MQTT): hooks ``_connect`` /
                       ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``, ``_hang_up``);

@@ -19,10 +19,10 @@ base class owns everything around them, the same way for every protocol:
 House rules (what the base class guarantees, so no gateway writes them again):
 
 * **The first attempt decides whether the gateway starts.** :meth:`ReconnectingClient.start`
-  raises :class:`core.service.StartupError` (exit code 3) when the server refused us: that
+  raises :class:`core.retry.StartupError` (exit code 3) when the server refused us: that
   does not fix itself. A server that is merely down is retried in the background while
   ``/readyz`` says why; later refusals are retried too (an operator may fix the account).
-* **Reconnects** wait a capped, jittered :class:`core.service.Backoff` that is reset only once a
+* **Reconnects** wait a capped, jittered :class:`core.retry.Backoff` that is reset only once a
   connection stayed up ``stable_after`` seconds, so a server that accepts and drops at once
   is not hammered; a connection the subclass dropped because the peer misbehaved
   (:meth:`ReconnectingClient.misbehaved`: a flood, a send buffer it never reads) never resets
@@ -68,14 +68,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
-from core.service import (
-    Backoff,
-    EventBuffer,
-    Gateway,
-    StartupError,
-    cancel_and_wait,
-    describe_error,
-)
+from core.retry import Backoff, StartupError, cancel_and_wait, describe_error
+from core.service import EventBuffer, Gateway
 
 __all__ = [
     "STABLE_AFTER",

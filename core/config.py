@@ -99,7 +99,7 @@ class HealthConfig(Section):
 
 class ReconnectConfig(Section):
     """``<proto>.reconnect`` of a client-side gateway: capped, jittered backoff between
-    connection attempts (:class:`core.service.Backoff`, driven by :mod:`core.client`).
+    connection attempts (:class:`core.retry.Backoff`, driven by :mod:`core.client`).
 
     A gateway with other defaults subclasses it and declares the two fields again.
     """

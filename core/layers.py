@@ -33,14 +33,13 @@ from channels_redis.core import RedisChannelLayer as _ChannelsRedisLayer
 from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from core.logs import redact
+from core.logs import describe_layer, redact
 from core.types import ChannelLayer
 
 __all__ = [
     "LayerPathError",
     "RedisChannelLayer",
     "channel_layer_settings",
-    "describe_layer",
     "import_object",
     "is_memory_layer",
     "probe_layer",
@@ -397,24 +396,6 @@ def is_memory_layer(layer: ChannelLayer) -> bool:
     from channels.layers import InMemoryChannelLayer
 
     return isinstance(layer, InMemoryChannelLayer)
-
-
-def describe_layer(path: str) -> str:
-    """The layer path with any password replaced, for logs and error messages: the userinfo's,
-    and the value of every password-like query parameter (``?password=…``, which redis-py
-    accepts; :data:`core.logs.SECRET_PARAMETERS` lists which).
-
-    Read by hand rather than with ``urlsplit``: a password with a raw ``/`` in it
-    (``redis://:pa/ss@host``) is no password to ``urlsplit``, which then found "no host" and
-    the error printed the path whole.
-    """
-    scheme, sep, rest = path.partition("://")
-    authority = rest.split("?", 1)[0].split("#", 1)[0]
-    userinfo, at, _ = authority.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if sep and at and colon:
-        path = f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
-    return redact(path)
 
 
 async def probe_layer(layer: ChannelLayer) -> str | None:

@@ -49,9 +49,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
@@ -68,22 +67,24 @@ from core.envelope import (
 )
 from core.layer_check import StreamsReadCheck
 from core.metrics import GatewayMetrics
+from core.receiving import ChannelReader
+from core.retry import (
+    LAYER_ERRORS,
+    Backoff,
+    StartupError,
+    cancel_and_wait,
+    describe_error,
+    send_command,
+)
 from core.stall import StallTracker
 from core.types import ChannelLayer
 
 __all__ = [
     "HANDOFF_BATCH",
-    "LAYER_ERRORS",
-    "Backoff",
     "EventBuffer",
     "EventRefused",
     "Gateway",
-    "StartupError",
-    "cancel_and_wait",
-    "describe_error",
-    "describe_tasks",
     "handles",
-    "send_command",
 ]
 
 C = TypeVar("C", bound=GatewayConfig)
@@ -106,29 +107,6 @@ READINESS_INTERVAL = 0.5
 #: short, it may have added the message anyway, and the transport's retry added it again (a
 #: Slack redelivery published twice when Redis came back in an event's last milliseconds)
 MIN_SEND_ATTEMPT = 0.25
-
-
-def _layer_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ChannelFull, OSError, TimeoutError, ConnectionError]
-    try:
-        from redis import exceptions as redis_errors
-    except ImportError:  # pragma: no cover - channels_redis depends on redis
-        pass
-    else:
-        errors += [
-            redis_errors.ConnectionError,
-            redis_errors.TimeoutError,
-            redis_errors.BusyLoadingError,
-        ]
-    return tuple(errors)
-
-
-#: exceptions that mean "the layer cannot take this now" rather than "this message is wrong"
-LAYER_ERRORS = _layer_errors()
-
-
-class StartupError(Exception):
-    """The gateway could not start (port taken, transport refused us): exit code 3."""
 
 
 class EventRefused(ValueError):
@@ -163,71 +141,6 @@ def handles(type_: str) -> Callable[[Handler], Handler]:
         return method
 
     return register
-
-
-class Backoff:
-    """Capped exponential backoff with jitter; :meth:`reset` after a success.
-
-    Each delay is drawn from ``[cap/2, cap]`` where ``cap`` doubles from ``initial`` up to
-    ``maximum``, so replicas restarted together do not reconnect in lockstep.
-    """
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self.attempts = 0
-
-    def next(self) -> float:
-        cap = min(self.maximum, self.initial * self.factor**self.attempts)
-        self.attempts += 1
-        return random.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-
-def describe_error(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def cancel_and_wait(*tasks: asyncio.Future[Any], every: float = 1.0) -> None:
-    """Cancel ``tasks`` and wait until every one is done, cancelling again each ``every`` s.
-
-    One cancellation can be lost: redis-py turns a cancel that meets its own timeout into a
-    ``TimeoutError`` that a retry loop catches as an outage (seen: a scheduler's lease loop went
-    on sleeping and its stop hung), and on Python 3.11 ``wait_for`` returns a result that raced
-    the cancel. A task that swallowed one must not hang a stop. Outcomes are retrieved and
-    dropped, as ``gather(..., return_exceptions=True)`` does.
-    """
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=every)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
-
-
-def describe_tasks(tasks: Iterable[asyncio.Task[Any]]) -> str:
-    """Where each unfinished task waits: its coroutine's frame, then what that awaits, inwards
-    (``Task.get_stack`` shows the outermost frame only). For hung-stop diagnostics."""
-    blocks = []
-    for task in tasks:
-        if task.done():
-            continue
-        lines = [f"task {task.get_name()}:"]
-        coro: Any = task.get_coro()
-        while coro is not None and getattr(coro, "cr_frame", None) is not None:
-            code = coro.cr_frame.f_code
-            lines.append(f"  {code.co_filename}:{coro.cr_frame.f_lineno} in {code.co_name}")
-            coro = coro.cr_await
-        if coro is not None:
-            lines.append(f"  awaiting {coro!r}"[:200])
-        blocks.append("\n".join(lines))
-    return "\n".join(blocks)
 
 
 class Gateway(Generic[C]):
@@ -665,8 +578,6 @@ class Gateway(Generic[C]):
     # -- commands: layer → gateway ------------------------------------------------------------
 
     async def _command_loop(self, channel: str) -> None:
-        from core.receiving import ChannelReader  # it imports this module
-
         reader = ChannelReader(
             self.layer,
             channel,
@@ -796,27 +707,6 @@ class Gateway(Generic[C]):
                 target,
                 describe_error(exc),
             )
-
-
-async def send_command(
-    layer: ChannelLayer, channel: str, message: dict[str, Any], *, timeout: float = 30.0
-) -> None:
-    """``layer.send(channel, message)``, retried while the channel is full or the layer down.
-
-    Raises the last error (``ChannelFull``, a connection error) once ``timeout`` seconds passed.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    backoff = Backoff(0.05, 2.0)
-    while True:
-        try:
-            await layer.send(channel, message)
-            return
-        except LAYER_ERRORS:
-            delay = backoff.next()
-            if loop.time() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
 
 
 def _get(message: Any, key: str) -> Any:

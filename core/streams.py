@@ -90,6 +90,7 @@ from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+from core.logs import describe_layer
 from core.metrics import REGISTRY
 
 __all__ = [
@@ -1621,8 +1622,6 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     def _host_name(self, index: int) -> str:
         host = self.hosts[index]
         if "address" in host:
-            from core.layers import describe_layer  # it imports this module lazily
-
             return describe_layer(str(host["address"]))
         if "master_name" in host:
             return f"sentinel master {host['master_name']!r}"

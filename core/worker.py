@@ -71,7 +71,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 import signal
 import zlib
 from collections import deque
@@ -85,7 +84,7 @@ from core.dbclose import install as install_connection_closing
 from core.layers import import_object
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
-from core.service import LAYER_ERRORS, describe_error, send_command
+from core.retry import LAYER_ERRORS, Backoff, describe_error, send_command
 from core.worker_health import HealthSettings, WorkerHealth
 
 __all__ = ["DEAD_LETTER_TYPE", "ConsumerWorker", "RetryPolicy", "default_transient_errors"]
@@ -150,8 +149,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before delivery number ``attempt + 1``."""
-        cap = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
-        return random.uniform(cap / 2, cap)
+        return Backoff(self.initial_delay, self.max_delay).delay(attempt - 1)
 
     @classmethod
     def from_settings(

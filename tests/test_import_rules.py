@@ -17,6 +17,7 @@ it does, so nobody forgets.
 from __future__ import annotations
 
 import ast
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,3 +205,109 @@ def test_consumers_import_only_channels_and_their_own_pure_parts(proto: str) -> 
         if not any(i.within(module) for module in allowed) or does_io(proto, i)
     ]
     assert bad == []
+
+
+# -- core's own import graph (issue 23) ----------------------------------------------------------
+
+#: the consumer side: what runs in a Django worker, which never needs the gateway base
+CONSUMER_SIDE = ["core.worker", "core.receiving", "core.consumers"]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path) -> list[Import]:
+    """:func:`imports`, less those under ``if TYPE_CHECKING:`` (annotations only, never run)."""
+
+    class Visitor(ast.NodeVisitor):
+        found: list[Import] = []
+
+        def visit_If(self, node: ast.If) -> None:
+            test = node.test
+            name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
+            if name == "TYPE_CHECKING":
+                for child in node.orelse:
+                    self.visit(child)
+                return
+            self.generic_visit(node)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            self.found += [Import(a.name, frozenset({"*"}), node.lineno) for a in node.names]
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module and node.level == 0:
+                names = frozenset(a.name for a in node.names)
+                self.found.append(Import(node.module, names, node.lineno))
+
+    visitor = Visitor()
+    visitor.found = []
+    visitor.visit(ast.parse(path.read_text(), str(path)))
+    return visitor.found
+
+
+def core_graph() -> dict[str, dict[str, int]]:
+    """core module → the core modules it imports when it runs (also inside functions) → line."""
+    paths = {_module_name(p): p for p in sorted((ROOT / "core").rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in paths.items():
+        edges = graph.setdefault(name, {})
+        for item in runtime_imports(path):
+            targets = [f"{item.module}.{n}" for n in item.names if f"{item.module}.{n}" in paths]
+            if not targets and item.module in paths:
+                targets = [item.module]
+            for target in targets:
+                if target != name:
+                    edges.setdefault(target, item.line)
+    return graph
+
+
+def find_cycle(graph: dict[str, dict[str, int]]) -> list[str]:
+    """One cycle of ``graph`` as ``[a, b, …, a]``; ``[]`` when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in graph.get(node, {}):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1}}) == []
+
+
+def test_core_has_no_import_cycle() -> None:
+    """Not even through an import inside a function: that only hides the cycle."""
+    graph = core_graph()
+    cycle = find_cycle(graph)
+    lines = [f"{a} imports {b} at line {graph[a][b]}" for a, b in itertools.pairwise(cycle)]
+    assert lines == []
+
+
+@pytest.mark.parametrize("module", CONSUMER_SIDE)
+def test_the_consumer_side_never_loads_the_gateway_base(module: str) -> None:
+    """A Django worker loads neither ``core.service`` (the Gateway class) nor ``core.client``."""
+    graph = core_graph()
+    seen, todo = {module: [module]}, [module]
+    while todo:
+        current = todo.pop()
+        for target in graph[current]:
+            if target not in seen:
+                seen[target] = [*seen[current], target]
+                todo.append(target)
+    assert [" → ".join(seen[m]) for m in ("core.service", "core.client") if m in seen] == []

@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 
 from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError, encoded_size
 from core.logs import clip
-from core.service import Backoff, EventRefused, Gateway, StartupError, handles
+from core.retry import Backoff, StartupError
+from core.service import EventRefused, Gateway, handles
 from core.types import ChannelLayer
 from gateways.email.auth import PROBE_INTERVAL, DkimSigner, MailAuthenticator, SignaturesLost
 from gateways.email.config import EmailGatewayConfig

@@ -41,16 +41,15 @@ from typing import Any
 from core.envelope import new_event
 from core.layers import import_object
 from core.receiving import ChannelReader
-from core.service import (
+from core.retry import (
     LAYER_ERRORS,
     Backoff,
-    EventRefused,
-    Gateway,
     StartupError,
     cancel_and_wait,
     describe_error,
     send_command,
 )
+from core.service import EventRefused, Gateway
 from core.types import ChannelLayer
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.connection import UvicornServer

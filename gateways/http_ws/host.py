@@ -58,7 +58,7 @@ from channels.layers import get_channel_layer
 
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
-from core.service import LAYER_ERRORS, describe_error, send_command
+from core.retry import LAYER_ERRORS, describe_error, send_command
 from gateways.http_ws.config import MAX_PAYLOAD
 from gateways.http_ws.translate import (
     ABORT,

@@ -38,7 +38,8 @@ from irc.client import Event
 from core.envelope import Command, CommandError
 from core.logs import RepeatFilter
 from core.pacer import Pacer
-from core.service import EventBuffer, Gateway, cancel_and_wait, handles
+from core.retry import cancel_and_wait
+from core.service import EventBuffer, Gateway, handles
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.connection import IrcConnection, NotConnected

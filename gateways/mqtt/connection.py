@@ -59,7 +59,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from core.client import ClientListener, ClientState, ConnectFailed, ReconnectingClient
 from core.logs import clip
-from core.service import Backoff, EventBuffer, Gateway, describe_error
+from core.retry import Backoff, describe_error
+from core.service import EventBuffer, Gateway
 from gateways.mqtt.config import MqttConfig
 from gateways.mqtt.translate import new_properties
 

@@ -41,17 +41,8 @@ from prometheus_client import Counter, Gauge
 from core.envelope import Command, CommandError
 from core.logs import clip
 from core.metrics import REGISTRY
-from core.service import (
-    HANDOFF_BATCH,
-    LAYER_ERRORS,
-    Backoff,
-    EventBuffer,
-    Gateway,
-    StartupError,
-    cancel_and_wait,
-    describe_error,
-    handles,
-)
+from core.retry import LAYER_ERRORS, Backoff, StartupError, cancel_and_wait, describe_error
+from core.service import HANDOFF_BATCH, EventBuffer, Gateway, handles
 from core.types import ChannelLayer
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.connection import (

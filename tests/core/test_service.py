@@ -18,7 +18,8 @@ from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
 from core.health import HealthServer
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
-from core.service import Backoff, EventBuffer, EventRefused, Gateway, cancel_and_wait, handles
+from core.retry import Backoff, cancel_and_wait
+from core.service import EventBuffer, EventRefused, Gateway, handles
 from core.testing import RedisServer, inject_undecodable, metric, until
 
 

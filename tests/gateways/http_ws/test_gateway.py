@@ -17,7 +17,7 @@ from channels.layers import InMemoryChannelLayer
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.layers import resolve_layer
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import Certs, RedisServer, free_port, metric, run_gateway
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.gateway import HttpWsGateway

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, command, metric
 from tests.gateways.irc.conftest import Peer, irc_config, next_event, running
 
