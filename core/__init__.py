@@ -82,6 +82,22 @@ Which piece for what (each module's docstring is its reference):
 ``core.metrics``      ``self.metrics``: Prometheus series by integration (``core.health``).
 ====================  ===========================================================================
 
+Where to register a gateway (a seventh ``gateways/<proto>/``; tests/gateways/test_registration.py
+derives the gateways from the folders with a ``gateway.py`` and fails until each point is done):
+
+1. ``gateways/__init__.py`` ``REGISTRY``: ``"<proto>": "gateways.<proto>.gateway:<Proto>Gateway"``
+   (the YAML ``gateway:`` value; ``gateways run``, ``manage.py rungateway`` and the generated
+   docs/configuration.md read it: run ``python -m gateways.config_reference``).
+2. ``gateways/entry.py``: ``BINARIES["gateway-<proto>"] = "gateways.<proto>.cli"`` and a
+   ``def <proto>() -> int: return run("gateway-<proto>")`` (the shadowed-``core`` check runs first;
+   ``_`` in ``<proto>`` is ``-`` in a binary's name).
+3. ``pyproject.toml`` ``[project.scripts]``: ``gateway-<proto> = "gateways.entry:<proto>"``.
+4. ``tests/test_import_rules.py`` ``TRANSPORT_IO``: the I/O parts of its transport library, so
+   only its ``connection.py`` may import them.
+5. ``README.md``: a row of the gateway table, with its binary and a link to its own README.md.
+6. Its rooms (the table above, plus ``consumers.py`` with a ``Commands`` subclass, listed in
+   tests/gateways/test_consumers.py ``COMMANDS``) and ``tests/gateways/<proto>/``.
+
 Tests use :mod:`core.testing` (real servers on free ports; fixtures in tests/conftest.py)::
 
     async with run_gateway(IrcGateway(config, layer)) as gateway:      # in this process
