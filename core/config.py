@@ -29,8 +29,10 @@ from pydantic import (
 )
 
 from core.logs import register_secret
+from core.types import check_channel_name
 
 __all__ = [
+    "MAX_EVENT_PAYLOAD",
     "MAX_MESSAGE_BYTES",
     "ConfigError",
     "GatewayConfig",
@@ -49,9 +51,10 @@ M = TypeVar("M", bound="GatewayConfig")
 #: gateway's config derive from it. channels_redis and msgpack cope with more, but a message
 #: this large stalls every consumer
 MAX_MESSAGE_BYTES = 1024 * 1024
+#: the largest payload (an HTTP body, a WebSocket frame) a gateway puts in one event: the
+#: message limit less 64 KiB left for the envelope and the event's other keys
+MAX_EVENT_PAYLOAD = MAX_MESSAGE_BYTES - 64 * 1024
 
-#: what channels accepts as a channel name (channels.layers.BaseChannelLayer.channel_name_regex)
-CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -114,12 +117,6 @@ class ReconnectConfig(Section):
         return self
 
 
-def _channel_name(value: str | None) -> str | None:
-    if value is not None and (not CHANNEL_NAME.match(value) or len(value) >= 100):
-        raise ValueError("must be letters, digits, '-', '_' or '.', under 100 characters")
-    return value
-
-
 class GatewayConfig(Section):
     """The keys every integration file has; each gateway adds its ``<proto>:`` section."""
 
@@ -156,13 +153,13 @@ class GatewayConfig(Section):
         "Redis instead of at the transport. null: the layer's own capacity.",
     )
 
-    _check_names = field_validator("name", "channel", "command_channel_setting")(_channel_name)
+    _check_names = field_validator("name", "channel", "command_channel_setting")(check_channel_name)
 
     @field_validator("routes")
     @classmethod
     def _check_routes(cls, value: dict[str, str]) -> dict[str, str]:
         for target in value.values():
-            _channel_name(target)
+            check_channel_name(target)
         return value
 
     @property

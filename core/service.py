@@ -85,6 +85,7 @@ __all__ = [
     "EventRefused",
     "Gateway",
     "handles",
+    "listen",
 ]
 
 C = TypeVar("C", bound=GatewayConfig)
@@ -119,6 +120,15 @@ class EventRefused(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+async def listen(start: Callable[[], Awaitable[object]], host: str, port: int) -> None:
+    """``await start()`` of a server gateway's listener; an ``OSError`` (the port is taken, the
+    address is not this host's) becomes :class:`StartupError` naming ``host:port`` (exit 3)."""
+    try:
+        await start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def handles(type_: str) -> Callable[[Handler], Handler]:

@@ -14,12 +14,44 @@ protocol because both layers the suite ships with have them, and callers already
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import re
+from typing import Any, Protocol, TypeGuard, overload, runtime_checkable
 
-__all__ = ["ChannelLayer", "Message"]
+__all__ = [
+    "CHANNEL_NAME",
+    "CHANNEL_NAME_RULE",
+    "ChannelLayer",
+    "Message",
+    "check_channel_name",
+    "is_channel_name",
+]
 
 #: a layer message: msgpack-safe keys and values (DESIGN §3)
 Message = dict[str, Any]
+
+#: what channels accepts as a channel name (channels.layers.BaseChannelLayer.channel_name_regex)
+#: less the process-specific ``!`` names, which die with their process
+CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
+#: what :func:`check_channel_name` says of a name it refuses
+CHANNEL_NAME_RULE = "must be letters, digits, '-', '_' or '.', under 100 characters"
+
+
+def is_channel_name(value: object) -> TypeGuard[str]:
+    """Whether ``value`` names a channel a worker can listen on (channels wants under 100
+    characters). The one check behind every channel name in YAML and in commands."""
+    return isinstance(value, str) and CHANNEL_NAME.match(value) is not None and len(value) < 100
+
+
+@overload
+def check_channel_name(value: str) -> str: ...
+@overload
+def check_channel_name(value: None) -> None: ...
+def check_channel_name(value: str | None) -> str | None:
+    """``value`` (``None`` passes) if :func:`is_channel_name`, else ``ValueError`` with
+    :data:`CHANNEL_NAME_RULE`: a pydantic validator as it is."""
+    if value is not None and not is_channel_name(value):
+        raise ValueError(CHANNEL_NAME_RULE)
+    return value
 
 
 @runtime_checkable

@@ -49,7 +49,7 @@ from core.retry import (
     describe_error,
     send_command,
 )
-from core.service import EventRefused, Gateway
+from core.service import EventRefused, Gateway, listen
 from core.types import ChannelLayer
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.connection import UvicornServer
@@ -220,12 +220,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
                 raise StartupError(f"http_ws.app {self.settings.app!r}: {exc}") from exc
         self.control_channel = await self._new_reply_channel()
         self._live_channels.add(self.control_channel)
-        try:
-            await self.server.start()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
-            ) from exc
+        await listen(self.server.start, self.settings.host, self.settings.port)
         self.metrics.connected.set(1)
         self._tasks = [
             asyncio.create_task(self._sweep()),
