@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from core.layers import resolve_layer
 from core.retry import StartupError
 from core.testing import Certs, RedisServer, free_port, metric, run_gateway
-from core.testing import receive as testing_receive
+from core.testing import receive as next_message
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.gateway import HttpWsGateway
 
@@ -40,7 +40,7 @@ def config(port: int, **section: Any) -> HttpWsGatewayConfig:
 
 
 async def receive(layer: Any, channel: str = "web", timeout: float = 10) -> dict[str, Any]:
-    return await testing_receive(layer, channel, timeout=timeout)
+    return await next_message(layer, channel, timeout=timeout)
 
 
 async def open_ws(url: str, **kwargs: Any) -> websockets.ClientConnection:
