@@ -18,10 +18,10 @@ A gateway subclass fills in four hooks and registers one handler per command::
         @handles("mqtt.publish")
         async def handle_publish(self, command: Command) -> dict[str, Any] | None: ...
 
-Commands are an explicit registry (:func:`handles` → :attr:`Gateway.commands`), never a method
-looked up from message text: anything unregistered is answered ``unknown command '<type>'``
-and counted under one ``type="unknown"`` label. A handler raises
-:class:`core.envelope.CommandError` for ``ok: false`` with its text.
+Commands are an explicit registry (:func:`handles` → :attr:`Gateway.commands`, bound once per
+gateway in :attr:`Gateway.handlers`), never a method looked up from message text: anything
+unregistered is answered ``unknown command '<type>'`` and counted under one ``type="unknown"``
+label. A handler raises :class:`core.envelope.CommandError` for ``ok: false`` with its text.
 
 Lifecycle (uvicorn's shape): :meth:`Gateway.run` calls ``open()``, serves the command and
 reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binaries), then
@@ -77,7 +77,7 @@ from core.retry import (
     send_command,
 )
 from core.stall import StallTracker
-from core.types import ChannelLayer
+from core.types import BatchSendingLayer, ChannelLayer
 
 __all__ = [
     "HANDOFF_BATCH",
@@ -91,6 +91,8 @@ __all__ = [
 C = TypeVar("C", bound=GatewayConfig)
 #: a command handler: ``async def handle_x(self, command) -> dict | None``
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[dict[str, Any] | None]])
+#: a handler bound to its gateway: the command in, the result's extra keys (or ``None``) out
+BoundHandler = Callable[[Command], Awaitable[dict[str, Any] | None]]
 
 #: the metric label of every command type no handler is registered for (bounded cardinality)
 UNKNOWN_COMMAND = "unknown"
@@ -181,6 +183,12 @@ class Gateway(Generic[C]):
     def __init__(self, config: C, layer: ChannelLayer) -> None:
         self.config = config
         self.layer = layer
+        #: the layer's ``send_many`` (one round trip for a run of events), if it has one
+        self._batch_layer = layer if isinstance(layer, BatchSendingLayer) else None
+        #: command type → this gateway's handler, bound once from the :attr:`commands` table
+        self.handlers: Mapping[str, BoundHandler] = {
+            type_: getattr(self, method) for type_, method in self.commands.items()
+        }
         self.name = config.name
         self.log = logging.getLogger(f"gateway.{self.protocol}")
         self.metrics = GatewayMetrics(config.name)
@@ -457,7 +465,8 @@ class Gateway(Generic[C]):
         ``timeout`` passed or the gateway stops). An error that is not an outage is raised, or
         with ``skip_unsendable`` logged, counted and the event skipped."""
         loop = asyncio.get_running_loop()
-        send_many: Callable[..., Awaitable[int]] | None = getattr(self.layer, "send_many", None)
+        batch = self._batch_layer
+        send_many = batch.send_many if batch is not None else None
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
@@ -650,8 +659,8 @@ class Gateway(Generic[C]):
         Never raises: a bad command is logged at WARNING and answered ``ok: false``.
         """
         type_ = _get(message, "type")
-        name = self.commands.get(type_) if isinstance(type_, str) else None
-        if name is None and isinstance(type_, str) and type_:
+        handler = self.handlers.get(type_) if isinstance(type_, str) else None
+        if handler is None and isinstance(type_, str) and type_:
             self.metrics.command(UNKNOWN_COMMAND, "invalid")
             error = f"unknown command {type_[:200]!r}"
             self.log.warning("%s: %s", self.name, error)
@@ -659,11 +668,10 @@ class Gateway(Generic[C]):
         try:
             command = parse_command(message, self.protocol)
         except CommandError as exc:
-            self.metrics.command(str(type_) if name else UNKNOWN_COMMAND, "invalid")
+            self.metrics.command(str(type_) if handler else UNKNOWN_COMMAND, "invalid")
             self.log.warning("%s: invalid command: %s", self.name, exc)
             return _error_result(self.protocol, message, str(exc))
-        assert name is not None  # parse_command refuses a message without a type
-        handler: Callable[[Command], Awaitable[dict[str, Any] | None]] = getattr(self, name)
+        assert handler is not None  # parse_command refuses a message without a type
         try:
             extra = await handler(command) or {}
         except CommandError as exc:

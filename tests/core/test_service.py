@@ -156,6 +156,11 @@ def test_subclasses_inherit_and_extend_the_registry() -> None:
     assert "echo.shout" not in EchoGateway.commands
 
 
+async def test_each_gateway_binds_its_handlers_once(echo: EchoGateway) -> None:
+    assert set(echo.handlers) == set(EchoGateway.commands)
+    assert echo.handlers["echo.say"] == echo.handle_say  # bound to this gateway
+
+
 async def test_command_without_result_channel_and_non_dict(echo: EchoGateway) -> None:
     await echo.layer.send(echo.config.command_channel, {"type": "echo.bogus"})
     await echo.layer.send(echo.config.command_channel, {"type": "echo.say", "text": "a"})
