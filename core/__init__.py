@@ -85,7 +85,7 @@ Which piece for what (each module's docstring is its reference):
 Where to register a gateway (a seventh ``gateways/<proto>/``; tests/gateways/test_registration.py
 derives the gateways from the folders with a ``gateway.py`` and fails until each point is done):
 
-1. ``gateways/__init__.py`` ``REGISTRY``: ``"<proto>": "gateways.<proto>.gateway:<Proto>Gateway"``
+1. ``gateways/__init__.py`` ``GATEWAYS``: ``"<proto>": "gateways.<proto>.gateway:<Proto>Gateway"``
    (the YAML ``gateway:`` value; ``gateways run``, ``manage.py rungateway`` and the generated
    docs/configuration.md read it: run ``python -m gateways.config_reference``).
 2. ``gateways/entry.py``: ``BINARIES["gateway-<proto>"] = "gateways.<proto>.cli"`` and a

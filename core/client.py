@@ -104,21 +104,32 @@ class ClientEvent(enum.Enum):
     CLOSE = "close"
 
 
-_S, _E = ClientState, ClientEvent
-
 #: the table in the module docstring; keep them the same
 TRANSITIONS: Final[Mapping[ClientState, Mapping[ClientEvent, ClientState]]] = {
-    _S.IDLE: {_E.RETRY: _S.CONNECTING, _E.CLOSE: _S.CLOSED},
-    _S.CONNECTING: {
-        _E.CONNECTED: _S.CONNECTED,
-        _E.FAILED: _S.WAITING,
-        _E.FATAL: _S.CLOSED,
-        _E.CLOSE: _S.CLOSED,
+    ClientState.IDLE: {
+        ClientEvent.RETRY: ClientState.CONNECTING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
     },
-    _S.CONNECTED: {_E.LOST: _S.WAITING, _E.RESTART: _S.RESTARTING, _E.CLOSE: _S.CLOSED},
-    _S.RESTARTING: {_E.LOST: _S.WAITING, _E.CLOSE: _S.CLOSED},
-    _S.WAITING: {_E.RETRY: _S.CONNECTING, _E.CLOSE: _S.CLOSED},
-    _S.CLOSED: {_E.CLOSE: _S.CLOSED},
+    ClientState.CONNECTING: {
+        ClientEvent.CONNECTED: ClientState.CONNECTED,
+        ClientEvent.FAILED: ClientState.WAITING,
+        ClientEvent.FATAL: ClientState.CLOSED,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.CONNECTED: {
+        ClientEvent.LOST: ClientState.WAITING,
+        ClientEvent.RESTART: ClientState.RESTARTING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.RESTARTING: {
+        ClientEvent.LOST: ClientState.WAITING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.WAITING: {
+        ClientEvent.RETRY: ClientState.CONNECTING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.CLOSED: {ClientEvent.CLOSE: ClientState.CLOSED},
 }
 
 

@@ -45,7 +45,7 @@ __all__ = [
     "read_secret_files",
 ]
 
-M = TypeVar("M", bound="GatewayConfig")
+ConfigT = TypeVar("ConfigT", bound="GatewayConfig")
 
 #: the largest message (packed) a gateway puts on the layer (DESIGN §3); size limits in a
 #: gateway's config derive from it. channels_redis and msgpack cope with more, but a message
@@ -302,11 +302,11 @@ def _register_secrets(node: Any) -> None:
 
 def load_config(
     path: str | os.PathLike[str],
-    model: type[M],
+    model: type[ConfigT],
     *,
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
-) -> M:
+) -> ConfigT:
     """Load, expand and validate one integration file; raise :class:`ConfigError`.
 
     ``overrides`` are top-level keys set by the command line (``{"layer": "memory://"}``);

@@ -154,7 +154,7 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
     :func:`channel_layer_settings` gives Django. channels_redis' receive pops a message
     (BZPOPMIN) and copies it to a backup set (ZADD) in a second round trip; if Redis dies between
     the two, the ZADD raises and the message, already removed from Redis and already in our
-    hands, is thrown away with the error (one lost mail in tests/gateways/email/test_fault.py).
+    hands, is thrown away with the error (one lost mail in tests/gateways/email/test_faults.py).
     Here it is returned anyway: losing the backup only loses protection against our own crash.
     The private methods replaced here pin channels_redis (tests/core/test_channels_redis_pin.py).
     """
@@ -207,7 +207,7 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
         await connection.eval(_RESTORE_BACKUP, 0, channel, backup)
         # A waiting message is popped and backed up in one step: if Redis dies before the
         # reply reaches us, the message is in the backup set and the next receive restores
-        # it (a BZPOPMIN whose reply is lost is lost: one mail in 20 runs of test_fault.py).
+        # it (a BZPOPMIN whose reply is lost is lost: one mail in 20 runs of test_faults.py).
         # Only a message that arrives while we block still goes through BZPOPMIN.
         member = await connection.eval(_POP_TO_BACKUP, 2, channel, backup)
         if member is not None:

@@ -88,7 +88,8 @@ __all__ = [
     "listen",
 ]
 
-C = TypeVar("C", bound=GatewayConfig)
+#: the config model of a Gateway subclass (``MqttGateway(Gateway[MqttGatewayConfig])``)
+ConfigT = TypeVar("ConfigT", bound=GatewayConfig)
 #: a command handler: ``async def handle_x(self, command) -> dict | None``
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[dict[str, Any] | None]])
 #: a handler bound to its gateway: the command in, the result's extra keys (or ``None``) out
@@ -155,7 +156,7 @@ def handles(type_: str) -> Callable[[Handler], Handler]:
     return register
 
 
-class Gateway(Generic[C]):
+class Gateway(Generic[ConfigT]):
     """Base of every ``<Proto>Gateway``; see the module docstring for the hooks."""
 
     protocol: ClassVar[str]
@@ -180,7 +181,7 @@ class Gateway(Generic[C]):
             table[type_] = name
         cls.commands = table
 
-    def __init__(self, config: C, layer: ChannelLayer) -> None:
+    def __init__(self, config: ConfigT, layer: ChannelLayer) -> None:
         self.config = config
         self.layer = layer
         #: the layer's ``send_many`` (one round trip for a run of events), if it has one

@@ -1,7 +1,7 @@
 """A consumer worker that loses nothing when Redis restarts, a handler fails or the process stops.
 
 channels' ``Worker`` (what ``manage.py runworker`` runs) has four ways to lose messages, all
-seen in tests/gateways/email/test_fault.py:
+seen in tests/gateways/email/test_faults.py:
 
 * its listener moves messages from the layer into an unbounded in-memory queue per channel as
   fast as the layer gives them, so a slow consumer holds hundreds of them in memory;

@@ -62,7 +62,7 @@ from core.logs import clip
 from core.retry import Backoff, describe_error
 from core.service import EventBuffer, Gateway
 from gateways.mqtt.config import MqttConfig
-from gateways.mqtt.translate import new_properties
+from gateways.mqtt.translate import new_properties, topic_of
 
 __all__ = [
     "ConnectionLost",
@@ -618,7 +618,7 @@ class MqttConnection(ReconnectingClient):
         try:
             self.listener.mqtt_message(message, generation)
         except Exception:
-            topic = clip(message._topic.decode("utf-8", "replace"))
+            topic = clip(topic_of(message))
             self.log.exception("%s: error handling a message on %s", self.name, topic)
 
     def _on_publish(

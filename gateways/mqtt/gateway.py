@@ -61,6 +61,7 @@ from gateways.mqtt.translate import (
     parse_publish,
     parse_subscribe,
     parse_unsubscribe,
+    topic_of,
 )
 
 __all__ = ["MqttGateway", "claim_client_id"]
@@ -413,7 +414,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
 
     def mqtt_message(self, message: MQTTMessage, generation: int) -> None:
         if self._watch and message.qos == 0:
-            topic = message._topic.decode("utf-8", "replace")
+            topic = topic_of(message)
             if topic in self._watch:
                 self._broker_counter(topic, bytes(message.payload))
                 if not self.table.match(topic):

@@ -68,6 +68,7 @@ __all__ = [
     "split_shared",
     "subscription_identifiers",
     "topic_matches",
+    "topic_of",
     "validate_channel",
     "validate_filter",
     "validate_topic",
@@ -653,7 +654,8 @@ class Inbound:
     too_large: bool = False
 
 
-def _topic_of(message: MQTTMessage) -> str:
+def topic_of(message: MQTTMessage) -> str:
+    """The message's topic as text; an undecodable byte becomes U+FFFD instead of raising."""
     try:
         return message.topic
     except UnicodeDecodeError:
@@ -679,7 +681,7 @@ def inbound_message(
     matches (queued in a persistent session before its subscription was removed) goes to
     ``default_channel`` with ``subscription: None``.
     """
-    topic = _topic_of(message)
+    topic = topic_of(message)
     payload = bytes(message.payload)
     properties = properties_to_dict(message.properties)
     qos = int(message.qos)

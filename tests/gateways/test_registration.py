@@ -46,14 +46,14 @@ def test_the_gateways_are_found() -> None:
 def test_a_gateway_folder_is_registered_everywhere(proto: str) -> None:
     missing = []
     # 1. gateways/__init__.py: the YAML `gateway:` value → its class
-    target = gateways.REGISTRY.get(proto)
+    target = gateways.GATEWAYS.get(proto)
     if target is None:
-        missing.append(f"gateways/__init__.py REGISTRY[{proto!r}]")
+        missing.append(f"gateways/__init__.py GATEWAYS[{proto!r}]")
     else:
         module, _, name = target.partition(":")
         cls = getattr(importlib.import_module(module), name)
         if module != f"gateways.{proto}.gateway" or cls.protocol != proto:
-            missing.append(f"REGISTRY[{proto!r}] = {target!r}: not gateways.{proto}.gateway")
+            missing.append(f"GATEWAYS[{proto!r}] = {target!r}: not gateways.{proto}.gateway")
     # 2. gateways/entry.py: the binary runs its cli.py after the shadowed-core check
     if entry.BINARIES.get(binary(proto)) != f"gateways.{proto}.cli":
         missing.append(f"gateways/entry.py BINARIES[{binary(proto)!r}] = 'gateways.{proto}.cli'")
@@ -89,14 +89,14 @@ def test_a_gateway_folder_is_registered_everywhere(proto: str) -> None:
 def test_nothing_is_registered_without_its_folder() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     registered = {
-        "REGISTRY": set(gateways.REGISTRY),
+        "GATEWAYS": set(gateways.GATEWAYS),
         "entry.BINARIES": set(entry.BINARIES) - {"gateways"},
         "[project.scripts]": set(scripts) - {"gateways"},
         "TRANSPORT_IO": set(test_import_rules.TRANSPORT_IO),
         "README table": set(readme_table()),
     }
     expected = {
-        "REGISTRY": set(FOLDERS),
+        "GATEWAYS": set(FOLDERS),
         "entry.BINARIES": {binary(p) for p in FOLDERS},
         "[project.scripts]": {binary(p) for p in FOLDERS},
         "TRANSPORT_IO": set(FOLDERS),
@@ -108,5 +108,5 @@ def test_nothing_is_registered_without_its_folder() -> None:
 def test_the_checklist_names_every_registration_point() -> None:
     doc = core.__doc__ or ""
     assert "Where to register a gateway" in doc
-    for point in ("REGISTRY", "BINARIES", "[project.scripts]", "TRANSPORT_IO", "README.md"):
+    for point in ("GATEWAYS", "BINARIES", "[project.scripts]", "TRANSPORT_IO", "README.md"):
         assert point in doc, point
