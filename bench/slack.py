@@ -3,7 +3,7 @@ layer's rate in the same run.
 
 ``python -m bench.slack [--count N] [--latency-count N] [--no-write]``
 
-A private ``redis-server`` and the local Slack of ``tests.support.slack`` (Web API + Socket Mode
+A private ``redis-server`` and the local Slack of ``core.testing.slack`` (Web API + Socket Mode
 WebSocket, in this process); the gateway is the real ``gateway-slack`` binary in its own process
 at log level INFO, knowing Slack only by its ``api_url``.
 
@@ -61,7 +61,7 @@ from core.envelope import new_event
 from core.layers import resolve_layer
 from core.retry import send_command
 from core.testing import RedisServer, Server
-from tests.support.slack import FakeSlack
+from core.testing.slack import FakeSlack
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNEL = "benchslack"
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"- Workload: {args.count} `events_api` envelopes (a `message` event each) "
                 f"flat out, a burst of {args.burst}, {args.latency_count} at each steady rate; "
                 "private redis-server, the de-dup window in it; the local Slack of "
-                "`tests.support.slack`"
+                "`core.testing.slack`"
                 + (f"; {len(args.outages)} Redis outage runs (below)." if args.outages else "."),
                 "",
                 markdown_table(header, rows),

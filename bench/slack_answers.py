@@ -3,7 +3,7 @@ answer (issue 26), through a real ``manage.py runworker``.
 
 ``python -m bench.slack_answers [--count N] [--rates 50,100] [--no-write]``
 
-A private ``redis-server``; the local Slack of ``tests.support.slack`` (Web API + Socket Mode, in
+A private ``redis-server``; the local Slack of ``core.testing.slack`` (Web API + Socket Mode, in
 this process); the real ``gateway-slack`` binary on ``examples/slack.yaml`` (the de-dup window
 in that Redis, ``slack.answers`` at its defaults: 2.5 s for ``slack.view_submission``); the
 example project's ``SlackTeamConsumer`` under a real ``python manage.py runworker team-slack``,
@@ -44,7 +44,7 @@ from bench._common import (
     update_section,
 )
 from core.testing import RedisServer, example_project
-from tests.support.slack import FakeSlack
+from core.testing.slack import FakeSlack
 
 #: what examples/team/consumers.py's modal is called (it answers only its own submissions)
 LOOKUP = "ticket_lookup"

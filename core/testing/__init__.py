@@ -1,8 +1,8 @@
 """Helpers that start real servers for integration tests and benchmarks.
 
 What your own consumer tests may use is documented in docs/testing.md (the public part);
-``example_project`` and the IRC script server need a checkout of this repository, and the local
-Slack and DNS fakes live in ``tests/support/`` (not installed).
+``example_project`` and the IRC script server need a checkout of this repository, and the DNS
+fake of the email tests lives in ``tests/support/`` (not installed).
 
 Every server runs in the foreground on free loopback ports, keeps its state in a fresh temporary
 directory, and is stopped by PID. The recipes (arguments, config files, ready lines) are the
@@ -38,6 +38,8 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.worker`    :class:`DjangoWorker`: a real ``manage.py runworker``
 * :mod:`core.testing.smtp`      :class:`SmtpSink`: the far side of ``email.send``
 * :mod:`core.testing.clock`     :class:`ManualClock`: an injectable clock that moves on demand
+* :mod:`core.testing.slack`     :class:`~core.testing.slack.FakeSlack`: Slack's Web API and
+  Socket Mode on a loopback port, and a signing Events API client (import from that module)
 * :mod:`core.testing.harness`   :func:`run_gateway` (in this process), :class:`GatewayProcess`
   (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`receive`,
   :func:`until`, :func:`metric`, :func:`http_get`, :func:`inject_undecodable`

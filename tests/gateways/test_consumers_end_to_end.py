@@ -33,10 +33,10 @@ from core.testing import (
     free_port,
     receive,
 )
+from core.testing.slack import FakeSlack
 from gateways.scheduler.consumers import SchedulerCommands
 from tests.gateways.irc.conftest import Peer
 from tests.gateways.mqtt.conftest import MqttTestClient, publish_properties
-from tests.support.slack import FakeSlack
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -3,8 +3,6 @@
 :mod:`core.testing` is the installed, documented testing API (docs/testing.md); what is here
 stands in for one gateway's far side in this repository's tests and benchmarks:
 
-* :mod:`tests.support.slack`  :class:`~tests.support.slack.FakeSlack`: Slack's Web API and Socket
-  Mode on a loopback port, and a signing Events API client
 * :mod:`tests.support.dns`    :class:`~tests.support.dns.DnsServer`: SPF, DKIM and DMARC records
   for the email gateway's sender authentication
 """

@@ -1,4 +1,4 @@
-"""Helpers for the Slack gateway tests: the local Slack (tests.support.slack), an in-process
+"""Helpers for the Slack gateway tests: the local Slack (core.testing.slack), an in-process
 gateway and a real ``gateway-slack`` process. Redis comes from tests/conftest.py."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.testing import ROOT, GatewayProcess, receive, run_gateway
+from core.testing.slack import FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
-from tests.support.slack import FakeSlack
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 

@@ -14,9 +14,9 @@ import pytest
 
 from core.layers import resolve_layer
 from core.testing import RedisServer, free_port, metric
+from core.testing.slack import EventsApiClient, FakeSlack
 from gateways.slack.consumers import slack_ack
 from tests.gateways.slack.conftest import SECRET, next_event, running, slack_config
-from tests.support.slack import EventsApiClient, FakeSlack
 
 MODAL = {
     "type": "modal",

@@ -14,8 +14,8 @@ import pytest
 from aiohttp import ClientSession, CookieJar
 
 from core.testing import ExampleProject, RedisServer, example_project, free_port
+from core.testing.slack import EventsApiClient, FakeSlack, SlackCall
 from tests.gateways.slack.conftest import SECRET, gateway_process
-from tests.support.slack import EventsApiClient, FakeSlack, SlackCall
 
 JOINED_EVENT = {
     "type": "member_joined_channel",

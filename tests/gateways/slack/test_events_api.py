@@ -15,6 +15,7 @@ import pytest
 from core.layers import resolve_layer
 from core.retry import StartupError
 from core.testing import RedisServer, free_port, metric, run_gateway
+from core.testing.slack import EventsApiClient, FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
 from tests.gateways.slack.conftest import (
@@ -24,7 +25,6 @@ from tests.gateways.slack.conftest import (
     running,
     slack_config,
 )
-from tests.support.slack import EventsApiClient, FakeSlack
 
 JOINED = {
     "type": "member_joined_channel",

@@ -17,8 +17,8 @@ from aiohttp import ClientSession, CookieJar
 
 from core.layers import resolve_layer
 from core.testing import RedisServer, command, free_port, metric, until
+from core.testing.slack import EventsApiClient, FakeSlack
 from tests.gateways.slack.conftest import SECRET, next_event, running, slack_config
-from tests.support.slack import EventsApiClient, FakeSlack
 
 JOINED = {"type": "member_joined_channel", "user": "U0ALICE", "channel": "C0GENERAL"}
 SEND = {"type": "slack.send", "channel": "C0GENERAL"}

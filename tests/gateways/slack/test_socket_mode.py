@@ -16,10 +16,10 @@ import yaml
 from core.layers import resolve_layer
 from core.retry import LAYER_ERRORS
 from core.testing import RedisServer, metric, run_gateway, until
+from core.testing.slack import BOT_ID, BOT_USER, FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
 from tests.gateways.slack.conftest import gateway_process, next_event, running, slack_config
-from tests.support.slack import BOT_ID, BOT_USER, FakeSlack
 
 MESSAGE = {
     "type": "message",

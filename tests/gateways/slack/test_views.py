@@ -10,8 +10,8 @@ import logging
 import pytest
 
 from core.testing import command
+from core.testing.slack import FakeSlack
 from tests.gateways.slack.conftest import next_event, running, slack_config
-from tests.support.slack import FakeSlack
 
 MODAL = {
     "type": "modal",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from core.testing import command, metric, until
+from core.testing.slack import FakeSlack
 from tests.gateways.slack.conftest import running, slack_config
-from tests.support.slack import FakeSlack
 
 
 async def test_send_update_react_delete_as_slack_documents_them(fake_slack: FakeSlack) -> None:
