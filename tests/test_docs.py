@@ -6,18 +6,30 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"```python\n(?P<body>.*?)```", re.DOTALL)
+BLOCK = re.compile(
+    r"^(?P<indent> *)```python\n(?P<body>.*?)^(?P=indent)```", re.DOTALL | re.MULTILINE
+)
 PRINTED = re.compile(r"^\s*print\(.*\)\s+# (?P<text>.+)$", re.MULTILINE)
-PAGES = ["docs/consumers.md"]
+# every page of docs/ that has a python block: a new page is checked without being listed here
+PAGES = sorted(
+    page.relative_to(ROOT).as_posix()
+    for page in (ROOT / "docs").glob("*.md")
+    if BLOCK.search(page.read_text(encoding="utf-8"))
+)
 
 
 def blocks(page: str) -> list[str]:
-    found = [m["body"] for m in BLOCK.finditer((ROOT / page).read_text(encoding="utf-8"))]
+    # a block inside a list item is indented like the item's text
+    found = [
+        textwrap.dedent(m["body"])
+        for m in BLOCK.finditer((ROOT / page).read_text(encoding="utf-8"))
+    ]
     assert found, f"{page} has no python blocks"
     return found
 
