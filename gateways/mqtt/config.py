@@ -254,10 +254,13 @@ class MqttConfig(Section):
         "are acknowledged, dropped and counted with a WARNING.",
     )
     receive_maximum: int = Field(
-        100,
+        20_000,
         ge=1,
         le=65535,
-        description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway.",
+        description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway. "
+        "Large by default (as large as max_pending), so a burst travels to the gateway's hold "
+        "instead of the broker's queue for the client, which a default mosquitto caps at 1,000 "
+        "messages and beyond that drops (max_queued_messages).",
     )
     max_pending: int = Field(
         20_000,
