@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
@@ -258,7 +259,7 @@ class MqttConfig(Section):
         ge=1,
         le=65535,
         description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway. "
-        "Large by default (as large as max_pending), so a burst travels to the gateway's hold "
+        "Default: max_pending (at most 65,535), so a burst travels to the gateway's hold "
         "instead of the broker's queue for the client, which a default mosquitto caps at 1,000 "
         "messages and beyond that drops (max_queued_messages).",
     )
@@ -312,6 +313,15 @@ class MqttConfig(Section):
     )
 
     secret_files = ("password",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window_as_the_hold(cls, data: Any) -> Any:
+        # receive_maximum left out: as large as the hold, so a smaller max_pending alone is valid
+        if isinstance(data, dict) and "receive_maximum" not in data and "max_pending" in data:
+            with contextlib.suppress(TypeError, ValueError):
+                return {**data, "receive_maximum": max(1, min(int(data["max_pending"]), 65535))}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
