@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -183,7 +184,6 @@ async def ready(gateways: list[Any]) -> None:
 
 
 async def main(args: argparse.Namespace, mqtt_port: int | None, irc_port: int | None) -> int:
-    import aiosmtplib
     from aiosmtpd.smtp import SMTP
     from helpdesk.asgi import application
 
@@ -192,7 +192,6 @@ async def main(args: argparse.Namespace, mqtt_port: int | None, irc_port: int | 
     from core.layers import resolve_layer
     from core.testing.slack import FakeSlack
     from gateways import REGISTRY
-    from gateways.scheduler.consumers import SchedulerCommands
 
     story = Story()
     loop = asyncio.get_running_loop()
@@ -216,80 +215,109 @@ async def main(args: argparse.Namespace, mqtt_port: int | None, irc_port: int | 
     for name in files:
         path = HELPDESK / name
         module, _, cls_name = REGISTRY[peek_gateway(path)].partition(":")
-        cls = getattr(__import__(module, fromlist=[cls_name]), cls_name)
+        cls = getattr(importlib.import_module(module), cls_name)
         gateways.append(cls(load_config(path, cls.config_model), layer))
     channels = sorted({c for gw in gateways for c in gw.config.consumer_channels()})
     running = asyncio.create_task(
         serve(gateways, application=application, worker_channels=channels)
     )
     watchers: list[asyncio.Task[Any]] = []
-    mqtt = None
+    devices: list[Any] = []
+    telling = asyncio.create_task(
+        tell(story, layer, gateways, fake_slack, mqtt_port, irc_port, watchers, devices)
+    )
     try:
-        await ready(gateways)
-        url = f"http://127.0.0.1:{os.environ['WEB_PORT']}/"
-        print(f"\nLive page: {url}  (every step below appears there too)", flush=True)
-        watchers.append(asyncio.create_task(watch_page(story, url.replace("http", "ws") + "live")))
-        watchers.append(asyncio.create_task(watch_slack(story, fake_slack)))
-        if irc_port:
-            joined = asyncio.Event()
-            watchers.append(asyncio.create_task(watch_irc(story, irc_port, joined)))
-            await asyncio.wait_for(joined.wait(), STEP_TIMEOUT)
-        if mqtt_port:
-            mqtt = mqtt_client(story, mqtt_port, loop)
-            await asyncio.wait_for(mqtt.subscribed.wait(), STEP_TIMEOUT)
-        announced = [("Slack C0GENERAL", "New ticket #{n}")]
-        announced += [("IRC #support", "New ticket #{n}")] if irc_port else []
-
-        story.say("1. Alice mails support@example.com: her printer is on fire.")
-        mail = EmailMessage()
-        mail["From"] = "Alice <alice@example.org>"
-        mail["To"] = "support@example.com"
-        mail["Subject"] = "My printer is on fire"
-        mail["Message-ID"] = "<first-mail@example.org>"
-        mail.set_content("Help! Smoke is coming out of the printer on the second floor.\n")
-        await aiosmtplib.send(mail, hostname="127.0.0.1", port=int(os.environ["SMTP_PORT"]))
-        await story.expect("live page", "ticket #1 opened")
-        await story.expect("relay", "mail to alice@example.org: Re: My printer is on fire")
-        for where, needle in announced:
-            await story.expect(where, needle.format(n=1))
-
-        if mqtt is not None:
-            story.say("2. The server room's sensor reports 41.5 °C over MQTT.")
-            mqtt.publish("sensors/server-room/temperature", json.dumps({"value": 41.5}), qos=1)
-            await story.expect("live page", "ticket #2 opened")
-            await story.expect("MQTT broker", "alerts/server-room/temperature")
-            for where, needle in announced:
-                await story.expect(where, needle.format(n=2))
-        else:
-            story.say("2. (MQTT skipped: no sensor alert.)")
-
-        story.say("3. The scheduler's digest of open tickets (triggered now, not at 17:00).")
-        await SchedulerCommands(layer, "helpdesk-timers.send").trigger("digest", wait=True)
-        await story.expect("relay", "mail to team@example.com: Helpdesk digest")
-        await story.expect("live page", "digest to team@example.com sent")
-
+        await asyncio.wait({telling, running}, return_when=asyncio.FIRST_COMPLETED)
+        if not telling.done():  # the gateways stopped first: Ctrl-C, or one could not start
+            telling.cancel()
+            print("\nThe demo stopped before the story ended.", file=sys.stderr)
+            return await running or 1
+        try:
+            url = telling.result()
+        except Exception as exc:  # a step that never came (TimeoutError), a command refused
+            print(f"\nThe demo stopped: {exc}", file=sys.stderr)
+            signal.raise_signal(signal.SIGTERM)
+            await running
+            return 1
         took = time.monotonic() - story.start
         print(f"\nThe story took {took:.1f} s; every step is on {url}", flush=True)
         if args.serve:
             print("Serving it until Ctrl-C (or SIGTERM).", flush=True)
-            return await running
-        signal.raise_signal(signal.SIGTERM)  # what systemd would send: drain, then exit 0
+        else:
+            signal.raise_signal(signal.SIGTERM)  # what systemd would send: drain, then exit 0
         return await running
-    except TimeoutError as exc:
-        print(f"\nThe demo stopped: {exc}", file=sys.stderr)
-        signal.raise_signal(signal.SIGTERM)
-        await running
-        return 1
     finally:
-        for watcher in watchers:
-            watcher.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
-        if mqtt is not None:
-            mqtt.loop_stop()
-            mqtt.disconnect()
+        for task in (telling, *watchers):
+            task.cancel()
+        await asyncio.gather(telling, *watchers, return_exceptions=True)
+        for device in devices:
+            device.loop_stop()
+            device.disconnect()
         await fake_slack.stop()
         relay.close()
         await relay.wait_closed()
+
+
+async def tell(
+    story: Story,
+    layer: Any,
+    gateways: list[Any],
+    fake_slack: Any,
+    mqtt_port: int | None,
+    irc_port: int | None,
+    watchers: list[asyncio.Task[Any]],
+    devices: list[Any],
+) -> str:
+    """The story, once every gateway is ready; returns the live page's URL."""
+    import aiosmtplib
+
+    from gateways.scheduler.consumers import SchedulerCommands
+
+    await ready(gateways)
+    url = f"http://127.0.0.1:{os.environ['WEB_PORT']}/"
+    print(f"\nLive page: {url}  (every step below appears there too)", flush=True)
+    watchers.append(asyncio.create_task(watch_page(story, url.replace("http", "ws") + "live")))
+    watchers.append(asyncio.create_task(watch_slack(story, fake_slack)))
+    if irc_port:
+        joined = asyncio.Event()
+        watchers.append(asyncio.create_task(watch_irc(story, irc_port, joined)))
+        await asyncio.wait_for(joined.wait(), STEP_TIMEOUT)
+    mqtt = None
+    if mqtt_port:
+        mqtt = mqtt_client(story, mqtt_port, asyncio.get_running_loop())
+        devices.append(mqtt)
+        await asyncio.wait_for(mqtt.subscribed.wait(), STEP_TIMEOUT)
+    announced = ["Slack C0GENERAL", *(["IRC #support"] if irc_port else [])]
+    story.start = time.monotonic()
+
+    story.say("1. Alice mails support@example.com: her printer is on fire.")
+    mail = EmailMessage()
+    mail["From"] = "Alice <alice@example.org>"
+    mail["To"] = "support@example.com"
+    mail["Subject"] = "My printer is on fire"
+    mail["Message-ID"] = "<first-mail@example.org>"
+    mail.set_content("Help! Smoke is coming out of the printer on the second floor.\n")
+    await aiosmtplib.send(mail, hostname="127.0.0.1", port=int(os.environ["SMTP_PORT"]))
+    await story.expect("live page", "ticket #1 opened")
+    await story.expect("relay", "mail to alice@example.org: Re: My printer is on fire")
+    for where in announced:
+        await story.expect(where, "New ticket #1")
+
+    if mqtt is not None:
+        story.say("2. The server room's sensor reports 41.5 °C over MQTT.")
+        mqtt.publish("sensors/server-room/temperature", json.dumps({"value": 41.5}), qos=1)
+        await story.expect("live page", "ticket #2 opened")
+        await story.expect("MQTT broker", "alerts/server-room/temperature")
+        for where in announced:
+            await story.expect(where, "New ticket #2")
+    else:
+        story.say("2. (MQTT skipped: no sensor alert.)")
+
+    story.say("3. The scheduler's digest of open tickets (triggered now, not at 17:00).")
+    await SchedulerCommands(layer, "helpdesk-timers.send").trigger("digest", wait=True)
+    await story.expect("relay", "mail to team@example.com: Helpdesk digest")
+    await story.expect("live page", "digest to team@example.com sent")
+    return url
 
 
 def run(workdir: str, args: argparse.Namespace) -> int:
