@@ -5,9 +5,10 @@ six gateways, each its own process, and two ``manage.py runworker`` on every cha
 Redis, with ngircd, mosquitto, the Slack stand-in and a relay as the far sides. Then the story:
 a mail sent with smtplib opens a ticket, announced in ``#support`` and in Slack, and the sender
 gets its number back; both chats look it up (``!ticket 1``, ``/ticket 1``); a reading over the
-threshold published to the broker opens a second one and an alert; ``gateways schedules
-trigger scheduler.yaml digest`` (the README's way to try the scheduler) mails the digest; the
-live page's WebSocket has had every step.
+threshold published to the broker opens a second one and an alert, and ``!close 2`` on IRC
+closes it; ``gateways schedules trigger scheduler.yaml digest`` (the README's way to try the
+scheduler) mails the digest of the one left open; the live page's WebSocket has had every
+step.
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ async def test_the_story_through_one_process_per_gateway_and_two_workers(
         assert alert.topic == "alerts/server-room/temperature"
         assert json.loads(alert.payload) == {"ticket": 2, "value": 41.5, "threshold": 30.0}
         await alice.expect("PRIVMSG #support :New ticket #2: server-room temperature at 41.5")
+        await alice.send("PRIVMSG #support :!close 2")
+        await alice.expect("PRIVMSG #support :alice: ticket #2 closed", timeout=30)
 
         trigger = executable(["gateways", "schedules", "trigger", "scheduler.yaml", "digest"])
         await asyncio.to_thread(
@@ -198,7 +201,7 @@ async def test_the_story_through_one_process_per_gateway_and_two_workers(
         )
         digest: Any = await asyncio.wait_for(sink.received.get(), 30)
         assert digest.rcpt_tos == ["team@example.com"]
-        assert "Subject: Helpdesk digest: 2 open ticket(s)" in digest.original_content.decode()
+        assert "Subject: Helpdesk digest: 1 open ticket(s)" in digest.original_content.decode()
 
         # a page opened now gets every step so far
         import websockets
@@ -215,7 +218,8 @@ async def test_the_story_through_one_process_per_gateway_and_two_workers(
             "mail: reply to Alice <alice@example.org> for ticket #1 sent",
             "mqtt: sensors/server-room/temperature = 41.5",
             "sensor: ticket #2 opened: server-room temperature at 41.5 (over 30)",
-            "scheduler: digest: 2 open ticket(s)",
+            "irc: alice closed ticket #2",
+            "scheduler: digest: 1 open ticket(s)",
         ):
             assert step in lines, lines
     finally:

@@ -198,11 +198,12 @@ class IrcDesk(Desk, IrcConsumer):
         if command == "!ticket":
             await self.reply(f"{message['nick']}: {await describe(argument)}")
         elif command == "!close" and (match := NUMBER.match(argument)):
-            closed = await Ticket.objects.filter(pk=int(match.group(1))).aupdate(closed=True)
-            text = f"ticket #{match.group(1)} closed" if closed else f"no ticket #{argument}"
+            number = match.group(1)
+            closed = await Ticket.objects.filter(pk=int(number)).aupdate(closed=True)
+            text = f"ticket #{number} closed" if closed else f"no ticket #{number}"
             await self.reply(f"{message['nick']}: {text}")
             if closed:
-                await show(self.channel_layer, "irc", f"{message['nick']} closed {text[7:]}")
+                await show(self.channel_layer, "irc", f"{message['nick']} closed ticket #{number}")
 
 
 class SlackDesk(Desk, SlackConsumer):
