@@ -131,8 +131,11 @@ async def watch_slack(story: Story, fake: Any) -> None:
             shown.append(call)
 
 
-def mqtt_client(story: Story, port: int, loop: asyncio.AbstractEventLoop) -> Any:
-    """A device on the broker: publishes readings and prints the helpdesk's alerts."""
+def mqtt_client(
+    story: Story, port: int, loop: asyncio.AbstractEventLoop
+) -> tuple[Any, asyncio.Event]:
+    """A device on the broker: publishes readings and prints the helpdesk's alerts; the event
+    is set once its subscription to them was granted."""
     from paho.mqtt.client import CallbackAPIVersion, Client
 
     client = Client(CallbackAPIVersion.VERSION2, client_id="demo-device")
@@ -147,8 +150,7 @@ def mqtt_client(story: Story, port: int, loop: asyncio.AbstractEventLoop) -> Any
     client.connect("127.0.0.1", port)
     client.subscribe("alerts/#", qos=1)
     client.loop_start()
-    client.subscribed = subscribed
-    return client
+    return client, subscribed
 
 
 # -- the demo -------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def mqtt_client(story: Story, port: int, loop: asyncio.AbstractEventLoop) -> Any
 
 def start_optional(name: str, skip: set[str]) -> Any | None:
     """mosquitto (``mqtt``) or ngircd (``irc``) on a free port, or ``None`` with a line why."""
-    from core.testing import MosquittoServer, NgircdServer, ServiceMissing
+    from core.testing import MosquittoServer, NgircdServer, ServerError, ServiceMissing
 
     binary = INSTALL[name]
     how = f"install {binary} (apt-get install {binary}; brew install {binary}) and run it again"
@@ -171,6 +173,8 @@ def start_optional(name: str, skip: set[str]) -> Any | None:
         return server.start()
     except ServiceMissing:
         print(f"{name.upper()}: skipped, {binary} is not installed; to see it: {how}")
+    except ServerError as exc:
+        print(f"{name.upper()}: skipped, {binary} did not start: {str(exc).splitlines()[0]}")
     return None
 
 
@@ -284,9 +288,9 @@ async def tell(
         await asyncio.wait_for(joined.wait(), STEP_TIMEOUT)
     mqtt = None
     if mqtt_port:
-        mqtt = mqtt_client(story, mqtt_port, asyncio.get_running_loop())
+        mqtt, subscribed = mqtt_client(story, mqtt_port, asyncio.get_running_loop())
         devices.append(mqtt)
-        await asyncio.wait_for(mqtt.subscribed.wait(), STEP_TIMEOUT)
+        await asyncio.wait_for(subscribed.wait(), STEP_TIMEOUT)
     announced = ["Slack C0GENERAL", *(["IRC #support"] if irc_port else [])]
     story.start = time.monotonic()
 
