@@ -19,6 +19,18 @@ else in the outbox, rejoins after a kick (``rejoin_after_kick``), and takes back
 should hold when it frees (at once on the holder's QUIT or NICK, else every
 ``reclaim_interval``). Nicks and channel names are compared under the server's CASEMAPPING.
 
+Replicas (active/standby): on a Redis layer every process takes part in a
+:class:`core.lease.RedisLease` (``{prefix}:gateways:irc:{name}:lease``). Only the holder
+(*active*) connects to IRC and reads the command channel; a *standby* does neither, so commands
+wait in the layer for whichever replica is active, and tries to take the lease every fifth of
+``lease_ttl``. Taking it = connecting (a fresh connection, the channels joined as after any
+reconnect), then reading commands. An active replica that finds the lease gone (another took it
+while this one was paused or cut off from Redis for ``lease_ttl``) steps down: it stops reading
+commands, QUITs, answers the commands still in its outbox with an error and becomes a standby.
+On a clean stop it QUITs first and releases the lease after, so the standby connects at once
+without meeting our nick. Without a Redis layer (memory://, a custom layer) there is no lease:
+the one process is always active. The exact spec is the README's "Replicas" section.
+
 What a server can make happen at full speed (unparsable lines, kicks, refused joins, joins it
 makes for us beyond ``max_channels``, renames) is logged once, then once per
 :class:`core.logs.RepeatFilter` interval with a count, and counted in metrics every time.
@@ -34,11 +46,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from irc.client import Event
+from prometheus_client import Counter, Gauge
 
+from core.client import ClientState
 from core.envelope import Command, CommandError
+from core.lease import RedisLease, owner_id
 from core.logs import RepeatFilter
+from core.metrics import REGISTRY
 from core.pacer import Pacer
-from core.service import EventBuffer, Gateway, cancel_and_wait, handles
+from core.redis import LayerRedis, RedisUnavailable, layer_redis
+from core.service import EventBuffer, Gateway, StartupError, cancel_and_wait, handles
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.connection import IrcConnection, NotConnected
@@ -58,7 +75,7 @@ from gateways.irc.translate import (
     send_lines,
 )
 
-__all__ = ["IrcGateway"]
+__all__ = ["LOST_LEASE", "IrcGateway"]
 
 #: join failures (RPL numerics by the library's names): the channel is given up, with a WARNING
 _JOIN_FAILED = {
@@ -69,6 +86,23 @@ _JOIN_FAILED = {
     "nosuchchannel",
     "toomanychannels",
 }
+
+
+_ACTIVE = Gauge(
+    "irc_active",
+    "1 while this replica holds the IRC lease (or has no lease: no Redis layer) and connects",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_TAKEOVERS = Counter(
+    "irc_takeovers", "Times this replica took the IRC lease", ["gateway"], registry=REGISTRY
+)
+
+#: why an active replica steps down when its renewal finds the lease is another's
+LOST_LEASE = (
+    "another replica holds the IRC lease now (this one was paused or cut off from Redis for "
+    "longer than irc.lease_ttl)"
+)
 
 
 @dataclass
@@ -147,7 +181,19 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             metrics=self.metrics,
             name=f"{self.name} flood control",
         )
-        self.client = IrcConnection(self, settings, listener=self, events=self.buffer)
+        self.client = self._new_client()
+        #: Redis beside the layer (None: memory:// or a custom layer → no lease, always active)
+        self._redis: LayerRedis | None = layer_redis(
+            layer, self.protocol, self.name, timeout=settings.lease_ttl / 3
+        )
+        self.lease = (
+            RedisLease(self._redis, owner_id(), settings.lease_ttl) if self._redis else None
+        )
+        self._lease_problem: str | None = None
+        self._holder: str | None = None  # the active replica's owner id, as a standby saw it
+        self._renewed = 0.0  # loop time the last successful renewal was sent
+        self._takeover: asyncio.Task[None] | None = None
+        self._dead: str | None = None
         #: channels we should be in (YAML + run-time joins - parts), at most max_channels
         self.channels = _Channels()
         for channel in settings.channels:
@@ -172,6 +218,14 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _new_client(self) -> IrcConnection:
+        return IrcConnection(self, self.settings, listener=self, events=self.buffer)
+
+    @property
+    def active(self) -> bool:
+        """Whether this replica connects to IRC and carries out commands."""
+        return self.lease is None or self.lease.held
+
     async def open(self) -> None:
         self.buffer.start()
         self._tasks = [
@@ -179,13 +233,160 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
         ]
         try:
-            await self.client.start()
+            if self.lease is None:
+                _ACTIVE.labels(self.name).set(1)
+                await self.client.start()
+                return
+            self.take_commands(False)  # until this replica holds the lease
+            try:
+                acquired = await self.lease.acquire() is not None
+            except RedisUnavailable as exc:
+                acquired = False
+                self._lease_down(str(exc))
+            if acquired:
+                self._renewed = asyncio.get_running_loop().time()
+            lease_loop = asyncio.create_task(self._lease_loop(), name=f"{self.name}-lease")
+            self._tasks.append(lease_loop)
+            if acquired:
+                await self._activate()  # a refusal by the server fails start-up (exit 3)
+            else:
+                await self._refresh_holder()
+                self.log.info(
+                    "%s: standby: %s; commands wait in the layer meanwhile",
+                    self.name,
+                    self._standby_text(),
+                )
         except BaseException:
             await self._cancel_tasks()
+            await self._release()
             raise
 
     def readiness(self) -> list[str]:
-        return self.client.readiness()
+        if self._dead is not None:
+            return [self._dead]
+        reasons = []
+        if self._lease_problem is not None:
+            reasons.append(f"lease store unreachable: {self._lease_problem}")
+        if self.active:
+            reasons += self.client.readiness()
+        return reasons
+
+    def status(self) -> list[str]:
+        if self.lease is None:
+            return ["role: active (no Redis layer: no lease, one replica only)"]
+        if self.lease.held:
+            return [f"role: active (lease token {self.lease.token}, {self.lease.owner})"]
+        return [f"role: standby ({self._standby_text()})"]
+
+    def _standby_text(self) -> str:
+        holder = f"replica {self._holder}" if self._holder else "another replica"
+        return f"{holder} holds the IRC lease and the connection"
+
+    # -- active / standby -----------------------------------------------------------------------
+
+    def _lease_down(self, problem: str) -> None:
+        if self._lease_problem is None:
+            self.log.warning("%s: IRC lease store unreachable: %s", self.name, problem)
+        self._lease_problem = problem
+
+    def _lease_up(self) -> None:
+        if self._lease_problem is not None:
+            self.log.info("%s: IRC lease store reachable again", self.name)
+        self._lease_problem = None
+
+    async def _refresh_holder(self) -> None:
+        if self.lease is not None:
+            with contextlib.suppress(RedisUnavailable):
+                self._holder = await self.lease.holder()
+
+    async def _lease_loop(self) -> None:
+        assert self.lease is not None
+        lease, ttl = self.lease, self.lease.ttl
+        loop = asyncio.get_running_loop()
+        while True:
+            sent = loop.time()
+            try:
+                if not lease.held:
+                    if await lease.acquire() is not None:
+                        self._renewed = sent
+                        self._start_takeover()
+                    else:
+                        await self._refresh_holder()
+                elif await lease.renew():
+                    self._renewed = sent
+                else:
+                    await self._step_down(LOST_LEASE)
+                self._lease_up()
+            except RedisUnavailable as exc:
+                self._lease_down(str(exc))
+                if lease.held and loop.time() - self._renewed > ttl:
+                    lease.forget()
+                    await self._step_down(f"could not renew the IRC lease for {ttl:g} s")
+            await asyncio.sleep(ttl / 3 if lease.held else ttl / 5)
+
+    def _start_takeover(self) -> None:
+        self._takeover = asyncio.create_task(self._activate(), name=f"{self.name}-takeover")
+        self._takeover.add_done_callback(self._takeover_done)
+
+    def _takeover_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        self._dead = f"could not take over the IRC connection: {error}"
+        self.log.error("%s: %s; stopping", self.name, self._dead)
+        self.metrics.error("takeover")
+        self.stop()  # close() releases the lease: another replica may fare better
+
+    async def _activate(self) -> None:
+        """This replica holds the lease: connect (joins follow), then read commands."""
+        assert self.lease is not None
+        _ACTIVE.labels(self.name).set(1)
+        _TAKEOVERS.labels(self.name).inc()
+        self._holder = self.lease.owner
+        self.log.info(
+            "%s: active now (IRC lease token %s, %s): connecting to %s",
+            self.name,
+            self.lease.token,
+            self.lease.owner,
+            self.client.server,
+        )
+        if self.client.state is not ClientState.IDLE:
+            self.client = self._new_client()  # the last one was closed when stepping down
+        try:
+            await self.client.start()
+        except StartupError:
+            _ACTIVE.labels(self.name).set(0)
+            raise
+        self.take_commands(True)
+
+    async def _step_down(self, reason: str) -> None:
+        """The lease is another's: stop reading commands, QUIT, fail the outbox."""
+        self.take_commands(False)
+        _ACTIVE.labels(self.name).set(0)
+        self.log.warning("%s: standby now: %s", self.name, reason)
+        self.metrics.error("lost_lease")
+        if self._takeover is not None:
+            await cancel_and_wait(self._takeover)
+            self._takeover = None
+        await self.client.close()
+        self._fail_outbox(f"not sent: this replica stepped down ({reason})")
+        self.client = self._new_client()
+
+    async def _release(self) -> None:
+        if self.lease is not None and self.lease.held:
+            try:
+                await self.lease.release()
+            except RedisUnavailable as exc:
+                self.log.warning(
+                    "%s: could not release the IRC lease (%s); a standby takes over once it "
+                    "expires",
+                    self.name,
+                    exc,
+                )
+            else:
+                self.log.info("%s: released the IRC lease", self.name)
+        if self.lease is not None or self.active:
+            _ACTIVE.labels(self.name).set(0)
 
     async def drain(self) -> None:
         # lines already accepted leave before QUIT (bounded by the grace period)
@@ -197,13 +398,18 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         for channel in self.channels:
             if channel.rejoin is not None:
                 channel.rejoin.cancel()
-        await self.client.close()
+        await self.client.close()  # QUIT first: the next active replica meets no old nick
         self._fail_outbox("gateway stopped")
+        await self._release()
+        if self._redis is not None:
+            await self._redis.close()
         await self.buffer.flush(1.0)
 
     async def _cancel_tasks(self) -> None:
-        await cancel_and_wait(*self._tasks)
+        tasks = [*self._tasks, *([self._takeover] if self._takeover is not None else [])]
+        await cancel_and_wait(*tasks)
         self._tasks = []
+        self._takeover = None
 
     # -- client listener ------------------------------------------------------------------------
 
