@@ -1,6 +1,6 @@
-"""deploy/ stays true: the systemd units parse (``systemd-analyze verify``, where it exists), and the
-Kubernetes manifests load as YAML and probe the paths and ports the gateways actually serve, as
-read from their config models (docs/deploy.md)."""
+"""deploy/ stays true: the systemd units parse (``systemd-analyze verify``, where it exists), and
+the Kubernetes manifests load as YAML and probe the paths and ports the gateways actually serve,
+as read from their config models (docs/deploy.md)."""
 
 from __future__ import annotations
 

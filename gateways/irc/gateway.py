@@ -26,7 +26,8 @@ wait in the layer for whichever replica is active, and tries to take the lease e
 ``lease_ttl``. Taking it = connecting (a fresh connection, the channels joined as after any
 reconnect), then reading commands. An active replica that finds the lease gone (another took it
 while this one was paused or cut off from Redis for ``lease_ttl``) steps down: it stops reading
-commands, QUITs, answers the commands still in its outbox with an error and becomes a standby.
+commands, QUITs, answers the commands still in its outbox with an error and exits 1 (its
+supervisor starts it again, as a standby).
 On a clean stop it QUITs first and releases the lease after, so the standby connects at once
 without meeting our nick. Without a Redis layer (memory://, a custom layer) there is no lease:
 the one process is always active. The exact spec is the README's "Replicas" section.
@@ -48,7 +49,6 @@ from typing import Any
 from irc.client import Event
 from prometheus_client import Counter, Gauge
 
-from core.client import ClientState
 from core.envelope import Command, CommandError
 from core.lease import RedisLease, owner_id
 from core.logs import RepeatFilter
@@ -316,12 +316,14 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                     self._renewed = sent
                 else:
                     await self._step_down(LOST_LEASE)
+                    return
                 self._lease_up()
             except RedisUnavailable as exc:
                 self._lease_down(str(exc))
                 if lease.held and loop.time() - self._renewed > ttl:
                     lease.forget()
                     await self._step_down(f"could not renew the IRC lease for {ttl:g} s")
+                    return
             await asyncio.sleep(ttl / 3 if lease.held else ttl / 5)
 
     def _start_takeover(self) -> None:
@@ -350,8 +352,6 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             self.lease.owner,
             self.client.server,
         )
-        if self.client.state is not ClientState.IDLE:
-            self.client = self._new_client()  # the last one was closed when stepping down
         try:
             await self.client.start()
         except StartupError:
@@ -360,17 +360,24 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         self.take_commands(True)
 
     async def _step_down(self, reason: str) -> None:
-        """The lease is another's: stop reading commands, QUIT, fail the outbox."""
+        """The lease is another's: stop reading commands, QUIT, fail the outbox, and exit.
+
+        Exiting (code 1; the supervisor starts it again, as a standby) rather than staying on as
+        a standby hands back, at close, what the layer had fetched for this process and not
+        yet handed out, claimable by the new active replica at once; a standby that kept it
+        would keep it from everyone.
+        """
         self.take_commands(False)
         _ACTIVE.labels(self.name).set(0)
-        self.log.warning("%s: standby now: %s", self.name, reason)
+        self._dead = f"stepped down: {reason}"
+        self.log.error("%s: %s; stopping (exit 1)", self.name, self._dead)
         self.metrics.error("lost_lease")
-        if self._takeover is not None:
+        if self._takeover is not None and self._takeover is not asyncio.current_task():
             await cancel_and_wait(self._takeover)
             self._takeover = None
         await self.client.close()
         self._fail_outbox(f"not sent: this replica stepped down ({reason})")
-        self.client = self._new_client()
+        self.stop()
 
     async def _release(self) -> None:
         if self.lease is not None and self.lease.held:

@@ -16,6 +16,7 @@ import pytest
 
 from core.layers import resolve_layer
 from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, until
+from gateways.irc.gateway import LOST_LEASE
 from tests.gateways.irc.conftest import Peer, irc_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -37,9 +38,7 @@ class Inbound:
             self.messages.append(await self.layer.receive(self.channel))
 
     def texts(self, text: str) -> int:
-        return sum(
-            1 for m in self.messages if m["type"] == "irc.receive" and m.get("text") == text
-        )
+        return sum(1 for m in self.messages if m["type"] == "irc.receive" and m.get("text") == text)
 
 
 def role(process: GatewayProcess) -> str:
@@ -156,4 +155,42 @@ async def test_a_clean_stop_hands_over_at_once(
         await peer.expect(" JOIN ")
         assert [n for n in await names(peer, "#ops") if n.startswith("bot")] == ["bot"]
     finally:
+        await peer.close()
+
+
+async def test_a_paused_active_replica_steps_down_and_exits_when_it_wakes(
+    ngircd_server: NgircdServer,
+    redis_server: RedisServer,
+    replicas: tuple[GatewayProcess, GatewayProcess],
+) -> None:
+    first, second = replicas
+    layer = resolve_layer(redis_server.url)
+    peer = await Peer.connect(ngircd_server.port, "alice", "#ops")
+    try:
+        await asyncio.to_thread(first.start)
+        await wait_role(first, "active")
+        await asyncio.to_thread(second.start)
+        await wait_role(second, "standby")
+        # paused past its lease (a VM pause): the standby takes over; the old connection still
+        # holds the nick on the server, so the new one registers under an alternate
+        first.server.send_signal(signal.SIGSTOP)
+        await wait_role(second, "active")
+        # its blocked fetch may still take this one for the paused process: delivered once
+        # either way (by the old connection when it wakes, or handed back when it exits)
+        await layer.send("ops.send", {"type": "irc.send", "target": "#ops", "text": "paused"})
+        first.server.send_signal(signal.SIGCONT)
+        code = await asyncio.to_thread(first.server.wait)
+        assert code == 1, first.tail()
+        assert LOST_LEASE in first.tail()
+        await peer.expect("PRIVMSG #ops :paused", timeout=60)  # a claim may take a while
+        await layer.send("ops.send", {"type": "irc.send", "target": "#ops", "text": "marker"})
+        await peer.expect("PRIVMSG #ops :marker")
+        assert sum(line.endswith("PRIVMSG #ops :paused") for line in peer.lines) == 1
+
+        async def one_bot_named_bot() -> bool:
+            return [n for n in await names(peer, "#ops") if n.startswith("bot")] == ["bot"]
+
+        await until(one_bot_named_bot, WAIT, "the nick reclaimed by the new active replica")
+    finally:
+        first.server.send_signal(signal.SIGCONT)
         await peer.close()
