@@ -19,7 +19,7 @@ from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, until
 from gateways.irc.gateway import LOST_LEASE
 from tests.gateways.irc.conftest import Peer, irc_config
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.replicas]
 
 #: short, so the test waits little for a killed replica's lease to expire
 LEASE_TTL = 2.0
