@@ -46,6 +46,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.layers import InMemoryChannelLayer
 from irc.client import Event
 from prometheus_client import Counter, Gauge
 
@@ -234,6 +235,14 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         ]
         try:
             if self.lease is None:
+                if not isinstance(self.layer, InMemoryChannelLayer):
+                    self.log.warning(
+                        "%s: no IRC lease: core.redis keeps no keys beside this layer (%s; "
+                        "Sentinel, a custom layer): run one gateway-irc process for this "
+                        "integration, a second would be a second bot",
+                        self.name,
+                        type(self.layer).__name__,
+                    )
                 _ACTIVE.labels(self.name).set(1)
                 await self.client.start()
                 return
