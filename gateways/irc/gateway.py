@@ -26,8 +26,10 @@ wait in the layer for whichever replica is active, and tries to take the lease e
 ``lease_ttl``. Taking it = connecting (a fresh connection, the channels joined as after any
 reconnect), then reading commands. An active replica that finds the lease gone (another took it
 while this one was paused or cut off from Redis for ``lease_ttl``) steps down: it stops reading
-commands, QUITs, answers the commands still in its outbox with an error and exits 1 (its
-supervisor starts it again, as a standby).
+commands, hands the commands in its outbox none of whose lines left back to the command channel
+(:class:`HandedOver`), QUITs, answers a command partly written with an error and exits 1 (its
+supervisor starts it again, as a standby). A command taken just after a pause first renews the
+lease (:meth:`IrcGateway._confirm_active`) and is handed back when that fails.
 On a clean stop it QUITs first and releases the lease after, so the standby connects at once
 without meeting our nick. Without a Redis layer (memory://, a custom layer) there is no lease:
 the one process is always active. The exact spec is the README's "Replicas" section.
@@ -56,7 +58,15 @@ from core.logs import RepeatFilter
 from core.metrics import REGISTRY
 from core.pacer import Pacer
 from core.redis import LayerRedis, RedisUnavailable, layer_redis
-from core.service import EventBuffer, Gateway, StartupError, cancel_and_wait, handles
+from core.service import (
+    EventBuffer,
+    Gateway,
+    StartupError,
+    cancel_and_wait,
+    describe_error,
+    handles,
+    send_command,
+)
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.connection import IrcConnection, NotConnected
@@ -106,12 +116,23 @@ LOST_LEASE = (
 )
 
 
+class HandedOver(BaseException):
+    """A command's lines are taken back before any left: the command goes back to the command
+    channel for the active replica. A BaseException, like CancelledError, so the command
+    dispatch's catch-all for handler bugs does not answer it ``ok: false``."""
+
+
 @dataclass
 class _Line:
     text: str
     deadline: float
-    #: set when the line was written (the last line of a command carries its command's)
+    #: the command's future, on every line of a command (None: a JOIN or NICK of our own);
+    #: its result is set once the last line was written
     done: asyncio.Future[None] | None = None
+    #: the command's first line: while it is in the outbox, no line of the command left
+    first: bool = False
+    #: the command's last line
+    last: bool = False
 
 
 @dataclass
@@ -195,6 +216,9 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         self._renewed = 0.0  # loop time the last successful renewal was sent
         self._takeover: asyncio.Task[None] | None = None
         self._dead: str | None = None
+        #: why the lease is gone, once a command found out (the lease loop steps down)
+        self._lost: str | None = None
+        self._lease_wake = asyncio.Event()
         #: channels we should be in (YAML + run-time joins - parts), at most max_channels
         self.channels = _Channels()
         for channel in settings.channels:
@@ -247,13 +271,14 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                 await self.client.start()
                 return
             self.take_commands(False)  # until this replica holds the lease
+            sent = asyncio.get_running_loop().time()
             try:
                 acquired = await self.lease.acquire() is not None
             except RedisUnavailable as exc:
                 acquired = False
                 self._lease_down(str(exc))
             if acquired:
-                self._renewed = asyncio.get_running_loop().time()
+                self._renewed = sent
             lease_loop = asyncio.create_task(self._lease_loop(), name=f"{self.name}-lease")
             self._tasks.append(lease_loop)
             if acquired:
@@ -313,6 +338,9 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         lease, ttl = self.lease, self.lease.ttl
         loop = asyncio.get_running_loop()
         while True:
+            if self._lost is not None:  # a command found the lease gone (_confirm_active)
+                await self._step_down(self._lost)
+                return
             sent = loop.time()
             try:
                 if not lease.held:
@@ -333,7 +361,64 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                     lease.forget()
                     await self._step_down(f"could not renew the IRC lease for {ttl:g} s")
                     return
-            await asyncio.sleep(ttl / 3 if lease.held else ttl / 5)
+            self._lease_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_wake.wait(), ttl / 3 if lease.held else ttl / 5)
+
+    async def _confirm_active(self) -> bool:
+        """Before a command is carried out: is the lease still this replica's?
+
+        Free while the last renewal is recent; after a pause (SIGSTOP: commands that arrived
+        meanwhile run before the lease loop wakes) one renewal decides. ``False`` starts the
+        step-down.
+        """
+        lease = self.lease
+        assert lease is not None
+        if not lease.held or self._lost is not None:
+            return False
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._renewed < lease.ttl / 2:
+            return True
+        sent = loop.time()
+        try:
+            if await lease.renew():
+                self._renewed = sent
+                return True
+        except RedisUnavailable:
+            return loop.time() - self._renewed <= lease.ttl  # cannot tell: ours until it expires
+        self._lost = LOST_LEASE
+        self.take_commands(False)
+        self._lease_wake.set()
+        return False
+
+    async def dispatch(self, message: Any) -> dict[str, Any] | None:
+        """Carry out a command while active; else hand it back to the command channel."""
+        if self.lease is not None and not await self._confirm_active():
+            await self._hand_back(message)
+            return None
+        try:
+            return await super().dispatch(message)
+        except HandedOver:
+            await self._hand_back(message)
+            return None
+
+    async def _hand_back(self, message: Any) -> None:
+        """Put a command this replica will not carry out back on the command channel."""
+        channel = self.config.command_channel
+        kind = message.get("type") if isinstance(message, dict) else None
+        try:
+            await send_command(self.layer, channel, message, timeout=5)
+        except Exception as exc:
+            self.metrics.dropped("not_handed_back")
+            self.log.error(
+                "%s: could not hand a %s command back to %r: %s",
+                self.name,
+                kind,
+                channel,
+                describe_error(exc),
+            )
+        else:
+            self.log.info("%s: handed a %s command back to %r", self.name, kind, channel)
 
     def _start_takeover(self) -> None:
         self._takeover = asyncio.create_task(self._activate(), name=f"{self.name}-takeover")
@@ -384,9 +469,21 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         if self._takeover is not None and self._takeover is not asyncio.current_task():
             await cancel_and_wait(self._takeover)
             self._takeover = None
+        self._hand_over_outbox()
         await self.client.close()
         self._fail_outbox(f"not sent: this replica stepped down ({reason})")
         self.stop()
+
+    def _hand_over_outbox(self) -> None:
+        """Commands none of whose lines left yet go back to the command channel (HandedOver,
+        in their handlers); a command partly written is answered with an error instead."""
+        handed = set()
+        for line in self._outbox:
+            if line.first and line.done is not None and not line.done.done():
+                line.done.set_exception(HandedOver())
+                handed.add(line.done)
+        if handed:
+            self._outbox = deque(line for line in self._outbox if line.done not in handed)
 
     async def _release(self) -> None:
         if self.lease is not None and self.lease.held:
@@ -401,8 +498,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                 )
             else:
                 self.log.info("%s: released the IRC lease", self.name)
-        if self.lease is not None or self.active:
-            _ACTIVE.labels(self.name).set(0)
+        _ACTIVE.labels(self.name).set(0)
 
     async def drain(self) -> None:
         # lines already accepted leave before QUIT (bounded by the grace period)
@@ -599,7 +695,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         deadline = loop.time() + self.settings.queue_timeout
         done: asyncio.Future[None] = loop.create_future()
         for i, text in enumerate(lines):
-            self._outbox.append(_Line(text, deadline, done if i == len(lines) - 1 else None))
+            self._outbox.append(_Line(text, deadline, done, i == 0, i == len(lines) - 1))
         self._outbox_changed()
         await done
 
@@ -612,10 +708,10 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
     def _fail_line(self, line: _Line, reason: str) -> None:
         self._left_outbox(line)
         self.metrics.dropped("not_sent")
-        if line.done is not None and not line.done.done():
-            line.done.set_exception(CommandError(reason))
-        else:
+        if line.done is None:
             self.log.warning("%s: not sent (%s): %.80s", self.name, reason, line.text)
+        elif not line.done.done():
+            line.done.set_exception(CommandError(reason))
 
     async def _send_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -654,7 +750,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             if self._outbox and self._outbox[0] is line:
                 self._outbox.popleft()
             self._left_outbox(line)
-            if line.done is not None and not line.done.done():
+            if line.last and line.done is not None and not line.done.done():
                 line.done.set_result(None)
 
     async def _reclaim_loop(self) -> None:

@@ -175,14 +175,18 @@ async def test_a_paused_active_replica_steps_down_and_exits_when_it_wakes(
         # holds the nick on the server, so the new one registers under an alternate
         first.server.send_signal(signal.SIGSTOP)
         await wait_role(second, "active")
-        # its blocked fetch may still take this one for the paused process: delivered once
-        # either way (by the old connection when it wakes, or handed back when it exits)
+        # the paused process's blocked fetch may still take this one: it is delivered once
+        # either way (handed back to the command channel by the old replica when it wakes and
+        # finds the lease gone, or given back to the layer's group when it exits)
         await layer.send("ops.send", {"type": "irc.send", "target": "#ops", "text": "paused"})
         first.server.send_signal(signal.SIGCONT)
         code = await asyncio.to_thread(first.server.wait)
         assert code == 1, first.tail()
         assert LOST_LEASE in first.tail()
-        await peer.expect("PRIVMSG #ops :paused", timeout=60)  # a claim may take a while
+        try:
+            await peer.expect("PRIVMSG #ops :paused", timeout=60)  # a claim may take a while
+        except TimeoutError:
+            raise AssertionError(f"first:\n{first.tail()}\nsecond:\n{second.tail()}") from None
         await layer.send("ops.send", {"type": "irc.send", "target": "#ops", "text": "marker"})
         await peer.expect("PRIVMSG #ops :marker")
         assert sum(line.endswith("PRIVMSG #ops :paused") for line in peer.lines) == 1
