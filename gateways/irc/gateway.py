@@ -32,7 +32,9 @@ supervisor starts it again, as a standby). A command taken just after a pause fi
 lease (:meth:`IrcGateway._confirm_active`) and is handed back when that fails.
 On a clean stop it QUITs first and releases the lease after, so the standby connects at once
 without meeting our nick. Without a Redis layer (memory://, a custom layer) there is no lease:
-the one process is always active. The exact spec is the README's "Replicas" section.
+the one process is always active. The channels joined and parted and the nick set at run time
+are written to Redis at each renewal (when changed) and read by the next active replica
+(:func:`carried_over`). The exact spec is the README's "Replicas" section.
 
 What a server can make happen at full speed (unparsable lines, kicks, refused joins, joins it
 makes for us beyond ``max_channels``, renames) is logged once, then once per
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +138,39 @@ class _Line:
     last: bool = False
 
 
+def carried_over(
+    state: Any, yaml_channels: list[tuple[str, str | None]], yaml_nick: str, limit: int
+) -> tuple[list[tuple[str, str | None]], str | None]:
+    """The channels (name, key) and nick a new active replica takes from the last one's
+    ``state`` (the JSON :meth:`IrcGateway._state` wrote), given the YAML's now.
+
+    A YAML channel is kept unless it was parted at run time (it is in the state's ``yaml`` list
+    but not among its channels); one new in the YAML is joined; a channel joined at run time is
+    kept (with the key it was joined with) unless the YAML took it away meanwhile (it was a YAML
+    channel then). The nick set at run time is kept unless the YAML's nick changed. A state
+    that is not what this function writes counts as none.
+    """
+    try:
+        stored = [(str(n), None if k is None else str(k)) for n, k in state["channels"]]
+        stored_yaml = {fold(str(n), "rfc1459") for n in state["yaml"]}
+        nick = state.get("nick")
+        same_yaml_nick = state.get("yaml_nick") == yaml_nick
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return yaml_channels, None
+    in_state = {fold(n, "rfc1459") for n, _ in stored}
+    in_yaml = {fold(n, "rfc1459") for n, _ in yaml_channels}
+    channels = [
+        (n, k)
+        for n, k in yaml_channels
+        if fold(n, "rfc1459") in in_state or fold(n, "rfc1459") not in stored_yaml
+    ]
+    for name, key in stored:
+        folded = fold(name, "rfc1459")
+        if folded not in stored_yaml and folded not in in_yaml and len(channels) < limit:
+            channels.append((name, key))
+    return channels, nick if isinstance(nick, str) and nick and same_yaml_nick else None
+
+
 @dataclass
 class _Channel:
     name: str
@@ -218,6 +254,8 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         self._dead: str | None = None
         #: why the lease is gone, once a command found out (the lease loop steps down)
         self._lost: str | None = None
+        #: the run-time state last written for the next active replica (_state)
+        self._saved: str | None = None
         self._lease_wake = asyncio.Event()
         #: channels we should be in (YAML + run-time joins - parts), at most max_channels
         self.channels = _Channels()
@@ -351,6 +389,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                         await self._refresh_holder()
                 elif await lease.renew():
                     self._renewed = sent
+                    await self._save_state()
                 else:
                     await self._step_down(LOST_LEASE)
                     return
@@ -446,12 +485,68 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             self.lease.owner,
             self.client.server,
         )
+        await self._load_state()
         try:
             await self.client.start()
         except StartupError:
             _ACTIVE.labels(self.name).set(0)
             raise
         self.take_commands(True)
+
+    # -- run-time state carried over to the next active replica ---------------------------------
+
+    def _state(self) -> str:
+        yaml = {c.name for c in self.settings.channels}
+        channels = [[c.name, None if c.name in yaml else c.key] for c in self.channels]
+        return json.dumps(
+            {
+                "channels": channels,
+                "yaml": sorted(yaml),
+                "nick": self.client.wanted_nick,
+                "yaml_nick": self.settings.nick,
+            },
+            sort_keys=True,
+        )
+
+    async def _save_state(self) -> None:
+        """Write the channels and nick (each lease renewal, when they changed) for the next
+        active replica; raises RedisUnavailable like the renewal."""
+        assert self._redis is not None
+        state = self._state()
+        if state != self._saved:
+            await self._redis.call("set", self._redis.key("state"), state)
+            self._saved = state
+
+    async def _load_state(self) -> None:
+        """Take over the channels joined and parted and the nick set at run time by the last
+        active replica (or before a restart): :func:`carried_over`."""
+        assert self._redis is not None
+        try:
+            raw = await self._redis.call("get", self._redis.key("state"))
+        except RedisUnavailable as exc:
+            self.log.warning("%s: run-time channels not read (%s); the YAML's only", self.name, exc)
+            return
+        if raw is None:
+            return
+        try:
+            state = json.loads(raw)
+        except ValueError:
+            state = None
+        yaml = [
+            (c.name, c.key.get_secret_value() if c.key else None) for c in self.settings.channels
+        ]
+        channels, nick = carried_over(state, yaml, self.settings.nick, self.settings.max_channels)
+        self.channels = _Channels()
+        for name, key in channels:
+            self.channels.add(name, key)
+        if nick is not None:
+            self.client.wanted_nick = nick
+        self.log.info(
+            "%s: channels %s%s (as the last active replica left them)",
+            self.name,
+            ", ".join(c.name for c in self.channels) or "none",
+            f", nick {nick}" if nick is not None else "",
+        )
 
     async def _step_down(self, reason: str) -> None:
         """The lease is another's: stop reading commands, QUIT, fail the outbox, and exit.
@@ -512,6 +607,9 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
                 channel.rejoin.cancel()
         await self.client.close()  # QUIT first: the next active replica meets no old nick
         self._fail_outbox("gateway stopped")
+        if self.lease is not None and self.lease.held:
+            with contextlib.suppress(RedisUnavailable):
+                await self._save_state()  # what changed since the last renewal
         await self._release()
         if self._redis is not None:
             await self._redis.close()

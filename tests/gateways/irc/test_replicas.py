@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis
 
 from core.layers import resolve_layer
-from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, until
-from gateways.irc.gateway import LOST_LEASE
+from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, command, until
+from gateways.irc.gateway import LOST_LEASE, carried_over
 from tests.gateways.irc.conftest import Peer, irc_config
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.replicas]
@@ -39,6 +40,15 @@ class Inbound:
 
     def texts(self, text: str) -> int:
         return sum(1 for m in self.messages if m["type"] == "irc.receive" and m.get("text") == text)
+
+
+def state(redis: RedisServer) -> str:
+    """The run-time state the active replica keeps for the next one (README, Replicas)."""
+    client = Redis.from_url(redis.url)
+    try:
+        return (client.get("asgi:gateways:irc:ops:state") or b"").decode()
+    finally:
+        client.close()
 
 
 def role(process: GatewayProcess) -> str:
@@ -89,11 +99,16 @@ async def test_one_nick_at_a_time_and_the_standby_takes_over_after_kill_9(
     first, second = replicas
     layer = resolve_layer(redis_server.url)
     inbound = Inbound(layer, "ops")
-    peer = await Peer.connect(ngircd_server.port, "alice", "#ops")
+    peer = await Peer.connect(ngircd_server.port, "alice", "#ops", "#late")
     try:
         await asyncio.to_thread(first.start)
         await peer.expect(":bot!")  # its JOIN
         await wait_role(first, "active")
+        # joined at run time: carried over to the next active replica (the lease renewal
+        # writes it to Redis)
+        joined = await command(layer, "ops.send", {"type": "irc.join", "channel": "#late"})
+        assert joined["ok"], joined
+        await until(lambda: "#late" in state(redis_server), WAIT, "state written")
         # the second replica is ready as a standby and never shows up on IRC
         await asyncio.to_thread(second.start)
         await wait_role(second, "standby")
@@ -112,9 +127,9 @@ async def test_one_nick_at_a_time_and_the_standby_takes_over_after_kill_9(
         await layer.send(
             "ops.send", {"type": "irc.send", "target": "#ops", "text": "during the gap"}
         )
-        await peer.expect(":bot!")  # the old connection's QUIT, then the new one's JOIN
-        joined = await peer.expect(" JOIN ")
-        assert joined.startswith(":bot!"), joined
+        await peer.expect(":bot!")  # the old connection's QUIT, then the new one's JOINs
+        rejoined = {(await peer.expect(" JOIN ")).rsplit(" ", 1)[1].lstrip(":") for _ in "12"}
+        assert rejoined == {"#ops", "#late"}
         await wait_role(second, "active")
         takeover = time.monotonic() - killed_at
         said = await peer.expect("PRIVMSG #ops :during the gap")
@@ -198,3 +213,46 @@ async def test_a_paused_active_replica_steps_down_and_exits_when_it_wakes(
     finally:
         first.server.send_signal(signal.SIGCONT)
         await peer.close()
+
+
+@pytest.mark.parametrize(
+    ("state", "channels", "nick"),
+    [
+        # nothing stored, or not what the gateway writes: the YAML's
+        (None, [("#a", "k"), ("#b", None)], None),
+        ({"channels": 3}, [("#a", "k"), ("#b", None)], None),
+        # #b parted and #x joined at run time, the nick changed: all kept
+        (
+            {
+                "channels": [["#a", None], ["#x", "xk"]],
+                "yaml": ["#a", "#b"],
+                "nick": "n2",
+                "yaml_nick": "bot",
+            },
+            [("#a", "k"), ("#x", "xk")],
+            "n2",
+        ),
+        # the YAML changed since: #b is new there (joined), #c left it (not joined any more),
+        # and a new YAML nick wins over the run-time one
+        (
+            {
+                "channels": [["#a", None], ["#C", None]],
+                "yaml": ["#a", "#c"],
+                "nick": "n2",
+                "yaml_nick": "old",
+            },
+            [("#a", "k"), ("#b", None)],
+            None,
+        ),
+    ],
+)
+def test_what_a_new_active_replica_takes_over(
+    state: Any, channels: list[tuple[str, str | None]], nick: str | None
+) -> None:
+    assert carried_over(state, [("#a", "k"), ("#b", None)], "bot", 200) == (channels, nick)
+
+
+def test_run_time_channels_are_capped_at_max_channels() -> None:
+    state = {"channels": [[f"#r{n}", None] for n in range(5)], "yaml": [], "nick": None}
+    channels, _ = carried_over(state, [("#a", None)], "bot", 3)
+    assert channels == [("#a", None), ("#r0", None), ("#r1", None)]
