@@ -26,7 +26,10 @@ and counted under one ``type="unknown"`` label. A handler raises
 Lifecycle (uvicorn's shape): :meth:`Gateway.run` calls ``open()``, serves the command and
 reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binaries), then
 stops taking commands, lets ``drain()`` and in-flight commands finish within
-``shutdown_grace`` seconds, cancels what is left and calls ``close()``.
+``shutdown_grace`` seconds, cancels what is left and calls ``close()``. A gateway with a standby
+role (IRC active/standby, :mod:`core.lease`) stops and resumes reading its command channel with
+:meth:`Gateway.take_commands`, so commands wait in the layer for the replica that can carry them
+out.
 
 Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while the
 layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when the
