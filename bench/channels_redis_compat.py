@@ -16,7 +16,7 @@ with the *construction* adapted and nothing else:
   ``async with …timeout(n)``; the package is not a dependency here).
 
 Every assertion is theirs. The tests that fail on purpose are listed in :data:`EXPECTED`, with
-why (the README's "channels_redis' own tests" lists them too); the script exits 0 when exactly
+why (docs/layers.md's "channels_redis' own tests" lists them too); the script exits 0 when exactly
 those fail and everything else passes, 1 otherwise.
 """
 
@@ -119,7 +119,8 @@ def run(test_file: Path, extra: list[str]) -> int:
         print("unexpected failures: " + ", ".join(unexpected))
     if missing:
         print(
-            "expected to fail but did not (update EXPECTED and the README): " + ", ".join(missing)
+            "expected to fail but did not (update EXPECTED and docs/layers.md): "
+            + ", ".join(missing)
         )
     return 1 if unexpected or missing else 0
 

@@ -130,8 +130,8 @@ class GatewayConfig(Section):
     )
     layer: str | None = Field(
         None,
-        description="Layer path: redis://…, memory://, django[:ALIAS] or module:attr (README, "
-        "Layer paths); --layer overrides it, GATEWAYS_LAYER stands in when it is absent.",
+        description="Layer path: redis://…, memory://, django[:ALIAS] or module:attr "
+        "(docs/layers.md); --layer overrides it, GATEWAYS_LAYER stands in when it is absent.",
     )
     channel: str | None = Field(None, description="Inbound channel; default: the name.")
     # the YAML key is `command_channel`; the resolved name is the `command_channel` property

@@ -55,7 +55,7 @@ def core_shadowed() -> str | None:
         "as their own binaries outside the project directory (gateway-email / gateway-mqtt / "
         "gateways run --layer redis://…; they import nothing of your project), use channels' "
         "own runworker (list 'channels' before 'gateways' in INSTALLED_APPS), or rename your "
-        "'core' package; see the README, \"A project with its own core app\""
+        "'core' package; see docs/running.md, \"A project with its own core app\""
     )
 
 

@@ -2,7 +2,8 @@
 
 Every server runs in the foreground on free loopback ports, keeps its state in a fresh temporary
 directory, and is stopped by PID. The recipes (arguments, config files, ready lines) are the
-tested ones the README's "Services the tests start" section lists (``.ci/run`` installs them).
+tested ones the "Services the tests start" section of docs/development.md lists (``.ci/run``
+installs them).
 
 Life cycle shared by every service class (:class:`RedisServer`, :class:`MosquittoServer`,
 :class:`NgircdServer`, :class:`InspircdServer`):

@@ -66,8 +66,8 @@ class ServerError(RuntimeError):
 
 
 INSTALL_HINT = (
-    "`.ci/run` installs every service the tests use on Debian; the README's "
-    '"Services the tests start" section lists the packages'
+    "`.ci/run` installs every service the tests use on Debian; the "
+    '"Services the tests start" section of docs/development.md lists the packages'
 )
 """Where a skip message sends the reader."""
 

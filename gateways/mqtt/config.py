@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
@@ -254,10 +255,13 @@ class MqttConfig(Section):
         "are acknowledged, dropped and counted with a WARNING.",
     )
     receive_maximum: int = Field(
-        100,
+        20_000,
         ge=1,
         le=65535,
-        description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway.",
+        description="MQTT 5: QoS 1/2 messages the broker may have in flight to the gateway. "
+        "Default: max_pending (at most 65,535), so a burst travels to the gateway's hold "
+        "instead of the broker's queue for the client, which a default mosquitto caps at 1,000 "
+        "messages and beyond that drops (max_queued_messages).",
     )
     max_pending: int = Field(
         20_000,
@@ -309,6 +313,15 @@ class MqttConfig(Section):
     )
 
     secret_files = ("password",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window_as_the_hold(cls, data: Any) -> Any:
+        # receive_maximum left out: as large as the hold, so a smaller max_pending alone is valid
+        if isinstance(data, dict) and "receive_maximum" not in data and "max_pending" in data:
+            with contextlib.suppress(TypeError, ValueError):
+                return {**data, "receive_maximum": max(1, min(int(data["max_pending"]), 65535))}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:

@@ -205,17 +205,6 @@ def test_a_stop_that_ended_leaves_no_watchdog_behind() -> None:
     assert "alive 0" in done.stdout and "stop not done" not in done.stderr
 
 
-def test_gateways_run_with_app_on_memory_layer(tmp_path: Path) -> None:
-    """The embedded default: gateway and consumers in one process, no Redis."""
-    env = {"GATEWAYS_LOG_LEVEL": "INFO", "TMPDIR": str(tmp_path)}
-    result = run(sys.executable, str(EXAMPLES / "demo.py"), env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert list(tmp_path.iterdir()) == []  # issue 6: no gateways-demo-* left behind
-    assert "← reply left through the relay to alice@example.org" in result.stdout
-    assert "In-Reply-To: <first-mail@example.org>" in result.stdout
-    assert "signal received: draining" in result.stderr
-
-
 def test_gateways_run_rejects_unknown_gateway(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     path.write_text("gateway: carrier-pigeon\nname: x\n")

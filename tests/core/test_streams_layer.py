@@ -344,7 +344,10 @@ async def test_consumers_of_gone_processes_are_forgotten(redis_server: RedisServ
     raw = redis.Redis.from_url(redis_server.url)
     names = [c["name"] for c in raw.xinfo_consumers("asgi:stream:shared", "channels")]
     assert names == [gone.consumer.encode()]
-    later = StreamsChannelLayer(hosts=[redis_server.url], consumer_expiry=0.001)
+    # the gone consumer's idle time must pass the expiry: Redis counts it in whole ms from
+    # its last read, which a fast machine makes 1 ms before the next layer's first fetch
+    later = StreamsChannelLayer(hosts=[redis_server.url], consumer_expiry=0.05)
+    await asyncio.sleep(0.1)
     await later.send("shared", {"type": "t.y"})
     assert await later.receive("shared") == {"type": "t.y"}  # its first fetch claims and tidies
     names = [c["name"] for c in raw.xinfo_consumers("asgi:stream:shared", "channels")]

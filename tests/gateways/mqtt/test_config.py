@@ -37,6 +37,20 @@ def test_defaults(tmp_path: Path) -> None:
     assert mqtt.persistent_session and mqtt.client_id is None and mqtt.watch_broker_drops
     assert mqtt.subscriptions == [] and mqtt.payload == "bytes" and mqtt.tls is None
     assert config.consumer_channels() == ["sensors"]
+    # the broker's window is the hold's size: a burst waits in the hold, not in the broker's
+    # client queue (which a default mosquitto caps at 1,000 and then drops)
+    assert mqtt.receive_maximum == mqtt.max_pending == 20_000
+
+
+@pytest.mark.parametrize(
+    ("section", "window"),
+    [("{max_pending: 500}", 500), ("{max_pending: 100000}", 65_535), ("{receive_maximum: 7}", 7)],
+)
+def test_the_window_follows_the_hold_unless_given(
+    tmp_path: Path, section: str, window: int
+) -> None:
+    config = load(tmp_path, f"gateway: mqtt\nname: sensors\nmqtt: {section}\n")
+    assert config.mqtt.receive_maximum == window
 
 
 def test_full_example(tmp_path: Path) -> None:
