@@ -797,7 +797,9 @@ class _Reader:
                     if self.error is not None:
                         error, self.error = self.error, None
                         raise error
-                    if self.task is None or self.task.done():
+                    # a fetch cancelled by a receive given up a moment ago ends without a
+                    # word to the waiters: a receive started meanwhile needs a fetch of its own
+                    if self.task is None or self.task.done() or self.task.cancelling():
                         self.task = asyncio.get_running_loop().create_task(self._fetch_loop())
                     await self.changed.wait()
             except asyncio.CancelledError:
