@@ -1,11 +1,13 @@
 """Redis set-ups of several servers: a Redis Cluster, and a master with a replica.
 
-* :class:`RedisClusterServers`: ``masters`` × (1 + ``replicas``) ``redis-server
+* :class:`RedisClusterServers`: ``masters * (1 + replicas)`` ``redis-server
   --cluster-enabled yes`` on free ports, joined by ``redis-cli --cluster create``, ready once
   every node reports ``cluster_state:ok``. ``cluster-node-timeout`` is low (1 s) so a killed
   master's replica takes over in a few seconds.
 * :class:`ReplicatedRedis`: a master and one replica (``--replicaof``), and :meth:`promote`
-  (``REPLICAOF NO ONE``), for failover tests without Sentinel.
+  (``REPLICAOF NO ONE``), for failover tests without Sentinel; with ``sentinel=True`` also a
+  ``redis-sentinel`` (quorum 1, ``down-after-milliseconds`` 1000) that fails over by itself:
+  :attr:`sentinel_host` is the layer's host for it, master name ``main``.
 
 Both are built on :class:`core.testing.services.RedisServer` (its life cycle: ``kill()``,
 ``restart()``, ``stop()``), and ``stop()`` stops every server.
@@ -13,11 +15,21 @@ Both are built on :class:`core.testing.services.RedisServer` (its life cycle: ``
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
-from typing import Self
+from pathlib import Path
+from typing import Any, Self
 
-from core.testing.base import HOST, WAIT, require_binary
+from core.testing.base import (
+    HOST,
+    WAIT,
+    Server,
+    _make_tmpdir,
+    _remove_tmpdir,
+    free_port,
+    require_binary,
+)
 from core.testing.services import RedisServer
 
 __all__ = ["RedisClusterServers", "ReplicatedRedis"]
@@ -71,6 +83,8 @@ class _ClusterNode(RedisServer):
 
 class RedisClusterServers:
     """A local Redis Cluster; see the module docstring."""
+
+    binary = "redis-server"
 
     def __init__(self, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
         args = [
@@ -160,31 +174,66 @@ class RedisClusterServers:
 class ReplicatedRedis:
     """A master and one replica on free ports; see the module docstring."""
 
-    def __init__(self) -> None:
+    binary = "redis-server"
+
+    def __init__(self, *, sentinel: bool = False) -> None:
         self.master = RedisServer(extra_args=_FAST_SYNC)
-        self.replica = RedisServer()
+        self.replica = RedisServer(extra_args=_FAST_SYNC)
+        self.with_sentinel = sentinel
+        self.sentinel_port = free_port()
+        self.sentinel: Server | None = None
+        self._sentinel_dir: Path | None = None
+
+    @property
+    def sentinel_host(self) -> dict[str, Any]:
+        """The streams layer's host entry for the Sentinel (``hosts=[…]``)."""
+        return {"sentinels": [(HOST, self.sentinel_port)], "master_name": "main"}
 
     def start(self) -> Self:
         try:
             self.master.start()
-            self.replica.extra_args = ["--replicaof", HOST, str(self.master.port)]
+            self.replica.extra_args = [*_FAST_SYNC, "--replicaof", HOST, str(self.master.port)]
             self.replica.start()
             _until(self.in_sync, "the replica to sync with its master")
+            if self.with_sentinel:
+                self._start_sentinel()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_sentinel(self) -> None:
+        binary = shutil.which("redis-sentinel") or require_binary("redis-server")
+        self._sentinel_dir = _make_tmpdir("cgw-redis-sentinel-")
+        conf = self._sentinel_dir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel_port}\nbind {HOST}\ndir {self._sentinel_dir}\n"
+            f"sentinel monitor main {HOST} {self.master.port} 1\n"
+            "sentinel down-after-milliseconds main 1000\n"
+            "sentinel failover-timeout main 5000\n"
+        )
+        self.sentinel = Server([binary, str(conf), "--sentinel"], "Sentinel ID", name="sentinel")
+
     def in_sync(self) -> bool:
         info = _cli(self.master.port, "info", "replication", timeout=5)
-        return (
-            "connected_slaves:1" in info and "state=online" in info and _linked(self.replica.port)
-        )
+        online = "connected_slaves:1" in info and "state=online" in info
+        return online and _linked(self.replica.port)
 
     def promote(self) -> None:
         """Make the replica a master (what Sentinel does after the master died)."""
         _cli(self.replica.port, "replicaof", "no", "one", timeout=5)
 
+    def sentinel_master_port(self) -> int:
+        """The port of the master the Sentinel names now."""
+        reply = _cli(self.sentinel_port, "sentinel", "get-master-addr-by-name", "main", timeout=5)
+        return int(reply.split()[1])
+
     def stop(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.stop()
+            self.sentinel = None
+        if self._sentinel_dir is not None:
+            _remove_tmpdir(self._sentinel_dir)
+            self._sentinel_dir = None
         self.replica.stop()
         self.master.stop()

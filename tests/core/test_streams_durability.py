@@ -1,0 +1,151 @@
+"""``durability`` of core.streams.StreamsChannelLayer across a failover, on a real master and
+replica: with ``durability=replicated`` a send returns only once the replica has the message
+(``WAIT 1``), so promoting the replica after the master died loses no acknowledged message;
+with the default, what the replica had not received when the master died is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import redis
+
+from core.layers import resolve_layer
+from core.service import LAYER_ERRORS, send_command
+from core.streams import NotReplicated, StreamsChannelLayer
+from core.testing import ReplicatedRedis, until
+
+
+def stream_entries(port: int, key: str) -> int:
+    return int(redis.Redis(host="127.0.0.1", port=port).xlen(key))
+
+
+def layer_on(replicated: ReplicatedRedis, query: str) -> StreamsChannelLayer:
+    url = replicated.master.url.replace("redis://", "redis+streams://")
+    layer = resolve_layer(f"{url}?capacity=1000000&{query}")
+    assert isinstance(layer, StreamsChannelLayer)
+    return layer
+
+
+async def test_replicated_sends_survive_the_master_dying(replicated_redis: ReplicatedRedis) -> None:
+    """300 sends; the replica is frozen (SIGSTOP) for a while in the middle, and the sends
+    made meanwhile are refused (NotReplicated, an outage to the gateways: 451, no PUBACK …);
+    then the master is SIGKILLed right after the last acknowledgement and the replica
+    promoted: it has every acknowledged message."""
+    layer = layer_on(replicated_redis, "durability=replicated&durability_timeout=0.3")
+    acknowledged = refused = 0
+    for n in range(300):
+        if n == 100:
+            replicated_redis.replica.send_signal(signal.SIGSTOP)
+        try:
+            await layer.send("orders", {"type": "t.x", "n": n})
+            acknowledged += 1
+        except NotReplicated as exc:
+            assert isinstance(exc, LAYER_ERRORS)  # the gateways push back on it
+            refused += 1
+        if n == 105:
+            replicated_redis.replica.send_signal(signal.SIGCONT)
+    replicated_redis.master.kill()
+    replicated_redis.promote()
+    kept = stream_entries(replicated_redis.replica.port, layer._stream_key("orders"))
+    # every acknowledged message is there; a refused one may be too (a retry then duplicates it)
+    assert refused >= 5
+    assert acknowledged == 300 - refused
+    assert kept >= acknowledged
+    print(f"replicated: {acknowledged} acknowledged, {refused} refused, {kept} on the replica")
+
+
+async def test_default_durability_can_lose_acknowledged_sends(
+    replicated_redis: ReplicatedRedis,
+) -> None:
+    """The same failover without the option: sends made while the replica could not keep up
+    were acknowledged, and the promoted replica does not have them (docs/redis.md)."""
+    layer = layer_on(replicated_redis, "")
+    replicated_redis.replica.send_signal(signal.SIGSTOP)
+    payload = b"x" * 8192
+    acknowledged = 0
+    for n in range(4000):  # 32 MB: more than the kernel buffers between the two hold
+        await layer.send("orders", {"type": "t.x", "n": n, "pad": payload})
+        acknowledged += 1
+    replicated_redis.master.kill()
+    replicated_redis.replica.send_signal(signal.SIGCONT)
+    # it reads what reached it before the connection closed, then sees its master gone
+    replica = redis.Redis(host="127.0.0.1", port=replicated_redis.replica.port)
+    await until(lambda: replica.info("replication")["master_link_status"] == "down")
+    replicated_redis.promote()
+    kept = stream_entries(replicated_redis.replica.port, layer._stream_key("orders"))
+    print(f"async: {acknowledged} acknowledged, {kept} on the promoted replica")
+    assert kept < acknowledged
+
+
+@pytest.mark.parametrize("durability", ["async", "replicated"])
+async def test_sentinel_failover_mid_stream(
+    sentinel_redis: ReplicatedRedis, durability: str
+) -> None:
+    """Sends (retried on outage errors, as the gateways do) and a receiver on a Sentinel
+    host; the master is SIGKILLed halfway and Sentinel promotes the replica. With
+    durability=replicated no acknowledged message is lost (sends wait, refused, until the old
+    master is back as the new one's replica); with the default the loss is counted."""
+    layer = StreamsChannelLayer(
+        hosts=[sentinel_redis.sentinel_host],
+        capacity=1_000_000,
+        durability=durability,
+        durability_timeout=0.5,
+    )
+    acknowledged: list[int] = []
+    received: list[int] = []
+    outages: list[BaseException] = []
+    total = 300
+
+    async def sender() -> None:
+        for n in range(total):
+            try:
+                await layer.send("mail", {"type": "t.x", "n": n})
+            except LAYER_ERRORS as exc:
+                outages.append(exc)
+                await send_command(layer, "mail", {"type": "t.x", "n": n}, timeout=60)
+            acknowledged.append(n)
+            await asyncio.sleep(0.005)
+
+    async def receiver() -> None:
+        while True:
+            try:
+                received.append((await layer.receive("mail"))["n"])
+            except LAYER_ERRORS as exc:
+                outages.append(exc)
+                await asyncio.sleep(0.1)
+
+    sending = asyncio.create_task(sender())
+    receiving = asyncio.create_task(receiver())
+    await until(lambda: len(acknowledged) >= total // 2, 30, "half the messages sent")
+    sentinel_redis.master.kill()
+    new_master = sentinel_redis.replica.port
+    await until(
+        lambda: asyncio.to_thread(lambda: sentinel_redis.sentinel_master_port() == new_master),
+        30,
+        "Sentinel to promote the replica",
+    )
+    if durability == "replicated":
+        # the promoted replica has no replica of its own: Sentinel makes the old master one
+        await asyncio.to_thread(sentinel_redis.master.start)
+    await asyncio.wait_for(sending, 90)
+    try:
+        await until(lambda: set(received) >= set(acknowledged), 30, "every acknowledged message")
+    except TimeoutError:
+        if durability == "replicated":
+            raise
+    receiving.cancel()
+    await asyncio.gather(receiving, return_exceptions=True)
+    lost = sorted(set(acknowledged) - set(received))
+    print(
+        f"sentinel, durability={durability}: {len(acknowledged)} acknowledged, {len(lost)} "
+        f"lost, {len(received) - len(set(received))} duplicates, {len(outages)} outage errors"
+    )
+    if durability == "replicated":
+        assert lost == []
+    else:  # what the replica had not received when the master died, if anything
+        assert len(lost) < total // 2
+    assert outages, "the failover was not noticed"
+    assert all(isinstance(e, LAYER_ERRORS) for e in outages)
+    await layer.flush()
