@@ -777,7 +777,7 @@ class _Writer:
         )
         waits: list[_Wait] = []
         spans: list[int] = []
-        if len(scripts) == 1 and not other_ops and not layer._cluster and not (durable and writes):
+        if len(scripts) == 1 and not other_ops and not (durable and writes):
             # the common case: one script call (by its SHA), without a pipeline's overhead
             (only,) = scripts.values()
             if self._batch is None:

@@ -166,6 +166,17 @@ class RedisClusterServers:
                         return next(s for s in self.servers if s.port == port)
         raise RuntimeError(f"no master serves {key!r}")
 
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The servers that replicate ``master`` now."""
+        lines = _cli(master.port, "cluster", "nodes", timeout=5).splitlines()
+        own = next(line.split()[0] for line in lines if "myself" in line.split()[2])
+        ports = {
+            int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
+            for line in lines
+            if line.split()[3] == own
+        }
+        return [server for server in self.servers if server.port in ports]
+
     def stop(self) -> None:
         for server in self.servers:
             server.stop()

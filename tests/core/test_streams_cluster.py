@@ -18,6 +18,7 @@ from channels.exceptions import ChannelFull
 from redis.crc import key_slot
 
 from core.layers import LayerPathError, channel_layer_settings, resolve_layer
+from core.metrics import REGISTRY
 from core.service import LAYER_ERRORS, send_command
 from core.streams import LayerUnavailable, StreamsChannelLayer
 from core.testing import RedisClusterServers, until
@@ -203,7 +204,9 @@ async def test_master_killed_mid_stream(
         assert len(lost) < total // 2  # only what was in flight at the kill, if anything
     # what reached the callers were outage errors (pushed back on, retried), nothing else
     assert all(isinstance(e, LAYER_ERRORS) for e in outages)
-    assert outages, "the kill was not noticed"
+    # (redis-py's RedisCluster retries through most of a failover: often none reach them)
+    key = layer._stream_key(channel)
+    assert await asyncio.to_thread(redis_cluster.master_of, key) is not master  # failed over
     await layer.flush()
 
 
@@ -216,6 +219,45 @@ def failed_over(cluster: RedisClusterServers, key: str, dead: Any) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+async def test_a_shard_without_master_or_replica_is_an_outage(
+    layer: StreamsChannelLayer, redis_cluster: RedisClusterServers
+) -> None:
+    """A master and its replica both down: the cluster answers CLUSTERDOWN (no node serves
+    those slots). After redis-py's retries a send raises an outage error (in LAYER_ERRORS: the
+    gateways push back, 451 / no PUBACK / 503), not another error; once the servers are back
+    the layer carries on."""
+    await layer.send("down", {"type": "t.x", "n": 1})
+    master = redis_cluster.master_of(layer._stream_key("down"))
+    shard = [master, *redis_cluster.replicas_of(master)]
+    live = next(c for c in CHANNELS if redis_cluster.master_of(layer._stream_key(c)) not in shard)
+    for server in shard:
+        server.kill()
+    alive = next(server for server in redis_cluster.servers if server.alive)
+    await until(lambda: asyncio.to_thread(cluster_state, alive.port, "fail"), 30, "CLUSTERDOWN")
+    with pytest.raises(LAYER_ERRORS) as raised:
+        await asyncio.wait_for(layer.send("down", {"type": "t.x", "n": 2}), 60)
+    print(f"a send to a shard that is down raised {type(raised.value).__name__}: {raised.value}")
+    # a live master answers CLUSTERDOWN for every slot while the cluster is down
+    with pytest.raises(LayerUnavailable) as refused:
+        await asyncio.wait_for(layer.send(live, {"type": "t.x"}), 60)
+    assert isinstance(refused.value.__cause__, redis.exceptions.ClusterDownError)
+    vanished = REGISTRY.get_sample_value("gateway_layer_vanished_total", {"what": "dataset"})
+    for server in shard:
+        await asyncio.to_thread(server.start)  # nodes.conf kept, the data (no AOF) gone
+    await asyncio.to_thread(redis_cluster.wait_ok)
+    await send_command(layer, "down", {"type": "t.x", "n": 3}, timeout=60)
+    assert (await asyncio.wait_for(layer.receive("down"), 10))["n"] == 3
+    # the slot's marker vanished with the data: reported (ERROR, metric, /readyz reason)
+    after = REGISTRY.get_sample_value("gateway_layer_vanished_total", {"what": "dataset"})
+    assert (after or 0) == (vanished or 0) + 1
+    assert any("lost its data" in problem for problem in layer.health_problems())
+
+
+def cluster_state(port: int, state: str) -> bool:
+    info = redis.Redis(host="127.0.0.1", port=port).cluster("info")
+    return bool(info["cluster_state"] == state)
 
 
 async def test_cluster_errors_are_outages(layer: StreamsChannelLayer) -> None:
