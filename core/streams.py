@@ -38,9 +38,9 @@ What it promises (DESIGN §3, "The streams layer's contract"), and how:
   fetched). When that number would pass ``max_deliveries`` the message is dead-lettered instead
   (``{channel}.dead``, ``gateways.dead_letter``, as ``ConsumerWorker`` does): a message whose
   handler kills its process does not crash-loop every worker for ever.
-* **Lost data is reported.** Each host keeps a marker key (``{prefix}:epoch``) that every write
-  and every claim look at; a marker that vanished or changed under this process means the data
-  there was lost (Redis restarted without persistence, ``FLUSHALL``, a failover to an empty
+* **Lost data is reported.** Each host (each hash slot of a Redis Cluster, see below) keeps a
+  marker key (``{prefix}:epoch``) that every write and every claim look at; a marker that
+  vanished or changed under this process means the data there was lost (Redis restarted without persistence, ``FLUSHALL``, a failover to an empty
   replica), and a stream or consumer group that vanished under a reader that had used it means
   the same for that stream. Either is an ERROR line, ``gateway_layer_vanished_total{what}`` and
   a reason in :meth:`StreamsChannelLayer.health_problems` (for ``/readyz``) for
@@ -63,6 +63,24 @@ What it promises (DESIGN §3, "The streams layer's contract"), and how:
   ``ChannelFull`` is exact and each caller gets its own answer.
   :meth:`StreamsChannelLayer.send_many` appends an ordered run in one round trip and stops at the
   first full channel (``core.service.Gateway.publish_many`` hands a backlog over that way).
+* **Redis Cluster** (``redis+cluster://h1:p1,h2:p2/``, a host ``{"cluster": [urls]}``): every
+  key of a channel has the channel's name as its hash tag (``{prefix}:stream:{channel}``,
+  ``{prefix}:runs:{channel}``), and the marker above is kept per hash slot
+  (``{prefix}:epoch:{tag}``, ``tag`` a string whose slot is the slot's), so every script reads
+  and writes one slot. The writer makes one batch script call per slot (a pipeline, which
+  redis-py's ``RedisCluster`` sends to each slot's master); ``send_many`` stops its runs at a
+  slot change as it does at a host change; ``group_send`` reads the group, then sends to each
+  member's stream (process-local members of one process still share one entry). The cluster
+  client follows ``MOVED``/``ASK`` and retries connection errors, ``CLUSTERDOWN`` and
+  ``TRYAGAIN``; what still fails reaches the caller as :class:`LayerUnavailable`, a Redis
+  ``ConnectionError``: an outage to the gateways, never a bad message. Plain hosts keep their
+  key names.
+* **Durability across a failover** (``durability="replicated"``): after a batch with sends,
+  ``WAIT 1 <durability_timeout>`` on the same connection (in a cluster, on each master that
+  took sends); no replica confirmed in time, or the slot moved meanwhile → the sends of that
+  batch raise :class:`NotReplicated` (an outage: a gateway pushes its transport back, which
+  retries; a refused message may then be in Redis twice). Acknowledgements do not wait: a lost
+  one is a redelivery. docs/redis.md compares what each Redis set-up loses.
 * **Nothing expires in silence.** ``expiry`` defaults to ``None``; with ``expiry=N``, entries
   older than N s are trimmed at the next send to their stream or dropped at fetch, counted
   (``reason="expired"``) and logged. Pending entries deleted before their claim are counted
@@ -901,7 +919,8 @@ class _Writer:
             elif int(reply) < 1:
                 why = f"no replica confirmed it within durability_timeout={timeout:g}s"
             elif wait.node is not None and any(
-                cast(RedisCluster, self.client).get_node_from_key(key) is not wait.node
+                getattr(cast(RedisCluster, self.client).get_node_from_key(key), "name", None)
+                != wait.node.name
                 for key in wait.samples
             ):
                 # the slot moved during the call: the write may have been redirected to

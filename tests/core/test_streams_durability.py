@@ -149,3 +149,28 @@ async def test_sentinel_failover_mid_stream(
     assert outages, "the failover was not noticed"
     assert all(isinstance(e, LAYER_ERRORS) for e in outages)
     await layer.flush()
+
+
+async def test_an_unreplicated_mail_is_451_then_250(replicated_redis: ReplicatedRedis) -> None:
+    """The email gateway on a durability=replicated layer whose replica is frozen: the mail is
+    not accepted (451, the sender retries), and 250 once the replica confirms again."""
+    import aiosmtplib
+
+    from tests.gateways.email.test_gateway import NAME, aiosmtplib_send, config, mail, running
+
+    layer = layer_on(replicated_redis, "durability=replicated&durability_timeout=0.2")
+    async with running(config(accept_timeout=1), layer) as gateway:
+        replicated_redis.replica.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+                await aiosmtplib_send(gateway.server.port, mail(Message_ID="<r@example.org>"))
+            assert refused.value.code == 451
+            with pytest.raises(NotReplicated):  # group_send waits for the replica too
+                await layer.group_send("room", {"type": "t.x"})
+        finally:
+            replicated_redis.replica.send_signal(signal.SIGCONT)
+        response = await aiosmtplib_send(gateway.server.port, mail(Message_ID="<r@example.org>"))
+        assert response.code == 250
+        # at least once: the refused attempt may be in Redis too (de-duplicate on id)
+        ids = {(await layer.receive(NAME))["id"]}
+        assert ids == {"<r@example.org>"}
