@@ -276,3 +276,23 @@ async def test_cluster_errors_are_outages(layer: StreamsChannelLayer) -> None:
         assert mapped.__cause__ is error
     plain = redis.exceptions.ResponseError("WRONGTYPE")
     assert _outage(plain) is plain
+
+
+async def test_the_unread_channel_check_works_on_the_cluster(layer: StreamsChannelLayer) -> None:
+    """core.layer_check reads streams of many slots in one pipeline (and Redis' clock apart:
+    a cluster pipeline refuses TIME)."""
+    import logging
+
+    from core.layer_check import StreamsReadCheck
+
+    check = StreamsReadCheck("gw", layer, logging.getLogger("test"), after=0.3)
+    for channel in CHANNELS[:3]:
+        await layer.send(channel, {"type": "t.x", "id": "1"})
+        check.sent(channel)
+
+    async def reasons() -> list[str]:
+        await check.poll()
+        return check.reasons()
+
+    found = await until(reasons, 10, "the unread channels")
+    assert isinstance(found, list) and len(found) == 3
