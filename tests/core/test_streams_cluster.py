@@ -296,3 +296,17 @@ async def test_the_unread_channel_check_works_on_the_cluster(layer: StreamsChann
 
     found = await until(reasons, 10, "the unread channels")
     assert isinstance(found, list) and len(found) == 3
+
+
+async def test_a_gateway_on_the_cluster(layer: StreamsChannelLayer) -> None:
+    """The email gateway in process on a redis+cluster:// layer: a mail answered 250 is on
+    its inbound channel; the readiness probe PINGs the cluster."""
+    from core.layers import probe_layer
+    from tests.gateways.email.test_gateway import NAME, aiosmtplib_send, config, mail, running
+
+    assert await probe_layer(layer) is None
+    async with running(config(), layer) as gateway:
+        response = await aiosmtplib_send(gateway.server.port, mail(Message_ID="<c@example.org>"))
+        assert response.code == 250
+        event = await asyncio.wait_for(layer.receive(NAME), 10)
+        assert event["id"] == "<c@example.org>"
