@@ -40,11 +40,12 @@ What it promises (DESIGN §3, "The streams layer's contract"), and how:
   handler kills its process does not crash-loop every worker for ever.
 * **Lost data is reported.** Each host (each hash slot of a Redis Cluster, see below) keeps a
   marker key (``{prefix}:epoch``) that every write and every claim look at; a marker that
-  vanished or changed under this process means the data there was lost (Redis restarted without persistence, ``FLUSHALL``, a failover to an empty
-  replica), and a stream or consumer group that vanished under a reader that had used it means
-  the same for that stream. Either is an ERROR line, ``gateway_layer_vanished_total{what}`` and
-  a reason in :meth:`StreamsChannelLayer.health_problems` (for ``/readyz``) for
-  :data:`PROBLEM_PERIOD` seconds.
+  vanished or changed under this process means the data there was lost (Redis restarted
+  without persistence, ``FLUSHALL``, a failover to an empty replica), and a stream or
+  consumer group that vanished under a reader that had used it means the same for that
+  stream. Either is an ERROR line, ``gateway_layer_vanished_total{what}`` and a reason in
+  :meth:`StreamsChannelLayer.health_problems` (for ``/readyz``) for :data:`PROBLEM_PERIOD`
+  seconds.
 * **group_send reaches every member.** Normal channels get an entry each; the process-local
   members (``name.CLIENT!xyz``) of one process share one entry on that process's stream, its
   ``c`` field naming them all, fanned out in the receiving process (as channels_redis does), so
@@ -795,6 +796,7 @@ class _Writer:
         )
         waits: list[_Wait] = []
         spans: list[int] = []
+        sent: dict[int, tuple[str, str]] = {}  # a group op's marker and candidate, by id
         if len(scripts) == 1 and not other_ops and not (durable and writes):
             # the common case: one script call (by its SHA), without a pipeline's overhead
             (only,) = scripts.values()
@@ -813,14 +815,14 @@ class _Writer:
                 if op.kind == "group":
                     (payload,) = op.args
                     marker = layer._marker_key(op.key)
+                    sent[id(op)] = (marker, layer._candidate(self.index, marker))
                     pipe.eval(
                         _GROUP,
                         1,
                         op.key,
                         layer._expiry_ms,
                         layer.local_expiry,
-                        marker,
-                        layer._candidate(self.index, marker),
+                        *sent[id(op)],
                         layer._stream_prefix,
                         payload,
                         layer.capacity,
@@ -864,8 +866,8 @@ class _Writer:
             answer: Any = _outage(failed[0]) if failed else answers[-1]
             if op.kind == "group" and not failed:
                 members, full, trims, seen, missed = answer
-                marker = layer._marker_key(op.key)
-                layer._saw_epoch(self.index, marker, seen, layer._candidate(self.index, marker))
+                marker, candidate = sent[id(op)]
+                layer._saw_epoch(self.index, marker, seen, candidate)
                 layer._count_trims(trims)
                 answer = group_problem or (int(members), int(full), [_text(m) for m in missed])
             if op.future is None or op.future.done():
