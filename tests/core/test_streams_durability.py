@@ -174,3 +174,65 @@ async def test_an_unreplicated_mail_is_451_then_250(replicated_redis: Replicated
         # at least once: the refused attempt may be in Redis too (de-duplicate on id)
         ids = {(await layer.receive(NAME))["id"]}
         assert ids == {"<r@example.org>"}
+
+
+async def test_mails_answered_250_survive_a_sentinel_failover(
+    sentinel_redis: ReplicatedRedis,
+) -> None:
+    """The email gateway on a Sentinel layer with durability=replicated; 200 mails, each sent
+    again while the gateway answers 451; the master SIGKILLed halfway, Sentinel promotes the
+    replica, the old master comes back as its replica. Every mail answered 250 is on the
+    inbound channel."""
+    import aiosmtplib
+
+    from tests.gateways.email.test_gateway import NAME, aiosmtplib_send, config, mail, running
+
+    layer = StreamsChannelLayer(
+        hosts=[sentinel_redis.sentinel_host],
+        capacity=1_000_000,
+        durability="replicated",
+        durability_timeout=0.5,
+    )
+    layer.set_channel_capacity(NAME, 1_000_000)
+    accepted: list[str] = []
+    refusals = 0
+    total = 200
+    async with running(config(accept_timeout=1), layer) as gateway:
+
+        async def client() -> None:
+            nonlocal refusals
+            for n in range(total):
+                message_id = f"<m{n}@example.org>"
+                while True:
+                    try:
+                        await aiosmtplib_send(gateway.server.port, mail(Message_ID=message_id))
+                        break
+                    except aiosmtplib.SMTPDataError as exc:
+                        assert exc.code == 451, exc  # never a 5xx: the sender retries
+                        refusals += 1
+                        await asyncio.sleep(0.1)
+                accepted.append(message_id)
+
+        sending = asyncio.create_task(client())
+        await until(lambda: len(accepted) >= total // 2, 60, "half the mails accepted")
+        sentinel_redis.master.kill()
+        new_master = sentinel_redis.replica.port
+        await until(
+            lambda: asyncio.to_thread(lambda: sentinel_redis.sentinel_master_port() == new_master),
+            30,
+            "Sentinel to promote the replica",
+        )
+        await asyncio.to_thread(sentinel_redis.master.start)  # back, as the new replica
+        await asyncio.wait_for(sending, 120)
+        received: set[str] = set()
+
+        async def drain() -> bool:
+            while len(received) < len(accepted):
+                received.add((await asyncio.wait_for(layer.receive(NAME), 10))["id"])
+            return True
+
+        await asyncio.wait_for(drain(), 60)
+    print(f"mails: {len(accepted)} answered 250, {refusals} answered 451 first, 0 lost")
+    assert set(accepted) == received
+    assert refusals > 0, "the failover was never hit: the test proved nothing"
+    await layer.flush()
