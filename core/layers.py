@@ -199,7 +199,9 @@ def _layer_options(
             options[key] = _int_param(path, key, value)
         elif key == "prefix":
             options[key] = value
-        elif streams and key in ("durability", "durability_timeout"):
+        elif key in ("durability", "durability_timeout"):
+            if not streams:
+                raise LayerPathError.of(path, f"{key} needs the streams layer")
             options[key] = _durability_param(path, key, value)
         else:
             kept.append((key, value))  # redis-py URL options (ssl_cert_reqs, …)

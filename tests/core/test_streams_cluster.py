@@ -55,6 +55,13 @@ def test_cluster_layer_path_and_django_settings() -> None:
             resolve_layer(bad)
     with pytest.raises(LayerPathError, match="durability must be one of"):
         resolve_layer("redis+cluster://h:7000?durability=sync")
+    with pytest.raises(LayerPathError, match="durability needs the streams layer"):
+        resolve_layer("redis://h:6379/0?layer=channels_redis&durability=replicated")
+    with pytest.raises(LayerPathError, match="durability_timeout must be"):
+        resolve_layer("redis://h:6379/0?durability_timeout=soon")
+    plain_durable = resolve_layer("redis://h:6379/0?durability=replicated&durability_timeout=2")
+    assert isinstance(plain_durable, StreamsChannelLayer)
+    assert (plain_durable.durability, plain_durable.durability_timeout) == ("replicated", 2.0)
     # the keys of one channel share a hash tag; plain hosts keep their key names
     assert layer._stream_key("a.b") == "asgi:stream:{a.b}"
     assert layer._runs_key(layer._stream_key("a.b")) == "asgi:runs:{a.b}"
