@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +23,22 @@ from core.service import LAYER_ERRORS, send_command
 from core.streams import LayerUnavailable, StreamsChannelLayer
 from core.testing import RedisClusterServers, until
 from core.worker import ConsumerWorker, RetryPolicy
+from tests.conftest import _run
 
 #: channels whose streams are in different hash slots (on all three masters)
 CHANNELS = [f"chan-{n}" for n in range(24)]
 
 
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    """One cluster for the tests that kill nothing (those that do get their own,
+    ``redis_cluster``); each test's layer flushes its keys."""
+    yield from _run(RedisClusterServers())
+
+
 @pytest.fixture
-async def layer(redis_cluster: RedisClusterServers) -> AsyncIterator[StreamsChannelLayer]:
-    layer = resolve_layer(redis_cluster.url + "?capacity=5")
+async def layer(cluster: RedisClusterServers) -> AsyncIterator[StreamsChannelLayer]:
+    layer = resolve_layer(cluster.url + "?capacity=5")
     assert isinstance(layer, StreamsChannelLayer)
     yield layer
     await layer.flush()
@@ -74,7 +82,7 @@ def test_cluster_layer_path_and_django_settings() -> None:
 
 
 async def test_send_receive_capacity_and_send_many_across_slots(
-    layer: StreamsChannelLayer, redis_cluster: RedisClusterServers
+    layer: StreamsChannelLayer, cluster: RedisClusterServers
 ) -> None:
     slots = {key_slot(layer._stream_key(c).encode()) for c in CHANNELS}
     assert len(slots) == len(CHANNELS)
@@ -92,7 +100,7 @@ async def test_send_receive_capacity_and_send_many_across_slots(
     assert [(await layer.receive("sm-b"))["n"] for _ in range(5)] == [0, 1, 2, 3, 4]
     # each slot that took a write has its marker, on the master that serves the slot
     markers = [layer._marker_key(layer._stream_key(c)) for c in CHANNELS]
-    assert all(client(redis_cluster).exists(m) for m in markers)
+    assert all(client(cluster).exists(m) for m in markers)
     # process-local channels live on the cluster too
     local = await layer.new_channel()
     await layer.send(local, {"type": "t.local"})
@@ -229,12 +237,14 @@ def failed_over(cluster: RedisClusterServers, key: str, dead: Any) -> bool:
 
 
 async def test_a_shard_without_master_or_replica_is_an_outage(
-    layer: StreamsChannelLayer, redis_cluster: RedisClusterServers
+    redis_cluster: RedisClusterServers,
 ) -> None:
     """A master and its replica both down: the cluster answers CLUSTERDOWN (no node serves
     those slots). After redis-py's retries a send raises an outage error (in LAYER_ERRORS: the
     gateways push back, 451 / no PUBACK / 503), not another error; once the servers are back
     the layer carries on."""
+    layer = resolve_layer(redis_cluster.url)
+    assert isinstance(layer, StreamsChannelLayer)
     await layer.send("down", {"type": "t.x", "n": 1})
     master = redis_cluster.master_of(layer._stream_key("down"))
     shard = [master, *redis_cluster.replicas_of(master)]
@@ -260,6 +270,7 @@ async def test_a_shard_without_master_or_replica_is_an_outage(
     after = REGISTRY.get_sample_value("gateway_layer_vanished_total", {"what": "dataset"})
     assert (after or 0) == (vanished or 0) + 1
     assert any("lost its data" in problem for problem in layer.health_problems())
+    await layer.flush()
 
 
 def cluster_state(port: int, state: str) -> bool:
@@ -267,7 +278,7 @@ def cluster_state(port: int, state: str) -> bool:
     return bool(info["cluster_state"] == state)
 
 
-async def test_cluster_errors_are_outages(layer: StreamsChannelLayer) -> None:
+def test_cluster_errors_are_outages() -> None:
     """CLUSTERDOWN, TRYAGAIN, MOVED/ASK left over and READONLY reach callers as
     LayerUnavailable, a redis ConnectionError: in core.service.LAYER_ERRORS."""
     from core.streams import _outage
