@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 import pytest
 import redis
@@ -236,3 +237,68 @@ async def test_mails_answered_250_survive_a_sentinel_failover(
     assert set(accepted) == received
     assert refusals > 0, "the failover was never hit: the test proved nothing"
     await layer.flush()
+
+
+async def test_mqtt_qos1_through_a_sentinel_failover(
+    sentinel_redis: ReplicatedRedis, start_service: Any
+) -> None:
+    """The MQTT gateway (in process) on a Sentinel layer with durability=replicated: 2,000
+    QoS 1 messages, the master SIGKILLed once 500 arrived (the channel holds 200, so most are
+    still at the broker, unacknowledged). A message is PUBACKed only after a replica has it,
+    so every one of them reaches the channel after the failover."""
+    from core.testing import MosquittoServer
+    from tests.gateways.mqtt.conftest import MqttTestClient, gateway_config, running
+    from tests.gateways.mqtt.test_faults import Seen
+
+    count = 2000
+    broker = start_service(MosquittoServer(extra_config=["max_queued_messages 0"]))
+
+    def layer() -> StreamsChannelLayer:
+        return StreamsChannelLayer(
+            hosts=[sentinel_redis.sentinel_host],
+            capacity=200,
+            durability="replicated",
+            durability_timeout=0.5,
+        )
+
+    config = {
+        **gateway_config(broker, name="seq", subscriptions=[{"topic": "seq/#", "qos": 1}]),
+        "inbound_capacity": None,  # the layer's capacity, 200
+    }
+    reader = layer()
+    seen = Seen()
+    async with running(config, layer()):
+        publisher = MqttTestClient(broker.port)
+        try:
+            payloads = [b"%d" % n for n in range(count)]
+            publishing = asyncio.create_task(
+                asyncio.to_thread(publisher.publish_many, "seq/n", payloads)
+            )
+            await seen.read(reader, "seq", 500)
+            sentinel_redis.master.kill()
+            at_kill = len(seen.ids)
+            new_master = sentinel_redis.replica.port
+            await until(
+                lambda: asyncio.to_thread(
+                    lambda: sentinel_redis.sentinel_master_port() == new_master
+                ),
+                30,
+                "Sentinel to promote the replica",
+            )
+            await asyncio.to_thread(sentinel_redis.master.start)  # back, as the new replica
+            await publishing
+            for _ in range(5):
+                try:
+                    await seen.read(reader, "seq", count)
+                    break
+                except LAYER_ERRORS:  # the failover, seen by the reader
+                    await asyncio.sleep(0.2)
+        finally:
+            publisher.close()
+        print(
+            f"mqtt: {count} QoS 1 messages, {at_kill} had arrived at the kill, "
+            f"{len(seen.ids)} arrived, {seen.duplicates} duplicates"
+        )
+    assert at_kill <= 700  # the failover came mid-stream
+    assert sorted(seen.ids) == list(range(count))  # zero lost
+    await reader.flush()
