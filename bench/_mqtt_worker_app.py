@@ -4,7 +4,8 @@ Two of them, for the same worker:
 
 * :func:`asgi_application`: a bare ASGI application, one loop over ``receive()`` — the worker's
   own cost and nothing else (what bench/layer.py's worker rows run);
-* :func:`channels_application`: a channels ``AsyncConsumer`` behind a ``ChannelNameRouter``, as
+* :func:`channels_application`: a channels ``AsyncConsumer`` (``mqtt.message``, and ``irc.receive``
+  for bench/side_by_side.py, whose IRC lines carry the same JSON) behind a ``ChannelNameRouter``, as
   a Django project routes its consumers (``runworker`` / ``gateways run --app``), so the worker
   pays what it pays there: channels' dispatch, the consumer's own process-local channel, and
   the ``aclose_old_connections()`` channels 4.2+ runs before every handler (a hop to the
@@ -57,6 +58,10 @@ def configure_django() -> None:
         django.setup()
 
 
+async def _ignore(message: dict[str, Any]) -> None:
+    pass
+
+
 def channels_application(channel: str) -> Any:
     """A channels ``AsyncConsumer`` on ``channel`` (call :func:`configure_django` first)."""
     from channels.consumer import AsyncConsumer
@@ -71,5 +76,15 @@ def channels_application(channel: str) -> Any:
 
         async def mqtt_disconnect(self, message: dict[str, Any]) -> None:
             pass
+
+        async def irc_receive(self, message: dict[str, Any]) -> None:
+            # bench/side_by_side.py sends the same JSON as an IRC line: noted the same way
+            record({**message, "payload": message["text"].encode()})
+
+        def __getattr__(self, name: str) -> Any:
+            # the IRC gateway's other events (joins, topics, ...) are taken and dropped
+            if name.startswith("irc_"):
+                return _ignore
+            raise AttributeError(name)
 
     return ChannelNameRouter({channel: StampConsumer.as_asgi()})

@@ -411,6 +411,7 @@ class ProcessConsumer:
         tmp: Path,
         *,
         worker: bool = False,
+        consumer: str = "asgi",
     ):
         self.argv = [
             sys.executable,
@@ -424,6 +425,7 @@ class ProcessConsumer:
             f"--prefix={prefix}",
             f"--out={tmp / f'consumer-{channel}.json'}",
             *(["--worker"] if worker else []),
+            f"--consumer={consumer}",
         ]
         self.out = tmp / f"consumer-{channel}.json"
         self._proc: asyncio.subprocess.Process | None = None
@@ -501,8 +503,12 @@ async def _consumer_main(
     await asyncio.to_thread(Path(out).write_text, json.dumps(cpu.report(received)))
 
 
-async def _worker_main(url: str, channel: str, count: int, key: str, prefix: str, out: str) -> None:
-    """``ConsumerWorker`` serving a bare ASGI consumer that stamps each message."""
+async def _worker_main(
+    url: str, channel: str, count: int, key: str, prefix: str, out: str, consumer: str = "asgi"
+) -> None:
+    """``ConsumerWorker`` serving a bare ASGI consumer that stamps each message, or with
+    ``consumer="channels"`` a channels ``AsyncConsumer`` doing the same in ``email_receive``
+    (behind ``ChannelNameRouter``, Django configured, as a project routes it)."""
     from core.logs import setup_logging
     from core.worker import ConsumerWorker, RetryPolicy
 
@@ -515,17 +521,36 @@ async def _worker_main(url: str, channel: str, count: int, key: str, prefix: str
     cpu = CpuWindow()
     moved = asyncio.Event()
 
-    async def application(scope: Any, receive: Any, send: Any) -> None:
+    def note(message: dict[str, Any]) -> None:
+        now = time.monotonic()
+        found = _received_key(message, key, prefix)
+        if found is not None:
+            received[found] = now
+            cpu.note()
+            moved.set()
+            if len(received) >= count:
+                stop.set()
+
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
         while True:
-            message = await receive()
-            now = time.monotonic()
-            found = _received_key(message, key, prefix)
-            if found is not None:
-                received[found] = now
-                cpu.note()
-                moved.set()
-                if len(received) >= count:
-                    stop.set()
+            note(await receive())
+
+    application: Any = bare
+    if consumer == "channels":
+        from channels.consumer import AsyncConsumer
+        from channels.routing import ChannelNameRouter
+
+        from bench._mqtt_worker_app import configure_django
+        from core.cli import install_layer
+
+        configure_django()
+        install_layer(layer)  # the consumer's own channel, as under `gateways run --app`
+
+        class StampConsumer(AsyncConsumer):  # type: ignore[misc]
+            async def email_receive(self, message: dict[str, Any]) -> None:
+                note(message)
+
+        application = ChannelNameRouter({channel: StampConsumer.as_asgi()})
 
     await layer.send(channel, {"type": "bench.probe", key: "probe"})  # connect first
     await layer.receive(channel)
@@ -559,9 +584,12 @@ def consumer_entry(argv: list[str]) -> int:
     parser.add_argument("--prefix", default="")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--worker", action="store_true", help="run ConsumerWorker")
+    parser.add_argument("--consumer", default="asgi", help="asgi or channels (with --worker)")
     a = parser.parse_args(argv)
-    main = _worker_main if a.worker else _consumer_main
-    asyncio.run(main(a.url, a.channel, a.count, a.key, a.prefix, a.out))
+    if a.worker:
+        asyncio.run(_worker_main(a.url, a.channel, a.count, a.key, a.prefix, a.out, a.consumer))
+    else:
+        asyncio.run(_consumer_main(a.url, a.channel, a.count, a.key, a.prefix, a.out))
     return 0
 
 
@@ -950,7 +978,10 @@ async def bench_gateway_subprocess(
     parsers: int,
     redis_pid: int | None = None,
     profile: Path | None = None,
+    app: str = "asgi",
 ) -> Result:
+    """``gateway-email`` in its own process → ``url`` → ``ConsumerWorker`` serving ``app``
+    (``asgi``: a bare ASGI callable; ``channels``: a channels ``AsyncConsumer``)."""
     name = f"bench-mail-process-{parsers}"
     port = free_port()
     config = tmp / f"{name}.yaml"
@@ -963,7 +994,7 @@ async def bench_gateway_subprocess(
     argv = [*_gateway_binary(), "--config", str(config), "--layer", url]
     per_client = mails // clients
     consumer = ProcessConsumer(
-        url, name, per_client * clients, "message_id", "bench-", tmp, worker=True
+        url, name, per_client * clients, "message_id", "bench-", tmp, worker=True, consumer=app
     )
     await consumer.start()
     log_file = await asyncio.to_thread(open, log_path, "wb")

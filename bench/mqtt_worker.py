@@ -607,9 +607,18 @@ class Bench:
         return result
 
     async def paho(
-        self, port: int, topic: str, tag: str, count: int, *, queued: bool, client_id: str
+        self,
+        port: int,
+        topic: str,
+        tag: str,
+        count: int,
+        *,
+        queued: bool,
+        client_id: str,
+        rate: float = 0.0,
     ) -> Result:
-        """The bare paho subscriber: drain a queued burst, or take a live one."""
+        """The bare paho subscriber: drain a queued burst, or take a live one (published at
+        ``rate`` a second; 0: as fast as it can)."""
         result = Result(count)
         out = self.tmp / f"{self.name('paho')}.json"
         log = out.with_suffix(".log")
@@ -630,7 +639,7 @@ class Bench:
             )
             await expect_line(proc, "ready", 60)
             if not queued:
-                await self.publish(port, topic, tag, count)
+                await self.publish(port, topic, tag, count, rate)
             await finish(proc, "the paho subscriber")
             records = [(p, s, 1) for p, s in json.loads(out.read_text())]
             tally(result, tag, records)
@@ -639,7 +648,15 @@ class Bench:
         return result
 
     async def mqttasgi(
-        self, port: int, topic: str, tag: str, count: int, *, queued: bool, client_id: str
+        self,
+        port: int,
+        topic: str,
+        tag: str,
+        count: int,
+        *,
+        queued: bool,
+        client_id: str,
+        rate: float = 0.0,
     ) -> Result:
         """mqttasgi's server with the stamping consumer: drain a queued burst, or take a live
         one (then with a session of its own, made and subscribed as it starts)."""
@@ -653,8 +670,8 @@ class Bench:
                 await self.publish(port, topic, tag, count)
             await proc.start()
             if not queued:
-                publishing = asyncio.create_task(self.publish(port, topic, tag, count))
-            idle = STALL if queued else QUIET
+                publishing = asyncio.create_task(self.publish(port, topic, tag, count, rate))
+            idle = STALL if queued or rate else QUIET
             done = lambda: publishing is None or publishing.done()  # noqa: E731
             await watch([proc], count, Sample({}), idle, done)
             if publishing is not None:

@@ -205,18 +205,18 @@ class StreamsReadCheck(_Check):
         found: dict[str, tuple[str, str]] = {}
         for index, items in by_host.items():
             client = layer.connection(index)
+            # Redis' clock, asked on its own: a Redis Cluster pipeline refuses TIME (no key)
+            seconds, micros = await client.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
             pipe = client.pipeline(transaction=False)
-            pipe.time()
             for _channel, key in items:
                 pipe.xlen(key)
                 pipe.xinfo_groups(key)
                 pipe.xinfo_consumers(key, GROUP)
             replies = await pipe.execute(raise_on_error=False)
-            seconds, micros = replies[0]
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
             unread: list[tuple[str, str, int, str]] = []
             for position, (channel, key) in enumerate(items):
-                length, groups, consumers = replies[1 + 3 * position : 4 + 3 * position]
+                length, groups, consumers = replies[3 * position : 3 + 3 * position]
                 if isinstance(length, Exception) or not length or isinstance(groups, Exception):
                     continue  # no stream: nothing waits
                 group = next(

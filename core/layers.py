@@ -6,14 +6,18 @@
 | ``rediss://…``                   | the same over TLS                                       |
 | ``redis://…?layer=channels_redis`` | :class:`RedisChannelLayer` (channels_redis, patched)  |
 | ``redis+streams://…``            | the streams layer, explicitly (``rediss+streams://``)   |
+| ``redis+cluster://h:p,h:p/``     | the streams layer on a Redis Cluster (``rediss+cluster``) |
 | ``memory://``                    | ``channels.layers.InMemoryChannelLayer`` (one process)  |
 | ``django`` / ``django:ALIAS``    | ``channels.layers.get_channel_layer(ALIAS)``            |
 | ``package.module:attr``          | a layer instance or a zero-argument factory             |
 
 Redis and memory URLs take ``capacity``, ``expiry`` (and, for Redis, ``prefix``) as query
 parameters: ``redis://localhost:6379/0?capacity=1000&expiry=120``. ``redis+streams://`` paths
-also take ``redelivery_timeout`` (seconds), ``batch``, ``group_expiry`` and
-``max_deliveries``; their ``expiry`` defaults to none (see core/streams.py).
+also take ``redelivery_timeout`` (seconds), ``batch``, ``group_expiry``,
+``max_deliveries``, ``durability`` (``async`` or ``replicated``) and ``durability_timeout``
+(seconds, may be fractional); their ``expiry`` defaults to none (see core/streams.py).
+``redis+cluster://`` paths name any of the cluster's nodes (comma-separated; a password in
+the first applies to all) and take the same options; docs/redis.md compares the set-ups.
 
 redis-py 8 gives every connection a 5 s socket timeout, so an idle ``receive()`` raises
 ``TimeoutError`` and kills a receive loop; the host dict therefore sets ``socket_timeout=None``
@@ -114,23 +118,13 @@ def _redis_layer(path: str, *, streams: bool = False) -> ChannelLayer:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
         raise LayerPathError.of(path, "bad port") from None
-    options: dict[str, Any] = {}
-    kept: list[tuple[str, str]] = []
     query = parse_qsl(parts.query)
     for key, value in query:
         if key == "layer":
             if value not in ("streams", "channels_redis"):
                 raise LayerPathError.of(path, "layer must be 'streams' or 'channels_redis'")
             streams = value == "streams"
-    for key, value in query:
-        if key == "layer":
-            continue
-        if key in ("capacity", "expiry") or (streams and key in _STREAMS_INT_OPTIONS):
-            options[key] = _int_param(path, key, value)
-        elif key == "prefix":
-            options[key] = value
-        else:
-            kept.append((key, value))  # redis-py URL options (ssl_cert_reqs, …)
+    options, kept = _layer_options(path, query, streams=streams)
     if streams:
         scheme = parts.scheme.lower().partition("+")[0]
         address = urlunsplit(parts._replace(scheme=scheme, query=urlencode(kept)))
@@ -142,6 +136,76 @@ def _redis_layer(path: str, *, streams: bool = False) -> ChannelLayer:
 
 
 _STREAMS_INT_OPTIONS = ("redelivery_timeout", "batch", "group_expiry", "max_deliveries")
+
+
+def _durability_param(path: str, key: str, value: str) -> str | float:
+    from core.streams import DURABILITY
+
+    if key == "durability":
+        if value not in DURABILITY:
+            raise LayerPathError.of(path, f"durability must be one of {', '.join(DURABILITY)}")
+        return value
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise LayerPathError.of(path, f"{key} must be a number of seconds") from None
+    if not 0 < seconds < 3600:
+        raise LayerPathError.of(path, f"{key} must be positive (seconds)")
+    return seconds
+
+
+def _cluster_layer(path: str) -> ChannelLayer:
+    """``redis+cluster://[user:password@]h1:p1,h2:p2[/][?options]``: the streams layer on a
+    Redis Cluster whose startup nodes these are (one reachable node is enough)."""
+    scheme, _, rest = path.partition("://")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    database, _, query = tail.partition("?")
+    if database not in ("", "/", "/0"):
+        raise LayerPathError.of(path, "a Redis Cluster has database 0 only")
+    userinfo, at, nodes = authority.rpartition("@")
+    if not nodes:
+        raise LayerPathError.of(path, "no host")
+    options, kept = _layer_options(path, parse_qsl(query), streams=True)
+    base = scheme.lower().partition("+")[0]
+    suffix = f"/?{urlencode(kept)}" if kept else ""
+    urls: list[str] = []
+    for node in nodes.split(","):
+        url = f"{base}://{userinfo}{at}{node}"
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise LayerPathError.of(path, f"bad node {node!r}") from None
+        if not parts.hostname:
+            raise LayerPathError.of(path, f"bad node {node!r}")
+        urls.append(url + suffix)
+    from core.streams import StreamsChannelLayer
+
+    return StreamsChannelLayer(hosts=[{"cluster": urls}], **options)
+
+
+def _layer_options(
+    path: str, query: list[tuple[str, str]], *, streams: bool
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The layer's options in a path's query, and the rest (redis-py URL options)."""
+    options: dict[str, Any] = {}
+    kept: list[tuple[str, str]] = []
+    for key, value in query:
+        if key == "layer":
+            continue
+        if key in ("capacity", "expiry") or (streams and key in _STREAMS_INT_OPTIONS):
+            options[key] = _int_param(path, key, value)
+        elif key == "prefix":
+            options[key] = value
+        elif key in ("durability", "durability_timeout"):
+            if not streams:
+                raise LayerPathError.of(path, f"{key} needs the streams layer")
+            options[key] = _durability_param(path, key, value)
+        else:
+            kept.append((key, value))  # redis-py URL options (ssl_cert_reqs, …)
+    return options, kept
+
 
 #: what a plain ``redis://`` path gives: ``"streams"`` or ``"channels_redis"``
 REDIS_DEFAULT = "streams"
@@ -268,10 +332,14 @@ def channel_layer_settings(path: str) -> dict[str, Any]:
                 "redelivery_timeout": layer.redelivery_timeout,
                 "batch": layer.batch,
                 "max_deliveries": layer.max_deliveries,
+                "durability": layer.durability,
+                "durability_timeout": layer.durability_timeout,
             },
         }
     if not isinstance(layer, RedisChannelLayer):
-        raise LayerPathError.of(path, "only redis://, redis+streams:// and memory:// fit here")
+        raise LayerPathError.of(
+            path, "only redis://, redis+streams://, redis+cluster:// and memory:// fit here"
+        )
     return {
         "BACKEND": "core.layers.RedisChannelLayer",
         "CONFIG": {
@@ -377,6 +445,8 @@ def resolve_layer(path: str) -> ChannelLayer:
         return _redis_layer(path, streams=REDIS_DEFAULT == "streams")
     if scheme in ("redis+streams", "rediss+streams"):
         return _redis_layer(path, streams=True)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster_layer(path)
     if scheme == "memory":
         return _memory_layer(path)
     if scheme:
@@ -387,7 +457,8 @@ def resolve_layer(path: str) -> ChannelLayer:
         return _import_layer(path)
     raise LayerPathError.of(
         path,
-        "expected redis://…, redis+streams://…, memory://, django[:ALIAS] or package.module:attr",
+        "expected redis://…, redis+streams://…, redis+cluster://…, memory://, django[:ALIAS] "
+        "or package.module:attr",
     )
 
 

@@ -26,7 +26,10 @@ label. A handler raises :class:`core.envelope.CommandError` for ``ok: false`` wi
 Lifecycle (uvicorn's shape): :meth:`Gateway.run` calls ``open()``, serves the command and
 reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binaries), then
 stops taking commands, lets ``drain()`` and in-flight commands finish within
-``shutdown_grace`` seconds, cancels what is left and calls ``close()``.
+``shutdown_grace`` seconds, cancels what is left and calls ``close()``. A gateway with a standby
+role (IRC active/standby, :mod:`core.lease`) stops and resumes reading its command channel with
+:meth:`Gateway.take_commands`, so commands wait in the layer for the replica that can carry them
+out.
 
 Layer hand-off: :meth:`Gateway.publish` sends an inbound event and retries with backoff while the
 layer is full or unreachable, up to a deadline the caller picks; it returns ``False`` when the
@@ -209,6 +212,10 @@ class Gateway(Generic[ConfigT]):
         #: is anything reading what this gateway sends on its layer? (core/layer_check.py)
         self.layer_check = StreamsReadCheck(config.name, layer, self.log)
         self._sized: set[str] = set()  # inbound channels given config.inbound_capacity
+        # take_commands(): set while the command channel is read (a standby clears it)
+        self._serving = asyncio.Event()
+        self._serving.set()
+        self._not_serving = asyncio.Event()
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -248,6 +255,26 @@ class Gateway(Generic[ConfigT]):
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def take_commands(self, on: bool) -> None:
+        """Start (``True``, the default state) or stop reading the command channel.
+
+        For a gateway with a standby role (IRC active/standby): a standby calls
+        ``take_commands(False)`` in ``open()`` so commands wait in the layer for the replica that
+        can carry them out, and ``take_commands(True)`` once it is active. Stopping cancels the
+        receive, which loses nothing (:meth:`core.receiving.ChannelReader.receive`); commands
+        already taken keep running. The reply channel is always read. Idempotent.
+        """
+        if on:
+            self._not_serving.clear()
+            self._serving.set()
+        else:
+            self._serving.clear()
+            self._not_serving.set()
+
+    @property
+    def taking_commands(self) -> bool:
+        return self._serving.is_set()
+
     def ready_reasons(self, *, detail: bool = True) -> list[str]:
         """Everything that keeps /readyz from answering 200 (``detail``: with live counts)."""
         reasons = [f"{self.name}: {r}" for r in self.readiness()]
@@ -279,7 +306,7 @@ class Gateway(Generic[ConfigT]):
         except OSError as exc:
             raise StartupError(describe_error(exc)) from exc
         loops = [
-            asyncio.create_task(self._command_loop(self.config.command_channel)),
+            asyncio.create_task(self._gated_command_loop(self.config.command_channel)),
             asyncio.create_task(self._command_loop(self.reply_channel)),
         ]
         self._layer_ok = await self._probe_layer()
@@ -596,6 +623,22 @@ class Gateway(Generic[ConfigT]):
         raise EventRefused(reason, problem)
 
     # -- commands: layer → gateway ------------------------------------------------------------
+
+    async def _gated_command_loop(self, channel: str) -> None:
+        """:meth:`_command_loop` while :meth:`take_commands` is on; cancelled while off."""
+        while True:
+            await self._serving.wait()
+            loop = asyncio.create_task(self._command_loop(channel))
+            off = asyncio.create_task(self._not_serving.wait())
+            try:
+                await asyncio.wait([loop, off], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                off.cancel()
+                if not loop.done():
+                    await cancel_and_wait(loop)
+            if loop.done() and not loop.cancelled():
+                loop.result()  # the loop ended by itself: raise why (run() reports it)
+                raise RuntimeError("command loop returned")
 
     async def _command_loop(self, channel: str) -> None:
         reader = ChannelReader(

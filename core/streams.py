@@ -38,13 +38,14 @@ What it promises (DESIGN §3, "The streams layer's contract"), and how:
   fetched). When that number would pass ``max_deliveries`` the message is dead-lettered instead
   (``{channel}.dead``, ``gateways.dead_letter``, as ``ConsumerWorker`` does): a message whose
   handler kills its process does not crash-loop every worker for ever.
-* **Lost data is reported.** Each host keeps a marker key (``{prefix}:epoch``) that every write
-  and every claim look at; a marker that vanished or changed under this process means the data
-  there was lost (Redis restarted without persistence, ``FLUSHALL``, a failover to an empty
-  replica), and a stream or consumer group that vanished under a reader that had used it means
-  the same for that stream. Either is an ERROR line, ``gateway_layer_vanished_total{what}`` and
-  a reason in :meth:`StreamsChannelLayer.health_problems` (for ``/readyz``) for
-  :data:`PROBLEM_PERIOD` seconds.
+* **Lost data is reported.** Each host (each hash slot of a Redis Cluster, see below) keeps a
+  marker key (``{prefix}:epoch``) that every write and every claim look at; a marker that
+  vanished or changed under this process means the data there was lost (Redis restarted
+  without persistence, ``FLUSHALL``, a failover to an empty replica), and a stream or
+  consumer group that vanished under a reader that had used it means the same for that
+  stream. Either is an ERROR line, ``gateway_layer_vanished_total{what}`` and a reason in
+  :meth:`StreamsChannelLayer.health_problems` (for ``/readyz``) for :data:`PROBLEM_PERIOD`
+  seconds.
 * **group_send reaches every member.** Normal channels get an entry each; the process-local
   members (``name.CLIENT!xyz``) of one process share one entry on that process's stream, its
   ``c`` field naming them all, fanned out in the receiving process (as channels_redis does), so
@@ -63,6 +64,24 @@ What it promises (DESIGN §3, "The streams layer's contract"), and how:
   ``ChannelFull`` is exact and each caller gets its own answer.
   :meth:`StreamsChannelLayer.send_many` appends an ordered run in one round trip and stops at the
   first full channel (``core.service.Gateway.publish_many`` hands a backlog over that way).
+* **Redis Cluster** (``redis+cluster://h1:p1,h2:p2/``, a host ``{"cluster": [urls]}``): every
+  key of a channel has the channel's name as its hash tag (``{prefix}:stream:{channel}``,
+  ``{prefix}:runs:{channel}``), and the marker above is kept per hash slot
+  (``{prefix}:epoch:{tag}``, ``tag`` a string whose slot is the slot's), so every script reads
+  and writes one slot. The writer makes one batch script call per slot (a pipeline, which
+  redis-py's ``RedisCluster`` sends to each slot's master); ``send_many`` stops its runs at a
+  slot change as it does at a host change; ``group_send`` reads the group, then sends to each
+  member's stream (process-local members of one process still share one entry). The cluster
+  client follows ``MOVED``/``ASK`` and retries connection errors, ``CLUSTERDOWN`` and
+  ``TRYAGAIN``; what still fails reaches the caller as :class:`LayerUnavailable`, a Redis
+  ``ConnectionError``: an outage to the gateways, never a bad message. Plain hosts keep their
+  key names.
+* **Durability across a failover** (``durability="replicated"``): after a batch with sends,
+  ``WAIT 1 <durability_timeout>`` on the same connection (in a cluster, on each master that
+  took sends); no replica confirmed in time, or the slot moved meanwhile → the sends of that
+  batch raise :class:`NotReplicated` (an outage: a gateway pushes its transport back, which
+  retries; a refused message may then be in Redis twice). Acknowledgements do not wait: a lost
+  one is a redelivery. docs/redis.md compares what each Redis set-up loses.
 * **Nothing expires in silence.** ``expiry`` defaults to ``None``; with ``expiry=N``, entries
   older than N s are trimmed at the next send to their stream or dropped at fetch, counted
   (``reason="expired"``) and logged. Pending entries deleted before their claim are counted
@@ -80,6 +99,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgpack
 from channels.exceptions import ChannelFull
@@ -88,16 +108,21 @@ from channels_redis.utils import decode_hosts
 from prometheus_client import Counter
 from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.crc import key_slot
 
 from core.logs import describe_layer
 from core.metrics import REGISTRY
 
 __all__ = [
     "DELIVERY_KEY",
+    "DURABILITY",
     "GROUP",
     "PROBLEM_PERIOD",
     "AckToken",
+    "LayerUnavailable",
+    "NotReplicated",
     "StreamsChannelLayer",
 ]
 
@@ -129,6 +154,74 @@ REFRESH_CHUNK: Final = 500
 GROUP_FULL_REPORT: Final = 10.0
 #: the idle time (ms) an entry handed back at close gets: past any consumer's redelivery_timeout
 GIVE_BACK_IDLE_MS: Final = 365 * 86400 * 1000
+#: values of the ``durability`` option: ``"async"`` (Redis replication as it is: a write a
+#: caller was told about can be lost when a replica that had not received it is promoted) and
+#: ``"replicated"`` (a send returns once a replica confirmed it too: ``WAIT 1``)
+DURABILITY: Final = ("async", "replicated")
+#: hash slots of a Redis Cluster
+CLUSTER_SLOTS: Final = 16384
+
+
+class LayerUnavailable(redis_errors.ConnectionError):
+    """Redis cannot take the operation now, for a reason a connection error does not tell: a
+    Redis Cluster with no master for a slot (``CLUSTERDOWN``), a slot moving (``TRYAGAIN``,
+    ``MOVED``/``ASK`` the cluster client gave up following), or a write that reached a replica
+    during a failover (``READONLY``). A ``redis.exceptions.ConnectionError``, so the gateways
+    treat it as the outage it is (``core.service.LAYER_ERRORS``: pushed back on the transport,
+    retried), never as a bad message; the Redis error is chained as its cause."""
+
+
+class NotReplicated(LayerUnavailable):
+    """``durability="replicated"``: the master took the write but no replica confirmed it
+    within ``durability_timeout`` (``WAIT 1``), so it is not accepted. The sender retries
+    (a transport is pushed back), so the message may then be there twice, never lost."""
+
+
+# Redis (Cluster) answers that mean "not now" rather than "never": see LayerUnavailable
+_OUTAGES: Final[tuple[type[BaseException], ...]] = (
+    redis_errors.ClusterError,  # CLUSTERDOWN, MASTERDOWN
+    redis_errors.TryAgainError,
+    redis_errors.AskError,  # MovedError too
+    redis_errors.SlotNotCoveredError,
+    redis_errors.ReadOnlyError,
+    getattr(redis_errors, "RedisClusterUnreachableError", redis_errors.SlotNotCoveredError),
+)
+
+
+def _outage(exc: BaseException) -> BaseException:
+    """``exc``, or the :class:`LayerUnavailable` it means (see there)."""
+    if not isinstance(exc, _OUTAGES):
+        return exc
+    first = str(exc).split("\n")[0][:300]
+    mapped = LayerUnavailable(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    mapped.__cause__ = exc
+    return mapped
+
+
+_slot_tags: list[str] = []
+
+
+def _slot_tag(slot: int) -> str:
+    """A short hash tag whose keys live in Redis Cluster hash slot ``slot`` (the table of all
+    16,384 is made once, on first use, in about 0.2 s)."""
+    if not _slot_tags:
+        table = [""] * CLUSTER_SLOTS
+        missing, number = CLUSTER_SLOTS, 0
+        while missing:
+            tag = str(number)
+            where = key_slot(tag.encode())
+            if not table[where]:
+                table[where] = tag
+                missing -= 1
+            number += 1
+        _slot_tags.extend(table)
+    return _slot_tags[slot]
+
+
+def _is_local_key(key: str) -> bool:
+    """A process-local channel's stream (``…name.CLIENT!``; ``…{name.CLIENT!}`` in a cluster)."""
+    return key.endswith("!") or key.endswith("!}")
+
 
 DROPPED = Counter(
     "gateway_layer_dropped",
@@ -414,13 +507,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return n
 """
 
+# one key at a time: on a Redis Cluster node the keys found are in many slots
 _DELETE_PREFIX = """
 local cursor = '0'
 repeat
     local found = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
     cursor = found[1]
-    if #found[2] > 0 then
-        redis.call('DEL', unpack(found[2]))
+    for _, key in ipairs(found[2]) do
+        redis.call('DEL', key)
     end
 until cursor == '0'
 """
@@ -431,6 +525,21 @@ def _ring_index(value: str, ring_size: int) -> int:
     if ring_size == 1:
         return 0
     return int((binascii.crc32(value.encode()) & 0xFFF) / (4096 / ring_size))
+
+
+def _cluster_node(url: Any) -> ClusterNode:
+    """A startup node of a cluster host: ``redis://h:p`` (or ``(h, p)``, or ``"h:p"``)."""
+    if isinstance(url, (tuple, list)):
+        return ClusterNode(str(url[0]), int(url[1]))
+    text = str(url)
+    parts = urlsplit(text if "://" in text else f"redis://{text}")
+    return ClusterNode(parts.hostname or "localhost", parts.port or 6379)
+
+
+def describe_cluster(nodes: Any) -> str:
+    """The startup nodes of a cluster host as ``h1:p1,h2:p2`` (no passwords), for messages."""
+    found = [_cluster_node(url) for url in ([nodes] if isinstance(nodes, str) else nodes)]
+    return ",".join(f"{node.host}:{node.port}" for node in found)
 
 
 def _text(value: Any) -> str:
@@ -463,7 +572,7 @@ class AckToken:
     @property
     def local(self) -> bool:
         """A process-local channel's entry: deleted when fetched, nothing to acknowledge."""
-        return self.key.endswith("!")
+        return _is_local_key(self.key)
 
 
 @dataclasses.dataclass(eq=False)
@@ -625,7 +734,7 @@ class _Writer:
                         op.future.cancel()
                 raise
             except Exception as exc:
-                self._fail(batch, exc)
+                self._fail(batch, _outage(exc))
 
     @staticmethod
     def _fail(batch: Iterable[_Op], exc: BaseException) -> None:
@@ -645,12 +754,21 @@ class _Writer:
 
     async def _execute(self, batch: list[_Op]) -> None:
         layer = self.layer
-        pipe = self.client.pipeline(transaction=False)
         other_ops = [op for op in batch if op.kind not in _STREAM_OPS]
-        candidate = layer._candidate(self.index)
-        # plain acknowledgements, per stream, first (a send after a receive sees the room it
-        # made); then every other stream operation in its order. ``records`` pairs each KEYS
-        # entry with the operations its answer goes to.
+        # One batch script call per marker: the host's, or in a Redis Cluster the hash slot's
+        # (every key of one call is in one slot; send_many runs never span two). Plain
+        # acknowledgements, per stream, first (a send after a receive sees the room it made);
+        # then every other stream operation in its order.
+        scripts: dict[str, _Script] = {}
+
+        def script(key: str) -> _Script:
+            marker = layer._marker_key(key)
+            found = scripts.get(marker)
+            if found is None:
+                candidate = layer._candidate(self.index, marker)
+                found = scripts[marker] = _Script(marker, candidate, key)
+            return found
+
         acks: dict[str, list[_Op]] = {}
         rest: list[_Op] = []
         for op in batch:
@@ -658,104 +776,207 @@ class _Writer:
                 acks.setdefault(op.key, []).append(op)
             elif op.kind in _STREAM_OPS:
                 rest.append(op)
-        argv: list[Any] = [layer._expiry_ms, layer.local_expiry, layer._marker, candidate]
-        keys: list[str] = []
-        records: list[list[_Op]] = []
         for key, ops in acks.items():
-            keys.append(key)
-            argv += ["A", len(ops), *[op.args[0] for op in ops]]
-            records.append(ops)
+            script(key).add(key, ["A", len(ops), *[op.args[0] for op in ops]], ops)
         for number, op in enumerate(rest):
             if op.kind == "many":
+                target = script(op.args[0][0])
+                target.writes = True
+                target.many.append(op)
                 for key, *args in op.args:
-                    keys.append(key)
-                    argv += [f"o{number}", *args]
-                    records.append([op])
+                    target.add(key, [f"o{number}", *args], [op])
             elif op.kind == "send":
-                keys.append(op.key)
-                argv += ["s", *op.args]
-                records.append([op])
+                target = script(op.key)
+                target.writes = True
+                target.add(op.key, ["s", *op.args], [op])
             else:
-                keys.append(op.key)
-                argv += ["a", op.args[0], op.args[1]]
-                records.append([op])
-        stream_ops = bool(keys)
-        if stream_ops and other_ops:
-            pipe.eval(_BATCH, len(keys), *keys, *argv)
+                script(op.key).add(op.key, ["a", op.args[0], op.args[1]], [op])
+        durable = layer.durability == "replicated"
+        writes = any(s.writes for s in scripts.values()) or any(
+            op.kind == "group" for op in other_ops
+        )
+        waits: list[_Wait] = []
         spans: list[int] = []
-        for op in other_ops:
-            spans.append(1)
-            if op.kind == "group":
-                (payload,) = op.args
-                pipe.eval(
-                    _GROUP,
-                    1,
-                    op.key,
-                    layer._expiry_ms,
-                    layer.local_expiry,
-                    layer._marker,
-                    candidate,
-                    layer._stream_prefix,
-                    payload,
-                    layer.capacity,
-                    layer.group_expiry,
-                    *[v for pair in layer._own_capacity.items() for v in pair],
-                )
-            else:
-                assert op.call is not None
-                spans[-1] = op.call(pipe)
-        if other_ops:
-            replies = await pipe.execute(raise_on_error=False)
-        else:  # the common case: one script call (by its SHA), without a pipeline's overhead
+        sent: dict[int, tuple[str, str]] = {}  # a group op's marker and candidate, by id
+        if len(scripts) == 1 and not other_ops and not (durable and writes):
+            # the common case: one script call (by its SHA), without a pipeline's overhead
+            (only,) = scripts.values()
             if self._batch is None:
                 self._batch = self.client.register_script(_BATCH)
             try:
-                replies = [await self._batch(keys=keys, args=argv)]
+                replies: list[Any] = [await self._batch(keys=only.keys, args=only.args(layer))]
             except redis_errors.ResponseError as exc:
                 replies = [exc]
-        position = 0
-        if stream_ops:
-            reply = replies[0]
-            position = 1
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for one in scripts.values():
+                pipe.eval(_BATCH, len(one.keys), *one.keys, *one.args(layer))
+            for op in other_ops:
+                spans.append(1)
+                if op.kind == "group":
+                    (payload,) = op.args
+                    marker = layer._marker_key(op.key)
+                    sent[id(op)] = (marker, layer._candidate(self.index, marker))
+                    pipe.eval(
+                        _GROUP,
+                        1,
+                        op.key,
+                        layer._expiry_ms,
+                        layer.local_expiry,
+                        *sent[id(op)],
+                        layer._stream_prefix,
+                        payload,
+                        layer.capacity,
+                        layer.group_expiry,
+                        *[v for pair in layer._own_capacity.items() for v in pair],
+                    )
+                else:
+                    assert op.call is not None
+                    spans[-1] = op.call(pipe)
+            if durable and writes:
+                waits = await self._queue_waits(pipe, scripts)
+            replies = await pipe.execute(raise_on_error=False)
+        position = len(scripts)
+        for one, reply in zip(scripts.values(), replies, strict=False):
             if isinstance(reply, Exception):
-                self._fail([op for ops in records for op in ops], reply)
-            else:
-                results, trims, seen = reply
-                layer._saw_epoch(self.index, seen, candidate)
-                layer._count_trims(trims)
-                added: dict[int, int] = {}  # send_many: how many of its sends went in
-                for ops, result in zip(records, results, strict=True):
-                    if isinstance(result, list):  # an "A" record: one answer per ack
-                        for op, one in zip(ops, result, strict=True):
-                            _answer(op, bool(one))
-                    elif ops[0].kind == "many":
-                        added[id(ops[0])] = added.get(id(ops[0]), 0) + int(result)
-                    else:
-                        _answer(ops[0], bool(result))
-                for op in rest:
-                    if op.kind == "many":  # how many were added: a prefix of the sequence
-                        _answer(op, added.get(id(op), 0))
+                self._fail([op for ops in one.records for op in ops], _outage(reply))
+                continue
+            # sends a replica did not confirm fail; acknowledgements in the same call stand
+            problem = self._unreplicated(one, waits, replies)
+            results, trims, seen = reply
+            layer._saw_epoch(self.index, one.marker, seen, one.candidate)
+            layer._count_trims(trims)
+            added: dict[int, int] = {}  # send_many: how many of its sends went in
+            for ops, result in zip(one.records, results, strict=True):
+                if isinstance(result, list):  # an "A" record: one answer per ack
+                    for op, single in zip(ops, result, strict=True):
+                        _answer(op, bool(single))
+                elif ops[0].kind == "many":
+                    added[id(ops[0])] = added.get(id(ops[0]), 0) + int(result)
+                elif ops[0].kind == "send" and result and problem is not None:
+                    _answer(ops[0], problem)
+                else:
+                    _answer(ops[0], bool(result))
+            for op in one.many:  # how many were added: a prefix of the sequence
+                _answer(op, problem or added.get(id(op), 0))
+        group_problem = self._unreplicated(None, waits, replies) if other_ops else None
         for op, span in zip(other_ops, spans, strict=True):
             answers = replies[position : position + span]
             position += span
             failed = [a for a in answers if isinstance(a, Exception)]
-            answer: Any = failed[0] if failed else answers[-1]
+            answer: Any = _outage(failed[0]) if failed else answers[-1]
             if op.kind == "group" and not failed:
                 members, full, trims, seen, missed = answer
-                layer._saw_epoch(self.index, seen, candidate)
+                marker, candidate = sent[id(op)]
+                layer._saw_epoch(self.index, marker, seen, candidate)
                 layer._count_trims(trims)
-                answer = (int(members), int(full), [_text(m) for m in missed])
+                answer = group_problem or (int(members), int(full), [_text(m) for m in missed])
             if op.future is None or op.future.done():
                 continue
-            if isinstance(answer, Exception):
+            if isinstance(answer, BaseException):
                 op.future.set_exception(answer)
             else:
                 op.future.set_result(answer)
 
+    async def _queue_waits(self, pipe: Any, scripts: dict[str, _Script]) -> list[_Wait]:
+        """``durability="replicated"``: queue ``WAIT 1 <timeout>`` after the writes, on the
+        connection that made them (one Redis; in a cluster, each master that took sends)."""
+        layer = self.layer
+        timeout_ms = max(1, int(layer.durability_timeout * 1000))
+        if not layer._cluster:
+            pipe.execute_command("WAIT", 1, timeout_ms)
+            return [_Wait(None, set(scripts), [])]
+        client = cast(RedisCluster, self.client)
+        await client.initialize()
+        by_node: dict[str, _Wait] = {}
+        for marker, one in scripts.items():
+            if not one.writes:
+                continue
+            node = client.get_node_from_key(one.sample)
+            assert node is not None
+            wait = by_node.get(node.name)
+            if wait is None:
+                wait = by_node[node.name] = _Wait(node, set(), [])
+            wait.markers.add(marker)
+            wait.samples.append(one.sample)
+        for wait in by_node.values():
+            pipe.execute_command("WAIT", 1, timeout_ms, target_nodes=wait.node)
+        return list(by_node.values())
+
+    def _unreplicated(
+        self, one: _Script | None, waits: list[_Wait], replies: list[Any]
+    ) -> NotReplicated | None:
+        """The error for ``one``'s writes (``None``: the group sends) when no replica confirmed
+        them in time; ``None`` when they count as accepted (or nothing was waited for)."""
+        if not waits or (one is not None and not one.writes):
+            return None
+        for number, wait in enumerate(waits):
+            if one is not None and one.marker not in wait.markers:
+                continue
+            reply = replies[len(replies) - len(waits) + number]
+            if isinstance(reply, dict):  # a cluster client's answer by node
+                reply = next(iter(reply.values()), 0)
+            timeout = self.layer.durability_timeout
+            if isinstance(reply, Exception):
+                why = f"WAIT failed: {type(reply).__name__}: {str(reply)[:200]}"
+            elif int(reply) < 1:
+                why = f"no replica confirmed it within durability_timeout={timeout:g}s"
+            elif wait.node is not None and any(
+                getattr(cast(RedisCluster, self.client).get_node_from_key(key), "name", None)
+                != wait.node.name
+                for key in wait.samples
+            ):
+                # the slot moved during the call: the write may have been redirected to
+                # another master, and this WAIT does not cover it
+                why = "its hash slot moved to another master while it was written"
+            else:
+                continue
+            return NotReplicated(f"the write is not replicated ({why}); not accepted")
+        return None
+
+
+@dataclasses.dataclass
+class _Script:
+    """One batch script call: the operations on the streams of one marker (host or slot)."""
+
+    marker: str
+    candidate: str
+    #: one of its keys (in a cluster: the slot's master is found by it)
+    sample: str
+    keys: list[str] = dataclasses.field(default_factory=list)
+    argv: list[Any] = dataclasses.field(default_factory=list)
+    #: the operations each KEYS entry's answer goes to
+    records: list[list[_Op]] = dataclasses.field(default_factory=list)
+    #: send_many operations (answered with how many of theirs went in)
+    many: list[_Op] = dataclasses.field(default_factory=list)
+    #: it appends messages (sends), not only acknowledgements
+    writes: bool = False
+
+    def add(self, key: str, argv: list[Any], ops: list[_Op]) -> None:
+        self.keys.append(key)
+        self.argv += argv
+        self.records.append(ops)
+
+    def args(self, layer: StreamsChannelLayer) -> list[Any]:
+        return [layer._expiry_ms, layer.local_expiry, self.marker, self.candidate, *self.argv]
+
+
+@dataclasses.dataclass
+class _Wait:
+    """A ``WAIT`` queued after writes: on which master (``None``: the one host), for which
+    markers' scripts, with a key of each (to see whether its slot moved meanwhile)."""
+
+    node: ClusterNode | None
+    markers: set[str]
+    samples: list[str]
+
 
 def _answer(op: _Op, answer: Any) -> None:
     if op.future is not None and not op.future.done():
-        op.future.set_result(answer)
+        if isinstance(answer, BaseException):
+            op.future.set_exception(answer)
+        else:
+            op.future.set_result(answer)
 
 
 class _Reader:
@@ -769,9 +990,9 @@ class _Reader:
         self.key = key
         self.client = client
         #: a process-local stream: read with NOACK, each entry deleted as it is fetched
-        self.local = key.endswith("!")
+        self.local = _is_local_key(key)
         #: the stream's channel (for a process-local stream, the part up to the "!")
-        self.channel = key[len(layer._stream_prefix) :]
+        self.channel = layer._stream_channel(key)
         self.buffers = layer.receive_buffer if self.local else _Buffers(layer)
         self.waiting: dict[str, int] = {}
         self.changed = asyncio.Condition()
@@ -798,7 +1019,9 @@ class _Reader:
                     if self.error is not None:
                         error, self.error = self.error, None
                         raise error
-                    if self.task is None or self.task.done():
+                    # a fetch cancelled by a receive given up a moment ago ends without a
+                    # word to the waiters: a receive started meanwhile needs a fetch of its own
+                    if self.task is None or self.task.done() or self.task.cancelling():
                         self.task = asyncio.get_running_loop().create_task(self._fetch_loop())
                     await self.changed.wait()
             except asyncio.CancelledError:
@@ -834,7 +1057,7 @@ class _Reader:
             raise
         except Exception as exc:
             async with self.changed:
-                self.error = exc
+                self.error = _outage(exc)
                 self.changed.notify_all()
 
     def _buffer(self, entry: _Entry) -> None:
@@ -910,15 +1133,17 @@ class _Reader:
     async def _touch(self) -> None:
         """A process-local stream: renew its TTL, look at the host's marker."""
         layer = self.layer
-        candidate = layer._candidate(self.index)
+        marker = layer._marker_key(self.key)
+        candidate = layer._candidate(self.index, marker)
         seen, _exists = await self.client.eval(
-            _TOUCH, 1, self.key, layer.local_expiry, layer._marker, candidate
+            _TOUCH, 1, self.key, layer.local_expiry, marker, candidate
         )
-        layer._saw_epoch(self.index, seen, candidate)
+        layer._saw_epoch(self.index, marker, seen, candidate)
 
     async def _claim(self) -> list[_Entry]:
         layer = self.layer
-        candidate = layer._candidate(self.index)
+        marker = layer._marker_key(self.key)
+        candidate = layer._candidate(self.index, marker)
         try:
             start, claimed, deleted, seen = await self.client.eval(
                 _CLAIM,
@@ -930,7 +1155,7 @@ class _Reader:
                 self.claim_start,
                 layer.batch,
                 int(layer.consumer_expiry * 1000),
-                layer._marker,
+                marker,
                 candidate,
             )
         except redis_errors.ResponseError as exc:
@@ -939,7 +1164,7 @@ class _Reader:
             self._gone(exc)
             await self._create_group()
             return []
-        layer._saw_epoch(self.index, seen, candidate)
+        layer._saw_epoch(self.index, marker, seen, candidate)
         self.seen_group = True
         self.claim_start = _text(start)
         if deleted:
@@ -1108,7 +1333,16 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     * ``local_expiry`` (86400 s): TTL of a process-local stream, renewed by each send to it and
       while its process reads it;
     * ``consumer_expiry`` (3600 s): a consumer (one per layer instance and stream) idle this long
-      with nothing pending is removed from the stream's group, so dead processes do not pile up.
+      with nothing pending is removed from the stream's group, so dead processes do not pile up;
+    * ``durability`` (``"async"``): ``"replicated"`` makes every send (``send``, ``send_many``,
+      ``group_send``) wait after its write for a replica to confirm it (``WAIT 1``), and raise
+      :class:`NotReplicated` (an outage to the gateways) when none did within
+      ``durability_timeout`` (1 s): what a gateway acknowledged to its transport then survives
+      a failover (docs/redis.md);
+    * Redis Cluster: a host ``{"cluster": ["redis://h1:p1", "redis://h2:p2", …]}`` (the
+      startup nodes, any of them; further keys go to ``redis.asyncio.RedisCluster``) instead of
+      the hosts above; a channel's keys then share a hash tag (``{prefix}:stream:{channel}``),
+      so each script runs in one slot, and ``group_send`` sends per member's slot.
     """
 
     extensions = ["groups", "flush"]
@@ -1126,6 +1360,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         local_expiry: int = 86400,
         consumer_expiry: float = 3600.0,
         max_deliveries: int = 8,
+        durability: str = "async",
+        durability_timeout: float = 1.0,
     ) -> None:
         super().__init__(expiry=expiry, capacity=capacity)
         if redelivery_timeout <= 0 or batch <= 0 or capacity <= 0 or max_deliveries <= 0:
@@ -1145,8 +1381,19 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.local_expiry = local_expiry
         #: seconds after which a stream's consumer (a process) holding nothing is forgotten
         self.consumer_expiry = consumer_expiry
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY)}")
+        if durability_timeout <= 0:
+            raise ValueError("durability_timeout must be positive")
+        self.durability = durability
+        self.durability_timeout = float(durability_timeout)
         self.hosts = decode_hosts(hosts)
         self.ring_size = len(self.hosts)
+        clusters = sum(1 for host in self.hosts if "cluster" in host)
+        if clusters and clusters != len(self.hosts):
+            raise ValueError("a Redis Cluster host cannot share the ring with other hosts")
+        #: the hosts are Redis Clusters: keys carry hash tags (see _stream_key)
+        self._cluster = bool(clusters)
         #: the ``!`` part of this instance's process-local channels
         self.client_prefix = uuid.uuid4().hex
         #: this instance's consumer name in every stream's group
@@ -1159,9 +1406,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._own_capacity: dict[str, int] = {}
         self._places: dict[str, tuple[int, str]] = {}
-        self._epochs: dict[int, str] = {}
+        self._epochs: dict[tuple[int, str], str] = {}
         self._retired: set[str] = set()
-        self._candidates: dict[int, str] = {}
+        self._candidates: dict[tuple[int, str], str] = {}
         self._problems: dict[str, float] = {}
         self._group_reports: dict[str, _GroupReport] = {}
         #: local_overflow drops since the last WARNING: [count, channels], None when not armed
@@ -1173,6 +1420,32 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return f"{type(self).__name__}(hosts={len(self.hosts)}, prefix={self.prefix!r})"
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _stream_key(self, name: str) -> str:
+        """The stream of the (non-local) channel name ``name``: ``{prefix}:stream:{name}``, in
+        a Redis Cluster with the name as its hash tag, so every key of the channel (its runs
+        hash, its slot's marker) is in one slot."""
+        if self._cluster:
+            return f"{self._stream_prefix}{{{name}}}"
+        return self._stream_prefix + name
+
+    def _stream_channel(self, key: str) -> str:
+        """The channel name of the stream ``key`` (what :meth:`_stream_key` was given)."""
+        body = key[len(self._stream_prefix) :]
+        return body[1:-1] if self._cluster else body
+
+    def _marker_key(self, key: str) -> str:
+        """The marker the scripts on ``key`` look at: the host's, or in a Redis Cluster the
+        marker of ``key``'s hash slot (a key with a hash tag that lands in the same slot)."""
+        if not self._cluster:
+            return self._marker
+        return f"{self._marker}:{{{_slot_tag(key_slot(key.encode()))}}}"
+
+    def _slot(self, key: str) -> int:
+        """``key``'s hash slot in a Redis Cluster; 0 for every key on plain hosts."""
+        return key_slot(key.encode()) if self._cluster else 0
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -1207,12 +1480,43 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             state = self._loops[loop] = _LoopState()
         return state
 
+    def _cluster_client(self, index: int, max_connections: int) -> Any:
+        """A ``RedisCluster`` for the cluster host ``index`` (it follows MOVED and ASK itself,
+        and retries connection errors, CLUSTERDOWN and TRYAGAIN with its backoff)."""
+        host = dict(self.hosts[index])
+        urls = host.pop("cluster")
+        if isinstance(urls, str):
+            urls = [urls]
+        nodes = [_cluster_node(url) for url in urls]
+        first = urlsplit(str(urls[0]))
+        options: dict[str, Any] = {
+            "socket_timeout": None,
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "max_connections": max_connections,
+        }
+        if first.username:
+            options["username"] = unquote(first.username)
+        if first.password:
+            options["password"] = unquote(first.password)
+        if first.scheme.lower().startswith("rediss"):
+            options["ssl"] = True
+            options.update(
+                (k, v) for k, v in parse_qsl(first.query) if k in ("ssl_cert_reqs", "ssl_ca_certs")
+            )
+        options.update(host)
+        return cast(Any, RedisCluster)(startup_nodes=nodes, **options)
+
     def _writer(self, index: int, state: _LoopState | None = None) -> _Writer:
         state = state or self._state()
         writer = state.writers.get(index)
         if writer is None:
-            # two connections: the writer's pipeline, and a spare while one reconnects
-            client = aioredis.Redis(connection_pool=self._pool(index, 2, blocking=True))
+            client: Any
+            if self._cluster:
+                # one pipeline at a time (a connection per master), and a few spare
+                client = self._cluster_client(index, 8)
+            else:
+                # two connections: the writer's pipeline, and a spare while one reconnects
+                client = aioredis.Redis(connection_pool=self._pool(index, 2, blocking=True))
             writer = state.writers[index] = _Writer(self, index, client)
         return writer
 
@@ -1221,7 +1525,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         reader = state.readers.get((index, key))
         if reader is None:
             client = state.fetch_clients.get(index)
-            if client is None:
+            if client is None and self._cluster:
+                client = state.fetch_clients[index] = self._cluster_client(index, FETCH_POOL_SIZE)
+            elif client is None:
                 pool = self._pool(index, FETCH_POOL_SIZE)
                 client = state.fetch_clients[index] = aioredis.Redis(connection_pool=pool)
             reader = state.readers[(index, key)] = _Reader(self, index, key, client)
@@ -1233,7 +1539,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def _where(self, channel: str) -> tuple[int, str]:
         non_local = self.non_local_name(channel)
-        return _ring_index(non_local, self.ring_size), self._stream_prefix + non_local
+        return _ring_index(non_local, self.ring_size), self._stream_key(non_local)
 
     def _runs_key(self, key: str) -> str:
         """The hash counting the hand-outs of the stream ``key``'s redelivered entries."""
@@ -1277,22 +1583,24 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
         Returns how many were appended: always a prefix of ``messages``, so whatever is not
         appended can be sent again later without overtaking anything. Pairs for one host go in
-        one round trip (one script call); with several hosts, each run of pairs for one host is
-        a round trip of its own, in order. A sender with several messages waiting (a gateway
-        draining its broker) uses this instead of one ``send`` per message.
+        one round trip (one script call); with several hosts (or hash slots of a Redis
+        Cluster), each run of pairs for one host (slot) is a round trip of its own, in order.
+        A sender with several messages waiting (a gateway draining its broker) uses this
+        instead of one ``send`` per message.
         """
-        runs: list[tuple[int, list[tuple[str, int, bytes, str]]]] = []
+        runs: list[tuple[int, int, list[tuple[str, int, bytes, str]]]] = []
         for channel, message in messages:
             assert isinstance(message, dict), "message is not a dict"
             self.require_valid_channel_name(channel)
             index, key = self._where(channel)
             payload = msgpack.packb(message, use_bin_type=True)
             target = channel if "!" in channel else ""
-            if not runs or runs[-1][0] != index:
-                runs.append((index, []))
-            runs[-1][1].append((key, self.get_capacity(channel), payload, target))
+            slot = self._slot(key)  # a Redis Cluster: one script call per slot
+            if not runs or runs[-1][:2] != (index, slot):
+                runs.append((index, slot, []))
+            runs[-1][2].append((key, self.get_capacity(channel), payload, target))
         added = 0
-        for index, run in runs:
+        for index, _slot, run in runs:
             try:
                 count = await self._writer(index).submit(_Op("many", args=tuple(run)))
             except redis_errors.ResponseError as exc:
@@ -1446,7 +1754,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     # -- redelivery: hand-outs counted, the cap, dead letters ----------------------------------
 
     async def _give_up(self, token: AckToken, message: dict[str, Any], handed: int) -> None:
-        channel = token.key[len(self._stream_prefix) :]
+        channel = self._stream_channel(token.key)
         what = _describe(message)
         reason = (
             f"handed to a receiver {handed} time(s) without an acknowledgement "
@@ -1583,27 +1891,31 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # -- lost data -----------------------------------------------------------------------------
 
-    def _candidate(self, index: int) -> str:
-        """The marker value a script sets on host ``index`` if the marker is missing."""
-        candidate = self._candidates.get(index)
+    def _candidate(self, index: int, marker: str) -> str:
+        """The value a script sets ``marker`` on host ``index`` to if the marker is missing."""
+        candidate = self._candidates.get((index, marker))
         if candidate is None:
-            candidate = self._candidates[index] = uuid.uuid4().hex
+            if len(self._candidates) >= CLUSTER_SLOTS:
+                self._candidates.clear()
+            candidate = self._candidates[(index, marker)] = uuid.uuid4().hex
         return candidate
 
-    def _saw_epoch(self, index: int, seen: Any, candidate: str) -> None:
-        """A script read host ``index``'s marker (``seen``; ``None``: it set ``candidate``)."""
+    def _saw_epoch(self, index: int, marker: str, seen: Any, candidate: str) -> None:
+        """A script read ``marker`` on host ``index`` (``seen``; ``None``: it set
+        ``candidate``)."""
+        where = (index, marker)
         if seen:
             current = _text(seen)
-            if current == self._candidates.get(index):
+            if current == self._candidates.get(where):
                 # ours, set by a script whose reply never came back (it failed after setting it)
-                self._candidates.pop(index, None)
+                self._candidates.pop(where, None)
         else:
             current = candidate
-            self._candidates.pop(index, None)  # used: the next script gets a new one
-        known = self._epochs.get(index)
+            self._candidates.pop(where, None)  # used: the next script gets a new one
+        known = self._epochs.get(where)
         if known == current or current in self._retired:
             return  # the same dataset (or a late reply from before a loss already reported)
-        self._epochs[index] = current
+        self._epochs[where] = current
         if known is None:
             return
         if len(self._retired) > 100:
@@ -1612,11 +1924,11 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         host = self._host_name(index)
         self._vanished(
             "dataset",
-            f"the data on Redis {host} is gone: its marker key {self._marker!r} vanished or "
+            f"the data on Redis {host} is gone: its marker key {marker!r} vanished or "
             "changed under this process (Redis restarted without persistence, FLUSHALL or "
             "FLUSHDB, or a failover to an empty replica); every message that was waiting, "
             "pending or in flight there is lost",
-            f"Redis {host} lost its data (marker {self._marker!r} vanished)",
+            f"Redis {host} lost its data (marker {marker!r} vanished)",
         )
 
     def _host_name(self, index: int) -> str:
@@ -1625,6 +1937,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return describe_layer(str(host["address"]))
         if "master_name" in host:
             return f"sentinel master {host['master_name']!r}"
+        if "cluster" in host:
+            return "Cluster " + describe_cluster(host["cluster"])
         return f"host {index}"
 
     def _vanished(self, what: str, text: str, reason: str | None = None) -> None:
@@ -1691,7 +2005,7 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = msgpack.packb(message, use_bin_type=True)
         key = self._group_key(group)
         writer = self._group_writer(group)
-        if self.ring_size == 1 and not self.channel_capacity:
+        if self.ring_size == 1 and not self.channel_capacity and not self._cluster:
             members, full, missed = await writer.submit(_Op("group", key, (payload,)))
         else:
             members, full, missed = await self._group_send_sharded(writer, key, payload)
@@ -1775,7 +2089,15 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         for index in range(self.ring_size):
-            await self._writer(index).submit(_Op("call", call=delete))
+            if self._cluster:  # on every master (the script finds its keys with SCAN)
+                client = cast(Any, self._writer(index).client)
+                await client.initialize()
+                for node in client.get_primaries():
+                    await client.execute_command(
+                        "EVAL", _DELETE_PREFIX, 0, pattern, target_nodes=node
+                    )
+            else:
+                await self._writer(index).submit(_Op("call", call=delete))
         self._epochs.clear()  # deleted on purpose: a new marker is no loss to report
         await self._close(give_back=False)
 
@@ -1811,10 +2133,11 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 writer.kick()  # acknowledgements waiting for their delay go now
         writers = [w.task for w in state.writers.values() if w.task is not None]
         await asyncio.gather(*writers, return_exceptions=True)  # let queued writes finish
-        for writer in state.writers.values():
-            await writer.client.aclose(close_connection_pool=True)
-        for client in state.fetch_clients.values():
-            await client.aclose(close_connection_pool=True)
+        for client in [w.client for w in state.writers.values()] + [*state.fetch_clients.values()]:
+            if self._cluster:  # its own connections per node, closed with it
+                await cast(Any, client).aclose()
+            else:
+                await client.aclose(close_connection_pool=True)
         for sentinel in state.sentinels:
             for client in sentinel.sentinels:
                 await client.aclose()

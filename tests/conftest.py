@@ -24,7 +24,9 @@ from core.testing import (
     InspircdServer,
     MosquittoServer,
     NgircdServer,
+    RedisClusterServers,
     RedisServer,
+    ReplicatedRedis,
     ServiceMissing,
     example_project,
     make_certs,
@@ -103,6 +105,24 @@ def redis_server() -> Iterator[RedisServer]:
 def durable_redis_server() -> Iterator[RedisServer]:
     """A ``redis-server`` with an fsync-always AOF: data survives ``kill()`` + ``restart()``."""
     yield from _run(RedisServer(durable=True))
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A local Redis Cluster: 3 masters with a replica each (``.url``: its layer path)."""
+    yield from _run(RedisClusterServers())
+
+
+@pytest.fixture
+def replicated_redis() -> Iterator[ReplicatedRedis]:
+    """A Redis master (``.master``) and its replica (``.replica``; ``.promote()``)."""
+    yield from _run(ReplicatedRedis())
+
+
+@pytest.fixture
+def sentinel_redis() -> Iterator[ReplicatedRedis]:
+    """A master, its replica and a Sentinel watching them (``.sentinel_host``)."""
+    yield from _run(ReplicatedRedis(sentinel=True))
 
 
 @pytest.fixture

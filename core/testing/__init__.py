@@ -34,6 +34,8 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.certs`     a throw-away CA and server certificates
 * :mod:`core.testing.services`  :class:`RedisServer`, :class:`MosquittoServer`,
   :class:`NgircdServer`, :class:`InspircdServer` (IRC with SASL), :class:`IrcLines`
+* :mod:`core.testing.redis_cluster` :class:`RedisClusterServers` (a local Redis Cluster),
+  :class:`ReplicatedRedis` (a master and a replica, for failover tests)
 * :mod:`core.testing.irc`       :class:`ScriptedIrcServer`: a hostile IRC server whose
   connections run a test's script (:class:`IrcSession`: raw lines, floods)
 * :mod:`core.testing.worker`    :class:`DjangoWorker`: a real ``manage.py runworker``
@@ -82,6 +84,7 @@ from core.testing.harness import (
     until,
 )
 from core.testing.irc import IrcSession, ScriptedIrcServer
+from core.testing.redis_cluster import RedisClusterServers, ReplicatedRedis
 from core.testing.services import (
     InspircdServer,
     IrcLines,
@@ -111,7 +114,9 @@ __all__ = [
     "ManualClock",
     "MosquittoServer",
     "NgircdServer",
+    "RedisClusterServers",
     "RedisServer",
+    "ReplicatedRedis",
     "ScriptedIrcServer",
     "Server",
     "ServerError",

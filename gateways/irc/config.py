@@ -190,6 +190,14 @@ class IrcConfig(Section):
         default=30.0, gt=0, description="Seconds for connect + registration."
     )
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig, description="Backoff.")
+    lease_ttl: float = Field(
+        default=5.0,
+        ge=1.0,
+        le=300.0,
+        description="Replicas on a Redis layer (active/standby): seconds the active replica's "
+        "Redis lease lives without renewal (renewed every third of it); a standby connects "
+        "at most this long, plus one try (a fifth of it), after the active one died.",
+    )
 
     secret_files = ("password", "nickserv_password")
 

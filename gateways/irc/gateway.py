@@ -19,6 +19,23 @@ else in the outbox, rejoins after a kick (``rejoin_after_kick``), and takes back
 should hold when it frees (at once on the holder's QUIT or NICK, else every
 ``reclaim_interval``). Nicks and channel names are compared under the server's CASEMAPPING.
 
+Replicas (active/standby): on a Redis layer every process takes part in a
+:class:`core.lease.RedisLease` (``{prefix}:gateways:irc:{name}:lease``). Only the holder
+(*active*) connects to IRC and reads the command channel; a *standby* does neither, so commands
+wait in the layer for whichever replica is active, and tries to take the lease every fifth of
+``lease_ttl``. Taking it = connecting (a fresh connection, the channels joined as after any
+reconnect), then reading commands. An active replica that finds the lease gone (another took it
+while this one was paused or cut off from Redis for ``lease_ttl``) steps down: it stops reading
+commands, hands the commands in its outbox none of whose lines left back to the command channel
+(:class:`HandedOver`), QUITs, answers a command partly written with an error and exits 1 (its
+supervisor starts it again, as a standby). A command taken just after a pause first renews the
+lease (:meth:`IrcGateway._confirm_active`) and is handed back when that fails.
+On a clean stop it QUITs first and releases the lease after, so the standby connects at once
+without meeting our nick. Without a Redis layer (memory://, a custom layer) there is no lease:
+the one process is always active. The channels joined and parted and the nick set at run time
+are written to Redis at each renewal (when changed) and read by the next active replica
+(:func:`carried_over`). The exact spec is the README's "Replicas" section.
+
 What a server can make happen at full speed (unparsable lines, kicks, refused joins, joins it
 makes for us beyond ``max_channels``, renames) is logged once, then once per
 :class:`core.logs.RepeatFilter` interval with a count, and counted in metrics every time.
@@ -28,17 +45,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from channels.layers import InMemoryChannelLayer
 from irc.client import Event
+from prometheus_client import Counter, Gauge
 
 from core.envelope import Command, CommandError
+from core.lease import RedisLease, owner_id
 from core.logs import RepeatFilter
+from core.metrics import REGISTRY
 from core.pacer import Pacer
-from core.retry import cancel_and_wait
+from core.redis import LayerRedis, RedisUnavailable, layer_redis
+from core.retry import StartupError, cancel_and_wait, describe_error, send_command
 from core.service import EventBuffer, Gateway, handles
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
@@ -59,7 +82,7 @@ from gateways.irc.translate import (
     send_lines,
 )
 
-__all__ = ["IrcGateway"]
+__all__ = ["LOST_LEASE", "IrcGateway"]
 
 #: join failures (RPL numerics by the library's names): the channel is given up, with a WARNING
 _JOIN_FAILED = {
@@ -72,12 +95,73 @@ _JOIN_FAILED = {
 }
 
 
+_ACTIVE = Gauge(
+    "irc_active",
+    "1 while this replica holds the IRC lease (or has no lease: no Redis layer) and connects",
+    ["gateway"],
+    registry=REGISTRY,
+)
+_TAKEOVERS = Counter(
+    "irc_takeovers", "Times this replica took the IRC lease", ["gateway"], registry=REGISTRY
+)
+
+#: why an active replica steps down when its renewal finds the lease is another's
+LOST_LEASE = (
+    "another replica holds the IRC lease now (this one was paused or cut off from Redis for "
+    "longer than irc.lease_ttl)"
+)
+
+
+class HandedOver(BaseException):
+    """A command's lines are taken back before any left: the command goes back to the command
+    channel for the active replica. A BaseException, like CancelledError, so the command
+    dispatch's catch-all for handler bugs does not answer it ``ok: false``."""
+
+
 @dataclass
 class _Line:
     text: str
     deadline: float
-    #: set when the line was written (the last line of a command carries its command's)
+    #: the command's future, on every line of a command (None: a JOIN or NICK of our own);
+    #: its result is set once the last line was written
     done: asyncio.Future[None] | None = None
+    #: the command's first line: while it is in the outbox, no line of the command left
+    first: bool = False
+    #: the command's last line
+    last: bool = False
+
+
+def carried_over(
+    state: Any, yaml_channels: list[tuple[str, str | None]], yaml_nick: str, limit: int
+) -> tuple[list[tuple[str, str | None]], str | None]:
+    """The channels (name, key) and nick a new active replica takes from the last one's
+    ``state`` (the JSON :meth:`IrcGateway._state` wrote), given the YAML's now.
+
+    A YAML channel is kept unless it was parted at run time (it is in the state's ``yaml`` list
+    but not among its channels); one new in the YAML is joined; a channel joined at run time is
+    kept (with the key it was joined with) unless the YAML took it away meanwhile (it was a YAML
+    channel then). The nick set at run time is kept unless the YAML's nick changed. A state
+    that is not what this function writes counts as none.
+    """
+    try:
+        stored = [(str(n), None if k is None else str(k)) for n, k in state["channels"]]
+        stored_yaml = {fold(str(n), "rfc1459") for n in state["yaml"]}
+        nick = state.get("nick")
+        same_yaml_nick = state.get("yaml_nick") == yaml_nick
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return yaml_channels, None
+    in_state = {fold(n, "rfc1459") for n, _ in stored}
+    in_yaml = {fold(n, "rfc1459") for n, _ in yaml_channels}
+    channels = [
+        (n, k)
+        for n, k in yaml_channels
+        if fold(n, "rfc1459") in in_state or fold(n, "rfc1459") not in stored_yaml
+    ]
+    for name, key in stored:
+        folded = fold(name, "rfc1459")
+        if folded not in stored_yaml and folded not in in_yaml and len(channels) < limit:
+            channels.append((name, key))
+    return channels, nick if isinstance(nick, str) and nick and same_yaml_nick else None
 
 
 @dataclass
@@ -148,7 +232,24 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             metrics=self.metrics,
             name=f"{self.name} flood control",
         )
-        self.client = IrcConnection(self, settings, listener=self, events=self.buffer)
+        self.client = self._new_client()
+        #: Redis beside the layer (None: memory:// or a custom layer → no lease, always active)
+        self._redis: LayerRedis | None = layer_redis(
+            layer, self.protocol, self.name, timeout=settings.lease_ttl / 3
+        )
+        self.lease = (
+            RedisLease(self._redis, owner_id(), settings.lease_ttl) if self._redis else None
+        )
+        self._lease_problem: str | None = None
+        self._holder: str | None = None  # the active replica's owner id, as a standby saw it
+        self._renewed = 0.0  # loop time the last successful renewal was sent
+        self._takeover: asyncio.Task[None] | None = None
+        self._dead: str | None = None
+        #: why the lease is gone, once a command found out (the lease loop steps down)
+        self._lost: str | None = None
+        #: the run-time state last written for the next active replica (_state)
+        self._saved: str | None = None
+        self._lease_wake = asyncio.Event()
         #: channels we should be in (YAML + run-time joins - parts), at most max_channels
         self.channels = _Channels()
         for channel in settings.channels:
@@ -173,6 +274,14 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _new_client(self) -> IrcConnection:
+        return IrcConnection(self, self.settings, listener=self, events=self.buffer)
+
+    @property
+    def active(self) -> bool:
+        """Whether this replica connects to IRC and carries out commands."""
+        return self.lease is None or self.lease.held
+
     async def open(self) -> None:
         self.buffer.start()
         self._tasks = [
@@ -180,13 +289,304 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
         ]
         try:
-            await self.client.start()
+            if self.lease is None:
+                if not isinstance(self.layer, InMemoryChannelLayer):
+                    self.log.warning(
+                        "%s: no IRC lease: core.redis keeps no keys beside this layer (%s; "
+                        "Sentinel, a custom layer): run one gateway-irc process for this "
+                        "integration, a second would be a second bot",
+                        self.name,
+                        type(self.layer).__name__,
+                    )
+                _ACTIVE.labels(self.name).set(1)
+                await self.client.start()
+                return
+            self.take_commands(False)  # until this replica holds the lease
+            sent = asyncio.get_running_loop().time()
+            try:
+                acquired = await self.lease.acquire() is not None
+            except RedisUnavailable as exc:
+                acquired = False
+                self._lease_down(str(exc))
+            if acquired:
+                self._renewed = sent
+            lease_loop = asyncio.create_task(self._lease_loop(), name=f"{self.name}-lease")
+            self._tasks.append(lease_loop)
+            if acquired:
+                await self._activate()  # a refusal by the server fails start-up (exit 3)
+            else:
+                await self._refresh_holder()
+                self.log.info(
+                    "%s: standby: %s; commands wait in the layer meanwhile",
+                    self.name,
+                    self._standby_text(),
+                )
         except BaseException:
             await self._cancel_tasks()
+            await self._release()
             raise
 
     def readiness(self) -> list[str]:
-        return self.client.readiness()
+        if self._dead is not None:
+            return [self._dead]
+        reasons = []
+        if self._lease_problem is not None:
+            reasons.append(f"lease store unreachable: {self._lease_problem}")
+        if self.active:
+            reasons += self.client.readiness()
+        return reasons
+
+    def status(self) -> list[str]:
+        if self.lease is None:
+            return ["role: active (no Redis layer: no lease, one replica only)"]
+        if self.lease.held:
+            return [f"role: active (lease token {self.lease.token}, {self.lease.owner})"]
+        return [f"role: standby ({self._standby_text()})"]
+
+    def _standby_text(self) -> str:
+        holder = f"replica {self._holder}" if self._holder else "another replica"
+        return f"{holder} holds the IRC lease and the connection"
+
+    # -- active / standby -----------------------------------------------------------------------
+
+    def _lease_down(self, problem: str) -> None:
+        if self._lease_problem is None:
+            self.log.warning("%s: IRC lease store unreachable: %s", self.name, problem)
+        self._lease_problem = problem
+
+    def _lease_up(self) -> None:
+        if self._lease_problem is not None:
+            self.log.info("%s: IRC lease store reachable again", self.name)
+        self._lease_problem = None
+
+    async def _refresh_holder(self) -> None:
+        if self.lease is not None:
+            with contextlib.suppress(RedisUnavailable):
+                self._holder = await self.lease.holder()
+
+    async def _lease_loop(self) -> None:
+        assert self.lease is not None
+        lease, ttl = self.lease, self.lease.ttl
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._lost is not None:  # a command found the lease gone (_confirm_active)
+                await self._step_down(self._lost)
+                return
+            sent = loop.time()
+            try:
+                if not lease.held:
+                    if await lease.acquire() is not None:
+                        self._renewed = sent
+                        self._start_takeover()
+                    else:
+                        await self._refresh_holder()
+                elif await lease.renew():
+                    self._renewed = sent
+                    await self._save_state()
+                else:
+                    await self._step_down(LOST_LEASE)
+                    return
+                self._lease_up()
+            except RedisUnavailable as exc:
+                self._lease_down(str(exc))
+                if lease.held and loop.time() - self._renewed > ttl:
+                    lease.forget()
+                    await self._step_down(f"could not renew the IRC lease for {ttl:g} s")
+                    return
+            self._lease_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_wake.wait(), ttl / 3 if lease.held else ttl / 5)
+
+    async def _confirm_active(self) -> bool:
+        """Before a command is carried out: is the lease still this replica's?
+
+        Free while the last renewal is recent; after a pause (SIGSTOP: commands that arrived
+        meanwhile run before the lease loop wakes) one renewal decides. ``False`` starts the
+        step-down.
+        """
+        lease = self.lease
+        assert lease is not None
+        if not lease.held or self._lost is not None:
+            return False
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._renewed < lease.ttl / 2:
+            return True
+        sent = loop.time()
+        try:
+            if await lease.renew():
+                self._renewed = sent
+                return True
+        except RedisUnavailable:
+            return loop.time() - self._renewed <= lease.ttl  # cannot tell: ours until it expires
+        self._lost = LOST_LEASE
+        self.take_commands(False)
+        self._lease_wake.set()
+        return False
+
+    async def dispatch(self, message: Any) -> dict[str, Any] | None:
+        """Carry out a command while active; else hand it back to the command channel."""
+        if self.lease is not None and not await self._confirm_active():
+            await self._hand_back(message)
+            return None
+        try:
+            return await super().dispatch(message)
+        except HandedOver:
+            await self._hand_back(message)
+            return None
+
+    async def _hand_back(self, message: Any) -> None:
+        """Put a command this replica will not carry out back on the command channel."""
+        channel = self.config.command_channel
+        kind = message.get("type") if isinstance(message, dict) else None
+        try:
+            await send_command(self.layer, channel, message, timeout=5)
+        except Exception as exc:
+            self.metrics.dropped("not_handed_back")
+            self.log.error(
+                "%s: could not hand a %s command back to %r: %s",
+                self.name,
+                kind,
+                channel,
+                describe_error(exc),
+            )
+        else:
+            self.log.info("%s: handed a %s command back to %r", self.name, kind, channel)
+
+    def _start_takeover(self) -> None:
+        self._takeover = asyncio.create_task(self._activate(), name=f"{self.name}-takeover")
+        self._takeover.add_done_callback(self._takeover_done)
+
+    def _takeover_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        self._dead = f"could not take over the IRC connection: {error}"
+        self.log.error("%s: %s; stopping", self.name, self._dead)
+        self.metrics.error("takeover")
+        self.stop()  # close() releases the lease: another replica may fare better
+
+    async def _activate(self) -> None:
+        """This replica holds the lease: connect (joins follow), then read commands."""
+        assert self.lease is not None
+        _ACTIVE.labels(self.name).set(1)
+        _TAKEOVERS.labels(self.name).inc()
+        self._holder = self.lease.owner
+        self.log.info(
+            "%s: active now (IRC lease token %s, %s): connecting to %s",
+            self.name,
+            self.lease.token,
+            self.lease.owner,
+            self.client.server,
+        )
+        await self._load_state()
+        try:
+            await self.client.start()
+        except StartupError:
+            _ACTIVE.labels(self.name).set(0)
+            raise
+        self.take_commands(True)
+
+    # -- run-time state carried over to the next active replica ---------------------------------
+
+    def _state(self) -> str:
+        yaml = {c.name for c in self.settings.channels}
+        channels = [[c.name, None if c.name in yaml else c.key] for c in self.channels]
+        return json.dumps(
+            {
+                "channels": channels,
+                "yaml": sorted(yaml),
+                "nick": self.client.wanted_nick,
+                "yaml_nick": self.settings.nick,
+            },
+            sort_keys=True,
+        )
+
+    async def _save_state(self) -> None:
+        """Write the channels and nick (each lease renewal, when they changed) for the next
+        active replica; raises RedisUnavailable like the renewal."""
+        assert self._redis is not None
+        state = self._state()
+        if state != self._saved:
+            await self._redis.call("set", self._redis.key("state"), state)
+            self._saved = state
+
+    async def _load_state(self) -> None:
+        """Take over the channels joined and parted and the nick set at run time by the last
+        active replica (or before a restart): :func:`carried_over`."""
+        assert self._redis is not None
+        try:
+            raw = await self._redis.call("get", self._redis.key("state"))
+        except RedisUnavailable as exc:
+            self.log.warning("%s: run-time channels not read (%s); the YAML's only", self.name, exc)
+            return
+        if raw is None:
+            return
+        try:
+            state = json.loads(raw)
+        except ValueError:
+            state = None
+        yaml = [
+            (c.name, c.key.get_secret_value() if c.key else None) for c in self.settings.channels
+        ]
+        channels, nick = carried_over(state, yaml, self.settings.nick, self.settings.max_channels)
+        self.channels = _Channels()
+        for name, key in channels:
+            self.channels.add(name, key)
+        if nick is not None:
+            self.client.wanted_nick = nick
+        self.log.info(
+            "%s: channels %s%s (as the last active replica left them)",
+            self.name,
+            ", ".join(c.name for c in self.channels) or "none",
+            f", nick {nick}" if nick is not None else "",
+        )
+
+    async def _step_down(self, reason: str) -> None:
+        """The lease is another's: stop reading commands, QUIT, fail the outbox, and exit.
+
+        Exiting (code 1; the supervisor starts it again, as a standby) rather than staying on as
+        a standby hands back, at close, what the layer had fetched for this process and not
+        yet handed out, claimable by the new active replica at once; a standby that kept it
+        would keep it from everyone.
+        """
+        self.take_commands(False)
+        _ACTIVE.labels(self.name).set(0)
+        self._dead = f"stepped down: {reason}"
+        self.log.error("%s: %s; stopping (exit 1)", self.name, self._dead)
+        self.metrics.error("lost_lease")
+        if self._takeover is not None and self._takeover is not asyncio.current_task():
+            await cancel_and_wait(self._takeover)
+            self._takeover = None
+        self._hand_over_outbox()
+        await self.client.close()
+        self._fail_outbox(f"not sent: this replica stepped down ({reason})")
+        self.stop()
+
+    def _hand_over_outbox(self) -> None:
+        """Commands none of whose lines left yet go back to the command channel (HandedOver,
+        in their handlers); a command partly written is answered with an error instead."""
+        handed = set()
+        for line in self._outbox:
+            if line.first and line.done is not None and not line.done.done():
+                line.done.set_exception(HandedOver())
+                handed.add(line.done)
+        if handed:
+            self._outbox = deque(line for line in self._outbox if line.done not in handed)
+
+    async def _release(self) -> None:
+        if self.lease is not None and self.lease.held:
+            try:
+                await self.lease.release()
+            except RedisUnavailable as exc:
+                self.log.warning(
+                    "%s: could not release the IRC lease (%s); a standby takes over once it "
+                    "expires",
+                    self.name,
+                    exc,
+                )
+            else:
+                self.log.info("%s: released the IRC lease", self.name)
+        _ACTIVE.labels(self.name).set(0)
 
     async def drain(self) -> None:
         # lines already accepted leave before QUIT (bounded by the grace period)
@@ -198,13 +598,21 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         for channel in self.channels:
             if channel.rejoin is not None:
                 channel.rejoin.cancel()
-        await self.client.close()
+        await self.client.close()  # QUIT first: the next active replica meets no old nick
         self._fail_outbox("gateway stopped")
+        if self.lease is not None and self.lease.held:
+            with contextlib.suppress(RedisUnavailable):
+                await self._save_state()  # what changed since the last renewal
+        await self._release()
+        if self._redis is not None:
+            await self._redis.close()
         await self.buffer.flush(1.0)
 
     async def _cancel_tasks(self) -> None:
-        await cancel_and_wait(*self._tasks)
+        tasks = [*self._tasks, *([self._takeover] if self._takeover is not None else [])]
+        await cancel_and_wait(*tasks)
         self._tasks = []
+        self._takeover = None
 
     # -- client listener ------------------------------------------------------------------------
 
@@ -378,7 +786,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
         deadline = loop.time() + self.settings.queue_timeout
         done: asyncio.Future[None] = loop.create_future()
         for i, text in enumerate(lines):
-            self._outbox.append(_Line(text, deadline, done if i == len(lines) - 1 else None))
+            self._outbox.append(_Line(text, deadline, done, i == 0, i == len(lines) - 1))
         self._outbox_changed()
         await done
 
@@ -391,10 +799,10 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
     def _fail_line(self, line: _Line, reason: str) -> None:
         self._left_outbox(line)
         self.metrics.dropped("not_sent")
-        if line.done is not None and not line.done.done():
-            line.done.set_exception(CommandError(reason))
-        else:
+        if line.done is None:
             self.log.warning("%s: not sent (%s): %.80s", self.name, reason, line.text)
+        elif not line.done.done():
+            line.done.set_exception(CommandError(reason))
 
     async def _send_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -433,7 +841,7 @@ class IrcGateway(Gateway[IrcGatewayConfig]):
             if self._outbox and self._outbox[0] is line:
                 self._outbox.popleft()
             self._left_outbox(line)
-            if line.done is not None and not line.done.done():
+            if line.last and line.done is not None and not line.done.done():
                 line.done.set_result(None)
 
     async def _reclaim_loop(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
@@ -318,8 +317,10 @@ class MqttConfig(Section):
     def _window_as_the_hold(cls, data: Any) -> Any:
         # receive_maximum left out: as large as the hold, so a smaller max_pending alone is valid
         if isinstance(data, dict) and "receive_maximum" not in data and "max_pending" in data:
-            with contextlib.suppress(TypeError, ValueError):
+            try:
                 return {**data, "receive_maximum": max(1, min(int(data["max_pending"]), 65535))}
+            except (TypeError, ValueError):
+                pass  # a bad max_pending gets its own error from the field
         return data
 
     @model_validator(mode="after")

@@ -5,16 +5,15 @@ lives in a store:
 
 * :class:`RedisStore` when the layer is Redis (through :mod:`core.redis`, under the layer's
   prefix). Several ``gateway-scheduler`` processes share it. One holds the **lease**
-  (``SET NX PX``, renewed by a script that checks it is still the holder); each acquisition
-  takes a new **fencing token** from ``INCR``. Every scheduled fire is **committed** by one
-  script that checks, atomically, that the lease still holds this process's token, that the
-  schedule's cursor is older than the due time and that the schedule is not paused, applies its
-  overlap policy against the runs that have not reported ``scheduler.done``, and moves the
-  cursor. Only a committed fire is sent. A leader that was paused past its lease (SIGSTOP, a
-  long GC, a VM migration) and comes back finds its token gone: its commits fail, it sends
-  nothing its successor fired, and it steps down. The cost of committing before sending: a
-  leader that dies between the two loses that one fire (at most once in that window, never
-  twice).
+  (:mod:`core.lease`'s scripts: ``SET NX PX``, renewed by a script that checks it is still the
+  holder); each acquisition takes a new **fencing token** from ``INCR``. Every scheduled fire is
+  **committed** by one script that checks, atomically, that the lease still holds this process's
+  token, that the schedule's cursor is older than the due time and that the schedule is not
+  paused, applies its overlap policy against the runs that have not reported ``scheduler.done``,
+  and moves the cursor. Only a committed fire is sent. A leader that was paused past its lease
+  (SIGSTOP, a long GC, a VM migration) and comes back finds its token gone: its commits fail, it
+  sends nothing its successor fired, and it steps down. The cost of committing before sending: a
+  leader that dies between the two loses that one fire (at most once in that window, never twice).
 * **Queued fires** (``scheduler.trigger``, ``scheduler.backfill``, a fire ``buffer_one`` kept
   back) go the other way round: the command stores them (idempotent per request id), the leader
   *claims* one (fenced, overlap policy applied), sends it, then *confirms* it. A claimed fire
@@ -57,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from core.lease import ACQUIRE_SCRIPT, RELEASE_SCRIPT, RENEW_SCRIPT
 from core.redis import LayerRedis, RedisUnavailable
 from gateways.scheduler.translate import Overlap, overlap_action
 
@@ -246,26 +246,6 @@ class StateStore(Protocol):
 
 
 # -- Redis ------------------------------------------------------------------------------------
-
-_ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'NX', 'PX', ARGV[2])
-return token
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 #: the keys of the scripts below, in this order (``done``, ``running``, ``history`` and
 #: ``request`` belong to one schedule or request)
@@ -575,9 +555,9 @@ class RedisStore:
         self.redis = redis
         self.description = f"Redis at {redis.description}"
         client = redis.client
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._acquire = client.register_script(ACQUIRE_SCRIPT)
+        self._renew = client.register_script(RENEW_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
         self._advance = client.register_script(_ADVANCE)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)

@@ -523,3 +523,19 @@ async def test_a_full_local_buffer_drops_the_oldest_counted_and_logged_once(
     lines = [r.getMessage() for r in caplog.records if "local_overflow" in r.getMessage()]
     assert len(lines) == 1 and repr(idle) in lines[0]
     await layer.flush()
+
+
+async def test_a_receive_right_after_a_cancelled_one_gets_the_message(
+    redis_server: RedisServer,
+) -> None:
+    """Cancelling a receive cancels its fetch; a receive started before that fetch has ended
+    (no await in between) must not wait on it for ever."""
+    layer = StreamsChannelLayer(hosts=[redis_server.url])
+    first = asyncio.create_task(layer.receive("again"))
+    await asyncio.sleep(0.2)  # its fetch is blocked in XREADGROUP
+    first.cancel()
+    second = asyncio.create_task(layer.receive("again"))
+    await layer.send("again", {"type": "t.x"})
+    assert await asyncio.wait_for(second, 10) == {"type": "t.x"}
+    assert first.cancelled()
+    await layer.flush()

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 import websockets
 
 from core.testing import RedisServer, free_port
@@ -19,6 +20,7 @@ from tests.gateways.http_ws.conftest import SECRET, chat_project, start_worker, 
 WAIT = 60
 
 
+@pytest.mark.replicas
 async def test_one_group_send_reaches_1000_sockets(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

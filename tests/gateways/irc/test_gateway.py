@@ -8,9 +8,12 @@ import signal
 from pathlib import Path
 
 import pytest
+from channels.layers import InMemoryChannelLayer
 
 from core.retry import StartupError
 from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, command, metric
+from gateways.irc.config import IrcGatewayConfig
+from gateways.irc.gateway import IrcGateway
 from tests.gateways.irc.conftest import Peer, irc_config, next_event, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -422,3 +425,23 @@ async def test_a_user_name_the_server_refuses_exits_3_once(
     assert code == 3, output
     assert "Invalid user name" in output
     assert output.count("could not start") == 1 and "reconnecting" not in output
+
+
+async def test_every_line_of_a_waiting_command_survives_a_reconnect() -> None:
+    # the outbox kept only each command's last line across a reconnect (the others carried no
+    # future and went with our own JOIN/NICK lines); found with issue 24's hand-over
+    gateway = IrcGateway(
+        IrcGatewayConfig.model_validate(irc_config(6667, channels=["#ops"])),
+        InMemoryChannelLayer(),
+    )
+    waiting = asyncio.create_task(gateway._send(["PRIVMSG #ops :one", "PRIVMSG #ops :two"]))
+    await asyncio.sleep(0)  # queued: nothing sends while the gateway is not running
+    gateway._enqueue_system("NICK bot")
+    gateway.client_connected({})
+    assert [line.text for line in gateway._outbox] == [
+        "JOIN #ops",
+        "PRIVMSG #ops :one",
+        "PRIVMSG #ops :two",
+    ]
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from core.layers import resolve_layer
 from core.testing import (
     EXAMPLES,
@@ -143,6 +145,7 @@ async def test_embedded_in_one_process_on_the_memory_layer(
         assert server.stop() == 0, server.tail()
 
 
+@pytest.mark.replicas
 async def test_shared_subscription_across_two_processes(
     tmp_path: Path,
     redis_server: RedisServer,

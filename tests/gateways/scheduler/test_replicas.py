@@ -85,6 +85,7 @@ def assert_exactly_once_without_gaps(
     assert allow_gaps or gaps == []
 
 
+@pytest.mark.replicas
 async def test_two_replicas_fire_each_due_time_once_when_the_leader_is_killed(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -111,6 +112,7 @@ async def test_two_replicas_fire_each_due_time_once_when_the_leader_is_killed(
     assert_exactly_once_without_gaps(messages)
 
 
+@pytest.mark.replicas
 async def test_a_leader_paused_past_its_lease_fires_nothing_twice(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -308,6 +310,7 @@ async def metric_of(process: GatewayProcess, name: str, **labels: str) -> float:
     return await asyncio.to_thread(process.metric, name, **labels)
 
 
+@pytest.mark.replicas
 async def test_a_resumed_ex_leader_counts_no_misfire_its_successor_counted(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
