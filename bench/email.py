@@ -74,7 +74,7 @@ cannot go faster than 2 s ÷ that. ratio = gateway mails/s ÷ raw msgs/s of the 
 
 verify rows (``--verify``, memory:// only)
     The in-process gateway row again with ``email.verify: report`` against a private DNS
-    server (``core.testing.dns``, on a free loopback port) that publishes SPF (allowing
+    server (``tests.support.dns``, on a free loopback port) that publishes SPF (allowing
     127.0.0.1), a DKIM key and a DMARC record for customer.example; the mail is DKIM-signed
     (rsa-sha256, 2048 bits; Message-ID not signed, so each client's copy keeps the signature).
     Every mail thus gets SPF for MAIL FROM and HELO, one DKIM verification and DMARC: all pass,
@@ -1344,7 +1344,7 @@ async def run_round(args: argparse.Namespace, tmp: Path) -> list[Result]:
 
 async def _verify_rows(results: list[Result], args: argparse.Namespace, tmp: Path) -> None:
     """memory:// rows for a signed mail: verify off, then report against a cached DNS."""
-    from core.testing.dns import DnsServer, dkim_key
+    from tests.support.dns import DnsServer, dkim_key
 
     key = dkim_key()
     mail = tmp / "signed.eml"

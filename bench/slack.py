@@ -59,7 +59,7 @@ from bench._common import (
 )
 from core.envelope import new_event
 from core.layers import resolve_layer
-from core.service import send_command
+from core.retry import send_command
 from core.testing import RedisServer, Server
 from core.testing.slack import FakeSlack
 

@@ -57,9 +57,11 @@ Stop background tasks with ``cancel_and_wait(*tasks)``: it cancels again until t
 Which piece for what (each module's docstring is its reference):
 
 ====================  ===========================================================================
-``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``Backoff``,
-                      ``StartupError``, ``cancel_and_wait``, ``send_command`` (layer send,
-                      retried).
+``core.service``      ``Gateway`` (above), ``handles``, ``EventBuffer``, ``EventRefused``.
+``core.retry``        ``LAYER_ERRORS`` (what is an outage), ``Backoff``, ``StartupError``,
+                      ``send_command`` (layer send, retried), ``cancel_and_wait``,
+                      ``describe_error``; shared with the consumer side, so it never imports
+                      ``core.service``.
 ``core.client``       ``ReconnectingClient``: subclass it in ``connection.py`` for a transport
                       that dials out (IRC, Slack Socket Mode, MQTT): hooks ``_connect`` /
                       ``_wait_lost`` / ``_disconnect`` (``_probe``, ``_abort``, ``_hang_up``);
@@ -79,6 +81,22 @@ Which piece for what (each module's docstring is its reference):
 ``core.worker``       ``ConsumerWorker``: acknowledges after the handler, retries, dead letters.
 ``core.metrics``      ``self.metrics``: Prometheus series by integration (``core.health``).
 ====================  ===========================================================================
+
+Where to register a gateway (a seventh ``gateways/<proto>/``; tests/gateways/test_registration.py
+derives the gateways from the folders with a ``gateway.py`` and fails until each point is done):
+
+1. ``gateways/__init__.py`` ``GATEWAYS``: ``"<proto>": "gateways.<proto>.gateway:<Proto>Gateway"``
+   (the YAML ``gateway:`` value; ``gateways run``, ``manage.py rungateway`` and the generated
+   docs/configuration.md read it: run ``python -m gateways.config_reference``).
+2. ``gateways/entry.py``: ``BINARIES["gateway-<proto>"] = "gateways.<proto>.cli"`` and a
+   ``def <proto>() -> int: return run("gateway-<proto>")`` (the shadowed-``core`` check runs first;
+   ``_`` in ``<proto>`` is ``-`` in a binary's name).
+3. ``pyproject.toml`` ``[project.scripts]``: ``gateway-<proto> = "gateways.entry:<proto>"``.
+4. ``tests/test_import_rules.py`` ``TRANSPORT_IO``: the I/O parts of its transport library, so
+   only its ``connection.py`` may import them.
+5. ``README.md``: a row of the gateway table, with its binary and a link to its own README.md.
+6. Its rooms (the table above, plus ``consumers.py`` with a ``Commands`` subclass, listed in
+   tests/gateways/test_consumers.py ``COMMANDS``) and ``tests/gateways/<proto>/``.
 
 Tests use :mod:`core.testing` (real servers on free ports; fixtures in tests/conftest.py)::
 

@@ -24,13 +24,13 @@ from core.config import ConfigError, GatewayConfig, load_config, peek_gateway
 from core.health import HealthServer
 from core.layers import (
     LayerPathError,
-    describe_layer,
     import_object,
     is_memory_layer,
     resolve_layer,
 )
-from core.logs import redact, setup_logging
-from core.service import Gateway, StartupError, describe_error, describe_tasks
+from core.logs import describe_layer, redact, setup_logging
+from core.retry import StartupError, describe_error, describe_tasks
+from core.service import Gateway
 from core.types import ChannelLayer
 
 __all__ = [

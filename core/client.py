@@ -19,10 +19,10 @@ base class owns everything around them, the same way for every protocol:
 House rules (what the base class guarantees, so no gateway writes them again):
 
 * **The first attempt decides whether the gateway starts.** :meth:`ReconnectingClient.start`
-  raises :class:`core.service.StartupError` (exit code 3) when the server refused us: that
+  raises :class:`core.retry.StartupError` (exit code 3) when the server refused us: that
   does not fix itself. A server that is merely down is retried in the background while
   ``/readyz`` says why; later refusals are retried too (an operator may fix the account).
-* **Reconnects** wait a capped, jittered :class:`core.service.Backoff` that is reset only once a
+* **Reconnects** wait a capped, jittered :class:`core.retry.Backoff` that is reset only once a
   connection stayed up ``stable_after`` seconds, so a server that accepts and drops at once
   is not hammered; a connection the subclass dropped because the peer misbehaved
   (:meth:`ReconnectingClient.misbehaved`: a flood, a send buffer it never reads) never resets
@@ -68,14 +68,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
-from core.service import (
-    Backoff,
-    EventBuffer,
-    Gateway,
-    StartupError,
-    cancel_and_wait,
-    describe_error,
-)
+from core.retry import Backoff, StartupError, cancel_and_wait, describe_error
+from core.service import EventBuffer, Gateway
 
 __all__ = [
     "STABLE_AFTER",
@@ -110,21 +104,32 @@ class ClientEvent(enum.Enum):
     CLOSE = "close"
 
 
-_S, _E = ClientState, ClientEvent
-
 #: the table in the module docstring; keep them the same
 TRANSITIONS: Final[Mapping[ClientState, Mapping[ClientEvent, ClientState]]] = {
-    _S.IDLE: {_E.RETRY: _S.CONNECTING, _E.CLOSE: _S.CLOSED},
-    _S.CONNECTING: {
-        _E.CONNECTED: _S.CONNECTED,
-        _E.FAILED: _S.WAITING,
-        _E.FATAL: _S.CLOSED,
-        _E.CLOSE: _S.CLOSED,
+    ClientState.IDLE: {
+        ClientEvent.RETRY: ClientState.CONNECTING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
     },
-    _S.CONNECTED: {_E.LOST: _S.WAITING, _E.RESTART: _S.RESTARTING, _E.CLOSE: _S.CLOSED},
-    _S.RESTARTING: {_E.LOST: _S.WAITING, _E.CLOSE: _S.CLOSED},
-    _S.WAITING: {_E.RETRY: _S.CONNECTING, _E.CLOSE: _S.CLOSED},
-    _S.CLOSED: {_E.CLOSE: _S.CLOSED},
+    ClientState.CONNECTING: {
+        ClientEvent.CONNECTED: ClientState.CONNECTED,
+        ClientEvent.FAILED: ClientState.WAITING,
+        ClientEvent.FATAL: ClientState.CLOSED,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.CONNECTED: {
+        ClientEvent.LOST: ClientState.WAITING,
+        ClientEvent.RESTART: ClientState.RESTARTING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.RESTARTING: {
+        ClientEvent.LOST: ClientState.WAITING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.WAITING: {
+        ClientEvent.RETRY: ClientState.CONNECTING,
+        ClientEvent.CLOSE: ClientState.CLOSED,
+    },
+    ClientState.CLOSED: {ClientEvent.CLOSE: ClientState.CLOSED},
 }
 
 

@@ -29,8 +29,10 @@ from pydantic import (
 )
 
 from core.logs import register_secret
+from core.types import check_channel_name
 
 __all__ = [
+    "MAX_EVENT_PAYLOAD",
     "MAX_MESSAGE_BYTES",
     "ConfigError",
     "GatewayConfig",
@@ -43,15 +45,16 @@ __all__ = [
     "read_secret_files",
 ]
 
-M = TypeVar("M", bound="GatewayConfig")
+ConfigT = TypeVar("ConfigT", bound="GatewayConfig")
 
 #: the largest message (packed) a gateway puts on the layer (DESIGN §3); size limits in a
 #: gateway's config derive from it. channels_redis and msgpack cope with more, but a message
 #: this large stalls every consumer
 MAX_MESSAGE_BYTES = 1024 * 1024
+#: the largest payload (an HTTP body, a WebSocket frame) a gateway puts in one event: the
+#: message limit less 64 KiB left for the envelope and the event's other keys
+MAX_EVENT_PAYLOAD = MAX_MESSAGE_BYTES - 64 * 1024
 
-#: what channels accepts as a channel name (channels.layers.BaseChannelLayer.channel_name_regex)
-CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -99,7 +102,7 @@ class HealthConfig(Section):
 
 class ReconnectConfig(Section):
     """``<proto>.reconnect`` of a client-side gateway: capped, jittered backoff between
-    connection attempts (:class:`core.service.Backoff`, driven by :mod:`core.client`).
+    connection attempts (:class:`core.retry.Backoff`, driven by :mod:`core.client`).
 
     A gateway with other defaults subclasses it and declares the two fields again.
     """
@@ -112,12 +115,6 @@ class ReconnectConfig(Section):
         if self.maximum < self.initial:
             raise ValueError("maximum must not be below initial")
         return self
-
-
-def _channel_name(value: str | None) -> str | None:
-    if value is not None and (not CHANNEL_NAME.match(value) or len(value) >= 100):
-        raise ValueError("must be letters, digits, '-', '_' or '.', under 100 characters")
-    return value
 
 
 class GatewayConfig(Section):
@@ -156,13 +153,13 @@ class GatewayConfig(Section):
         "Redis instead of at the transport. null: the layer's own capacity.",
     )
 
-    _check_names = field_validator("name", "channel", "command_channel_setting")(_channel_name)
+    _check_names = field_validator("name", "channel", "command_channel_setting")(check_channel_name)
 
     @field_validator("routes")
     @classmethod
     def _check_routes(cls, value: dict[str, str]) -> dict[str, str]:
         for target in value.values():
-            _channel_name(target)
+            check_channel_name(target)
         return value
 
     @property
@@ -305,11 +302,11 @@ def _register_secrets(node: Any) -> None:
 
 def load_config(
     path: str | os.PathLike[str],
-    model: type[M],
+    model: type[ConfigT],
     *,
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
-) -> M:
+) -> ConfigT:
     """Load, expand and validate one integration file; raise :class:`ConfigError`.
 
     ``overrides`` are top-level keys set by the command line (``{"layer": "memory://"}``);

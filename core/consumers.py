@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 from channels.consumer import AsyncConsumer
 
 from core.envelope import CommandError, check_payload, parse_command
-from core.service import send_command
+from core.retry import send_command
 from core.types import ChannelLayer
 
 __all__ = [

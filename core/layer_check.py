@@ -112,7 +112,7 @@ class _Check:
         self.label = label
         self.log = log
         self.after = check_after() if after is None else after
-        from core.streams import StreamsChannelLayer  # imported here: core.service imports us
+        from core.streams import StreamsChannelLayer  # imported here: only a streams layer loads it
 
         self.layer: StreamsChannelLayer | None = (
             layer if isinstance(layer, StreamsChannelLayer) else None

@@ -37,14 +37,13 @@ from channels_redis.core import RedisChannelLayer as _ChannelsRedisLayer
 from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from core.logs import redact
+from core.logs import describe_layer, redact
 from core.types import ChannelLayer
 
 __all__ = [
     "LayerPathError",
     "RedisChannelLayer",
     "channel_layer_settings",
-    "describe_layer",
     "import_object",
     "is_memory_layer",
     "probe_layer",
@@ -219,7 +218,7 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
     :func:`channel_layer_settings` gives Django. channels_redis' receive pops a message
     (BZPOPMIN) and copies it to a backup set (ZADD) in a second round trip; if Redis dies between
     the two, the ZADD raises and the message, already removed from Redis and already in our
-    hands, is thrown away with the error (one lost mail in tests/gateways/email/test_fault.py).
+    hands, is thrown away with the error (one lost mail in tests/gateways/email/test_faults.py).
     Here it is returned anyway: losing the backup only loses protection against our own crash.
     The private methods replaced here pin channels_redis (tests/core/test_channels_redis_pin.py).
     """
@@ -272,7 +271,7 @@ class RedisChannelLayer(_ChannelsRedisLayer):  # type: ignore[misc]
         await connection.eval(_RESTORE_BACKUP, 0, channel, backup)
         # A waiting message is popped and backed up in one step: if Redis dies before the
         # reply reaches us, the message is in the backup set and the next receive restores
-        # it (a BZPOPMIN whose reply is lost is lost: one mail in 20 runs of test_fault.py).
+        # it (a BZPOPMIN whose reply is lost is lost: one mail in 20 runs of test_faults.py).
         # Only a message that arrives while we block still goes through BZPOPMIN.
         member = await connection.eval(_POP_TO_BACKUP, 2, channel, backup)
         if member is not None:
@@ -468,24 +467,6 @@ def is_memory_layer(layer: ChannelLayer) -> bool:
     from channels.layers import InMemoryChannelLayer
 
     return isinstance(layer, InMemoryChannelLayer)
-
-
-def describe_layer(path: str) -> str:
-    """The layer path with any password replaced, for logs and error messages: the userinfo's,
-    and the value of every password-like query parameter (``?password=…``, which redis-py
-    accepts; :data:`core.logs.SECRET_PARAMETERS` lists which).
-
-    Read by hand rather than with ``urlsplit``: a password with a raw ``/`` in it
-    (``redis://:pa/ss@host``) is no password to ``urlsplit``, which then found "no host" and
-    the error printed the path whole.
-    """
-    scheme, sep, rest = path.partition("://")
-    authority = rest.split("?", 1)[0].split("#", 1)[0]
-    userinfo, at, _ = authority.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if sep and at and colon:
-        path = f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
-    return redact(path)
 
 
 async def probe_layer(layer: ChannelLayer) -> str | None:

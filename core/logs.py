@@ -24,6 +24,7 @@ __all__ = [
     "SECRET_PARAMETERS",
     "RepeatFilter",
     "clip",
+    "describe_layer",
     "redact",
     "register_secret",
     "setup_logging",
@@ -121,6 +122,24 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
+
+
+def describe_layer(path: str) -> str:
+    """The layer path with any password replaced, for logs and error messages: the userinfo's,
+    and the value of every password-like query parameter (``?password=…``, which redis-py
+    accepts; :data:`SECRET_PARAMETERS` lists which).
+
+    Read by hand rather than with ``urlsplit``: a password with a raw ``/`` in it
+    (``redis://:pa/ss@host``) is no password to ``urlsplit``, which then found "no host" and
+    the error printed the path whole.
+    """
+    scheme, sep, rest = path.partition("://")
+    authority = rest.split("?", 1)[0].split("#", 1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if sep and at and colon:
+        path = f"{scheme}://{user}:***@{rest[len(userinfo) + 1 :]}"
+    return redact(path)
 
 
 #: every process of the suite logs the same way: UTC with a ``Z``, so lines of the gateways and

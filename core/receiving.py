@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from core.service import LAYER_ERRORS, Backoff, describe_error
+from core.retry import LAYER_ERRORS, Backoff, describe_error
 from core.types import ChannelLayer, Message
 
 __all__ = ["ChannelReader"]

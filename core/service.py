@@ -18,10 +18,10 @@ A gateway subclass fills in four hooks and registers one handler per command::
         @handles("mqtt.publish")
         async def handle_publish(self, command: Command) -> dict[str, Any] | None: ...
 
-Commands are an explicit registry (:func:`handles` → :attr:`Gateway.commands`), never a method
-looked up from message text: anything unregistered is answered ``unknown command '<type>'``
-and counted under one ``type="unknown"`` label. A handler raises
-:class:`core.envelope.CommandError` for ``ok: false`` with its text.
+Commands are an explicit registry (:func:`handles` → :attr:`Gateway.commands`, bound once per
+gateway in :attr:`Gateway.handlers`), never a method looked up from message text: anything
+unregistered is answered ``unknown command '<type>'`` and counted under one ``type="unknown"``
+label. A handler raises :class:`core.envelope.CommandError` for ``ok: false`` with its text.
 
 Lifecycle (uvicorn's shape): :meth:`Gateway.run` calls ``open()``, serves the command and
 reply channels until :meth:`Gateway.stop` is called (SIGTERM/SIGINT in the binaries), then
@@ -52,9 +52,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from channels.exceptions import ChannelFull
@@ -71,27 +70,33 @@ from core.envelope import (
 )
 from core.layer_check import StreamsReadCheck
 from core.metrics import GatewayMetrics
+from core.receiving import ChannelReader
+from core.retry import (
+    LAYER_ERRORS,
+    Backoff,
+    StartupError,
+    cancel_and_wait,
+    describe_error,
+    send_command,
+)
 from core.stall import StallTracker
-from core.types import ChannelLayer
+from core.types import BatchSendingLayer, ChannelLayer
 
 __all__ = [
     "HANDOFF_BATCH",
-    "LAYER_ERRORS",
-    "Backoff",
     "EventBuffer",
     "EventRefused",
     "Gateway",
-    "StartupError",
-    "cancel_and_wait",
-    "describe_error",
-    "describe_tasks",
     "handles",
-    "send_command",
+    "listen",
 ]
 
-C = TypeVar("C", bound=GatewayConfig)
+#: the config model of a Gateway subclass (``MqttGateway(Gateway[MqttGatewayConfig])``)
+ConfigT = TypeVar("ConfigT", bound=GatewayConfig)
 #: a command handler: ``async def handle_x(self, command) -> dict | None``
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[dict[str, Any] | None]])
+#: a handler bound to its gateway: the command in, the result's extra keys (or ``None``) out
+BoundHandler = Callable[[Command], Awaitable[dict[str, Any] | None]]
 
 #: the metric label of every command type no handler is registered for (bounded cardinality)
 UNKNOWN_COMMAND = "unknown"
@@ -111,29 +116,6 @@ READINESS_INTERVAL = 0.5
 MIN_SEND_ATTEMPT = 0.25
 
 
-def _layer_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ChannelFull, OSError, TimeoutError, ConnectionError]
-    try:
-        from redis import exceptions as redis_errors
-    except ImportError:  # pragma: no cover - channels_redis depends on redis
-        pass
-    else:
-        errors += [
-            redis_errors.ConnectionError,
-            redis_errors.TimeoutError,
-            redis_errors.BusyLoadingError,
-        ]
-    return tuple(errors)
-
-
-#: exceptions that mean "the layer cannot take this now" rather than "this message is wrong"
-LAYER_ERRORS = _layer_errors()
-
-
-class StartupError(Exception):
-    """The gateway could not start (port taken, transport refused us): exit code 3."""
-
-
 class EventRefused(ValueError):
     """No layer can ever take this event (over 1 MB, or not msgpack-safe): never retried.
 
@@ -144,6 +126,15 @@ class EventRefused(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+async def listen(start: Callable[[], Awaitable[object]], host: str, port: int) -> None:
+    """``await start()`` of a server gateway's listener; an ``OSError`` (the port is taken, the
+    address is not this host's) becomes :class:`StartupError` naming ``host:port`` (exit 3)."""
+    try:
+        await start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def handles(type_: str) -> Callable[[Handler], Handler]:
@@ -168,72 +159,7 @@ def handles(type_: str) -> Callable[[Handler], Handler]:
     return register
 
 
-class Backoff:
-    """Capped exponential backoff with jitter; :meth:`reset` after a success.
-
-    Each delay is drawn from ``[cap/2, cap]`` where ``cap`` doubles from ``initial`` up to
-    ``maximum``, so replicas restarted together do not reconnect in lockstep.
-    """
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self.attempts = 0
-
-    def next(self) -> float:
-        cap = min(self.maximum, self.initial * self.factor**self.attempts)
-        self.attempts += 1
-        return random.uniform(cap / 2, cap)
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-
-def describe_error(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def cancel_and_wait(*tasks: asyncio.Future[Any], every: float = 1.0) -> None:
-    """Cancel ``tasks`` and wait until every one is done, cancelling again each ``every`` s.
-
-    One cancellation can be lost: redis-py turns a cancel that meets its own timeout into a
-    ``TimeoutError`` that a retry loop catches as an outage (seen: a scheduler's lease loop went
-    on sleeping and its stop hung), and on Python 3.11 ``wait_for`` returns a result that raced
-    the cancel. A task that swallowed one must not hang a stop. Outcomes are retrieved and
-    dropped, as ``gather(..., return_exceptions=True)`` does.
-    """
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=every)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
-
-
-def describe_tasks(tasks: Iterable[asyncio.Task[Any]]) -> str:
-    """Where each unfinished task waits: its coroutine's frame, then what that awaits, inwards
-    (``Task.get_stack`` shows the outermost frame only). For hung-stop diagnostics."""
-    blocks = []
-    for task in tasks:
-        if task.done():
-            continue
-        lines = [f"task {task.get_name()}:"]
-        coro: Any = task.get_coro()
-        while coro is not None and getattr(coro, "cr_frame", None) is not None:
-            code = coro.cr_frame.f_code
-            lines.append(f"  {code.co_filename}:{coro.cr_frame.f_lineno} in {code.co_name}")
-            coro = coro.cr_await
-        if coro is not None:
-            lines.append(f"  awaiting {coro!r}"[:200])
-        blocks.append("\n".join(lines))
-    return "\n".join(blocks)
-
-
-class Gateway(Generic[C]):
+class Gateway(Generic[ConfigT]):
     """Base of every ``<Proto>Gateway``; see the module docstring for the hooks."""
 
     protocol: ClassVar[str]
@@ -258,9 +184,15 @@ class Gateway(Generic[C]):
             table[type_] = name
         cls.commands = table
 
-    def __init__(self, config: C, layer: ChannelLayer) -> None:
+    def __init__(self, config: ConfigT, layer: ChannelLayer) -> None:
         self.config = config
         self.layer = layer
+        #: the layer's ``send_many`` (one round trip for a run of events), if it has one
+        self._batch_layer = layer if isinstance(layer, BatchSendingLayer) else None
+        #: command type → this gateway's handler, bound once from the :attr:`commands` table
+        self.handlers: Mapping[str, BoundHandler] = {
+            type_: getattr(self, method) for type_, method in self.commands.items()
+        }
         self.name = config.name
         self.log = logging.getLogger(f"gateway.{self.protocol}")
         self.metrics = GatewayMetrics(config.name)
@@ -561,7 +493,8 @@ class Gateway(Generic[C]):
         ``timeout`` passed or the gateway stops). An error that is not an outage is raised, or
         with ``skip_unsendable`` logged, counted and the event skipped."""
         loop = asyncio.get_running_loop()
-        send_many: Callable[..., Awaitable[int]] | None = getattr(self.layer, "send_many", None)
+        batch = self._batch_layer
+        send_many = batch.send_many if batch is not None else None
         deadline = None if timeout is None else loop.time() + timeout
         backoff = Backoff(0.05, 2.0)
         failures = 0
@@ -708,8 +641,6 @@ class Gateway(Generic[C]):
                 raise RuntimeError("command loop returned")
 
     async def _command_loop(self, channel: str) -> None:
-        from core.receiving import ChannelReader  # it imports this module
-
         reader = ChannelReader(
             self.layer,
             channel,
@@ -772,8 +703,8 @@ class Gateway(Generic[C]):
         Never raises: a bad command is logged at WARNING and answered ``ok: false``.
         """
         type_ = _get(message, "type")
-        name = self.commands.get(type_) if isinstance(type_, str) else None
-        if name is None and isinstance(type_, str) and type_:
+        handler = self.handlers.get(type_) if isinstance(type_, str) else None
+        if handler is None and isinstance(type_, str) and type_:
             self.metrics.command(UNKNOWN_COMMAND, "invalid")
             error = f"unknown command {type_[:200]!r}"
             self.log.warning("%s: %s", self.name, error)
@@ -781,11 +712,10 @@ class Gateway(Generic[C]):
         try:
             command = parse_command(message, self.protocol)
         except CommandError as exc:
-            self.metrics.command(str(type_) if name else UNKNOWN_COMMAND, "invalid")
+            self.metrics.command(str(type_) if handler else UNKNOWN_COMMAND, "invalid")
             self.log.warning("%s: invalid command: %s", self.name, exc)
             return _error_result(self.protocol, message, str(exc))
-        assert name is not None  # parse_command refuses a message without a type
-        handler: Callable[[Command], Awaitable[dict[str, Any] | None]] = getattr(self, name)
+        assert handler is not None  # parse_command refuses a message without a type
         try:
             extra = await handler(command) or {}
         except CommandError as exc:
@@ -839,27 +769,6 @@ class Gateway(Generic[C]):
                 target,
                 describe_error(exc),
             )
-
-
-async def send_command(
-    layer: ChannelLayer, channel: str, message: dict[str, Any], *, timeout: float = 30.0
-) -> None:
-    """``layer.send(channel, message)``, retried while the channel is full or the layer down.
-
-    Raises the last error (``ChannelFull``, a connection error) once ``timeout`` seconds passed.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    backoff = Backoff(0.05, 2.0)
-    while True:
-        try:
-            await layer.send(channel, message)
-            return
-        except LAYER_ERRORS:
-            delay = backoff.next()
-            if loop.time() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
 
 
 def _get(message: Any, key: str) -> Any:

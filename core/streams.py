@@ -112,6 +112,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.crc import key_slot
 
+from core.logs import describe_layer
 from core.metrics import REGISTRY
 
 __all__ = [
@@ -1933,8 +1934,6 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     def _host_name(self, index: int) -> str:
         host = self.hosts[index]
         if "address" in host:
-            from core.layers import describe_layer  # it imports this module lazily
-
             return describe_layer(str(host["address"]))
         if "master_name" in host:
             return f"sentinel master {host['master_name']!r}"

@@ -1,7 +1,7 @@
 """A consumer worker that loses nothing when Redis restarts, a handler fails or the process stops.
 
 channels' ``Worker`` (what ``manage.py runworker`` runs) has four ways to lose messages, all
-seen in tests/gateways/email/test_fault.py:
+seen in tests/gateways/email/test_faults.py:
 
 * its listener moves messages from the layer into an unbounded in-memory queue per channel as
   fast as the layer gives them, so a slow consumer holds hundreds of them in memory;
@@ -71,7 +71,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 import signal
 import zlib
 from collections import deque
@@ -85,7 +84,8 @@ from core.dbclose import install as install_connection_closing
 from core.layers import import_object
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
-from core.service import LAYER_ERRORS, describe_error, send_command
+from core.retry import LAYER_ERRORS, Backoff, describe_error, send_command
+from core.types import AcknowledgingLayer
 from core.worker_health import HealthSettings, WorkerHealth
 
 __all__ = ["DEAD_LETTER_TYPE", "ConsumerWorker", "RetryPolicy", "default_transient_errors"]
@@ -150,8 +150,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before delivery number ``attempt + 1``."""
-        cap = min(self.max_delay, self.initial_delay * 2 ** (attempt - 1))
-        return random.uniform(cap / 2, cap)
+        return Backoff(self.initial_delay, self.max_delay).delay(attempt - 1)
 
     @classmethod
     def from_settings(
@@ -282,9 +281,11 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         self.ordering_key = dict(ordering_key or {})
         self._slot_channel: dict[str, str] = {}
         self.metrics = GatewayMetrics("worker")
-        #: core.streams keeps what waits here before its handler claimed (see _hold)
-        self._layer_hold = getattr(self.channel_layer, "hold", None)
-        self._layer_release = getattr(self.channel_layer, "release", None)
+        #: the layer, when it acknowledges deliveries (core.streams): see the module docstring
+        layer = self.channel_layer
+        self._acking: AcknowledgingLayer | None = (
+            layer if isinstance(layer, AcknowledgingLayer) else None
+        )
         install_connection_closing()
         self._inboxes: dict[str, _Inbox] = {}
         self._listeners: list[asyncio.Task[None]] = []
@@ -348,7 +349,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         if delivery.token is None:
             return
         token, delivery.token = delivery.token, None
-        future = asyncio.ensure_future(self.channel_layer.ack(token))
+        assert self._acking is not None  # only an acknowledging layer hands out tokens
+        future = asyncio.ensure_future(self._acking.ack(token))
         future.add_done_callback(_log_failed_ack)
 
     def _handled(self, delivery: _Delivery) -> None:
@@ -365,8 +367,8 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         """``delivery`` waits in this process before a handler runs it (behind a busy consumer,
         or for a retry): on core.streams its entry is kept claimed meanwhile, so the wait does
         not count towards ``redelivery_timeout`` and no other worker takes it."""
-        if delivery.token is not None and self._layer_hold is not None:
-            self._layer_hold(delivery.token)
+        if delivery.token is not None and self._acking is not None:
+            self._acking.hold(delivery.token)
         return delivery
 
     def _take(self, delivery: _Delivery) -> bool | Awaitable[bool]:
@@ -374,9 +376,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         (skip it) when another worker claimed it meanwhile (that one delivers it), or when the
         layer dead-lettered a redelivered message that reached ``max_deliveries``."""
         token = delivery.token
-        if token is None or self._layer_release is None:
+        if token is None or self._acking is None:
             return True
-        if not self._layer_release(token):
+        if not self._acking.release(token):
             log.warning(
                 "not handing %s to its consumer: another worker claimed it while it waited "
                 "here (this process stalled for longer than the layer's redelivery_timeout)",
@@ -389,8 +391,9 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
 
     async def _begin(self, delivery: _Delivery) -> bool:
         """A redelivered message's handler starts: counted by the layer before it runs."""
+        assert self._acking is not None and delivery.token is not None
         try:
-            counted = await self.channel_layer.begin(delivery.token, delivery.message)
+            counted = await self._acking.begin(delivery.token, delivery.message)
         except Exception as exc:
             log.warning(
                 "could not count the hand-out of redelivered %s (%s); handing it over uncounted",
@@ -450,15 +453,15 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
         await self._deliver(channel, [self._hold(_Delivery(message, token=token))])
 
     def _reader(self, channel: str) -> ChannelReader:
-        acked = getattr(self.channel_layer, "receive_with_ack", None)
+        acking = self._acking
         return ChannelReader(
             self.channel_layer,
             channel,
             log=log,
             label="worker",
             count=self._count,
-            receive=acked if acked is not None else self._receive_unacked,
-            receive_nowait=getattr(self.channel_layer, "receive_with_ack_nowait", None),
+            receive=acking.receive_with_ack if acking is not None else self._receive_unacked,
+            receive_nowait=acking.receive_with_ack_nowait if acking is not None else None,
         )
 
     async def _lanes(self, channel: str, lanes: int, key: str | None) -> None:

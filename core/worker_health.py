@@ -42,7 +42,7 @@ from core.health import HealthServer
 from core.layer_check import ChannelsRedisCheck
 from core.layers import probe_layer
 from core.metrics import REGISTRY
-from core.service import StartupError, cancel_and_wait, describe_error
+from core.retry import StartupError, cancel_and_wait, describe_error
 
 if TYPE_CHECKING:
     from core.worker import ConsumerWorker, _Inbox

@@ -195,7 +195,7 @@ async def main(args: argparse.Namespace, mqtt_port: int | None, irc_port: int | 
     from core.config import load_config, peek_gateway
     from core.layers import resolve_layer
     from core.testing.slack import FakeSlack
-    from gateways import REGISTRY
+    from gateways import GATEWAYS
 
     story = Story()
     loop = asyncio.get_running_loop()
@@ -218,7 +218,7 @@ async def main(args: argparse.Namespace, mqtt_port: int | None, irc_port: int | 
     gateways = []
     for name in files:
         path = HELPDESK / name
-        module, _, cls_name = REGISTRY[peek_gateway(path)].partition(":")
+        module, _, cls_name = GATEWAYS[peek_gateway(path)].partition(":")
         cls = getattr(importlib.import_module(module), cls_name)
         gateways.append(cls(load_config(path, cls.config_model), layer))
     channels = sorted({c for gw in gateways for c in gw.config.consumer_channels()})

@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 
 #: YAML ``gateway:`` value → the gateway class that serves it
-REGISTRY = {
+GATEWAYS = {
     "email": "gateways.email.gateway:EmailGateway",
     "irc": "gateways.irc.gateway:IrcGateway",
     "mqtt": "gateways.mqtt.gateway:MqttGateway",
@@ -24,7 +24,7 @@ REGISTRY = {
     "scheduler": "gateways.scheduler.gateway:SchedulerGateway",
 }
 
-__all__ = ["REGISTRY", "core_shadowed", "exit_if_core_shadowed", "require_own_core"]
+__all__ = ["GATEWAYS", "core_shadowed", "exit_if_core_shadowed", "require_own_core"]
 
 _OURS = Path(__file__).resolve().parent.parent / "core"
 

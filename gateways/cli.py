@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from gateways import REGISTRY
+from gateways import GATEWAYS
 
 #: subcommands handled here rather than by core.cli.run_main (which lists them in --help)
 OTHERS = {
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schedules_main(args[1:])
     from core.cli import run_main
 
-    return run_main(REGISTRY, argv, others=OTHERS)
+    return run_main(GATEWAYS, argv, others=OTHERS)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The pydantic models are the one source of every YAML key (STYLE: an option is defined once):
 ``core.config.GatewayConfig`` for the keys every file has, and each registered gateway's
-``config_model`` (:data:`gateways.REGISTRY`) for its own section. This module walks them and
+``config_model`` (:data:`gateways.GATEWAYS`) for its own section. This module walks them and
 renders one table per gateway: key path, type, default and the field's ``description``.
 
 * ``python -m gateways.config_reference`` rewrites ``docs/configuration.md`` (``--output PATH``
@@ -36,7 +36,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from core.config import GatewayConfig, Section, YamlType
-from gateways import REGISTRY
+from gateways import GATEWAYS
 
 __all__ = ["DEFAULT_OUTPUT", "MISSING", "UNSET", "Row", "gateway_models", "main", "render", "rows"]
 
@@ -82,7 +82,7 @@ class Row:
 def gateway_models() -> dict[str, type[GatewayConfig]]:
     """Every registered gateway's config model, by its ``gateway:`` value, in registry order."""
     models: dict[str, type[GatewayConfig]] = {}
-    for name, target in REGISTRY.items():
+    for name, target in GATEWAYS.items():
         module, _, attr = target.partition(":")
         gateway = getattr(importlib.import_module(module), attr)
         models[name] = gateway.config_model

@@ -16,7 +16,7 @@ import yaml
 
 from core.config import GatewayConfig, load_config
 from core.health import HealthServer
-from gateways import REGISTRY
+from gateways import GATEWAYS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -49,7 +49,7 @@ def gateway_configs(tmp_path: Path) -> dict[str, GatewayConfig]:
     (config_map,) = [d for d in manifests() if d["kind"] == "ConfigMap"]
     configs = {}
     for key, text in config_map["data"].items():
-        module, _, name = REGISTRY[yaml.safe_load(text)["gateway"]].partition(":")
+        module, _, name = GATEWAYS[yaml.safe_load(text)["gateway"]].partition(":")
         model = getattr(importlib.import_module(module), name).config_model
         path = tmp_path / key
         path.write_text(text)

@@ -3,20 +3,26 @@
 * ``translate.py`` is pure: no asyncio, sockets, threads or layer; nothing of the transport
   library that does I/O.
 * A gateway never imports another gateway, and core imports no gateway.
-* ``config.py`` imports only core.config, pydantic and typing-level stdlib (and its own
-  gateway's pure ``translate.py``, where YAML and commands share one validator).
+* ``config.py`` imports only core.config, core.types (the channel-name check), pydantic and
+  typing-level stdlib (and its own gateway's pure ``translate.py``, where YAML and commands
+  share one validator).
 * Only ``connection.py`` imports the transport library's I/O parts and the stdlib's sockets.
 * ``consumers.py`` (the Django-side helpers, run in the worker) imports channels,
   ``core.consumers`` and its own gateway's pure ``translate.py`` / ``config.py``, so it checks a
   command with the gateway's own parser and never drags the gateway's I/O into the worker.
 
-A new gateway adds its transport library's I/O parts to ``TRANSPORT_IO``; the test fails until
-it does, so nobody forgets.
+A new gateway adds its transport library's I/O parts to ``TRANSPORT_IO``;
+tests/gateways/test_registration.py fails until it does, so nobody forgets.
+
+And core's own graph: no import cycle, not even through an import inside a function, and the
+consumer side (``core.worker``, ``core.receiving``, ``core.consumers``) never loads the gateway
+base (``core.service``).
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,10 +113,6 @@ def does_io(proto: str, item: Import) -> bool:
     return False
 
 
-def test_every_gateway_declares_its_transport_io() -> None:
-    assert GATEWAYS and set(GATEWAYS) == set(TRANSPORT_IO)
-
-
 @pytest.mark.parametrize("proto", GATEWAYS)
 def test_translate_is_pure(proto: str) -> None:
     path = ROOT / "gateways" / proto / "translate.py"
@@ -164,7 +166,8 @@ def test_core_imports_no_gateway() -> None:
 @pytest.mark.parametrize("proto", GATEWAYS)
 def test_config_imports_only_core_config_and_pydantic(proto: str) -> None:
     path = ROOT / "gateways" / proto / "config.py"
-    allowed = {*CONFIG_STDLIB, "pydantic", "core.config", f"gateways.{proto}.translate"}
+    allowed = {*CONFIG_STDLIB, "pydantic", "core.config", "core.types"}
+    allowed.add(f"gateways.{proto}.translate")
     bad = [where(path, i) for i in imports(path) if i.module not in allowed]
     assert bad == []
 
@@ -204,3 +207,109 @@ def test_consumers_import_only_channels_and_their_own_pure_parts(proto: str) -> 
         if not any(i.within(module) for module in allowed) or does_io(proto, i)
     ]
     assert bad == []
+
+
+# -- core's own import graph (issue 23) ----------------------------------------------------------
+
+#: the consumer side: what runs in a Django worker, which never needs the gateway base
+CONSUMER_SIDE = ["core.worker", "core.receiving", "core.consumers"]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path) -> list[Import]:
+    """:func:`imports`, less those under ``if TYPE_CHECKING:`` (annotations only, never run)."""
+
+    class Visitor(ast.NodeVisitor):
+        found: list[Import] = []
+
+        def visit_If(self, node: ast.If) -> None:
+            test = node.test
+            name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
+            if name == "TYPE_CHECKING":
+                for child in node.orelse:
+                    self.visit(child)
+                return
+            self.generic_visit(node)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            self.found += [Import(a.name, frozenset({"*"}), node.lineno) for a in node.names]
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module and node.level == 0:
+                names = frozenset(a.name for a in node.names)
+                self.found.append(Import(node.module, names, node.lineno))
+
+    visitor = Visitor()
+    visitor.found = []
+    visitor.visit(ast.parse(path.read_text(), str(path)))
+    return visitor.found
+
+
+def core_graph() -> dict[str, dict[str, int]]:
+    """core module → the core modules it imports when it runs (also inside functions) → line."""
+    paths = {_module_name(p): p for p in sorted((ROOT / "core").rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in paths.items():
+        edges = graph.setdefault(name, {})
+        for item in runtime_imports(path):
+            targets = [f"{item.module}.{n}" for n in item.names if f"{item.module}.{n}" in paths]
+            if not targets and item.module in paths:
+                targets = [item.module]
+            for target in targets:
+                if target != name:
+                    edges.setdefault(target, item.line)
+    return graph
+
+
+def find_cycle(graph: dict[str, dict[str, int]]) -> list[str]:
+    """One cycle of ``graph`` as ``[a, b, …, a]``; ``[]`` when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in graph.get(node, {}):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1}}) == []
+
+
+def test_core_has_no_import_cycle() -> None:
+    """Not even through an import inside a function: that only hides the cycle."""
+    graph = core_graph()
+    cycle = find_cycle(graph)
+    lines = [f"{a} imports {b} at line {graph[a][b]}" for a, b in itertools.pairwise(cycle)]
+    assert lines == []
+
+
+@pytest.mark.parametrize("module", CONSUMER_SIDE)
+def test_the_consumer_side_never_loads_the_gateway_base(module: str) -> None:
+    """A Django worker loads neither ``core.service`` (the Gateway class) nor ``core.client``."""
+    graph = core_graph()
+    seen, todo = {module: [module]}, [module]
+    while todo:
+        current = todo.pop()
+        for target in graph[current]:
+            if target not in seen:
+                seen[target] = [*seen[current], target]
+                todo.append(target)
+    assert [" → ".join(seen[m]) for m in ("core.service", "core.client") if m in seen] == []

@@ -1,5 +1,9 @@
 """Helpers that start real servers for integration tests and benchmarks.
 
+What your own consumer tests may use is documented in docs/testing.md (the public part);
+``example_project`` and the IRC script server need a checkout of this repository, and the DNS
+fake of the email tests lives in ``tests/support/`` (not installed).
+
 Every server runs in the foreground on free loopback ports, keeps its state in a fresh temporary
 directory, and is stopped by PID. The recipes (arguments, config files, ready lines) are the
 tested ones the "Services the tests start" section of docs/development.md lists (``.ci/run``

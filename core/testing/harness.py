@@ -17,7 +17,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.metrics import REGISTRY
-from core.service import Gateway, describe_tasks
+from core.retry import describe_tasks
+from core.service import Gateway
 from core.testing.base import HOST, OUTPUT_LINES, WAIT, ManagedProcess, Server, free_port
 from core.types import ChannelLayer, Message
 

@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 
 from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError, encoded_size
 from core.logs import clip
-from core.service import Backoff, EventRefused, Gateway, StartupError, handles
+from core.retry import Backoff, StartupError
+from core.service import EventRefused, Gateway, handles, listen
 from core.types import ChannelLayer
 from gateways.email.auth import PROBE_INTERVAL, DkimSigner, MailAuthenticator, SignaturesLost
 from gateways.email.config import EmailGatewayConfig
@@ -99,12 +100,10 @@ class EmailGateway(Gateway[EmailGatewayConfig]):
         except ParserStartError as exc:
             raise StartupError(f"cannot start the parser processes: {exc}") from exc
         try:
-            await self.server.start()
-        except OSError as exc:
+            await listen(self.server.start, self.settings.host, self.settings.port)
+        except StartupError:
             await self.parsers.close()
-            raise StartupError(
-                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
-            ) from exc
+            raise
         if self.settings.verify.mode != "off":
             # after start(): the authserv-id defaults to the hostname, looked up there
             self.authenticator = MailAuthenticator(

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 
-from core.config import CHANNEL_NAME, GatewayConfig, Section
+from core.config import MAX_EVENT_PAYLOAD, GatewayConfig, Section
+from core.types import check_channel_name
 
 __all__ = [
     "HttpRoute",
@@ -17,19 +18,10 @@ __all__ = [
     "WebsocketRoute",
 ]
 
-#: a layer message stays under 1 MiB (DESIGN §3); the rest of the event needs room too
-MAX_PAYLOAD = 1024 * 1024 - 64 * 1024
-
 
 def _path(value: str) -> str:
     if not value.startswith("/") or any(c.isspace() for c in value) or "*" in value[:-1]:
         raise ValueError("must start with /, contain no spaces, and * only at the end")
-    return value
-
-
-def _channel(value: str | None) -> str | None:
-    if value is not None and (not CHANNEL_NAME.match(value) or len(value) >= 100):
-        raise ValueError("must be letters, digits, '-', '_' or '.', under 100 characters")
     return value
 
 
@@ -40,7 +32,7 @@ class _Route(Section):
     channel: str | None = Field(None, description="Inbound channel; default the integration's.")
 
     _check_path = field_validator("path")(_path)
-    _check_channel = field_validator("channel")(_channel)
+    _check_channel = field_validator("channel")(check_channel_name)
 
 
 class WebsocketRoute(_Route):
@@ -106,11 +98,11 @@ class HttpWsConfig(Section):
     max_message_size: int = Field(
         256 * 1024,
         gt=0,
-        le=MAX_PAYLOAD,
+        le=MAX_EVENT_PAYLOAD,
         description="Bytes per WebSocket message; larger closes with 1009.",
     )
     max_body_size: int = Field(
-        256 * 1024, gt=0, le=MAX_PAYLOAD, description="Bytes per HTTP body; larger gets 413."
+        256 * 1024, gt=0, le=MAX_EVENT_PAYLOAD, description="Bytes per HTTP body; larger gets 413."
     )
     max_websockets: int = Field(
         1000,

@@ -41,16 +41,15 @@ from typing import Any
 from core.envelope import new_event
 from core.layers import import_object
 from core.receiving import ChannelReader
-from core.service import (
+from core.retry import (
     LAYER_ERRORS,
     Backoff,
-    EventRefused,
-    Gateway,
     StartupError,
     cancel_and_wait,
     describe_error,
     send_command,
 )
+from core.service import EventRefused, Gateway, listen
 from core.types import ChannelLayer
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.connection import UvicornServer
@@ -221,12 +220,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
                 raise StartupError(f"http_ws.app {self.settings.app!r}: {exc}") from exc
         self.control_channel = await self._new_reply_channel()
         self._live_channels.add(self.control_channel)
-        try:
-            await self.server.start()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
-            ) from exc
+        await listen(self.server.start, self.settings.host, self.settings.port)
         self.metrics.connected.set(1)
         self._tasks = [
             asyncio.create_task(self._sweep()),

@@ -56,10 +56,10 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 
+from core.config import MAX_EVENT_PAYLOAD
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
-from core.service import LAYER_ERRORS, describe_error, send_command
-from gateways.http_ws.config import MAX_PAYLOAD
+from core.retry import LAYER_ERRORS, describe_error, send_command
 from gateways.http_ws.translate import (
     ABORT,
     ACCEPT,
@@ -270,9 +270,9 @@ class _Held:
             self.accepted = True  # a send before the accept accepts (the gateway's spec)
             data = answer.get("text") or answer.get("bytes") or b""
             size = len(data)
-            if isinstance(data, str) and size * 4 > MAX_PAYLOAD:
+            if isinstance(data, str) and size * 4 > MAX_EVENT_PAYLOAD:
                 size = len(data.encode())  # UTF-8 may take up to 4 bytes a character
-            if size > MAX_PAYLOAD:
+            if size > MAX_EVENT_PAYLOAD:
                 self.host.metrics.dropped("frame_too_large")
                 log.warning(
                     "%s: the application sent a %d-byte frame, over what the layer carries: "

@@ -54,7 +54,8 @@ from irc.connection import AioFactory
 
 from core.client import ConnectFailed, ReconnectingClient
 from core.logs import clip, register_secret
-from core.service import Backoff, EventBuffer, Gateway, describe_error
+from core.retry import Backoff, describe_error
+from core.service import EventBuffer, Gateway
 from gateways.irc.config import IrcConfig
 from gateways.irc.translate import (
     cap_request,

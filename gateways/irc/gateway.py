@@ -61,15 +61,8 @@ from core.logs import RepeatFilter
 from core.metrics import REGISTRY
 from core.pacer import Pacer
 from core.redis import LayerRedis, RedisUnavailable, layer_redis
-from core.service import (
-    EventBuffer,
-    Gateway,
-    StartupError,
-    cancel_and_wait,
-    describe_error,
-    handles,
-    send_command,
-)
+from core.retry import StartupError, cancel_and_wait, describe_error, send_command
+from core.service import EventBuffer, Gateway, handles
 from core.types import ChannelLayer
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.connection import IrcConnection, NotConnected

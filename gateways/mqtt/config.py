@@ -6,8 +6,9 @@ from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 
-from core.config import CHANNEL_NAME, GatewayConfig, Section
+from core.config import GatewayConfig, Section
 from core.config import ReconnectConfig as SharedReconnectConfig
+from core.types import CHANNEL_NAME_RULE, is_channel_name
 from gateways.mqtt.translate import (
     PAYLOAD_FORMATS,
     RETAIN_HANDLING,
@@ -157,10 +158,8 @@ class SubscriptionConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> SubscriptionConfig:
         channel = self.channel
-        if channel is not None and (not CHANNEL_NAME.match(channel) or len(channel) >= 100):
-            raise ValueError(
-                "channel: must be letters, digits, '-', '_' or '.', under 100 characters"
-            )
+        if channel is not None and not is_channel_name(channel):
+            raise ValueError(f"channel: {CHANNEL_NAME_RULE}")
         if self.no_local and self.topic.startswith("$share/"):
             raise ValueError("no_local cannot be set on a shared subscription (MQTT 5 §3.8.3.1)")
         return self

@@ -34,12 +34,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import logging
+import os
+import re
+import secrets
 import socket
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final, Protocol
 
 from paho.mqtt.client import (
     MQTT_CLEAN_START_FIRST_ONLY,
@@ -59,16 +67,19 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from core.client import ClientListener, ClientState, ConnectFailed, ReconnectingClient
 from core.logs import clip
-from core.service import Backoff, EventBuffer, Gateway, describe_error
+from core.retry import Backoff, describe_error
+from core.service import EventBuffer, Gateway
 from gateways.mqtt.config import MqttConfig
-from gateways.mqtt.translate import new_properties
+from gateways.mqtt.translate import new_properties, topic_of
 
 __all__ = [
+    "ClientIdClaim",
     "ConnectionLost",
     "MqttConnection",
     "MqttListener",
     "NotConnected",
     "QueueFull",
+    "claim_client_id",
 ]
 
 #: how often loop_misc() runs: keep-alive pings are due at most this late
@@ -148,6 +159,52 @@ class _TrackingContext(ssl.SSLContext):
         sock = super().wrap_socket(*args, **kwargs)
         self.opened.append(sock)
         return sock
+
+
+@dataclass
+class ClientIdClaim:
+    """A client id, and the lock that keeps it this process's own (see
+    :func:`claim_client_id`; ``None`` for an id from the YAML). :meth:`release` at close."""
+
+    client_id: str
+    lock: IO[str] | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # the flock goes with it
+            self.lock = None
+
+
+def claim_client_id(name: str) -> ClientIdClaim:
+    """The default client id: ``NAME-HOSTNAME``, then ``-2``, ``-3`` … for more processes.
+
+    Stable across restarts, so the persistent session (and what the broker queued for it) is
+    found again. Two processes of one integration on one host must not share an id (the broker
+    would hand the session back and forth), so each holds an ``flock`` on a file named after its
+    id in the temporary directory; the lock goes with the process, and the claim returned here
+    must be kept (not released) for as long as the id is in use.
+    """
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", os.uname().nodename) or "host"
+    base = f"{name}-{host}"
+    directory = Path(tempfile.gettempdir()) / f"channels-gateways-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return ClientIdClaim(base)
+    for n in range(1, 100):
+        client_id = base if n == 1 else f"{base}-{n}"
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]
+        try:
+            handle = open(directory / f"mqtt-{digest}.lock", "a")  # noqa: SIM115 (kept open)
+        except OSError:
+            return ClientIdClaim(base)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        return ClientIdClaim(client_id, handle)
+    return ClientIdClaim(f"{base}-{secrets.token_hex(4)}")
 
 
 class MqttListener(ClientListener, Protocol):
@@ -617,7 +674,7 @@ class MqttConnection(ReconnectingClient):
         try:
             self.listener.mqtt_message(message, generation)
         except Exception:
-            topic = clip(message._topic.decode("utf-8", "replace"))
+            topic = clip(topic_of(message))
             self.log.exception("%s: error handling a message on %s", self.name, topic)
 
     def _on_publish(

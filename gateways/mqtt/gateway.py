@@ -12,27 +12,20 @@ nothing to withhold, wait in a bounded :class:`EventBuffer`.
 Hand-offs run in arrival order on one task, so consumers see a topic's messages in order and the
 acknowledgements leave in the order the messages came (MQTT 5 §4.6).
 
-Subscriptions: the YAML's are static; ``mqtt.subscribe`` adds run-time ones, kept in the store
-(a Redis hash with a Redis layer) and told to every replica. All of them are sent again after
-every reconnect, and ``/readyz`` is green only when the broker granted each one.
+Subscriptions (the YAML's, and run-time ones kept in a store and told to every replica) are
+:mod:`gateways.mqtt.subscriptions`; the default client id and its claim are in
+:mod:`gateways.mqtt.connection`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
-import os
-import re
-import secrets
-import tempfile
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import IO, Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final
 
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
@@ -41,28 +34,21 @@ from prometheus_client import Counter, Gauge
 from core.envelope import Command, CommandError
 from core.logs import clip
 from core.metrics import REGISTRY
-from core.service import (
-    HANDOFF_BATCH,
-    LAYER_ERRORS,
-    Backoff,
-    EventBuffer,
-    Gateway,
-    StartupError,
-    cancel_and_wait,
-    describe_error,
-    handles,
-)
+from core.retry import StartupError, cancel_and_wait
+from core.service import HANDOFF_BATCH, EventBuffer, Gateway, handles
 from core.types import ChannelLayer
 from gateways.mqtt.config import MqttGatewayConfig
 from gateways.mqtt.connection import (
+    ClientIdClaim,
     ConnectionLost,
     MqttConnection,
     NotConnected,
     QueueFull,
+    claim_client_id,
 )
-from gateways.mqtt.store import StoreError, open_store
+from gateways.mqtt.store import open_store
+from gateways.mqtt.subscriptions import Subscriptions, first_reason, within
 from gateways.mqtt.translate import (
-    BrokerSubscription,
     InvalidCommand,
     Route,
     SubscriptionTable,
@@ -70,14 +56,10 @@ from gateways.mqtt.translate import (
     parse_publish,
     parse_subscribe,
     parse_unsubscribe,
+    topic_of,
 )
 
-__all__ = ["MqttGateway", "claim_client_id"]
-
-T = TypeVar("T")
-
-#: seconds between renewals of this process's membership in the replicas group
-REJOIN_INTERVAL = 3600.0
+__all__ = ["MqttGateway"]
 #: ids of recently handed-off QoS 1/2 messages kept to count redeliveries as duplicates
 RECENT_IDS: Final = 20_000
 #: seconds between two WARNING lines about QoS 1/2 messages dropped beyond the hold
@@ -113,13 +95,6 @@ _BROKER_STORED = Gauge(
     registry=REGISTRY,
 )
 
-#: what a layer without working groups raises from group_add / group_send
-_GROUP_ERRORS: tuple[type[BaseException], ...] = (
-    *LAYER_ERRORS,
-    AttributeError,
-    NotImplementedError,
-)
-
 
 @dataclass
 class _Pending:
@@ -133,56 +108,6 @@ class _Pending:
     id: str | None = None
 
 
-@dataclass
-class _FilterState:
-    """The broker's answer to the latest SUBSCRIBE of one filter on the current connection."""
-
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
-    granted: int | None = None
-    refused: str | None = None
-
-    def reset(self) -> None:
-        self.granted = None
-        self.refused = None
-        self.settled.clear()
-
-
-def _reason(codes: list[ReasonCode]) -> ReasonCode | None:
-    return codes[0] if codes else None
-
-
-def claim_client_id(name: str) -> tuple[str, IO[str] | None]:
-    """The default client id: ``NAME-HOSTNAME``, then ``-2``, ``-3`` … for more processes.
-
-    Stable across restarts, so the persistent session (and what the broker queued for it) is
-    found again. Two processes of one integration on one host must not share an id (the broker
-    would hand the session back and forth), so each holds an ``flock`` on a file named after its
-    id in the temporary directory; the lock goes with the process, and the file returned here
-    must stay open for as long as the id is in use.
-    """
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", os.uname().nodename) or "host"
-    base = f"{name}-{host}"
-    directory = Path(tempfile.gettempdir()) / f"channels-gateways-{os.getuid()}"
-    try:
-        directory.mkdir(mode=0o700, exist_ok=True)
-    except OSError:
-        return base, None
-    for n in range(1, 100):
-        client_id = base if n == 1 else f"{base}-{n}"
-        digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]
-        try:
-            handle = open(directory / f"mqtt-{digest}.lock", "a")  # noqa: SIM115 (kept open)
-        except OSError:
-            return base, None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            continue
-        return client_id, handle
-    return f"{base}-{secrets.token_hex(4)}", None
-
-
 class MqttGateway(Gateway[MqttGatewayConfig]):
     """One broker connection per integration; see the module docstring."""
 
@@ -194,11 +119,13 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
     def __init__(self, config: MqttGatewayConfig, layer: ChannelLayer) -> None:
         super().__init__(config, layer)
         self.settings = settings = config.mqtt
-        self._id_lock: IO[str] | None = None
-        if settings.client_id:
-            self.client_id = settings.client_id
-        else:
-            self.client_id, self._id_lock = claim_client_id(config.name)
+        #: the client id, and with the default one the claim that keeps it this process's own
+        self._id_claim = (
+            ClientIdClaim(settings.client_id)
+            if settings.client_id
+            else claim_client_id(config.name)
+        )
+        self.client_id = self._id_claim.client_id
         self.default_channel = config.route("mqtt.message")
         self.table = SubscriptionTable(
             Route(
@@ -218,8 +145,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         self.connection = MqttConnection(
             self, settings, client_id=self.client_id, listener=self, events=self.buffer
         )
-        #: replicas of this integration listen here for mqtt.resync
-        self.replicas_group = f"{config.name}.gateways"
+        self.subscriptions = Subscriptions(
+            self, self.connection, self.table, self.store, spawn=self._spawn
+        )
         #: the hold: received QoS 1/2 messages not yet taken by the layer, unacknowledged
         self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
         #: QoS 1/2 messages received and not acknowledged yet (queued or being handed off)
@@ -244,28 +172,13 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         self._broker_dropped: int | None = None
         self._deferred_metric = _DEFERRED.labels(config.name)
         self._resumes_metric = _SESSION_RESUMES.labels(config.name)
-        self._filters: dict[str, _FilterState] = {}
-        self._changes = asyncio.Lock()
-        self._store_loaded = not self.store.persistent
-        #: filters removed while disconnected: a resumed session still has them at the broker
-        self._stale: set[str] = set()
         self._accepting = True
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self.store.persistent:
-            try:
-                await self._load_store()
-            except StoreError as exc:
-                self.log.warning(
-                    "%s: run-time subscriptions not loaded (%s); retrying in the background",
-                    self.name,
-                    exc,
-                )
-                self._spawn(self._load_store_until_done())
-            await self._join_replicas()
+        await self.subscriptions.open()
         try:
             await self.connection.start()
         except StartupError as exc:
@@ -274,7 +187,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.connection.close()
             await self.store.close()
-            self._release_client_id()
+            self._id_claim.release()
             raise StartupError(f"MQTT broker {exc}") from exc.__cause__
         if not self.settings.persistent_session:
             self.log.warning(
@@ -286,8 +199,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             )
         self.buffer.start()
         self._spawn(self._handoff_loop())
-        if self.store.persistent:
-            self._spawn(self._stay_in_replicas_group())
+        self.subscriptions.start()
         self.log.info(
             "%s: MQTT %s, client id %r, %d subscription(s), run-time subscriptions in %s",
             self.name,
@@ -310,33 +222,14 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         await self.buffer.flush(0)
         self._report_hold_drops()  # drops of the last second are not left unlogged at exit
         await self.connection.close()  # with the will first when will.on_stop
-        if self.store.persistent and self.reply_channel is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self.layer.group_discard(self.replicas_group, self.reply_channel), 2
-                )
-        await self.store.close()
-        self._release_client_id()
-
-    def _release_client_id(self) -> None:
-        if self._id_lock is not None:
-            self._id_lock.close()  # the flock goes with it
-            self._id_lock = None
+        await self.subscriptions.close()
+        self._id_claim.release()
 
     def held_messages(self) -> int:
         return self._held + len(self.buffer)
 
     def readiness(self) -> list[str]:
-        reasons = self.connection.readiness()
-        if self.connection.connected:
-            waiting = [f for f, s in self._filters.items() if not s.settled.is_set()]
-            if waiting:
-                reasons.append(f"waiting for SUBACK of {', '.join(map(repr, waiting[:5]))}")
-            for filter_, state in self._filters.items():
-                if state.refused is not None:
-                    reasons.append(f"subscription {filter_!r} refused: {state.refused}")
-        if not self._store_loaded:
-            reasons.append(f"run-time subscriptions not loaded from {self.store.description}")
+        reasons = self.connection.readiness() + self.subscriptions.readiness()
         if self._deferring:
             reasons.append(
                 "hold full (mqtt.max_pending): further QoS 1 messages wait at the broker, "
@@ -363,34 +256,28 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             "resumed" if session_present else "new",
             self.client_id,
         )
-        for sub in self.table.subscriptions():
-            self._send_subscribe(sub)
+        self.subscriptions.send_all()
         for topic in self._watch:
             with contextlib.suppress(NotConnected):
                 self.connection.subscribe(topic, 0).add_done_callback(
                     partial(self._watch_suback, topic)
                 )
-        stale, self._stale = self._stale, set()
-        for filter_ in stale - set(self.table.filters()):
-            with contextlib.suppress(NotConnected):
-                self.connection.unsubscribe(filter_)
+        self.subscriptions.send_stale()
         birth = self.settings.birth
         if birth is not None:
             with contextlib.suppress(NotConnected, QueueFull):
                 self.connection.publish(
                     birth.topic, birth.payload.encode(), birth.qos, birth.retain
                 )
-        if self.store.persistent and self._store_loaded:
-            self._spawn(self._resync_quietly())  # catch changes a replica made meanwhile
+        self.subscriptions.catch_up()  # changes a replica made meanwhile
 
     def client_disconnected(self, reason: str) -> None:
-        for state in self._filters.values():
-            state.reset()
+        self.subscriptions.disconnected()
 
     def _watch_suback(self, topic: str, future: asyncio.Future[list[ReasonCode]]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        reason = _reason(future.result())
+        reason = first_reason(future.result())
         if reason is not None and reason.is_failure:
             self.log.info(
                 "%s: the broker refused %s (%s): its drop counter is not watched",
@@ -422,7 +309,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
 
     def mqtt_message(self, message: MQTTMessage, generation: int) -> None:
         if self._watch and message.qos == 0:
-            topic = message._topic.decode("utf-8", "replace")
+            topic = topic_of(message)
             if topic in self._watch:
                 self._broker_counter(topic, bytes(message.payload))
                 if not self.table.match(topic):
@@ -574,163 +461,10 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                     self._recent.popitem(last=False)
             self.connection.ack(item.mid, item.qos, item.generation)
 
-    # -- subscriptions ------------------------------------------------------------------------
-
-    def _send_subscribe(self, sub: BrokerSubscription) -> _FilterState:
-        state = self._filters.setdefault(sub.filter, _FilterState())
-        state.reset()
-        try:
-            future = self.connection.subscribe(
-                sub.filter,
-                sub.qos,
-                identifier=sub.identifier,
-                no_local=sub.no_local,
-                retain_as_published=sub.retain_as_published,
-                retain_handling=sub.retain_handling,
-            )
-        except NotConnected:
-            return state  # sent with all the others on the next connect
-        future.add_done_callback(partial(self._suback, sub.filter, state))
-        return state
-
-    def _suback(
-        self, filter_: str, state: _FilterState, future: asyncio.Future[list[ReasonCode]]
-    ) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return  # the connection closed first; every subscription is sent again on connect
-        if self._filters.get(filter_) is not state:
-            return  # unsubscribed meanwhile
-        reason = _reason(future.result())
-        if reason is None or reason.is_failure:
-            state.refused = reason.getName() if reason is not None else "no reason code"
-            self.metrics.error("subscribe")
-            self.log.error(
-                "%s: the broker refused the subscription %s: %s",
-                self.name,
-                clip(filter_),
-                state.refused,
-            )
-        else:
-            state.granted = int(reason.value)
-            wanted = self.table.subscription(filter_)
-            if wanted is not None and state.granted < wanted.qos:
-                self.log.info(
-                    "%s: %s granted at QoS %d (asked for %d)",
-                    self.name,
-                    clip(filter_),
-                    state.granted,
-                    wanted.qos,
-                )
-        state.settled.set()
-
-    async def _send_unsubscribe(self, filter_: str, deadline: float) -> None:
-        self._filters.pop(filter_, None)
-        try:
-            future = self.connection.unsubscribe(filter_)
-        except NotConnected:
-            self._stale.add(filter_)  # sent on the next connect, when the session may be back
-            return
-        with contextlib.suppress(TimeoutError, ConnectionLost):
-            reason = _reason(await self._until(asyncio.shield(future), deadline))
-            if reason is not None and reason.is_failure:
-                self.log.warning(
-                    "%s: the broker refused to unsubscribe %s: %s",
-                    self.name,
-                    clip(filter_),
-                    reason.getName(),
-                )
-
-    async def _load_store(self) -> None:
-        routes = await self.store.load()
-        async with self._changes:
-            self._apply(routes)
-        self._store_loaded = True
-
-    async def _load_store_until_done(self) -> None:
-        backoff = Backoff(1.0, 30.0)
-        while not self._store_loaded:
-            await asyncio.sleep(backoff.next())
-            try:
-                await self._load_store()
-            except StoreError as exc:
-                self.log.warning("%s: run-time subscriptions still not loaded: %s", self.name, exc)
-            else:
-                self.log.info("%s: run-time subscriptions loaded", self.name)
-
-    def _apply(self, routes: list[Route]) -> int:
-        """Make the table's run-time routes equal ``routes``; tell the broker what changed."""
-        wanted = {(r.filter, r.channel): r for r in routes if not self._is_static(r)}
-        current = {(r.filter, r.channel): r for r in self.table.routes() if not r.static}
-        touched: set[str] = set()
-        for key, route in current.items():
-            if key not in wanted:
-                self.table.remove(route.filter, route.channel)
-                touched.add(route.filter)
-        for key, route in wanted.items():
-            if current.get(key) != route and self.table.add(route):
-                touched.add(route.filter)
-        for filter_ in touched:
-            sub = self.table.subscription(filter_)
-            if sub is not None:
-                self._send_subscribe(sub)
-            else:
-                loop = asyncio.get_running_loop()
-                self._spawn(
-                    self._send_unsubscribe(filter_, loop.time() + self.settings.command_timeout)
-                )
-        return len(wanted)
-
-    def _is_static(self, route: Route) -> bool:
-        existing = self.table.find(route.filter, route.channel)
-        return existing is not None and existing.static
-
-    async def _resync_quietly(self) -> None:
-        try:
-            await self._load_store()
-        except StoreError as exc:
-            self.log.warning("%s: could not re-read run-time subscriptions: %s", self.name, exc)
-
-    async def _stay_in_replicas_group(self) -> None:
-        # channels_redis forgets group members after group_expiry (a day by default)
-        while True:
-            await asyncio.sleep(REJOIN_INTERVAL)
-            await self._join_replicas()
-
-    async def _join_replicas(self) -> None:
-        assert self.reply_channel is not None
-        try:
-            await asyncio.wait_for(self.layer.group_add(self.replicas_group, self.reply_channel), 5)
-        except _GROUP_ERRORS as exc:
-            self.log.warning(
-                "%s: cannot join group %r (%s): run-time subscriptions reach other replicas only "
-                "when they reconnect",
-                self.name,
-                self.replicas_group,
-                describe_error(exc),
-            )
-
-    async def _notify_replicas(self) -> None:
-        if not self.store.persistent:
-            return
-        try:
-            await asyncio.wait_for(
-                self.layer.group_send(self.replicas_group, {"type": "mqtt.resync"}), 5
-            )
-        except _GROUP_ERRORS as exc:
-            self.log.warning(
-                "%s: could not tell the other replicas (%s); they catch up when they reconnect",
-                self.name,
-                describe_error(exc),
-            )
-
     # -- commands -----------------------------------------------------------------------------
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.settings.command_timeout
-
-    async def _until(self, awaitable: Awaitable[T], deadline: float) -> T:
-        remaining = deadline - asyncio.get_running_loop().time()
-        return await asyncio.wait_for(awaitable, max(0.0, remaining))
 
     async def _wait_connected(self, deadline: float) -> None:
         if not self.connection.connected:
@@ -762,7 +496,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         except (NotConnected, QueueFull) as exc:
             raise CommandError(f"cannot publish: {exc}") from None
         try:
-            reason = await self._until(asyncio.shield(done), deadline)
+            reason = await within(asyncio.shield(done), deadline)
         except TimeoutError:
             raise CommandError(
                 f"no acknowledgement from the broker within {self.settings.command_timeout:g} s "
@@ -786,62 +520,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             )
         except InvalidCommand as exc:
             raise CommandError(str(exc)) from None
-        deadline = self._deadline()
-        async with self._changes:
-            previous = self.table.find(route.filter, route.channel)
-            if previous is not None and previous.static:
-                raise CommandError(
-                    f"{clip(route.filter)} → {route.channel!r} is a static subscription (YAML)"
-                )
-            try:
-                await self.store.save(route)
-            except StoreError as exc:
-                raise CommandError(f"cannot store the subscription: {exc}") from None
-            changed = self.table.add(route)
-            state = self._filters.get(route.filter)
-            sub = self.table.subscription(route.filter)
-            assert sub is not None
-            if changed or state is None or state.refused is not None:
-                state = self._send_subscribe(sub)
-        self.log.info(
-            "%s: run-time subscription %s (QoS %d) → %r",
-            self.name,
-            clip(route.filter),
-            route.qos,
-            route.channel,
-        )
-        try:
-            await self._until(state.settled.wait(), deadline)
-        except TimeoutError:
-            why = self.connection.last_error or "no SUBACK"
-            raise CommandError(
-                f"the broker did not confirm {clip(route.filter)} within "
-                f"{self.settings.command_timeout:g} s ({why}); the subscription is kept and "
-                "sent again on every reconnect"
-            ) from None
-        if state.refused is not None:
-            refused = state.refused
-            async with self._changes:
-                self.table.remove(route.filter, route.channel)
-                if previous is not None:
-                    self.table.add(previous)
-                with contextlib.suppress(StoreError):
-                    if previous is not None:
-                        await self.store.save(previous)
-                    else:
-                        await self.store.delete(route.filter, route.channel)
-                if route.filter not in self.table:
-                    self._filters.pop(route.filter, None)
-            raise CommandError(
-                f"the broker refused the subscription {clip(route.filter)}: {refused}"
-            )
-        await self._notify_replicas()
-        return {
-            "topic": route.filter,
-            "channel": route.channel,
-            "qos": route.qos,
-            "granted_qos": state.granted,
-        }
+        return await self.subscriptions.subscribe(route, self._deadline())
 
     @handles("mqtt.unsubscribe")
     async def handle_unsubscribe(self, command: Command) -> dict[str, Any]:
@@ -850,44 +529,9 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             action = parse_unsubscribe(command.body)
         except InvalidCommand as exc:
             raise CommandError(str(exc)) from None
-        deadline = self._deadline()
-        async with self._changes:
-            routes = self.table.routes(action.filter)
-            doomed = [r for r in routes if not r.static and action.channel in (None, r.channel)]
-            if not doomed and any(r.static and action.channel in (None, r.channel) for r in routes):
-                raise CommandError(
-                    f"{clip(action.filter)} is a static subscription: remove it from the YAML"
-                )
-            try:
-                for route in doomed:
-                    await self.store.delete(route.filter, route.channel)
-            except StoreError as exc:
-                raise CommandError(f"cannot update the stored subscriptions: {exc}") from None
-            before = self.table.subscription(action.filter)
-            self.table.remove(action.filter, action.channel)
-            after = self.table.subscription(action.filter)
-            if doomed and after is None:
-                await self._send_unsubscribe(action.filter, deadline)
-            elif after is not None and after != before:
-                self._send_subscribe(after)
-        if doomed:
-            self.log.info(
-                "%s: removed %d run-time subscription(s) of %s",
-                self.name,
-                len(doomed),
-                clip(action.filter),
-            )
-            await self._notify_replicas()
-        return {"topic": action.filter, "removed": len(doomed)}
+        return await self.subscriptions.unsubscribe(action, self._deadline())
 
     @handles("mqtt.resync")
     async def handle_resync(self, command: Command) -> dict[str, Any]:
         """``mqtt.resync`` (internal): re-read run-time subscriptions from the store."""
-        try:
-            routes = await self.store.load()
-        except StoreError as exc:
-            raise CommandError(str(exc)) from None
-        async with self._changes:
-            count = self._apply(routes)
-        self._store_loaded = True
-        return {"subscriptions": count}
+        return await self.subscriptions.resync()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from typing import Any, Final, cast
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from core.types import is_channel_name
 
 __all__ = [
     "MAX_SUBSCRIPTION_ID",
@@ -67,6 +68,7 @@ __all__ = [
     "split_shared",
     "subscription_identifiers",
     "topic_matches",
+    "topic_of",
     "validate_channel",
     "validate_filter",
     "validate_topic",
@@ -86,8 +88,6 @@ _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
 #: msgpack refuses more than 511 nesting levels; keep well clear of it and of Python's stack
 _MAX_DEPTH: Final = 100
-#: what channels accepts (BaseChannelLayer.channel_name_regex) minus process-specific ``!`` names
-_CHANNEL: Final = re.compile(r"^[a-zA-Z\d\-_.]+$")
 
 #: event key → paho ``Properties`` attribute, for the properties a consumer may see and set
 _PROPERTIES: Final = {
@@ -209,7 +209,7 @@ def topic_matches(filter_: str, topic: str) -> bool:
 
 def validate_channel(value: object) -> str:
     """Return ``value`` if it is a named channel a worker can listen on; raise ``ValueError``."""
-    if not isinstance(value, str) or not _CHANNEL.match(value) or len(value) >= 100:
+    if not is_channel_name(value):
         raise InvalidCommand(
             "channel must be a channel name (letters, digits, '-', '_', '.'; under 100 "
             "characters); process-specific '!' channels die with their process and cannot "
@@ -654,7 +654,8 @@ class Inbound:
     too_large: bool = False
 
 
-def _topic_of(message: MQTTMessage) -> str:
+def topic_of(message: MQTTMessage) -> str:
+    """The message's topic as text; an undecodable byte becomes U+FFFD instead of raising."""
     try:
         return message.topic
     except UnicodeDecodeError:
@@ -680,7 +681,7 @@ def inbound_message(
     matches (queued in a persistent session before its subscription was removed) goes to
     ``default_channel`` with ``subscription: None``.
     """
-    topic = _topic_of(message)
+    topic = topic_of(message)
     payload = bytes(message.payload)
     properties = properties_to_dict(message.properties)
     qos = int(message.qos)

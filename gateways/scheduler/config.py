@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from core.config import GatewayConfig, Section, YamlType
+from core.types import check_channel_name
 from gateways.scheduler.translate import (
     Overlap,
     Policy,
@@ -132,14 +133,7 @@ class ScheduleConfig(Section):
             raise ValueError("must be longer than 0 s")
         return value
 
-    @field_validator("channel")
-    @classmethod
-    def _channel(cls, value: str | None) -> str | None:
-        from core.config import CHANNEL_NAME
-
-        if value is not None and not CHANNEL_NAME.match(value):
-            raise ValueError("must be letters, digits, '-', '_' or '.'")
-        return value
+    _check_channel = field_validator("channel")(check_channel_name)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ScheduleConfig:

@@ -51,7 +51,8 @@ from core.clock import LOOP_CLOCK, Clock
 from core.envelope import Command, CommandError, check_payload
 from core.metrics import REGISTRY
 from core.redis import layer_redis
-from core.service import Backoff, EventRefused, Gateway, StartupError, cancel_and_wait, handles
+from core.retry import Backoff, StartupError, cancel_and_wait
+from core.service import EventRefused, Gateway, handles
 from core.types import ChannelLayer
 from gateways.scheduler.config import SchedulerGatewayConfig
 from gateways.scheduler.connection import (

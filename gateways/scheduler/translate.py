@@ -49,6 +49,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from core.types import check_channel_name
+
 __all__ = [
     "DEFAULT_TYPE",
     "REQUEST_ID",
@@ -360,7 +362,7 @@ def spec_from_command(
     if len(kinds) != 1:
         raise ScheduleError("", "give exactly one of in, at, cron, every")
     timezone = get("timezone", _str_check(check_timezone)) or "UTC"
-    channel = get("channel", _str_check(_channel_name)) or default_channel
+    channel = get("channel", _str_check(check_channel_name)) or default_channel
     message = get("message", check_message)
     typed = message is not None and "type" in message
     values: dict[str, Any] = {
@@ -597,12 +599,6 @@ def _str_check(check: Any) -> Any:
         return check(value)
 
     return run
-
-
-def _channel_name(value: str) -> str:
-    if not re.match(r"^[a-zA-Z\d\-_.]{1,99}$", value):
-        raise ValueError("must be letters, digits, '-', '_' or '.', under 100 characters")
-    return value
 
 
 def _policy(value: Any) -> Policy:

@@ -37,7 +37,7 @@ from prometheus_client import Counter, Histogram
 
 from core.envelope import CommandError, parse_command, result_message
 from core.metrics import REGISTRY
-from core.service import LAYER_ERRORS, describe_error, send_command
+from core.retry import LAYER_ERRORS, describe_error, send_command
 from gateways.slack.config import AnswersConfig
 from gateways.slack.dedup import TtlMemory
 from gateways.slack.translate import InvalidCommand, parse_ack

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from core.config import MAX_MESSAGE_BYTES, GatewayConfig, Section
+from core.config import MAX_EVENT_PAYLOAD, MAX_MESSAGE_BYTES, GatewayConfig, Section
 
 __all__ = [
     "AnswersConfig",
@@ -19,8 +19,6 @@ __all__ = [
     "SlackGatewayConfig",
 ]
 
-#: a layer message stays under 1 MiB (DESIGN §3); the envelope needs room too
-MAX_BODY = 1024 * 1024 - 64 * 1024
 #: Socket Mode frames: what is read by default, and at most
 FRAME_SIZE = 4 * 1024 * 1024
 MAX_FRAME_SIZE = 64 * 1024 * 1024
@@ -50,7 +48,7 @@ class EventsApiConfig(Section):
     max_body_size: int = Field(
         default=256 * 1024,
         gt=0,
-        le=MAX_BODY,
+        le=MAX_EVENT_PAYLOAD,
         description="Bytes per request body; larger is answered 413 before it is read.",
     )
     max_age: int = Field(

@@ -63,7 +63,8 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.frames import CloseCode
 
 from core.client import ClientListener, ConnectFailed, ReconnectingClient
-from core.service import Backoff, EventBuffer, Gateway, cancel_and_wait, describe_error
+from core.retry import Backoff, cancel_and_wait, describe_error
+from core.service import EventBuffer, Gateway
 from gateways.slack.config import SlackConfig
 from gateways.slack.translate import (
     Ack,

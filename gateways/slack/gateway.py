@@ -56,16 +56,8 @@ from core.envelope import Command, CommandError
 from core.logs import RepeatFilter
 from core.pacer import Pacer
 from core.redis import layer_redis
-from core.service import (
-    Backoff,
-    EventBuffer,
-    EventRefused,
-    Gateway,
-    StartupError,
-    cancel_and_wait,
-    describe_error,
-    handles,
-)
+from core.retry import Backoff, StartupError, cancel_and_wait, describe_error
+from core.service import EventBuffer, EventRefused, Gateway, handles
 from core.types import ChannelLayer
 from gateways.slack.answers import Answers
 from gateways.slack.config import SlackGatewayConfig

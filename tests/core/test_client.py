@@ -26,7 +26,8 @@ from core.client import (
     ReconnectingClient,
 )
 from core.config import GatewayConfig
-from core.service import Backoff, EventBuffer, Gateway, StartupError
+from core.retry import Backoff, StartupError
+from core.service import EventBuffer, Gateway
 from core.testing import free_port, metric
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,10 +12,10 @@ from channels_redis.core import RedisChannelLayer
 from core.layers import (
     LayerPathError,
     channel_layer_settings,
-    describe_layer,
     is_memory_layer,
     resolve_layer,
 )
+from core.logs import describe_layer
 from core.streams import StreamsChannelLayer
 from core.testing import RedisServer
 

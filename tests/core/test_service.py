@@ -18,7 +18,8 @@ from core.envelope import MAX_MESSAGE_BYTES, Command, CommandError
 from core.health import HealthServer
 from core.layers import resolve_layer
 from core.metrics import REGISTRY
-from core.service import Backoff, EventBuffer, EventRefused, Gateway, cancel_and_wait, handles
+from core.retry import Backoff, cancel_and_wait
+from core.service import EventBuffer, EventRefused, Gateway, handles
 from core.testing import RedisServer, inject_undecodable, metric, until
 
 
@@ -153,6 +154,11 @@ def test_subclasses_inherit_and_extend_the_registry() -> None:
         "echo.shout": "shout",
     }
     assert "echo.shout" not in EchoGateway.commands
+
+
+async def test_each_gateway_binds_its_handlers_once(echo: EchoGateway) -> None:
+    assert set(echo.handlers) == set(EchoGateway.commands)
+    assert echo.handlers["echo.say"] == echo.handle_say  # bound to this gateway
 
 
 async def test_command_without_result_channel_and_non_dict(echo: EchoGateway) -> None:

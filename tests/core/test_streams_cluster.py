@@ -19,7 +19,7 @@ from redis.crc import key_slot
 
 from core.layers import LayerPathError, channel_layer_settings, resolve_layer
 from core.metrics import REGISTRY
-from core.service import LAYER_ERRORS, send_command
+from core.retry import LAYER_ERRORS, send_command
 from core.streams import LayerUnavailable, StreamsChannelLayer
 from core.testing import RedisClusterServers, until
 from core.worker import ConsumerWorker, RetryPolicy

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from core.layers import resolve_layer
-from core.service import send_command
+from core.retry import send_command
 from core.testing import DjangoWorker, GatewayProcess, RedisServer, until
 from core.testing.base import ManagedProcess
 from core.worker import DEAD_LETTER_TYPE

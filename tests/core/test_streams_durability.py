@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from core.layers import resolve_layer
-from core.service import LAYER_ERRORS, send_command
+from core.retry import LAYER_ERRORS, send_command
 from core.streams import NotReplicated, StreamsChannelLayer
 from core.testing import ReplicatedRedis, until
 

@@ -16,7 +16,7 @@ from channels.layers import InMemoryChannelLayer
 
 from core.consumers import Commands, InvalidCommand
 from core.service import Gateway
-from gateways import REGISTRY
+from gateways import GATEWAYS
 from tests.gateways.conftest import nothing_sent
 
 LAYER = InMemoryChannelLayer()
@@ -43,7 +43,7 @@ COMMANDS = {
 
 
 def gateway_class(proto: str) -> type[Gateway[Any]]:
-    module, _, name = REGISTRY[proto].partition(":")
+    module, _, name = GATEWAYS[proto].partition(":")
     cls: type[Gateway[Any]] = getattr(importlib.import_module(module), name)
     return cls
 
@@ -72,7 +72,7 @@ def test_the_helpers_know_every_command_the_gateway_takes(proto: str) -> None:
 
 
 def test_every_gateway_has_its_helpers() -> None:
-    assert set(COMMANDS) | {"http_ws"} == set(REGISTRY)
+    assert set(COMMANDS) | {"http_ws"} == set(GATEWAYS)
 
 
 HOOK = "https://hooks.slack.com/commands/1"

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 from core.layers import resolve_layer
-from core.service import send_command
+from core.retry import send_command
 from core.testing import (
     EXAMPLES,
     ROOT,

@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateways import REGISTRY, require_own_core
+from gateways import GATEWAYS, require_own_core
 
 
 class Command(BaseCommand):
@@ -43,6 +43,6 @@ class Command(BaseCommand):
             argv += ["--app", f"{module}:{attr}"]
         else:
             argv.append("--no-consumers")
-        code = run_main(REGISTRY, argv)
+        code = run_main(GATEWAYS, argv)
         if code:
             raise CommandError(f"rungateway exited with code {code}", returncode=code)

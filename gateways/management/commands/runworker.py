@@ -57,7 +57,7 @@ class Command(ChannelsRunworker):
     def handle(self, *args: Any, **options: Any) -> None:
         require_own_core()  # a project app named "core" hides ours: say so in one line
         from core.logs import setup_logging
-        from core.service import StartupError
+        from core.retry import StartupError
         from core.worker import ConsumerWorker, RetryPolicy
         from core.worker_health import HealthSettings
 

@@ -31,7 +31,6 @@ import dkim
 import pytest
 
 from core.testing import Certs, GatewayProcess, RedisServer, SmtpSink, until
-from core.testing.dns import DkimKey, DnsServer, dkim_key
 from gateways.email.gateway import EmailGateway
 from tests.gateways.email.test_gateway import (
     HOST,
@@ -45,6 +44,7 @@ from tests.gateways.email.test_gateway import (
 )
 from tests.gateways.email.test_hostile import banner, email_process, send_raw_mail
 from tests.gateways.email.test_hostile import processes as processes_fixture
+from tests.support.dns import DkimKey, DnsServer, dkim_key
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -34,7 +34,7 @@ from channels.layers import InMemoryChannelLayer
 from core import testing
 from core.envelope import MAX_MESSAGE_BYTES, check_payload
 from core.layers import resolve_layer
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import Certs, RedisServer, SmtpSink, make_certs, run_gateway
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.gateway import EmailGateway

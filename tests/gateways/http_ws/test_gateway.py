@@ -17,8 +17,9 @@ from channels.layers import InMemoryChannelLayer
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.layers import resolve_layer
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import Certs, RedisServer, free_port, metric, run_gateway
+from core.testing import receive as next_message
 from gateways.http_ws.config import HttpWsGatewayConfig
 from gateways.http_ws.gateway import HttpWsGateway
 
@@ -39,7 +40,7 @@ def config(port: int, **section: Any) -> HttpWsGatewayConfig:
 
 
 async def receive(layer: Any, channel: str = "web", timeout: float = 10) -> dict[str, Any]:
-    return dict(await asyncio.wait_for(layer.receive(channel), timeout))
+    return await next_message(layer, channel, timeout=timeout)
 
 
 async def open_ws(url: str, **kwargs: Any) -> websockets.ClientConnection:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import WAIT, GatewayProcess, NgircdServer, RedisServer, command, metric
 from gateways.irc.config import IrcGatewayConfig
 from gateways.irc.gateway import IrcGateway

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.layers import resolve_layer
-from core.service import LAYER_ERRORS
+from core.retry import LAYER_ERRORS
 from core.testing import ROOT, STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, until
 from tests.gateways.mqtt.conftest import (
     TIMEOUT,

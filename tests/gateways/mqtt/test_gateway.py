@@ -15,7 +15,7 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.layers import resolve_layer
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import MosquittoServer, RedisServer, make_certs, metric, receive, until
 from tests.conftest import MQTT_USER, missing
 from tests.gateways.mqtt.conftest import (

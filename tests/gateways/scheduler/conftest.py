@@ -73,11 +73,6 @@ async def cursor(redis_url: str, name: str, schedule: str) -> float | None:
     return None if value is None else float(value)
 
 
-async def receive(layer: Any, channel: str, timeout: float = WAIT) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), timeout)
-    return message
-
-
 async def start(directory: Path, cfg: dict[str, Any]) -> GatewayProcess:
     process = GatewayProcess.from_config(directory, cfg)
     await asyncio.to_thread(process.start)

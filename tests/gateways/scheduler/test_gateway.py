@@ -17,14 +17,13 @@ from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.service import StartupError
-from core.testing import RedisServer, command, metric, run_gateway, until
+from core.retry import StartupError
+from core.testing import RedisServer, command, metric, receive, run_gateway, until
 from gateways.scheduler.config import SchedulerGatewayConfig
 from gateways.scheduler.gateway import SchedulerGateway
 from tests.gateways.scheduler.conftest import (
     ShiftedClock,
     cursor,
-    receive,
     running,
     scheduler_config,
 )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from core.testing import ROOT, WAIT, GatewayProcess, run_gateway
+from core.testing import ROOT, GatewayProcess, receive, run_gateway
 from core.testing.slack import FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
@@ -63,10 +63,7 @@ async def running(
 
 async def next_event(layer: Any, type_: str, on: str = "team", **keys: Any) -> dict[str, Any]:
     """The next event of ``type_`` (with ``keys``) on layer channel ``on``; others skipped."""
-    while True:
-        message: dict[str, Any] = await asyncio.wait_for(layer.receive(on), WAIT)
-        if message["type"] == type_ and all(message.get(k) == v for k, v in keys.items()):
-            return message
+    return await receive(layer, on, type_, **keys)
 
 
 @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from core.layers import resolve_layer
-from core.service import StartupError
+from core.retry import StartupError
 from core.testing import RedisServer, free_port, metric, run_gateway
 from core.testing.slack import EventsApiClient, FakeSlack
 from gateways.slack.config import SlackGatewayConfig

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from core.layers import resolve_layer
-from core.service import LAYER_ERRORS
+from core.retry import LAYER_ERRORS
 from core.testing import RedisServer, metric, run_gateway, until
 from core.testing.slack import BOT_ID, BOT_USER, FakeSlack
 from gateways.slack.config import SlackGatewayConfig
