@@ -126,6 +126,8 @@ class Run:
     rate: float = math.nan
     #: CPU seconds per message by process kind (gateway, worker, redis, broker / clients)
     cpu: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds of every process on the path ÷ wall seconds, gateways up → last handled
+    busy: float = math.nan
     #: inbound events each gateway handed to the layer (its gateway_events_total)
     split: list[int] = field(default_factory=list)
     error: str = ""
@@ -159,9 +161,37 @@ class Row:
     def rate(self) -> float:
         return statistics.median(self.rates) if self.rates else math.nan
 
+    @property
+    def busy(self) -> float:
+        values = [r.busy for r in self.runs if not math.isnan(r.busy)]
+        return statistics.median(values) if values else math.nan
+
     def cpu(self, kind: str) -> float:
         values = [r.cpu[kind] for r in self.runs if not math.isnan(r.cpu.get(kind, math.nan))]
         return statistics.median(values) if values else math.nan
+
+
+class TimedSample(Sample):
+    """A :class:`Sample` that also notes when its first and last readings were taken."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.started = self.ended = math.nan
+
+    def take(self) -> None:
+        super().take()
+        self.ended = time.monotonic()
+        if math.isnan(self.started):
+            self.started = self.ended
+
+    def busy(self, extra: float) -> float:
+        """CPU seconds of the sampled processes, plus ``extra``, ÷ the wall seconds between
+        the first and the last reading: how many CPUs the path kept busy."""
+        wall = self.ended - self.started
+        if not wall > 0:
+            return math.nan
+        spent = sum(self.last[n] - self.first[n] for n in self.first if n in self.last)
+        return (spent + extra) / wall
 
 
 def kind_cpu(sample: Sample, kind: str, messages: int) -> float:
@@ -203,7 +233,7 @@ class Fleet:
             for _ in range(workers)
         ]
         bench.logs += [w.log for w in procs]
-        sample = Sample({})
+        sample = TimedSample()
         records: list[tuple[str, float, int]] = []
         worker_cpu = 0.0
         split: list[int] = []
@@ -270,7 +300,7 @@ class Fleet:
         half = a.clients // 2
         per_client = a.mails // a.clients
         run = Run(2 * half * (per_client + WARMUP_PER_CLIENT))
-        sample = Sample({})
+        sample = TimedSample()
         records: list[tuple[str, float, int]] = []
         data: list[dict[str, Any]] = []
         worker_cpu = 0.0
@@ -306,6 +336,7 @@ class Fleet:
         if data:
             spent = sum(float(d["cpu"]) * len(d["records"]) for d in data)
             run.cpu["clients"] = spent / max(1, sum(len(d["records"]) for d in data))
+            run.busy = sample.busy(worker_cpu + spent)
         return run
 
     @staticmethod
@@ -329,7 +360,8 @@ class Fleet:
             run.error = run.error or f"{acknowledged} of {run.sent} mails answered 250"
 
     @staticmethod
-    def _cpu(run: Run, sample: Sample, worker_cpu: float, other: str) -> None:
+    def _cpu(run: Run, sample: TimedSample, worker_cpu: float, other: str) -> None:
+        run.busy = sample.busy(worker_cpu)
         for kind in ("gateway", "redis", "broker"):
             run.cpu[kind] = kind_cpu(sample, kind, run.distinct)
         run.cpu["worker"] = worker_cpu / run.distinct if run.distinct > 1 else math.nan
@@ -476,6 +508,7 @@ HEADER = [
     "broker / clients CPU ms/msg",
     "all CPU ms/msg",
     "CPU bound msgs/s",
+    "CPUs busy",
 ]
 
 
@@ -551,13 +584,15 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 _ms(row.cpu(other)),
                 _ms(total),
                 "-" if math.isnan(total) else f"{nproc / total:,.0f}",
+                "-" if math.isnan(row.busy) else f"{row.busy:.2f}",
             ]
         )
     return out
 
 
-def analysis(rows: list[Row]) -> list[str]:
-    """Per protocol and layer: the curve, where it flattens, and the CPU arithmetic."""
+def analysis(rows: list[Row], loads: tuple[str, str] | None = None) -> list[str]:
+    """Per protocol and layer: the curve, where it flattens, and the CPU arithmetic that says
+    why; then the machine's load, which sets how much of the CPUs the run had."""
     nproc = int(machine()["nproc"])
     lines = []
     groups: dict[tuple[str, str], list[Row]] = {}
@@ -567,37 +602,48 @@ def analysis(rows: list[Row]) -> list[str]:
         base = group[0]
         if math.isnan(base.rate):
             continue
-        steps = [f"{r.gateways}+{r.workers}: {r.rate:,.0f}/s" for r in group]
+        steps = [f"{base.gateways}+{base.workers}: {base.rate:,.0f}/s"]
+        steps += [
+            f"{r.gateways}+{r.workers}: {r.rate:,.0f}/s ({ratio(r, base):.2f}x)" for r in group[1:]
+        ]
         flat = next(
             (cur for prev, cur in itertools.pairwise(group) if not cur.rate > FLAT * prev.rate),
             None,
         )
-        best = max(group, key=lambda r: r.rate if not math.isnan(r.rate) else -1.0)
         text = f"- {protocol} on {label}: " + ", ".join(steps) + ". "
         if flat is None:
             text += f"Every step added more than {FLAT - 1:.0%}. "
         else:
             text += (
-                f"Flat from {flat.gateways}+{flat.workers} on (a step of less than "
-                f"{FLAT - 1:.0%}); best {best.gateways}+{best.workers}, "
-                f"{ratio(best, base) if best is not base else 1.0:.2f}x the 1+1 row. "
+                f"The curve flattens at {flat.gateways}+{flat.workers} (the first step that "
+                f"added less than {FLAT - 1:.0%}). "
             )
         total = all_cpu(base)
         if not math.isnan(total):
-            used = base.rate * total / nproc
+            other = "broker" if protocol == "MQTT" else "clients"
+            names = {"redis": "Redis", "broker": "mosquitto", "clients": "SMTP clients"}
+            parts = [
+                f"{names.get(kind, kind)} {base.cpu(kind) / total:.0%}"
+                for kind in ("gateway", "worker", "redis", other)
+                if not math.isnan(base.cpu(kind))
+            ]
+            busy = [f"{r.gateways}+{r.workers} {r.busy:.2f}" for r in group]
             text += (
-                f"Every process on the path together costs {total * 1000:.3f} ms of CPU per "
-                f"message at 1+1, so {nproc} CPUs carry at most {nproc / total:,.0f} msgs/s; "
-                f"the 1+1 row already kept {used:.0%} of them busy"
+                f"Why: at 1+1 the path costs {total * 1000:.3f} ms of CPU per message over all "
+                f"its processes ({', '.join(parts)}), so {nproc} CPUs carry at most "
+                f"{nproc / total:,.0f} msgs/s, and the rows kept this many CPUs busy: "
+                f"{', '.join(busy)}. More processes can add rate only while CPUs are idle; "
+                "past that they add per-process overhead (all CPU per message: "
+                + ", ".join(f"{r.gateways}+{r.workers} {all_cpu(r) * 1000:.3f} ms" for r in group)
+                + ")."
             )
-            gateway, worker = base.cpu("gateway"), base.cpu("worker")
-            if not (math.isnan(gateway) or math.isnan(worker)):
-                text += (
-                    f" (its gateway alone {gateway * base.rate:.0%} of one CPU, its worker "
-                    f"{worker * base.rate:.0%})"
-                )
-            text += ". "
-        lines.append(text.rstrip() + "")
+        lines.append(text.rstrip())
+    if loads is not None:
+        lines.append(
+            f"- The machine was shared: 1, 5 and 15-minute load averages {loads[0]} when the run "
+            f"started, {loads[1]} when it ended, on {nproc} CPUs, so this run had less than "
+            f"{nproc} CPUs to itself and the *CPU bound* column is a ceiling it could not reach."
+        )
     return lines
 
 
@@ -638,7 +684,7 @@ def markdown(
         "",
         markdown_table(HEADER, table_rows(rows)),
         "",
-        *analysis(rows),
+        *analysis(rows, loads),
         *[f"- {line}" for line in skipped],
         "",
         "How to read it (details in the docstring of `bench/fleet.py`): every actor is its own "
@@ -655,7 +701,9 @@ def markdown(
         "the gateways drain at once) to the last handled message ÷ messages; *all* is their "
         "sum and *CPU bound* = "
         f"{nproc} CPUs ÷ *all*: the rate this machine could reach with its CPUs to this path "
-        "alone. ÷ 1+1: msgs/s ÷ the 1 + 1 row of the same protocol and layer, same round, "
+        "alone; *CPUs busy*: the CPU seconds of all those processes ÷ the wall seconds of "
+        "that window (median over the rounds): how many CPUs the path kept busy. "
+        "÷ 1+1: msgs/s ÷ the 1 + 1 row of the same protocol and layer, same round, "
         "median over rounds.",
     ]
     if notes:
@@ -671,8 +719,8 @@ def markdown(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--count", type=int, default=20_000, help="MQTT messages per burst")
-    parser.add_argument("--mails", type=int, default=3200, help="measured mails per email row")
+    parser.add_argument("--count", type=int, default=10_000, help="MQTT messages per burst")
+    parser.add_argument("--mails", type=int, default=1600, help="measured mails per email row")
     parser.add_argument("--clients", type=int, default=16, help="SMTP connections (even)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument(
@@ -709,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = (load, load_average())
     print()
     print(text_table(HEADER, table_rows(rows)))
-    print("\n".join(analysis(rows) + skipped))
+    print("\n".join(analysis(rows, loads) + skipped))
     if notes:
         print("log lines worth a look:\n" + "\n".join(f"  {n}" for n in notes[:30]))
     print(f"\nload average at the start {loads[0]}, at the end {loads[1]}")
