@@ -37,13 +37,16 @@ email
 lost = acknowledged (PUBACKed by the broker / answered 250, warm-up mails included) but never
 handled by a worker; dup = handled more than once. CPU ms/msg per process kind: the CPU time of
 all processes of that kind (gateways with their parser processes; workers; redis-server, all
-six nodes for the cluster; mosquitto, or the SMTP client processes) from the moment every
-gateway is up (MQTT: the broker is stopped with SIGSTOP while the gateways start, and let go
-once each serves /healthz, so a second gateway's start-up does not overlap the first one's
-draining; email: the clients start) to the last message a worker handled, ÷ the messages
-handled (for the clients: their measured mails; for the workers: their first to last message). *all*
-is their sum, so the machine's CPUs ÷ *all* bounds msgs/s (the *CPU bound* column); ÷ 1+1 is
-msgs/s ÷ the 1 + 1 row of the same protocol and layer in the same round, median over rounds.
+six nodes for the cluster; mosquitto, or the SMTP client processes) over a window ÷ the
+messages handled. The window starts for MQTT once every gateway is up (the broker is stopped
+with SIGSTOP while the gateways start and let go once each serves /healthz, so a second
+gateway's start-up does not overlap the first one's draining), for email at the first mail a
+worker handled; it ends at the last message a worker handled (workers: their own first to
+last message; clients: their measured mails). *all* is their sum, so the machine's CPUs ÷
+*all* bounds msgs/s (*CPU bound*); *CPUs busy* is the CPU seconds of all of them ÷ the
+window's wall seconds; the analysis lines give each kind's busiest process as a share of one
+CPU. ÷ 1+1 is msgs/s ÷ the 1 + 1 row of the same protocol and layer in the same round, median
+over rounds.
 
 Redis Cluster rows (``--cluster``) run the same shapes against six local cluster nodes (three
 masters with a replica each, bench/_cluster.py) through the ``redis+cluster://`` layer path;
@@ -62,7 +65,6 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import asyncio
 import contextlib
-import itertools
 import math
 import os
 import signal
@@ -97,13 +99,12 @@ from bench.mqtt_worker import (
     tally,
     watch,
 )
+from core.testing import free_port
 
 SECTION = "Fleet"
 MODULE = "bench.fleet"
 #: (gateway processes, worker processes) of the rows, the first the base of the ratios
 SHAPES = ((1, 1), (1, 2), (2, 2), (2, 4))
-#: a step that adds processes but less than this much rate is where the curve flattens
-FLAT = 1.10
 CLUSTER_PROBE = "redis+cluster://127.0.0.1:7000/"
 
 
@@ -128,6 +129,11 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)
     #: CPU seconds of every process on the path ÷ wall seconds, gateways up → last handled
     busy: float = math.nan
+    #: per process kind, the busiest one's CPU seconds ÷ wall seconds (workers: their mean)
+    share: dict[str, float] = field(default_factory=dict)
+    #: per process kind, the longest time one of them waited for a CPU ÷ wall seconds
+    wait: dict[str, float] = field(default_factory=dict)
+    workers: int = 0
     #: inbound events each gateway handed to the layer (its gateway_events_total)
     split: list[int] = field(default_factory=list)
     error: str = ""
@@ -166,23 +172,58 @@ class Row:
         values = [r.busy for r in self.runs if not math.isnan(r.busy)]
         return statistics.median(values) if values else math.nan
 
+    def share(self, kind: str) -> float:
+        values = [r.share[kind] for r in self.runs if kind in r.share]
+        return statistics.median(values) if values else math.nan
+
+    def wait(self, kind: str) -> float:
+        values = [r.wait[kind] for r in self.runs if kind in r.wait]
+        return statistics.median(values) if values else math.nan
+
     def cpu(self, kind: str) -> float:
         values = [r.cpu[kind] for r in self.runs if not math.isnan(r.cpu.get(kind, math.nan))]
         return statistics.median(values) if values else math.nan
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (Linux schedstat:
+    ``on-CPU ns, waiting ns, timeslices`` per thread)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 class TimedSample(Sample):
-    """A :class:`Sample` that also notes when its first and last readings were taken."""
+    """A :class:`Sample` that also notes when its first and last readings were taken, and how
+    long each process (``pids`` and the ``workers``) waited for a CPU in between."""
 
     def __init__(self) -> None:
         super().__init__({})
         self.started = self.ended = math.nan
+        self.workers: dict[str, int] = {}
+        self.waits: tuple[dict[str, float], dict[str, float]] = ({}, {})
 
     def take(self) -> None:
         super().take()
         self.ended = time.monotonic()
+        waits = {}
+        for name, pid in (self.pids | self.workers).items():
+            with contextlib.suppress(OSError):
+                waits[name] = run_queue_wait(pid)
         if math.isnan(self.started):
             self.started = self.ended
+            self.waits = (waits, waits)
+        self.waits = (self.waits[0], waits)
+
+    def waited(self) -> dict[str, float]:
+        """Per process, the seconds it waited for a CPU ÷ the wall seconds."""
+        wall = self.ended - self.started
+        first, last = self.waits
+        if not wall > 0:
+            return {}
+        return {n: (last[n] - first[n]) / wall for n in first if n in last}
 
     def busy(self, extra: float) -> float:
         """CPU seconds of the sampled processes, plus ``extra``, ÷ the wall seconds between
@@ -192,6 +233,13 @@ class TimedSample(Sample):
             return math.nan
         spent = sum(self.last[n] - self.first[n] for n in self.first if n in self.last)
         return (spent + extra) / wall
+
+    def each(self) -> dict[str, float]:
+        """Per sampled process, its CPU seconds ÷ the wall seconds: its share of one CPU."""
+        wall = self.ended - self.started
+        if not wall > 0:
+            return {}
+        return {n: (self.last[n] - self.first[n]) / wall for n in self.first if n in self.last}
 
 
 def kind_cpu(sample: Sample, kind: str, messages: int) -> float:
@@ -220,13 +268,6 @@ class Fleet:
             bench.gateway(port, target.url, channel, subscription, connect_timeout=STALL * 4)
             for _ in range(gateways)
         ]
-        # one start makes each persistent session and its subscription; the burst waits there
-        await asyncio.gather(*(g.start() for g in fleet))
-        try:
-            await asyncio.gather(*(g.ready() for g in fleet))
-        finally:
-            await asyncio.gather(*(g.stop() for g in fleet))
-        await bench.publish(port, topic, tag, count)
         result = Result(count)
         procs = [
             Worker(target.url, channel, self.tmp, bench.name("worker"), "asgi")
@@ -238,7 +279,16 @@ class Fleet:
         worker_cpu = 0.0
         split: list[int] = []
         try:
+            # one start makes each persistent session and its subscription; the burst waits
+            # there
+            await asyncio.gather(*(g.start() for g in fleet))
+            try:
+                await asyncio.gather(*(g.ready() for g in fleet))
+            finally:
+                await asyncio.gather(*(g.stop() for g in fleet))
+            await bench.publish(port, topic, tag, count)
             await asyncio.gather(*(w.start() for w in procs))
+            sample.workers = {f"worker {i}": w.proc.pid for i, w in enumerate(procs) if w.proc}
             # A second gateway still starting (a second of CPU for its imports) while the
             # first drains would slow the first: the broker is stopped until every gateway
             # serves /healthz, so they all get their CONNACK, and their share, at once.
@@ -263,7 +313,7 @@ class Fleet:
             result.error = result.error or error
         tally(result, tag, records)
         run = Run(count, result.handled, result.distinct, result.rate, error=result.error)
-        run.split = split
+        run.split, run.workers = split, workers
         if result.stale:
             run.error = run.error or f"{result.stale} message(s) of another row handled"
         self._cpu(run, sample, worker_cpu, "broker")
@@ -299,7 +349,7 @@ class Fleet:
         bench.logs += [w.log for w in procs]
         half = a.clients // 2
         per_client = a.mails // a.clients
-        run = Run(2 * half * (per_client + WARMUP_PER_CLIENT))
+        run = Run(2 * half * (per_client + WARMUP_PER_CLIENT), workers=workers)
         sample = TimedSample()
         records: list[tuple[str, float, int]] = []
         data: list[dict[str, Any]] = []
@@ -307,13 +357,15 @@ class Fleet:
         clients: asyncio.Future[list[dict[str, Any]]] | None = None
         try:
             await asyncio.gather(*(w.start() for w in procs))
+            sample.workers = {f"worker {i}": w.proc.pid for i, w in enumerate(procs) if w.proc}
             await asyncio.gather(*(g.start() for g in fleet))
             await asyncio.gather(*(g.ready() for g in fleet))
             for i, g in enumerate(fleet):
                 sample.pids[f"gateway {i}"] = g.pid
                 sample.pids |= {f"gateway {i} parser {p}": p for p in _children(g.pid)}
             sample.pids |= {f"redis {pid}": pid for pid in target.pids}
-            sample.take()
+            # the first reading comes with the first mail handled (watch): the client
+            # processes' own start-up is no part of the path
             clients = asyncio.gather(
                 *(
                     _run_clients(ports[i % gateways], half, per_client, self.tmp, tag=f"{tag}c{i}.")
@@ -362,6 +414,17 @@ class Fleet:
     @staticmethod
     def _cpu(run: Run, sample: TimedSample, worker_cpu: float, other: str) -> None:
         run.busy = sample.busy(worker_cpu)
+        # the busiest process of each kind, as a share of one CPU: a process near 1.0 is the
+        # limit of its kind (one event loop, one CPU)
+        for name, share in sample.each().items():
+            kind = "parser" if "parser" in name else name.split()[0]
+            run.share[kind] = max(share, run.share.get(kind, 0.0))
+        wall = sample.ended - sample.started
+        if wall > 0 and run.workers:
+            run.share["worker"] = worker_cpu / run.workers / wall
+        for name, share in sample.waited().items():
+            kind = "parser" if "parser" in name else name.split()[0]
+            run.wait[kind] = max(share, run.wait.get(kind, 0.0))
         for kind in ("gateway", "redis", "broker"):
             run.cpu[kind] = kind_cpu(sample, kind, run.distinct)
         run.cpu["worker"] = worker_cpu / run.distinct if run.distinct > 1 else math.nan
@@ -401,12 +464,6 @@ async def events(fleet: list[GatewayProcess]) -> list[int]:
     """How many inbound events each gateway handed to the layer so far."""
     counts = await asyncio.gather(*(g.metrics() for g in fleet))
     return [int(c.get("gateway_events_total", 0)) for c in counts]
-
-
-def free_port() -> int:
-    from core.testing import free_port as pick
-
-    return pick()
 
 
 def cluster_refusal() -> str | None:
@@ -591,9 +648,16 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
 
 
 def analysis(rows: list[Row], loads: tuple[str, str] | None = None) -> list[str]:
-    """Per protocol and layer: the curve, where it flattens, and the CPU arithmetic that says
-    why; then the machine's load, which sets how much of the CPUs the run had."""
+    """Per protocol and layer: the curve, where it stops growing, and the numbers that say
+    why (each process's share of one CPU, the CPUs the path kept busy); then the load."""
     nproc = int(machine()["nproc"])
+    names = {
+        "gateway": "gateway event loop",
+        "parser": "parser",
+        "worker": "worker",
+        "redis": "redis-server",
+        "broker": "mosquitto",
+    }
     lines = []
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
@@ -606,43 +670,47 @@ def analysis(rows: list[Row], loads: tuple[str, str] | None = None) -> list[str]
         steps += [
             f"{r.gateways}+{r.workers}: {r.rate:,.0f}/s ({ratio(r, base):.2f}x)" for r in group[1:]
         ]
-        flat = next(
-            (cur for prev, cur in itertools.pairwise(group) if not cur.rate > FLAT * prev.rate),
-            None,
-        )
+        peak = max(group, key=lambda r: r.rate if not math.isnan(r.rate) else -1.0)
         text = f"- {protocol} on {label}: " + ", ".join(steps) + ". "
-        if flat is None:
-            text += f"Every step added more than {FLAT - 1:.0%}. "
-        else:
+        later = group[group.index(peak) + 1 :]
+        if later:
             text += (
-                f"The curve flattens at {flat.gateways}+{flat.workers} (the first step that "
-                f"added less than {FLAT - 1:.0%}). "
+                f"It stops growing at {peak.gateways}+{peak.workers} (the highest rate; "
+                + ", ".join(f"{r.gateways}+{r.workers}" for r in later)
+                + " lower again). "
             )
-        total = all_cpu(base)
-        if not math.isnan(total):
-            other = "broker" if protocol == "MQTT" else "clients"
-            names = {"redis": "Redis", "broker": "mosquitto", "clients": "SMTP clients"}
-            parts = [
-                f"{names.get(kind, kind)} {base.cpu(kind) / total:.0%}"
-                for kind in ("gateway", "worker", "redis", other)
-                if not math.isnan(base.cpu(kind))
-            ]
-            busy = [f"{r.gateways}+{r.workers} {r.busy:.2f}" for r in group]
+        else:
+            text += f"Highest at the last row, {peak.gateways}+{peak.workers}. "
+        shares = [
+            f"{names[kind]} {base.share(kind):.2f} (+{base.wait(kind):.2f} waiting)"
+            for kind in names
+            if not math.isnan(base.share(kind)) and not math.isnan(base.wait(kind))
+        ]
+        if shares:
             text += (
-                f"Why: at 1+1 the path costs {total * 1000:.3f} ms of CPU per message over all "
-                f"its processes ({', '.join(parts)}), so {nproc} CPUs carry at most "
-                f"{nproc / total:,.0f} msgs/s, and the rows kept this many CPUs busy: "
-                f"{', '.join(busy)}. More processes can add rate only while CPUs are idle; "
-                "past that they add per-process overhead (all CPU per message: "
-                + ", ".join(f"{r.gateways}+{r.workers} {all_cpu(r) * 1000:.3f} ms" for r in group)
-                + ")."
+                "At 1+1 each process's share of one CPU, on it and (+) runnable but waiting "
+                "for one (schedstat), the busiest of each kind: "
+                + ", ".join(shares)
+                + "; on + waiting near 1.00 is a process that would use a whole CPU (one "
+                "event loop's limit); a large waiting share is CPU taken by other processes. "
+            )
+        busy = [f"{r.gateways}+{r.workers} {r.busy:.2f}" for r in group]
+        text += f"CPUs the whole path kept busy: {', '.join(busy)} (of {nproc}). "
+        total = [all_cpu(r) * 1000 for r in group]
+        if not any(math.isnan(t) for t in total):
+            text += (
+                f"CPU per message over all processes: {min(total):.3f}-{max(total):.3f} ms, so "
+                f"{nproc} CPUs carry at most {nproc / (max(total) / 1000):,.0f}-"
+                f"{nproc / (min(total) / 1000):,.0f} msgs/s: once the path has all the CPU it "
+                "can get, more processes only share it."
             )
         lines.append(text.rstrip())
     if loads is not None:
         lines.append(
             f"- The machine was shared: 1, 5 and 15-minute load averages {loads[0]} when the run "
-            f"started, {loads[1]} when it ended, on {nproc} CPUs, so this run had less than "
-            f"{nproc} CPUs to itself and the *CPU bound* column is a ceiling it could not reach."
+            f"started (before any of its processes), {loads[1]} when it ended, on {nproc} CPUs: "
+            "other sessions' processes wanted CPU throughout, so this run had less than "
+            f"{nproc} CPUs and the *CPU bound* column is a ceiling it could not reach."
         )
     return lines
 
@@ -698,7 +766,8 @@ def markdown(
         "included. CPU ms/msg: CPU time of every process of that kind (a `gateway-email` with "
         "its parser process; redis-server; mosquitto or the SMTP client processes) from the "
         "moment every gateway is up (for MQTT the broker is held with SIGSTOP until then, so "
-        "the gateways drain at once) to the last handled message ÷ messages; *all* is their "
+        "the gateways drain at once; for email from the first mail handled) to the last "
+        "handled message ÷ messages; *all* is their "
         "sum and *CPU bound* = "
         f"{nproc} CPUs ÷ *all*: the rate this machine could reach with its CPUs to this path "
         "alone; *CPUs busy*: the CPU seconds of all those processes ÷ the wall seconds of "
