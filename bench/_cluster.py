@@ -15,7 +15,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -58,7 +57,7 @@ class LocalCluster:
             for port, bus in zip(self.ports, buses, strict=True):
                 self._start_node(port, bus)
             for port in self.ports:
-                self._wait(lambda p=port: self._cli(p, "ping") == "PONG", f"node {port} answers")
+                self._wait(port, "PONG", "ping")
             nodes = [f"{HOST}:{p}" for p in self.ports]
             replicas = ["--cluster-replicas", "1", "--cluster-yes"]
             done = subprocess.run(
@@ -71,10 +70,7 @@ class LocalCluster:
             if done.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout[-2000:]}")
             for port in self.ports:
-                self._wait(
-                    lambda p=port: "cluster_state:ok" in self._cli(p, "cluster", "info"),
-                    f"node {port} reports cluster_state:ok",
-                )
+                self._wait(port, "cluster_state:ok", "cluster", "info")
         except BaseException:
             self.stop()
             raise
@@ -104,9 +100,11 @@ class LocalCluster:
             return done.stdout.strip()
         return ""
 
-    def _wait(self, ok: Callable[[], bool], what: str) -> None:
+    def _wait(self, port: int, needle: str, *command: str) -> None:
+        """Until ``redis-cli -p port command…`` prints ``needle``."""
+        what = f"node {port} answers {' '.join(command)} with {needle}"
         deadline = time.monotonic() + READY_TIMEOUT
-        while not ok():
+        while needle not in self._cli(port, *command):
             exited = [p for p in self.procs if p.poll() is not None]
             if exited:
                 code = exited[0].returncode

@@ -513,7 +513,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Row], list[str]
             targets = [Target(f"Redis at {args.layer}", args.layer, [])]
         else:
             redis = stack.enter_context(RedisServer())
-            targets = [Target("one Redis", redis.url, [redis.pid])]
+            targets = [Target("one Redis", redis.url, [p for p in [redis.pid] if p])]
         fleet = Fleet(args, tmp, broker)
         rows = make_rows(targets)
         await measure(fleet, rows, args.rounds)
