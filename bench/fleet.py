@@ -51,8 +51,9 @@ over rounds.
 Redis Cluster rows (``--cluster``) run the same shapes against six local cluster nodes (three
 masters with a replica each, bench/_cluster.py) through the ``redis+cluster://`` layer path;
 a layer that does not accept that path skips them with a printed line, as does a run without
-``--cluster``. ``--quick`` (one round, small counts, under two minutes) never writes
-BENCHMARKS.md; a full run replaces its ``## Fleet`` section.
+``--cluster``. ``--quick`` (one round, small counts: 70-80 s here on a loaded machine, 170 s
+with ``--cluster``) never writes BENCHMARKS.md; a full run (about 6 minutes without
+``--cluster``) replaces its ``## Fleet`` section.
 """
 
 from __future__ import annotations
