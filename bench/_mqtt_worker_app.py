@@ -3,7 +3,8 @@
 Two of them, for the same worker:
 
 * :func:`asgi_application`: a bare ASGI application, one loop over ``receive()`` — the worker's
-  own cost and nothing else (what bench/layer.py's worker rows run);
+  own cost and nothing else (what bench/layer.py's worker rows run); it notes bench/fleet.py's
+  ``email.receive`` events too, their Message-ID standing for the payload;
 * :func:`channels_application`: a channels ``AsyncConsumer`` (``mqtt.message``, and ``irc.receive``
   for bench/side_by_side.py, whose IRC lines carry the same JSON) behind a ``ChannelNameRouter``, as
   a Django project routes its consumers (``runworker`` / ``gateways run --app``), so the worker
@@ -41,6 +42,8 @@ def asgi_application(channel: str) -> Any:
             message = await receive()
             if message["type"] == "mqtt.message":
                 record(message)
+            elif message["type"] == "email.receive":  # bench/fleet.py: keyed by Message-ID
+                record({**message, "payload": str(message.get("message_id")).encode()})
 
     return application
 

@@ -687,8 +687,16 @@ async def bench_raw(
 
 
 async def _client_main(
-    port: int, clients: int, per_client: int, warmup: int, out: str, mail: bytes | None = None
+    port: int,
+    clients: int,
+    per_client: int,
+    warmup: int,
+    out: str,
+    mail: bytes | None = None,
+    tag: str = "",
 ) -> None:
+    """``tag`` goes into every Message-ID, so client processes sending at once (bench/fleet.py)
+    make distinct ones."""
     import aiosmtplib
 
     template = mail or sample_mail()
@@ -729,7 +737,7 @@ async def _client_main(
 
     async def run(n: int, smtp: aiosmtplib.SMTP, prefix: str, count: int, record: bool) -> None:
         for i in range(count):
-            await send(smtp, f"{prefix}-{n}-{i}@customer.example", record)
+            await send(smtp, f"{prefix}-{tag}{n}-{i}@customer.example", record)
 
     await asyncio.gather(*(run(n, s, "warm", warmup, False) for n, s in enumerate(connections)))
     start, cpu = time.monotonic(), time.process_time()
@@ -755,16 +763,22 @@ def client_entry(argv: list[str]) -> int:
         parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--mail", default=None)
+    parser.add_argument("--tag", default="", help="put into every Message-ID")
     a = parser.parse_args(argv)
     mail = Path(a.mail).read_bytes() if a.mail else None
-    asyncio.run(_client_main(a.port, a.clients, a.per_client, a.warmup, a.out, mail))
+    asyncio.run(_client_main(a.port, a.clients, a.per_client, a.warmup, a.out, mail, a.tag))
     return 0
 
 
 async def _run_clients(
-    port: int, clients: int, per_client: int, tmp: Path, mail: Path | None = None
+    port: int,
+    clients: int,
+    per_client: int,
+    tmp: Path,
+    mail: Path | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
-    out = tmp / f"clients-{port}.json"
+    out = tmp / f"clients-{port}{tag}.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -776,6 +790,7 @@ async def _run_clients(
         f"--warmup={WARMUP_PER_CLIENT}",
         f"--out={out}",
         *([f"--mail={mail}"] if mail is not None else []),
+        *([f"--tag={tag}"] if tag else []),
         cwd=REPO_ROOT,
     )
     try:
