@@ -53,11 +53,9 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 import tempfile
 import time
@@ -66,10 +64,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench._common import (
     REPO_ROOT,
+    GatewayProcess,
     command_line,
     cpu_seconds,
     machine,
@@ -83,7 +80,7 @@ from bench._common import (
 )
 from core.envelope import new_event
 from core.layers import resolve_layer
-from core.testing import MosquittoServer, RedisServer, free_port
+from core.testing import MosquittoServer, RedisServer
 
 SECTION = "MQTT"
 DEFAULT_COUNT = 2000
@@ -230,65 +227,31 @@ class Consumer:
         return [tuple(s) for s in json.loads(self.out.read_text())]  # type: ignore[misc]
 
 
-class GatewayProcess:
+def gateway_process(
+    broker: MosquittoServer, url: str, qos: int, count: int, tmp: Path
+) -> GatewayProcess:
     """``python -m gateways.mqtt.cli`` for one QoS, with a persistent session and a health port."""
+    config = {
+        "gateway": "mqtt",
+        "name": CHANNEL,
+        "layer": url,
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "client_id": f"bench-gateway-q{qos}",
+            "clean_start": False,
+            "session_expiry": 3600,
+            "buffer": count + 1000,
+            "subscriptions": [{"topic": f"bench/q{qos}", "qos": qos}],
+        },
+    }
+    return GatewayProcess("mqtt", config, tmp, f"gateway-q{qos}")
 
-    def __init__(self, broker: MosquittoServer, url: str, qos: int, count: int, tmp: Path):
-        self.health = free_port()
-        self.config = tmp / f"gateway-q{qos}.yaml"
-        self.log = tmp / f"gateway-q{qos}.log"
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "gateway": "mqtt",
-                    "name": CHANNEL,
-                    "layer": url,
-                    "health": {"port": self.health},
-                    "mqtt": {
-                        "host": "127.0.0.1",
-                        "port": broker.port,
-                        "client_id": f"bench-gateway-q{qos}",
-                        "clean_start": False,
-                        "session_expiry": 3600,
-                        "buffer": count + 1000,
-                        "subscriptions": [{"topic": f"bench/q{qos}", "qos": qos}],
-                    },
-                }
-            )
-        )
-        self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateways.mqtt.cli",
-                "--config",
-                str(self.config),
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=log,
-            )
-
-    async def ready(self) -> None:
-        url = f"http://127.0.0.1:{self.health}/readyz"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                status = await asyncio.to_thread(
-                    lambda: urllib.request.urlopen(url, timeout=5).status
-                )
-                if status == 200:
-                    return
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"gateway not ready; see {self.log}")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            if await asyncio.wait_for(self.proc.wait(), 60) != 0:
-                raise RuntimeError(f"the gateway exited with {self.proc.returncode}")
+async def stop_gateway(gateway: GatewayProcess) -> None:
+    """SIGTERM; an exit status other than 0 fails the run."""
+    if code := await gateway.stop():
+        raise RuntimeError(f"the gateway exited with {code}; see {gateway.log}")
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -380,12 +343,11 @@ async def gateway_throughput(
     consumer = Consumer(url, count, tmp)
     await consumer.start()
     await gateway.start()
-    assert gateway.proc is not None
     await consumer.first()
-    cpu = cpu_seconds(gateway.proc.pid)
+    cpu = cpu_seconds(gateway.pid)
     stamps = await consumer.stamps()
-    cpu = (cpu_seconds(gateway.proc.pid) - cpu) / count
-    await gateway.stop()
+    cpu = (cpu_seconds(gateway.pid) - cpu) / count
+    await stop_gateway(gateway)
     return throughput(stamps), cpu
 
 
@@ -404,7 +366,7 @@ async def gateway_latency(
     await consumer.start()
     await publish(broker, qos, args.latency_count, args.rate)
     stamps = await consumer.stamps()
-    await gateway.stop()
+    await stop_gateway(gateway)
     row.latency_count = len(stamps)
     row.p50, row.p99 = latencies(stamps)
 
@@ -481,10 +443,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> list[Row]:
         gateways = {}
         for qos in (0, 1):
             rows.append(Row("broker → gateway-mqtt → layer → consumer", str(qos), args.count))
-            gateways[qos] = GatewayProcess(broker, url, qos, args.count, tmp)
+            gateways[qos] = gateway_process(broker, url, qos, args.count, tmp)
             await gateways[qos].start()  # creates the persistent session and its subscription
             await gateways[qos].ready()
-            await gateways[qos].stop()
+            await stop_gateway(gateways[qos])
         # rounds alternate the rows, so a change in the machine's load hits them alike
         for round_ in range(1, args.rounds + 1):
             rate, cpu = await raw_throughput(url, args.count, tmp)

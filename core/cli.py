@@ -24,6 +24,7 @@ from core.config import ConfigError, GatewayConfig, load_config, peek_gateway
 from core.health import HealthServer
 from core.layers import (
     LayerPathError,
+    close_layer,
     import_object,
     is_memory_layer,
     resolve_layer,
@@ -211,7 +212,7 @@ async def serve(
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if gateways:
-            await _close_layer(gateways[0].layer)
+            await close_layer(gateways[0].layer, log)
         return exit_code
     finally:
         if stuck is not None:  # the stop ended: a loop that goes on must not be killed later
@@ -251,18 +252,6 @@ def _stuck(after: float) -> None:
     )
     logging.shutdown()
     os._exit(EXIT_CRASH)
-
-
-async def _close_layer(layer: ChannelLayer) -> None:
-    """Close the layer's connections; on ``core.streams`` this writes the acknowledgements
-    still queued, so the commands this process took are not delivered again to the next."""
-    close = getattr(layer, "close_pools", None)
-    if close is None:
-        return
-    try:
-        await asyncio.wait_for(close(), 5)
-    except Exception as exc:
-        log.warning("layer: not closed cleanly (%s)", describe_error(exc))
 
 
 def _prepare(

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -37,6 +37,8 @@ __all__ = [
     "ConfigError",
     "GatewayConfig",
     "HealthConfig",
+    "PaceBurst",
+    "PaceRate",
     "ReconnectConfig",
     "Section",
     "YamlType",
@@ -115,6 +117,14 @@ class ReconnectConfig(Section):
         if self.maximum < self.initial:
             raise ValueError("maximum must not be below initial")
         return self
+
+
+#: a :class:`core.pacer.Pacer`'s ``rate`` as a config field (IRC ``flood``, Slack ``pacing``):
+#: sends per second after the burst. The section gives its default and description
+PaceRate = Annotated[float, Field(gt=0, le=1000)]
+#: a :class:`core.pacer.Pacer`'s ``burst``: sends that may leave at once. The section gives its
+#: default, description and upper bound (``le``)
+PaceBurst = Annotated[int, Field(ge=1)]
 
 
 class GatewayConfig(Section):

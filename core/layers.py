@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import os
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -38,12 +39,14 @@ from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from core.logs import describe_layer, redact
+from core.retry import describe_error
 from core.types import ChannelLayer
 
 __all__ = [
     "LayerPathError",
     "RedisChannelLayer",
     "channel_layer_settings",
+    "close_layer",
     "import_object",
     "is_memory_layer",
     "probe_layer",
@@ -484,3 +487,20 @@ async def probe_layer(layer: ChannelLayer) -> str | None:
     except (*_REDIS_DOWN, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return None
+
+
+async def close_layer(layer: ChannelLayer, log: logging.Logger) -> None:
+    """Close the layer's connections at the end of a process (a gateway's or a worker's).
+
+    On ``core.streams`` this writes the acknowledgements still queued (batched for 10 ms; lost
+    with the event loop, their messages came back as duplicates after a restart) and hands back
+    what was fetched but not handled. A layer without ``close_pools`` is left as it is; one
+    that does not close within 5 s is warned about on ``log``, never raised.
+    """
+    close = getattr(layer, "close_pools", None)
+    if close is None:
+        return
+    try:
+        await asyncio.wait_for(close(), 5)
+    except Exception as exc:
+        log.warning("layer: not closed cleanly (%s)", describe_error(exc))

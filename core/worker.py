@@ -81,7 +81,7 @@ from asgiref.compatibility import guarantee_single_callable
 from channels.worker import Worker
 
 from core.dbclose import install as install_connection_closing
-from core.layers import import_object
+from core.layers import close_layer, import_object
 from core.metrics import GatewayMetrics
 from core.receiving import ChannelReader
 from core.retry import LAYER_ERRORS, Backoff, describe_error, send_command
@@ -745,19 +745,7 @@ class ConsumerWorker(Worker):  # type: ignore[misc]
             *(i.future for i in self._inboxes.values() if i.future is not None),
             return_exceptions=True,
         )
-        await self._close_layer()
-
-    async def _close_layer(self) -> None:
-        """Write the acknowledgements still queued (core.streams batches them for 10 ms; lost
-        with the event loop, their messages came back as duplicates after a restart) and hand
-        back what was fetched but not handled."""
-        close = getattr(self.channel_layer, "close_pools", None)
-        if close is None:
-            return
-        try:
-            await asyncio.wait_for(close(), 5)
-        except Exception as exc:
-            log.warning("layer: not closed cleanly (%s)", describe_error(exc))
+        await close_layer(self.channel_layer, log)
 
     def run(self) -> None:
         asyncio.run(self.health.around(self.serve))  # health: the server and readiness around it

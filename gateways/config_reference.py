@@ -116,13 +116,19 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
 
 
+#: bounds in the order they are shown, lower first, whichever order the field declares them in
+#: (a shared ``Annotated`` type's bound comes after the field's own in pydantic's metadata)
+_BOUNDS = (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
+
+
 def _constraints(metadata: Sequence[Any]) -> str:
     parts = []
-    for item in metadata:
-        for attr, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+    for attr, sign in _BOUNDS:
+        for item in metadata:
             value = getattr(item, attr, None)
             if isinstance(item, annotated_types.BaseMetadata) and value is not None:
                 parts.append(f"{sign} {_number(value)}")
+    for item in metadata:
         min_length = getattr(item, "min_length", None)
         if isinstance(item, annotated_types.MinLen) and min_length:
             parts.append(f"at least {min_length}")

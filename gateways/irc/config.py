@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
 
-from core.config import GatewayConfig, ReconnectConfig, Section
+from core.config import GatewayConfig, PaceBurst, PaceRate, ReconnectConfig, Section
 from gateways.irc.translate import (
     InvalidCommand,
     check_channel,
@@ -103,12 +103,9 @@ class ChannelConfig(Section):
 class FloodConfig(Section):
     """``irc.flood``: every line the gateway sends is paced (a token bucket per connection)."""
 
-    burst: int = Field(default=4, ge=1, le=100, description="Lines that may leave at once.")
-    rate: float = Field(
-        default=1.0,
-        gt=0,
-        le=1000,
-        description="Lines per second after the burst (most servers: 0.5-2).",
+    burst: PaceBurst = Field(default=4, le=100, description="Lines that may leave at once.")
+    rate: PaceRate = Field(
+        default=1.0, description="Lines per second after the burst (most servers: 0.5-2)."
     )
 
 

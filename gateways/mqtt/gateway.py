@@ -142,11 +142,12 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         )
         self.store = open_store(layer, config.name, enabled=settings.persist_subscriptions)
         self.buffer = EventBuffer(self, settings.buffer)
-        self.connection = MqttConnection(
+        #: the broker connection (the role object is ``self.client`` in IRC and Slack too)
+        self.client = MqttConnection(
             self, settings, client_id=self.client_id, listener=self, events=self.buffer
         )
         self.subscriptions = Subscriptions(
-            self, self.connection, self.table, self.store, spawn=self._spawn
+            self, self.client, self.table, self.store, spawn=self._spawn
         )
         #: the hold: received QoS 1/2 messages not yet taken by the layer, unacknowledged
         self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -180,12 +181,12 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
     async def open(self) -> None:
         await self.subscriptions.open()
         try:
-            await self.connection.start()
+            await self.client.start()
         except StartupError as exc:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.connection.close()
+            await self.client.close()
             await self.store.close()
             self._id_claim.release()
             raise StartupError(f"MQTT broker {exc}") from exc.__cause__
@@ -221,7 +222,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         await cancel_and_wait(*self._tasks)
         await self.buffer.flush(0)
         self._report_hold_drops()  # drops of the last second are not left unlogged at exit
-        await self.connection.close()  # with the will first when will.on_stop
+        await self.client.close()  # with the will first when will.on_stop
         await self.subscriptions.close()
         self._id_claim.release()
 
@@ -229,7 +230,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         return self._held + len(self.buffer)
 
     def readiness(self) -> list[str]:
-        reasons = self.connection.readiness() + self.subscriptions.readiness()
+        reasons = self.client.readiness() + self.subscriptions.readiness()
         if self._deferring:
             reasons.append(
                 "hold full (mqtt.max_pending): further QoS 1 messages wait at the broker, "
@@ -259,16 +260,14 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         self.subscriptions.send_all()
         for topic in self._watch:
             with contextlib.suppress(NotConnected):
-                self.connection.subscribe(topic, 0).add_done_callback(
+                self.client.subscribe(topic, 0).add_done_callback(
                     partial(self._watch_suback, topic)
                 )
         self.subscriptions.send_stale()
         birth = self.settings.birth
         if birth is not None:
             with contextlib.suppress(NotConnected, QueueFull):
-                self.connection.publish(
-                    birth.topic, birth.payload.encode(), birth.qos, birth.retain
-                )
+                self.client.publish(birth.topic, birth.payload.encode(), birth.qos, birth.retain)
         self.subscriptions.catch_up()  # changes a replica made meanwhile
 
     def client_disconnected(self, reason: str) -> None:
@@ -329,7 +328,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             self.log.exception(
                 "%s: cannot translate a message (mid %d); acknowledging it", self.name, message.mid
             )
-            self.connection.ack(message.mid, message.qos, generation)
+            self.client.ack(message.mid, message.qos, generation)
             return
         if inbound.too_large:
             self.metrics.dropped("too_large")
@@ -340,7 +339,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 clip(inbound.topic),
                 self.settings.max_payload,
             )
-            self.connection.ack(inbound.mid, inbound.qos, generation)
+            self.client.ack(inbound.mid, inbound.qos, generation)
             return
         if not self._accepting and inbound.qos < 2:
             if inbound.qos == 0:
@@ -390,7 +389,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             self._deferred_metric.inc()
             return
         # the session ends with the connection: the broker would never send it again
-        self.connection.ack(mid, 1, generation)
+        self.client.ack(mid, 1, generation)
         self.metrics.dropped("hold_full")
         if self._hold_drops == 0:
             asyncio.get_running_loop().call_later(DROP_REPORT_INTERVAL, self._report_hold_drops)
@@ -432,7 +431,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             return
         self._resuming = True  # until the new connection: whatever still comes is left there
         count = self._deferred
-        if self.connection.restart(
+        if self.client.restart(
             f"resuming the session: the broker sends the {count} message(s) left with it again"
         ):
             self._resumes_metric.inc()
@@ -459,7 +458,7 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
                 self._recent[item.id] = None
                 if len(self._recent) > RECENT_IDS:
                     self._recent.popitem(last=False)
-            self.connection.ack(item.mid, item.qos, item.generation)
+            self.client.ack(item.mid, item.qos, item.generation)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -467,13 +466,13 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
         return asyncio.get_running_loop().time() + self.settings.command_timeout
 
     async def _wait_connected(self, deadline: float) -> None:
-        if not self.connection.connected:
+        if not self.client.connected:
             try:
-                await self.connection.wait_connected(deadline - asyncio.get_running_loop().time())
+                await self.client.wait_connected(deadline - asyncio.get_running_loop().time())
             except TimeoutError:
                 raise CommandError(
                     f"not connected to {self.settings.broker} "
-                    f"({self.connection.last_error}) within {self.settings.command_timeout:g} s"
+                    f"({self.client.last_error}) within {self.settings.command_timeout:g} s"
                 ) from None
 
     @handles("mqtt.publish")
@@ -485,12 +484,12 @@ class MqttGateway(Gateway[MqttGatewayConfig]):
             raise CommandError(str(exc)) from None
         deadline = self._deadline()
         await self._wait_connected(deadline)
-        if action.qos > self.connection.max_qos:
-            raise CommandError(f"the broker accepts QoS {self.connection.max_qos} at most")
-        if action.retain and not self.connection.retain_available:
+        if action.qos > self.client.max_qos:
+            raise CommandError(f"the broker accepts QoS {self.client.max_qos} at most")
+        if action.retain and not self.client.retain_available:
             raise CommandError("the broker does not support retained messages")
         try:
-            mid, done = self.connection.publish(
+            mid, done = self.client.publish(
                 action.topic, action.payload, action.qos, action.retain, action.properties
             )
         except (NotConnected, QueueFull) as exc:

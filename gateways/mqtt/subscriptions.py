@@ -78,13 +78,13 @@ class Subscriptions:
     def __init__(
         self,
         gateway: Gateway[MqttGatewayConfig],
-        connection: MqttConnection,
+        client: MqttConnection,
         table: SubscriptionTable,
         store: SubscriptionStore,
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
     ) -> None:
         self.gateway = gateway
-        self.connection = connection
+        self.client = client
         self.table = table
         self.store = store
         self._spawn = spawn
@@ -134,7 +134,7 @@ class Subscriptions:
 
     def readiness(self) -> list[str]:
         reasons = []
-        if self.connection.connected:
+        if self.client.connected:
             waiting = [f for f, s in self._filters.items() if not s.settled.is_set()]
             if waiting:
                 reasons.append(f"waiting for SUBACK of {', '.join(map(repr, waiting[:5]))}")
@@ -157,7 +157,7 @@ class Subscriptions:
         stale, self._stale = self._stale, set()
         for filter_ in stale - set(self.table.filters()):
             with contextlib.suppress(NotConnected):
-                self.connection.unsubscribe(filter_)
+                self.client.unsubscribe(filter_)
 
     def catch_up(self) -> None:
         """Re-read the store after a reconnect: a replica may have changed it meanwhile."""
@@ -198,7 +198,7 @@ class Subscriptions:
         try:
             await within(state.settled.wait(), deadline)
         except TimeoutError:
-            why = self.connection.last_error or "no SUBACK"
+            why = self.client.last_error or "no SUBACK"
             raise CommandError(
                 f"the broker did not confirm {clip(route.filter)} within "
                 f"{self.command_timeout:g} s ({why}); the subscription is kept and "
@@ -280,7 +280,7 @@ class Subscriptions:
         state = self._filters.setdefault(sub.filter, FilterState())
         state.reset()
         try:
-            future = self.connection.subscribe(
+            future = self.client.subscribe(
                 sub.filter,
                 sub.qos,
                 identifier=sub.identifier,
@@ -326,7 +326,7 @@ class Subscriptions:
     async def _send_unsubscribe(self, filter_: str, deadline: float) -> None:
         self._filters.pop(filter_, None)
         try:
-            future = self.connection.unsubscribe(filter_)
+            future = self.client.unsubscribe(filter_)
         except NotConnected:
             self._stale.add(filter_)  # sent on the next connect, when the session may be back
             return

@@ -6,7 +6,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from core.config import MAX_EVENT_PAYLOAD, MAX_MESSAGE_BYTES, GatewayConfig, Section
+from core.config import (
+    MAX_EVENT_PAYLOAD,
+    MAX_MESSAGE_BYTES,
+    GatewayConfig,
+    PaceBurst,
+    PaceRate,
+    Section,
+)
 
 __all__ = [
     "AnswersConfig",
@@ -203,8 +210,8 @@ class DedupConfig(Section):
 class PacingConfig(Section):
     """``slack.pacing``: messages per channel (Slack allows about one a second per channel)."""
 
-    rate: float = Field(default=1.0, gt=0, le=1000, description="Messages per second.")
-    burst: int = Field(default=3, ge=1, le=1000, description="Messages that may go at once.")
+    rate: PaceRate = Field(default=1.0, description="Messages per second.")
+    burst: PaceBurst = Field(default=3, le=1000, description="Messages that may go at once.")
     queue: int = Field(
         default=100,
         ge=0,
