@@ -42,7 +42,8 @@ from bench._common import (
     today,
     update_section,
 )
-from core.testing import DjangoWorker, RedisServer, Server, example_project, free_port
+from core.testing import DjangoWorker, RedisServer, Server, free_port
+from tests.support.example import example_project
 
 SECTION = "HTTP/WebSocket"
 HEADER = [

@@ -75,13 +75,8 @@ from bench._common import (
     today,
     update_section,
 )
-from core.testing import (
-    IrcSession,
-    RedisServer,
-    ScriptedIrcServer,
-    free_port,
-    metric_from_text,
-)
+from core.testing import RedisServer, free_port, metric_from_text
+from tests.support.irc import IrcSession, ScriptedIrcServer
 
 SCENARIOS = ("ping_flood", "cap_flood", "log_flood", "join_flood", "self_join")
 

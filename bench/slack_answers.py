@@ -43,8 +43,9 @@ from bench._common import (
     text_table,
     update_section,
 )
-from core.testing import RedisServer, example_project
+from core.testing import RedisServer
 from core.testing.slack import FakeSlack
+from tests.support.example import example_project
 
 #: what examples/team/consumers.py's modal is called (it answers only its own submissions)
 LOOKUP = "ticket_lookup"

@@ -105,7 +105,7 @@ Tests use :mod:`core.testing` (real servers on free ports; fixtures in tests/con
         event = await receive(layer, "ops", "irc.receive", channel="#ops")
         await until(lambda: metric("gateway_dropped_total", gateway="ops") == 1)
     process = GatewayProcess.from_config(tmp_path, config).start()     # the real binary
-    project = example_project(tmp_path, redis.url)   # examples/ with a fresh, migrated DB
+    project = example_project(tmp_path, redis.url)   # tests.support: examples/, fresh DB
     project.gateway("irc.yaml").start(); project.worker("ops-irc")
 
 and ``ManualClock`` where time matters; ``RedisServer``, ``MosquittoServer``,

@@ -20,7 +20,6 @@ import pytest
 
 from core.testing import (
     Certs,
-    ExampleProject,
     InspircdServer,
     MosquittoServer,
     NgircdServer,
@@ -28,10 +27,10 @@ from core.testing import (
     RedisServer,
     ReplicatedRedis,
     ServiceMissing,
-    example_project,
     make_certs,
     require_binary,
 )
+from tests.support.example import ExampleProject, example_project
 
 MQTT_USER = ("alice", "s3cret")
 """The credentials of ``mosquitto_password_server``."""

@@ -1,8 +1,9 @@
 """Helpers that start real servers for integration tests and benchmarks.
 
-What your own consumer tests may use is documented in docs/testing.md (the public part);
-``example_project`` and the IRC script server need a checkout of this repository, and the DNS
-fake of the email tests lives in ``tests/support/`` (not installed).
+What your own consumer tests may use is documented in docs/testing.md (the public part). What
+only this repository's own tests use lives in ``tests/support/`` (not installed):
+``example_project`` (it needs the checkout's ``examples/``), the scripted hostile IRC server and
+the DNS fake of the email tests.
 
 Every server runs in the foreground on free loopback ports, keeps its state in a fresh temporary
 directory, and is stopped by PID. The recipes (arguments, config files, ready lines) are the
@@ -36,8 +37,6 @@ The package, one module per concern (import from ``core.testing``; the names are
   :class:`NgircdServer`, :class:`InspircdServer` (IRC with SASL), :class:`IrcLines`
 * :mod:`core.testing.redis_cluster` :class:`RedisClusterServers` (a local Redis Cluster),
   :class:`ReplicatedRedis` (a master and a replica, for failover tests)
-* :mod:`core.testing.irc`       :class:`ScriptedIrcServer`: a hostile IRC server whose
-  connections run a test's script (:class:`IrcSession`: raw lines, floods)
 * :mod:`core.testing.worker`    :class:`DjangoWorker`: a real ``manage.py runworker``
 * :mod:`core.testing.smtp`      :class:`SmtpSink`: the far side of ``email.send``
 * :mod:`core.testing.clock`     :class:`ManualClock`: an injectable clock that moves on demand
@@ -46,11 +45,9 @@ The package, one module per concern (import from ``core.testing``; the names are
 * :mod:`core.testing.harness`   :func:`run_gateway` (in this process), :class:`GatewayProcess`
   (a child ``python -m gateways.<proto>.cli``), :func:`command`, :func:`receive`,
   :func:`until`, :func:`metric`, :func:`http_get`, :func:`inject_undecodable`
-* :mod:`core.testing.example`   :func:`example_project`: ``examples/`` on a layer with a fresh,
-  migrated database, and the gateways and workers that share its environment
 
 Nothing here imports pytest: the fixtures live in ``tests/conftest.py`` (one per server, and
-``project``: :func:`example_project` on the test's Redis).
+``project``: ``tests.support.example.example_project`` on the test's Redis).
 """
 
 from __future__ import annotations
@@ -69,7 +66,6 @@ from core.testing.base import (
 )
 from core.testing.certs import Certs, make_certs
 from core.testing.clock import ManualClock
-from core.testing.example import EXAMPLES, ROOT, ExampleProject, example_project
 from core.testing.harness import (
     READY_LINE,
     STARTED_LINE,
@@ -83,7 +79,6 @@ from core.testing.harness import (
     run_gateway,
     until,
 )
-from core.testing.irc import IrcSession, ScriptedIrcServer
 from core.testing.redis_cluster import RedisClusterServers, ReplicatedRedis
 from core.testing.services import (
     InspircdServer,
@@ -96,34 +91,28 @@ from core.testing.smtp import SmtpSink
 from core.testing.worker import DjangoWorker
 
 __all__ = [
-    "EXAMPLES",
     "HOST",
     "INSTALL_HINT",
     "OUTPUT_LINES",
     "READY_LINE",
-    "ROOT",
     "STARTED_LINE",
     "WAIT",
     "Certs",
     "DjangoWorker",
-    "ExampleProject",
     "GatewayProcess",
     "InspircdServer",
     "IrcLines",
-    "IrcSession",
     "ManualClock",
     "MosquittoServer",
     "NgircdServer",
     "RedisClusterServers",
     "RedisServer",
     "ReplicatedRedis",
-    "ScriptedIrcServer",
     "Server",
     "ServerError",
     "ServiceMissing",
     "SmtpSink",
     "command",
-    "example_project",
     "free_port",
     "free_ports",
     "http_get",

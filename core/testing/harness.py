@@ -162,7 +162,7 @@ class GatewayProcess(ManagedProcess):
 
     Build it with :meth:`from_config` (writes the YAML with a free health port) or from an
     existing file whose health port you know (:meth:`ExampleProject.gateway
-    <core.testing.example.ExampleProject.gateway>`), then :meth:`start` (returns once the
+    <tests.support.example.ExampleProject.gateway>`), then :meth:`start` (returns once the
     gateway logged ``ready_line``), :meth:`wait_ready`, :meth:`metric`, :meth:`wait_for` on a
     log line, :meth:`stop` (SIGTERM, the exit status) or :meth:`kill`.
 

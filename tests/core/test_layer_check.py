@@ -14,17 +14,8 @@ from channels.layers import InMemoryChannelLayer
 
 from core.layer_check import ENV_AFTER, ChannelsRedisCheck, StreamsReadCheck, check_after
 from core.layers import resolve_layer
-from core.testing import (
-    DjangoWorker,
-    ExampleProject,
-    GatewayProcess,
-    RedisServer,
-    example_project,
-    free_port,
-    http_get,
-    until,
-)
-from core.testing.example import EXAMPLES
+from core.testing import DjangoWorker, GatewayProcess, RedisServer, free_port, http_get, until
+from tests.support.example import EXAMPLES, ExampleProject, example_project
 
 pytestmark = pytest.mark.timeout(180)
 

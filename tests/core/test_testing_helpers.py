@@ -16,7 +16,6 @@ from core.testing import (
     ManualClock,
     RedisServer,
     command,
-    example_project,
     metric,
     metric_from_text,
     receive,
@@ -25,6 +24,7 @@ from core.testing import (
 )
 from gateways.email.config import EmailGatewayConfig
 from gateways.email.gateway import EmailGateway
+from tests.support.example import example_project
 
 ROOT = Path(__file__).resolve().parents[2]
 

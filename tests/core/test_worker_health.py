@@ -15,19 +15,11 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.layers import resolve_layer
-from core.testing import (
-    EXAMPLES,
-    DjangoWorker,
-    RedisServer,
-    example_project,
-    free_port,
-    http_get,
-    metric_from_text,
-    until,
-)
+from core.testing import DjangoWorker, RedisServer, free_port, http_get, metric_from_text, until
 from core.worker import ConsumerWorker, RetryPolicy
 from core.worker_health import HealthSettings
 from tests.core.test_worker import app_of
+from tests.support.example import EXAMPLES, example_project
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from core.testing import EXAMPLES, ROOT, Server
+from core.testing import Server
 from tests.conftest import service
+from tests.support.example import EXAMPLES, ROOT
 
 pytestmark = pytest.mark.timeout(240)
 

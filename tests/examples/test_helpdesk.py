@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 
 from core.testing import (
-    EXAMPLES,
     READY_LINE,
     WAIT,
     MosquittoServer,
@@ -42,6 +41,7 @@ from core.testing import (
 from core.testing.slack import FakeSlack
 from tests.gateways.irc.conftest import Peer
 from tests.gateways.mqtt.conftest import MqttTestClient
+from tests.support.example import EXAMPLES
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -12,17 +12,10 @@ from pathlib import Path
 
 from core.layers import resolve_layer
 from core.retry import send_command
-from core.testing import (
-    EXAMPLES,
-    ROOT,
-    ExampleProject,
-    RedisServer,
-    Server,
-    example_project,
-    free_port,
-)
+from core.testing import RedisServer, Server, free_port
 from gateways import entry
 from gateways.entry import BINARIES
+from tests.support.example import EXAMPLES, ROOT, ExampleProject, example_project
 
 
 def example(redis: RedisServer, tmp_path: Path) -> ExampleProject:

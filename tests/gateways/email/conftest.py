@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.testing import ExampleProject, RedisServer, SmtpSink, example_project, free_port
+from core.testing import RedisServer, SmtpSink, free_port
+from tests.support.example import ExampleProject, example_project
 
 
 @dataclass

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import aiosmtplib
 
-from core.testing import ROOT, GatewayProcess, RedisServer
+from core.testing import GatewayProcess, RedisServer
 from tests.gateways.email.conftest import make_example
+from tests.support.example import ROOT
 
 MAILS = 500
 CLIENTS = 8

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from core.envelope import MAX_MESSAGE_BYTES
-from core.testing import ROOT, GatewayProcess, RedisServer, free_port, until
+from core.testing import GatewayProcess, RedisServer, free_port, until
 from gateways.email.config import EmailConfig
 from tests.gateways.email.test_gateway import (
     HOST,
@@ -36,6 +36,7 @@ from tests.gateways.email.test_gateway import (
     sentinel_is_next,
     smtplib_send,
 )
+from tests.support.example import ROOT
 
 pytestmark = pytest.mark.timeout(120)
 

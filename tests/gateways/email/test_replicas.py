@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from core.layers import resolve_layer
-from core.testing import HOST, ROOT, GatewayProcess, RedisServer, free_port
+from core.testing import HOST, GatewayProcess, RedisServer, free_port
+from tests.support.example import ROOT
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.replicas]
 

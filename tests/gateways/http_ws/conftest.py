@@ -15,18 +15,9 @@ from typing import Any
 
 import pytest
 
-from core.testing import (
-    EXAMPLES,
-    WAIT,
-    DjangoWorker,
-    ExampleProject,
-    GatewayProcess,
-    RedisServer,
-    Server,
-    example_project,
-    free_port,
-)
+from core.testing import WAIT, DjangoWorker, GatewayProcess, RedisServer, Server, free_port
 from tests.conftest import missing, service
+from tests.support.example import EXAMPLES, ExampleProject, example_project
 
 SECRET = "test-webhook-secret"
 

@@ -14,8 +14,9 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from core.testing import EXAMPLES, example_project, free_port
+from core.testing import free_port
 from tests.gateways.http_ws.conftest import SECRET, Web
+from tests.support.example import EXAMPLES, example_project
 
 
 async def test_connect_accept_echo_close(web: Web) -> None:

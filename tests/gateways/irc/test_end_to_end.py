@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
-from core.testing import ExampleProject, NgircdServer
+from core.testing import NgircdServer
 from tests.gateways.irc.conftest import Peer
+from tests.support.example import ExampleProject
 
 pytestmark = pytest.mark.timeout(180)
 

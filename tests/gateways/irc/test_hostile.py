@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from channels.exceptions import ChannelFull
 
-from core.testing import IrcSession, ScriptedIrcServer, command, metric, receive, until
+from core.testing import command, metric, receive, until
 from gateways.irc.connection import LINES_PER_TURN, MAX_CAPS
 from gateways.irc.translate import event_id
 from tests.gateways.irc.conftest import irc_config, next_event, running
+from tests.support.irc import IrcSession, ScriptedIrcServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_config
-from core.testing import EXAMPLES
 from gateways.mqtt.config import MqttGatewayConfig
+from tests.support.example import EXAMPLES
 
 
 def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> MqttGatewayConfig:

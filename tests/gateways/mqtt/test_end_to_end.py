@@ -20,23 +20,14 @@ from pathlib import Path
 import pytest
 
 from core.layers import resolve_layer
-from core.testing import (
-    EXAMPLES,
-    ROOT,
-    STARTED_LINE,
-    GatewayProcess,
-    MosquittoServer,
-    RedisServer,
-    example_project,
-    receive,
-    until,
-)
+from core.testing import STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, receive, until
 from tests.gateways.mqtt.conftest import (
     TIMEOUT,
     MqttTestClient,
     gateway_config,
     publish_properties,
 )
+from tests.support.example import EXAMPLES, ROOT, example_project
 
 MakeClient = Callable[..., MqttTestClient]
 

@@ -17,12 +17,13 @@ from typing import Any
 
 from core.layers import resolve_layer
 from core.retry import LAYER_ERRORS
-from core.testing import ROOT, STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, until
+from core.testing import STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, until
 from tests.gateways.mqtt.conftest import (
     TIMEOUT,
     MqttTestClient,
     gateway_config,
 )
+from tests.support.example import ROOT
 
 Start = Callable[[MosquittoServer], MosquittoServer]
 

@@ -11,7 +11,7 @@ import pytest
 from channels.layers import InMemoryChannelLayer
 
 from core.layers import resolve_layer
-from core.testing import ROOT, STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, receive
+from core.testing import STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, receive
 from gateways.mqtt.translate import InvalidCommand, parse_publish, parse_subscribe
 from tests.gateways.mqtt.conftest import (
     MqttTestClient,
@@ -19,6 +19,7 @@ from tests.gateways.mqtt.conftest import (
     gateway_config,
     running,
 )
+from tests.support.example import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 

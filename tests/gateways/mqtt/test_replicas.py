@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from core.layers import resolve_layer
-from core.testing import ROOT, STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, until
+from core.testing import STARTED_LINE, GatewayProcess, MosquittoServer, RedisServer, until
 from tests.gateways.mqtt.conftest import gateway_config
 from tests.gateways.mqtt.test_faults import Seen, Start, publish
+from tests.support.example import ROOT
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.replicas]
 

@@ -22,15 +22,9 @@ import pytest
 from redis import asyncio as aioredis
 
 from core.layers import resolve_layer
-from core.testing import (
-    ExampleProject,
-    GatewayProcess,
-    RedisServer,
-    command,
-    example_project,
-    until,
-)
+from core.testing import GatewayProcess, RedisServer, command, until
 from tests.gateways.scheduler.conftest import keys, role, start, tail, wait_role
+from tests.support.example import ExampleProject, example_project
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from core.layers import resolve_layer
-from core.testing import RedisServer, example_project, until
+from core.testing import RedisServer, until
+from tests.support.example import example_project
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from channels.layers import InMemoryChannelLayer
 
-from core.testing import ROOT, GatewayProcess, receive, run_gateway
+from core.testing import GatewayProcess, receive, run_gateway
 from core.testing.slack import FakeSlack
 from gateways.slack.config import SlackGatewayConfig
 from gateways.slack.gateway import SlackGateway
+from tests.support.example import ROOT
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, CookieJar
 
-from core.testing import ExampleProject, RedisServer, example_project, free_port
+from core.testing import RedisServer, free_port
 from core.testing.slack import EventsApiClient, FakeSlack, SlackCall
 from tests.gateways.slack.conftest import SECRET, gateway_process
+from tests.support.example import ExampleProject, example_project
 
 JOINED_EVENT = {
     "type": "member_joined_channel",
