@@ -148,6 +148,20 @@ async def aiosmtplib_send(
         return await client.data(data)
 
 
+async def data_then_hang_up(port: int, data: bytes) -> aiosmtplib.SMTPResponse:
+    """MAIL, RCPT, DATA, then close without QUIT: the answer to DATA from a gateway that is
+    stopping (it closes the session after it; whether a client's QUIT then fails at once or
+    waits for its timeout is the client library's: aiosmtplib 3.0.1-5.1.0 wait)."""
+    client = aiosmtplib.SMTP(hostname=HOST, port=port, timeout=10, start_tls=False)
+    await client.connect()
+    try:
+        await client.mail("a@x.org")
+        await client.rcpt("bob@example.com")
+        return await client.data(data)
+    finally:
+        client.close()
+
+
 SWAKS_REPLY = re.compile(r"^<([-~*][ *])\s*(\d{3})[ -]", re.MULTILINE)
 
 
@@ -1015,7 +1029,7 @@ async def test_stop_finishes_the_mail_in_data_then_stops() -> None:
     port = gw.server.port
     async with RawSession.open(port) as idle:
         await idle.command(b"EHLO idle\r\n")
-        in_flight = asyncio.create_task(aiosmtplib_send(port, mail("in flight")))
+        in_flight = asyncio.create_task(data_then_hang_up(port, mail("in flight")))
         await asyncio.wait_for(layer.entered.wait(), 10)
         gw.stop()
         await asyncio.wait_for(listener_closed.wait(), 10)
