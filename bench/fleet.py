@@ -83,7 +83,6 @@ from bench._common import (
     machine,
     machine_lines,
     markdown_table,
-    program_version,
     text_table,
     today,
     update_section,
@@ -98,6 +97,7 @@ from bench.mqtt_worker import (
     Worker,
     log_findings,
     tally,
+    versions,
     watch,
 )
 from core.testing import free_port
@@ -714,17 +714,6 @@ def analysis(rows: list[Row], loads: tuple[str, str] | None = None) -> list[str]
             f"{nproc} CPUs and the *CPU bound* column is a ceiling it could not reach."
         )
     return lines
-
-
-def versions() -> list[str]:
-    import paho.mqtt
-    import redis
-
-    return [
-        f"- redis-server: {program_version('redis-server', '--version')}",
-        f"- mosquitto: {program_version('mosquitto', '-h')}",
-        f"- redis-py {redis.__version__}, paho-mqtt {paho.mqtt.__version__}",
-    ]
 
 
 def markdown(
