@@ -640,8 +640,10 @@ class Gateway(Generic[ConfigT]):
                 loop.result()  # the loop ended by itself: raise why (run() reports it)
                 raise RuntimeError("command loop returned")
 
-    async def _command_loop(self, channel: str) -> None:
-        reader = ChannelReader(
+    def channel_reader(self, channel: str) -> ChannelReader:
+        """A reader of one of this gateway's own channels, reporting to its readiness and
+        receive metrics (the command loop's, and a subclass's control channels)."""
+        return ChannelReader(
             self.layer,
             channel,
             log=self.log,
@@ -649,6 +651,9 @@ class Gateway(Generic[ConfigT]):
             on_layer=self._set_layer_ok,
             count=self._count_receive,
         )
+
+    async def _command_loop(self, channel: str) -> None:
+        reader = self.channel_reader(channel)
         while True:
             # Wait for a free command slot *before* receiving, so a command is not taken off
             # the channel while every slot is busy (it would sit in this task and be lost if

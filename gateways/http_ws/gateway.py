@@ -40,7 +40,6 @@ from typing import Any
 
 from core.envelope import new_event
 from core.layers import import_object
-from core.receiving import ChannelReader
 from core.retry import (
     LAYER_ERRORS,
     Backoff,
@@ -687,14 +686,7 @@ class HttpWsGateway(Gateway[HttpWsGatewayConfig]):
 
     async def _control_loop(self, channel: str) -> None:
         """Workers' heartbeats: who is alive, what each one holds and has handled."""
-        reader = ChannelReader(
-            self.layer,
-            channel,
-            log=self.log,
-            label=self.name,
-            on_layer=self._set_layer_ok,
-            count=self._count_receive,
-        )
+        reader = self.channel_reader(channel)
         while True:
             message = await reader.receive()
             if isinstance(message, dict) and message.get("type") == HEARTBEAT:
