@@ -5,9 +5,10 @@ lives in a store:
 
 * :class:`RedisStore` when the layer is Redis: one host, Sentinel or a Redis Cluster (through
   :mod:`core.redis`, under the layer's prefix; on a cluster every key of one scheduler carries
-  the hash tag ``{scheduler:NAME}``, so each script's keys are in one slot). Several ``gateway-scheduler`` processes share it. One holds the **lease**
-  (:mod:`core.lease`'s scripts: ``SET NX PX``, renewed by a script that checks it is still the
-  holder); each acquisition takes a new **fencing token** from ``INCR``. Every scheduled fire is
+  the hash tag ``{scheduler:NAME}``, so each script's keys are in one slot). Several
+  ``gateway-scheduler`` processes share it. One holds the **lease** (:mod:`core.lease`'s
+  scripts: ``SET NX PX``, renewed by a script that checks it is still the holder); each
+  acquisition takes a new **fencing token** from ``INCR``. Every scheduled fire is
   **committed** by one script that checks, atomically, that the lease still holds this process's
   token, that the schedule's cursor is older than the due time and that the schedule is not
   paused, applies its overlap policy against the runs that have not reported ``scheduler.done``,

@@ -37,7 +37,7 @@ def cluster() -> Iterator[RedisClusterServers]:
 
 def replicated_layer(replicated: ReplicatedRedis) -> StreamsChannelLayer:
     url = replicated.master.url.replace("redis://", "redis+streams://")
-    layer = resolve_layer(f"{url}?durability=replicated&durability_timeout=0.3")
+    layer = resolve_layer(f"{url}?durability=replicated&durability_timeout=1")
     assert isinstance(layer, StreamsChannelLayer)
     return layer
 
@@ -94,6 +94,11 @@ async def test_the_scheduler_keeps_its_state_on_a_cluster(cluster: RedisClusterS
         assert (fire["type"], fire["schedule"], fire["n"]) == ("scheduler.fire", "once", 1)
         again = await command(layer, f"{name}.send", add)
         assert again["ok"] and again["done"] is True
+        later = {"type": "scheduler.add", "schedule": "later", "in": 3600, "message": {}}
+        assert (await command(layer, f"{name}.send", later))["ok"]
+        listed = await command(layer, f"{name}.send", {"type": "scheduler.list"})
+        rows = listed["schedules"]
+        assert isinstance(rows, list) and [r["schedule"] for r in rows] == ["later"]  # a pipeline
         done_key = f"asgi:gateways:{{scheduler:{name}}}:done:once"
         client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
         assert client.exists(done_key) == 1
@@ -214,7 +219,7 @@ async def test_the_scheduler_does_not_fire_an_unreplicated_commit(
     finds it made (the master has it), so it is not fired twice either."""
     name = "replicated"
     url = replicated_redis.master.url.replace("redis://", "redis+streams://")
-    url += "?durability=replicated&durability_timeout=0.3"
+    url += "?durability=replicated&durability_timeout=1"
     config = scheduler_config(name, {"hourly": {"every": "1h"}})
     async with running(config, url) as (gw, _):
         token = await until(lambda: gw.token, what="leader")
