@@ -24,6 +24,8 @@ from gateways.mqtt.store import RedisSubscriptionStore, StoreError, open_store
 from gateways.mqtt.translate import Route
 from gateways.scheduler.connection import Commit, RedisStore, StoreNotReplicated
 from gateways.slack.dedup import Claim, RedisDedupWindow
+from gateways.slack.installations import RedisInstallationStore
+from gateways.slack.translate import Installation
 from tests.conftest import _run
 from tests.gateways.scheduler.conftest import running, scheduler_config
 
@@ -67,6 +69,14 @@ async def test_a_cluster_layer_keeps_each_integrations_keys_in_one_slot(
         # the stored hash is on the master of its slot (read there without the cluster client)
         master = cluster.master_of(key)
         assert redis.Redis(host="127.0.0.1", port=master.port).hlen(key) == 1
+        # Slack's installations: a MULTI/EXEC of two keys and an MGET, one slot
+        slack = layer_redis(layer, "slack", "acme")
+        assert slack is not None
+        installations = RedisInstallationStore(slack)
+        installed = Installation("T1", None, False, "xoxb-1", bot_token_expires_at=2e9)
+        await installations.save(installed)
+        assert await installations.find(None, "T1") == installed
+        await installations.close()
         # a lease: a script over two keys (lease, fence), one slot
         lease = RedisLease(lease_redis, "me", ttl=5)
         assert await lease.acquire() == 1
