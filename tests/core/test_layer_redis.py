@@ -117,6 +117,38 @@ async def test_the_scheduler_keeps_its_state_on_a_cluster(cluster: RedisClusterS
     assert metric("scheduler_fires_total", gateway=name) == 1
 
 
+async def test_replicated_writes_on_a_cluster_wait_on_the_keys_master(
+    cluster: RedisClusterServers,
+) -> None:
+    """``WAIT`` on the master of the integration's slot, in the pipeline of the write: accepted
+    while its replica follows, refused while that replica is stopped (a plain write and the
+    scheduler's commit script alike)."""
+    layer = resolve_layer(cluster.url + "?durability=replicated&durability_timeout=1")
+    store = layer_redis(layer, "scheduler", "durable")
+    assert store is not None and store.cluster and store.replicated
+    scheduler = RedisStore(store)
+    try:
+        assert await store.write("set", store.key("x"), "1") is True
+        token = await scheduler.acquire("me", 30)
+        assert token is not None
+        commit = Commit("s", 100.0, fire=True)
+        assert (await scheduler.advance("me", token, commit, done_ttl=60)).code == 1
+        (replica,) = cluster.replicas_of(cluster.master_of(store.key("x")))
+        replica.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(NotReplicated, match="no replica confirmed it"):
+                await store.write("set", store.key("x"), "2")
+            with pytest.raises(StoreNotReplicated):
+                await scheduler.advance("me", token, Commit("s", 101.0, fire=True), done_ttl=60)
+        finally:
+            replica.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(cluster.wait_ok)
+    finally:
+        await scheduler.close()
+        assert isinstance(layer, StreamsChannelLayer)
+        await layer.flush()
+
+
 # -- Sentinel ---------------------------------------------------------------------------------
 
 
