@@ -6,6 +6,12 @@ Redis setting and reach every replica of the integration:
 
     {prefix}:gateways:mqtt:{name}:subscriptions   field ["filter", "channel"] → {"qos": 1, …}
 
+(on a Redis Cluster ``mqtt:{name}`` is the keys' hash tag, e.g.
+``asgi:gateways:{mqtt:sensors}:subscriptions``: :mod:`core.redis`).
+With the layer's ``durability="replicated"`` a change counts only once a replica has it: else
+``mqtt.subscribe``/``mqtt.unsubscribe`` answer an error (the change may still be on the master;
+the command can be sent again).
+
 Any other layer keeps them in memory only, for the life of the process.
 """
 
@@ -56,8 +62,12 @@ class RedisSubscriptionStore(SubscriptionStore):
         self.key = redis.key("subscriptions")
         self.description = f"Redis hash {self.key!r}"
 
-    async def _call(self, method: str, *args: str) -> object:
+    async def _call(self, method: str, *args: str, write: bool = False) -> object:
+        """``write``: a change a command answers (with the layer's ``durability="replicated"``
+        it counts only once a replica has it: else a :class:`StoreError`)."""
         try:
+            if write:
+                return await self.redis.write(method, self.key, *args)
             return await self.redis.call(method, self.key, *args)
         except RedisUnavailable as exc:
             raise StoreError(f"{self.description}: {exc}") from exc
@@ -79,12 +89,11 @@ class RedisSubscriptionStore(SubscriptionStore):
         return routes
 
     async def save(self, route: Route) -> None:
-        await self._call(
-            "hset", self._field(route.filter, route.channel), json.dumps(route.to_record())
-        )
+        field = self._field(route.filter, route.channel)
+        await self._call("hset", field, json.dumps(route.to_record()), write=True)
 
     async def delete(self, filter_: str, channel: str) -> None:
-        await self._call("hdel", self._field(filter_, channel))
+        await self._call("hdel", self._field(filter_, channel), write=True)
 
     async def close(self) -> None:
         await self.redis.close()

@@ -3,10 +3,12 @@
 The scheduler's transport is the clock; what it must not lose, and what replicas must agree on,
 lives in a store:
 
-* :class:`RedisStore` when the layer is Redis (through :mod:`core.redis`, under the layer's
-  prefix). Several ``gateway-scheduler`` processes share it. One holds the **lease**
-  (:mod:`core.lease`'s scripts: ``SET NX PX``, renewed by a script that checks it is still the
-  holder); each acquisition takes a new **fencing token** from ``INCR``. Every scheduled fire is
+* :class:`RedisStore` when the layer is Redis: one host, Sentinel or a Redis Cluster (through
+  :mod:`core.redis`, under the layer's prefix; on a cluster every key of one scheduler carries
+  the hash tag ``{scheduler:NAME}``, so each script's keys are in one slot). Several
+  ``gateway-scheduler`` processes share it. One holds the **lease** (:mod:`core.lease`'s
+  scripts: ``SET NX PX``, renewed by a script that checks it is still the holder); each
+  acquisition takes a new **fencing token** from ``INCR``. Every scheduled fire is
   **committed** by one script that checks, atomically, that the lease still holds this process's
   token, that the schedule's cursor is older than the due time and that the schedule is not
   paused, applies its overlap policy against the runs that have not reported ``scheduler.done``,
@@ -22,10 +24,17 @@ lives in a store:
   (with the same ``id``) needs the leader to die, or lose the store, in the instant between
   the layer taking the fire and the confirmation, or to be paused past its lease while the
   layer pushes that fire back (``Gateway.publish`` retries are not fenced).
+* With the layer's ``durability="replicated"`` every commit, claim, confirmation and change a
+  command answers (add, remove, pause, resume, trigger, backfill, done) waits for a replica
+  (``WAIT 1``, :mod:`core.redis`); one no replica confirmed in time is not accepted
+  (:class:`StoreNotReplicated`): its fire is not sent (counted missed; a failover that lost
+  the commit lets the next leader make it), its command answers an error. Without it a
+  failover can lose a commit made just before, and the next leader fires that due time again.
 * :class:`SqliteStore` for every other layer: a local SQLite file, one process only (an
   exclusive ``flock`` on ``FILE.lock``; a second process exits 3). Its "lease" is always held.
 
-Keys (Redis, each under ``{prefix}:gateways:scheduler:{name}:``): ``lease`` (owner|token, with
+Keys (Redis, each under ``{prefix}:gateways:scheduler:{name}:``; on a Redis Cluster
+``{prefix}:gateways:{scheduler:NAME}:``): ``lease`` (owner|token, with
 a TTL), ``fence`` (the token counter), ``cursors`` (hash: schedule → last handled due time,
 or where it starts), ``last`` (hash: schedule → last handled due time), ``missed`` (hash:
 schedule → due times given up since its last fire), ``specs`` (hash: run-time schedule → JSON),
@@ -57,7 +66,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from core.lease import ACQUIRE_SCRIPT, RELEASE_SCRIPT, RENEW_SCRIPT
-from core.redis import LayerRedis, RedisUnavailable
+from core.redis import LayerRedis, NotReplicated, RedisUnavailable
 from gateways.scheduler.translate import Overlap, overlap_action
 
 __all__ = [
@@ -70,6 +79,7 @@ __all__ = [
     "RedisStore",
     "SqliteStore",
     "StateStore",
+    "StoreNotReplicated",
     "StoreUnavailable",
     "dumps",
 ]
@@ -82,6 +92,13 @@ AddOutcome = str
 
 class StoreUnavailable(Exception):
     """The store could not be reached or refused a call; the text says why."""
+
+
+class StoreNotReplicated(StoreUnavailable):
+    """``durability="replicated"``: Redis took a commit and no replica confirmed it in time
+    (``WAIT 1``). Not accepted: nothing is sent or answered on it. The master may still have
+    it (a retry of the same commit then finds it done) or lose it in a failover (the next
+    leader then makes it)."""
 
 
 @dataclass(frozen=True)
@@ -582,11 +599,18 @@ class RedisStore:
         }
         return [self._key(per.get(name, name)) for name in _KEYS]
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _run(
+        self, script: Any, keys: list[str], args: list[Any], *, durable: bool = False
+    ) -> Any:
+        """``durable``: a commit (its outcome is acted on, or answered to a command): with the
+        layer's ``durability="replicated"`` a replica must confirm it, else
+        :class:`StoreNotReplicated`."""
         try:
-            return await script(keys=keys, args=args)
-        except Exception as exc:  # redis errors, timeouts, connection refused
-            raise StoreUnavailable(f"{self.description}: {type(exc).__name__}: {exc}") from exc
+            return await self.redis.script(script, keys, args, durable=durable)
+        except NotReplicated as exc:
+            raise StoreNotReplicated(str(exc)) from exc
+        except RedisUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
@@ -629,7 +653,9 @@ class RedisStore:
             _num(commit.now),
             commit.buffered,
         ]
-        return _committed(await self._run(self._advance, self._keys(commit.schedule), args))
+        return _committed(
+            await self._run(self._advance, self._keys(commit.schedule), args, durable=True)
+        )
 
     async def cursors(self, defaults: dict[str, tuple[float, str]]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -652,17 +678,21 @@ class RedisStore:
 
     async def add(self, schedule: str, spec: str, cursor: float, limit: int) -> AddOutcome:
         keys = [self._key(k) for k in ("specs", "cursors", "version", f"done:{schedule}")]
-        result = await self._run(self._add, keys, [schedule, spec, _num(cursor), limit])
+        result = await self._run(
+            self._add, keys, [schedule, spec, _num(cursor), limit], durable=True
+        )
         return _text(result)
 
     async def remove(self, schedule: str) -> bool:
-        return bool(await self._run(self._remove, self._keys(schedule), [schedule]))
+        return bool(await self._run(self._remove, self._keys(schedule), [schedule], durable=True))
 
     async def pause(self, schedules: Sequence[str], note: str, now: float) -> list[str]:
         changed: list[str] = []
         for start in range(0, len(schedules), 1000):
             chunk = list(schedules[start : start + 1000])
-            result = await self._run(self._pause, self._keys(), [note, _num(now), *chunk])
+            result = await self._run(
+                self._pause, self._keys(), [note, _num(now), *chunk], durable=True
+            )
             changed += [_text(r) for r in result]
         return changed
 
@@ -671,7 +701,7 @@ class RedisStore:
         keys = [*self._keys(), self._key("resumed")]
         for start in range(0, len(schedules), 1000):
             chunk = list(schedules[start : start + 1000])
-            result = await self._run(self._resume, keys, [_num(now), *chunk])
+            result = await self._run(self._resume, keys, [_num(now), *chunk], durable=True)
             changed += [_text(r) for r in result]
         return changed
 
@@ -685,7 +715,7 @@ class RedisStore:
 
     async def enqueue(self, request: str, items: list[tuple[str, str]], ttl: float) -> bool:
         args: list[Any] = [_ms(ttl)] + [x for pair in items for x in pair]
-        return bool(await self._run(self._enqueue, self._keys(request=request), args))
+        return bool(await self._run(self._enqueue, self._keys(request=request), args, durable=True))
 
     async def queue(self, limit: int) -> list[Queued]:
         ids = [_text(q) for q in await self._call("zrange", self._key("queue"), 0, limit - 1)]
@@ -723,10 +753,10 @@ class RedisStore:
             _num(now),
             int(consume_missed),
         ]
-        return _committed(await self._run(self._claim, self._keys(schedule), args))
+        return _committed(await self._run(self._claim, self._keys(schedule), args, durable=True))
 
     async def confirm(self, qid: str) -> None:
-        await self._run(self._confirm, self._keys(), [qid])
+        await self._run(self._confirm, self._keys(), [qid], durable=True)
 
     async def run_schedule(self, run: str) -> str | None:
         value = await self._call("hget", self._key("runs"), run)
@@ -734,7 +764,7 @@ class RedisStore:
 
     async def finish(self, schedule: str, run: str | None, now: float) -> Finished:
         result = await self._run(
-            self._finish, self._keys(schedule), [schedule, run or "", _num(now)]
+            self._finish, self._keys(schedule), [schedule, run or "", _num(now)], durable=True
         )
         return Finished(bool(result[0]), tuple(_text(r) for r in result[1]), bool(int(result[2])))
 

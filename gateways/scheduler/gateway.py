@@ -62,6 +62,7 @@ from gateways.scheduler.connection import (
     RedisStore,
     SqliteStore,
     StateStore,
+    StoreNotReplicated,
     StoreUnavailable,
     dumps,
 )
@@ -748,6 +749,17 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
                 result = await self.store.advance(
                     self.owner, token, commit, done_ttl=self.settings.remember_done
                 )
+            except StoreNotReplicated as exc:
+                # on the master, maybe: a retry would find it done and send nothing either
+                _MISSES.labels(self.name, "store").inc()
+                self.log.warning(
+                    "%s: schedule %s: due %.3f not fired: %s (counted missed)",
+                    self.name,
+                    spec.id,
+                    commit.due,
+                    exc,
+                )
+                return Committed(0)
             except StoreUnavailable as exc:
                 self._store_down(str(exc))
                 delay = backoff.next()

@@ -6,6 +6,13 @@ the same ids:
 
     {prefix}:gateways:slack:{name}:seen:{event id}   "pending" | "done", with a TTL
 
+(on a Redis Cluster ``slack:{name}`` is the keys' hash tag, e.g.
+``asgi:gateways:{slack:acme}:seen:Ev123``: :mod:`core.redis`).
+With the layer's ``durability="replicated"`` the ``done`` mark counts only once a replica has
+it; a mark no replica confirmed is handled as one Redis did not take (below: remembered in
+this process). The event itself is acknowledged either way: the layer has it (its own
+``durability`` covers that); the mark only keeps a redelivery from being published again.
+
 Any other layer keeps an in-memory window bounded by ``dedup.max_entries`` (the oldest id is
 forgotten first).
 
@@ -156,7 +163,7 @@ class RedisDedupWindow(DedupWindow):
 
     async def done(self, key: str) -> None:
         try:
-            await self.redis.call("set", self._key(key), "done", px=_ms(self.window))
+            await self.redis.write("set", self._key(key), "done", px=_ms(self.window))
         except RedisUnavailable as exc:
             self._unavailable(exc)  # the pending mark expires; this process remembers it
             await self.unwritten.done(key)

@@ -121,21 +121,20 @@ class RedisInstallationStore(InstallationStore):
         super().__init__()
         self.redis = redis
         self.description = f"Redis keys {redis.key('installation:')}*"
+        self._save = redis.client.register_script(_SAVE)
 
     def _key(self, what: str) -> str:
         return self.redis.key(what)
 
     async def save(self, installation: Installation) -> None:
-        client = self.redis.client
+        # one script, not MULTI/EXEC: redis-py before 6 has no transactions on a Redis Cluster
+        # (the two keys share the integration's hash tag there)
         key = installation.key
+        expires = installation.bot_token_expires_at
+        keys = [self._key(f"installation:{key}"), self._key("expiries")]
+        args = [installation.to_json(), key, "" if expires is None else repr(float(expires))]
         try:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.set(self._key(f"installation:{key}"), installation.to_json())
-                if installation.bot_token_expires_at is not None:
-                    pipe.zadd(self._key("expiries"), {key: installation.bot_token_expires_at})
-                else:
-                    pipe.zrem(self._key("expiries"), key)
-                await pipe.execute()
+            await self._save(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise _unavailable("save", exc) from exc
 
@@ -188,6 +187,18 @@ class RedisInstallationStore(InstallationStore):
 
     async def close(self) -> None:
         await self.redis.close()
+
+
+#: KEYS: the installation, the expiries; ARGV: its JSON, its key, its expiry or ""
+_SAVE = """
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+else
+  redis.call('ZREM', KEYS[2], ARGV[2])
+end
+return 1
+"""
 
 
 def _unavailable(method: str, exc: Exception) -> RedisUnavailable:
