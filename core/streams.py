@@ -1000,7 +1000,10 @@ class _Reader:
         self.channel = layer._stream_channel(key)
         self.buffers = layer.receive_buffer if self.local else _Buffers(layer)
         self.waiting: dict[str, int] = {}
-        self.changed = asyncio.Condition()
+        #: one future per waiting receive, by channel: a fetch wakes only the receives of the
+        #: channels it brought entries for (50 sockets' replies on one process-local stream:
+        #: waking all of them for each fetch cost more than the fetch)
+        self.wakeups: dict[str, list[asyncio.Future[None]]] = {}
         self.task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
         self.next_claim = 0.0
@@ -1013,37 +1016,57 @@ class _Reader:
 
     async def get(self, channel: str) -> _Entry:
         entry = self.buffers.take(channel)
-        if entry is not None:  # the common case under load: no lock, no wait
+        if entry is not None:  # the common case under load: no wait
             return entry
-        async with self.changed:
-            self.waiting[channel] = self.waiting.get(channel, 0) + 1
-            try:
-                while True:
-                    if (entry := self.buffers.take(channel)) is not None:
-                        return entry
-                    if self.error is not None:
-                        error, self.error = self.error, None
-                        raise error
-                    # a fetch cancelled by a receive given up a moment ago ends without a
-                    # word to the waiters: a receive started meanwhile needs a fetch of its own
-                    if self.task is None or self.task.done() or self.task.cancelling():
-                        self.task = asyncio.get_running_loop().create_task(self._fetch_loop())
-                    await self.changed.wait()
-            except asyncio.CancelledError:
-                nobody = self.waiting[channel] == 1 and len(self.waiting) == 1
-                if nobody and self.task is not None and not self.local:
-                    # nobody waits any more: a fetch left running would take messages another
-                    # consumer waits for. (A process-local fetch runs on: its NOACK entries
-                    # would be lost with the reply, and nobody else reads that stream.)
-                    self.task.cancel()
-                raise
-            finally:
-                self.waiting[channel] -= 1
-                if not self.waiting[channel]:
-                    del self.waiting[channel]
+        loop = asyncio.get_running_loop()
+        self.waiting[channel] = self.waiting.get(channel, 0) + 1
+        wakeup: asyncio.Future[None] | None = None
+        try:
+            while True:
+                if (entry := self.buffers.take(channel)) is not None:
+                    return entry
+                if self.error is not None:
+                    error, self.error = self.error, None
+                    raise error
+                # a fetch cancelled by a receive given up a moment ago ends without a
+                # word to the waiters: a receive started meanwhile needs a fetch of its own
+                if self.task is None or self.task.done() or self.task.cancelling():
+                    self.task = loop.create_task(self._fetch_loop())
+                wakeup = loop.create_future()
+                self.wakeups.setdefault(channel, []).append(wakeup)
+                await wakeup
+        except asyncio.CancelledError:
+            nobody = self.waiting[channel] == 1 and len(self.waiting) == 1
+            if nobody and self.task is not None and not self.local:
+                # nobody waits any more: a fetch left running would take messages another
+                # consumer waits for. (A process-local fetch runs on: its NOACK entries
+                # would be lost with the reply, and nobody else reads that stream.)
+                self.task.cancel()
+            raise
+        finally:
+            self.waiting[channel] -= 1
+            if not self.waiting[channel]:
+                del self.waiting[channel]
+            if wakeup is not None:  # a cancelled receive leaves no future behind
+                self._forget(channel, wakeup)
+
+    def _forget(self, channel: str, wakeup: asyncio.Future[None]) -> None:
+        waiters = self.wakeups.get(channel)
+        if waiters is not None and wakeup in waiters:
+            waiters.remove(wakeup)
+            if not waiters:
+                del self.wakeups[channel]
+
+    def _wake(self, channels: Iterable[str]) -> None:
+        """Wake the receives waiting on ``channels`` (they look at their buffers again)."""
+        for channel in channels:
+            for wakeup in self.wakeups.pop(channel, ()):
+                if not wakeup.done():
+                    wakeup.set_result(None)
 
     def put_back(self, entry: _Entry) -> None:
         self.buffers.put_back(entry, dedupe=not self.local)
+        self._wake((entry.channel,))
 
     def _wanted(self) -> bool:
         return any(not self.buffers.get(channel) for channel in self.waiting)
@@ -1052,18 +1075,17 @@ class _Reader:
         try:
             while self._wanted():
                 entries = await self._fetch()
-                async with self.changed:
-                    for entry in entries:
-                        self._buffer(entry)
-                    self.changed.notify_all()
-                if entries and not self.local:
-                    self.layer._state().start_refresher(self.layer)
+                for entry in entries:
+                    self._buffer(entry)
+                if entries:
+                    self._wake({entry.channel for entry in entries})
+                    if not self.local:
+                        self.layer._state().start_refresher(self.layer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            async with self.changed:
-                self.error = _outage(exc)
-                self.changed.notify_all()
+            self.error = _outage(exc)
+            self._wake(list(self.wakeups))
 
     def _buffer(self, entry: _Entry) -> None:
         if not self.buffers.put(entry, dedupe=not self.local) or not self.local:
