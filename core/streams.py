@@ -1649,8 +1649,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         reader = self._reader(index, key)
         while True:
             entry = await reader.get(channel)
-            token = AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
-            if token.redelivered:
+            redelivered = entry.delivery > 1  # AckToken.redelivered, without building one
+            if redelivered:
+                token = AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
                 try:
                     delivery = await self.begin(token, entry.message)
                 except BaseException:
@@ -1658,8 +1659,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     raise
                 if delivery is None:
                     continue  # dead-lettered
-            if not token.local:
-                runs = self._runs_key(key) if token.redelivered else ""
+            if not reader.local:  # a process-local entry was deleted as it was fetched
+                runs = self._runs_key(key) if redelivered else ""
                 self._writer(index).acknowledge(key, entry.entry_id, runs)
             return entry.message
 
