@@ -59,9 +59,10 @@ What it promises (DESIGN §3, "The streams layer's contract"), and how:
   bounds what waits in Redis for the process; the stream expires ``local_expiry`` seconds after
   the last send or read (its process is gone).
 * **One writer per host and event loop.** ``send``, ``group_send``, acks and group edits go on a
-  queue; one task runs everything queued as *one* pipeline, the sends and acks of a batch in one
-  Lua script that checks each stream's length against its capacity before the ``XADD``, so
-  ``ChannelFull`` is exact and each caller gets its own answer.
+  queue; one task runs everything queued as *one* pipeline, the sends, group_sends (on a single
+  host) and acks of a batch in one Lua script that checks each stream's length against its
+  capacity before the ``XADD``, so ``ChannelFull`` is exact and each caller gets its own answer;
+  without group edits in the batch that is one ``EVALSHA``, no pipeline.
   :meth:`StreamsChannelLayer.send_many` appends an ordered run in one round trip and stops at the
   first full channel (``core.service.Gateway.publish_many`` hands a backlog over that way).
 * **Redis Cluster** (``redis+cluster://h1:p1,h2:p2/``, a host ``{"cluster": [urls]}``): every
@@ -297,15 +298,86 @@ end
 """
 )
 
-# KEYS: one stream per record. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, ARGV[3] the
-# host's marker key, ARGV[4] a new marker value, then one record per key: 's', capacity,
+# group_send on a single host, a record of the batch script below: read the members of the group
+# ``key`` and append ``payload`` to each member's stream; the process-local members of one process
+# share one entry naming them all. ``first`` is where ``owned`` (channel, capacity) pairs for
+# channels with a capacity of their own start in ARGV. Returns {members, members not reached,
+# {some not reached}}.
+_GROUP = """
+local now = nil
+local function group(key, payload, default, expiry, prefix, first, owned)
+    local own = {}
+    for j = first, first + 2 * owned - 1, 2 do
+        own[ARGV[j]] = tonumber(ARGV[j + 1])
+    end
+    local function capacity(channel)
+        return own[channel] or default
+    end
+    if not now then
+        now = tonumber(redis.call('TIME')[1])
+    end
+    redis.call('ZREMRANGEBYSCORE', key, 0, now - expiry)
+    local members = redis.call('ZRANGE', key, 0, -1)
+    local full = 0
+    local missed = {}
+    local function miss(channel)
+        if #missed < 10 then
+            table.insert(missed, channel)
+        end
+    end
+    local locals = {}
+    local order = {}
+    for _, channel in ipairs(members) do
+        local bang = string.find(channel, '!', 1, true)
+        if bang then
+            local target = prefix .. string.sub(channel, 1, bang)
+            if not locals[target] then
+                locals[target] = {}
+                table.insert(order, target)
+            end
+            table.insert(locals[target], channel)
+        else
+            local target = prefix .. channel
+            trim(target)
+            if add(target, capacity(channel), payload, '', ARGV[2]) == 0 then
+                full = full + 1
+                miss(channel)
+            end
+        end
+    end
+    for _, target in ipairs(order) do
+        local targets = locals[target]
+        local room = 0
+        for _, channel in ipairs(targets) do
+            room = math.max(room, capacity(channel))
+        end
+        trim(target)
+        if add(target, room, payload, table.concat(targets, ','), ARGV[2]) == 0 then
+            full = full + #targets
+            for _, channel in ipairs(targets) do
+                miss(channel)
+            end
+        end
+    end
+    return {#members, full, missed}
+end
+"""
+
+# KEYS: one stream (or group) per record. ARGV[1] expiry ms (0: none), ARGV[2] local TTL, ARGV[3]
+# the host's marker key, ARGV[4] a new marker value, then one record per key: 's', capacity,
 # payload, target for a send; 'oN' and the same three for a send that is part N of an ordered
 # sequence (``send_many``): once one send of a sequence found its stream full, the rest of that
 # sequence is not added; 'A', n, then n entry ids to acknowledge (and delete); 'a', entry id,
-# the stream's hand-out count hash, to acknowledge a redelivered entry.
-# Returns {results (a list of 1/0 for an 'A' record), {key, trimmed, …}, marker before}.
+# the stream's hand-out count hash, to acknowledge a redelivered entry; 'g', payload, capacity,
+# group expiry (s), stream key prefix, n, then n (channel, capacity) pairs for channels with a
+# capacity of their own, for a group_send to the group KEYS[i] (single host only: the members'
+# streams are not among KEYS).
+# Returns {results (a list of 1/0 for an 'A' record, {members, not reached, {some not reached}}
+# for a 'g' record), {key, trimmed, …}, marker before}. Sends and group_sends run in the order
+# they were submitted: one writer round trip is one script call.
 _BATCH = (
     _ADD
+    + _GROUP
     + """
 local seen = epoch(ARGV[3], ARGV[4])
 local results = {}
@@ -333,6 +405,11 @@ for i = 1, #KEYS do
         trim(key)
         results[i] = add(key, tonumber(ARGV[at + 1]), ARGV[at + 2], ARGV[at + 3], ARGV[2])
         at = at + 4
+    elseif op == 'g' then
+        local owned = tonumber(ARGV[at + 5])
+        results[i] = group(key, ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]),
+            ARGV[at + 4], at + 6, owned)
+        at = at + 6 + 2 * owned
     else
         if stopped[op] then
             results[i] = 0
@@ -347,71 +424,6 @@ for i = 1, #KEYS do
     end
 end
 return {results, trims, seen}
-"""
-)
-
-# group_send on a single host: read the members and append to each member's stream in one call;
-# the process-local members of one process share one entry naming them all. KEYS[1] group key;
-# ARGV[1] expiry ms, ARGV[2] local TTL, ARGV[3] marker key, ARGV[4] new marker value, ARGV[5]
-# stream key prefix, ARGV[6] payload, ARGV[7] capacity, ARGV[8] group expiry (s), then
-# (channel, capacity) pairs for channels with a capacity of their own.
-# Returns {members, members not reached, {key, trimmed, …}, marker before, {some not reached}}.
-_GROUP = (
-    _ADD
-    + """
-local seen = epoch(ARGV[3], ARGV[4])
-local own = {}
-for i = 9, #ARGV, 2 do
-    own[ARGV[i]] = tonumber(ARGV[i + 1])
-end
-local function capacity(channel)
-    return own[channel] or tonumber(ARGV[7])
-end
-local now = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, tonumber(now[1]) - tonumber(ARGV[8]))
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-local full = 0
-local missed = {}
-local function miss(channel)
-    if #missed < 10 then
-        table.insert(missed, channel)
-    end
-end
-local locals = {}
-local order = {}
-for _, channel in ipairs(members) do
-    local bang = string.find(channel, '!', 1, true)
-    if bang then
-        local key = ARGV[5] .. string.sub(channel, 1, bang)
-        if not locals[key] then
-            locals[key] = {}
-            table.insert(order, key)
-        end
-        table.insert(locals[key], channel)
-    else
-        local key = ARGV[5] .. channel
-        trim(key)
-        if add(key, capacity(channel), ARGV[6], '', ARGV[2]) == 0 then
-            full = full + 1
-            miss(channel)
-        end
-    end
-end
-for _, key in ipairs(order) do
-    local targets = locals[key]
-    local room = 0
-    for _, channel in ipairs(targets) do
-        room = math.max(room, capacity(channel))
-    end
-    trim(key)
-    if add(key, room, ARGV[6], table.concat(targets, ','), ARGV[2]) == 0 then
-        full = full + #targets
-        for _, channel in ipairs(targets) do
-            miss(channel)
-        end
-    end
-end
-return {#members, full, trims, seen, missed}
 """
 )
 
@@ -663,7 +675,7 @@ class _Op:
 
 
 #: operations that go into the batch script
-_STREAM_OPS: Final = ("send", "many", "ack")
+_STREAM_OPS: Final = ("send", "many", "ack", "group")
 
 
 class _Writer:
@@ -789,15 +801,30 @@ class _Writer:
                 target = script(op.key)
                 target.writes = True
                 target.add(op.key, ["s", *op.args], [op])
+            elif op.kind == "group":
+                target = script(op.key)
+                target.writes = True
+                own = layer._own_capacity
+                (payload,) = op.args
+                target.add(
+                    op.key,
+                    [
+                        "g",
+                        payload,
+                        layer.capacity,
+                        layer.group_expiry,
+                        layer._stream_prefix,
+                        len(own),
+                        *[v for pair in own.items() for v in pair],
+                    ],
+                    [op],
+                )
             else:
                 script(op.key).add(op.key, ["a", op.args[0], op.args[1]], [op])
         durable = layer.durability == "replicated"
-        writes = any(s.writes for s in scripts.values()) or any(
-            op.kind == "group" for op in other_ops
-        )
+        writes = any(s.writes for s in scripts.values())
         waits: list[_Wait] = []
         spans: list[int] = []
-        sent: dict[int, tuple[str, str]] = {}  # a group op's marker and candidate, by id
         if len(scripts) == 1 and not other_ops and not (durable and writes):
             # the common case: one script call (by its SHA), without a pipeline's overhead
             (only,) = scripts.values()
@@ -812,27 +839,8 @@ class _Writer:
             for one in scripts.values():
                 pipe.eval(_BATCH, len(one.keys), *one.keys, *one.args(layer))
             for op in other_ops:
-                spans.append(1)
-                if op.kind == "group":
-                    (payload,) = op.args
-                    marker = layer._marker_key(op.key)
-                    sent[id(op)] = (marker, layer._candidate(self.index, marker))
-                    pipe.eval(
-                        _GROUP,
-                        1,
-                        op.key,
-                        layer._expiry_ms,
-                        layer.local_expiry,
-                        *sent[id(op)],
-                        layer._stream_prefix,
-                        payload,
-                        layer.capacity,
-                        layer.group_expiry,
-                        *[v for pair in layer._own_capacity.items() for v in pair],
-                    )
-                else:
-                    assert op.call is not None
-                    spans[-1] = op.call(pipe)
+                assert op.call is not None
+                spans.append(op.call(pipe))
             if durable and writes:
                 waits = await self._queue_waits(pipe, scripts)
             replies = await pipe.execute(raise_on_error=False)
@@ -848,7 +856,11 @@ class _Writer:
             layer._count_trims(trims)
             added: dict[int, int] = {}  # send_many: how many of its sends went in
             for ops, result in zip(one.records, results, strict=True):
-                if isinstance(result, list):  # an "A" record: one answer per ack
+                if ops[0].kind == "group":
+                    members, full, missed = result
+                    outcome = (int(members), int(full), [_text(m) for m in missed])
+                    _answer(ops[0], problem or outcome)
+                elif isinstance(result, list):  # an "A" record: one answer per ack
                     for op, single in zip(ops, result, strict=True):
                         _answer(op, bool(single))
                 elif ops[0].kind == "many":
@@ -859,18 +871,11 @@ class _Writer:
                     _answer(ops[0], bool(result))
             for op in one.many:  # how many were added: a prefix of the sequence
                 _answer(op, problem or added.get(id(op), 0))
-        group_problem = self._unreplicated(None, waits, replies) if other_ops else None
         for op, span in zip(other_ops, spans, strict=True):
             answers = replies[position : position + span]
             position += span
             failed = [a for a in answers if isinstance(a, Exception)]
             answer: Any = _outage(failed[0]) if failed else answers[-1]
-            if op.kind == "group" and not failed:
-                members, full, trims, seen, missed = answer
-                marker, candidate = sent[id(op)]
-                layer._saw_epoch(self.index, marker, seen, candidate)
-                layer._count_trims(trims)
-                answer = group_problem or (int(members), int(full), [_text(m) for m in missed])
             if op.future is None or op.future.done():
                 continue
             if isinstance(answer, BaseException):
@@ -904,14 +909,14 @@ class _Writer:
         return list(by_node.values())
 
     def _unreplicated(
-        self, one: _Script | None, waits: list[_Wait], replies: list[Any]
+        self, one: _Script, waits: list[_Wait], replies: list[Any]
     ) -> NotReplicated | None:
-        """The error for ``one``'s writes (``None``: the group sends) when no replica confirmed
-        them in time; ``None`` when they count as accepted (or nothing was waited for)."""
-        if not waits or (one is not None and not one.writes):
+        """The error for ``one``'s writes (sends, group_sends) when no replica confirmed them in
+        time; ``None`` when they count as accepted (or nothing was waited for)."""
+        if not waits or not one.writes:
             return None
         for number, wait in enumerate(waits):
-            if one is not None and one.marker not in wait.markers:
+            if one.marker not in wait.markers:
                 continue
             reply = replies[len(replies) - len(waits) + number]
             if isinstance(reply, dict):  # a cluster client's answer by node
@@ -995,7 +1000,10 @@ class _Reader:
         self.channel = layer._stream_channel(key)
         self.buffers = layer.receive_buffer if self.local else _Buffers(layer)
         self.waiting: dict[str, int] = {}
-        self.changed = asyncio.Condition()
+        #: one future per waiting receive, by channel: a fetch wakes only the receives of the
+        #: channels it brought entries for (50 sockets' replies on one process-local stream:
+        #: waking all of them for each fetch cost more than the fetch)
+        self.wakeups: dict[str, list[asyncio.Future[None]]] = {}
         self.task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
         self.next_claim = 0.0
@@ -1008,37 +1016,57 @@ class _Reader:
 
     async def get(self, channel: str) -> _Entry:
         entry = self.buffers.take(channel)
-        if entry is not None:  # the common case under load: no lock, no wait
+        if entry is not None:  # the common case under load: no wait
             return entry
-        async with self.changed:
-            self.waiting[channel] = self.waiting.get(channel, 0) + 1
-            try:
-                while True:
-                    if (entry := self.buffers.take(channel)) is not None:
-                        return entry
-                    if self.error is not None:
-                        error, self.error = self.error, None
-                        raise error
-                    # a fetch cancelled by a receive given up a moment ago ends without a
-                    # word to the waiters: a receive started meanwhile needs a fetch of its own
-                    if self.task is None or self.task.done() or self.task.cancelling():
-                        self.task = asyncio.get_running_loop().create_task(self._fetch_loop())
-                    await self.changed.wait()
-            except asyncio.CancelledError:
-                nobody = self.waiting[channel] == 1 and len(self.waiting) == 1
-                if nobody and self.task is not None and not self.local:
-                    # nobody waits any more: a fetch left running would take messages another
-                    # consumer waits for. (A process-local fetch runs on: its NOACK entries
-                    # would be lost with the reply, and nobody else reads that stream.)
-                    self.task.cancel()
-                raise
-            finally:
-                self.waiting[channel] -= 1
-                if not self.waiting[channel]:
-                    del self.waiting[channel]
+        loop = asyncio.get_running_loop()
+        self.waiting[channel] = self.waiting.get(channel, 0) + 1
+        wakeup: asyncio.Future[None] | None = None
+        try:
+            while True:
+                if (entry := self.buffers.take(channel)) is not None:
+                    return entry
+                if self.error is not None:
+                    error, self.error = self.error, None
+                    raise error
+                # a fetch cancelled by a receive given up a moment ago ends without a
+                # word to the waiters: a receive started meanwhile needs a fetch of its own
+                if self.task is None or self.task.done() or self.task.cancelling():
+                    self.task = loop.create_task(self._fetch_loop())
+                wakeup = loop.create_future()
+                self.wakeups.setdefault(channel, []).append(wakeup)
+                await wakeup
+        except asyncio.CancelledError:
+            nobody = self.waiting[channel] == 1 and len(self.waiting) == 1
+            if nobody and self.task is not None and not self.local:
+                # nobody waits any more: a fetch left running would take messages another
+                # consumer waits for. (A process-local fetch runs on: its NOACK entries
+                # would be lost with the reply, and nobody else reads that stream.)
+                self.task.cancel()
+            raise
+        finally:
+            self.waiting[channel] -= 1
+            if not self.waiting[channel]:
+                del self.waiting[channel]
+            if wakeup is not None:  # a cancelled receive leaves no future behind
+                self._forget(channel, wakeup)
+
+    def _forget(self, channel: str, wakeup: asyncio.Future[None]) -> None:
+        waiters = self.wakeups.get(channel)
+        if waiters is not None and wakeup in waiters:
+            waiters.remove(wakeup)
+            if not waiters:
+                del self.wakeups[channel]
+
+    def _wake(self, channels: Iterable[str]) -> None:
+        """Wake the receives waiting on ``channels`` (they look at their buffers again)."""
+        for channel in channels:
+            for wakeup in self.wakeups.pop(channel, ()):
+                if not wakeup.done():
+                    wakeup.set_result(None)
 
     def put_back(self, entry: _Entry) -> None:
         self.buffers.put_back(entry, dedupe=not self.local)
+        self._wake((entry.channel,))
 
     def _wanted(self) -> bool:
         return any(not self.buffers.get(channel) for channel in self.waiting)
@@ -1047,18 +1075,17 @@ class _Reader:
         try:
             while self._wanted():
                 entries = await self._fetch()
-                async with self.changed:
-                    for entry in entries:
-                        self._buffer(entry)
-                    self.changed.notify_all()
-                if entries and not self.local:
-                    self.layer._state().start_refresher(self.layer)
+                for entry in entries:
+                    self._buffer(entry)
+                if entries:
+                    self._wake({entry.channel for entry in entries})
+                    if not self.local:
+                        self.layer._state().start_refresher(self.layer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            async with self.changed:
-                self.error = _outage(exc)
-                self.changed.notify_all()
+            self.error = _outage(exc)
+            self._wake(list(self.wakeups))
 
     def _buffer(self, entry: _Entry) -> None:
         if not self.buffers.put(entry, dedupe=not self.local) or not self.local:
@@ -1622,8 +1649,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         reader = self._reader(index, key)
         while True:
             entry = await reader.get(channel)
-            token = AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
-            if token.redelivered:
+            redelivered = entry.delivery > 1  # AckToken.redelivered, without building one
+            if redelivered:
+                token = AckToken(index, key, entry.entry_id, entry.delivery, entry.claimed)
                 try:
                     delivery = await self.begin(token, entry.message)
                 except BaseException:
@@ -1631,8 +1659,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     raise
                 if delivery is None:
                     continue  # dead-lettered
-            if not token.local:
-                runs = self._runs_key(key) if token.redelivered else ""
+            if not reader.local:  # a process-local entry was deleted as it was fetched
+                runs = self._runs_key(key) if redelivered else ""
                 self._writer(index).acknowledge(key, entry.entry_id, runs)
             return entry.message
 

@@ -153,6 +153,34 @@ async def test_groups(layer: StreamsChannelLayer) -> None:
     assert await layer.receive("bob") == {"type": "t.direct"}  # bob got nothing from the group
 
 
+async def test_group_sends_and_sends_in_one_batch(layer: StreamsChannelLayer) -> None:
+    """group_sends, sends and a full channel queued at once (one writer round trip, one batch
+    script call): each caller gets its own answer, in order, and a member's capacity of its
+    own (``set_channel_capacity``) is what the group_send checks."""
+    layer.set_channel_capacity("carol", 1)
+    local = await layer.new_channel()
+    for member in ("alice", "carol", local):
+        await layer.group_add("room", member)
+    for _ in range(5):
+        await layer.send("full", {"type": "t.fill"})
+    before = dropped("group_full")
+    answers = await asyncio.gather(
+        layer.group_send("room", {"type": "t.room", "n": 1}),
+        layer.send("alice", {"type": "t.direct"}),
+        layer.send("full", {"type": "t.refused"}),
+        layer.group_send("room", {"type": "t.room", "n": 2}),  # carol (capacity 1) is full
+        return_exceptions=True,
+    )
+    assert answers[:2] == [None, None] and answers[3] is None
+    assert isinstance(answers[2], ChannelFull)
+    assert dropped("group_full") == before + 1
+    got = [await layer.receive("alice") for _ in range(3)]
+    assert got == [{"type": "t.room", "n": 1}, {"type": "t.direct"}, {"type": "t.room", "n": 2}]
+    assert (await layer.receive("carol"))["n"] == 1
+    assert [(await layer.receive(local))["n"] for _ in range(2)] == [1, 2]
+    await layer.send("carol", {"type": "t.after"})  # carol got one message: it has room again
+
+
 async def test_process_local_channels(layer: StreamsChannelLayer) -> None:
     one, two = await layer.new_channel(), await layer.new_channel("reply")
     assert "!" in one and two.startswith("reply.") and one != two
