@@ -6,8 +6,11 @@
   master's replica takes over in a few seconds.
 * :class:`ReplicatedRedis`: a master and one replica (``--replicaof``), and :meth:`promote`
   (``REPLICAOF NO ONE``), for failover tests without Sentinel; with ``sentinel=True`` also a
-  ``redis-sentinel`` (quorum 1, ``down-after-milliseconds`` 1000) that fails over by itself:
-  :attr:`sentinel_host` is the layer's host for it, master name ``main``.
+  ``redis-sentinel`` (quorum 1, ``down-after-milliseconds`` :data:`SENTINEL_DOWN_AFTER_MS`)
+  that fails over by itself: :attr:`sentinel_host` is the layer's host for it, master name
+  ``main``; :meth:`failed_over_to` says when its failover finished, and :meth:`rejoin` brings a
+  killed server back the way docs/redis.md tells operators to (as a replica of the master
+  Sentinel names, never as an empty master).
 
 Both are built on :class:`core.testing.services.RedisServer` (its life cycle: ``kill()``,
 ``restart()``, ``stop()``), and ``stop()`` stops every server.
@@ -50,6 +53,14 @@ def _cli(port: int, *args: str, timeout: float = 30.0) -> str:
 
 #: a replica's first sync starts at once (the default waits 5 s for more replicas to come)
 _FAST_SYNC = ("--repl-diskless-sync-delay", "0")
+
+#: Sentinel's ``down-after-milliseconds``: well above the 1 s in which Sentinel reconnects to an
+#: instance at most once (``SENTINEL_PING_PERIOD``). After a failover Sentinel keeps the link it
+#: had to the dead master for the promoted one, and that link may only reconnect a second after
+#: its last attempt; with 1000 here Sentinel judged the master it had just promoted down (no
+#: PING answered within 1 s) and failed over again, to the old master restarted empty (issue 24;
+#: docs/redis.md, Sentinel section).
+SENTINEL_DOWN_AFTER_MS = 3000
 
 
 def _linked(port: int) -> bool:
@@ -220,7 +231,7 @@ class ReplicatedRedis:
         conf.write_text(
             f"port {self.sentinel_port}\nbind {HOST}\ndir {self._sentinel_dir}\n"
             f"sentinel monitor main {HOST} {self.master.port} 1\n"
-            "sentinel down-after-milliseconds main 1000\n"
+            f"sentinel down-after-milliseconds main {SENTINEL_DOWN_AFTER_MS}\n"
             "sentinel failover-timeout main 5000\n"
         )
         self.sentinel = Server([binary, str(conf), "--sentinel"], "Sentinel ID", name="sentinel")
@@ -235,9 +246,32 @@ class ReplicatedRedis:
         _cli(self.replica.port, "replicaof", "no", "one", timeout=5)
 
     def sentinel_master_port(self) -> int:
-        """The port of the master the Sentinel names now."""
+        """The port of the master the Sentinel names now (``get-master-addr-by-name``: during a
+        failover already the promoted replica's, see :meth:`failed_over_to`)."""
         reply = _cli(self.sentinel_port, "sentinel", "get-master-addr-by-name", "main", timeout=5)
         return int(reply.split()[1])
+
+    def failed_over_to(self, port: int) -> bool:
+        """Sentinel's failover to the server on ``port`` is over: ``SENTINEL MASTER`` (what
+        redis-py's Sentinel client reads) names it, without ``failover_in_progress``.
+
+        ``get-master-addr-by-name`` names the promoted replica earlier, from the moment it
+        answered as a master, while Sentinel still reconfigures the others."""
+        lines = _cli(self.sentinel_port, "sentinel", "master", "main", timeout=5).splitlines()
+        state = dict(zip(lines[::2], lines[1::2], strict=False))
+        flags = state.get("flags", "").split(",")
+        return state.get("port") == str(port) and "failover_in_progress" not in flags
+
+    def rejoin(self, server: RedisServer) -> None:
+        """Start ``server`` (killed, no persistence) again as a replica of the master Sentinel
+        names now, and wait until it is in sync: what docs/redis.md tells operators to do with
+        a failed master. Restarted as it was configured, it would come back an empty master,
+        and if Sentinel ever promoted it again (it is in Sentinel's list of replicas) the
+        replica holding the data would resynchronise from it and lose everything."""
+        master = self.sentinel_master_port()
+        server.extra_args = [*_FAST_SYNC, "--replicaof", HOST, str(master)]
+        server.start()
+        _until(lambda: _linked(server.port), "the old master to sync as a replica")
 
     def stop(self) -> None:
         if self.sentinel is not None:
