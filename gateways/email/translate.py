@@ -421,6 +421,7 @@ class _HeaderFactory(email.headerregistry.HeaderRegistry):
         #: parsed headers of this message; off for a factory used across messages
         self._per_message = per_message
         self._parsed: dict[tuple[str, str], Any] = {}
+        self._failed: dict[tuple[str, str], Exception] = {}
 
     def __getitem__(self, name: str) -> type[Any]:
         key = name.lower()
@@ -434,10 +435,20 @@ class _HeaderFactory(email.headerregistry.HeaderRegistry):
         header = self._parsed.get(key)
         if header is not None:
             return header
+        failed = self._failed.get(key)
+        if failed is not None:
+            raise failed
         shared = self._shared
         header = shared.get(key)
         if header is None:
-            header = super().__call__(name, value)
+            try:
+                header = super().__call__(name, value)
+            except Exception as exc:
+                # remembered for this message: parse_mail's modern parse, after the plain
+                # path gave up, does not pay again for a header that took seconds to refuse
+                if self._per_message:
+                    self._failed[key] = exc
+                raise
             if len(value) <= HEADER_CACHE_VALUE:
                 shared[key] = header
                 if len(shared) > HEADER_CACHE_SIZE:
@@ -495,19 +506,22 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
     Ordinary mail takes :func:`_parse_plain` (the same keys for a third of the CPU); whatever
     that path is not sure of is parsed again by :func:`_parse_modern`, which is the reference.
     """
+    # one factory for both: what the plain path parsed (or failed to) is not parsed again
+    factory = _HeaderFactory()
     if not _BARE_CR.search(raw):
         try:
-            return _parse_plain(raw)
+            return _parse_plain(raw, factory)
         except Exception:  # _NotPlain, or a value the plain path did not foresee
             pass
-    return _parse_modern(raw)
+    return _parse_modern(raw, factory)
 
 
-def _parse_modern(raw: bytes) -> dict[str, Any]:
+def _parse_modern(raw: bytes, factory: _HeaderFactory | None = None) -> dict[str, Any]:
     """:func:`parse_mail` with the modern policy throughout: every mail, however broken."""
     found: list[str] = []
     raw = _bare_cr_in_headers(raw, found)
-    msg = email.message_from_bytes(raw, policy=_POLICY.clone(header_factory=_HeaderFactory()))
+    factory = _HeaderFactory() if factory is None else factory
+    msg = email.message_from_bytes(raw, policy=_POLICY.clone(header_factory=factory))
     if msg.is_multipart() and _BARE_CR.search(raw):
         cleaned = _bare_cr_in_part_headers(raw, msg)
         if cleaned is not None:
@@ -851,10 +865,9 @@ def _plain_payload(part: Message) -> bytes:
     return payload
 
 
-def _parse_plain(raw: bytes) -> dict[str, Any]:
+def _parse_plain(raw: bytes, factory: _HeaderFactory) -> dict[str, Any]:
     """:func:`parse_mail` of a plain mail, or :class:`_NotPlain` (any exception: not plain)."""
     msg = email.message_from_bytes(raw, policy=_PLAIN_POLICY)
-    factory = _HeaderFactory()
     for part in msg.walk():
         if part.defects or part.get_content_maintype() == "message":
             raise _NotPlain("defects or an attached message")

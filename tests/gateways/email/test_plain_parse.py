@@ -254,7 +254,7 @@ def _takes_plain_path(raw: bytes) -> bool:
     if translate._BARE_CR.search(raw):  # parse_mail never tries it then
         return False
     try:
-        translate._parse_plain(raw)
+        translate._parse_plain(raw, translate._HeaderFactory())
     except Exception:
         return False
     return True
