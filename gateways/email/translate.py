@@ -5,6 +5,8 @@ with the stdlib ``email`` package and its modern policy: RFC 2047 headers decode
 text and html bodies picked the way mail clients do (``get_body``), every other part an
 attachment. Broken mail never raises: what cannot be decoded is decoded with replacement
 characters and named in ``defects``, so nothing a sender wrote is dropped for being malformed.
+Ordinary mail takes a cheaper path with the same keys (the plain path, below); the modern
+parse is the reference, and parses whatever the plain path cannot vouch for.
 
 Outbound, :func:`build_mail` turns the keys of ``email.send`` into an ``EmailMessage``. Every
 header value is checked for CR and LF first: the policy would fold them, but a value that
