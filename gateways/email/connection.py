@@ -220,7 +220,7 @@ class _Protocol(SMTP):
         rules from where it stands; so does any configuration this does not cover.
         """
         limit = self.data_size_limit
-        if self._decode_data or not limit:
+        if self._decode_data or not limit or "_limit" not in vars(self._reader):
             await super().smtp_DATA(arg)
             return
         if await self.check_helo_needed():
