@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 
 from core.logs import clip
 from gateways.email.config import AuthConfig, EmailConfig, RelayConfig
@@ -206,6 +206,116 @@ class _Protocol(SMTP):
         self._owner.sessions.discard(self)
         super().connection_lost(error)
 
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, the mail read in a few reads instead of one per line.
+
+        aiosmtpd awaits ``readuntil(CRLF)`` and runs its checks once per line of the mail: 85 us
+        of the event loop's CPU for the benchmark's 2.5 KB mail, 11 us read at once
+        (issue 21). Here the mail is read up to each ``.CRLF`` (a line that ends with a dot,
+        or the end of DATA) with the stream's limit raised to the SIZE limit, and aiosmtpd's
+        per-line rules are applied to the whole: the lines longer than aiosmtpd takes (500),
+        over SIZE (552, whichever came first, as aiosmtpd decides), dot-unstuffing. A mail
+        that does not fit under the raised limit goes on line by line with aiosmtpd's own
+        rules from where it stands; so does any configuration this does not cover.
+        """
+        limit = self.data_size_limit
+        if self._decode_data or not limit or "_limit" not in vars(self._reader):
+            await super().smtp_DATA(arg)
+            return
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        reader = self._reader
+        # StreamReader's limit (no public setter): aiosmtpd makes it line_length_limit
+        stream_limit: int = vars(reader)["_limit"]
+        chunks: list[bytes] = []
+        whole, ended = True, False
+        try:
+            vars(reader)["_limit"] = max(stream_limit, limit + 2 * self.line_length_limit)
+            try:
+                while self.transport is not None:
+                    try:
+                        chunk = await reader.readuntil(b".\r\n")
+                    except asyncio.LimitOverrunError:
+                        whole = False  # over SIZE: the rest line by line, nothing read yet
+                        break
+                    chunks.append(chunk)
+                    if chunk.endswith(b"\r\n.\r\n") or (
+                        chunk == b".\r\n" and (len(chunks) == 1 or chunks[-2].endswith(b"\r\n"))
+                    ):
+                        ended = True
+                        break
+            finally:
+                vars(reader)["_limit"] = stream_limit
+            if whole and not ended:
+                return  # the connection is gone (never a truncated mail to the handler)
+            lines = b"".join(chunks)
+            if whole:
+                lines = lines[:-3]  # the lone dot
+            state = _data_state(
+                lines,
+                limit=limit,
+                stream_limit=stream_limit,
+                line_length_limit=self.line_length_limit,
+            )
+            if not whole:
+                state = await self._rest_by_line(state, len(lines), limit)
+        except asyncio.CancelledError:
+            _aiosmtpd_log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if state == "too_long":
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        if state == "too_much":
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        # dot-unstuffing (RFC 5321 4.5.2): a line's leading dot goes
+        content = lines.replace(b"\r\n.", b"\r\n")
+        if content.startswith(b"."):
+            content = content[1:]
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _rest_by_line(self, state: str, num_bytes: int, limit: int) -> str:
+        """aiosmtpd's DATA loop after the first ``num_bytes`` (whole lines) gave ``state``:
+        its reads, limits and order, until the lone dot."""
+        reader = self._reader
+        fragments: list[bytes] = []
+        while self.transport is not None:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                if state == "nominal":
+                    state = "too_long"
+                line = await reader.read(exc.consumed)
+            if not fragments and line == b".\r\n":
+                break
+            num_bytes += len(line)
+            if state == "nominal" and num_bytes > limit:
+                state = "too_much"
+            fragments.append(line)
+            if line.endswith(b"\r\n"):
+                if state == "nominal" and len(b"".join(fragments)) > self.line_length_limit:
+                    state = "too_long"
+                fragments.clear()
+        return state
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses every MAIL and RCPT address with the stdlib's RFC 5322 header
         # parser: 40 us each, 80 us of the event loop's CPU per mail (bench/email.py's
@@ -219,6 +329,36 @@ class _Protocol(SMTP):
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, rest
+
+
+def _data_state(lines: bytes, *, limit: int, stream_limit: int, line_length_limit: int) -> str:
+    """What aiosmtpd's DATA loop makes of ``lines`` (whole CRLF lines, the lone dot not among
+    them): ``nominal``, ``too_much`` (over ``limit`` bytes) or ``too_long`` (a line over
+    ``line_length_limit``), whichever it meets first.
+
+    A line longer than ``stream_limit + 2`` stops its ``readuntil`` (LimitOverrunError) before
+    the line is counted; a shorter one is counted, then measured.
+    """
+    if len(lines) <= limit and (
+        len(lines) <= line_length_limit
+        or max(map(len, lines.split(b"\r\n"))) + 2 <= line_length_limit
+    ):
+        return "nominal"
+    num_bytes = 0
+    for text in lines.split(b"\r\n")[:-1]:
+        size = len(text) + 2
+        if size > stream_limit + 2:
+            return "too_long"
+        num_bytes += size
+        if num_bytes > limit:
+            return "too_much"
+        if size > line_length_limit:
+            return "too_long"
+    return "nominal"
+
+
+#: aiosmtpd's logger, for the line it writes when a client leaves during DATA
+_aiosmtpd_log = logging.getLogger("mail.log")
 
 
 #: ``<local@domain>`` with dot-atom parts (RFC 5322 atext), then nothing or a space and the

@@ -5,6 +5,8 @@ with the stdlib ``email`` package and its modern policy: RFC 2047 headers decode
 text and html bodies picked the way mail clients do (``get_body``), every other part an
 attachment. Broken mail never raises: what cannot be decoded is decoded with replacement
 characters and named in ``defects``, so nothing a sender wrote is dropped for being malformed.
+Ordinary mail takes a cheaper path with the same keys (the plain path, below); the modern
+parse is the reference, and parses whatever the plain path cannot vouch for.
 
 Outbound, :func:`build_mail` turns the keys of ``email.send`` into an ``EmailMessage``. Every
 header value is checked for CR and LF first: the policy would fold them, but a value that
@@ -13,12 +15,14 @@ carries a line break is an injection attempt or a bug, and either way the caller
 
 from __future__ import annotations
 
+import email.feedparser
 import email.headerregistry
 import email.policy
 import email.utils
+import importlib
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from typing import Any
@@ -414,9 +418,12 @@ class _HeaderFactory(email.headerregistry.HeaderRegistry):
     _classes: dict[str, type[Any]] = {}
     _shared: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
-    def __init__(self) -> None:
+    def __init__(self, *, per_message: bool = True) -> None:
         super().__init__()
+        #: parsed headers of this message; off for a factory used across messages
+        self._per_message = per_message
         self._parsed: dict[tuple[str, str], Any] = {}
+        self._failed: dict[tuple[str, str], Exception] = {}
 
     def __getitem__(self, name: str) -> type[Any]:
         key = name.lower()
@@ -430,18 +437,33 @@ class _HeaderFactory(email.headerregistry.HeaderRegistry):
         header = self._parsed.get(key)
         if header is not None:
             return header
+        failed = self._failed.get(key)
+        if failed is not None:
+            raise failed
         shared = self._shared
         header = shared.get(key)
         if header is None:
-            header = super().__call__(name, value)
+            try:
+                header = super().__call__(name, value)
+            except Exception as exc:
+                # remembered for this message: parse_mail's modern parse, after the plain
+                # path gave up, does not pay again for a header that took seconds to refuse
+                if self._per_message:
+                    self._failed[key] = exc
+                raise
             if len(value) <= HEADER_CACHE_VALUE:
                 shared[key] = header
                 if len(shared) > HEADER_CACHE_SIZE:
                     shared.popitem(last=False)
         else:
             shared.move_to_end(key)
-        self._parsed[key] = header
+        if self._per_message:
+            self._parsed[key] = header
         return header
+
+
+#: the MIME headers of the plain path, across messages (_PlainPolicy)
+_MIME_HEADERS = _HeaderFactory(per_message=False)
 
 
 def _leaves(part: Message) -> list[Message]:
@@ -481,10 +503,27 @@ def _attachment(part: Message, defects: list[str]) -> dict[str, Any]:
 
 
 def parse_mail(raw: bytes) -> dict[str, Any]:
-    """The message keys of ``email.receive`` parsed from ``raw``; never raises on bad mail."""
+    """The message keys of ``email.receive`` parsed from ``raw``; never raises on bad mail.
+
+    Ordinary mail takes :func:`_parse_plain` (the same keys for a third of the CPU); whatever
+    that path is not sure of is parsed again by :func:`_parse_modern`, which is the reference.
+    """
+    # one factory for both: what the plain path parsed (or failed to) is not parsed again
+    factory = _HeaderFactory()
+    if not _BARE_CR.search(raw):
+        try:
+            return _parse_plain(raw, factory)
+        except Exception:  # _NotPlain, or a value the plain path did not foresee
+            pass
+    return _parse_modern(raw, factory)
+
+
+def _parse_modern(raw: bytes, factory: _HeaderFactory | None = None) -> dict[str, Any]:
+    """:func:`parse_mail` with the modern policy throughout: every mail, however broken."""
     found: list[str] = []
     raw = _bare_cr_in_headers(raw, found)
-    msg = email.message_from_bytes(raw, policy=_POLICY.clone(header_factory=_HeaderFactory()))
+    factory = _HeaderFactory() if factory is None else factory
+    msg = email.message_from_bytes(raw, policy=_POLICY.clone(header_factory=factory))
     if msg.is_multipart() and _BARE_CR.search(raw):
         cleaned = _bare_cr_in_part_headers(raw, msg)
         if cleaned is not None:
@@ -536,6 +575,364 @@ def parse_mail(raw: bytes) -> dict[str, Any]:
     keys = _utf8(keys, defects)
     keys["defects"] = _utf8(sorted(set(defects)), [])
     return keys
+
+
+# -- the feedparser's boundary pattern, without compiling a regex per mail ----------------------
+#
+# For every multipart the stdlib's feedparser compiles '(?P<sep>' + re.escape('--' + boundary)
+# + ')(?P<end>--)?…$' and only ever calls its match() on one line at a time. Boundaries are
+# unique per mail, so re's cache never helps: that compile was a fifth of parse_mail's CPU
+# (75 us of ~400 on the benchmark's mail). :class:`_FeedparserRe` stands in for the ``re``
+# module inside email.feedparser (and only there): a pattern of that shape becomes a
+# :class:`_BoundaryPattern`, which answers match() as the regex does: the separator as a
+# literal prefix, then the (constant, cached) rest of the pattern matched from its end. Any
+# other pattern, or one it does not read exactly, goes to re.compile.
+
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]|()\\")
+
+
+class _BoundaryPattern:
+    """The compiled boundary pattern: ``match(line)`` as the regex's."""
+
+    __slots__ = ("_rest", "_separator", "_size")
+
+    def __init__(self, separator: str, rest: re.Pattern[str]) -> None:
+        self._separator = separator
+        self._size = len(separator)
+        self._rest = rest
+
+    def match(self, line: str) -> re.Match[str] | None:
+        if not line.startswith(self._separator):
+            return None
+        return self._rest.match(line, self._size)
+
+
+def _boundary_pattern(pattern: Any, flags: int) -> _BoundaryPattern | None:
+    """``pattern`` as a :class:`_BoundaryPattern` if it is ``(?P<sep>literal)rest``."""
+    head = "(?P<sep>"
+    if flags or not isinstance(pattern, str) or not pattern.startswith(head):
+        return None
+    literal: list[str] = []
+    i, end = len(head), len(pattern)
+    while i < end:
+        char = pattern[i]
+        if char == "\\":
+            if i + 1 == end or pattern[i + 1].isalnum():  # \d, \n, \1…: not a literal
+                return None
+            literal.append(pattern[i + 1])
+            i += 2
+        elif char == ")":
+            rest = pattern[i + 1 :]
+            if "(?P<sep>" in rest or "(?P=sep)" in rest:
+                return None
+            return _BoundaryPattern("".join(literal), re.compile(rest))
+        elif char in _REGEX_SPECIAL:
+            return None
+        else:
+            literal.append(char)
+            i += 1
+    return None
+
+
+class _FeedparserRe:
+    """The ``re`` module as email.feedparser sees it: :func:`_boundary_pattern` first."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re, name)
+
+    @staticmethod
+    def compile(pattern: Any, flags: int = 0) -> Any:
+        found = _boundary_pattern(pattern, flags)
+        return found if found is not None else re.compile(pattern, flags)
+
+
+if vars(email.feedparser).get("re") is re:
+    vars(email.feedparser)["re"] = _FeedparserRe()
+
+
+# -- the plain path: ordinary mail for a third of the CPU ------------------------------------------
+#
+# The modern policy parses every header it is asked for into a tree of tokens, and the Message
+# methods ask for Content-Type again and again: most of parse_mail's CPU (issue 21's profile).
+# The plain path parses with compat32, where header values stay strings, and decodes only what
+# the event carries. It vouches for a mail only where its answer is the modern one by
+# construction, and otherwise raises, so that _parse_modern parses the mail (a mail without
+# defects, headers in ASCII, no attached message, no bare CR):
+#
+# * the MIME structure: the feedparser takes the same decisions under both policies when every
+#   Content-Type, Content-Transfer-Encoding and Content-Disposition reads the same as text, so
+#   each of them is parsed by the modern header registry (cached: part headers repeat) and must
+#   come out as written; the values are unfolded as the modern policy unfolds them;
+# * unstructured headers: the value itself, RFC 2047 words decoded by the stdlib's own
+#   ``email._encoded_words.decode`` with the modern parser's rules for whitespace between two
+#   words; a word that is not clean (a defect, an unknown charset, bytes that do not decode)
+#   goes to the header registry;
+# * Date: ``parsedate_to_datetime`` and ``format_datetime``, as the registry's DateHeader does;
+#   a Message-ID of the form <dot-atom@dot-atom> as written; every other structured header
+#   (addresses, MIME-Version) from the header registry, as before;
+# * bodies: the modern ``get_body`` and ``get_content`` rules, written out for compat32 parts.
+
+
+class _NotPlain(Exception):
+    """The plain path cannot vouch for this mail: :func:`_parse_modern` parses it."""
+
+
+class _PlainPolicy(email.policy.Compat32):
+    """compat32 with each header value unfolded as the modern policy unfolds it before parsing,
+    and the MIME headers (Content-Type, -Transfer-Encoding, -Disposition) fetched as the
+    modern policy fetches them, as objects of its header registry: the Message methods that
+    read them (content type, parameters, boundary, filename, transfer encoding), the
+    feedparser's included, read the same text as on a modern message. Every other header is
+    a plain string."""
+
+    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
+        name, value = super().header_source_parse(sourcelines)
+        if "\n" in value or "\r" in value:
+            value = value.replace("\r", "").replace("\n", "")
+        return name, value
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if name.lower() not in _MIME_FIELDS:
+            return super().header_fetch_parse(name, value)
+        if not value.isascii() or _CONTROL_BUT_TAB.search(value):
+            raise _NotPlain(name)
+        if _settled_content_type(name, value):
+            return value
+        return _MIME_HEADERS(name, value)
+
+
+_PLAIN_POLICY = _PlainPolicy()
+#: header names the registry parses with a structured class; every other one is unstructured
+_STRUCTURED = frozenset(
+    name
+    for name, cls in email.headerregistry.HeaderRegistry().registry.items()
+    if not issubclass(cls, email.headerregistry.UnstructuredHeader)
+)
+_DATES = frozenset({"date", "resent-date", "orig-date"})
+_MIME_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+#: ASCII controls other than TAB: str.lstrip() in the modern parser takes some for whitespace
+_CONTROL_BUT_TAB = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+_WSP_RUN = re.compile("([ \t]+)")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_MESSAGE_ID = re.compile(rf"<{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*>")
+_HEX = frozenset("0123456789abcdefABCDEF")
+#: the stdlib's own decoder of one RFC 2047 word, the one the modern header parser calls:
+#: (text, charset, language, defects); a private module, so looked up once here
+_decode_word: Callable[[str], tuple[str, str, str, list[Any]]] = importlib.import_module(
+    "email._encoded_words"
+).decode
+# a Content-Type as the registry writes it back: type/subtype; name="value"; … (the registry
+# quotes every value, writes "; " between parameters and keeps the first of two same names)
+_MIME_NAME = r"[A-Za-z0-9.+_-]+"
+_SETTLED_TYPE = re.compile(rf"{_MIME_NAME}/{_MIME_NAME}")
+_SETTLED_PARAMETER = re.compile(rf'; ({_MIME_NAME})="[^"\\\x00-\x1f\x7f]+"')
+
+
+def _settled_content_type(name: str, value: str) -> bool:
+    """Whether ``value`` is a Content-Type the header registry reads as written (its
+    ``str()`` is ``value``): then it needs no parsing. A unique boundary made every mail's
+    top-level Content-Type a new parse."""
+    if len(name) != 12 or name.lower() != "content-type":
+        return False
+    found = _SETTLED_TYPE.match(value)
+    if found is None:
+        return False
+    position, names = found.end(), set()
+    while position < len(value):
+        parameter = _SETTLED_PARAMETER.match(value, position)
+        if parameter is None:
+            return False
+        key = parameter.group(1).lower()
+        if key in names:
+            return False
+        names.add(key)
+        position = parameter.end()
+    return True
+
+
+def _encoded_word(token: str) -> str | None:
+    """The text of ``token``, one whole RFC 2047 word as the modern parser reads it
+    (``get_encoded_word``), or ``None`` if it is anything less clean."""
+    head, sep, rest = token[2:].partition("?=")
+    if not sep:
+        return None
+    if len(rest) > 1 and rest[0] in _HEX and rest[1] in _HEX and head.count("?") < 2:
+        # "?=" that is a Q escape right after the encoding letter, as the modern parser sees it
+        more, sep, rest = rest.partition("?=")
+        if not sep:
+            return None
+        head = f"{head}?={more}"
+    if rest:
+        return None
+    try:
+        text, _, _, defects = _decode_word(f"=?{head}?=")
+    except (ValueError, KeyError):
+        return None
+    if defects or _SURROGATE.search(text):
+        return None
+    return str(text)
+
+
+def _plain_unstructured(value: str) -> str | None:
+    """The modern policy's text of an unstructured header (``get_unstructured``): the value,
+    its encoded words decoded, the whitespace between two encoded words dropped; ``None``
+    where a word is not clean."""
+    if "=?" not in value:
+        return value
+    pieces = _WSP_RUN.split(value)  # tokens at even places, whitespace at odd ones
+    encoded = [False] * len(pieces)
+    for i in range(0, len(pieces), 2):
+        token = pieces[i]
+        if "=?" not in token:
+            continue
+        if not token.startswith("=?"):
+            return None
+        text = _encoded_word(token)
+        if text is None:
+            return None
+        pieces[i] = text
+        encoded[i] = True
+    for i in range(1, len(pieces), 2):
+        if encoded[i - 1] and encoded[i + 1]:
+            pieces[i] = ""
+    return "".join(pieces)
+
+
+def _decoded(factory: _HeaderFactory, name: str, value: str) -> str:
+    """``str()`` of the modern policy's header ``name`` with the (unfolded) ``value``."""
+    if not value.isascii():
+        raise _NotPlain(name)
+    key = name.lower()
+    if key not in _STRUCTURED:
+        if not _CONTROL_BUT_TAB.search(value):
+            text = _plain_unstructured(value)
+            if text is not None:
+                return text
+    elif key in _DATES:
+        when = email.utils.parsedate_to_datetime(value)  # ValueError: not plain
+        return email.utils.format_datetime(when)
+    elif _settled_content_type(name, value):
+        return value
+    elif key == "message-id":
+        if _PLAIN_MESSAGE_ID.fullmatch(value) and "=?" not in value:
+            return value
+        header = factory(name, value)
+        if header.defects:
+            raise _NotPlain(name)
+        return str(header)
+    return str(factory(name, value))
+
+
+def _plain_parts(part: Message) -> list[Message]:
+    children = part.get_payload()
+    if not isinstance(children, list):
+        raise _NotPlain("multipart without parts")
+    return [child for child in children if isinstance(child, Message)]
+
+
+def _plain_body(root: Message, part: Message, subtype: str, factory: _HeaderFactory) -> Any:
+    """``root.get_body(preferencelist=(subtype,))`` of the modern policy (``_find_body``)."""
+    disposition: Any = part.get("content-disposition")  # a registry header: _PlainPolicy
+    if disposition is not None and disposition.content_disposition == "attachment":
+        return None
+    maintype, sub = part.get_content_type().split("/")
+    if maintype == "text":
+        return part if sub == subtype else None
+    if maintype != "multipart" or not root.is_multipart():
+        return None
+    if sub != "related":
+        for child in _plain_parts(part):
+            found = _plain_body(root, child, subtype, factory)
+            if found is not None:
+                return found
+        return None
+    candidate = None
+    start = part.get_param("start")
+    if start:
+        for child in _plain_parts(part):
+            content_id = child.get("content-id")
+            if content_id is not None and _decoded(factory, "Content-ID", content_id) == start:
+                candidate = child
+                break
+    if candidate is None:
+        children = _plain_parts(part)
+        candidate = children[0] if children else None
+    return None if candidate is None else _plain_body(root, candidate, subtype, factory)
+
+
+def _plain_payload(part: Message) -> bytes:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes) or part.defects:  # broken base64 is recorded on the part
+        raise _NotPlain("payload")
+    return payload
+
+
+def _parse_plain(raw: bytes, factory: _HeaderFactory) -> dict[str, Any]:
+    """:func:`parse_mail` of a plain mail, or :class:`_NotPlain` (any exception: not plain)."""
+    msg = email.message_from_bytes(raw, policy=_PLAIN_POLICY)
+    for part in msg.walk():
+        if part.defects or part.get_content_maintype() == "message":
+            raise _NotPlain("defects or an attached message")
+    headers: list[list[str]] = []
+    first: dict[str, str] = {}
+    for name, value in msg.raw_items():
+        text = _decoded(factory, name, value)
+        headers.append([name, text])
+        first.setdefault(name.lower(), text)
+    bodies: dict[str, str | None] = {"plain": None, "html": None}
+    body_parts: set[int] = set()
+    for subtype in bodies:
+        part = _plain_body(msg, msg, subtype, factory)
+        if part is None:
+            continue
+        body_parts.add(id(part))
+        charset = part.get_param("charset", "ASCII")
+        if not isinstance(charset, str):
+            raise _NotPlain("charset")
+        body = _plain_payload(part).decode(charset, "strict")
+        bodies[subtype] = body.replace("\r\n", "\n")
+    attachments = []
+    for part in _leaves(msg):
+        if id(part) not in body_parts:
+            content = _plain_payload(part)
+            attachments.append(
+                {
+                    "filename": part.get_filename(),
+                    "content_type": part.get_content_type(),
+                    "size": len(content),
+                    "content": content,
+                }
+            )
+    addresses: dict[str, list[str]] = {"from": [], "to": [], "cc": [], "reply-to": []}
+    for name, value in msg.raw_items():
+        found = addresses.get(name.lower())
+        if found is not None:
+            found.extend(str(a) for a in factory(name, value).addresses)
+    date = first.get("date")
+    message_id = first.get("message-id")
+    keys: dict[str, Any] = {
+        "message_id": message_id.strip() if message_id else None,
+        "subject": first.get("subject"),
+        "from": next(iter(addresses["from"]), None),
+        "to": addresses["to"],
+        "cc": addresses["cc"],
+        "reply_to": addresses["reply-to"],
+        "date": None if date is None else _plain_date(msg),
+        "in_reply_to": next(iter(_ids(first.get("in-reply-to"))), None),
+        "references": _ids(first.get("references")),
+        "headers": headers,
+        "text": bodies["plain"],
+        "html": bodies["html"],
+        "attachments": attachments,
+    }
+    defects: list[str] = []
+    keys = _utf8(keys, defects)
+    keys["defects"] = _utf8(sorted(set(defects)), [])
+    return keys
+
+
+def _plain_date(msg: Message) -> str:
+    return str(email.utils.parsedate_to_datetime(str(msg.get("date"))).isoformat())
 
 
 def _utf8(value: Any, defects: list[str]) -> Any:
