@@ -54,7 +54,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import msgpack
 
-from gateways.email.translate import LimitExceeded, MailLimits, header_limit_exceeded, parse_mail
+from gateways.email.translate import (
+    LimitExceeded,
+    MailLimits,
+    header_limit_exceeded,
+    parse_mail,
+    use_boundary_matcher,
+)
 
 if TYPE_CHECKING:
     from core.metrics import GatewayMetrics
@@ -167,6 +173,7 @@ def child_main(
     """The child's life: read a mail from stdin, answer on stdout, until end of input."""
     limits = MailLimits(**settings["limits"])
     cpu_limit = float(settings["cpu_limit"])
+    use_boundary_matcher()  # a process that only parses: no regex compiled per boundary
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU would dump core

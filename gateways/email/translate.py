@@ -583,7 +583,8 @@ def _parse_modern(raw: bytes, factory: _HeaderFactory | None = None) -> dict[str
 # + ')(?P<end>--)?…$' and only ever calls its match() on one line at a time. Boundaries are
 # unique per mail, so re's cache never helps: that compile was a fifth of parse_mail's CPU
 # (75 us of ~400 on the benchmark's mail). :class:`_FeedparserRe` stands in for the ``re``
-# module inside email.feedparser (and only there): a pattern of that shape becomes a
+# module inside email.feedparser (and only there, and only in the parser processes:
+# :func:`use_boundary_matcher`): a pattern of that shape becomes a
 # :class:`_BoundaryPattern`, which answers match() as the regex does: the separator as a
 # literal prefix, then the (constant, cached) rest of the pattern matched from its end. Any
 # other pattern, or one it does not read exactly, goes to re.compile.
@@ -646,8 +647,15 @@ class _FeedparserRe:
         return found if found is not None else re.compile(pattern, flags)
 
 
-if vars(email.feedparser).get("re") is re:
-    vars(email.feedparser)["re"] = _FeedparserRe()
+def use_boundary_matcher() -> None:
+    """Give email.feedparser :class:`_FeedparserRe` for its ``re``, for the whole process.
+
+    Called by the parser processes only (:func:`gateways.email.parser_pool.child_main`), which
+    do nothing but parse: importing this module changes nothing in the gateway's or a worker's
+    process (a Django project parsing mail of its own keeps the stdlib as it is). Idempotent.
+    """
+    if vars(email.feedparser).get("re") is re:
+        vars(email.feedparser)["re"] = _FeedparserRe()
 
 
 # -- the plain path: ordinary mail for a third of the CPU ------------------------------------------
