@@ -310,17 +310,15 @@ def markdown(
             "second worker spreads the work without adding throughput; with CPUs to spare "
             "each bridge process runs at a fraction of one.",
             "",
-            "Where the time goes (cProfile of the gateway and of one worker under this chat "
-            "load): the bridge's own code is about 4 % of the gateway's CPU and 1 % of the "
-            "worker's. The rest is asyncio's machinery (about a quarter), socket system calls "
-            "(the WebSocket frames and the Redis round trips, another sixth), `core.streams` "
-            "and redis-py, and in the worker channels' own dispatch: `AsyncConsumer.dispatch` "
-            "runs `aclose_old_connections` in a thread for every message (twice per chat "
-            "message: `receive` and `chat_message`), which Daphne and uvicorn pay too. Per "
-            "message the bridge adds one layer send and one fetch each way (client → worker's "
-            "host channel, worker → the socket's reply channel), which is its CPU beyond the "
-            "in-process rows: on a machine with the cores to spare it buys sockets that "
-            "outlive a worker's restart and workers that scale out.",
+            "Where the time goes: per message the bridge adds one layer send and one fetch each "
+            "way (client → the worker's host channel, worker → the socket's reply channel), and "
+            "spreads the rest over processes. What it saves: its workers skip channels' "
+            "per-message `aclose_old_connections` thread hop while no database connection is open"
+            " (`core/dbclose.py`; Daphne and uvicorn pay that hop twice per chat message, for "
+            "`receive` and `chat_message`). In every row `group_send` rides in the layer's "
+            "batched write script (one `EVALSHA` per round trip) and a fetch wakes only the "
+            "receives it has entries for. Beyond speed the bridge buys sockets that outlive a "
+            "worker's restart and workers that scale out.",
         ]
     )
 
