@@ -190,10 +190,10 @@ async def test_an_unreplicated_mail_is_451_then_250(replicated_redis: Replicated
 async def test_mails_answered_250_survive_a_sentinel_failover(
     sentinel_redis: ReplicatedRedis,
 ) -> None:
-    """The email gateway on a Sentinel layer with durability=replicated; 200 mails, each sent
-    again while the gateway answers 451; the master SIGKILLed halfway, Sentinel promotes the
-    replica, the old master comes back as its replica. Every mail answered 250 is on the
-    inbound channel."""
+    """The email gateway on a Sentinel layer with durability=replicated; 500 mails (issue 24's
+    count), each sent again while the gateway answers 451; the master SIGKILLed halfway,
+    Sentinel promotes the replica, the old master comes back as its replica. Every mail
+    answered 250 is on the inbound channel."""
     import aiosmtplib
 
     from tests.gateways.email.test_gateway import NAME, aiosmtplib_send, config, mail, running
@@ -207,7 +207,7 @@ async def test_mails_answered_250_survive_a_sentinel_failover(
     layer.set_channel_capacity(NAME, 1_000_000)
     accepted: list[str] = []
     refusals = 0
-    total = 200
+    total = 500
     async with running(config(accept_timeout=1), layer) as gateway:
 
         async def client() -> None:
@@ -247,15 +247,15 @@ async def test_mails_answered_250_survive_a_sentinel_failover(
 async def test_mqtt_qos1_through_a_sentinel_failover(
     sentinel_redis: ReplicatedRedis, start_service: Any
 ) -> None:
-    """The MQTT gateway (in process) on a Sentinel layer with durability=replicated: 2,000
-    QoS 1 messages, the master SIGKILLed once 500 arrived (the channel holds 200, so most are
+    """The MQTT gateway (in process) on a Sentinel layer with durability=replicated: 5,000
+    QoS 1 messages (issue 24's count), the master SIGKILLed once 500 arrived (the channel holds 200, so most are
     still at the broker, unacknowledged). A message is PUBACKed only after a replica has it,
     so every one of them reaches the channel after the failover."""
     from core.testing import MosquittoServer
     from tests.gateways.mqtt.conftest import MqttTestClient, gateway_config, running
     from tests.gateways.mqtt.test_faults import Seen
 
-    count = 2000
+    count = 5000
     broker = start_service(MosquittoServer(extra_config=["max_queued_messages 0"]))
 
     def layer() -> StreamsChannelLayer:
