@@ -69,7 +69,8 @@ Which piece for what (each module's docstring is its reference):
                       ``restart()``, ``<proto>.connect`` / ``.disconnect`` and readiness. Its
                       states are a table.
 ``core.pacer``        ``Pacer``: async token bucket per key (burst, rate, bounded queue).
-``core.redis``        ``layer_redis()``: a gateway's own keys beside a ``redis://`` layer.
+``core.redis``        ``layer_redis()``: a gateway's own keys beside a Redis layer (plain, Sentinel,
+                      Cluster; ``WAIT`` under ``durability: replicated``).
 ``core.clock``        ``Clock`` / ``LOOP_CLOCK``: time as a dependency (pacer, schedules).
 ``core.config``       ``GatewayConfig``, ``Section`` (``secret_files`` for ``<key>_file``),
                       ``ReconnectConfig``; the field descriptions are the YAML reference.
