@@ -980,8 +980,10 @@ def _children(pid: int) -> list[int]:
 
 
 def _gateway_binary() -> list[str]:
-    found = shutil.which("gateway-email")
-    return [found] if found else [sys.executable, "-m", "gateways.email.cli"]
+    """The gateway of this checkout, run by this interpreter (what the ``gateway-email``
+    console script runs). Not the ``gateway-email`` on PATH: that may be another checkout's
+    (a pyenv shim into the main tree measured main's gateway in a worktree's bench)."""
+    return [sys.executable, "-m", "gateways.email.cli"]
 
 
 async def bench_gateway_subprocess(

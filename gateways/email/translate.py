@@ -19,6 +19,7 @@ import email.feedparser
 import email.headerregistry
 import email.policy
 import email.utils
+import functools
 import importlib
 import re
 from collections import OrderedDict
@@ -702,11 +703,29 @@ class _PlainPolicy(email.policy.Compat32):
     def header_fetch_parse(self, name: str, value: str) -> Any:
         if name.lower() not in _MIME_FIELDS:
             return super().header_fetch_parse(name, value)
-        if not value.isascii() or _CONTROL_BUT_TAB.search(value):
+        if len(value) <= HEADER_CACHE_VALUE:
+            fetched = _plain_mime_header_cached(name, value)
+        else:
+            fetched = _plain_mime_header(name, value)
+        if fetched is None:
             raise _NotPlain(name)
-        if _settled_content_type(name, value):
-            return value
-        return _MIME_HEADERS(name, value)
+        return fetched
+
+
+def _plain_mime_header(name: str, value: str) -> Any:
+    """What :class:`_PlainPolicy` fetches for the MIME header ``name``: ``value`` itself (a
+    settled Content-Type), a header of the registry, or ``None`` (not plain)."""
+    if not value.isascii() or _CONTROL_BUT_TAB.search(value):
+        return None
+    if _settled_content_type(name, value):
+        return value
+    return _MIME_HEADERS(name, value)
+
+
+#: :func:`_plain_mime_header` of the values up to HEADER_CACHE_VALUE long: a mail's
+#: Content-Type is fetched some 30 times in one parse (the feedparser, ``get_content_type``,
+#: the body and attachment walks) and is checked once. The registry's headers are immutable.
+_plain_mime_header_cached = functools.lru_cache(maxsize=256)(_plain_mime_header)
 
 
 _PLAIN_POLICY = _PlainPolicy()
