@@ -248,9 +248,9 @@ async def test_mqtt_qos1_through_a_sentinel_failover(
     sentinel_redis: ReplicatedRedis, start_service: Any
 ) -> None:
     """The MQTT gateway (in process) on a Sentinel layer with durability=replicated: 5,000
-    QoS 1 messages (issue 24's count), the master SIGKILLed once 500 arrived (the channel holds 200, so most are
-    still at the broker, unacknowledged). A message is PUBACKed only after a replica has it,
-    so every one of them reaches the channel after the failover."""
+    QoS 1 messages (issue 24's count), the master SIGKILLed once 500 arrived (the channel holds
+    200, so most are still at the broker, unacknowledged). A message is PUBACKed only after a
+    replica has it, so every one of them reaches the channel after the failover."""
     from core.testing import MosquittoServer
     from tests.gateways.mqtt.conftest import MqttTestClient, gateway_config, running
     from tests.gateways.mqtt.test_faults import Seen
