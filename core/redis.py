@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from channels_redis.core import RedisChannelLayer
 from redis import asyncio as aioredis
@@ -49,6 +48,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
+from core.streams import cluster_startup
 from core.types import ChannelLayer
 
 __all__ = ["STORE_TIMEOUT", "LayerRedis", "NotReplicated", "RedisUnavailable", "layer_redis"]
@@ -228,27 +228,6 @@ def _cluster_client(host: dict[str, Any], bounded: dict[str, Any]) -> tuple[Redi
     """A ``RedisCluster`` for a cluster host (the startup nodes ``redis://h:p``, ``"h:p"`` or
     ``(h, p)``; the first URL's password and TLS apply to every node, as in core.streams) and
     its description."""
-    urls = host.pop("cluster")
-    if isinstance(urls, str):
-        urls = [urls]
-    nodes = []
-    for url in urls:
-        if isinstance(url, tuple | list):
-            nodes.append(ClusterNode(str(url[0]), int(url[1])))
-            continue
-        parts = urlsplit(str(url) if "://" in str(url) else f"redis://{url}")
-        nodes.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
-    first = urlsplit(str(urls[0]))
-    options: dict[str, Any] = dict(bounded)
-    if first.username:
-        options["username"] = unquote(first.username)
-    if first.password:
-        options["password"] = unquote(first.password)
-    if first.scheme.lower().startswith("rediss"):
-        options["ssl"] = True
-        options.update(
-            (k, v) for k, v in parse_qsl(first.query) if k in ("ssl_cert_reqs", "ssl_ca_certs")
-        )
-    options.update(host)
+    nodes, options = cluster_startup(host)
     where = "Cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes)
-    return cast(Any, RedisCluster)(startup_nodes=nodes, **options), where
+    return cast(Any, RedisCluster)(startup_nodes=nodes, **(bounded | options)), where

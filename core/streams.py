@@ -98,7 +98,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -537,6 +537,28 @@ def _ring_index(value: str, ring_size: int) -> int:
     if ring_size == 1:
         return 0
     return int((binascii.crc32(value.encode()) & 0xFFF) / (4096 / ring_size))
+
+
+def cluster_startup(host: Mapping[str, Any]) -> tuple[list[ClusterNode], dict[str, Any]]:
+    """A cluster host (``{"cluster": urls, …}``) as ``RedisCluster``'s startup nodes and the
+    options its URLs carry (user, password, ``rediss`` TLS and its query options), the host's
+    other keys last. :mod:`core.redis` builds its own client from the same."""
+    options = dict(host)
+    urls = options.pop("cluster")
+    if isinstance(urls, str):
+        urls = [urls]
+    first = urlsplit(str(urls[0]))
+    found: dict[str, Any] = {}
+    if first.username:
+        found["username"] = unquote(first.username)
+    if first.password:
+        found["password"] = unquote(first.password)
+    if first.scheme.lower().startswith("rediss"):
+        found["ssl"] = True
+        found.update(
+            (k, v) for k, v in parse_qsl(first.query) if k in ("ssl_cert_reqs", "ssl_ca_certs")
+        )
+    return [_cluster_node(url) for url in urls], found | options
 
 
 def _cluster_node(url: Any) -> ClusterNode:
@@ -1510,28 +1532,13 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     def _cluster_client(self, index: int, max_connections: int) -> Any:
         """A ``RedisCluster`` for the cluster host ``index`` (it follows MOVED and ASK itself,
         and retries connection errors, CLUSTERDOWN and TRYAGAIN with its backoff)."""
-        host = dict(self.hosts[index])
-        urls = host.pop("cluster")
-        if isinstance(urls, str):
-            urls = [urls]
-        nodes = [_cluster_node(url) for url in urls]
-        first = urlsplit(str(urls[0]))
-        options: dict[str, Any] = {
+        nodes, options = cluster_startup(self.hosts[index])
+        bounded = {
             "socket_timeout": None,
             "socket_connect_timeout": CONNECT_TIMEOUT,
             "max_connections": max_connections,
         }
-        if first.username:
-            options["username"] = unquote(first.username)
-        if first.password:
-            options["password"] = unquote(first.password)
-        if first.scheme.lower().startswith("rediss"):
-            options["ssl"] = True
-            options.update(
-                (k, v) for k, v in parse_qsl(first.query) if k in ("ssl_cert_reqs", "ssl_ca_certs")
-            )
-        options.update(host)
-        return cast(Any, RedisCluster)(startup_nodes=nodes, **options)
+        return cast(Any, RedisCluster)(startup_nodes=nodes, **(bounded | options))
 
     def _writer(self, index: int, state: _LoopState | None = None) -> _Writer:
         state = state or self._state()
