@@ -63,6 +63,11 @@ _FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 SENTINEL_DOWN_AFTER_MS = 3000
 
 
+def _port(fields: list[str]) -> int:
+    """The client port of a ``cluster nodes`` line (``ip:port@cport[,hostname]``)."""
+    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+
+
 def _linked(port: int) -> bool:
     """A replica whose link to its master is up (a master: True)."""
     info = _cli(port, "info", "replication", timeout=5)
@@ -173,20 +178,28 @@ class RedisClusterServers:
                 for span in fields[8:]:
                     low, _, high = span.partition("-")
                     if low.isdigit() and int(low) <= slot <= int(high or low):
-                        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-                        return next(s for s in self.servers if s.port == port)
+                        return next(s for s in self.servers if s.port == _port(fields))
         raise RuntimeError(f"no master serves {key!r}")
 
     def replicas_of(self, master: RedisServer) -> list[RedisServer]:
-        """The servers that replicate ``master`` now."""
+        """The servers that replicate ``master`` now: each running server that says so of
+        itself (its own ``myself`` line is current at once; the master learns it by gossip, so
+        its view may still miss a replica), and those the master names."""
+        own = self._myself(master.port)[0]
         lines = _cli(master.port, "cluster", "nodes", timeout=5).splitlines()
-        own = next(line.split()[0] for line in lines if "myself" in line.split()[2])
-        ports = {
-            int(line.split()[1].split("@")[0].rsplit(":", 1)[1])
-            for line in lines
-            if line.split()[3] == own
-        }
+        ports = {_port(line.split()) for line in lines if line.split()[3] == own}
+        for server in self.servers:
+            if server is not master and server.alive:
+                fields = self._myself(server.port)
+                if "slave" in fields[2].split(",") and fields[3] == own:
+                    ports.add(server.port)
         return [server for server in self.servers if server.port in ports]
+
+    @staticmethod
+    def _myself(port: int) -> list[str]:
+        """The fields of the ``cluster nodes`` line the server on ``port`` has of itself."""
+        lines = _cli(port, "cluster", "nodes", timeout=5).splitlines()
+        return next(line.split() for line in lines if "myself" in line.split()[2].split(","))
 
     def stop(self) -> None:
         for server in self.servers:
