@@ -731,7 +731,7 @@ class _PlainMessage(Message):
     _index_of: tuple[int, int] = (0, -1)
 
     def get(self, name: str, failobj: Any = None) -> Any:
-        headers = self._headers
+        headers: list[tuple[str, Any]] = self._headers  # type: ignore[attr-defined]
         index = self._index
         if index is None or self._index_of != (id(headers), len(headers)):
             index = {}
@@ -843,7 +843,8 @@ def _split_part(text: str, start: int, end: int) -> _PlainMessage:
                 part.epilogue = _EOL_AT_END.sub("", part.epilogue, count=1)
         else:
             # (the str as stored: compat32's get_payload() decodes 8-bit text with the charset)
-            part.set_payload(_EOL_AT_END.sub("", part._payload, count=1))
+            stored: str = part._payload  # type: ignore[attr-defined]
+            part.set_payload(_EOL_AT_END.sub("", stored, count=1))
         msg.attach(part)
     # after the close delimiter, everything is epilogue (only the very last line of the text
     # can end without a line break, so a close delimiter without one has nothing after it)
@@ -1035,6 +1036,7 @@ def _plain_payload(part: Message) -> bytes:
 
 def _parse_plain(raw: bytes, factory: _HeaderFactory) -> dict[str, Any]:
     """:func:`parse_mail` of a plain mail, or :class:`_NotPlain` (any exception: not plain)."""
+    msg: Message
     try:
         msg = _split_simple(raw)
     except _NotSimple:
