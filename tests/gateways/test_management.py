@@ -92,8 +92,8 @@ async def test_runworker_is_the_hardened_worker(redis_server: RedisServer, tmp_p
         await asyncio.to_thread(worker.wait_for, "skipped a message without 'type'", 15)
         await asyncio.to_thread(redis_server.restart, kill=True)
         # it notices: an outage it retries, or, when redis-py's own retries reached the
-        # restarted server first (a quick restart), the data lost with it (stop 31's CI run
-        # here printed only the second)
+        # restarted server first (a quick restart), the data lost with it (a local CI run
+        # printed only the second)
         await asyncio.to_thread(wait_for_any, worker, ["retrying in", "is gone"], 15)
         await send_command(layer, "support-mail", {"again": "no type"})  # retries the dead socket
         await asyncio.to_thread(worker.wait_for, "skipped a message without 'type'", 15)
