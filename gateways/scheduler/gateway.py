@@ -558,7 +558,10 @@ class SchedulerGateway(Gateway[SchedulerGatewayConfig]):
             self.log.exception("%s: schedule %s: firing failed", self.name, entry.spec.id)
         finally:
             entry.busy = False
-            if self.token == token and self.entries.get(entry.spec.id) is entry:
+            # still the leader, even under a new token (the lease was lost and taken again
+            # while this run pushed back): the fire loop dropped the entry's heap place while
+            # it was busy, so without this the schedule would never fire again
+            if self.token is not None and self.entries.get(entry.spec.id) is entry:
                 self._schedule(entry)
                 self._wake.set()
 

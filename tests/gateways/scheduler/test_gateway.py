@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -164,6 +165,44 @@ async def test_a_full_channel_is_retried_until_the_deadline_then_missed(
         fire = await receive(layer, "slow")
         assert fire["type"] == "scheduler.fire" and fire["schedule"] == "beat"
         assert metric("gateway_backpressure_waits_total", gateway=name) >= 1
+
+
+async def test_a_lease_lost_and_taken_again_during_a_pushback_keeps_the_schedule_firing(
+    redis_server: RedisServer,
+) -> None:
+    """The lease lapses while a fire is pushed back (a stalled process; CI's lowest-versions
+    run hit it): the leader steps down, takes the lease again under a new token, and the
+    schedule fires again once the channel has room. Before, the fire loop dropped the busy
+    entry's heap place and the old run did not reschedule it under the new token: the
+    schedule never fired again."""
+    name = "flap"
+    schedules = {"beat": {"every": "1s", "channel": "slow", "misfire_grace": "1s"}}
+    settings = {**scheduler_config(name, schedules), "inbound_capacity": None}
+    async with running(settings, f"{redis_server.url}?capacity=1") as (gateway, layer):
+        await layer.send("slow", {"type": "filler"})
+        await until(
+            lambda: metric("gateway_backpressure_waits_total", gateway=name) >= 1,
+            what="a fire pushed back",
+        )
+        first = gateway.token
+        raw = redis.Redis.from_url(redis_server.url)
+        try:
+            leases = raw.keys(f"*{name}*lease*")
+            assert leases, raw.keys("*")
+            raw.delete(*leases)  # what an expired lease looks like to its holder
+        finally:
+            raw.close()
+        await until(
+            lambda: gateway.token is not None and gateway.token != first,
+            what="the lease taken again under a new token",
+        )
+        await until(
+            lambda: metric("scheduler_misses_total", gateway=name, reason="deadline") >= 1,
+            what="the pushed-back fire missed its deadline",
+        )
+        assert (await receive(layer, "slow"))["type"] == "filler"
+        fire = await receive(layer, "slow", timeout=10)
+        assert fire["type"] == "scheduler.fire" and fire["schedule"] == "beat"
 
 
 def sqlite_gateway(path: Path, name: str = "local") -> SchedulerGateway:
