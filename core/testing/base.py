@@ -280,12 +280,14 @@ class Server:
                 return lines
             lines.append(line)
 
-    def wait_for(self, needle: str, timeout: float = 15.0) -> str:
-        """Consume output lines until one contains ``needle`` and return it.
+    def wait_for(self, needle: str | tuple[str, ...], timeout: float = 15.0) -> str:
+        """Consume output lines until one contains ``needle`` (or, given a tuple, any of
+        them) and return it.
 
         Raises :class:`ServerError` if the process exits first, and :class:`TimeoutError` if
         no such line arrives within ``timeout`` seconds.
         """
+        needles = (needle,) if isinstance(needle, str) else needle
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -301,7 +303,7 @@ class Server:
                 except subprocess.TimeoutExpired:
                     code = None
                 raise self.error(f"exited with status {code} before printing {needle!r}")
-            if needle in line:
+            if any(one in line for one in needles):
                 return line
 
     def send_signal(self, sig: int) -> None:
@@ -405,8 +407,9 @@ class ManagedProcess:
         """The last ``count`` output lines, across restarts."""
         return "\n".join(list(self.output)[-count:])
 
-    def wait_for(self, needle: str, timeout: float = 15.0) -> str:
-        """Wait for an output line of the running process containing ``needle`` (blocking)."""
+    def wait_for(self, needle: str | tuple[str, ...], timeout: float = 15.0) -> str:
+        """Wait for an output line of the running process containing ``needle`` (or any of a
+        tuple of them; blocking)."""
         if self.server is None:
             raise RuntimeError(f"{type(self).__name__} was never started")
         return self.server.wait_for(needle, timeout)

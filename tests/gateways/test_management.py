@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -94,29 +93,13 @@ async def test_runworker_is_the_hardened_worker(redis_server: RedisServer, tmp_p
         # it notices: an outage it retries, or, when redis-py's own retries reached the
         # restarted server first (a quick restart), the data lost with it (a local CI run
         # printed only the second)
-        await asyncio.to_thread(wait_for_any, worker, ["retrying in", "is gone"], 15)
+        await asyncio.to_thread(worker.wait_for, ("retrying in", "is gone"), 15)
         await send_command(layer, "support-mail", {"again": "no type"})  # retries the dead socket
         await asyncio.to_thread(worker.wait_for, "skipped a message without 'type'", 15)
         assert worker.alive
     finally:
         assert await asyncio.to_thread(worker.stop, signal.SIGTERM) == 0, worker.tail()
         await layer.close_pools()
-
-
-def wait_for_any(process: Server, needles: list[str], timeout: float) -> str:
-    """The first output line of ``process`` that contains one of ``needles``."""
-    deadline = time.monotonic() + timeout
-    missing = f"no line containing any of {needles} within {timeout:g} s"
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(missing)
-        try:
-            line = process.wait_for("", remaining)
-        except TimeoutError:
-            raise TimeoutError(missing) from None
-        if any(needle in line for needle in needles):
-            return line
 
 
 def make_project_with_core_app(tmp_path: Path) -> Path:
