@@ -379,7 +379,10 @@ def _feedparsed(raw: bytes) -> Any:
 
 
 def _split_or_not(raw: bytes) -> tuple[Any, Any]:
-    """(the feedparser's tree, the simple split's tree or None when it hands the mail over)."""
+    """(the feedparser's tree, the simple split's tree or None when it hands the mail over;
+    parse_mail never gives it a mail with a bare CR)."""
+    if translate._BARE_CR.search(raw):
+        return _tree(_feedparsed, raw), None
     mine = _tree(translate._split_simple, raw)
     return _tree(_feedparsed, raw), None if mine is translate._NotSimple else mine
 
