@@ -143,8 +143,10 @@ ACK_BATCH: Final = 200
 ACK_DELAY: Final = 0.01
 #: seconds to wait for a TCP connection to Redis
 CONNECT_TIMEOUT: Final = 3.0
-#: connections for fetches per host (one per stream being received at once)
+#: connections for fetches per host (one per stream this process receives on)
 FETCH_POOL_SIZE: Final = 10_000
+#: seconds a cancelled fetch waits at most for Redis to unblock its read (then it abandons it)
+UNBLOCK_PATIENCE: Final = 1.0
 #: a fetch takes what the stream's receivers used in this many seconds at their last pace
 PREFETCH_WINDOW: Final = 0.1
 #: seconds a lost stream or dataset stays among :meth:`StreamsChannelLayer.health_problems`
@@ -1006,6 +1008,27 @@ def _answer(op: _Op, answer: Any) -> None:
             op.future.set_result(answer)
 
 
+class _ReadClient(aioredis.Redis):
+    """A reader's client on a connection of its own (``single_connection_client``).
+
+    Channels never closes a layer (runworker does not, nor does a view's ``async_to_sync``
+    with its event loop of the moment), so a layer's clients are often collected unclosed. A
+    pooled client holds no connection then; this one does, and redis-py would warn about it
+    (``ResourceWarning: Unclosed client session``, which pytest turns into a failure in the
+    user's own tests). Collected, it closes its connection quietly instead.
+    """
+
+    def close_now(self) -> None:
+        """Close the connection without awaiting anything (no event loop may be left)."""
+        connection = getattr(self, "connection", None)
+        if connection is not None:
+            self.connection = None
+            connection._close()
+
+    def __del__(self, *_: Any) -> None:
+        self.close_now()
+
+
 class _Reader:
     """Fetches one stream for this event loop and hands the entries out in order."""
 
@@ -1015,7 +1038,13 @@ class _Reader:
         self.layer = layer
         self.index = index
         self.key = key
+        #: the host's fetch client (claims, group creation, CLIENT UNBLOCK)
         self.client = client
+        #: the blocking reads' own connection, known to Redis by ``conn_id`` (so a cancelled
+        #: read can be unblocked: :meth:`_read`); a cluster's client routes by key instead
+        self.read_client: Any = self._new_read_client()
+        self.read_connection: Any = None
+        self.conn_id: int | None = None
         #: a process-local stream: read with NOACK, each entry deleted as it is fetched
         self.local = _is_local_key(key)
         #: the stream's channel (for a process-local stream, the part up to the "!")
@@ -1150,20 +1179,107 @@ class _Reader:
                     return claimed
         block = max(1, int((self.next_claim - time.monotonic()) * 1000))
         try:
-            reply: Any = await self.client.xreadgroup(
-                GROUP,
-                layer.consumer,
-                {self.key: ">"},
-                count=self._count(),
-                block=block,
-                noack=self.local,
-            )
+            reply: Any = await self._read(self._count(), block)
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
             self._gone(exc)
             await self._create_group()
             return []
+        return self._entries(reply)
+
+    async def _read(self, count: int, block: int) -> Any:
+        """XREADGROUP for new entries, blocking up to ``block`` ms.
+
+        Cancelled while Redis holds the read blocked, the read is unblocked (CLIENT UNBLOCK)
+        and its reply taken into the buffers, not abandoned: Redis hands the next entry to an
+        abandoned read as readily as to a live one (a close on the way does not stop it), and
+        that entry would wait, pending for this consumer with nobody to take it, until a claim
+        redelivered it ``redelivery_timeout`` later.
+        """
+        read = asyncio.ensure_future(self._read_on_own_connection(count, block))
+        try:
+            return await asyncio.shield(read)
+        except asyncio.CancelledError:
+            await self._unblock(read)
+            raise
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+            await self._renew_read_client()
+            raise
+
+    async def _read_on_own_connection(self, count: int, block: int) -> Any:
+        if self.read_client is not self.client and self.read_connection is None:
+            await self.read_client.initialize()
+            self.read_connection = self.read_client.connection
+            self.read_connection.register_connect_callback(self._on_connect)
+            await self._on_connect(self.read_connection)
+        elif self.conn_id is None and self.read_connection is not None:
+            await self._on_connect(self.read_connection)  # a cancel came before it knew
+        return await self.read_client.xreadgroup(
+            GROUP, self.layer.consumer, {self.key: ">"}, count=count, block=block, noack=self.local
+        )
+
+    def _new_read_client(self) -> Any:
+        if self.layer._cluster:
+            return self.client
+        return _ReadClient(
+            connection_pool=self.client.connection_pool, single_connection_client=True
+        )
+
+    async def _renew_read_client(self) -> None:
+        """The next read takes a connection from the pool again: a connection held across a
+        Sentinel failover would reconnect to the address it had, the old master (redis-py
+        reconnects a held connection without asking Sentinel; the pool asks)."""
+        if self.read_client is self.client:
+            return
+        old, connection = self.read_client, self.read_connection
+        self.read_client, self.read_connection, self.conn_id = self._new_read_client(), None, None
+        if connection is not None:
+            connection.deregister_connect_callback(self._on_connect)
+        await old.aclose()
+
+    def forget_read_connection(self) -> None:
+        """Close the read connection at once (its event loop has ended: nothing can be
+        awaited, and a client left holding it warns when collected)."""
+        if isinstance(self.read_client, _ReadClient):
+            self.read_client.close_now()
+            self.read_connection = None
+
+    async def _on_connect(self, connection: Any) -> None:
+        """The read connection (re)connected: learn its id, before any read goes out on it."""
+        if connection is not self.read_connection:
+            return
+        self.conn_id = None
+        await connection.send_command("CLIENT", "ID", check_health=False)
+        self.conn_id = int(await connection.read_response())
+
+    async def _unblock(self, read: asyncio.Future[Any]) -> None:
+        """End a read whose fetch was cancelled; buffer what it brought (see :meth:`_read`)."""
+        try:
+            async with asyncio.timeout(UNBLOCK_PATIENCE):  # a stalled Redis: abandon it
+                # not yet at Redis, or Redis answers it meanwhile: UNBLOCK finds nothing
+                # blocked (0); it is tried again until the read ends
+                while self.conn_id is not None and not read.done():
+                    if not self.read_connection.is_connected:
+                        break  # its read failed: nothing to unblock (an id is one server's)
+                    await self.client.client_unblock(self.conn_id)
+                    await asyncio.wait([read], timeout=0.02)
+        except (asyncio.CancelledError, Exception):  # cancelled again, or Redis is gone
+            pass  # the read goes with it
+        finally:
+            if not read.done():  # never sent (no id yet), or Redis does not answer
+                read.cancel()
+                read.add_done_callback(_retrieve)
+        if not read.done() or read.cancelled() or read.exception() is not None:
+            return  # a read Redis failed is the next fetch's concern
+        entries = self._entries(read.result())
+        for entry in entries:
+            self._buffer(entry)
+        self._wake({entry.channel for entry in entries})
+
+    def _entries(self, reply: Any) -> list[_Entry]:
+        """The entries of an XREADGROUP reply (acknowledged at once on a process-local stream)."""
+        layer = self.layer
         fetched = time.monotonic()
         self.seen_group = True
         entries: list[_Entry] = []
@@ -1525,7 +1641,8 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         state = self._loops.get(loop)
         if state is None:
             for old in [lp for lp in self._loops if lp.is_closed()]:
-                del self._loops[old]
+                for reader in self._loops.pop(old).readers.values():
+                    reader.forget_read_connection()  # its loop is gone: nothing to await
             state = self._loops[loop] = _LoopState()
         return state
 
@@ -2168,6 +2285,9 @@ class StreamsChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 writer.kick()  # acknowledgements waiting for their delay go now
         writers = [w.task for w in state.writers.values() if w.task is not None]
         await asyncio.gather(*writers, return_exceptions=True)  # let queued writes finish
+        for reader in state.readers.values():
+            if reader.read_client is not reader.client:  # its connection goes back to the pool
+                await reader.read_client.aclose()
         for client in [w.client for w in state.writers.values()] + [*state.fetch_clients.values()]:
             if self._cluster:  # its own connections per node, closed with it
                 await cast(Any, client).aclose()

@@ -185,6 +185,7 @@ async def test_an_unreplicated_mail_is_451_then_250(replicated_redis: Replicated
         # at least once: the refused attempt may be in Redis too (de-duplicate on id)
         ids = {(await layer.receive(NAME))["id"]}
         assert ids == {"<r@example.org>"}
+    await layer.close_pools()
 
 
 async def test_mails_answered_250_survive_a_sentinel_failover(

@@ -567,3 +567,73 @@ async def test_a_receive_right_after_a_cancelled_one_gets_the_message(
     assert await asyncio.wait_for(second, 10) == {"type": "t.x"}
     assert first.cancelled()
     await layer.flush()
+
+
+async def test_an_entry_redis_hands_to_a_cancelled_read_is_not_left_pending(
+    redis_server: RedisServer,
+) -> None:
+    """Redis serves a blocked XREADGROUP until it sees the connection close: an entry sent after
+    a receive was cancelled and before its read's connection is gone goes to that read. It must
+    reach the next receive at once, not wait pending for a claim ``redelivery_timeout`` later.
+    (Another process sends it here while this loop is held, so the order is certain.)"""
+    import threading
+
+    layer = StreamsChannelLayer(hosts=[redis_server.url], redelivery_timeout=120)
+    raw = redis.Redis.from_url(redis_server.url)
+
+    def blocked_reads() -> int:
+        return sum(1 for c in raw.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
+
+    def send_from_elsewhere() -> None:
+        async def send() -> None:
+            other = StreamsChannelLayer(hosts=[redis_server.url])
+            await other.send("handed", {"type": "t.x", "n": 1})
+            await other.close_pools()
+
+        thread = threading.Thread(target=asyncio.run, args=(send(),))
+        thread.start()
+        thread.join()  # this event loop stands still meanwhile: the cancelled read is open
+
+    first = asyncio.create_task(layer.receive("handed"))
+    await until(lambda: blocked_reads() == 1, 5, "the fetch blocked in XREADGROUP")
+    first.cancel()
+    await asyncio.sleep(0)  # the receive ends (its fetch is cancelled in the next turn)
+    send_from_elsewhere()
+    assert await asyncio.wait_for(layer.receive("handed"), 5) == {"type": "t.x", "n": 1}
+    assert first.cancelled()
+
+    def pending() -> int:
+        return int(raw.xpending("asgi:stream:handed", "channels")["pending"])
+
+    await until(lambda: pending() == 0, 5, "the acknowledgement")  # nothing left for a claim
+    raw.close()
+    await layer.flush()
+
+
+async def test_a_fetch_cancelled_on_a_stalled_redis_still_ends(redis_server: RedisServer) -> None:
+    """Unblocking a cancelled read asks Redis; a Redis that does not answer (stopped here) gets
+    UNBLOCK_PATIENCE, then the read is abandoned: a process can still shut down."""
+    import signal
+
+    from core.streams import UNBLOCK_PATIENCE
+
+    layer = StreamsChannelLayer(hosts=[redis_server.url])
+    raw = redis.Redis.from_url(redis_server.url)
+    first = asyncio.create_task(layer.receive("stalled"))
+    await until(
+        lambda: any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in raw.client_list()),
+        5,
+        "the fetch blocked in XREADGROUP",
+    )
+    raw.close()
+    (fetch,) = [r.task for r in layer._state().readers.values() if r.task is not None]
+    assert fetch is not None
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)  # the receive ends at once
+        await asyncio.wait_for(asyncio.gather(fetch, return_exceptions=True), 3 * UNBLOCK_PATIENCE)
+        assert fetch.cancelled()
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    await layer.flush()
