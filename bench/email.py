@@ -64,6 +64,13 @@ gateway rows
     ``email.parser.processes: N``, one row per ``--parsers`` value, and ``verify: off`` (the
     verify rows below measure verification; the default, ``report``, would ask this machine's
     resolver, which a benchmark must not depend on).
+    *gateway-email process, …, N worker(s), channels AsyncConsumer* (Redis only): the consumer
+    users write: the same binary (the largest ``--parsers`` count) consumed by a channels
+    ``AsyncConsumer`` whose ``email_receive`` stamps the mail, behind ``ChannelNameRouter`` in
+    one and in two ConsumerWorker processes, as a project's ``manage.py runworker`` runs it
+    (Django configured, the consumer's own channel installed). Two workers share the channel
+    as the layer's consumer group deals it out; each stops ``SHARED_IDLE_TIMEOUT`` seconds after
+    its last mail, and the row's notes give each one's share.
 
 CPU ms/msg is the CPU time per message of the sending process (raw senders), of the aiosmtpd
 process, or of the gateway process *plus its parser processes* (the notes split it into event
@@ -153,6 +160,9 @@ RECIPIENT = "support@example.com"
 ID_PLACEHOLDER = "bench-placeholder-0000000000@customer.example"
 PHASE_TIMEOUT = 600.0
 IDLE_TIMEOUT = 60.0
+#: seconds without a new message after which one of several workers on a channel is done (a
+#: worker cannot tell which share of the mails it will get)
+SHARED_IDLE_TIMEOUT = 3.0
 #: how often a consumer process looks whether it is done or idle
 PROGRESS_CHECK = 0.2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -422,7 +432,10 @@ class ProcessConsumer:
         *,
         worker: bool = False,
         consumer: str = "asgi",
+        idle: float = IDLE_TIMEOUT,
+        tag: str = "",
     ):
+        self.out = tmp / f"consumer-{channel}{tag}.json"
         self.argv = [
             sys.executable,
             "-m",
@@ -433,11 +446,11 @@ class ProcessConsumer:
             f"--count={count}",
             f"--key={key}",
             f"--prefix={prefix}",
-            f"--out={tmp / f'consumer-{channel}.json'}",
+            f"--out={self.out}",
             *(["--worker"] if worker else []),
             f"--consumer={consumer}",
+            f"--idle={idle}",
         ]
-        self.out = tmp / f"consumer-{channel}.json"
         self._proc: asyncio.subprocess.Process | None = None
         #: CPU seconds per message it received, first to last (NaN before finish)
         self.cpu = math.nan
@@ -481,12 +494,15 @@ Consumer = InProcessConsumer | ProcessConsumer
 
 
 async def _until_done_or_idle(
-    received: dict[str, float], running: asyncio.Task[Any], stopping: asyncio.Task[Any]
+    received: dict[str, float],
+    running: asyncio.Task[Any],
+    stopping: asyncio.Task[Any],
+    idle: float = IDLE_TIMEOUT,
 ) -> None:
-    """Wait until ``running`` or ``stopping`` ends, or nothing was received for IDLE_TIMEOUT.
-    Progress is looked at every PROGRESS_CHECK seconds, not woken per message: per-message
-    wake-ups (a task and an ``asyncio.wait`` each) cost the consumer process more CPU than
-    the ConsumerWorker's own work it measures."""
+    """Wait until ``running`` or ``stopping`` ends, or nothing was received for ``idle``
+    seconds. Progress is looked at every PROGRESS_CHECK seconds, not woken per message:
+    per-message wake-ups (a task and an ``asyncio.wait`` each) cost the consumer process more
+    CPU than the ConsumerWorker's own work it measures."""
     seen, moved_at = -1, time.monotonic()
     while True:
         done, _ = await asyncio.wait(
@@ -496,7 +512,7 @@ async def _until_done_or_idle(
             return
         if len(received) != seen:
             seen, moved_at = len(received), time.monotonic()
-        elif time.monotonic() - moved_at > IDLE_TIMEOUT:
+        elif time.monotonic() - moved_at > idle:
             return
 
 
@@ -534,11 +550,19 @@ async def _consumer_main(
 
 
 async def _worker_main(
-    url: str, channel: str, count: int, key: str, prefix: str, out: str, consumer: str = "asgi"
+    url: str,
+    channel: str,
+    count: int,
+    key: str,
+    prefix: str,
+    out: str,
+    consumer: str = "asgi",
+    idle: float = IDLE_TIMEOUT,
 ) -> None:
     """``ConsumerWorker`` serving a bare ASGI consumer that stamps each message, or with
     ``consumer="channels"`` a channels ``AsyncConsumer`` doing the same in ``email_receive``
-    (behind ``ChannelNameRouter``, Django configured, as a project routes it)."""
+    (behind ``ChannelNameRouter``, Django configured, as a project routes it). One of several
+    workers on the channel ends ``idle`` seconds after its last message."""
     from core.logs import setup_logging
     from core.worker import ConsumerWorker, RetryPolicy
 
@@ -580,15 +604,17 @@ async def _worker_main(
 
         application = ChannelNameRouter({channel: StampConsumer.as_asgi()})
 
-    await layer.send(channel, {"type": "bench.probe", key: "probe"})  # connect first
-    await layer.receive(channel)
+    # connect first, on a channel of its own: another worker may already serve `channel`
+    probe = await layer.new_channel()
+    await layer.send(probe, {"type": "bench.probe", key: "probe"})
+    await layer.receive(probe)
     worker = ConsumerWorker(
         application, [channel], layer, retry=RetryPolicy(dead_letter="log"), shutdown_grace=10
     )
     running = asyncio.create_task(worker.arun())
     print("ready", flush=True)
     stopping = asyncio.create_task(stop.wait())
-    await _until_done_or_idle(received, running, stopping)
+    await _until_done_or_idle(received, running, stopping, idle)
     stopping.cancel()
     await worker.drain()
     running.cancel()
@@ -605,9 +631,12 @@ def consumer_entry(argv: list[str]) -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--worker", action="store_true", help="run ConsumerWorker")
     parser.add_argument("--consumer", default="asgi", help="asgi or channels (with --worker)")
+    parser.add_argument("--idle", type=float, default=IDLE_TIMEOUT, help="seconds (with --worker)")
     a = parser.parse_args(argv)
     if a.worker:
-        asyncio.run(_worker_main(a.url, a.channel, a.count, a.key, a.prefix, a.out, a.consumer))
+        asyncio.run(
+            _worker_main(a.url, a.channel, a.count, a.key, a.prefix, a.out, a.consumer, a.idle)
+        )
     else:
         asyncio.run(_consumer_main(a.url, a.channel, a.count, a.key, a.prefix, a.out))
     return 0
@@ -1016,9 +1045,11 @@ async def bench_gateway_subprocess(
     redis_pid: int | None = None,
     profile: Path | None = None,
     app: str = "asgi",
+    workers: int = 1,
 ) -> Result:
-    """``gateway-email`` in its own process → ``url`` → ``ConsumerWorker`` serving ``app``
-    (``asgi``: a bare ASGI callable; ``channels``: a channels ``AsyncConsumer``)."""
+    """``gateway-email`` in its own process → ``url`` → ``workers`` ConsumerWorker processes
+    serving ``app`` (``asgi``: a bare ASGI callable; ``channels``: a channels
+    ``AsyncConsumer`` behind ``ChannelNameRouter``, what ``manage.py runworker`` serves)."""
     name = f"bench-mail-process-{parsers}"
     port = free_port()
     config = tmp / f"{name}.yaml"
@@ -1030,10 +1061,23 @@ async def bench_gateway_subprocess(
     log_path = tmp / f"{name}.log"
     argv = [*_gateway_binary(), "--config", str(config), "--layer", url]
     per_client = mails // clients
-    consumer = ProcessConsumer(
-        url, name, per_client * clients, "message_id", "bench-", tmp, worker=True, consumer=app
-    )
-    await consumer.start()
+    consumers = [
+        ProcessConsumer(
+            url,
+            name,
+            per_client * clients,
+            "message_id",
+            "bench-",
+            tmp,
+            worker=True,
+            consumer=app,
+            idle=IDLE_TIMEOUT if workers == 1 else SHARED_IDLE_TIMEOUT,
+            tag=f"-{number}",
+        )
+        for number in range(workers)
+    ]
+    for consumer in consumers:
+        await consumer.start()
     log_file = await asyncio.to_thread(open, log_path, "wb")
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT
@@ -1049,15 +1093,20 @@ async def bench_gateway_subprocess(
         tree = [proc.pid, *_children(proc.pid)]
         spy: PySpy | None = None
         if profile is not None and PySpy.available():
-            assert consumer.pid is not None
-            targets = {"gateway-and-parsers": proc.pid, "consumer-worker": consumer.pid}
+            assert consumers[0].pid is not None
+            targets = {"gateway-and-parsers": proc.pid, "consumer-worker": consumers[0].pid}
             spy = PySpy(profile / name, targets)
             await spy.start()
         server_cpu = _cpu_of([redis_pid] if redis_pid else [])
         parser_cpu = _cpu_of(tree[1:])
         cpu_started = _cpu_of(tree)
         data = await _run_clients(port, clients, per_client, tmp)
-        received = await consumer.finish(30)
+        shares = [await consumer.finish(30) for consumer in consumers]
+        received = {key: t for share in shares for key, t in share.items()}
+        # each worker's CPU per message it took, weighted by its share: CPU per mail in all
+        consumer_cpu = sum(
+            _nan_to_zero(c.cpu) * len(share) for c, share in zip(consumers, shares, strict=True)
+        ) / max(1, len(received))
         if spy is not None:
             await spy.stop()
             print(spy.report(), flush=True)
@@ -1065,7 +1114,8 @@ async def bench_gateway_subprocess(
         parser_cpu = _cpu_of(tree[1:]) - parser_cpu
         server_cpu = _cpu_of([redis_pid] if redis_pid else []) - server_cpu
     finally:
-        await consumer.abort()
+        for consumer in consumers:
+            await consumer.abort()
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -1074,15 +1124,20 @@ async def bench_gateway_subprocess(
             proc.kill()
             await proc.wait()
     notes = [
-        f"{clients} SMTP clients in another process; ConsumerWorker in its own process; "
+        f"{clients} SMTP clients in another process; {workers} ConsumerWorker process(es) "
+        f"serving {'a channels AsyncConsumer' if app == 'channels' else 'a bare ASGI callable'}; "
         f"{len(tree) - 1} parser process(es)"
     ]
+    if workers > 1:
+        notes.append("mails per worker: " + ", ".join(str(len(share)) for share in shares))
     if proc.returncode != 0:
         notes.append(f"gateway-email exited with status {proc.returncode} on SIGTERM")
     notes += _log_findings(log_path)
     mode = f"`gateway-email` process, {parsers} parser(s) → ConsumerWorker"
+    if app == "channels":
+        mode += f", {workers} worker(s), channels AsyncConsumer"
     total = len(data["records"]) + data["warmup"]
-    parts = {"parsers": parser_cpu / total, "consumer": _nan_to_zero(consumer.cpu)}
+    parts = {"parsers": parser_cpu / total, "consumer": consumer_cpu}
     if redis_pid:
         parts["redis"] = server_cpu / total
     return _gateway_result(label, mode, data, received, notes, cpu, parts)
@@ -1367,6 +1422,22 @@ async def run_round(args: argparse.Namespace, tmp: Path) -> list[Result]:
                 )
                 what = f"gateway-email process, {parsers} parser(s), {args.mails} mails"
                 await _step(results, label, what, sub)
+            # what users run: a channels AsyncConsumer in one worker and in two
+            for workers in [] if layer_name != "redis" or args.no_subprocess else [1, 2]:
+                parsers = max(args.parsers)
+                sub = bench_gateway_subprocess(
+                    label,
+                    url,
+                    args.mails,
+                    args.clients,
+                    tmp,
+                    parsers,
+                    pid,
+                    app="channels",
+                    workers=workers,
+                )
+                what = f"gateway-email process → {workers} AsyncConsumer worker(s)"
+                await _step(results, label, what, sub)
         finally:
             if redis is not None:
                 await asyncio.to_thread(redis.stop)
@@ -1495,6 +1566,8 @@ def verdict(
             f"{row.layer}, {row.mode})."
         )
     processes = [r for r in results if r.mode.startswith("`gateway-email` process")]
+    consumers = [r for r in processes if "AsyncConsumer" in r.mode]
+    processes = [r for r in processes if r not in consumers]
     if processes:
         top = max(processes, key=lambda r: r.versus_bare)
         met = "meets" if top.versus_bare >= 0.5 else "misses"
@@ -1508,6 +1581,16 @@ def verdict(
             f"{r.mode.split(', ')[1].split(' ')[0]}: {r.rate:,.0f}/s" for r in processes
         )
         lines.append(f"- By parser processes: {steps}.")
+    if consumers:
+        steps = ", ".join(
+            f"{r.mode.split(', ')[2].split(' ')[0]} worker(s) {r.rate:,.0f}/s "
+            f"({r.versus_bare:.2f}x)"
+            for r in consumers
+        )
+        lines.append(
+            f"- The consumer users write (a channels `AsyncConsumer` behind `ChannelNameRouter` "
+            f"in ConsumerWorker processes, as `manage.py runworker` runs it): {steps}."
+        )
     bare = next((r for r in results if r.layer == "smtp"), None)
     if processes and bare is not None and not math.isnan(bare.cpu_all):
         cheapest = min(processes, key=lambda r: r.cpu_all)
