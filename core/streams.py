@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import dataclasses
 import logging
 import time
@@ -1019,11 +1020,13 @@ class _ReadClient(aioredis.Redis):
     """
 
     def close_now(self) -> None:
-        """Close the connection without awaiting anything (no event loop may be left)."""
+        """Close the connection without awaiting anything. With its event loop closed it
+        cannot close here; the transport closes its socket when collected."""
         connection = getattr(self, "connection", None)
         if connection is not None:
             self.connection = None
-            connection._close()
+            with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+                connection._close()
 
     def __del__(self, *_: Any) -> None:
         self.close_now()
@@ -1208,16 +1211,39 @@ class _Reader:
             raise
 
     async def _read_on_own_connection(self, count: int, block: int) -> Any:
-        if self.read_client is not self.client and self.read_connection is None:
+        while True:
+            fresh = await self._ready_read_connection()
+            try:
+                return await self.read_client.xreadgroup(
+                    GROUP,
+                    self.layer.consumer,
+                    {self.key: ">"},
+                    count=count,
+                    block=block,
+                    noack=self.local,
+                )
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+                if fresh:
+                    raise  # an outage, not a stale connection
+                # closed while this reader held it idle (a Redis restart, Redis' idle
+                # `timeout`): a connection taken from the pool is checked first and
+                # reconnected; do that, once, before calling it an outage
+                await self._renew_read_client()
+
+    async def _ready_read_connection(self) -> bool:
+        """Take the read connection from the pool if there is none; True if it was just taken
+        (the pool checked it), or if reads share the host's client (a cluster)."""
+        if self.read_client is self.client:
+            return True
+        if self.read_connection is None:
             await self.read_client.initialize()
             self.read_connection = self.read_client.connection
             self.read_connection.register_connect_callback(self._on_connect)
             await self._on_connect(self.read_connection)
-        elif self.conn_id is None and self.read_connection is not None:
+            return True
+        if self.conn_id is None:
             await self._on_connect(self.read_connection)  # a cancel came before it knew
-        return await self.read_client.xreadgroup(
-            GROUP, self.layer.consumer, {self.key: ">"}, count=count, block=block, noack=self.local
-        )
+        return False
 
     def _new_read_client(self) -> Any:
         if self.layer._cluster:

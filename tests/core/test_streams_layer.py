@@ -637,3 +637,42 @@ async def test_a_fetch_cancelled_on_a_stalled_redis_still_ends(redis_server: Red
     finally:
         os.kill(redis_server.pid, signal.SIGCONT)
     await layer.flush()
+
+
+async def test_a_receive_after_a_redis_restart_is_no_outage(redis_server: RedisServer) -> None:
+    """A reader keeps its read connection between fetches; Redis restarting meanwhile (or
+    closing it after its idle ``timeout``) must not make the next receive fail: as a
+    connection taken from a pool is checked, the stale one is replaced first."""
+    layer = StreamsChannelLayer(hosts=[redis_server.url])
+    await layer.send("after-restart", {"type": "t.x", "n": 1})
+    assert await asyncio.wait_for(layer.receive("after-restart"), 5) == {"type": "t.x", "n": 1}
+    redis_server.kill()  # the reader holds its connection, idle
+    redis_server.start()
+    await layer.send("after-restart", {"type": "t.x", "n": 2})
+    assert await asyncio.wait_for(layer.receive("after-restart"), 5) == {"type": "t.x", "n": 2}
+    await layer.flush()
+
+
+def test_a_layer_never_closed_is_collected_quietly(redis_server: RedisServer) -> None:
+    """Channels never closes a layer: used in one event loop, then in another (as
+    ``async_to_sync`` does), then collected, its read connections must not raise or warn
+    from a destructor (pytest makes that a failure in the user's own tests)."""
+    import gc
+
+    layers = [StreamsChannelLayer(hosts=[redis_server.url])]
+
+    async def use(n: int) -> None:
+        await layers[0].send("never-closed", {"type": "t.x", "n": n})
+        assert await layers[0].receive("never-closed") == {"type": "t.x", "n": n}
+
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        asyncio.run(use(1))
+        asyncio.run(use(2))  # drops the first loop's state, its loop closed
+        layers.clear()
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    ours = [u for u in unraisable if "_ReadClient" in repr(u.object)]
+    assert ours == [], [f"{u.object!r}: {u.exc_value!r}" for u in ours]
