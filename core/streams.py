@@ -1206,9 +1206,6 @@ class _Reader:
         except asyncio.CancelledError:
             await self._unblock(read)
             raise
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
-            await self._renew_read_client()
-            raise
 
     async def _read_on_own_connection(self, count: int, block: int) -> Any:
         while True:
@@ -1223,12 +1220,12 @@ class _Reader:
                     noack=self.local,
                 )
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
-                if fresh:
-                    raise  # an outage, not a stale connection
-                # closed while this reader held it idle (a Redis restart, Redis' idle
-                # `timeout`): a connection taken from the pool is checked first and
-                # reconnected; do that, once, before calling it an outage
+                # the next read takes a connection from the pool, which checks it (and asks
+                # Sentinel); a held one closed while idle (a Redis restart, Redis' idle
+                # `timeout`) gets that once before the error counts as an outage
                 await self._renew_read_client()
+                if fresh:
+                    raise
 
     async def _ready_read_connection(self) -> bool:
         """Take the read connection from the pool if there is none; True if it was just taken

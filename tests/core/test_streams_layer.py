@@ -569,6 +569,11 @@ async def test_a_receive_right_after_a_cancelled_one_gets_the_message(
     await layer.flush()
 
 
+def blocked_reads(raw: redis.Redis) -> int:
+    """Clients Redis holds blocked in ``XREADGROUP`` now (fetches waiting for entries)."""
+    return sum(1 for c in raw.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
+
+
 async def test_an_entry_redis_hands_to_a_cancelled_read_is_not_left_pending(
     redis_server: RedisServer,
 ) -> None:
@@ -581,9 +586,6 @@ async def test_an_entry_redis_hands_to_a_cancelled_read_is_not_left_pending(
     layer = StreamsChannelLayer(hosts=[redis_server.url], redelivery_timeout=120)
     raw = redis.Redis.from_url(redis_server.url)
 
-    def blocked_reads() -> int:
-        return sum(1 for c in raw.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"])
-
     def send_from_elsewhere() -> None:
         async def send() -> None:
             other = StreamsChannelLayer(hosts=[redis_server.url])
@@ -595,7 +597,7 @@ async def test_an_entry_redis_hands_to_a_cancelled_read_is_not_left_pending(
         thread.join()  # this event loop stands still meanwhile: the cancelled read is open
 
     first = asyncio.create_task(layer.receive("handed"))
-    await until(lambda: blocked_reads() == 1, 5, "the fetch blocked in XREADGROUP")
+    await until(lambda: blocked_reads(raw) == 1, 5, "the fetch blocked in XREADGROUP")
     first.cancel()
     await asyncio.sleep(0)  # the receive ends (its fetch is cancelled in the next turn)
     send_from_elsewhere()
@@ -620,11 +622,7 @@ async def test_a_fetch_cancelled_on_a_stalled_redis_still_ends(redis_server: Red
     layer = StreamsChannelLayer(hosts=[redis_server.url])
     raw = redis.Redis.from_url(redis_server.url)
     first = asyncio.create_task(layer.receive("stalled"))
-    await until(
-        lambda: any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in raw.client_list()),
-        5,
-        "the fetch blocked in XREADGROUP",
-    )
+    await until(lambda: blocked_reads(raw) == 1, 5, "the fetch blocked in XREADGROUP")
     raw.close()
     (fetch,) = [r.task for r in layer._state().readers.values() if r.task is not None]
     assert fetch is not None
